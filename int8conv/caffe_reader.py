@@ -1,0 +1,79 @@
+"""Stage 1: read a Caffe deploy ``.prototxt`` and ``.caffemodel`` with protobuf alone (no pycaffe)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError
+from .proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+
+def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
+    """Parse a deploy prototxt; a syntax error or unknown field names the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read prototxt: {exc.strerror}") from exc
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(text, net)
+    except text_format.ParseError as exc:
+        raise ModelError(f"{path}:{exc}") from exc
+    if len(net.layers):
+        raise ModelError(
+            f"{path}: this is a V1 Caffe model (`layers {{ ... }}` with enum types); upgrade it with Caffe's "
+            f"`upgrade_net_proto_text` tool to the `layer {{ type: \"...\" }}` format, then run again"
+        )
+    return net
+
+
+def read_caffemodel(path: str | Path) -> caffe_pb2.NetParameter:
+    """Parse a binary caffemodel (V2 ``layer`` or V1 ``layers``; both carry weights by layer name)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read caffemodel: {exc.strerror}") from exc
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(data)
+    except DecodeError as exc:
+        raise ModelError(f"{path}: not a valid caffemodel (protobuf decode failed: {exc})") from exc
+    if not len(net.layer) and not len(net.layers):
+        raise ModelError(f"{path}: the caffemodel holds no layers (is it a prototxt or another file?)")
+    return net
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """A BlobProto as float32 with its declared shape (legacy num/channels/height/width included)."""
+    if len(blob.double_data):
+        data = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    else:
+        data = np.asarray(blob.data, dtype=np.float32)
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    else:
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    if int(np.prod(shape)) != data.size:
+        raise ModelError(f"blob declares shape {shape} but holds {data.size} values")
+    return data.reshape(shape)
+
+
+def weights_by_layer(model: caffe_pb2.NetParameter, path: str | Path = "") -> dict[str, list[np.ndarray]]:
+    """Layer name -> its weight arrays, from a caffemodel of either format."""
+    weights: dict[str, list[np.ndarray]] = {}
+    for layer in list(model.layer) + list(model.layers):
+        if not len(layer.blobs):
+            continue
+        try:
+            weights[layer.name] = [blob_to_array(b) for b in layer.blobs]
+        except ModelError as exc:
+            raise ModelError(f"{path}: layer '{layer.name}': {exc}") from exc
+    return weights

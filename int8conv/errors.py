@@ -1,0 +1,17 @@
+"""User-facing errors: every failure a user can cause names the file, line, layer or image."""
+
+
+class Int8ConvError(Exception):
+    """An error caused by the user's input; the CLI prints it without a traceback and exits 2."""
+
+
+class ModelError(Int8ConvError):
+    """The prototxt or caffemodel is unreadable, inconsistent or uses something unsupported."""
+
+
+class ImageError(Int8ConvError):
+    """No usable calibration image, or an image list that cannot be read."""
+
+
+class BackendUnavailable(Int8ConvError):
+    """An optional backend (pycaffe, a GPU, TensorRT) is not present on this machine."""

@@ -1,0 +1,214 @@
+"""Stage 2: the graph IR every later stage shares (calibration, ncnn writer, ONNX export).
+
+Caffe reuses blob names for in-place layers (``top == bottom``). The IR gives every value its own
+name, following caffe2ncnn's convention so that ncnn blob names line up: the top of an in-place
+layer ``L`` writing blob ``x`` becomes the value ``x_L``. ``Graph.blob_of`` maps a value back to its
+Caffe blob name, and ``Graph.final_value`` gives the value pycaffe's ``net.blobs[name]`` shows after
+``forward()`` (the last in-place version).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .caffe_reader import read_caffemodel, read_prototxt, weights_by_layer
+from .errors import ModelError
+from .proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+#: Layer types whose weights must come from the caffemodel.
+WEIGHTED_TYPES = {"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "PReLU", "Normalize"}
+#: Layers that feed data in training only; a deploy graph has none of them.
+DATA_LAYER_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "AnnotatedData", "DummyData", "MemoryData"}
+
+
+@dataclass
+class Layer:
+    """One Caffe layer with SSA value names and its weights as float32 arrays."""
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    param: caffe_pb2.LayerParameter
+    blobs: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    """A deploy network: inputs with NCHW shapes, layers in execution order, value shapes."""
+
+    name: str
+    inputs: dict[str, tuple[int, ...]]
+    layers: list[Layer]
+    blob_names: dict[str, str]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name``; a missing one is an error that names it."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ModelError(f"no layer named '{name}' in network '{self.name}'")
+
+    def producer(self, value: str) -> Layer | None:
+        """The layer whose top is ``value`` (None for a network input)."""
+        for layer in self.layers:
+            if value in layer.tops:
+                return layer
+        return None
+
+    def consumers(self, value: str) -> list[Layer]:
+        """The layers that read ``value``, in execution order."""
+        return [layer for layer in self.layers if value in layer.bottoms]
+
+    def blob_of(self, value: str) -> str:
+        """The Caffe blob name a value belongs to."""
+        return self.blob_names[value]
+
+    def final_value(self, blob: str) -> str:
+        """The last value written to Caffe blob ``blob``: what pycaffe's ``net.blobs[blob]`` holds."""
+        found = None
+        for value in list(self.inputs) + [t for layer in self.layers for t in layer.tops]:
+            if self.blob_names.get(value) == blob:
+                found = value
+        if found is None:
+            raise ModelError(f"blob '{blob}' is not produced by any layer of network '{self.name}'")
+        return found
+
+    @property
+    def outputs(self) -> list[str]:
+        """Values no layer reads: the network's outputs."""
+        read = {b for layer in self.layers for b in layer.bottoms}
+        return [t for layer in self.layers for t in layer.tops if t not in read]
+
+
+def _included(layer: caffe_pb2.LayerParameter) -> bool:
+    """Caffe's NetStateRule filter for the TEST phase (deploy)."""
+    def meets(rule: caffe_pb2.NetStateRule) -> bool:
+        return not rule.HasField("phase") or rule.phase == caffe_pb2.TEST
+
+    if len(layer.include):
+        return any(meets(r) for r in layer.include)
+    return not any(meets(r) for r in layer.exclude)
+
+
+def _header_inputs(net: caffe_pb2.NetParameter, path: Path) -> dict[str, tuple[int, ...]]:
+    """Inputs declared by the legacy net-level ``input:`` header (``input_dim`` or ``input_shape``)."""
+    inputs: dict[str, tuple[int, ...]] = {}
+    names = list(net.input)
+    if not names:
+        return inputs
+    if len(net.input_shape):
+        if len(net.input_shape) != len(names):
+            raise ModelError(f"{path}: {len(names)} 'input:' names but {len(net.input_shape)} 'input_shape' entries")
+        for name, shape in zip(names, net.input_shape):
+            inputs[name] = tuple(int(d) for d in shape.dim)
+    elif len(net.input_dim):
+        if len(net.input_dim) != 4 * len(names):
+            raise ModelError(f"{path}: {len(names)} 'input:' names need {4 * len(names)} 'input_dim' values, "
+                             f"found {len(net.input_dim)}")
+        for i, name in enumerate(names):
+            inputs[name] = tuple(int(d) for d in net.input_dim[4 * i: 4 * i + 4])
+    else:
+        raise ModelError(f"{path}: 'input: {names[0]}' has no 'input_dim' or 'input_shape' to give its shape")
+    return inputs
+
+
+def _canonical_weights(layer: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:
+    """Bring legacy 4-D weight shapes to the shapes modern Caffe uses."""
+    kind = layer.type
+    if kind in ("Convolution", "Deconvolution"):
+        conv = layer.convolution_param
+        out = blobs[0].shape[0] if blobs[0].ndim == 4 and blobs[0].shape[0] != 1 else conv.num_output
+        kernel = blobs[0].shape[-2:]
+        weights = [blobs[0].reshape(out if kind == "Convolution" else blobs[0].shape[0], -1, *kernel)]
+        return weights + [b.reshape(-1) for b in blobs[1:]]
+    if kind == "InnerProduct":
+        ip = layer.inner_product_param
+        weight = blobs[0].reshape(-1, blobs[0].shape[-1])
+        if ip.transpose:
+            weight = np.ascontiguousarray(weight.T)
+        return [weight.reshape(ip.num_output, -1)] + [b.reshape(-1) for b in blobs[1:]]
+    return [b.reshape(-1) if kind in ("BatchNorm", "Scale", "Bias", "PReLU", "Normalize") else b for b in blobs]
+
+
+def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
+                path: Path | str = "<prototxt>") -> Graph:
+    """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer."""
+    from .shapes import infer_shapes
+
+    path = Path(path)
+    inputs = _header_inputs(net, path)
+    blob_names = {name: name for name in inputs}
+    current: dict[str, str] = {name: name for name in inputs}
+    layers: list[Layer] = []
+    seen_names: set[str] = set()
+    for proto in net.layer:
+        if not _included(proto):
+            continue
+        if proto.type in DATA_LAYER_TYPES:
+            raise ModelError(f"{path}: layer '{proto.name}' is a '{proto.type}' training data layer; use a deploy "
+                             "prototxt whose input is an 'Input' layer or an 'input:' header")
+        if proto.name in seen_names:
+            raise ModelError(f"{path}: two layers are named '{proto.name}'; layer names must be unique")
+        seen_names.add(proto.name)
+        if proto.type == "Input":
+            shapes = list(proto.input_param.shape)
+            if not shapes:
+                raise ModelError(f"{path}: Input layer '{proto.name}' has no input_param.shape")
+            for i, top in enumerate(proto.top):
+                shape = shapes[i] if i < len(shapes) else shapes[0]
+                inputs[top] = tuple(int(d) for d in shape.dim)
+                blob_names[top] = top
+                current[top] = top
+            continue
+        bottoms = []
+        for bottom in proto.bottom:
+            if bottom not in current:
+                raise ModelError(f"{path}: layer '{proto.name}' ({proto.type}) reads blob '{bottom}', "
+                                 "which no earlier layer or input produces")
+            bottoms.append(current[bottom])
+        in_place = len(proto.bottom) == 1 and len(proto.top) == 1 and proto.bottom[0] == proto.top[0]
+        tops = []
+        for top in proto.top:
+            value = f"{top}_{proto.name}" if in_place else top
+            if value in blob_names and not in_place:
+                log.debug("layer %s rewrites blob %s", proto.name, top)
+                value = f"{top}_{proto.name}"
+            blob_names[value] = top
+            current[top] = value
+            tops.append(value)
+        blobs = weights.get(proto.name, [])
+        if proto.type in WEIGHTED_TYPES and not blobs:
+            raise ModelError(f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
+                             "the caffemodel does not match the prototxt")
+        try:
+            blobs = _canonical_weights(proto, blobs) if blobs else []
+        except ValueError as exc:
+            raise ModelError(f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
+                             f"do not fit the prototxt: {exc}") from exc
+        param = caffe_pb2.LayerParameter()
+        param.CopyFrom(proto)
+        del param.blobs[:]
+        layers.append(Layer(proto.name, proto.type, bottoms, tops, param, blobs))
+    if not inputs:
+        raise ModelError(f"{path}: the network declares no input (no 'Input' layer and no 'input:' header)")
+    graph = Graph(net.name or path.stem, inputs, layers, blob_names)
+    graph.shapes = infer_shapes(graph)
+    return graph
+
+
+def load_graph(prototxt: str | Path, caffemodel: str | Path) -> Graph:
+    """Read both files and build the IR."""
+    net = read_prototxt(prototxt)
+    model = read_caffemodel(caffemodel)
+    weights = weights_by_layer(model, caffemodel)
+    unused = set(weights) - {layer.name for layer in net.layer}
+    if unused:
+        log.debug("caffemodel layers not in the prototxt (ignored): %s", ", ".join(sorted(unused)))
+    return build_graph(net, weights, prototxt)
