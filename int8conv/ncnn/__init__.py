@@ -1,0 +1,1 @@
+"""ncnn output: the model representation and file format (``model``), the Caffe converter (``convert``)."""
