@@ -1,0 +1,150 @@
+"""Stage 3: calibration images -> NCHW float32 batches, preprocessed the way the model was trained.
+
+Compatible with the original caffe-int8-convert-tools (``--mean M M M --norm N``: BGR pixels 0..255,
+``(x - mean) * norm``, resized to the network input), extended with per-channel std, resize-then-center-crop,
+RGB/gray input and the H/W transpose that Matlab-trained models (MTCNN) expect.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+COLORS = ("bgr", "rgb", "gray")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How one image becomes one network input: ``(pixel - mean) * norm / std`` per channel."""
+
+    size: tuple[int, int]                      # network input (height, width)
+    mean: tuple[float, ...] = (0.0,)
+    norm: float = 1.0
+    std: tuple[float, ...] = (1.0,)
+    color: str = "bgr"
+    resize: tuple[int, int] | None = None      # resize to (height, width) first, then center-crop to ``size``
+    swap_hw: bool = False
+
+    def __post_init__(self) -> None:
+        if self.color not in COLORS:
+            raise ImageError(f"--color must be one of {', '.join(COLORS)}, not '{self.color}'")
+        channels = 1 if self.color == "gray" else 3
+        for label, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ImageError(f"--{label} needs 1 or {channels} values for {self.color} input, got {len(values)}")
+        if any(s == 0 for s in self.std):
+            raise ImageError("--std values must be non-zero")
+        if self.resize and (self.resize[0] < self.size[0] or self.resize[1] < self.size[1]):
+            raise ImageError(f"--resize-then-crop {self.resize} is smaller than the input size {self.size}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    def describe(self) -> dict:
+        """A plain dict for saved statistics and reports."""
+        return asdict(self)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """One decoded BGR uint8 image (HxWx3) -> CHW float32 network input."""
+        if self.color == "gray":
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
+        elif self.color == "rgb":
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        out_h, out_w = self.size
+        if self.swap_hw:  # the network sees the image transposed, so prepare it at the transposed size
+            out_h, out_w = out_w, out_h
+        if self.resize:
+            rh, rw = (self.resize[1], self.resize[0]) if self.swap_hw else self.resize
+            image = _resize(image, rh, rw)
+            top, left = (rh - out_h) // 2, (rw - out_w) // 2
+            image = image[top:top + out_h, left:left + out_w]
+        else:
+            image = _resize(image, out_h, out_w)
+        data = image.astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        scale = np.float32(self.norm) / np.asarray(self.std, dtype=np.float32)
+        data = (data - mean) * scale
+        chw = data.transpose(2, 0, 1)
+        if self.swap_hw:
+            chw = chw.transpose(0, 2, 1)
+        return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return resized if resized.ndim == 3 else resized[:, :, None]
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """Images of a directory (recursive, jpg/jpeg/png/bmp in any case) or of a list file, sorted."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    elif source.is_file():
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageError(f"{source}: cannot read the image list: {exc}") from exc
+        paths = []
+        for line in lines:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                path = Path(line)
+                paths.append(path if path.is_absolute() else source.parent / path)
+    else:
+        raise ImageError(f"{source}: no such image directory or list file")
+    if not paths:
+        raise ImageError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def read_image(path: Path) -> np.ndarray | None:
+    """Decode an image as BGR uint8, or None when it is unreadable or corrupt."""
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+@dataclass
+class ImageTally:
+    """Which images were used and which were skipped, with the reason, for the end-of-run summary."""
+
+    used: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def iter_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int,
+                 tally: ImageTally) -> Iterator[tuple[np.ndarray, list[Path]]]:
+    """Yield preprocessed batches; unreadable images are skipped with a warning and counted in ``tally``."""
+    batch: list[np.ndarray] = []
+    names: list[Path] = []
+    for path in paths:
+        image = read_image(path)
+        if image is None:
+            log.warning("skipping %s: not a readable image", path)
+            tally.skipped.append((path, "unreadable or corrupt"))
+            continue
+        batch.append(prep.apply(image))
+        names.append(path)
+        tally.used += 1
+        if len(batch) == batch_size:
+            yield np.stack(batch), names
+            batch, names = [], []
+    if batch:
+        yield np.stack(batch), names

@@ -1,0 +1,92 @@
+"""Stage 6: the calibration table, and its ncnn text formats.
+
+Current ncnn (what ``ncnn2int8`` reads): ``<layer>_param_0 s0 s1 ...`` per quantized layer (weight scales),
+then ``<layer> s`` (the scale of that layer's bottom blob), keyed by layer NAME. Scales are ``levels/threshold``.
+Legacy (the original caffe-int8-convert-tools, ncnn before 2018-08): per-tensor weight scales and activation
+scales keyed by BLOB name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_text_atomic
+from .errors import Int8ConvError
+
+
+@dataclass
+class CalibrationTable:
+    """Weight scales per layer (one per channel/group) and the scale of each quantized layer's input."""
+
+    weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    activation_scales: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """NaN or Inf never reaches a table; weight scales are >= 0 (0 = dead channel), activations > 0."""
+        for name, scales in self.weight_scales.items():
+            scales = np.asarray(scales, dtype=np.float64)
+            if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+                raise Int8ConvError(f"layer '{name}': weight scales must be finite and >= 0, got {scales}")
+        for name, scale in self.activation_scales.items():
+            if not math.isfinite(scale) or scale <= 0:
+                raise Int8ConvError(f"layer '{name}': activation scale must be finite and > 0, got {scale}")
+
+
+def _fmt(value: float) -> str:
+    return f"{float(value):.9g}"
+
+
+def format_ncnn_table(table: CalibrationTable) -> str:
+    """The table text, weight lines first, as ncnn2table writes it."""
+    table.validate()
+    lines = [f"{name}_param_0 " + " ".join(_fmt(s) for s in np.asarray(scales).reshape(-1))
+             for name, scales in table.weight_scales.items()]
+    lines += [f"{name} {_fmt(scale)}" for name, scale in table.activation_scales.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_ncnn_table(table: CalibrationTable, path: str | Path) -> None:
+    """Write the current (layer-keyed, per-channel) ncnn table atomically."""
+    write_text_atomic(path, format_ncnn_table(table))
+
+
+def read_ncnn_table(path: str | Path) -> CalibrationTable:
+    """Parse a current ncnn table; a malformed line names the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Int8ConvError(f"{path}: cannot read calibration table: {exc}") from exc
+    table = CalibrationTable()
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            values = np.array([float(v) for v in parts[1:]], dtype=np.float32)
+        except ValueError as exc:
+            raise Int8ConvError(f"{path}:{number}: not a number in '{line.strip()}'") from exc
+        if values.size == 0:
+            raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has no scale")
+        if not np.all(np.isfinite(values)):
+            raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN or Inf scale")
+        key = parts[0]
+        if "_param_" in key:
+            table.weight_scales[key.rsplit("_param_", 1)[0]] = values
+        else:
+            table.activation_scales[key] = float(values[0])
+    return table
+
+
+def format_legacy_table(weight_scales: dict[str, float], blob_scales: dict[str, float]) -> str:
+    """The original caffe-int8-convert-tools format: per-tensor weight lines, then blob-keyed activation lines."""
+    lines = [f"{name}_param_0 {_fmt(scale)}" for name, scale in weight_scales.items()]
+    lines += [f"{blob} {_fmt(scale)}" for blob, scale in blob_scales.items()]
+    for line in lines:
+        value = float(line.rsplit(" ", 1)[1])
+        if not math.isfinite(value) or value < 0:
+            raise Int8ConvError(f"legacy table line '{line}' has an invalid scale")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+"""Per-channel (per-group for depthwise) weight scales, computed on the weights ncnn will hold.
+
+The number and order of scales is what ncnn2int8 reads for the ncnn layer the Caffe layer becomes:
+``num_output`` for Convolution and InnerProduct, ``group`` for ConvolutionDepthWise (Caffe group > 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Graph, Layer
+from .shapes import conv_geometry
+
+QUANTIZABLE_TYPES = ("Convolution", "InnerProduct")
+#: A channel whose |w| max is below this fraction of the layer's max is treated as dead (scale 0):
+#: 127/absmax would explode (ncnn2table writes scales up to 1.6e9 there) for weights that contribute nothing.
+DEAD_CHANNEL_RATIO = 2.0 ** -20
+
+
+def quantizable_layers(graph: Graph) -> list[Layer]:
+    """Layers ncnn can run in INT8: Convolution (incl. depthwise/grouped) and InnerProduct."""
+    return [layer for layer in graph.layers if layer.type in QUANTIZABLE_TYPES]
+
+
+def uses_int8_winograd(layer: Layer) -> bool:
+    """ncnn's INT8 Winograd F(4,3) path takes 3x3 stride-1 dilation-1 non-grouped convolutions."""
+    if layer.type != "Convolution":
+        return False
+    g = conv_geometry(layer)
+    return (g["kernel_h"], g["kernel_w"], g["stride_h"], g["stride_w"], g["dilation_h"], g["dilation_w"],
+            g["group"]) == (3, 3, 1, 1, 1, 1, 1)
+
+
+def weight_levels(layer: Layer, winograd_6bit: bool = True) -> int:
+    """127 levels, or 31 (6-bit) where ncnn's INT8 Winograd kernel could overflow with 8-bit weights."""
+    return 31 if winograd_6bit and uses_int8_winograd(layer) else 127
+
+
+def layer_weight_scales(layer: Layer, winograd_6bit: bool = True) -> np.ndarray:
+    """Scales ``levels / absmax`` per output channel (per group when grouped); 0 for a dead channel."""
+    weight = layer.blobs[0]
+    groups = 1
+    if layer.type == "Convolution":
+        groups = conv_geometry(layer)["group"]
+    units = groups if groups > 1 else weight.shape[0]
+    absmax = np.abs(weight.reshape(units, -1)).max(axis=1).astype(np.float64)
+    levels = weight_levels(layer, winograd_6bit)
+    dead = absmax <= absmax.max() * DEAD_CHANNEL_RATIO
+    scales = np.zeros(units, dtype=np.float64)
+    scales[~dead] = levels / absmax[~dead]
+    return scales.astype(np.float32)
+
+
+def weight_scales(graph: Graph, winograd_6bit: bool = True) -> dict[str, np.ndarray]:
+    """Layer name -> scales, for every quantizable layer of a (BatchNorm-folded) graph."""
+    return {layer.name: layer_weight_scales(layer, winograd_6bit) for layer in quantizable_layers(graph)}
