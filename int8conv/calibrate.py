@@ -1,0 +1,128 @@
+"""Calibration, end to end: images -> FP32 forward -> histograms -> thresholds -> CalibrationTable."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .engines import Engine
+from .errors import ImageError
+from .fold import fold_batchnorm_scale
+from .graph import Graph
+from .preprocess import ImageTally, Preprocess, iter_batches
+from .progress import progress
+from .statistics import CalibrationStatistics
+from .table import CalibrationTable, format_legacy_table
+from .thresholds import activation_threshold
+from .weight_scales import quantizable_layers, weight_scales
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Identity of a model file, so statistics of different models are never merged."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_identity(prototxt: str | Path, caffemodel: str | Path) -> dict[str, str]:
+    return {"prototxt": Path(prototxt).name, "prototxt_sha256": file_sha256(prototxt),
+            "caffemodel": Path(caffemodel).name, "caffemodel_sha256": file_sha256(caffemodel)}
+
+
+def calibration_values(graph: Graph) -> list[str]:
+    """The values INT8 layers read: the bottom of every Convolution/InnerProduct (each once)."""
+    values: list[str] = []
+    for layer in quantizable_layers(graph):
+        if layer.bottoms[0] not in values:
+            values.append(layer.bottoms[0])
+    return values
+
+
+def all_values(graph: Graph) -> list[str]:
+    """Every network input and layer output (TensorRT needs a range for each)."""
+    return list(graph.inputs) + [top for layer in graph.layers for top in layer.tops]
+
+
+def collect_statistics(graph: Graph, engine: Engine, images: Sequence[Path], prep: Preprocess,
+                       identity: dict[str, str], values: Sequence[str] | None = None,
+                       batch_size: int = 4) -> CalibrationStatistics:
+    """One streaming pass over the images; memory does not grow with their number."""
+    values = list(values) if values is not None else calibration_values(graph)
+    stats = CalibrationStatistics(model=identity, preprocess=prep.describe())
+    tally = ImageTally()
+    with progress(total=len(images), desc="calibrating", unit="img") as bar:
+        for batch, names in iter_batches(images, prep, batch_size, tally):
+            stats.update(engine.forward(batch, values))
+            bar.update(len(names))
+        bar.update(len(images) - bar.n)
+    stats.images_used += tally.used
+    stats.images_skipped += len(tally.skipped)
+    if tally.skipped:
+        log.warning("skipped %d unreadable image(s): %s", len(tally.skipped),
+                    ", ".join(str(p) for p, _ in tally.skipped[:5]) + (" ..." if len(tally.skipped) > 5 else ""))
+    if tally.used == 0:
+        raise ImageError(f"none of the {len(images)} calibration images could be read")
+    return stats
+
+
+@dataclass
+class CalibrationResult:
+    """The table plus what a summary or a report needs to explain it."""
+
+    table: CalibrationTable
+    thresholds: dict[str, float]
+    method: str
+    statistics: CalibrationStatistics
+    skipped_layers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", percentile: float = 99.99,
+                winograd_6bit: bool = True) -> CalibrationResult:
+    """Thresholds from the histograms, weight scales from the folded weights, combined per layer.
+
+    A layer whose input was all zeros on every image gets no activation line and stays FP32 in ncnn.
+    """
+    started = time.perf_counter()
+    deploy = fold_batchnorm_scale(graph)
+    table = CalibrationTable(weight_scales=weight_scales(deploy, winograd_6bit))
+    thresholds: dict[str, float] = {}
+    skipped: list[str] = []
+    cache: dict[str, float | None] = {}
+    for layer in quantizable_layers(deploy):
+        value = layer.bottoms[0]
+        if value not in stats.histograms:
+            raise ImageError(f"the statistics have no histogram for blob '{graph.blob_of(value)}' "
+                             f"(input of layer '{layer.name}'): they were collected for another model")
+        if value not in cache:
+            cache[value] = activation_threshold(stats.histograms[value], method, percentile=percentile)
+        threshold = cache[value]
+        if threshold is None:
+            log.warning("layer %s: its input '%s' was zero on every calibration image; keeping it FP32",
+                        layer.name, graph.blob_of(value))
+            skipped.append(layer.name)
+            continue
+        thresholds[layer.name] = threshold
+        table.activation_scales[layer.name] = 127.0 / threshold
+    table.validate()
+    return CalibrationResult(table, thresholds, method, stats, skipped, time.perf_counter() - started)
+
+
+def legacy_table(graph: Graph, result: CalibrationResult) -> str:
+    """The original tool's format: one 127/max|W| per weight tensor, activation scales keyed by Caffe blob."""
+    deploy = fold_batchnorm_scale(graph)
+    weights: dict[str, float] = {}
+    blobs: dict[str, float] = {}
+    for layer in quantizable_layers(deploy):
+        absmax = float(abs(layer.blobs[0]).max())
+        weights[layer.name] = 127.0 / absmax if absmax > 0 else 0.0
+        if layer.name in result.table.activation_scales:
+            blobs.setdefault(graph.blob_of(layer.bottoms[0]), result.table.activation_scales[layer.name])
+    return format_legacy_table(weights, blobs)

@@ -1,0 +1,64 @@
+"""``int8conv``: argparse subcommands over the pipeline stages; the work lives in the library modules."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import Int8ConvError
+
+log = logging.getLogger("int8conv")
+
+#: subcommand modules under int8conv.commands, in the order ``--help`` lists them
+COMMANDS = ("calibrate", "convert", "quantize", "eval", "export_trt", "report", "install_caffe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="int8conv", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"int8conv {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"int8conv.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"int8conv.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    """-v: debug; -q: warnings only (and tqdm bars off through INT8CONV_QUIET)."""
+    import os
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if quiet:
+        os.environ["INT8CONV_QUIET"] = "1"
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except Int8ConvError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; no partial output was written")
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
