@@ -1,0 +1,182 @@
+"""FP32 ncnn model + calibration table -> INT8 ncnn model: what today's ``ncnn2int8`` does, minus its traps.
+
+For every Convolution, ConvolutionDepthWise and InnerProduct layer that has BOTH a weight line and an
+activation line in the table, the weights become int8 (round half away from zero, clamp to [-127, 127], as
+ncnn's ``float2int8``) and the .bin gains the weight scales and the bottom scale after the bias;
+``int8_scale_term`` (8=) becomes 2, or 1 for ConvolutionDepthWise. Consecutive INT8 convolutions are fused
+so the first one requantizes its output to int8 (``int8_scale_term`` + 100, top scale = the next layer's
+bottom scale), directly or through a Split whose consumers are all INT8 convolutions. Weights that stay
+FP32 are stored as fp16 when asked (ncnn2int8 always does).
+
+Differences from ncnn2int8, on purpose:
+
+- a layer with an activation line but no weight line stays FP32 with a warning; ncnn2int8 stops converting
+  every layer after it;
+- through a Split, fusion also requires every consumer to use the same bottom scale; ncnn2int8 takes the
+  first consumer's scale, which would feed the others int8 data at a scale they do not expect;
+- a weight that does not fit fp16 (|w| > 65504) keeps its layer's weights in fp32 instead of becoming inf.
+
+A weight scale of 0 marks a dead channel: its int8 weights are all 0 and every ncnn backend dequantizes
+such a channel with 0 instead of ``1 / (bottom_scale * 0)`` (``if (weight_data_int8_scales[p] == 0)`` in
+convolution, depthwise and innerproduct kernels), so the channel outputs its bias, as in FP32.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import numpy as np
+
+from ..errors import ModelError
+from ..table import CalibrationTable
+from .model import NcnnBlob, NcnnLayer, NcnnModel
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
+CONVOLUTIONS = ("Convolution", "ConvolutionDepthWise")
+#: ``int8_scale_term`` of a quantized layer, and what fusion adds when the layer requantizes its output.
+SCALE_TERM = {"Convolution": 2, "ConvolutionDepthWise": 1, "InnerProduct": 2}
+REQUANTIZE = 100
+FP16_MAX = 65504.0
+
+#: Param ids per layer type: (num_output, bias_term, weight_data_size).
+_IDS = {"Convolution": (0, 5, 6), "ConvolutionDepthWise": (0, 5, 6), "InnerProduct": (0, 1, 2)}
+
+
+def float_to_int8(values: np.ndarray) -> np.ndarray:
+    """ncnn's ``float2int8``: round half away from zero, then clamp to [-127, 127]."""
+    rounded = np.sign(values) * np.floor(np.abs(values) + 0.5)
+    return np.clip(rounded, -127, 127).astype(np.int8)
+
+
+def scale_units(layer: NcnnLayer) -> int:
+    """How many weight scales the runtime reads: ``group`` for ConvolutionDepthWise, else ``num_output``."""
+    if layer.type == "ConvolutionDepthWise":
+        return int(layer.params.get(7, 1))
+    return int(layer.params.get(0, 0))
+
+
+def is_int8(layer: NcnnLayer) -> bool:
+    """True for a layer this module (or ncnn2int8) quantized."""
+    return layer.type in QUANTIZABLE and int(layer.params.get(8, 0)) != 0
+
+
+def int8_layers(model: NcnnModel) -> list[str]:
+    """Names of the quantized layers of an INT8 model, in execution order."""
+    return [layer.name for layer in model.layers if is_int8(layer)]
+
+
+def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float) -> None:
+    """Rewrite one layer in place: int8 weights, bias kept, weight scales and bottom scale appended."""
+    units = scale_units(layer)
+    scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
+    if scales.size != units:
+        kind = "group" if layer.type == "ConvolutionDepthWise" else "num_output"
+        raise ModelError(f"layer '{layer.name}' ({layer.type}): the table has {scales.size} weight scales, "
+                         f"ncnn reads {units} ({kind}); the table was made for another model")
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise ModelError(f"layer '{layer.name}': weight scales must be finite and >= 0")
+    if not (math.isfinite(bottom_scale) and bottom_scale > 0):
+        raise ModelError(f"layer '{layer.name}': activation scale must be finite and > 0, got {bottom_scale}")
+    if int(layer.params.get(8, 0)):
+        raise ModelError(f"layer '{layer.name}' is already INT8 (8={layer.params[8]}); quantize an FP32 model")
+    weight = layer.weights[0].data.astype(np.float32).reshape(units, -1)
+    quantized = float_to_int8(weight * scales[:, None]).reshape(-1)
+    layer.weights = ([NcnnBlob(quantized, tagged=True)] + layer.weights[1:]
+                     + [NcnnBlob(scales, tagged=False), NcnnBlob(np.array([bottom_scale], np.float32), tagged=False)])
+    layer.params[8] = SCALE_TERM[layer.type]
+
+
+def _bottom_scale(layer: NcnnLayer) -> float:
+    """The bottom scale of a quantized layer: the last array, or the one before the top scale once fused."""
+    return float(layer.weights[-2 if int(layer.params[8]) > REQUANTIZE else -1].data[0])
+
+
+def _fuse_target(model: NcnnModel, layer: NcnnLayer) -> NcnnLayer | None:
+    """The INT8 convolution whose bottom scale ``layer`` may requantize its output to, or None.
+
+    Either the single consumer of the top is an INT8 convolution, or it is a Split whose every top feeds an
+    INT8 convolution and all of them use the same bottom scale.
+    """
+    consumers = model.consumers(layer.tops[0])
+    if len(consumers) != 1:
+        return None
+    nxt = consumers[0]
+    if nxt.type in CONVOLUTIONS and is_int8(nxt) and len(nxt.bottoms) == 1:
+        return nxt
+    if nxt.type != "Split" or len(nxt.bottoms) != 1:
+        return None
+    targets = []
+    for top in nxt.tops:
+        readers = model.consumers(top)
+        if len(readers) != 1 or readers[0].type not in CONVOLUTIONS or not is_int8(readers[0]):
+            return None
+        targets.append(readers[0])
+    if len({_bottom_scale(t) for t in targets}) != 1:
+        log.info("not fusing requantize after %s: the convolutions after split %s use different bottom scales",
+                 layer.name, nxt.name)
+        return None
+    return targets[0]
+
+
+def _fuse_requantize(model: NcnnModel) -> list[tuple[str, str]]:
+    """Let INT8 convolutions that feed INT8 convolutions write int8 directly; returns the fused pairs."""
+    fused = []
+    for layer in model.layers:
+        if layer.type not in CONVOLUTIONS or not is_int8(layer):
+            continue
+        target = _fuse_target(model, layer)
+        if target is None:
+            continue
+        layer.params[8] = int(layer.params[8]) + REQUANTIZE
+        layer.weights.append(NcnnBlob(np.array([_bottom_scale(target)], np.float32), tagged=False))
+        fused.append((layer.name, target.name))
+        log.debug("fuse_requantize %s -> %s", layer.name, target.name)
+    return fused
+
+
+def _store_fp16(layer: NcnnLayer) -> None:
+    """Tagged fp32 weights of a layer that stays FP32 -> fp16, unless a value does not fit fp16."""
+    tagged = [blob for blob in layer.weights if blob.tagged and blob.data.dtype == np.float32]
+    if not tagged:
+        return
+    peak = max(float(np.abs(blob.data).max(initial=0.0)) for blob in tagged)
+    if peak > FP16_MAX:
+        log.warning("layer '%s' keeps fp32 weights: |w| reaches %.6g, beyond fp16's %g", layer.name, peak, FP16_MAX)
+        return
+    for blob in tagged:
+        blob.data = blob.data.astype(np.float16)
+
+
+def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True) -> NcnnModel:
+    """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization."""
+    table.validate()
+    result = copy.deepcopy(model)
+    names = {layer.name for layer in result.layers}
+    unknown = sorted((set(table.activation_scales) | set(table.weight_scales)) - names)
+    if unknown:
+        log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown),
+                    ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    quantized = []
+    for layer in result.layers:
+        if layer.type not in QUANTIZABLE or layer.name not in table.activation_scales:
+            continue
+        if layer.name not in table.weight_scales:
+            log.warning("layer '%s' (%s) has an activation line but no weight line (%s_param_0): it stays FP32",
+                        layer.name, layer.type, layer.name)
+            continue
+        if layer.weights[0].data.dtype == np.int8:
+            raise ModelError(f"layer '{layer.name}' already holds int8 weights; quantize an FP32 model")
+        _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name])
+        quantized.append(layer.name)
+    fused = _fuse_requantize(result)
+    if fp16_storage:
+        for layer in result.layers:
+            if not is_int8(layer):
+                _store_fp16(layer)
+    log.info("quantized %d layer(s) to INT8, %d requantize fusion(s); %d quantizable layer(s) stay FP32",
+             len(quantized), len(fused),
+             sum(1 for layer in result.layers if layer.type in QUANTIZABLE and not is_int8(layer)))
+    return result

@@ -1,0 +1,139 @@
+"""Run ncnn ``.param``/``.bin`` files on the ncnn runtime (PyPI ``ncnn`` bindings).
+
+The runner is how this project proves its ncnn files are right: the same files a user deploys are loaded by
+ncnn itself and their outputs compared with Caffe's. FP32 runs switch off fp16/bf16 storage and arithmetic
+so that they can be compared with Caffe's float results to 1e-3; INT8 runs turn ``use_int8_inference`` on.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ..errors import BackendUnavailable, ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _ncnn():
+    """The ncnn module, or a clear error saying it is missing."""
+    try:
+        import ncnn
+    except ImportError as exc:  # pragma: no cover - ncnn is an install requirement
+        raise BackendUnavailable("the ncnn runtime is not installed: pip install ncnn") from exc
+    return ncnn
+
+
+class NcnnRunner:
+    """One loaded ncnn network; ``run`` feeds named CHW inputs and returns named outputs as float32 arrays."""
+
+    def __init__(self, param: str | Path, bin_path: str | Path, int8: bool, threads: int = 1,
+                 fp16: bool = False) -> None:
+        ncnn = _ncnn()
+        self.param = Path(param)
+        self.bin = Path(bin_path)
+        self.int8 = int8
+        self.threads = threads
+        self.net = ncnn.Net()
+        opt = self.net.opt
+        opt.num_threads = threads
+        opt.use_int8_inference = int8
+        for flag in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage",
+                     "use_bf16_packed"):
+            setattr(opt, flag, fp16 and "bf16" not in flag)
+        opt.use_vulkan_compute = False
+        if self.net.load_param(str(self.param)) != 0:
+            raise ModelError(f"{self.param}: ncnn could not parse this .param file")
+        if self.net.load_model(str(self.bin)) != 0:
+            raise ModelError(f"{self.bin}: ncnn could not load the weights (the .bin does not match "
+                             f"{self.param.name})")
+        self.input_names: list[str] = list(self.net.input_names())
+        self.output_names: list[str] = list(self.net.output_names())
+        self._scales = _requantized_scales(self.param, self.bin) if int8 else {}
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The network outputs for one image (inputs are CHW float32, without the batch axis)."""
+        return self.extract(inputs, self.output_names)
+
+    def extract(self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str]) -> dict[str, np.ndarray]:
+        """Any blobs of the network for one image, as float32 arrays in ncnn's (C, H, W) layout.
+
+        A blob that a requantizing INT8 convolution wrote as int8 is dequantized with that layer's top
+        scale, so per-layer comparisons see real values.
+        """
+        ncnn = _ncnn()
+        blobs = list(blobs)
+        ex = self.net.create_extractor()
+        ex.set_light_mode(len(blobs) <= len(self.output_names))
+        for name in self.input_names:
+            if name not in inputs:
+                raise ModelError(f"{self.param}: input blob '{name}' was not given (given: {sorted(inputs)})")
+            array = np.ascontiguousarray(inputs[name], dtype=np.float32)
+            if array.ndim == 4:
+                if array.shape[0] != 1:
+                    raise ModelError(f"ncnn runs one image at a time; input '{name}' has batch {array.shape[0]}")
+                array = array[0]
+            ex.input(name, ncnn.Mat(array).clone())
+        out: dict[str, np.ndarray] = {}
+        for name in blobs:
+            ret, mat = ex.extract(name)
+            if ret != 0:
+                raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
+            array = np.array(mat, copy=True)
+            if array.dtype == np.int8:
+                if name not in self._scales:
+                    raise ModelError(f"{self.param}: blob '{name}' is int8 but no layer gives its scale")
+                array = array.astype(np.float32) / self._scales[name]
+            out[name] = array.astype(np.float32, copy=False)
+        return out
+
+    def time_ms(self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2) -> float:
+        """Median wall time in milliseconds of one full forward pass, after ``warmup`` untimed passes."""
+        times = []
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            self.run(inputs)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+        return statistics.median(times)
+
+
+def _requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
+    """Top blob -> top scale for every convolution that writes int8 (``int8_scale_term`` > 100)."""
+    from .model import read_model
+
+    scales: dict[str, float] = {}
+    model = read_model(param, bin_path)
+    for layer in model.layers:
+        term = layer.params.get(8, 0)
+        if layer.type in ("Convolution", "ConvolutionDepthWise") and isinstance(term, int) and term > 100:
+            scales[layer.tops[0]] = float(np.asarray(layer.weights[-1].data, dtype=np.float32).reshape(-1)[0])
+    return scales
+
+
+def time_models(pairs: Mapping[str, tuple[Path, Path, bool]], inputs: Mapping[str, np.ndarray],
+                threads: Iterable[int] = (1, 2), runs: int = 10, warmup: int = 2) -> dict[str, dict[int, float]]:
+    """Median ms per image of several models side by side, interleaved so that machine load hits all alike.
+
+    ``pairs`` maps a label to (param, bin, int8). Returns ``{label: {threads: ms}}``.
+    """
+    result: dict[str, dict[int, float]] = {label: {} for label in pairs}
+    for count in threads:
+        runners = {label: NcnnRunner(p, b, int8, threads=count) for label, (p, b, int8) in pairs.items()}
+        samples: dict[str, list[float]] = {label: [] for label in pairs}
+        for runner in runners.values():
+            for _ in range(warmup):
+                runner.run(inputs)
+        for _ in range(runs):
+            for label, runner in runners.items():
+                start = time.perf_counter()
+                runner.run(inputs)
+                samples[label].append((time.perf_counter() - start) * 1000.0)
+        for label in pairs:
+            result[label][count] = statistics.median(samples[label])
+            log.info("%s, %d thread(s): %.2f ms", label, count, result[label][count])
+    return result
