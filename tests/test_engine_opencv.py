@@ -1,0 +1,106 @@
+"""The OpenCV FP32 engine returns every value exactly as a numpy forward of the same synthetic net."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from int8conv.engines import make_engine
+from int8conv.errors import BackendUnavailable, ModelError
+from int8conv.graph import load_graph
+from tests.synthetic import conv2d, max_pool, write_caffe_model
+
+RNG = np.random.default_rng(1)
+
+NET = """
+name: "mix"
+input: "data"
+input_shape { dim: 2 dim: 4 dim: 11 dim: 11 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "sc1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" relu_param { negative_slope: 0.1 } }
+layer { name: "dw" type: "Convolution" bottom: "conv1" top: "dw"
+  convolution_param { num_output: 6 group: 6 kernel_size: 3 pad: 2 dilation: 2 } }
+layer { name: "grp" type: "Convolution" bottom: "conv1" top: "grp"
+  convolution_param { num_output: 6 group: 2 kernel_h: 1 kernel_w: 3 pad_h: 0 pad_w: 1 bias_term: false } }
+layer { name: "sum" type: "Eltwise" bottom: "dw" bottom: "grp" top: "sum" eltwise_param { coeff: 1 coeff: -0.5 } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "conv1" top: "cat" }
+layer { name: "pool" type: "Pooling" bottom: "cat" top: "pool" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip" inner_product_param { num_output: 5 } }
+"""
+
+
+def weights() -> dict[str, list[np.ndarray]]:
+    f = np.float32
+    return {
+        "conv1": [RNG.normal(size=(6, 4, 3, 3)).astype(f), RNG.normal(size=6).astype(f)],
+        "bn1": [RNG.normal(size=6).astype(f), RNG.uniform(0.5, 2, size=6).astype(f), np.array([1.0], f)],
+        "sc1": [RNG.uniform(0.5, 2, size=6).astype(f), RNG.normal(size=6).astype(f)],
+        "dw": [RNG.normal(size=(6, 1, 3, 3)).astype(f), RNG.normal(size=6).astype(f)],
+        "grp": [RNG.normal(size=(6, 3, 1, 3)).astype(f)],
+        "ip": [RNG.normal(size=(5, 12 * 3 * 3)).astype(f), RNG.normal(size=5).astype(f)],
+    }
+
+
+def numpy_forward(x: np.ndarray, w: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {"data": x}
+    conv1 = conv2d(x, *w["conv1"], stride=(2, 2), pad=(1, 1))
+    out["conv1"] = conv1
+    mean, var, factor = w["bn1"]
+    bn = (conv1 - (mean / factor[0])[None, :, None, None]) / np.sqrt(var / factor[0] + 1e-5)[None, :, None, None]
+    out["conv1_bn1"] = bn
+    sc = bn * w["sc1"][0][None, :, None, None] + w["sc1"][1][None, :, None, None]
+    out["conv1_sc1"] = sc
+    relu = np.where(sc > 0, sc, 0.1 * sc)
+    out["conv1_relu1"] = relu
+    out["dw"] = conv2d(relu, *w["dw"], pad=(2, 2), dilation=(2, 2), group=6)
+    out["grp"] = conv2d(relu, w["grp"][0], None, pad=(0, 1), group=2)
+    out["sum"] = out["dw"] - 0.5 * out["grp"]
+    out["cat"] = np.concatenate([out["sum"], relu], axis=1)
+    out["pool"] = max_pool(out["cat"], 3, 2)
+    out["ip"] = out["pool"].reshape(2, -1) @ w["ip"][0].T + w["ip"][1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_net(tmp_path_factory):
+    w = weights()
+    proto, model = write_caffe_model(tmp_path_factory.mktemp("mix"), NET, w)
+    return proto, model, w
+
+
+def test_every_value_matches_numpy(mixed_net):
+    proto, model, w = mixed_net
+    graph = load_graph(proto, model)
+    engine = make_engine("opencv", graph, proto, model)
+    x = RNG.normal(size=(2, 4, 11, 11)).astype(np.float32)
+    expected = numpy_forward(x, w)
+    got = engine.forward(x, list(expected))
+    for value, reference in expected.items():
+        assert got[value].shape == reference.shape, value
+        np.testing.assert_allclose(got[value], reference, rtol=1e-4, atol=1e-4, err_msg=value)
+        assert graph.shapes.get(value, reference.shape)[1:] == reference.shape[1:], value
+
+
+def test_final_value_is_what_pycaffe_shows(mixed_net):
+    """pycaffe's net.blobs['conv1'] after forward() is the last in-place version (after ReLU)."""
+    proto, model, w = mixed_net
+    graph = load_graph(proto, model)
+    x = RNG.normal(size=(2, 4, 11, 11)).astype(np.float32)
+    value = graph.final_value("conv1")
+    got = make_engine("opencv", graph, proto, model).forward(x, [value])[value]
+    np.testing.assert_allclose(got, numpy_forward(x, w)["conv1_relu1"], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_value_names_itself(mixed_net):
+    proto, model, _ = mixed_net
+    engine = make_engine("opencv", load_graph(proto, model), proto, model)
+    with pytest.raises(ModelError, match="'nope'"):
+        engine.forward(np.zeros((1, 4, 11, 11), np.float32), ["nope"])
+
+
+def test_gpu_without_pycaffe_is_clear(mixed_net):
+    proto, model, _ = mixed_net
+    with pytest.raises(BackendUnavailable, match="pycaffe"):
+        make_engine("opencv", load_graph(proto, model), proto, model, gpu=0)
