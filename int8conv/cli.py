@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+    for subparser in sub.choices.values():  # -v/-q also after the subcommand
+        group = subparser.add_mutually_exclusive_group()
+        group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="warnings and errors only, no progress bars")
     return parser
 
 

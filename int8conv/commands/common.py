@@ -56,12 +56,13 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
 
 def preprocess_from_args(args: argparse.Namespace, graph: Graph) -> Preprocess:
     """The ``Preprocess`` for this model: explicit options, else the prototxt's input shape."""
-    if args.size:
-        size = tuple(args.size)
-    else:
-        shape = next(iter(graph.inputs.values()))
-        if len(shape) != 4:
-            raise ImageError(f"input shape {shape} is not NCHW; give --size H W")
-        size = (shape[2], shape[3]) if not args.swap_hw else (shape[2], shape[3])
-    return Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
+    name, shape = next(iter(graph.inputs.items()))
+    if len(shape) != 4:
+        raise ImageError(f"input '{name}' has shape {shape}, not NCHW: images cannot feed it")
+    size = tuple(args.size) if args.size else (shape[2], shape[3])
+    prep = Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
                       resize=tuple(args.resize_then_crop) if args.resize_then_crop else None, swap_hw=args.swap_hw)
+    if prep.channels != shape[1]:
+        raise ImageError(f"input '{name}' of {args.proto} has {shape[1]} channels, but --color {args.color} gives "
+                         f"{prep.channels}: this model cannot be calibrated from plain images")
+    return prep

@@ -1,0 +1,130 @@
+"""`convert_tool.py` / `int8conv calibrate` end to end on the real models, and its errors."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from int8conv.cli import main as int8conv_main
+from int8conv.fold import fold_batchnorm_scale
+from int8conv.graph import load_graph
+from int8conv.shapes import conv_geometry
+from int8conv.table import read_ncnn_table
+from int8conv.weight_scales import DEAD_CHANNEL_RATIO, quantizable_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: folder, prototxt, caffemodel, images folder, preprocessing flags (from each model's SOURCE.txt)
+MODELS = {
+    "res10": ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel", "faces",
+              ["--mean", "104", "177", "123"]),
+    "open_nsfw": ("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
+                  "imagenet_samples_200", ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"]),
+    "yufacedetectnet": ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
+                        "yufacedetectnet-open-v1.caffemodel", "faces", []),
+    "ultraface": ("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel", "faces",
+                  ["--mean", "127", "127", "127", "--std", "128", "128", "128", "--color", "rgb"]),
+    "mtcnn_det1": ("mtcnn", "det1.prototxt", "det1.caffemodel", "faces",
+                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
+    "mtcnn_det2": ("mtcnn", "det2.prototxt", "det2.caffemodel", "faces",
+                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
+    "mtcnn_det3": ("mtcnn", "det3.prototxt", "det3.caffemodel", "faces",
+                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
+    "lenet": ("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel", "opencv_samples",
+              ["--norm", "0.00390625", "--color", "gray"]),
+}
+
+
+def model_args(shared: Path, key: str) -> list[str]:
+    folder, proto, model, images, flags = MODELS[key]
+    base = shared / "models" / folder
+    return ["--proto", str(base / proto), "--model", str(base / model), "--images", str(shared / "images" / images),
+            *flags]
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_table_covers_every_layer_and_is_deterministic(shared, tmp_path, key):
+    args = model_args(shared, key) + ["--max-images", "6", "--backend", "opencv", "-q"]
+    first, second = tmp_path / "a.table", tmp_path / "b.table"
+    assert int8conv_main(["calibrate", *args, "--output", str(first)]) == 0
+    assert int8conv_main(["calibrate", *args, "--output", str(second)]) == 0
+    assert first.read_bytes() == second.read_bytes()
+
+    table = read_ncnn_table(first)
+    folder, proto, model = MODELS[key][:3]
+    graph = fold_batchnorm_scale(load_graph(shared / "models" / folder / proto, shared / "models" / folder / model))
+    layers = quantizable_layers(graph)
+    assert set(table.weight_scales) == {layer.name for layer in layers}
+    assert set(table.activation_scales) == {layer.name for layer in layers}
+    for layer in layers:
+        scales = table.weight_scales[layer.name]
+        group = conv_geometry(layer)["group"] if layer.type == "Convolution" else 1
+        assert scales.size == (group if group > 1 else layer.blobs[0].shape[0]), layer.name
+        assert np.all(np.isfinite(scales)) and np.all(scales >= 0)
+        absmax = np.abs(layer.blobs[0].reshape(scales.size, -1)).max(axis=1)
+        dead = absmax <= absmax.max() * DEAD_CHANNEL_RATIO  # zero, or 1e-6 of the layer's largest channel
+        assert np.all((scales == 0) == dead), layer.name
+        assert np.all(scales[~dead] <= 127 / absmax[~dead] * 1.0001)
+        assert np.isfinite(table.activation_scales[layer.name]) and table.activation_scales[layer.name] > 0
+
+
+def test_original_command_line(shared, tmp_path):
+    """The original tool's flags, through convert_tool.py in a subprocess, with its summary."""
+    folder, proto, model = MODELS["res10"][:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((shared / "images" / "faces").glob("*.jpg"))[:3]:
+        shutil.copy(source, images)
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "res10.table"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(shared / "models" / folder / proto),
+         "--model", str(shared / "models" / folder / model), "--mean", "104", "177", "123", "--norm", "1",
+         "--images", str(images), "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 used, 1 skipped" in proc.stdout and "corrupt.jpg" in proc.stderr
+    table = read_ncnn_table(out)
+    assert "conv1_h" in table.weight_scales and "conv1_h" in table.activation_scales
+
+
+def test_saved_statistics_merge_like_one_run(shared, tmp_path):
+    """Statistics of two image sets, merged, give the table of one run over both sets."""
+    faces = sorted((shared / "images" / "faces").glob("*.jpg"))[:4]
+    sets = []
+    for name, files in (("a", faces[:2]), ("b", faces[2:]), ("all", faces)):
+        listing = tmp_path / f"{name}.txt"
+        listing.write_text("\n".join(str(f) for f in files))
+        sets.append(listing)
+    base = model_args(shared, "res10")
+    base = base[:base.index("--images")] + base[base.index("--images") + 2:] + ["-q", "--backend", "opencv"]
+    for listing in sets[:2]:
+        assert int8conv_main(["calibrate", *base, "--images", str(listing), "--output", str(tmp_path / "x.table"),
+                              "--save-stats", str(tmp_path / f"{listing.stem}.npz")]) == 0
+    assert int8conv_main(["calibrate", *base, "--images", str(sets[2]), "--output", str(tmp_path / "one.table")]) == 0
+    assert int8conv_main(["calibrate", *base, "--load-stats", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                          "--output", str(tmp_path / "merged.table")]) == 0
+    assert (tmp_path / "merged.table").read_text() == (tmp_path / "one.table").read_text()
+
+
+def test_errors_exit_2_and_name_the_problem(shared, tmp_path, capsys):
+    args = model_args(shared, "res10")
+    empty = tmp_path / "bad_images"
+    empty.mkdir()
+    (empty / "x.jpg").write_bytes(b"not a jpeg")
+    images_at = args.index("--images") + 1
+    bad = list(args)
+    bad[images_at] = str(empty)
+    assert int8conv_main(["calibrate", *bad, "--output", str(tmp_path / "t.table")]) == 2
+    assert "none of the 1 calibration images" in capsys.readouterr().err
+    assert not (tmp_path / "t.table").exists()
+    other = model_args(shared, "lenet")
+    wrong_stats = tmp_path / "lenet.npz"
+    assert int8conv_main(["calibrate", *other, "--max-images", "2", "-q", "--output", str(tmp_path / "l.table"),
+                          "--save-stats", str(wrong_stats)]) == 0
+    assert int8conv_main(["calibrate", *args, "--load-stats", str(wrong_stats),
+                          "--output", str(tmp_path / "t.table")]) == 2
+    assert "collected for lenet_iter_10000.caffemodel" in capsys.readouterr().err
