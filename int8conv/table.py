@@ -66,7 +66,7 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
         if not parts:
             continue
         try:
-            values = np.array([float(v) for v in parts[1:]], dtype=np.float32)
+            values = np.array([float(v) for v in parts[1:]], dtype=np.float64)
         except ValueError as exc:
             raise Int8ConvError(f"{path}:{number}: not a number in '{line.strip()}'") from exc
         if values.size == 0:
@@ -75,7 +75,7 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN or Inf scale")
         key = parts[0]
         if "_param_" in key:
-            table.weight_scales[key.rsplit("_param_", 1)[0]] = values
+            table.weight_scales[key.rsplit("_param_", 1)[0]] = values.astype(np.float32)
         else:
             table.activation_scales[key] = float(values[0])
     return table

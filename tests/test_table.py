@@ -1,0 +1,48 @@
+"""Table formats: what ncnn2int8 parses, round trips, and NaN/Inf never reaching a file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from int8conv.errors import Int8ConvError
+from int8conv.table import CalibrationTable, format_legacy_table, format_ncnn_table, read_ncnn_table, write_ncnn_table
+
+
+def test_round_trip_and_layout(tmp_path):
+    table = CalibrationTable({"conv1": np.array([1.5, 0.0, 123456.789], np.float32), "fc": np.array([2.0], np.float32)},
+                             {"conv1": 0.8412, "fc": 33.3})
+    path = tmp_path / "t.table"
+    write_ncnn_table(table, path)
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("conv1_param_0 1.5 0 123456.")
+    assert lines[1] == "fc_param_0 2" and lines[2] == "conv1 0.8412" and lines[3] == "fc 33.3"
+    back = read_ncnn_table(path)
+    np.testing.assert_array_equal(back.weight_scales["conv1"], table.weight_scales["conv1"])
+    assert back.activation_scales == table.activation_scales
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_invalid_scales_never_written(tmp_path, bad):
+    path = tmp_path / "t.table"
+    with pytest.raises(Int8ConvError, match="conv1"):
+        write_ncnn_table(CalibrationTable({"conv1": np.array([1.0, bad])}, {}), path)
+    with pytest.raises(Int8ConvError, match="conv1"):
+        write_ncnn_table(CalibrationTable({}, {"conv1": float(bad)}), path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_malformed_table_names_line(tmp_path):
+    path = tmp_path / "t.table"
+    path.write_text("conv1_param_0 1 2\nconv1 abc\n")
+    with pytest.raises(Int8ConvError, match=r"t\.table:2"):
+        read_ncnn_table(path)
+
+
+def test_legacy_format():
+    text = format_legacy_table({"conv1": 138.066410735}, {"data": 0.841264989609, "pool1": 0.161700784564})
+    assert text.splitlines() == ["conv1_param_0 138.066411", "data 0.84126499", "pool1 0.161700785"]
+
+
+def test_table_text_is_stable():
+    table = CalibrationTable({"c": np.array([3.0], np.float32)}, {"c": 1.0 / 3.0})
+    assert format_ncnn_table(table) == format_ncnn_table(table) == "c_param_0 3\nc 0.333333333\n"
