@@ -118,7 +118,10 @@ def format_float(value: float) -> str:
     v = np.float32(value)
     if not np.isfinite(v):
         raise ModelError(f"parameter value {value} is not finite; ncnn cannot parse it")
-    return np.format_float_scientific(v, unique=True, exp_digits=2)
+    text = np.format_float_positional(v, unique=True, trim="0")
+    if len(text) > 15 or len(text.partition(".")[2]) > 9:
+        text = np.format_float_scientific(v, unique=True, trim="0", exp_digits=2)
+    return text
 
 
 def _format_scalar(value: int | float | np.number) -> str:
