@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .cli import run
-from .commands.calibrate import add_table_args
+from .commands.calibrate import add_table_args, calibrate_from_args, summary, write_table
 from .commands.calibrate import run as run_calibrate
 from .commands.common import add_calibration_args, add_model_args, add_preprocess_args
 
@@ -41,10 +42,29 @@ def _run(args: argparse.Namespace) -> int:
     if args.gpu is not None and args.backend == "auto":
         args.backend = "caffe"
     if args.ncnn_dir:
-        from .commands.convert import run_one_shot
-
         return run_one_shot(args)
     return run_calibrate(args)
+
+
+def run_one_shot(args: argparse.Namespace) -> int:
+    """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
+    from .ncnn.convert import convert_graph
+    from .ncnn.model import write_model
+    from .ncnn.quantize import quantize_model
+
+    out = Path(args.ncnn_dir)
+    name = Path(args.model).stem
+    args.output = str(out / f"{name}.table")
+    graph, result = calibrate_from_args(args)
+    fp32 = convert_graph(graph)
+    write_model(fp32, out / f"{name}.param", out / f"{name}.bin")
+    int8 = quantize_model(fp32, result.table)
+    write_model(int8, out / f"{name}-int8.param", out / f"{name}-int8.bin")
+    write_table(args, graph, result)
+    if not args.quiet:
+        print(summary(args, result))
+        print(f"ncnn       {out / name}.param/.bin (FP32), {out / name}-int8.param/.bin (INT8)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
