@@ -1,0 +1,286 @@
+"""Streaming activation statistics: per-value |x| histograms that grow, merge and persist exactly.
+
+The histogram range is always a power of two, ``2**exponent``, and the bin count is a power of two.
+Two consequences make calibration reproducible and parallelisable:
+
+* binning is exact: ``|x| / range * bins`` is a multiplication by a power of two, so no rounding
+  decides which bin a value lands in;
+* growing the range (a later image brings a larger |x|) or merging statistics of two image sets only
+  ever widens by ``2**k``; old bins then merge ``2**k`` to one with no interpolation, and the result is
+  bit-for-bit the histogram a single pass over all images would have built.
+
+Exact zeros are counted apart from the histogram (``zeros``). After a ReLU they are often most of the
+tensor; int8 represents 0 exactly for every threshold, so they carry no information about where to clip,
+and a spike in bin 0 would dominate the KL search. Every threshold method sees the non-zero |x| only.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .atomic import write_bytes_atomic
+from .errors import Int8ConvError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BINS = 2048
+FORMAT = "int8conv-statistics"
+VERSION = 1
+
+
+def _check_bins(bins: int) -> int:
+    if bins < 1 or bins & (bins - 1):
+        raise Int8ConvError(f"the histogram bin count must be a power of two, not {bins}")
+    return int(bins)
+
+
+def _range_exponent(absmax: float) -> int:
+    """The smallest e with 2**e >= absmax (absmax > 0)."""
+    mantissa, exponent = np.frexp(absmax)
+    return int(exponent) - 1 if mantissa == 0.5 else int(exponent)
+
+
+def _rebin(counts: np.ndarray, shift: int) -> np.ndarray:
+    """Counts over ``[0, R]`` -> counts over ``[0, R * 2**shift]``: groups of ``2**shift`` bins become one."""
+    if shift == 0:
+        return counts
+    bins = counts.size
+    group = bins if shift >= bins.bit_length() else min(1 << shift, bins)
+    merged = np.zeros_like(counts)
+    sums = np.add.reduceat(counts, np.arange(0, bins, group))
+    merged[:sums.size] = sums
+    return merged
+
+
+class BlobHistogram:
+    """Statistics of one value over all calibration images: exact extremes and a non-zero |x| histogram.
+
+    ``counts[j]`` holds the non-zero |x| in ``[j, j+1) * bin_width`` (|x| == range_max in the last bin).
+    Memory is ``bins`` integers whatever the number of images.
+    """
+
+    def __init__(self, name: str, bins: int = DEFAULT_BINS) -> None:
+        self.name = name
+        self.bins = _check_bins(bins)
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.exponent: int | None = None      # range_max = 2**exponent; None until a non-zero value arrives
+        self.count = 0                        # elements seen, zeros included
+        self.zeros = 0                        # exact zeros seen
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.abs_sum = 0.0                    # sum of |x|, for ACIQ's Laplace fit
+
+    @property
+    def absmax(self) -> float:
+        """max |x| over everything seen (0.0 before any value)."""
+        return max(-self.min, self.max, 0.0) if self.count else 0.0
+
+    @property
+    def signed(self) -> bool:
+        """True when the value took a negative value (input data, linear bottlenecks, detection heads)."""
+        return self.count > 0 and self.min < 0
+
+    @property
+    def nonzero(self) -> int:
+        return self.count - self.zeros
+
+    @property
+    def range_max(self) -> float:
+        return 0.0 if self.exponent is None else float(np.ldexp(1.0, self.exponent))
+
+    @property
+    def bin_width(self) -> float:
+        return self.range_max / self.bins
+
+    def _grow(self, exponent: int) -> None:
+        if self.exponent is None:
+            self.exponent = exponent
+        elif exponent > self.exponent:
+            self.counts = _rebin(self.counts, exponent - self.exponent)
+            self.exponent = exponent
+
+    def update(self, values: np.ndarray) -> None:
+        """Add every element of ``values`` (any shape); a NaN or Inf is a clear error naming the value."""
+        data = np.asarray(values)
+        if data.size == 0:
+            return
+        if not np.issubdtype(data.dtype, np.floating):
+            data = data.astype(np.float32)
+        low, high = float(data.min()), float(data.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise Int8ConvError(f"value '{self.name}': the FP32 forward produced NaN or Inf; check the "
+                                f"model and the preprocessing (mean/norm) before calibrating")
+        zeros = data.size - int(np.count_nonzero(data))
+        self.count += int(data.size)
+        self.zeros += zeros
+        self.min, self.max = min(self.min, low), max(self.max, high)
+        if zeros == data.size:
+            return
+        self._grow(_range_exponent(max(-low, high)))
+        magnitude = np.abs(data)
+        self.abs_sum += float(magnitude.sum(dtype=np.float64))
+        # |x| * bins / 2**exponent is exact (powers of two), so truncation picks the true bin.
+        np.ldexp(magnitude, self.bins.bit_length() - 1 - self.exponent, out=magnitude)
+        index = magnitude.astype(np.intp).ravel()
+        found = np.bincount(index, minlength=self.bins + 1)
+        found[self.bins - 1] += found[self.bins]      # |x| == range_max belongs to the last bin
+        found[0] -= zeros
+        self.counts += found[:self.bins]
+
+    def merge(self, other: BlobHistogram) -> None:
+        """Add the statistics of the same value computed on other images (exact; see the module doc)."""
+        if other.bins != self.bins:
+            raise Int8ConvError(f"value '{self.name}': cannot merge histograms of {self.bins} and {other.bins} bins")
+        if other.exponent is not None:
+            self._grow(other.exponent)
+            self.counts = self.counts + _rebin(other.counts, self.exponent - other.exponent)
+        self.count += other.count
+        self.zeros += other.zeros
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self.abs_sum += other.abs_sum
+
+    def __repr__(self) -> str:
+        return (f"BlobHistogram({self.name!r}, count={self.count}, zeros={self.zeros}, absmax={self.absmax:g}, "
+                f"range_max={self.range_max:g}, signed={self.signed})")
+
+
+def _identity_conflict(a: Mapping[str, str], b: Mapping[str, str]) -> str | None:
+    """The first content hash that differs; file names alone never block a merge."""
+    keys = sorted(k for k in set(a) | set(b) if k.endswith("sha256")) or sorted(set(a) | set(b))
+    for key in keys:
+        if a.get(key) != b.get(key):
+            return f"{key} {a.get(key, '(missing)')} vs {b.get(key, '(missing)')}"
+    return None
+
+
+class CalibrationStatistics:
+    """``{value: BlobHistogram}`` for one model and one preprocessing, plus image counts.
+
+    ``model`` identifies the model by content (``*_sha256`` entries; file names are informational),
+    ``preprocess`` is a JSON-able description. Both must match to merge statistics of two runs.
+    """
+
+    def __init__(self, model: Mapping[str, str], preprocess: Mapping, bins: int = DEFAULT_BINS,
+                 source: str | None = None) -> None:
+        self.model = {str(k): str(v) for k, v in model.items()}
+        # JSON round trip so a fresh description (tuples) compares equal to a loaded one (lists).
+        self.preprocess = json.loads(json.dumps(dict(preprocess)))
+        self.bins = _check_bins(bins)
+        self.histograms: dict[str, BlobHistogram] = {}
+        self.images_used = 0
+        self.images_skipped = 0
+        self.source = source or "(statistics in memory)"
+
+    def update(self, batch_outputs: Mapping[str, np.ndarray]) -> None:
+        """Add one batch of FP32 values; the caller counts images (``images_used``/``images_skipped``)."""
+        for name, values in batch_outputs.items():
+            histogram = self.histograms.get(name)
+            if histogram is None:
+                histogram = self.histograms[name] = BlobHistogram(name, self.bins)
+            histogram.update(values)
+
+    def merge(self, other: CalibrationStatistics) -> None:
+        """Add statistics of the same model, preprocessing and values computed on other images."""
+        where = f"cannot merge {self.source} and {other.source}"
+        conflict = _identity_conflict(self.model, other.model)
+        if conflict:
+            raise Int8ConvError(f"{where}: they were collected for different models ({conflict})")
+        if self.bins != other.bins:
+            raise Int8ConvError(f"{where}: histograms of {self.bins} vs {other.bins} bins")
+        if self.preprocess != other.preprocess:
+            raise Int8ConvError(f"{where}: different preprocessing ({self.preprocess} vs {other.preprocess})")
+        if set(self.histograms) != set(other.histograms):
+            only = sorted(set(self.histograms) ^ set(other.histograms))
+            raise Int8ConvError(f"{where}: they hold different values (e.g. {', '.join(only[:5])})")
+        for name, histogram in self.histograms.items():
+            histogram.merge(other.histograms[name])
+        self.images_used += other.images_used
+        self.images_skipped += other.images_skipped
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write an ``.npz`` (no pickled objects) atomically."""
+        names = list(self.histograms)
+        hists = [self.histograms[n] for n in names]
+        meta = {"format": FORMAT, "version": VERSION, "bins": self.bins, "model": self.model,
+                "preprocess": self.preprocess, "images_used": self.images_used,
+                "images_skipped": self.images_skipped, "values": names}
+        arrays = {
+            "meta": np.array(json.dumps(meta)),
+            "counts": np.array([h.counts for h in hists], dtype=np.int64).reshape(len(hists), self.bins),
+            # a value with no non-zero element has no range: stored as exponent 0 with has_range False
+            "has_range": np.array([h.exponent is not None for h in hists], dtype=bool),
+            "exponent": np.array([h.exponent or 0 for h in hists], dtype=np.int64),
+            "count": np.array([h.count for h in hists], dtype=np.int64),
+            "zeros": np.array([h.zeros for h in hists], dtype=np.int64),
+            "min": np.array([h.min for h in hists], dtype=np.float64),
+            "max": np.array([h.max for h in hists], dtype=np.float64),
+            "abs_sum": np.array([h.abs_sum for h in hists], dtype=np.float64),
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationStatistics:
+        """Read a file written by :meth:`save`; a missing or damaged file is a clear error naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise Int8ConvError(f"statistics file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+            meta = json.loads(str(arrays["meta"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise Int8ConvError(f"{path} is not a readable int8conv statistics file ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise Int8ConvError(f"{path} is not an int8conv statistics file")
+        if meta.get("version") != VERSION:
+            raise Int8ConvError(f"{path}: statistics format version {meta.get('version')} is not supported "
+                                f"(this int8conv reads version {VERSION})")
+        try:
+            return cls._from_arrays(meta, arrays, str(path))
+        except (KeyError, TypeError, ValueError, Int8ConvError) as exc:
+            raise Int8ConvError(f"{path} is damaged: {exc}") from exc
+
+    @classmethod
+    def _from_arrays(cls, meta: dict, arrays: dict[str, np.ndarray], source: str) -> CalibrationStatistics:
+        stats = cls(meta["model"], meta["preprocess"], bins=int(meta["bins"]), source=source)
+        stats.images_used, stats.images_skipped = int(meta["images_used"]), int(meta["images_skipped"])
+        names = list(meta["values"])
+        counts = arrays["counts"]
+        if counts.shape != (len(names), stats.bins):
+            raise ValueError(f"histogram array of shape {counts.shape}, expected {(len(names), stats.bins)}")
+        for i, name in enumerate(names):
+            h = BlobHistogram(name, stats.bins)
+            h.counts = counts[i].astype(np.int64)
+            h.exponent = int(arrays["exponent"][i]) if bool(arrays["has_range"][i]) else None
+            h.count, h.zeros = int(arrays["count"][i]), int(arrays["zeros"][i])
+            h.min, h.max, h.abs_sum = (float(arrays[k][i]) for k in ("min", "max", "abs_sum"))
+            if (h.counts < 0).any() or int(h.counts.sum()) != h.count - h.zeros or h.zeros < 0:
+                raise ValueError(f"value '{name}': histogram counts do not add up")
+            if h.count and not all(np.isfinite([h.min, h.max, h.abs_sum])):
+                raise ValueError(f"value '{name}': non-finite min/max")
+            if (h.exponent is None) != (h.count == h.zeros):
+                raise ValueError(f"value '{name}': range and non-zero count disagree")
+            stats.histograms[name] = h
+        return stats
+
+    @classmethod
+    def load_and_merge(cls, paths: Iterable[str | os.PathLike[str]]) -> CalibrationStatistics:
+        """Merge statistics files of one model computed on different image sets (or machines)."""
+        paths = list(paths)
+        if not paths:
+            raise Int8ConvError("no statistics file given to merge")
+        merged = cls.load(paths[0])
+        for path in paths[1:]:
+            merged.merge(cls.load(path))
+        if len(paths) > 1:
+            merged.source = " + ".join(str(p) for p in paths)
+        return merged
