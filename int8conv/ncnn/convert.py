@@ -172,14 +172,6 @@ def _dropout(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
     return [NcnnLayer("Dropout", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def _pool_out_caffe(size: int, k: int, s: int, pad: int) -> int:
-    """Caffe's ceil-mode output size, clipped so the last window starts inside the image or left padding."""
-    out = -(-(size + 2 * pad - k) // s) + 1
-    if pad and (out - 1) * s >= size + pad:
-        out -= 1
-    return out
-
-
 def _pool_out_full(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
     """ncnn's pad_mode 0 ("full"): (output size, tail padding added after ``pad``)."""
     tail = (size + 2 * pad - k) % s
@@ -208,10 +200,8 @@ def _pooling(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
     prefix: list[NcnnLayer] = []
     bottoms = list(layer.bottoms)
     if method == 1 and (ph or pw):
-        (_, tail_h), (_, tail_w) = _pool_out_full(h, kh, sh, ph), _pool_out_full(w, kw, sw, pw)
-        clipped = (_pool_out_caffe(h, kh, sh, ph) != _pool_out_full(h, kh, sh, ph)[0]
-                   or _pool_out_caffe(w, kw, sw, pw) != _pool_out_full(w, kw, sw, pw)[0])
-        if tail_h or tail_w or clipped:
+        (out_h, tail_h), (out_w, tail_w) = _pool_out_full(h, kh, sh, ph), _pool_out_full(w, kw, sw, pw)
+        if tail_h or tail_w or (out_h, out_w) != tuple(ctx.shape(layer, layer.tops[0])[2:]):
             padded = f"{layer.bottoms[0]}_{layer.name}_pad"
             prefix.append(NcnnLayer("Padding", f"{layer.name}_pad", bottoms, [padded],
                                     {0: ph, 1: ph, 2: pw, 3: pw, 4: 0, 5: 0.0}))
@@ -223,7 +213,7 @@ def _pooling(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
         params[12] = sh
     if ph != pw:
         params[13] = ph
-    want = (_pool_out_caffe(h, kh, sh, ph), _pool_out_caffe(w, kw, sw, pw))
+    want = tuple(ctx.shape(layer, layer.tops[0])[2:])
     if want != (_pool_out_full(h, kh, sh, ph)[0], _pool_out_full(w, kw, sw, pw)[0]):
         pad_bottom = max(0, (want[0] - 1) * sh + kh - h - ph)
         pad_right = max(0, (want[1] - 1) * sw + kw - w - pw)
@@ -279,8 +269,11 @@ def _softmax(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
 
 
 def _lrn(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
+    """Caffe adds ``k`` across channels only; its WITHIN_CHANNEL form always adds 1 (OpenCV ignores ``k``)."""
     p = layer.param.lrn_param
-    params = {0: int(p.norm_region), 1: int(p.local_size), 2: float(p.alpha), 3: float(p.beta), 4: float(p.k)}
+    across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
+    params = {0: int(p.norm_region), 1: int(p.local_size), 2: float(p.alpha), 3: float(p.beta),
+              4: float(p.k) if across else 1.0}
     return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
 
 

@@ -1,0 +1,51 @@
+"""``int8conv convert``: Caffe prototxt + caffemodel -> ncnn FP32 ``.param``/``.bin``."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import Int8ConvError
+from ..graph import load_graph
+from ..ncnn.convert import convert_graph
+from ..ncnn.model import write_model
+from .common import add_model_args
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("convert", help="convert a Caffe model to an ncnn FP32 .param/.bin",
+                            description="Convert a Caffe deploy model to ncnn FP32 files, with BatchNorm/Scale "
+                                        "folded into convolutions and activations fused, as ncnnoptimize does. "
+                                        "Layer names are kept, so calibration tables line up.")
+    add_model_args(parser)
+    group = parser.add_argument_group("output (either --out-dir, or both --param and --bin)")
+    group.add_argument("--out-dir", type=Path, help="write OUT/<stem>.param and OUT/<stem>.bin, where <stem> is "
+                                                    "the caffemodel's file stem")
+    group.add_argument("--param", type=Path, help="path of the .param file to write")
+    group.add_argument("--bin", type=Path, help="path of the .bin file to write")
+    parser.set_defaults(func=run)
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The .param/.bin pair asked for; mixing the two styles or giving half a pair is an error."""
+    if args.out_dir is not None:
+        if args.param is not None or args.bin is not None:
+            raise Int8ConvError("give either --out-dir or --param/--bin, not both")
+        stem = Path(args.model).stem
+        return args.out_dir / f"{stem}.param", args.out_dir / f"{stem}.bin"
+    if args.param is None or args.bin is None:
+        raise Int8ConvError("give --out-dir DIR, or both --param FILE and --bin FILE")
+    return args.param, args.bin
+
+
+def run(args: argparse.Namespace) -> int:
+    param, binary = output_paths(args)
+    graph = load_graph(args.proto, args.model)
+    model = convert_graph(graph)
+    write_model(model, param, binary)
+    if not getattr(args, "quiet", False):
+        print(f"ncnn FP32 model: {param} ({len(model.layers)} layers), {binary}")
+        print(f"inputs: {', '.join(model.input_names)}; outputs: {', '.join(model.output_names)}")
+    return 0
