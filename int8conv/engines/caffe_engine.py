@@ -1,0 +1,135 @@
+"""The pycaffe FP32 engine: the reference Caffe implementation, CPU or (with a CUDA build) GPU.
+
+pycaffe keeps one buffer per Caffe blob, so after ``forward()`` an in-place chain ``conv -> bn -> relu`` only
+shows its last version. To return an earlier version (the IR value ``x_L``), the net is run in segments
+(``net.forward(start=, end=)``) and the blob is copied right after the layer that wrote that version.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailable, ModelError
+from ..graph import Graph
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "run `int8conv install-caffe` to build it (or use --backend opencv)"
+
+
+def import_caffe() -> ModuleType:
+    """``import caffe`` with glog quiet; any failure becomes ``BackendUnavailable`` with the cause."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except Exception as exc:  # noqa: BLE001 - an ImportError, or whatever a broken _caffe.so raises
+        raise BackendUnavailable(f"pycaffe is not importable: {type(exc).__name__}: {exc}; {INSTALL_HINT}") from exc
+    return caffe
+
+
+def caffe_has_cuda(caffe: ModuleType) -> bool:
+    """Whether this pycaffe was built with CUDA (a CPU-only one aborts the process on ``set_device``).
+
+    Builds from ``int8conv install-caffe`` record it in a JSON file beside the package; for any other
+    pycaffe, the CUDA runtime among the shared libraries ``_caffe.so`` loads decides.
+    """
+    from ..caffe_build import read_build_info
+
+    package = Path(caffe.__file__).resolve().parent
+    info = read_build_info(package)
+    if info is not None:
+        return bool(info.get("cuda"))
+    library = next(package.glob("_caffe*.so"), None)
+    if library is None:
+        return False
+    try:
+        linked = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return "libcudart" in linked
+
+
+class CaffeEngine:
+    """Forward with pycaffe; returns any graph value, in-place intermediate versions included."""
+
+    name = "caffe"
+
+    def __init__(self, graph: Graph, prototxt: Path, caffemodel: Path, gpu: int | None = None) -> None:
+        caffe = import_caffe()
+        if gpu is not None:
+            if gpu < 0:
+                raise BackendUnavailable(f"--gpu must be a device number >= 0, not {gpu}")
+            if not caffe_has_cuda(caffe):
+                raise BackendUnavailable(f"--gpu {gpu}: this pycaffe ({caffe.__file__}) is built CPU-only "
+                                         "(int8conv install-caffe builds CPU-only); drop --gpu to run on the CPU")
+            caffe.set_mode_gpu()
+            caffe.set_device(gpu)
+            log.info("pycaffe on GPU %d", gpu)
+        else:
+            caffe.set_mode_cpu()
+        self.graph = graph
+        for path in (prototxt, caffemodel):
+            if not Path(path).is_file():
+                raise ModelError(f"{path}: no such file")
+        try:
+            self._net = caffe.Net(str(prototxt), str(caffemodel), caffe.TEST)
+        except Exception as exc:  # noqa: BLE001 - pycaffe raises bare RuntimeError/ValueError
+            raise ModelError(f"{prototxt}: pycaffe cannot load this model with {caffemodel}: {exc}") from exc
+        self._layer_index = {name: i for i, name in enumerate(self._net._layer_names)}
+        missing = [layer.name for layer in graph.layers if layer.name not in self._layer_index]
+        if missing:
+            raise ModelError(f"{prototxt}: pycaffe's net has no layer(s) {', '.join(missing)}; the graph and the "
+                             "net disagree")
+        if len(graph.inputs) != 1:
+            raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
+        self._input = next(iter(graph.inputs))
+        # value -> index of the layer after which its blob holds it, for values that a later layer overwrites
+        self._checkpoints: dict[str, int] = {}
+        for layer in graph.layers:
+            for top in layer.tops:
+                if graph.final_value(graph.blob_of(top)) != top:
+                    self._checkpoints[top] = self._layer_index[layer.name]
+
+    def _set_input(self, batch: np.ndarray) -> None:
+        blob = self._net.blobs[self._input]
+        if tuple(blob.data.shape) != batch.shape:
+            blob.reshape(*batch.shape)
+            self._net.reshape()
+        blob.data[...] = batch
+
+    def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:
+        """One pass over the net, paused after each layer whose in-place version was asked for."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != len(self.graph.inputs[self._input]):
+            raise ModelError(f"input batch has shape {batch.shape}; '{self._input}' of '{self.graph.name}' "
+                             f"is {self.graph.inputs[self._input]}")
+        result: dict[str, np.ndarray] = {}
+        stops: dict[int, list[str]] = {}
+        finals: list[str] = []
+        for value in values:
+            if value in self.graph.inputs:
+                result[value] = batch.copy()
+            elif value in self._checkpoints:
+                stops.setdefault(self._checkpoints[value], []).append(value)
+            elif value in self.graph.blob_names:
+                finals.append(value)
+            else:
+                raise ModelError(f"blob '{value}' is not produced by any layer of '{self.graph.name}'")
+        self._set_input(batch)
+        start, last = 0, len(self._net.layers) - 1
+        for stop in sorted(stops):
+            self._net._forward(start, stop)
+            for value in stops[stop]:
+                result[value] = self._net.blobs[self.graph.blob_of(value)].data.copy()
+            start = stop + 1
+        if start <= last:
+            self._net._forward(start, last)
+        for value in finals:
+            result[value] = self._net.blobs[self.graph.blob_of(value)].data.copy()
+        return {value: result[value] for value in values}
