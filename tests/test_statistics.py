@@ -38,7 +38,9 @@ def assert_same(a: BlobHistogram, b: BlobHistogram) -> None:
     assert a.abs_sum == pytest.approx(b.abs_sum, rel=1e-12)
 
 
-def test_growing_histogram_equals_one_histogram_at_the_final_range():
+@pytest.mark.parametrize("chunk", [100, 1 << 16])
+def test_growing_histogram_equals_one_histogram_at_the_final_range(monkeypatch, chunk):
+    monkeypatch.setattr("int8conv.statistics.CHUNK", chunk)       # 100: many chunks per batch
     data = batches(0, 4)
     hist = BlobHistogram("conv1")
     for batch in data:
@@ -51,6 +53,15 @@ def test_growing_histogram_equals_one_histogram_at_the_final_range():
     assert hist.signed and (hist.min, hist.max) == (float(everything.min()), float(everything.max()))
     np.testing.assert_array_equal(hist.counts, numpy_histogram(data, hist.range_max))
     assert hist.abs_sum == pytest.approx(float(np.abs(everything.astype(np.float64)).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-39, 1e-20, 1e30])
+def test_extreme_magnitudes_are_binned_exactly(scale):
+    data = [(np.random.default_rng(8).standard_normal(5000) * scale).astype(np.float32)]
+    hist = BlobHistogram("x")
+    hist.update(data[0])
+    assert hist.range_max / 2 < hist.absmax <= hist.range_max
+    np.testing.assert_array_equal(hist.counts, numpy_histogram(data, hist.range_max))
 
 
 def test_value_at_range_max_lands_in_last_bin_and_zeros_are_counted_apart():
