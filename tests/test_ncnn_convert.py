@@ -161,6 +161,7 @@ layer { name: "grp" type: "Convolution" bottom: "dw" top: "grp"
 layer { name: "tanh" type: "TanH" bottom: "grp" top: "grp" }
 layer { name: "up" type: "Deconvolution" bottom: "grp" top: "up"
   convolution_param { num_output: 3 kernel_size: 4 stride: 2 pad: 1 } }
+layer { name: "up_prelu" type: "PReLU" bottom: "up" top: "up" prelu_param { channel_shared: true } }
 layer { name: "upg" type: "Deconvolution" bottom: "grp" top: "upg"
   convolution_param { num_output: 6 group: 2 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 bias_term: false } }
 layer { name: "bn" type: "BatchNorm" bottom: "dw" top: "bn" }
@@ -178,7 +179,7 @@ def conv_weights() -> dict[str, list[np.ndarray]]:
         "asym": [_w(6, 4, 3, 5), _w(6)], "dil": [_w(8, 6, 3, 3), _w(8)], "dw": [_w(8, 1, 3, 3), _w(8)],
         "grp": [_w(4, 4, 1, 1)], "up": [_w(4, 3, 4, 4), _w(3)], "upg": [_w(4, 3, 3, 2)],
         "bn": [_w(8), _w(8, low=0.5), np.array([2.0], np.float32)], "bn_scale": [_w(8), _w(8)],
-        "prelu": [_w(8) * 0.3], "fc": [_w(5, 8 * 4 * 6), _w(5)], "fc2": [_w(3, 5), _w(3)],
+        "prelu": [_w(8) * 0.3], "up_prelu": [np.array([0.25], np.float32)], "fc": [_w(5, 8 * 4 * 6), _w(5)], "fc2": [_w(3, 5), _w(3)],
     }
 
 
@@ -195,7 +196,15 @@ layer { name: "max_asym" type: "Pooling" bottom: "data" top: "max_asym"
   pooling_param { pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 0 } }
 layer { name: "ave_global" type: "Pooling" bottom: "data" top: "ave_global" pooling_param { pool: AVE global_pooling: true } }
 layer { name: "max_global" type: "Pooling" bottom: "data" top: "max_global" pooling_param { pool: MAX global_pooling: true } }
+layer { name: "squeeze" type: "Convolution" bottom: "ave_global" top: "squeeze" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "squeeze_relu" type: "ReLU" bottom: "squeeze" top: "squeeze" }
+layer { name: "excite" type: "Convolution" bottom: "squeeze" top: "excite" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "excite_sigmoid" type: "Sigmoid" bottom: "excite" top: "excite" }
 """
+
+
+def pool_weights() -> dict[str, list[np.ndarray]]:
+    return {"squeeze": [_w(2, 3, 1, 1), _w(2)], "excite": [_w(3, 2, 1, 1), _w(3)]}
 
 
 MIX_NET = """
@@ -213,6 +222,7 @@ layer { name: "lrn_across" type: "LRN" bottom: "cat_c" top: "lrn_across"
 layer { name: "lrn_within" type: "LRN" bottom: "cat_h" top: "lrn_within"
   lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 norm_region: WITHIN_CHANNEL } }
 layer { name: "scale" type: "Scale" bottom: "lrn_within" top: "scaled" scale_param { bias_term: true } }
+layer { name: "scalar" type: "Scale" bottom: "scaled" top: "scaled" scale_param { num_axes: 0 } }
 layer { name: "softmax" type: "Softmax" bottom: "scaled" top: "softmax" }
 layer { name: "norm" type: "Normalize" bottom: "lrn_across" top: "norm"
   norm_param { across_spatial: false channel_shared: false } }
@@ -226,10 +236,10 @@ layer { name: "perm2" type: "Permute" bottom: "soft2" top: "perm2" permute_param
 
 
 def mix_weights() -> dict[str, list[np.ndarray]]:
-    return {"scale": [_w(6), _w(6)], "norm": [_w(6, low=0.5)], "norm_all": [np.array([3.0], np.float32)]}
+    return {"scale": [_w(6), _w(6)], "scalar": [np.array([1.7], np.float32)], "norm": [_w(6, low=0.5)], "norm_all": [np.array([3.0], np.float32)]}
 
 
-SYNTHETIC = {"convs": (CONV_NET, conv_weights, (4, 13, 11)), "pools": (POOL_NET, dict, (3, 15, 14)),
+SYNTHETIC = {"convs": (CONV_NET, conv_weights, (4, 13, 11)), "pools": (POOL_NET, pool_weights, (3, 15, 14)),
              "mix": (MIX_NET, mix_weights, (6, 8, 7))}
 
 
@@ -243,13 +253,15 @@ def test_synthetic_layers_match_opencv(name, tmp_path):
     assert worst and all(d < TOLERANCE for d in worst.values()), worst
 
 
-def test_lrn_follows_caffe_not_opencv(tmp_path):
-    """Caffe adds ``k`` across channels and 1 within a channel; OpenCV always adds 1, so numpy is the reference."""
+def test_caffe_semantics_that_opencv_lacks(tmp_path):
+    """Against numpy, where OpenCV departs from Caffe: LRN adds ``k`` across channels and 1 within a channel
+    (OpenCV always adds 1), and Dropout with ``scale_train: false`` scales by 1 - ratio at test time."""
     text = """
     layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 6 dim: 5 dim: 4 } } }
     layer { name: "across" type: "LRN" bottom: "data" top: "across" lrn_param { local_size: 5 alpha: 0.3 k: 2 } }
     layer { name: "within" type: "LRN" bottom: "data" top: "within"
       lrn_param { local_size: 3 alpha: 0.4 beta: 0.6 k: 3 norm_region: WITHIN_CHANNEL } }
+    layer { name: "drop" type: "Dropout" bottom: "data" top: "drop" dropout_param { dropout_ratio: 0.25 scale_train: false } }
     """
     proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="lrn")
     runner = convert_to_files(load_graph(proto, caffemodel), tmp_path, "lrn")
@@ -261,6 +273,7 @@ def test_lrn_follows_caffe_not_opencv(tmp_path):
     within = x * (1 + 0.4 / 9 * sum(sq[:, i:i + 5, j:j + 4] for i in range(3) for j in range(3))) ** -0.6
     assert relative_difference(across, got["across"]) < 1e-5
     assert relative_difference(within, got["within"]) < 1e-5
+    assert relative_difference(x * 0.75, got["drop"]) < 1e-6
 
 
 def test_conversion_folds_and_fuses(tmp_path):
@@ -274,6 +287,8 @@ def test_conversion_folds_and_fuses(tmp_path):
     assert types["dw"] == "ConvolutionDepthWise" and model.layer("dw").params[7] == 8
     assert types["grp"] == "ConvolutionDepthWise" and types["upg"] == "DeconvolutionDepthWise"
     assert types["fc"] == "InnerProduct" and model.layer("fc").params[9] == 1
+    assert types["up"] == "Deconvolution" and model.layer("up").params[9] == 2 and "up_prelu" not in types
+    assert types["prelu"] == "PReLU"
     assert "drop" not in types and "leaky" not in types and "bn_scale" not in types and "tanh" in types
     assert model.layer("bn").type == "BatchNorm" and model.layer("fc").tops == ["fc_drop"]
     assert model.layer("asym").tops == ["asym_leaky"]
@@ -281,6 +296,12 @@ def test_conversion_folds_and_fuses(tmp_path):
     split = model.producer("grp_tanh_splitncnn_0")
     assert split.type == "Split" and split.tops == ["grp_tanh_splitncnn_0", "grp_tanh_splitncnn_1"]
     assert model.layer("up").bottoms == ["grp_tanh_splitncnn_1"]  # caffe2ncnn: the first reader gets the last
+
+    proto, caffemodel = write_caffe_model(tmp_path, POOL_NET, pool_weights(), name="pools")
+    model = convert_graph(load_graph(proto, caffemodel))
+    assert model.layer("squeeze").type == "InnerProduct" and model.layer("excite").params[9] == 4
+    assert model.layer("ave_pad_tail_pad").type == "Padding" and model.layer("ave_pad").params[6] == 1
+    assert model.layer("max_clip").params[5] == 1 and "max_clip_pad" not in {layer.name for layer in model.layers}
 
 
 def test_unsupported_layer_names_layer_and_type(tmp_path):
@@ -321,6 +342,9 @@ REAL = {
                        Preprocess(size=(28, 28), norm=0.00390625, color="gray"),
                        ("opencv_samples/digits.png", "faces/libfacedetection_test.jpg")),
     "det1": RealModel("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(12, 12), **MTCNN), FACES),
+    # P-Net is fully convolutional: the converted model must also run at sizes other than the prototxt's
+    "det1_97x130": RealModel("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(97, 130), **MTCNN),
+                             FACES),
     "det2": RealModel("mtcnn", "det2.prototxt", "det2.caffemodel", Preprocess(size=(24, 24), **MTCNN), FACES),
     "det3": RealModel("mtcnn", "det3.prototxt", "det3.caffemodel", Preprocess(size=(48, 48), **MTCNN), FACES),
     "det4": RealModel("mtcnn", "det4.prototxt", "det4.caffemodel", Preprocess(size=(24, 24), **MTCNN), FACES),
@@ -392,3 +416,21 @@ def test_real_model_ncnn_fp32_matches_opencv(key, real_runs):
                     assert np.abs(nc - row).max(axis=1).min() < TOLERANCE, row
             else:
                 assert relative_difference(expected[value][0], got[value]) < TOLERANCE, value
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_convert_writes_files_ncnn_runs(tmp_path, capsys):
+    """``int8conv convert --out-dir`` writes <stem>.param/.bin that ncnn runs to OpenCV's numbers."""
+    from int8conv.cli import main
+
+    proto, caffemodel = write_caffe_model(tmp_path / "caffe", CONV_NET, conv_weights(), name="convs")
+    assert main(["convert", "--proto", str(proto), "--model", str(caffemodel), "--out-dir", str(tmp_path)]) == 0
+    assert "convs.param" in capsys.readouterr().out
+    graph = load_graph(proto, caffemodel)
+    runner = NcnnRunner(tmp_path / "convs.param", tmp_path / "convs.bin", int8=False)
+    x = RNG.normal(size=(4, 13, 11)).astype(np.float32)
+    expected = OpenCVEngine(graph, proto, caffemodel).forward(x[None], ["fc2"])["fc2"][0]
+    assert relative_difference(expected, runner.run({"data": x})["fc2"]) < TOLERANCE
+    assert main(["convert", "--proto", str(proto), "--model", str(caffemodel), "--param", str(tmp_path / "p")]) == 2
+    assert "--param FILE and --bin FILE" in capsys.readouterr().err

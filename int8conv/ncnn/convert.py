@@ -8,8 +8,9 @@ Steps, each on plain data:
    are kept because calibration tables are keyed by them, and blob names are the IR's values (``x_L`` for the
    top of in-place layer ``L``, caffe2ncnn's convention).
 3. Graph clean-up as ncnnoptimize does it: Dropout and Caffe Split layers disappear, a BatchNorm followed by a
-   Scale becomes one BatchNorm, and ReLU/leaky ReLU/ReLU6/Sigmoid after a convolution or InnerProduct become
-   its ``activation_type`` when the convolution's output feeds nothing else.
+   Scale becomes one BatchNorm, a one-slope PReLU becomes a leaky ReLU, ReLU/leaky ReLU/ReLU6/Sigmoid after a
+   convolution or InnerProduct become its ``activation_type`` when the convolution's output feeds nothing else,
+   and a 1x1 Convolution on a 1-D blob (after global pooling or InnerProduct) becomes an InnerProduct.
 4. ``Input`` layers for the network inputs (also for legacy ``input:`` headers, which caffe2ncnn breaks on), and a
    ``Split`` layer ``splitncnn_N`` after every blob read more than once, its tops named ``<blob>_splitncnn_K``.
 
@@ -447,6 +448,14 @@ def _fuse_batchnorm_scale(layers: list[NcnnLayer]) -> None:
         log.debug("fused Scale %s into BatchNorm %s", scale.name, bn.name)
 
 
+def _shared_prelu_to_leaky_relu(layers: list[NcnnLayer]) -> None:
+    """A PReLU with one shared slope is a leaky ReLU, which can then fuse into a convolution (as ncnnoptimize)."""
+    for i, layer in enumerate(layers):
+        if layer.type == "PReLU" and int(layer.params[0]) == 1:
+            slope = float(layer.weights[0].data[0])
+            layers[i] = NcnnLayer("ReLU", layer.name, layer.bottoms, layer.tops, {0: slope} if slope else {})
+
+
 def _activation(layer: NcnnLayer) -> tuple[int, list[float] | None] | None:
     """The ``activation_type`` and params that replace an activation layer, or None if it has none."""
     if layer.type == "ReLU":
@@ -474,6 +483,25 @@ def _fuse_activations(layers: list[NcnnLayer]) -> None:
         host.tops = list(act.tops)
         layers.remove(act)
         log.debug("fused %s (%s) into %s", act.name, act.type, host.name)
+
+
+def _vector_convolutions_to_inner_product(layers: list[NcnnLayer]) -> None:
+    """A 1x1 Convolution reading a global Pooling or InnerProduct output (a 1-D Mat in ncnn) becomes an
+    InnerProduct with the same name and weights: ncnn's 1-D convolution path is deprecated (ncnnoptimize's
+    replace_convolution_with_innerproduct_after_global_pooling / _after_innerproduct)."""
+    vectors = {top for layer in layers for top in layer.tops
+               if layer.type == "InnerProduct" or (layer.type == "Pooling" and int(layer.params.get(4, 0)))}
+    for i, layer in enumerate(layers):
+        p = layer.params
+        if layer.type != "Convolution" or len(layer.bottoms) != 1 or layer.bottoms[0] not in vectors:
+            continue
+        if p[1] != 1 or p.get(11, 1) != 1 or p.get(4, 0) or p.get(14, 0):
+            continue
+        params = {0: p[0], 1: p[5], 2: p[6]}
+        params.update({k: p[k] for k in (9, 10) if k in p})
+        layers[i] = NcnnLayer("InnerProduct", layer.name, layer.bottoms, layer.tops, params, layer.weights)
+        vectors.update(layer.tops)
+        log.debug("Convolution %s after a 1-D blob becomes InnerProduct", layer.name)
 
 
 def _input_layers(graph: Graph, taken: set[str]) -> list[NcnnLayer]:
@@ -523,7 +551,9 @@ def convert_graph(graph: Graph) -> NcnnModel:
         layers.extend(rule(layer, ctx))
     _remove_identities(layers, set(folded.inputs))
     _fuse_batchnorm_scale(layers)
+    _shared_prelu_to_leaky_relu(layers)
     _fuse_activations(layers)
+    _vector_convolutions_to_inner_product(layers)
     layers = _input_layers(folded, {layer.name for layer in layers}) + layers
     model = NcnnModel(_insert_splits(layers))
     log.info("converted '%s': %d Caffe layers -> %d ncnn layers", graph.name, len(graph.layers), len(model.layers))
