@@ -55,12 +55,12 @@ def test_vectorized_kl_equals_reference_on_real_res10_histograms(res10_statistic
     histograms = list(res10_statistics.histograms.values())
     assert len(histograms) > 60
     searched = 0
-    for hist in histograms[::2]:
+    for hist in histograms[::3]:
         threshold = kl_threshold(hist.counts, hist.bin_width)
         chosen = reference_kl_threshold_bin(hist.counts)
         assert threshold == pytest.approx(chosen * hist.bin_width, rel=1e-12), hist.name
         searched += np.count_nonzero(hist.counts) >= 128
-    assert searched >= 30                                   # the search itself ran, not the few-bins rule
+    assert searched >= 20                                   # the search itself ran, not the few-bins rule
 
 
 def test_every_method_on_real_histograms_is_finite_positive_bounded_and_deterministic(res10_statistics):
