@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Classify images with a Caffe classifier converted to ncnn FP32 and INT8, side by side.
+
+    python demos/classify.py --images DIR --out-dir OUT                       # open_nsfw (SFW / NSFW)
+    python demos/classify.py --model-name lenet --images DIGITS --out-dir OUT  # LeNet MNIST digits
+    python demos/classify.py --proto deploy.prototxt --model net.caffemodel --labels synset.txt \
+        --mean 104 117 123 --resize-then-crop 256 256 --calib-images CALIB --images DIR --out-dir OUT
+
+The model is calibrated on ``--calib-images`` (default: the preset's shared folder), converted and quantized
+once; the files are cached in OUT/models. Each image runs through both networks; the top-k of each and the
+ms/image are printed, and OUT/<image>.png shows the image with the FP32 and INT8 top-k bars.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from _common import (SideBySide, add_build_args, build_models, load_names, setup_logging, shared_dir,
+                     speed_summary, write_digit_cells)
+
+import numpy as np
+
+from int8conv.atomic import atomic_write
+from int8conv.commands.common import add_preprocess_args, preprocess_from_args
+from int8conv.errors import Int8ConvError
+from int8conv.graph import load_graph
+from int8conv.preprocess import list_images, read_image
+
+log = logging.getLogger("demo")
+
+#: Shared models the demo knows how to preprocess; ``calib`` is relative to the shared folder.
+PRESETS = {
+    "open_nsfw": {"folder": "open_nsfw_resnet50_1by2", "proto": "deploy.prototxt",
+                  "model": "resnet_50_1by2_nsfw.caffemodel", "labels": "SFW,NSFW",
+                  "calib": "images/imagenet_samples_200", "max_calib": 100,
+                  "defaults": {"mean": [104.0, 117.0, 123.0], "resize_then_crop": [256, 256]}},
+    "lenet": {"folder": "lenet_mnist", "proto": "lenet.prototxt", "model": "lenet_iter_10000.caffemodel",
+              "labels": ",".join(str(d) for d in range(10)), "calib": "digits", "max_calib": 0,
+              "defaults": {"norm": 0.00390625, "color": "gray"}},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, required=True, help="images to classify (directory or list file)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the PNGs and cached models go")
+    model = parser.add_argument_group("model (default: the open_nsfw preset)")
+    model.add_argument("--model-name", choices=sorted(PRESETS), default="open_nsfw",
+                       help="a shared model with its preprocessing, labels and calibration images")
+    model.add_argument("--proto", type=Path, help="deploy prototxt of your own classifier (with --model)")
+    model.add_argument("--model", type=Path, help="its caffemodel")
+    model.add_argument("--labels", help="class names: a file with one per line, or a comma-separated list")
+    model.add_argument("--top-k", type=int, default=5, help="classes shown per model (default 5)")
+    add_preprocess_args(parser)
+    add_build_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Preset preprocessing becomes the default of the preprocessing flags, so explicit flags still win."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.proto is None and first.model is None:
+        parser.set_defaults(**PRESETS[first.model_name]["defaults"])
+    args = parser.parse_args(argv)
+    if (args.proto is None) != (args.model is None):
+        parser.error("give both --proto and --model (or neither, for a preset)")
+    return args
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, list[str] | None, Path]:
+    """prototxt, caffemodel, class names and calibration images, from the flags or the preset."""
+    if args.proto is not None:
+        if args.calib_images is None:
+            raise Int8ConvError("give --calib-images DIR for your own model (images like the ones it was trained on)")
+        return args.proto, args.model, load_names(args.labels), args.calib_images
+    preset = PRESETS[args.model_name]
+    shared = shared_dir()
+    base = shared / "models" / preset["folder"]
+    calib = args.calib_images
+    if calib is None:
+        if preset["calib"] == "digits":  # LeNet wants digits: cut them from OpenCV's digits.png sheet
+            calib = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png",
+                                      args.out_dir / "models" / "digits_calib", count=200)
+        else:
+            calib = shared / preset["calib"]
+            if args.max_calib_images == 0:
+                args.max_calib_images = preset["max_calib"]
+    return base / preset["proto"], base / preset["model"], load_names(args.labels or preset["labels"]), calib
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-probs, kind="stable")[:k]
+
+
+def describe(probs: np.ndarray, order: np.ndarray, names: list[str]) -> str:
+    return ", ".join(f"{names[i]} {probs[i]:.4f}" for i in order)
+
+
+def plot(path: Path, image: np.ndarray, title: str, panels: list[tuple[str, np.ndarray, np.ndarray]],
+         names: list[str]) -> None:
+    """The image, then one horizontal bar chart of top-k scores per model, on a shared scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 3.8),
+                             gridspec_kw={"width_ratios": [1.1] + [1] * len(panels)})
+    shown = image[:, :, ::-1] if image.ndim == 3 and image.shape[2] == 3 else image.squeeze()
+    axes[0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
+    axes[0].axis("off")
+    top = max(1.0, max(float(p[o].max()) for _, p, o in panels))
+    for ax, (label, probs, order) in zip(axes[1:], panels):
+        y = np.arange(order.size)
+        ax.barh(y, probs[order], color="#4477aa" if label.startswith("FP32") else "#cc6633")
+        ax.set_yticks(y, [names[i] for i in order])
+        ax.invert_yaxis()
+        ax.set_xlim(0, top * 1.15)
+        for yy, i in zip(y, order):
+            ax.text(probs[i], yy, f" {probs[i]:.4f}", va="center", fontsize=9)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    proto, model, names, calib = resolve_model(args)
+    graph = load_graph(proto, model)
+    prep = preprocess_from_args(args, graph)
+    pair = build_models(proto, model, prep, calib, args.out_dir / "models", args)
+    nets = SideBySide(pair, args.threads, args.runs)
+    output = nets.fp32.output_names[0]
+    images = list_images(args.images)
+    ms_fp32, ms_int8, agree = [], [], 0
+    print(f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
+          + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else ""))
+    for path in images:
+        image = read_image(path)
+        if image is None:
+            log.warning("skipping %s: not a readable image", path)
+            continue
+        out_fp32, out_int8, t_fp32, t_int8 = nets.run(prep.apply(image))
+        p_fp32, p_int8 = out_fp32[output].reshape(-1), out_int8[output].reshape(-1)
+        if names is None or len(names) != p_fp32.size:
+            if names is not None:
+                log.warning("%d class names for %d outputs: using class numbers", len(names), p_fp32.size)
+            names = [f"class {i}" for i in range(p_fp32.size)]
+        k = min(args.top_k, p_fp32.size)
+        o_fp32, o_int8 = top_k(p_fp32, k), top_k(p_int8, k)
+        agree += int(o_fp32[0] == o_int8[0])
+        ms_fp32.append(t_fp32)
+        ms_int8.append(t_int8)
+        print(f"{path.name}\n  FP32 {t_fp32:7.2f} ms  {describe(p_fp32, o_fp32, names)}\n"
+              f"  INT8 {t_int8:7.2f} ms  {describe(p_int8, o_int8, names)}")
+        png = args.out_dir / f"{path.stem}.png"
+        same = "same top-1" if o_fp32[0] == o_int8[0] else "TOP-1 DIFFERS"
+        plot(png, image, f"{path.name}: {same}, INT8/FP32 time {t_int8 / t_fp32:.2f}",
+             [(f"FP32 ncnn  {t_fp32:.1f} ms", p_fp32, o_fp32), (f"INT8 ncnn  {t_int8:.1f} ms", p_int8, o_int8)],
+             names)
+    if not ms_fp32:
+        raise Int8ConvError(f"none of the {len(images)} images in {args.images} could be read")
+    print(f"top-1 agreement INT8 vs FP32: {agree}/{len(ms_fp32)}")
+    print(speed_summary(ms_fp32, ms_int8, args.threads))
+    print(f"pictures: {args.out_dir}/<image>.png")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Int8ConvError as exc:
+        logging.getLogger("demo").error("%s", exc)
+        sys.exit(2)
