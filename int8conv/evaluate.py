@@ -1,0 +1,352 @@
+"""Accuracy and speed of the ncnn models: ncnn FP32 against Caffe FP32, ncnn INT8 against ncnn FP32.
+
+The numbers that decide whether an INT8 deployment is usable:
+
+- ncnn FP32 vs the Caffe FP32 engine (the converter's correctness): max abs / relative difference per output;
+- INT8 vs FP32: cosine similarity per quantized layer (its top blob in both ncnn nets) and at the outputs,
+  plus a task metric: top-1 agreement and mean |probability difference| for classifiers, precision/recall
+  (same class, IoU >= 0.5, score >= threshold) and mean IoU for SSD (DetectionOutput) and host-decoded
+  (UltraFace ``scores``/``boxes``) detectors;
+- speed: median ms per image of ncnn FP32 and INT8, side by side, for 1 and 2 threads.
+
+For detectors the "output" cosine is taken on what feeds the box decoding, without the background class
+(see ``OutputView``), since the decoded boxes of two nets cannot be compared element by element.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .detection import (Detections, MatchTally, decode_ultraface, from_detection_output, ultraface_priors)
+from .errors import ImageError, ModelError
+from .ncnn.model import NcnnModel
+from .ncnn.quantize import int8_layers
+from .ncnn.runtime import NcnnRunner, time_models
+from .preprocess import Preprocess, read_image
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+TASKS = ("auto", "classifier", "ssd", "host-decoded")
+
+
+def detect_task(model: NcnnModel) -> str:
+    """ssd when a DetectionOutput layer exists, host-decoded for ``scores`` + ``boxes`` outputs, else classifier."""
+    if any(layer.type == "DetectionOutput" for layer in model.layers):
+        return "ssd"
+    if {"scores", "boxes"} <= set(model.output_names):
+        return "host-decoded"
+    return "classifier"
+
+
+def _is_prior(model: NcnnModel, blob: str) -> bool:
+    """True for blobs that only depend on shapes (PriorBox outputs and their concatenations)."""
+    producer = model.producer(blob)
+    if producer is None:
+        return False
+    if producer.type == "PriorBox":
+        return True
+    return producer.type in ("Concat", "Reshape", "Flatten", "Split") and all(
+        _is_prior(model, b) for b in producer.bottoms)
+
+
+@dataclass
+class OutputView:
+    """What "the output" is when INT8 and FP32 outputs are compared by cosine.
+
+    Classifiers: the outputs. Detectors: what feeds the box decoding (DetectionOutput's loc and conf inputs,
+    or UltraFace's ``boxes`` and ``scores``) with the background class left out of the class scores: the
+    background probability is ~1 at almost every anchor, so it would dominate the norm and hide lost objects
+    and hide lost objects.
+    """
+
+    blobs: list[str]
+    #: blob -> classes per row of its class scores (None: the array's last axis); column 0 is dropped
+    class_scores: dict[str, int | None] = field(default_factory=dict)
+
+    def parts(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One flat array per blob, class scores without the background column."""
+        parts = []
+        for blob in self.blobs:
+            array = outputs[blob]
+            if blob in self.class_scores:
+                classes = self.class_scores[blob] or array.shape[-1]
+                array = array.reshape(-1, classes)[:, 1:]
+            parts.append(array.reshape(-1))
+        return parts
+
+    def cosine(self, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
+        """The output cosine: the lowest cosine among the blobs (box regressions outweigh class scores in
+        norm, so one cosine over their concatenation would hide lost objects too)."""
+        return min(cosine(a, b) for a, b in zip(self.parts(reference), self.parts(candidate)))
+
+
+def output_view(model: NcnnModel, task: str) -> OutputView:
+    """The comparison view of ``model`` for ``task`` (one of TASKS without auto)."""
+    if task == "ssd":
+        detection = next((layer for layer in model.layers if layer.type == "DetectionOutput"), None)
+        if detection is None:
+            raise ModelError("--task ssd needs a DetectionOutput layer; this model has none")
+        loc, conf = detection.bottoms[0], detection.bottoms[1]
+        return OutputView([loc, conf], {conf: int(detection.params.get(0, 0))})
+    if task == "host-decoded":
+        return OutputView(["boxes", "scores"], {"scores": None})
+    return OutputView(list(model.output_names))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays of the same size (1.0 when both are all zero)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.size != b.size:
+        raise ModelError(f"cannot compare blobs of {a.size} and {b.size} values")
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def resolve_task(model: NcnnModel, task: str) -> str:
+    """``auto`` -> the detected task; anything else is checked against the model."""
+    if task not in TASKS:
+        raise ModelError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
+    task = detect_task(model) if task == "auto" else task
+    if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
+        raise ModelError(f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs "
+                         f"{model.output_names}")
+    return task
+
+
+@dataclass
+class Difference:
+    """Largest absolute and relative (to the reference's largest magnitude) differences over images."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    note: str = ""
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref = np.asarray(reference, dtype=np.float64).reshape(-1)
+        out = np.asarray(candidate, dtype=np.float64).reshape(-1)
+        if ref.size != out.size:
+            raise ModelError(f"ncnn output has {out.size} values, Caffe's has {ref.size}")
+        diff = float(np.abs(ref - out).max(initial=0.0))
+        peak = float(np.abs(ref).max(initial=0.0))
+        self.max_abs = max(self.max_abs, diff)
+        self.max_rel = max(self.max_rel, diff / peak if peak > 0 else (0.0 if diff == 0 else math.inf))
+
+
+def _detection_difference(diff: Difference, reference: Detections, candidate: Detections) -> None:
+    """Detections compared row by row after sorting by score; a different count is noted, not compared.
+
+    Caffe pads DetectionOutput to keep_top_k rows and ncnn does not, so only detections above the score
+    threshold are compared.
+    """
+    if len(reference) != len(candidate):
+        diff.note = f"detection count differs ({len(reference)} vs {len(candidate)})"
+        return
+    order_r, order_c = np.argsort(-reference.scores), np.argsort(-candidate.scores)
+    rows_r = np.column_stack([reference.scores[order_r], reference.boxes[order_r]])
+    rows_c = np.column_stack([candidate.scores[order_c], candidate.boxes[order_c]])
+    if rows_r.size:
+        diff.add(rows_r, rows_c)
+
+
+@dataclass
+class Running:
+    """Mean and minimum of a per-image quantity."""
+
+    total: float = 0.0
+    count: int = 0
+    low: float = math.inf
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        self.low = min(self.low, value)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+@dataclass
+class TaskMetric:
+    """The task metric of one comparison (INT8 vs FP32, or ncnn FP32 vs Caffe)."""
+
+    task: str
+    top1_agree: int = 0
+    images: int = 0
+    prob_diff: Running = field(default_factory=Running)
+    matches: MatchTally = field(default_factory=MatchTally)
+
+    def summary(self) -> dict[str, float]:
+        if self.task == "classifier":
+            return {"top1_agreement": self.top1_agree / self.images if self.images else math.nan,
+                    "mean_abs_prob_diff": self.prob_diff.mean}
+        return {"precision": self.matches.precision, "recall": self.matches.recall,
+                "mean_iou": self.matches.mean_iou, "reference_detections": self.matches.reference,
+                "candidate_detections": self.matches.candidate, "matched": self.matches.matched}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; ``caffe_forward`` is the FP32 reference engine (``batch, values -> arrays``)."""
+
+    fp32_param: Path
+    fp32_bin: Path
+    int8_param: Path
+    int8_bin: Path
+    preprocess: Preprocess
+    images: Sequence[Path]
+    caffe_forward: Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]] | None = None
+    task: str = "auto"
+    score_threshold: float = 0.5
+    iou_threshold: float = 0.5
+    threads: Sequence[int] = (1, 2)
+    timing_runs: int = 10
+
+
+def _task_outputs(task: str, outputs: dict[str, np.ndarray], model: NcnnModel, config: EvalConfig,
+                  priors: np.ndarray | None) -> Detections | np.ndarray:
+    """What the task metric compares: detections (thresholded) or the classifier's output vector."""
+    if task == "ssd":
+        name = next(n for n in model.output_names if model.producer(n).type == "DetectionOutput")
+        return from_detection_output(outputs[name]).above(config.score_threshold)
+    if task == "host-decoded":
+        return decode_ultraface(outputs["scores"], outputs["boxes"], priors, config.score_threshold)
+    return outputs[model.output_names[0]].reshape(-1)
+
+
+def _update_metric(metric: TaskMetric, reference, candidate, iou_threshold: float) -> None:
+    metric.images += 1
+    if metric.task == "classifier":
+        metric.top1_agree += int(np.argmax(reference) == np.argmax(candidate))
+        metric.prob_diff.add(float(np.abs(reference - candidate).mean()))
+    else:
+        metric.matches.add(reference, candidate, iou_threshold)
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report as a dict."""
+    from .ncnn.model import read_model
+
+    fp32_model = read_model(config.fp32_param, config.fp32_bin)
+    int8_model = read_model(config.int8_param, config.int8_bin)
+    task = resolve_task(fp32_model, config.task)
+    quantized = int8_layers(int8_model)
+    if not quantized:
+        log.warning("%s has no INT8 layer", config.int8_param)
+    int8_tops = {name: int8_model.layer(name).tops[0] for name in quantized}
+    view = output_view(fp32_model, task)
+    height, width = config.preprocess.size
+    priors = ultraface_priors(width, height) if task == "host-decoded" else None
+
+    fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
+    int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
+    wanted = list(dict.fromkeys(view.blobs + fp32.output_names + list(int8_tops.values())))
+    layer_cos = {name: Running() for name in quantized}
+    out_cos = Running()
+    vs_caffe = {name: Difference() for name in fp32.output_names}
+    int8_metric, caffe_metric = TaskMetric(task), TaskMetric(task)
+    first_input = None
+    used = 0
+    for path in progress(config.images, desc="evaluating", unit="img"):
+        image = read_image(path)
+        if image is None:
+            log.warning("skipping %s: not a readable image", path)
+            continue
+        data = config.preprocess.apply(image)
+        inputs = {fp32.input_names[0]: data}
+        first_input = first_input or inputs
+        ref = fp32.extract(inputs, wanted)
+        out = int8.extract(inputs, wanted)
+        for name, top in int8_tops.items():
+            layer_cos[name].add(cosine(ref[top], out[top]))
+        out_cos.add(view.cosine(ref, out))
+        ref_task = _task_outputs(task, ref, fp32_model, config, priors)
+        _update_metric(int8_metric, ref_task, _task_outputs(task, out, fp32_model, config, priors),
+                       config.iou_threshold)
+        if config.caffe_forward is not None:
+            caffe = config.caffe_forward(data[None], fp32.output_names)
+            for name in fp32.output_names:
+                if name not in caffe:
+                    vs_caffe[name].note = "not an output of the Caffe net"
+                elif task == "ssd" and fp32_model.producer(name).type == "DetectionOutput":
+                    _detection_difference(vs_caffe[name],
+                                          from_detection_output(caffe[name]).above(config.score_threshold),
+                                          from_detection_output(ref[name]).above(config.score_threshold))
+                else:
+                    vs_caffe[name].add(caffe[name], ref[name])
+            _update_metric(caffe_metric, _task_outputs(task, {k: v[0] for k, v in caffe.items()}, fp32_model,
+                                                       config, priors), ref_task, config.iou_threshold)
+        used += 1
+    if used == 0:
+        raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
+
+    pairs = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
+    speed = time_models(pairs, first_input, threads=config.threads, runs=config.timing_runs)
+    quantizable = [layer.name for layer in int8_model.layers
+                   if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
+    report = {
+        "model": str(config.fp32_param), "int8_model": str(config.int8_param), "task": task, "images": used,
+        "score_threshold": config.score_threshold, "iou_threshold": config.iou_threshold,
+        "int8_layers": len(quantized), "fp32_layers": [n for n in quantizable if n not in quantized],
+        "fp32_vs_caffe": ({name: {"max_abs": d.max_abs, "max_rel": d.max_rel, **({"note": d.note} if d.note else {})}
+                           for name, d in vs_caffe.items()} if config.caffe_forward is not None else None),
+        "fp32_vs_caffe_task": caffe_metric.summary() if config.caffe_forward is not None else None,
+        "int8_vs_fp32": {
+            "output_blobs": view.blobs,
+            "output_cosine": out_cos.mean, "output_cosine_min": out_cos.low,
+            "task": int8_metric.summary(),
+            "layer_cosine": {name: layer_cos[name].mean for name in quantized},
+        },
+        "speed_ms": {label: {str(t): ms for t, ms in per.items()} for label, per in speed.items()},
+        "speed_ratio_int8_over_fp32": {str(t): speed["int8"][t] / speed["fp32"][t] for t in config.threads},
+    }
+    return report
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_report(report: dict, worst_layers: int = 10) -> str:
+    """The report as aligned text tables."""
+    lines = [f"model      {report['model']}", f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers"
+             + (f", FP32: {', '.join(report['fp32_layers'])})" if report["fp32_layers"] else ")"),
+             f"task       {report['task']}   images {report['images']}"]
+    if report["fp32_vs_caffe"] is not None:
+        lines += ["", "ncnn FP32 vs Caffe FP32", f"  {'output':<28} {'max abs':>12} {'max rel':>12}"]
+        for name, d in report["fp32_vs_caffe"].items():
+            lines.append(f"  {name:<28} {d['max_abs']:>12.3e} {d['max_rel']:>12.3e}  {d.get('note', '')}".rstrip())
+        lines.append("  task: " + _task_text(report["fp32_vs_caffe_task"]))
+    q = report["int8_vs_fp32"]
+    lines += ["", "ncnn INT8 vs ncnn FP32",
+              f"  output cosine   mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"
+              f"  ({', '.join(q['output_blobs'])})",
+              "  task: " + _task_text(q["task"])]
+    if q["layer_cosine"]:
+        ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
+        lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q['layer_cosine'])}):")
+        lines += [f"    {name:<32} {_fmt(value)}" for name, value in ranked]
+    lines += ["", f"speed (median ms/image)  {'threads':>7} {'FP32':>9} {'INT8':>9} {'INT8/FP32':>10}"]
+    for threads, ratio in report["speed_ratio_int8_over_fp32"].items():
+        lines.append(f"{'':<24} {threads:>7} {report['speed_ms']['fp32'][threads]:>9.2f} "
+                     f"{report['speed_ms']['int8'][threads]:>9.2f} {ratio:>10.3f}")
+    return "\n".join(lines)
+
+
+def _task_text(metric: dict) -> str:
+    if "top1_agreement" in metric:
+        return f"top-1 agreement {_fmt(metric['top1_agreement'])}, mean |prob diff| {_fmt(metric['mean_abs_prob_diff'], 5)}"
+    return (f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
+            f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
+            f"reference / {metric['candidate_detections']} candidate detections)")
