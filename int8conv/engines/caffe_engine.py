@@ -1,8 +1,8 @@
 """The pycaffe FP32 engine: the reference Caffe implementation, CPU or (with a CUDA build) GPU.
 
 pycaffe keeps one buffer per Caffe blob, so after ``forward()`` an in-place chain ``conv -> bn -> relu`` only
-shows its last version. To return an earlier version (the IR value ``x_L``), the net is run in segments
-(``net.forward(start=, end=)``) and the blob is copied right after the layer that wrote that version.
+shows its last version. To return any version (the IR value ``x_L``), the net is run in segments
+(``ForwardFromTo``) and each requested blob is copied right after the layer that wrote that version.
 """
 from __future__ import annotations
 
@@ -89,12 +89,8 @@ class CaffeEngine:
         if len(graph.inputs) != 1:
             raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
         self._input = next(iter(graph.inputs))
-        # value -> index of the layer after which its blob holds it, for values that a later layer overwrites
-        self._checkpoints: dict[str, int] = {}
-        for layer in graph.layers:
-            for top in layer.tops:
-                if graph.final_value(graph.blob_of(top)) != top:
-                    self._checkpoints[top] = self._layer_index[layer.name]
+        # value -> index (in pycaffe's net) of the layer that wrote it: its blob holds it right after that layer
+        self._producer = {top: self._layer_index[layer.name] for layer in graph.layers for top in layer.tops}
 
     def _set_input(self, batch: np.ndarray) -> None:
         blob = self._net.blobs[self._input]
@@ -104,32 +100,26 @@ class CaffeEngine:
         blob.data[...] = batch
 
     def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:
-        """One pass over the net, paused after each layer whose in-place version was asked for."""
+        """One pass over the net, paused after each layer that wrote a requested value, and stopped after the
+        last one (a calibration pass never runs DetectionOutput and the like)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != len(self.graph.inputs[self._input]):
             raise ModelError(f"input batch has shape {batch.shape}; '{self._input}' of '{self.graph.name}' "
                              f"is {self.graph.inputs[self._input]}")
         result: dict[str, np.ndarray] = {}
         stops: dict[int, list[str]] = {}
-        finals: list[str] = []
         for value in values:
             if value in self.graph.inputs:
                 result[value] = batch.copy()
-            elif value in self._checkpoints:
-                stops.setdefault(self._checkpoints[value], []).append(value)
-            elif value in self.graph.blob_names:
-                finals.append(value)
+            elif value in self._producer:
+                stops.setdefault(self._producer[value], []).append(value)
             else:
                 raise ModelError(f"blob '{value}' is not produced by any layer of '{self.graph.name}'")
         self._set_input(batch)
-        start, last = 0, len(self._net.layers) - 1
+        start = 0
         for stop in sorted(stops):
             self._net._forward(start, stop)
             for value in stops[stop]:
                 result[value] = self._net.blobs[self.graph.blob_of(value)].data.copy()
             start = stop + 1
-        if start <= last:
-            self._net._forward(start, last)
-        for value in finals:
-            result[value] = self._net.blobs[self.graph.blob_of(value)].data.copy()
         return {value: result[value] for value in values}
