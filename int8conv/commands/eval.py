@@ -1,0 +1,130 @@
+"""``int8conv eval``: Caffe FP32, ncnn FP32 and ncnn INT8 on evaluation images; accuracy and speed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+from ..engines import BACKENDS, make_engine
+from ..errors import Int8ConvError
+from ..evaluate import TASKS, EvalConfig, evaluate, format_report
+from ..graph import load_graph
+from ..ncnn.model import read_model, write_model
+from ..ncnn.quantize import quantize_model
+from ..preprocess import list_images
+from ..table import read_ncnn_table
+from .common import add_model_args, add_preprocess_args, preprocess_from_args
+from .quantize import mixed_precision_table
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval", help="compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed",
+        description="Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the "
+                    "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
+                    "quantized layer and at the outputs, top-1 agreement (classifiers) or detection "
+                    "precision/recall (SSD, host-decoded detectors); median ms/image of FP32 and INT8.")
+    add_model_args(parser)
+    files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
+    files.add_argument("--ncnn-dir", type=Path,
+                       help="folder written by convert_tool.py --ncnn-dir: <stem>.param/.bin and <stem>-int8.param/.bin")
+    files.add_argument("--param", type=Path, help="ncnn FP32 .param")
+    files.add_argument("--bin", type=Path, help="ncnn FP32 .bin")
+    files.add_argument("--int8-param", type=Path, help="ncnn INT8 .param")
+    files.add_argument("--int8-bin", type=Path, help="ncnn INT8 .bin")
+    files.add_argument("--table", type=Path, help="quantize the FP32 model with this table instead of reading an "
+                                                  "INT8 pair")
+    files.add_argument("--no-fp16", action="store_true", help="with --table: FP32 layers keep fp32 weights")
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--images", type=Path, required=True, help="evaluation images: directory or list file")
+    group.add_argument("--max-images", type=int, default=0, help="use at most this many (0 = all)")
+    group.add_argument("--task", choices=TASKS, default="auto",
+                       help="task metric: classifier, ssd (DetectionOutput) or host-decoded (UltraFace scores/boxes); "
+                            "default: from the model")
+    group.add_argument("--score-threshold", type=float, default=0.5, help="detection score threshold (default 0.5)")
+    group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
+    group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
+    group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
+    group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")
+    group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
+    group.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                       help="write the report as JSON to FILE (stdout when no FILE is given)")
+    mixed = parser.add_argument_group("automatic mixed precision (with --table)")
+    mixed.add_argument("--auto-fp32", type=float, metavar="COSINE",
+                       help="keep the most sensitive layers FP32 until the output cosine reaches COSINE")
+    mixed.add_argument("--auto-fp32-images", type=Path,
+                       help="images the FP32 layers are chosen on (keep them apart from --images)")
+    mixed.add_argument("--auto-fp32-max-images", type=int, default=8, help="at most this many (default 8)")
+    add_preprocess_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | None]:
+    """FP32 and INT8 file paths from --ncnn-dir or the explicit options."""
+    if args.ncnn_dir is not None:
+        stem = Path(args.model).stem
+        int8 = (None, None) if args.table else (args.ncnn_dir / f"{stem}-int8.param", args.ncnn_dir / f"{stem}-int8.bin")
+        return args.ncnn_dir / f"{stem}.param", args.ncnn_dir / f"{stem}.bin", *int8
+    if args.param is None or args.bin is None:
+        raise Int8ConvError("give --ncnn-dir DIR, or --param and --bin of the ncnn FP32 model")
+    if args.table is None and (args.int8_param is None or args.int8_bin is None):
+        raise Int8ConvError("give the INT8 model (--int8-param and --int8-bin) or a --table to quantize with")
+    return args.param, args.bin, args.int8_param, args.int8_bin
+
+
+def _finite(value):
+    """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.auto_fp32 is not None and args.table is None:
+        raise Int8ConvError("--auto-fp32 needs --table (the INT8 model is built here from the table)")
+    fp32_param, fp32_bin, int8_param, int8_bin = _pair(args)
+    for path in (fp32_param, fp32_bin, int8_param, int8_bin):
+        if path is not None and not path.is_file():
+            raise Int8ConvError(f"{path}: no such file")
+    graph = load_graph(args.proto, args.model)
+    images = list_images(args.images)
+    if args.max_images > 0:
+        images = images[:args.max_images]
+    caffe_forward = None
+    if not args.no_caffe:
+        caffe_forward = make_engine(args.backend, graph, args.proto, args.model).forward
+    with tempfile.TemporaryDirectory(prefix="int8conv-eval-") as tmp:
+        if int8_param is None:
+            model = read_model(fp32_param, fp32_bin)
+            table = read_ncnn_table(args.table)
+            if args.auto_fp32 is not None:
+                table = mixed_precision_table(args, model, table, args.auto_fp32_images, args.auto_fp32_max_images)
+            int8_param, int8_bin = Path(tmp) / "int8.param", Path(tmp) / "int8.bin"
+            write_model(quantize_model(model, table, fp16_storage=not args.no_fp16), int8_param, int8_bin)
+        report = evaluate(EvalConfig(fp32_param, fp32_bin, int8_param, int8_bin, preprocess_from_args(args, graph),
+                                     images, caffe_forward=caffe_forward, task=args.task,
+                                     score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+                                     threads=tuple(args.threads), timing_runs=args.timing_runs))
+    if args.table is not None:
+        report["int8_model"] = f"quantized from {args.table}" + (f" with --auto-fp32 {args.auto_fp32}"
+                                                                 if args.auto_fp32 is not None else "")
+    if args.json == "-":
+        json.dump(_finite(report), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if args.json:
+        from ..atomic import write_text_atomic
+        write_text_atomic(args.json, json.dumps(_finite(report), indent=2) + "\n")
+    if not args.quiet:
+        print(format_report(report))
+    return 0
