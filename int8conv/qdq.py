@@ -1,0 +1,211 @@
+"""Explicit quantization: the FP32 ONNX with QuantizeLinear/DequantizeLinear pairs, as TensorRT 10/11 expect.
+
+TensorRT 11 has no calibrators and no dynamic ranges; it reads INT8 only from Q/DQ pairs. Its rules
+(TensorRT docs, and what the TensorRT-RTX parser rejects): int8 with zero-point 0, positive float32
+scales, activations per tensor on the inputs of Conv/Gemm, weights per output channel (axis 0) with the
+Q/DQ on the float initializer, and never an int8 tensor fed straight into a Conv. TensorRT moves and
+fuses the pairs itself; placing them on the inputs of the weighted layers is NVIDIA's recommended recipe.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+from .onnx_export import OnnxExport
+from .tensorrt_files import LEVELS, MIN_AMAX
+
+log = logging.getLogger(__name__)
+
+#: ONNX operators that get Q/DQ on their activation input and weight (TensorRT's INT8 GEMM/conv kernels).
+QUANTIZED_OPS = ("Conv", "Gemm")
+
+
+def weight_amax(weight: np.ndarray) -> np.ndarray:
+    """max |w| per output channel (axis 0); a dead channel gets MIN_AMAX so its scale stays positive."""
+    amax = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).astype(np.float64)
+    return np.maximum(amax, MIN_AMAX)
+
+
+def quantization_scale(amax: np.ndarray | float) -> np.ndarray:
+    """``amax / 127`` as float32, never below the scale of MIN_AMAX."""
+    return (np.maximum(np.asarray(amax, dtype=np.float64), MIN_AMAX) / LEVELS).astype(np.float32)
+
+
+def quantized_layers(export: OnnxExport) -> list[str]:
+    """Names of the Conv/Gemm nodes (= Caffe layer names) that Q/DQ can be put on, in graph order."""
+    return [node.name for node in export.model.graph.node if node.op_type in QUANTIZED_OPS]
+
+
+def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Iterable[str] = ()) -> onnx.ModelProto:
+    """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
+
+    ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt_files.tensor_ranges`). A layer whose
+    input has no range stays FP32 and is logged; so do the layers named in ``fp32_layers``.
+    """
+    keep_fp32 = set(fp32_layers)
+    unknown = keep_fp32 - set(quantized_layers(export))
+    if unknown:
+        raise ModelError(f"--fp32-layers names {', '.join(sorted(unknown))}, which are not Convolution or "
+                         "InnerProduct layers of the model")
+    model = onnx.ModelProto()
+    model.CopyFrom(export.model)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    dequantized: dict[str, str] = {}
+    unquantized: list[str] = []
+    taken = {init.name for init in graph.initializer} | {v.name for v in graph.input} | \
+        {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
+
+    def fresh(name: str) -> str:
+        """``name``, or ``name_<k>`` when the model already uses it (a Caffe value may be called anything)."""
+        candidate, k = name, 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        taken.add(candidate)
+        return candidate
+
+    def pair(tensor: str, scale: np.ndarray, axis: int | None) -> str:
+        """Q -> DQ of ``tensor``; returns the name of the dequantized tensor."""
+        scale_name, zero_name = fresh(f"{tensor}/qdq_scale"), fresh(f"{tensor}/qdq_zero_point")
+        new_inits.append(numpy_helper.from_array(scale, scale_name))
+        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), zero_name))
+        attrs = {} if axis is None else {"axis": axis}
+        quantized, out = fresh(f"{tensor}/quantized"), fresh(f"{tensor}/dequantized")
+        nodes.append(helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized],
+                                      name=fresh(f"{tensor}/QuantizeLinear"), **attrs))
+        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [out],
+                                      name=fresh(f"{tensor}/DequantizeLinear"), **attrs))
+        return out
+
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            nodes.append(node)
+            continue
+        activation, weight = node.input[0], node.input[1]
+        if node.name in keep_fp32:
+            nodes.append(node)
+            continue
+        if activation not in ranges:
+            unquantized.append(node.name)
+            nodes.append(node)
+            continue
+        if weight not in initializers:
+            raise ModelError(f"node '{node.name}': weight '{weight}' is not an initializer")
+        if activation not in dequantized:
+            dequantized[activation] = pair(activation, quantization_scale(ranges[activation]), None)
+        w = numpy_helper.to_array(initializers[weight])
+        node.input[0] = dequantized[activation]
+        node.input[1] = pair(weight, quantization_scale(weight_amax(w)), 0)
+        nodes.append(node)
+    if unquantized:
+        log.warning("no range for the input of %d layer(s), kept FP32 in the Q/DQ model: %s", len(unquantized),
+                    ", ".join(unquantized))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    del graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@dataclass
+class Fp32Choice:
+    """Layers kept FP32 by :func:`choose_fp32_layers` and the cosines that justified it."""
+
+    fp32_layers: list[str]
+    cosine_all_int8: float
+    cosine: float
+    target: float
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reached(self) -> bool:
+        return self.cosine >= self.target
+
+
+class _OutputCosine:
+    """Worst per-image cosine of a Q/DQ variant's outputs (concatenated) against the FP32 model, in onnxruntime."""
+
+    def __init__(self, export: OnnxExport, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        import onnxruntime
+
+        self.ort = onnxruntime
+        self.outputs = [o for o in export.outputs if o not in export.constants]
+        self.feeds = list(feeds)
+        reference = self._session(export.model)
+        self.reference = [self._flat(reference.run(self.outputs, dict(f))) for f in self.feeds]
+
+    def _session(self, model: onnx.ModelProto):
+        options = self.ort.SessionOptions()
+        options.log_severity_level = 3
+        return self.ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        session = self._session(model)
+        worst = 1.0
+        for feed, ref in zip(self.feeds, self.reference):
+            out = self._flat(session.run(self.outputs, dict(feed)))
+            norms = np.linalg.norm(ref) * np.linalg.norm(out)
+            worst = min(worst, float(ref @ out / norms) if norms > 0 else float(np.array_equal(ref, out)))
+        return worst
+
+
+def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: Sequence[Mapping[str, np.ndarray]],
+                       target: float) -> Fp32Choice:
+    """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
+
+    Sensitivity of a layer = the cosine of the model with only that layer quantized (errors of different
+    layers then do not mask each other). Layers go to FP32 most harmful first; the shortest such prefix
+    reaching the target is found by doubling, then bisecting, the prefix length. Cosines are the worst
+    image of ``feeds``, outputs concatenated (DetectionOutput inputs for SSD models, priors excluded).
+    """
+    from .progress import progress
+
+    score = _OutputCosine(export, feeds)
+    layers = [name for name in quantized_layers(export)]
+    all_int8 = score(insert_qdq(export, ranges))
+    if all_int8 >= target:
+        return Fp32Choice([], all_int8, all_int8, target)
+    sensitivity = {}
+    with progress(total=len(layers), desc="layer sensitivity", unit="layer") as bar:
+        for name in layers:
+            sensitivity[name] = score(insert_qdq(export, ranges, [n for n in layers if n != name]))
+            bar.update(1)
+    order = sorted(layers, key=lambda n: sensitivity[n])
+    results: dict[int, float] = {0: all_int8}
+
+    def cosine_with(count: int) -> float:
+        if count not in results:
+            results[count] = score(insert_qdq(export, ranges, order[:count]))
+        return results[count]
+
+    high = 1
+    while high < len(order) and cosine_with(high) < target:
+        high *= 2
+    high = min(high, len(order))
+    low = high // 2
+    if cosine_with(high) >= target:
+        while high - low > 1:
+            middle = (low + high) // 2
+            if cosine_with(middle) >= target:
+                high = middle
+            else:
+                low = middle
+    best = high if cosine_with(high) >= target else len(order)
+    log.info("Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
+             best, cosine_with(best), all_int8, target)
+    return Fp32Choice(order[:best], all_int8, cosine_with(best), target, sensitivity)
