@@ -55,13 +55,22 @@ def _flag(enum, name: str):
     return getattr(enum, name, None)
 
 
+_LOGGERS: dict[str, object] = {}
+
+
+def trt_logger(trt: ModuleType):
+    """One logger per TensorRT module: TensorRT keeps the first one it was given and warns about any other."""
+    if trt.__name__ not in _LOGGERS:
+        _LOGGERS[trt.__name__] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[trt.__name__]
+
+
 class ParsedNetwork:
     """A TensorRT builder with the network its ONNX parser made from one model (kept alive together)."""
 
-    def __init__(self, trt: ModuleType, onnx_model: bytes | str | Path, strongly_typed: bool,
-                 severity: str = "WARNING") -> None:
+    def __init__(self, trt: ModuleType, onnx_model: bytes | str | Path, strongly_typed: bool) -> None:
         self.trt = trt
-        self.logger = trt.Logger(getattr(trt.Logger, severity))
+        self.logger = trt_logger(trt)
         self.builder = trt.Builder(self.logger)
         flags = 0
         explicit = _flag(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
@@ -215,7 +224,7 @@ class EngineRunner:
         self.trt = import_tensorrt(flavour)
         require_gpu()
         self.cudart = _cudart()
-        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.logger = trt_logger(self.trt)
         self.runtime = self.trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
