@@ -25,7 +25,7 @@ import numpy as np
 from .detection import (Detections, MatchTally, decode_ultraface, from_detection_output, ultraface_priors)
 from .errors import ImageError, ModelError
 from .ncnn.model import NcnnModel
-from .ncnn.quantize import int8_layers
+from .ncnn.quantize import int8_layers, is_int8
 from .ncnn.runtime import NcnnRunner, time_models
 from .preprocess import Preprocess, read_image
 from .progress import progress
@@ -251,6 +251,9 @@ def evaluate(config: EvalConfig) -> dict:
 
     fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
+    winograd_layers = winograd_int8_layers(int8_model)
+    direct = NcnnRunner(config.int8_param, config.int8_bin, int8=True, winograd=False) if winograd_layers else None
+    winograd_cos = Running()
     wanted = list(dict.fromkeys(view.blobs + fp32.output_names + list(int8_tops.values())))
     layer_cos = {name: Running() for name in quantized}
     out_cos = Running()
@@ -271,6 +274,8 @@ def evaluate(config: EvalConfig) -> dict:
         for name, top in int8_tops.items():
             layer_cos[name].add(cosine(ref[top], out[top]))
         out_cos.add(view.cosine(ref, out))
+        if direct is not None:
+            winograd_cos.add(view.cosine(direct.extract(inputs, view.blobs), out))
         ref_task = _task_outputs(task, ref, fp32_model, config, priors)
         _update_metric(int8_metric, ref_task, _task_outputs(task, out, fp32_model, config, priors),
                        config.iou_threshold)
@@ -307,11 +312,24 @@ def evaluate(config: EvalConfig) -> dict:
             "output_cosine": out_cos.mean, "output_cosine_min": out_cos.low,
             "task": int8_metric.summary(),
             "layer_cosine": {name: layer_cos[name].mean for name in quantized},
+            "winograd_layers": len(winograd_layers),
+            "winograd_vs_direct_cosine_min": winograd_cos.low if winograd_layers else None,
         },
         "speed_ms": {label: {str(t): ms for t, ms in per.items()} for label, per in speed.items()},
         "speed_ratio_int8_over_fp32": {str(t): speed["int8"][t] / speed["fp32"][t] for t in config.threads},
     }
     return report
+
+
+def winograd_int8_layers(model: NcnnModel) -> list[str]:
+    """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1)."""
+    def geometry(layer):
+        p = layer.params
+        kernel_w, stride_w, dilation_w = int(p.get(1, 0)), int(p.get(3, 1)), int(p.get(2, 1))
+        return (kernel_w, int(p.get(11, kernel_w)), stride_w, int(p.get(13, stride_w)), dilation_w,
+                int(p.get(12, dilation_w)))
+    return [layer.name for layer in model.layers
+            if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1)]
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -333,6 +351,10 @@ def format_report(report: dict, worst_layers: int = 10) -> str:
               f"  output cosine   mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"
               f"  ({', '.join(q['output_blobs'])})",
               "  task: " + _task_text(q["task"])]
+    if q["winograd_layers"]:
+        lines.append(f"  INT8 Winograd vs direct convolution: output cosine min {q['winograd_vs_direct_cosine_min']:.6f} "
+                     f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow, use "
+                     "6-bit weights)")
     if q["layer_cosine"]:
         ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
         lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q['layer_cosine'])}):")

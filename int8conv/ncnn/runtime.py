@@ -29,10 +29,14 @@ def _ncnn():
 
 
 class NcnnRunner:
-    """One loaded ncnn network; ``run`` feeds named CHW inputs and returns named outputs as float32 arrays."""
+    """One loaded ncnn network; ``run`` feeds named CHW inputs and returns named outputs as float32 arrays.
+
+    ``winograd=False`` turns off ncnn's Winograd convolutions: comparing an INT8 model with and without them
+    shows whether its 3x3 stride-1 layers overflow in the INT8 Winograd kernel's int32 accumulators.
+    """
 
     def __init__(self, param: str | Path, bin_path: str | Path, int8: bool, threads: int = 1,
-                 fp16: bool = False) -> None:
+                 fp16: bool = False, winograd: bool = True) -> None:
         ncnn = _ncnn()
         self.param = Path(param)
         self.bin = Path(bin_path)
@@ -46,6 +50,7 @@ class NcnnRunner:
                      "use_bf16_packed"):
             setattr(opt, flag, fp16 and "bf16" not in flag)
         opt.use_vulkan_compute = False
+        opt.use_winograd_convolution = winograd
         if self.net.load_param(str(self.param)) != 0:
             raise ModelError(f"{self.param}: ncnn could not parse this .param file")
         if self.net.load_model(str(self.bin)) != 0:
@@ -53,7 +58,7 @@ class NcnnRunner:
                              f"{self.param.name})")
         self.input_names: list[str] = list(self.net.input_names())
         self.output_names: list[str] = list(self.net.output_names())
-        self._scales = _requantized_scales(self.param, self.bin) if int8 else {}
+        self._scales: dict[str, float] | None = None   # read from the files when an int8 blob is extracted
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The network outputs for one image (inputs are CHW float32, without the batch axis)."""
@@ -85,21 +90,13 @@ class NcnnRunner:
                 raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
             array = np.array(mat, copy=True)
             if array.dtype == np.int8:
+                if self._scales is None:
+                    self._scales = _requantized_scales(self.param, self.bin)
                 if name not in self._scales:
                     raise ModelError(f"{self.param}: blob '{name}' is int8 but no layer gives its scale")
                 array = array.astype(np.float32) / self._scales[name]
             out[name] = array.astype(np.float32, copy=False)
         return out
-
-    def time_ms(self, inputs: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 2) -> float:
-        """Median wall time in milliseconds of one full forward pass, after ``warmup`` untimed passes."""
-        times = []
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            self.run(inputs)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
 
 
 def _requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
