@@ -19,7 +19,7 @@ from int8conv.qdq import insert_qdq
 from int8conv.tensorrt import EngineRunner, ParsedNetwork, build_plan, import_tensorrt, require_gpu
 from int8conv.tensorrt_files import (read_calibration_cache, read_dynamic_ranges, read_ranges_json,
                                      write_calibration_cache, write_dynamic_ranges, write_ranges_json)
-from tests.test_onnx_export import HELD_OUT, MODELS, exported, inputs, ort_cache, session  # noqa: F401 (fixtures)
+from tests.test_onnx_export import HELD_OUT, MODELS, exported, inputs, ort_cache  # noqa: F401 (fixtures)
 
 BUILD_SECONDS: dict[str, float] = {}
 
