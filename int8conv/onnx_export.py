@@ -66,9 +66,8 @@ class OnnxExport:
 class _Builder:
     """Collects nodes and initializers; one method per Caffe layer type."""
 
-    def __init__(self, graph: Graph, batch: int | None):
+    def __init__(self, graph: Graph):
         self.graph = graph
-        self.batch = batch
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.derived: dict[str, Derived] = {}
@@ -262,7 +261,8 @@ class _Builder:
     def normalize(self, layer: Layer) -> None:
         """SSD Normalize: x / sqrt(sum x^2 + eps) * scale, with the sum over channels or over C*H*W.
 
-        LpNormalization (p=2) has no eps; it differs from Caffe's only for all-zero vectors, where both give 0.
+        ONNX's LpNormalization (p=2) has no eps: it equals Caffe's result up to eps (1e-10 by default) and,
+        like Caffe, gives 0 for an all-zero vector (onnxruntime checked).
         """
         p = layer.param.norm_param
         x = layer.bottoms[0]
@@ -293,15 +293,14 @@ class _Builder:
         self.constants.add(layer.tops[0])
 
 
-def export_onnx(graph: Graph, batch: int | None = None, fold: bool = True) -> OnnxExport:
-    """The FP32 ONNX model of ``graph``.
+def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
+    """The FP32 ONNX model of ``graph``, BatchNorm/Scale folded into the convolutions before them.
 
     ``batch``: None keeps the prototxt's batch, a positive int fixes it, -1 makes it the symbolic ``N``.
     """
     original = graph
-    if fold:
-        graph = fold_batchnorm_scale(graph)
-    b = _Builder(graph, batch)
+    graph = fold_batchnorm_scale(graph)
+    b = _Builder(graph)
     handlers = {
         "Convolution": b.convolution, "Deconvolution": b.convolution, "InnerProduct": b.inner_product,
         "BatchNorm": b.affine, "Scale": b.affine, "ReLU": b.relu, "PReLU": b.prelu,
@@ -325,7 +324,7 @@ def export_onnx(graph: Graph, batch: int | None = None, fold: bool = True) -> On
     outputs = [v for v in graph.outputs if v in produced]
     for head in heads:
         outputs += [v for v in (head.loc, head.conf, head.priors) if v not in outputs]
-    outputs += [v for v in produced - read if v not in outputs and v not in b.constants]
+    outputs += [o for n in b.nodes for o in n.output if o not in read and o not in outputs and o not in b.constants]
 
     def value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
         dims: list[int | str] = list(shape)

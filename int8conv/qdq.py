@@ -46,7 +46,8 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
 
     ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt_files.tensor_ranges`). A layer whose
-    input has no range stays FP32 and is logged; so do the layers named in ``fp32_layers``.
+    input has no range stays FP32 (logged), as do the layers named in ``fp32_layers``. ConvTranspose
+    (Caffe Deconvolution) is not quantized.
     """
     keep_fp32 = set(fp32_layers)
     unknown = keep_fp32 - set(quantized_layers(export))
@@ -176,7 +177,7 @@ def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: S
     from .progress import progress
 
     score = _OutputCosine(export, feeds)
-    layers = [name for name in quantized_layers(export)]
+    layers = quantized_layers(export)
     all_int8 = score(insert_qdq(export, ranges))
     if all_int8 >= target:
         return Fp32Choice([], all_int8, all_int8, target)

@@ -198,7 +198,8 @@ def _cudart():
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise BackendUnavailable("running a TensorRT engine needs cuda-python for GPU memory (pip install cuda-python)")
+    raise BackendUnavailable("cuda-python is not installed (pip install cuda-python): int8conv uses it to find the "
+                             "GPU and to move data to and from it")
 
 
 def _check(result):
@@ -258,7 +259,7 @@ class EngineRunner:
                 pointer = _check(cudart.cudaMalloc(max(results[name].nbytes, 1)))
                 buffers.append(pointer)
                 self.context.set_tensor_address(name, pointer)
-            if not self.context.execute_async_v3(stream):
+            if not self.context.execute_async_v3(int(stream)):
                 raise ModelError("TensorRT failed to execute the engine")
             _check(cudart.cudaStreamSynchronize(stream))
             for name, pointer in zip(self.outputs, buffers[len(self.inputs):]):

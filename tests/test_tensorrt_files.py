@@ -17,6 +17,7 @@ from int8conv.tensorrt_files import (DEFAULT_TRT_VERSION, MIN_AMAX, algorithm_fo
                                      format_calibration_cache, hex_to_scale, read_calibration_cache,
                                      read_dynamic_ranges, read_ranges_json, scale_to_hex, write_calibration_cache,
                                      write_dynamic_ranges, write_ranges_json)
+from tests.test_onnx_export import ort_cache  # noqa: F401 (autouse: onnxruntime's cache in a temporary folder)
 
 YUNET = ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt", "yufacedetectnet-open-v1.caffemodel")
 
