@@ -14,7 +14,7 @@ import pytest
 from int8conv.cli import main as cli
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
-from int8conv.ncnn.quantize import float_to_int8, int8_layers, quantize_model
+from int8conv.ncnn.quantize import _quantize_layer, float_to_int8, int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.table import CalibrationTable
 
@@ -205,6 +205,39 @@ def test_fp16_storage_for_fp32_layers(chain, tmp_path):
     assert no16.layer("dw").weights[0].data.dtype == np.float32
     got = NcnnRunner(param, binary, int8=True).run({"data": x})["out"]
     assert _cosine(got, _run(model, tmp_path, "fp32", x, int8=False)) > 0.999
+
+
+def test_grouped_conv_with_8_outputs_per_group_stays_fp32(tmp_path, caplog):
+    """ncnn's x86 INT8 group convolution with packing returns garbage for 8k outputs per group; keep it FP32.
+
+    The second half records the runtime defect itself: if a future ncnn fixes it, this test says so.
+    """
+    rng = np.random.default_rng(2)
+    layer = _conv("g", "data", "out", rng.normal(size=(16, 4, 3, 3)), np.zeros(16))
+    layer.type, layer.params[7] = "ConvolutionDepthWise", 2           # group 2: 8 channels in, 8 outputs per group
+    model = NcnnModel([_input(8, 10, 10), layer])
+    x = rng.normal(size=(8, 10, 10)).astype(np.float32)
+    table = _absmax_table(model, {"g": float(np.abs(x).max())})
+    with caplog.at_level(logging.WARNING):
+        q = quantize_model(model, table)
+    assert int8_layers(q) == [] and "8 outputs per group" in caplog.text
+    reference = _run(model, tmp_path, "fp32", x, int8=False)
+    assert _cosine(_run(q, tmp_path, "kept", x, int8=True), reference) > 0.999
+
+    forced = quantize_model(model, CalibrationTable())
+    _quantize_layer(forced.layers[1], table.weight_scales["g"], table.activation_scales["g"])
+    param, binary = _save(forced, tmp_path, "forced")
+    outputs = {}
+    for packing in (True, False):
+        net = ncnn.Net()
+        net.opt.use_packing_layout = packing
+        net.load_param(str(param))
+        net.load_model(str(binary))
+        ex = net.create_extractor()
+        ex.input("data", ncnn.Mat(x).clone())
+        outputs[packing] = np.array(ex.extract("out")[1], dtype=np.float64)
+    assert _cosine(outputs[False], reference) > 0.999
+    assert not np.all(np.isfinite(outputs[True])) or _cosine(outputs[True], reference) < 0.5
 
 
 def test_table_must_fit_the_model(chain):

@@ -14,7 +14,10 @@ Differences from ncnn2int8, on purpose:
   every layer after it;
 - through a Split, fusion also requires every consumer to use the same bottom scale; ncnn2int8 takes the
   first consumer's scale, which would feed the others int8 data at a scale they do not expect;
-- a weight that does not fit fp16 (|w| > 65504) keeps its layer's weights in fp32 instead of becoming inf.
+- a weight that does not fit fp16 (|w| > 65504) keeps its layer's weights in fp32 instead of becoming inf;
+- a grouped (not depthwise) convolution with a multiple of 8 outputs per group stays FP32: ncnn's x86 INT8
+  group path with the packing layout (on by default) returns garbage for it (measured with the PyPI runtime:
+  cosine ~0 against FP32, exact with ``use_packing_layout = False``; outputs per group 1, 2, 4, 12 are fine).
 
 A weight scale of 0 marks a dead channel: its int8 weights are all 0 and every ncnn backend dequantizes
 such a channel with 0 instead of ``1 / (bottom_scale * 0)`` (``if (weight_data_int8_scales[p] == 0)`` in
@@ -66,6 +69,19 @@ def is_int8(layer: NcnnLayer) -> bool:
 def int8_layers(model: NcnnModel) -> list[str]:
     """Names of the quantized layers of an INT8 model, in execution order."""
     return [layer.name for layer in model.layers if is_int8(layer)]
+
+
+def runtime_int8_defect(layer: NcnnLayer) -> str | None:
+    """Why ncnn would compute this layer wrongly in INT8, or None when it runs fine."""
+    if layer.type != "ConvolutionDepthWise":
+        return None
+    num_output, group = int(layer.params.get(0, 0)), int(layer.params.get(7, 1))
+    kernel = int(layer.params.get(1, 0)) * int(layer.params.get(11, layer.params.get(1, 0)))
+    channels = int(layer.params.get(6, 0)) // max(kernel * num_output, 1) * group
+    if channels == group == num_output or (num_output // group) % 8:
+        return None
+    return (f"grouped convolution with {num_output // group} outputs per group: ncnn's x86 INT8 group path "
+            "with packing layout returns wrong results for a multiple of 8")
 
 
 def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float) -> None:
@@ -169,6 +185,10 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
             continue
         if layer.weights[0].data.dtype == np.int8:
             raise ModelError(f"layer '{layer.name}' already holds int8 weights; quantize an FP32 model")
+        defect = runtime_int8_defect(layer)
+        if defect:
+            log.warning("layer '%s' stays FP32: %s", layer.name, defect)
+            continue
         _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name])
         quantized.append(layer.name)
     fused = _fuse_requantize(result)
