@@ -331,7 +331,14 @@ def unpack(sdist: Path, src_root: Path) -> Path:
     src_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=src_root) as tmp:
         with tarfile.open(sdist) as archive:
-            archive.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (and distributions' backports)
+                archive.extractall(tmp, filter="data")
+            else:
+                root = Path(tmp).resolve()
+                for member in archive.getmembers():
+                    if member.islnk() or member.issym() or not (root / member.name).resolve().is_relative_to(root):
+                        raise BuildFailed(f"{sdist}: unsafe archive member {member.name!r}")
+                archive.extractall(tmp)
         os.replace(Path(tmp) / source.name, source)
     log.info("unpacked to %s", source)
     return source
