@@ -282,18 +282,24 @@ def test_tables_equal_opencv_to_4_significant_digits(caffe, shared, tmp_path, ke
 
 
 def test_convert_tool_runs_on_pycaffe(caffe, shared, tmp_path):
-    """The original command line with --backend caffe, in a fresh interpreter, as a user runs it."""
+    """The original command line, in a fresh interpreter as a user runs it: with --backend caffe, and with no
+    backend flag at all (as the original tool was called), which picks pycaffe; glog stays quiet."""
     proto, model = _model_paths(shared, "res10")
     images = tmp_path / "images"
     images.mkdir()
     for source in list_images(shared / "images" / "faces")[:3]:
         (images / source.name).symlink_to(source)
-    out = tmp_path / "res10.table"
-    done = subprocess.run([sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(proto), "--model",
-                           str(model), "--mean", "104", "177", "123", "--norm", "1", "--images", str(images),
-                           "--output", str(out), "--backend", "caffe"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == 0, done.stderr
-    table = read_ncnn_table(out)
+    original = [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(proto), "--model", str(model),
+                "--mean", "104", "177", "123", "--norm", "1", "--images", str(images)]
+    tables = []
+    for extra in (["--backend", "caffe"], []):
+        out = tmp_path / f"res10{len(tables)}.table"
+        done = subprocess.run([*original, "--output", str(out), *extra], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "with caffe" in done.stderr and "InitGoogleLogging" not in done.stderr, done.stderr
+        tables.append(out.read_bytes())
+    assert tables[0] == tables[1]
+    table = read_ncnn_table(tmp_path / "res100.table")
     deploy = fold_batchnorm_scale(load_graph(proto, model))
     assert set(table.activation_scales) == {layer.name for layer in quantizable_layers(deploy)}

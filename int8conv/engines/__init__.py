@@ -31,9 +31,11 @@ class Engine(Protocol):
 
 def caffe_importable() -> bool:
     """True when ``import caffe`` (pycaffe) works in this environment."""
+    from .caffe_engine import import_caffe  # sets GLOG_minloglevel before _caffe.so loads
+
     try:
-        import caffe  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        import_caffe()
+    except BackendUnavailable:
         return False
     return True
 

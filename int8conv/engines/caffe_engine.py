@@ -78,7 +78,7 @@ class CaffeEngine:
             if not Path(path).is_file():
                 raise ModelError(f"{path}: no such file")
         try:
-            self._net = caffe.Net(str(prototxt), str(caffemodel), caffe.TEST)
+            self._net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
         except Exception as exc:  # noqa: BLE001 - pycaffe raises bare RuntimeError/ValueError
             raise ModelError(f"{prototxt}: pycaffe cannot load this model with {caffemodel}: {exc}") from exc
         self._layer_index = {name: i for i, name in enumerate(self._net._layer_names)}
