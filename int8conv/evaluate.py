@@ -234,8 +234,26 @@ def _update_metric(metric: TaskMetric, reference, candidate, iou_threshold: floa
         metric.matches.add(reference, candidate, iou_threshold)
 
 
+def _compare_with_caffe(differences: dict[str, Difference], caffe: dict[str, np.ndarray],
+                        ncnn: dict[str, np.ndarray], model: NcnnModel, task: str, score_threshold: float) -> None:
+    """Add one image's ncnn FP32 vs Caffe differences, output by output."""
+    for name, diff in differences.items():
+        if name not in caffe:
+            diff.note = "not an output of the Caffe net"
+        elif task == "ssd" and model.producer(name).type == "DetectionOutput":
+            _detection_difference(diff, from_detection_output(caffe[name]).above(score_threshold),
+                                  from_detection_output(ncnn[name]).above(score_threshold))
+        else:
+            diff.add(caffe[name], ncnn[name])
+
+
 def evaluate(config: EvalConfig) -> dict:
-    """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report as a dict."""
+    """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report as a dict.
+
+    A quantized layer's cosine compares its top blob in both nets; when the layer requantizes its output
+    (fused with the next INT8 convolution) the blob is int8 and is compared after dequantization, so its
+    cosine includes the clipping at the next layer's input threshold.
+    """
     from .ncnn.model import read_model
 
     fp32_model = read_model(config.fp32_param, config.fp32_bin)
@@ -281,15 +299,7 @@ def evaluate(config: EvalConfig) -> dict:
                        config.iou_threshold)
         if config.caffe_forward is not None:
             caffe = config.caffe_forward(data[None], fp32.output_names)
-            for name in fp32.output_names:
-                if name not in caffe:
-                    vs_caffe[name].note = "not an output of the Caffe net"
-                elif task == "ssd" and fp32_model.producer(name).type == "DetectionOutput":
-                    _detection_difference(vs_caffe[name],
-                                          from_detection_output(caffe[name]).above(config.score_threshold),
-                                          from_detection_output(ref[name]).above(config.score_threshold))
-                else:
-                    vs_caffe[name].add(caffe[name], ref[name])
+            _compare_with_caffe(vs_caffe, caffe, ref, fp32_model, task, config.score_threshold)
             _update_metric(caffe_metric, _task_outputs(task, {k: v[0] for k, v in caffe.items()}, fp32_model,
                                                        config, priors), ref_task, config.iou_threshold)
         used += 1
