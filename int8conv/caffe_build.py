@@ -201,7 +201,8 @@ def check_python_modules(install_deps: bool, log_file: Path) -> None:
         missing = missing_python_modules()
     if missing:
         raise BackendUnavailable("`import caffe` needs these Python packages: "
-                                 f"{shlex.join([sys.executable, '-m', 'pip', 'install', *missing])}")
+                                 f"{shlex.join([sys.executable, '-m', 'pip', 'install', *missing])} "
+                                 "(or run `int8conv install-caffe --install-deps`)")
 
 
 def cuda_toolkit() -> Path | None:

@@ -102,6 +102,16 @@ def test_unpack_keeps_paths_inside_the_tree(tmp_path):
     assert (source / "CMakeLists.txt").read_text() == "project(x)\n"
 
 
+def test_failed_step_names_itself_and_shows_the_log(tmp_path):
+    log_file = tmp_path / "build.log"
+    with pytest.raises(caffe_build.BuildFailed) as failure:
+        caffe_build._run_logged([sys.executable, "-c", "print('compiler says no'); raise SystemExit(3)"],
+                                "make pycaffe", log_file)
+    message = str(failure.value)
+    assert "make pycaffe failed with exit code 3" in message
+    assert "compiler says no" in message and str(log_file) in message
+
+
 def test_unsupported_platform_is_refused(monkeypatch):
     monkeypatch.setattr(sys, "version_info", (3, 12, 1, "final", 0))
     with pytest.raises(BackendUnavailable, match="Python 3.11 only"):
