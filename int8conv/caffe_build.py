@@ -54,9 +54,9 @@ PYTHON_MODULES = {"numpy": "numpy", "google.protobuf": "protobuf", "six": "six"}
 BUILD_INFO = "int8conv_build.json"
 PTH_NAME = "int8conv-pycaffe.pth"
 
-#: Exact source edits: (file, text in the sdist, replacement). Each is applied once; a file matching neither
-#: means the sdist is not the one this recipe was written for.
 def _source_patches(boost_python: str) -> list[tuple[str, str, str]]:
+    """Exact source edits: (file, text in the sdist, replacement). Each is applied once; a file matching neither
+    means the sdist is not the one this recipe was written for."""
     return [
         # Debian names Boost.Python after the Python version it was built for.
         ("python/CMakeLists.txt", "-lboost_python ", f"-l{boost_python} "),
