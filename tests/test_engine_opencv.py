@@ -104,3 +104,29 @@ def test_gpu_without_pycaffe_is_clear(mixed_net):
     proto, model, _ = mixed_net
     with pytest.raises(BackendUnavailable, match="pycaffe"):
         make_engine("opencv", load_graph(proto, model), proto, model, gpu=0)
+
+
+SLICE_NET = """
+name: "slices"
+input: "data"
+input_shape { dim: 1 dim: 6 dim: 5 dim: 5 }
+layer { name: "cut" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { slice_point: 2 slice_point: 4 } }
+layer { name: "ca" type: "Convolution" bottom: "a" top: "ca" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "cb" type: "Convolution" bottom: "b" top: "cb" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "cc" type: "Convolution" bottom: "c" top: "cc" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "cat" type: "Concat" bottom: "ca" bottom: "cb" bottom: "cc" top: "cat" }
+"""
+
+
+def test_every_output_of_a_multi_output_layer(tmp_path):
+    """Asking for all values at once must not return reused memory for a Slice's later outputs."""
+    f = np.float32
+    w = {name: [RNG.normal(size=(2, 2, 1, 1)).astype(f), RNG.normal(size=2).astype(f)] for name in ("ca", "cb", "cc")}
+    proto, model = write_caffe_model(tmp_path, SLICE_NET, w)
+    graph = load_graph(proto, model)
+    x = RNG.normal(size=(1, 6, 5, 5)).astype(np.float32)
+    values = ["data"] + [t for layer in graph.layers for t in layer.tops]
+    got = make_engine("opencv", graph, proto, model).forward(x, values)
+    for i, name in enumerate("abc"):
+        np.testing.assert_array_equal(got[name], x[:, 2 * i:2 * i + 2])
+        np.testing.assert_allclose(got["c" + name], conv2d(x[:, 2 * i:2 * i + 2], *w["c" + name]), rtol=1e-5, atol=1e-5)

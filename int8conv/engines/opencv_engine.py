@@ -62,9 +62,15 @@ class OpenCVEngine:
                 raise ModelError(f"blob '{value}' is not produced by any layer of '{self.graph.name}'")
         if not wanted_layers:
             return result
-        net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
-        outputs = net.forwardAndRetrieve(wanted_layers)
-        by_layer = dict(zip(wanted_layers, outputs))
+        # OpenCV pins only the first output of each requested layer; later layers may reuse the memory of
+        # the others. A layer whose second or later output is wanted therefore gets a forward of its own,
+        # which stops right after it.
+        multi = {self._pins[v][0] for v in values if v in self._pins and self._pins[v][1] > 0}
+        single = [name for name in wanted_layers if name not in multi]
+        by_layer: dict[str, list] = {}
+        for group in ([single] if single else []) + [[name] for name in sorted(multi)]:
+            net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
+            by_layer.update(zip(group, net.forwardAndRetrieve(group)))
         for value in values:
             if value in self._pins:
                 layer, index = self._pins[value]
