@@ -216,6 +216,7 @@ def plot_cosines(layers: Sequence[LayerReport], path: Path) -> None:
         ax.set_yticks(y, [layer.name for layer in shown], fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.set_xlim(right=float(loss.max()) * 4)  # room for the value labels
         ax.set_xlabel("1 - cosine (INT8 vs FP32 on the layer's output; shorter is better)")
         for yy, value, width in zip(y, values, loss):
             ax.text(width, yy, f" {value:.5f}", va="center", fontsize=6)
