@@ -7,6 +7,7 @@ The demos run from a plain checkout (``python demos/classify.py ...``), so the r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -18,9 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import int8conv  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("int8conv") is None:
     sys.path.insert(0, str(REPO_ROOT))
 
 import cv2  # noqa: E402
