@@ -119,17 +119,18 @@ def test_report_res10_numbers_equal_eval(shared, tmp_path):
 
 
 def test_report_renders_open_nsfw_with_a_given_table(shared, tmp_path):
-    """With --table the page shows that table's thresholds; the 54 layers of ResNet-50 all render."""
+    """Saved statistics and a given table: the page shows that table's thresholds; ResNet-50's 54 layers render."""
     folder, proto, model = NSFW[:3]
     images = sorted((shared / "images" / "imagenet_samples_200").glob("*.JPEG"))
     calib = _listing(tmp_path, "calib", images[:2])
     evaluation = _listing(tmp_path, "eval", [shared / "images" / "skimage" / "coffee.png"])
     table = tmp_path / "given.table"
     base = _model(shared, NSFW) + ["--backend", "opencv", "-q"]
+    stats = tmp_path / "stats.npz"
     assert int8conv_main(["calibrate", *base, "--images", str(calib), "--method", "percentile",
-                          "--output", str(table)]) == 0
+                          "--output", str(table), "--save-stats", str(stats)]) == 0
     out = tmp_path / "report"
-    assert int8conv_main(["report", *base, "--images", str(calib), "--table", str(table), "--eval-images",
+    assert int8conv_main(["report", *base, "--load-stats", str(stats), "--table", str(table), "--eval-images",
                           str(evaluation), "--out-dir", str(out), "--no-caffe", "--threads", "1",
                           "--timing-runs", "1"]) == 0
     stem = Path(model).stem
