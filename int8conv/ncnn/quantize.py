@@ -44,9 +44,6 @@ SCALE_TERM = {"Convolution": 2, "ConvolutionDepthWise": 1, "InnerProduct": 2}
 REQUANTIZE = 100
 FP16_MAX = 65504.0
 
-#: Param ids per layer type: (num_output, bias_term, weight_data_size).
-_IDS = {"Convolution": (0, 5, 6), "ConvolutionDepthWise": (0, 5, 6), "InnerProduct": (0, 1, 2)}
-
 
 def float_to_int8(values: np.ndarray) -> np.ndarray:
     """ncnn's ``float2int8``: round half away from zero, then clamp to [-127, 127]."""
