@@ -86,7 +86,7 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
         score = _Scorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         full = score(table)
-        log.info("all %d layers INT8: output cosine %.5f (target %.5f)", len(candidates), full, target)
+        log.info("all %d layers INT8: output cosine %.6f (target %g)", len(candidates), full, target)
         if full >= target or not candidates:
             return MixedPrecision(table, [], full, full, target)
         sensitivity = {}
@@ -99,7 +99,7 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
         def with_fp32(count: int) -> float:
             if count not in cache:
                 cache[count] = score(without_activations(table, ranked[:count]))
-                log.info("%d most sensitive layer(s) in FP32: output cosine %.5f", count, cache[count])
+                log.info("%d most sensitive layer(s) in FP32: output cosine %.6f", count, cache[count])
             return cache[count]
 
         low, high = 0, 1
@@ -112,8 +112,11 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
                     high = middle
                 else:
                     low = middle
-        else:
-            log.warning("even with every layer in FP32 the output cosine is %.5f < %.5f", cache[high], target)
+        else:  # unreachable (fp16 storage alone can cost that much): keep the best prefix measured
+            high = min(cache, key=lambda count: (-cache[count], count))
+            log.warning("output cosine %g is out of reach (%.6f with every layer FP32); keeping the best "
+                        "measured choice: %d layer(s) FP32, cosine %.6f", target, cache[len(ranked)], high,
+                        cache[high])
         log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, high)
         return MixedPrecision(without_activations(table, ranked[:high]), ranked[:high], full, cache[high], target,
                               sensitivity)

@@ -85,11 +85,10 @@ def mixed_precision_table(args: argparse.Namespace, model: NcnnModel, table: Cal
     choice = auto_fp32(model, table, inputs, args.auto_fp32, task=args.task, fp16_storage=not args.no_fp16)
     if not args.quiet:
         kept = ", ".join(choice.fp32_layers) if choice.fp32_layers else "none"
-        print(f"auto-fp32  output cosine {choice.cosine_all_int8:.5f} all INT8 -> {choice.cosine:.5f} "
+        print(f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
               f"(target {choice.target}, {len(inputs)} images); FP32 layers: {kept}")
     if not choice.reached:
-        log.warning("--auto-fp32 %s not reached: %.5f with every layer FP32 except the insensitive ones",
-                    args.auto_fp32, choice.cosine)
+        log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", args.auto_fp32, choice.cosine)
     return choice.table
 
 
