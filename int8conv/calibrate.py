@@ -84,26 +84,56 @@ class CalibrationResult:
     seconds: float = 0.0
 
 
+#: Layers that only move, reshape or normalise a head's output on its way to the network outputs.
+HEAD_PASSTHROUGH = {"Permute", "Reshape", "Flatten", "Concat", "Softmax", "Sigmoid", "Split"}
+
+
+def head_layers(graph: Graph) -> set[str]:
+    """Quantizable layers whose output reaches only network outputs (or DetectionOutput) unchanged in value.
+
+    A head's input carries rare, large activations that decide the result (ultraface: the face evidence at
+    the few positions with a face sits above the KL threshold that fits the many empty positions), and its
+    error goes straight to the output. Heads therefore keep their input's full range.
+    """
+    heads: set[str] = set()
+    for layer in quantizable_layers(graph):
+        frontier, reaches_output_only = list(layer.tops), True
+        while frontier and reaches_output_only:
+            for consumer in graph.consumers(frontier.pop()):
+                if consumer.type in HEAD_PASSTHROUGH:
+                    frontier.extend(consumer.tops)
+                elif consumer.type != "DetectionOutput":
+                    reaches_output_only = False
+                    break
+        if reaches_output_only:
+            heads.add(layer.name)
+    return heads
+
+
 def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", percentile: float = 99.99,
-                winograd_6bit: bool = True) -> CalibrationResult:
+                winograd_6bit: bool = True, head_method: str | None = "minmax") -> CalibrationResult:
     """Thresholds from the histograms, weight scales from the folded weights, combined per layer.
 
+    Head layers (see ``head_layers``) use ``head_method`` (default minmax; None = the same as ``method``).
     A layer whose input was all zeros on every image gets no activation line and stays FP32 in ncnn.
     """
     started = time.perf_counter()
     deploy = fold_batchnorm_scale(graph)
     table = CalibrationTable(weight_scales=weight_scales(deploy, winograd_6bit))
+    heads = head_layers(deploy) if head_method else set()
     thresholds: dict[str, float] = {}
     skipped: list[str] = []
-    cache: dict[str, float | None] = {}
+    cache: dict[tuple[str, str], float | None] = {}
     for layer in quantizable_layers(deploy):
         value = layer.bottoms[0]
         if value not in stats.histograms:
             raise ImageError(f"the statistics have no histogram for blob '{graph.blob_of(value)}' "
                              f"(input of layer '{layer.name}'): they were collected for another model")
-        if value not in cache:
-            cache[value] = activation_threshold(stats.histograms[value], method, percentile=percentile)
-        threshold = cache[value]
+        layer_method = head_method if layer.name in heads else method
+        key = (value, layer_method)
+        if key not in cache:
+            cache[key] = activation_threshold(stats.histograms[value], layer_method, percentile=percentile)
+        threshold = cache[key]
         if threshold is None:
             log.warning("layer %s: its input '%s' was zero on every calibration image; keeping it FP32",
                         layer.name, graph.blob_of(value))
@@ -111,6 +141,8 @@ def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", 
             continue
         thresholds[layer.name] = threshold
         table.activation_scales[layer.name] = 127.0 / threshold
+    if heads:
+        log.info("head layers with %s thresholds: %s", head_method, ", ".join(sorted(heads)))
     table.validate()
     return CalibrationResult(table, thresholds, method, stats, skipped, time.perf_counter() - started)
 

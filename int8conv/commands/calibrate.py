@@ -34,6 +34,9 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output", required=True, help="path to output calibration table file")
     group.add_argument("--legacy-table", action="store_true",
                        help="write the original caffe-int8-convert-tools format (blob-keyed, per-tensor weights)")
+    group.add_argument("--head-method", choices=("minmax", "same"), default="minmax",
+                       help="threshold of the layers that feed the network outputs directly (detection and "
+                            "classification heads): their input's full range (minmax, default) or --method")
     group.add_argument("--weights-8bit", action="store_true",
                        help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions get 6-bit "
                             "scales, as ncnn's INT8 Winograd kernel needs")
@@ -71,7 +74,8 @@ def calibrate_from_args(args: argparse.Namespace) -> tuple[Graph, CalibrationRes
     graph = load_graph(args.proto, args.model)
     stats = statistics_for(args, graph)
     result = build_table(graph, stats, args.method, percentile=args.percentile,
-                         winograd_6bit=not args.weights_8bit)
+                         winograd_6bit=not args.weights_8bit,
+                         head_method=None if args.head_method == "same" else args.head_method)
     result.seconds = time.perf_counter() - started
     return graph, result
 
