@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ModelError
-from ..fold import batchnorm_affine, fold_batchnorm_scale
+from ..fold import fold_batchnorm_scale
 from ..graph import Graph, Layer
 from ..proto import caffe_pb2
 from ..shapes import conv_geometry, pool_geometry
