@@ -1,11 +1,6 @@
-"""``--auto-fp32 COSINE``: keep the layers that hurt the output most in FP32, until the output cosine is met.
+"""``--auto-fp32 COSINE`` for ncnn: the shared search (``fp32_search``) scored by the ncnn runtime.
 
-Each quantized layer's contribution is measured alone: the model with ONLY that layer in INT8 is run on a few
-images and its output cosine against FP32 recorded (one ncnn run per layer; errors of different layers do
-not mask each other, as they would when dropping one layer from an all-INT8 model). Layers are then moved
-to FP32 most harmful first; the smallest such prefix that reaches the target is found with a doubling then
-bisecting search over the prefix length (about 2 log2(n) more runs). A layer is kept in FP32 by omitting
-its activation line, which is how ncnn2int8 falls back safely.
+A layer is kept in FP32 by omitting its activation line, which is how ncnn2int8 falls back safely.
 """
 from __future__ import annotations
 
@@ -18,29 +13,20 @@ from typing import Sequence
 import numpy as np
 
 from .evaluate import output_view, resolve_task
+from .fp32_search import Fp32Choice, search_fp32_layers
 from .ncnn.model import NcnnModel, write_model
 from .ncnn.quantize import QUANTIZABLE, quantize_model
 from .ncnn.runtime import NcnnRunner
-from .progress import progress
 from .table import CalibrationTable
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MixedPrecision:
-    """The reduced table and how it was chosen."""
+class MixedPrecision(Fp32Choice):
+    """The search result and the table with the chosen layers' activation lines removed."""
 
-    table: CalibrationTable
-    fp32_layers: list[str]
-    cosine_all_int8: float
-    cosine: float
-    target: float
-    sensitivity: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def reached(self) -> bool:
-        return self.cosine >= self.target
+    table: CalibrationTable = field(default_factory=CalibrationTable)
 
 
 def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> CalibrationTable:
@@ -79,44 +65,11 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
 
     The output cosine is ``evaluate.OutputView``'s (detectors: without the background class).
     """
-    if not 0 < target <= 1:
-        raise ValueError(f"--auto-fp32 takes a cosine in (0, 1], not {target}")
     candidates = [layer.name for layer in model.layers if layer.type in QUANTIZABLE
                   and layer.name in table.activation_scales and layer.name in table.weight_scales]
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
         score = _Scorer(model, inputs, Path(tmp), task, fp16_storage, threads)
-        full = score(table)
-        log.info("all %d layers INT8: output cosine %.6f (target %g)", len(candidates), full, target)
-        if full >= target or not candidates:
-            return MixedPrecision(table, [], full, full, target)
-        sensitivity = {}
-        for name in progress(candidates, desc="layer sensitivity", unit="layer"):
-            others = [c for c in candidates if c != name]
-            sensitivity[name] = score(without_activations(table, others))
-        ranked = sorted(candidates, key=lambda name: sensitivity[name])
-        cache: dict[int, float] = {0: full}
-
-        def with_fp32(count: int) -> float:
-            if count not in cache:
-                cache[count] = score(without_activations(table, ranked[:count]))
-                log.info("%d most sensitive layer(s) in FP32: output cosine %.6f", count, cache[count])
-            return cache[count]
-
-        low, high = 0, 1
-        while high < len(ranked) and with_fp32(high) < target:
-            low, high = high, min(2 * high, len(ranked))
-        if with_fp32(high) >= target:
-            while high - low > 1:
-                middle = (low + high) // 2
-                if with_fp32(middle) >= target:
-                    high = middle
-                else:
-                    low = middle
-        else:  # unreachable (fp16 storage alone can cost that much): keep the best prefix measured
-            high = min(cache, key=lambda count: (-cache[count], count))
-            log.warning("output cosine %g is out of reach (%.6f with every layer FP32); keeping the best "
-                        "measured choice: %d layer(s) FP32, cosine %.6f", target, cache[len(ranked)], high,
-                        cache[high])
-        log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, high)
-        return MixedPrecision(without_activations(table, ranked[:high]), ranked[:high], full, cache[high], target,
-                              sensitivity)
+        choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)
+        log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, len(choice.fp32_layers))
+    return MixedPrecision(choice.fp32_layers, choice.cosine_all_int8, choice.cosine, target, choice.sensitivity,
+                          without_activations(table, choice.fp32_layers))

@@ -9,7 +9,6 @@ fuses the pairs itself; placing them on the inputs of the weighted layers is NVI
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError
+from .fp32_search import Fp32Choice, search_fp32_layers
 from .onnx_export import OnnxExport
 from .tensorrt_files import LEVELS, MIN_AMAX
 
@@ -119,21 +119,6 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     return model
 
 
-@dataclass
-class Fp32Choice:
-    """Layers kept FP32 by :func:`choose_fp32_layers` and the cosines that justified it."""
-
-    fp32_layers: list[str]
-    cosine_all_int8: float
-    cosine: float
-    target: float
-    sensitivity: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def reached(self) -> bool:
-        return self.cosine >= self.target
-
-
 class _OutputCosine:
     """Worst per-image cosine of a Q/DQ variant's outputs (concatenated) against the FP32 model, in onnxruntime."""
 
@@ -169,44 +154,13 @@ def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: S
                        target: float) -> Fp32Choice:
     """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
 
-    Sensitivity of a layer = the cosine of the model with only that layer quantized (errors of different
-    layers then do not mask each other). Layers go to FP32 most harmful first; the shortest such prefix
-    reaching the target is found by doubling, then bisecting, the prefix length. Cosines are the worst
-    image of ``feeds``, outputs concatenated (DetectionOutput inputs for SSD models, priors excluded).
+    Cosines are the worst image of ``feeds``, outputs concatenated (DetectionOutput inputs for SSD models,
+    priors excluded); the search is ``fp32_search.search_fp32_layers``.
     """
-    from .progress import progress
-
     score = _OutputCosine(export, feeds)
-    layers = quantized_layers(export)
-    all_int8 = score(insert_qdq(export, ranges))
-    if all_int8 >= target:
-        return Fp32Choice([], all_int8, all_int8, target)
-    sensitivity = {}
-    with progress(total=len(layers), desc="layer sensitivity", unit="layer") as bar:
-        for name in layers:
-            sensitivity[name] = score(insert_qdq(export, ranges, [n for n in layers if n != name]))
-            bar.update(1)
-    order = sorted(layers, key=lambda n: sensitivity[n])
-    results: dict[int, float] = {0: all_int8}
-
-    def cosine_with(count: int) -> float:
-        if count not in results:
-            results[count] = score(insert_qdq(export, ranges, order[:count]))
-        return results[count]
-
-    high = 1
-    while high < len(order) and cosine_with(high) < target:
-        high *= 2
-    high = min(high, len(order))
-    low = high // 2
-    if cosine_with(high) >= target:
-        while high - low > 1:
-            middle = (low + high) // 2
-            if cosine_with(middle) >= target:
-                high = middle
-            else:
-                low = middle
-    best = high if cosine_with(high) >= target else len(order)
+    choice = search_fp32_layers(quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32)),
+                                target)
     log.info("Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
-             best, cosine_with(best), all_int8, target)
-    return Fp32Choice(order[:best], all_int8, cosine_with(best), target, sensitivity)
+             len(choice.fp32_layers), choice.cosine, choice.cosine_all_int8, target)
+    return choice
+

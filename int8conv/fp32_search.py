@@ -1,0 +1,70 @@
+"""Which layers to keep in FP32 so that the output cosine reaches a target: the search both backends share.
+
+Each quantized layer's harm is measured alone: the model with ONLY that layer quantized is scored (errors of
+different layers then do not mask each other, as they would when dropping one layer from an all-INT8 model).
+Layers go to FP32 most harmful first; the shortest such prefix that reaches the target is found by doubling,
+then bisecting, the prefix length (about 2 log2(n) more runs after the n sensitivity runs).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fp32Choice:
+    """The layers kept FP32 and the cosines that justified them."""
+
+    fp32_layers: list[str]
+    cosine_all_int8: float
+    cosine: float
+    target: float
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reached(self) -> bool:
+        return self.cosine >= self.target
+
+
+def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float], target: float) -> Fp32Choice:
+    """``score(fp32_layers)`` is the output cosine of the model with those layers FP32 and the rest INT8."""
+    if not 0 < target <= 1:
+        raise ValueError(f"the target output cosine must be in (0, 1], not {target}")
+    layers = list(layers)
+    results: dict[int, float] = {}
+    full = score([])
+    log.info("all %d layers INT8: output cosine %.6f (target %g)", len(layers), full, target)
+    if full >= target or not layers:
+        return Fp32Choice([], full, full, target)
+    sensitivity = {}
+    for name in progress(layers, desc="layer sensitivity", unit="layer"):
+        sensitivity[name] = score([other for other in layers if other != name])
+    ranked = sorted(layers, key=lambda name: sensitivity[name])
+    results[0] = full
+
+    def with_fp32(count: int) -> float:
+        if count not in results:
+            results[count] = score(ranked[:count])
+            log.info("%d most sensitive layer(s) in FP32: output cosine %.6f", count, results[count])
+        return results[count]
+
+    low, high = 0, 1
+    while high < len(ranked) and with_fp32(high) < target:
+        low, high = high, min(2 * high, len(ranked))
+    if with_fp32(high) >= target:
+        while high - low > 1:
+            middle = (low + high) // 2
+            if with_fp32(middle) >= target:
+                high = middle
+            else:
+                low = middle
+    else:  # out of reach (fp16 storage or the FP32 parts alone cost that much): keep the best prefix measured
+        high = min(results, key=lambda count: (-results[count], count))
+        log.warning("output cosine %g is out of reach (%.6f with every layer FP32); keeping the best measured "
+                    "choice: %d layer(s) FP32, cosine %.6f", target, results[len(ranked)], high, results[high])
+    return Fp32Choice(ranked[:high], full, results[high], target, sensitivity)
