@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "--images or --load-stats)")
     group.add_argument("--weights-8bit", action="store_true",
                        help="8-bit weight scales everywhere (when the table is computed here)")
+    group.add_argument("--head-method", choices=("minmax", "same"), default="minmax",
+                       help="thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)")
     group.add_argument("--eval-images", type=Path, required=True,
                        help="evaluation images (ideally not the calibration ones): directory or list file")
     group.add_argument("--max-eval-images", type=int, default=0, help="use at most this many (0 = all)")
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         source = f"table {args.table}"
     else:
         result = build_table(graph, stats, args.method, percentile=args.percentile,
-                             winograd_6bit=not args.weights_8bit)
+                             winograd_6bit=not args.weights_8bit,
+                             head_method=None if args.head_method == "same" else args.head_method)
         table = result.table
         write_ncnn_table(table, out / f"{stem}.table")
         source = f"computed here with --method {args.method}, written to {out / (stem + '.table')}"
