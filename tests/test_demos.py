@@ -97,3 +97,21 @@ def test_own_model_needs_calibration_images(shared, tmp_path):
                            str(folder / "res10_300x300_ssd_iter_140000.caffemodel"), "--images", str(tmp_path),
                            "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "--calib-images" in proc.stderr
+
+
+def test_auto_fp32_keeps_layers_fp32(shared, tmp_path):
+    """--auto-fp32: the demo says which layers stayed FP32, and the INT8 model really has them in FP32."""
+    from int8conv.ncnn.model import read_model
+    from int8conv.ncnn.quantize import int8_layers
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes((shared / "images" / "faces" / "dlib_2008_001322.jpg").read_bytes())
+    out = tmp_path / "out"
+    stdout = run_demo("ssd_detect.py", "--model-name", "ultraface", "--images", str(images), "--out-dir", str(out),
+                      "--max-calib-images", "2", "--auto-fp32", "0.9999", shared=shared)
+    kept = re.search(r"\(FP32 layers: ([^)]+)\)", stdout)
+    assert kept, stdout
+    names = kept.group(1).split(", ")
+    quantized = int8_layers(read_model(out / "models" / "slim-320-int8.param", out / "models" / "slim-320-int8.bin"))
+    assert names and not set(names) & set(quantized) and len(quantized) > 0
