@@ -78,12 +78,12 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | Non
     return args.param, args.bin, args.int8_param, args.int8_bin
 
 
-def _finite(value):
+def finite_json(value):
     """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -119,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
         report["int8_model"] = f"quantized from {args.table}" + (f" with --auto-fp32 {args.auto_fp32}"
                                                                  if args.auto_fp32 is not None else "")
     if args.json == "-":
-        json.dump(_finite(report), sys.stdout, indent=2)
+        json.dump(finite_json(report), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     if args.json:
         from ..atomic import write_text_atomic
-        write_text_atomic(args.json, json.dumps(_finite(report), indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
     if not args.quiet:
         print(format_report(report))
     return 0

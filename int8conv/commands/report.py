@@ -19,7 +19,7 @@ from ..preprocess import list_images
 from ..report import layer_reports, write_report
 from ..table import read_ncnn_table, write_ncnn_table
 from .calibrate import statistics_for
-from .eval import _finite
+from .eval import finite_json
 from .common import add_calibration_args, add_model_args, add_preprocess_args, preprocess_from_args
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     intro = html.escape(f"{args.model} ({args.proto.name}); thresholds: {source}; histograms of "
                         f"{stats.images_used} calibration image(s); evaluation on {evaluation['images']} image(s) "
                         f"from {args.eval_images}.")
-    page = write_report(out, stem, layers, _finite(evaluation), format_report(evaluation), intro)
+    page = write_report(out, stem, layers, finite_json(evaluation), format_report(evaluation), intro)
     if not getattr(args, "quiet", False):
         print(format_report(evaluation))
         print(f"\nreport: {page}")
