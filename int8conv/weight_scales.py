@@ -11,9 +11,11 @@ from .graph import Graph, Layer
 from .shapes import conv_geometry
 
 QUANTIZABLE_TYPES = ("Convolution", "InnerProduct")
-#: A channel whose |w| max is below this fraction of the layer's max is treated as dead (scale 0):
-#: 127/absmax would explode (ncnn2table writes scales up to 1.6e9 there) for weights that contribute nothing.
-DEAD_CHANNEL_RATIO = 2.0 ** -20
+#: A channel whose |w| max is below this fraction of its layer's max is treated as dead (scale 0, weights 0).
+#: After BatchNorm folding such a channel outputs its bias plus at most 1/1024 of what the layer's main channels
+#: output: below an 8-bit step of the per-tensor activation scale the next layer reads, so zeroing it is
+#: invisible, while 127/absmax would explode (ncnn2table writes scales up to 1.6e9 for such channels).
+DEAD_CHANNEL_RATIO = 2.0 ** -10
 
 
 def quantizable_layers(graph: Graph) -> list[Layer]:
