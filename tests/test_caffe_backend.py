@@ -1,7 +1,7 @@
 """pycaffe backend (issue 6): the install step's checks, and pycaffe agreeing with the OpenCV engine.
 
 Tests that need pycaffe skip when it is not importable, unless ``INT8CONV_REQUIRE_CAFFE=1`` (CI builds it with
-``.ci/install-caffe.sh`` first), which turns the skip into a failure.
+``int8conv install-caffe --install-deps`` first, in .ci/run), which turns the skip into a failure.
 """
 from __future__ import annotations
 
