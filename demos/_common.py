@@ -194,8 +194,3 @@ def write_digit_cells(digits_png: Path, out_dir: Path, count: int, offset: int =
                                   cv2.BORDER_CONSTANT, value=0)
         cv2.imwrite(str(out_dir / f"digit{row // 5}_{index:04d}.png"), cell)
     return out_dir
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)

@@ -17,12 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (SideBySide, add_build_args, build_models, load_names, setup_logging, shared_dir,
+from _common import (SideBySide, add_build_args, build_models, load_names, shared_dir,
                      speed_summary, write_digit_cells)
 
 import numpy as np
 
 from int8conv.atomic import atomic_write
+from int8conv.cli import setup_logging
 from int8conv.commands.common import add_preprocess_args, preprocess_from_args
 from int8conv.errors import Int8ConvError
 from int8conv.graph import load_graph
@@ -133,7 +134,7 @@ def plot(path: Path, image: np.ndarray, title: str, panels: list[tuple[str, np.n
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, quiet=False)
     proto, model, names, calib = resolve_model(args)
     graph = load_graph(proto, model)
     prep = preprocess_from_args(args, graph)

@@ -20,13 +20,14 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, setup_logging, shared_dir,
+from _common import (VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, shared_dir,
                      speed_summary)
 
 import cv2
 import numpy as np
 
 from int8conv.atomic import write_bytes_atomic
+from int8conv.cli import setup_logging
 from int8conv.commands.common import add_preprocess_args, preprocess_from_args
 from int8conv.detection import Detections, MatchTally, decode_ultraface, from_detection_output, ultraface_priors
 from int8conv.errors import Int8ConvError, ModelError
@@ -168,7 +169,7 @@ def draw(image: np.ndarray, found: Detections, label: str, ms: float, names: lis
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, quiet=False)
     proto, model, calib = resolve_model(args)
     graph = load_graph(proto, model)
     prep = preprocess_from_args(args, graph)

@@ -71,18 +71,26 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, candidates: int = 200) -> np.ndarray:
-    """Indices kept by greedy hard non-maximum suppression, best first (the ``candidates`` best are considered)."""
-    order = np.argsort(-scores, kind="stable")[:candidates]
-    keep: list[int] = []
-    while order.size:
-        best = order[0]
-        keep.append(int(best))
-        if order.size == 1:
-            break
-        rest = order[1:]
-        order = rest[iou_matrix(boxes[best], boxes[rest])[0] <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int = 200,
+        score_threshold: float = -math.inf, eta: float = 1.0) -> np.ndarray:
+    """Caffe's ApplyNMSFast: indices kept, best score first (stable on ties).
+
+    Boxes scoring above ``score_threshold`` are sorted, the ``top_k`` best (all for -1) considered, and each is
+    kept when its IoU with every box kept before it is <= the threshold (which ``eta`` < 1 lowers adaptively).
+    """
+    candidates = np.flatnonzero(scores > score_threshold)
+    order = candidates[np.argsort(-scores[candidates], kind="stable")]
+    if top_k > -1:
+        order = order[:top_k]
+    overlap = iou_matrix(boxes[order], boxes[order])
+    kept: list[int] = []
+    threshold = iou_threshold
+    for i in range(order.size):  # greedy and sequential by definition; the IoUs are computed at once
+        if overlap[i, kept].max(initial=0.0) <= threshold:
+            kept.append(i)
+            if eta < 1 and threshold > 0.5:
+                threshold *= eta
+    return order[np.asarray(kept, dtype=np.int64)]
 
 
 def ultraface_priors(width: int, height: int, min_boxes: Sequence[Sequence[float]] = ULTRAFACE_MIN_BOXES,

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError
+from .evaluate import cosine
 from .fp32_search import Fp32Choice, search_fp32_layers
 from .onnx_export import OnnxExport
 from .tensorrt_files import LEVELS, MIN_AMAX
@@ -144,9 +145,7 @@ class _OutputCosine:
         session = self._session(model)
         worst = 1.0
         for feed, ref in zip(self.feeds, self.reference):
-            out = self._flat(session.run(self.outputs, dict(feed)))
-            norms = np.linalg.norm(ref) * np.linalg.norm(out)
-            worst = min(worst, float(ref @ out / norms) if norms > 0 else float(np.array_equal(ref, out)))
+            worst = min(worst, cosine(ref, self._flat(session.run(self.outputs, dict(feed)))))
         return worst
 
 

@@ -193,14 +193,25 @@ def _permute(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [tuple(shapes[0][i] for i in order)]
 
 
+def prior_box_aspect_ratios(p) -> list[float]:
+    """Caffe's PriorBox ratio list: 1 first, then each new ratio and (with ``flip``) its inverse, duplicates dropped.
+
+    The ONNX export, the ncnn converter and shape inference all need exactly this order and count.
+    """
+    ratios = [1.0]
+    for r in p.aspect_ratio:
+        r = float(r)
+        if any(abs(r - have) < 1e-6 for have in ratios):
+            continue
+        ratios.append(r)
+        if p.flip:
+            ratios.append(1.0 / r)
+    return ratios
+
+
 def _prior_box(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     p = layer.param.prior_box_param
-    ratios = {1.0}
-    for r in p.aspect_ratio:
-        ratios.add(round(float(r), 6))
-        if p.flip:
-            ratios.add(round(1.0 / float(r), 6))
-    num = len(p.min_size) * len(ratios) + len(p.max_size)
+    num = len(p.min_size) * len(prior_box_aspect_ratios(p)) + len(p.max_size)
     h, w = shapes[0][2], shapes[0][3]
     return [(1, 2, h * w * num * 4)]
 

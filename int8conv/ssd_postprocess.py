@@ -14,28 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .detection import nms
 from .errors import ModelError
 from .graph import Graph, Layer
 from .proto import caffe_pb2
+from .shapes import prior_box_aspect_ratios
 
 log = logging.getLogger(__name__)
 
 CORNER = caffe_pb2.PriorBoxParameter.CORNER
 CENTER_SIZE = caffe_pb2.PriorBoxParameter.CENTER_SIZE
 CORNER_SIZE = caffe_pb2.PriorBoxParameter.CORNER_SIZE
-
-
-def _aspect_ratios(p: caffe_pb2.PriorBoxParameter) -> list[float]:
-    """Caffe's ratio list: 1 first, then each new ratio and (with ``flip``) its inverse, duplicates dropped."""
-    ratios = [1.0]
-    for r in p.aspect_ratio:
-        r = float(r)
-        if any(abs(r - have) < 1e-6 for have in ratios):
-            continue
-        ratios.append(r)
-        if p.flip:
-            ratios.append(1.0 / r)
-    return ratios
 
 
 def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
@@ -71,7 +60,7 @@ def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, 
         if len(p.max_size):
             side = math.sqrt(float(min_size) * float(p.max_size[i]))
             sizes.append((side, side))
-        for r in _aspect_ratios(p)[1:]:
+        for r in prior_box_aspect_ratios(p)[1:]:
             sizes.append((float(min_size) * math.sqrt(r), float(min_size) / math.sqrt(r)))
     wh = np.asarray(sizes, dtype=np.float32)
     cy, cx = np.meshgrid((np.arange(fh, dtype=np.float32) + np.float32(p.offset)) * np.float32(step_h),
@@ -136,36 +125,6 @@ def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, cod
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
 
 
-def _iou_matrix(boxes: np.ndarray) -> np.ndarray:
-    """Pairwise Jaccard overlap of normalized boxes (no +1 pixel), as Caffe's JaccardOverlap."""
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    area = np.where((x2 < x1) | (y2 < y1), 0.0, (x2 - x1) * (y2 - y1))
-    iw = np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None])
-    ih = np.minimum(y2[:, None], y2[None]) - np.maximum(y1[:, None], y1[None])
-    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
-    union = area[:, None] + area[None] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inter > 0, inter / union, 0.0)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_threshold: float,
-        top_k: int = -1, eta: float = 1.0) -> np.ndarray:
-    """Caffe's ApplyNMSFast: indices kept, best score first (stable order on ties)."""
-    candidates = np.flatnonzero(scores > score_threshold)
-    order = candidates[np.argsort(-scores[candidates], kind="stable")]
-    if top_k > -1:
-        order = order[:top_k]
-    overlap = _iou_matrix(boxes[order])
-    kept: list[int] = []
-    threshold = nms_threshold
-    for i in range(order.size):  # greedy and sequential by definition; IoUs are precomputed
-        if overlap[i, kept].max(initial=0.0) <= threshold:
-            kept.append(i)
-            if eta < 1 and threshold > 0.5:
-                threshold *= eta
-    return order[np.asarray(kept, dtype=np.int64)]
-
-
 def detection_output(loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
                      param: caffe_pb2.DetectionOutputParameter) -> np.ndarray:
     """Detections ``[1, 1, K, 7]`` (image, label, score, x1, y1, x2, y2) from a batch of SSD heads.
@@ -194,7 +153,7 @@ def detection_output(loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
                 continue
             boxes = decoded[0 if param.share_location else label]
             scores = conf[n, :, label]
-            keep = nms(boxes, scores, param.confidence_threshold, nms_param.nms_threshold, top_k, nms_param.eta)
+            keep = nms(boxes, scores, nms_param.nms_threshold, top_k, param.confidence_threshold, nms_param.eta)
             picked.append((label, scores[keep], boxes[keep]))
         labels = np.concatenate([np.full(s.size, lab, dtype=np.float32) for lab, s, _ in picked]) \
             if picked else np.zeros(0, np.float32)

@@ -29,7 +29,7 @@ from ..errors import ModelError
 from ..fold import fold_batchnorm_scale
 from ..graph import Graph, Layer
 from ..proto import caffe_pb2
-from ..shapes import conv_geometry, pool_geometry
+from ..shapes import conv_geometry, pool_geometry, prior_box_aspect_ratios
 from .model import NcnnBlob, NcnnLayer, NcnnModel, ParamValue
 
 log = logging.getLogger(__name__)
@@ -328,11 +328,7 @@ def _prior_box(layer: Layer, ctx: _Context) -> list[NcnnLayer]:
     p = layer.param.prior_box_param
     if len(p.max_size) and len(p.max_size) != len(p.min_size):
         raise ModelError(f"layer '{layer.name}' (PriorBox): {len(p.max_size)} max_size for {len(p.min_size)} min_size")
-    ratios = [1.0]
-    for r in p.aspect_ratio:
-        for candidate in ([r, 1.0 / r] if p.flip else [r]):
-            if all(abs(candidate - seen) >= 1e-6 for seen in ratios):
-                ratios.append(candidate)
+    ratios = prior_box_aspect_ratios(p)
     variance = list(p.variance) or [0.1]
     if len(variance) not in (1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): variance needs 1 or 4 values, got {len(variance)}")
