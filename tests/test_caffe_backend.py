@@ -24,6 +24,7 @@ from int8conv.graph import load_graph
 from int8conv.preprocess import ImageTally, iter_batches, list_images
 from int8conv.table import read_ncnn_table
 from int8conv.weight_scales import quantizable_layers
+from tests.shared_models import MODELS as SHARED_MODELS
 from tests.test_calibrate_cli import MODELS, model_args
 from tests.test_engine_opencv import NET, numpy_forward, weights
 from tests.synthetic import write_caffe_model
@@ -212,8 +213,7 @@ def test_engine_errors_are_clear(caffe, mixed_net):
 # ---------------------------------------------------------------- real models: pycaffe == OpenCV
 
 def _model_paths(shared: Path, key: str) -> tuple[Path, Path]:
-    folder, proto, model = MODELS[key][:3]
-    return shared / "models" / folder / proto, shared / "models" / folder / model
+    return SHARED_MODELS[key].paths(shared)
 
 
 def _preprocess(shared: Path, key: str, graph):

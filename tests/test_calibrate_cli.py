@@ -15,35 +15,20 @@ from int8conv.graph import load_graph
 from int8conv.shapes import conv_geometry
 from int8conv.table import read_ncnn_table
 from int8conv.weight_scales import DEAD_CHANNEL_RATIO, quantizable_layers
+from tests.shared_models import MODELS as SHARED_MODELS
+from tests.shared_models import cli_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: folder, prototxt, caffemodel, images folder, preprocessing flags (from each model's SOURCE.txt)
-MODELS = {
-    "res10": ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel", "faces",
-              ["--mean", "104", "177", "123"]),
-    "open_nsfw": ("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
-                  "imagenet_samples_200", ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"]),
-    "yufacedetectnet": ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
-                        "yufacedetectnet-open-v1.caffemodel", "faces", []),
-    "ultraface": ("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel", "faces",
-                  ["--mean", "127", "127", "127", "--std", "128", "128", "128", "--color", "rgb"]),
-    "mtcnn_det1": ("mtcnn", "det1.prototxt", "det1.caffemodel", "faces",
-                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
-    "mtcnn_det2": ("mtcnn", "det2.prototxt", "det2.caffemodel", "faces",
-                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
-    "mtcnn_det3": ("mtcnn", "det3.prototxt", "det3.caffemodel", "faces",
-                   ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]),
-    "lenet": ("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel", "opencv_samples",
-              ["--norm", "0.00390625", "--color", "gray"]),
-}
+#: the shared models calibrate takes from images (det4's 15-channel input cannot be fed), with their images
+MODELS = {"res10": "faces", "open_nsfw": "imagenet_samples_200", "yufacedetectnet": "faces", "ultraface": "faces",
+          "det1": "faces", "det2": "faces", "det3": "faces", "lenet": "opencv_samples"}
 
 
 def model_args(shared: Path, key: str) -> list[str]:
-    folder, proto, model, images, flags = MODELS[key]
-    base = shared / "models" / folder
-    return ["--proto", str(base / proto), "--model", str(base / model), "--images", str(shared / "images" / images),
-            *flags]
+    proto, model = SHARED_MODELS[key].paths(shared)
+    return ["--proto", str(proto), "--model", str(model), "--images", str(shared / "images" / MODELS[key]),
+            *cli_flags(SHARED_MODELS[key].prep)]
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
@@ -55,8 +40,7 @@ def test_table_covers_every_layer_and_is_deterministic(shared, tmp_path, key):
     assert first.read_bytes() == second.read_bytes()
 
     table = read_ncnn_table(first)
-    folder, proto, model = MODELS[key][:3]
-    graph = fold_batchnorm_scale(load_graph(shared / "models" / folder / proto, shared / "models" / folder / model))
+    graph = fold_batchnorm_scale(load_graph(*SHARED_MODELS[key].paths(shared)))
     layers = quantizable_layers(graph)
     assert set(table.weight_scales) == {layer.name for layer in layers}
     assert set(table.activation_scales) == {layer.name for layer in layers}
@@ -74,7 +58,7 @@ def test_table_covers_every_layer_and_is_deterministic(shared, tmp_path, key):
 
 def test_original_command_line(shared, tmp_path):
     """The original tool's flags, through convert_tool.py in a subprocess, with its summary."""
-    folder, proto, model = MODELS["res10"][:3]
+    proto, model = SHARED_MODELS["res10"].paths(shared)
     images = tmp_path / "images"
     images.mkdir()
     for source in sorted((shared / "images" / "faces").glob("*.jpg"))[:3]:
@@ -82,8 +66,8 @@ def test_original_command_line(shared, tmp_path):
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "res10.table"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(shared / "models" / folder / proto),
-         "--model", str(shared / "models" / folder / model), "--mean", "104", "177", "123", "--norm", "1",
+        [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(proto),
+         "--model", str(model), "--mean", "104", "177", "123", "--norm", "1",
          "--images", str(images), "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "3 used, 1 skipped" in proc.stdout and "corrupt.jpg" in proc.stderr

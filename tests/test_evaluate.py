@@ -27,6 +27,8 @@ from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.preprocess import Preprocess, list_images, read_image
 from int8conv.statistics import CalibrationStatistics
 from int8conv.table import CalibrationTable, read_ncnn_table
+from tests.shared_models import MODELS as SHARED_MODELS
+from tests.shared_models import model_input
 
 pytest.importorskip("ncnn")
 
@@ -150,7 +152,6 @@ def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ real models
 
-MTCNN = dict(mean=(127.5,), norm=0.0078125, color="rgb", swap_hw=True)
 VOC, IMAGENET, FACES = "voc_coco_detection", "imagenet_samples_200", "faces"
 
 
@@ -163,33 +164,26 @@ class Spec:
     calibration: tuple[str, int, int]     # image folder, first, last (exclusive)
 
 
+def _spec(name: str, calibration: tuple[str, int, int]) -> Spec:
+    model = SHARED_MODELS[name]
+    return Spec(model.folder, model.proto, model.caffemodel, model.prep, calibration)
+
+
 SPECS = {
-    "lenet": Spec("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel",
-                  Preprocess(size=(28, 28), norm=1 / 256, color="gray"), ("opencv_samples", 0, 6)),
-    "det1": Spec("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(12, 12), **MTCNN), (FACES, 0, 4)),
-    "det2": Spec("mtcnn", "det2.prototxt", "det2.caffemodel", Preprocess(size=(24, 24), **MTCNN), (FACES, 0, 4)),
-    "det3": Spec("mtcnn", "det3.prototxt", "det3.caffemodel", Preprocess(size=(48, 48), **MTCNN), (FACES, 0, 4)),
-    "det4": Spec("mtcnn", "det4.prototxt", "det4.caffemodel", Preprocess(size=(24, 24), **MTCNN), (FACES, 0, 4)),
-    "open_nsfw": Spec("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
-                      Preprocess(size=(224, 224), mean=(104, 117, 123), resize=(256, 256)), (IMAGENET, 0, 10)),
-    "res10": Spec("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
-                  Preprocess(size=(300, 300), mean=(104, 177, 123)), (VOC, 0, 8)),
-    "yufacedetectnet": Spec("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
-                            "yufacedetectnet-open-v1.caffemodel", Preprocess(size=(240, 320)), (VOC, 0, 8)),
-    "ultraface": Spec("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel",
-                      Preprocess(size=(240, 320), mean=(127,), norm=1 / 128, color="rgb"), (VOC, 0, 8)),
+    "lenet": _spec("lenet", ("opencv_samples", 0, 6)),
+    "det1": _spec("det1", (FACES, 0, 4)),
+    "det2": _spec("det2", (FACES, 0, 4)),
+    "det3": _spec("det3", (FACES, 0, 4)),
+    "det4": _spec("det4", (FACES, 0, 4)),
+    "open_nsfw": _spec("open_nsfw", (IMAGENET, 0, 10)),
+    "res10": _spec("res10", (VOC, 0, 8)),
+    "yufacedetectnet": _spec("yufacedetectnet", (VOC, 0, 8)),
+    "ultraface": _spec("ultraface", (VOC, 0, 8)),
 }
 
 
 def _input_batch(shared: Path, spec: Spec, path: Path, channels: int) -> np.ndarray:
-    """One preprocessed image; det4's 15 channels are five 24x24 RGB crops of it."""
-    image = read_image(path)
-    if channels != 15:
-        return spec.prep.apply(image)
-    h, w = image.shape[:2]
-    crops = [image[y:y + h // 3, x:x + w // 3] for y, x in
-             [(0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3), (h // 2, w // 2)]]
-    return np.concatenate([spec.prep.apply(c) for c in crops])
+    return model_input(spec.prep, read_image(path), channels)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, format_float, read_model, write_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.preprocess import Preprocess, read_image
+from tests.shared_models import MODELS as SHARED_MODELS
+from tests.shared_models import SharedModel, model_input
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(7)
@@ -336,44 +338,30 @@ class RealModel:
 
 
 FACES = ("faces/bobmtcnn_multiple-faces.jpg", "faces/dlib_2008_001322.jpg")
-MTCNN = dict(mean=(127.5,), norm=0.0078125, color="rgb", swap_hw=True)
+def _real(model: SharedModel, images: tuple[str, ...] = FACES) -> RealModel:
+    return RealModel(model.folder, model.proto, model.caffemodel, model.prep, images)
+
+
 REAL = {
-    "lenet": RealModel("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel",
-                       Preprocess(size=(28, 28), norm=0.00390625, color="gray"),
-                       ("opencv_samples/digits.png", "faces/libfacedetection_test.jpg")),
-    "det1": RealModel("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(12, 12), **MTCNN), FACES),
+    "lenet": _real(SHARED_MODELS["lenet"], ("opencv_samples/digits.png", "faces/libfacedetection_test.jpg")),
+    "det1": _real(SHARED_MODELS["det1"]),
     # P-Net is fully convolutional: the converted model must also run at sizes other than the prototxt's
-    "det1_97x130": RealModel("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(97, 130), **MTCNN),
-                             FACES),
-    "det2": RealModel("mtcnn", "det2.prototxt", "det2.caffemodel", Preprocess(size=(24, 24), **MTCNN), FACES),
-    "det3": RealModel("mtcnn", "det3.prototxt", "det3.caffemodel", Preprocess(size=(48, 48), **MTCNN), FACES),
-    "det4": RealModel("mtcnn", "det4.prototxt", "det4.caffemodel", Preprocess(size=(24, 24), **MTCNN), FACES),
-    "open_nsfw": RealModel("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
-                           Preprocess(size=(224, 224), mean=(104.0, 117.0, 123.0), resize=(256, 256)),
-                           ("voc_coco_detection/caffe_cat.jpg", "skimage/coffee.png")),
-    "res10_ssd": RealModel("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
-                           Preprocess(size=(300, 300), mean=(104.0, 177.0, 123.0)), FACES),
-    "ultraface": RealModel("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel",
-                           Preprocess(size=(240, 320), mean=(127.0,), norm=1 / 128, color="rgb"), FACES),
-    "yufacedetectnet": RealModel("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
-                                 "yufacedetectnet-open-v1.caffemodel", Preprocess(size=(240, 320)), FACES),
+    "det1_97x130": _real(SHARED_MODELS["det1"].with_size(97, 130)),
+    "det2": _real(SHARED_MODELS["det2"]),
+    "det3": _real(SHARED_MODELS["det3"]),
+    "det4": _real(SHARED_MODELS["det4"]),
+    "open_nsfw": _real(SHARED_MODELS["open_nsfw"], ("voc_coco_detection/caffe_cat.jpg", "skimage/coffee.png")),
+    "res10_ssd": _real(SHARED_MODELS["res10"]),
+    "ultraface": _real(SHARED_MODELS["ultraface"]),
+    "yufacedetectnet": _real(SHARED_MODELS["yufacedetectnet"]),
 }
 
 
 def real_inputs(shared: Path, spec: RealModel, channels: int) -> list[np.ndarray]:
-    """Two preprocessed real images; det4's 15 channels are five 24x24 RGB crops of one image."""
-    inputs = []
-    for image_name in spec.images:
-        image = read_image(shared / "images" / image_name)
-        assert image is not None, image_name
-        if channels == 15:
-            h, w = image.shape[:2]
-            crops = [image[y:y + h // 3, x:x + w // 3] for y, x in
-                     [(0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3), (h // 2, w // 2)]]
-            inputs.append(np.concatenate([spec.prep.apply(c) for c in crops]))
-        else:
-            inputs.append(spec.prep.apply(image))
-    return inputs
+    """Two preprocessed real images (det4: five RGB crops of each)."""
+    images = [read_image(shared / "images" / name) for name in spec.images]
+    assert all(image is not None for image in images), spec.images
+    return [model_input(spec.prep, image, channels) for image in images]
 
 
 @pytest.fixture(scope="session")

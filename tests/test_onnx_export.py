@@ -24,32 +24,20 @@ from int8conv.errors import ModelError
 from int8conv.calibrate import all_values
 from int8conv.graph import load_graph
 from int8conv.onnx_export import DYNAMIC_BATCH, export_onnx
-from int8conv.preprocess import Preprocess, list_images, read_image
+from int8conv.preprocess import list_images, read_image
 from int8conv.proto import caffe_pb2
 from int8conv.qdq import _OutputCosine, choose_fp32_layers, insert_qdq, quantized_layers
 from int8conv.shapes import infer_shapes
 from int8conv.ssd_postprocess import decode_head, detection_output
 from int8conv.statistics import CalibrationStatistics
 from int8conv.tensorrt_files import MIN_AMAX, tensor_ranges, value_ranges
+from tests.shared_models import MODELS as SHARED_MODELS
 from tests.synthetic import write_caffe_model
 
-MTCNN = dict(mean=(127.5,), norm=0.0078125, color="rgb", swap_hw=True)
-#: key: folder, prototxt, caffemodel, image pool, preprocessing (from each SOURCE.txt)
-MODELS = {
-    "lenet": ("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel", "digits", None),
-    "det1": ("mtcnn", "det1.prototxt", "det1.caffemodel", "faces", Preprocess(size=(12, 12), **MTCNN)),
-    "det2": ("mtcnn", "det2.prototxt", "det2.caffemodel", "faces", Preprocess(size=(24, 24), **MTCNN)),
-    "det3": ("mtcnn", "det3.prototxt", "det3.caffemodel", "faces", Preprocess(size=(48, 48), **MTCNN)),
-    "det4": ("mtcnn", "det4.prototxt", "det4.caffemodel", "faces", Preprocess(size=(24, 24), **MTCNN)),
-    "nsfw": ("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel", "imagenet_samples_200",
-             Preprocess(size=(224, 224), mean=(104, 117, 123), resize=(256, 256))),
-    "res10": ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel", "faces",
-              Preprocess(size=(300, 300), mean=(104, 177, 123))),
-    "ultraface": ("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel", "faces",
-                  Preprocess(size=(240, 320), mean=(127,), std=(128,), color="rgb")),
-    "yunet": ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt", "yufacedetectnet-open-v1.caffemodel",
-              "faces", Preprocess(size=(240, 320))),
-}
+#: key: the shared model and the image pool its inputs come from (lenet: digit cells, see ``digits``)
+MODELS = {"lenet": ("lenet", "digits"), "det1": ("det1", "faces"), "det2": ("det2", "faces"),
+          "det3": ("det3", "faces"), "det4": ("det4", "faces"), "nsfw": ("open_nsfw", "imagenet_samples_200"),
+          "res10": ("res10", "faces"), "ultraface": ("ultraface", "faces"), "yunet": ("yufacedetectnet", "faces")}
 CALIBRATION = slice(0, 8)   # images that calibrate
 HELD_OUT = slice(8, 14)     # images that judge
 
@@ -74,8 +62,7 @@ def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSessi
 
 
 def model_paths(shared: Path, key: str) -> tuple[Path, Path]:
-    folder, proto, model = MODELS[key][:3]
-    return shared / "models" / folder / proto, shared / "models" / folder / model
+    return SHARED_MODELS[MODELS[key][0]].paths(shared)
 
 
 def digits(shared: Path, which: slice) -> list[np.ndarray]:
@@ -87,7 +74,8 @@ def digits(shared: Path, which: slice) -> list[np.ndarray]:
 
 def inputs(shared: Path, key: str, which: slice) -> list[np.ndarray]:
     """Preprocessed 1xCxHxW inputs from the model's image pool."""
-    pool, prep = MODELS[key][3:]
+    name, pool = MODELS[key]
+    prep = SHARED_MODELS[name].prep
     if pool == "digits":
         return digits(shared, which)
     paths = list_images(shared / "images" / pool)[which]

@@ -1,0 +1,64 @@
+"""The real models of ``../shared/models`` with the preprocessing their SOURCE.txt gives: one registry for all tests."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from int8conv.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    folder: str
+    proto: str
+    caffemodel: str
+    prep: Preprocess
+
+    def paths(self, shared: Path) -> tuple[Path, Path]:
+        base = shared / "models" / self.folder
+        return base / self.proto, base / self.caffemodel
+
+    def with_size(self, height: int, width: int) -> "SharedModel":
+        """The same model fed at another input size (fully convolutional nets)."""
+        return dataclasses.replace(self, prep=dataclasses.replace(self.prep, size=(height, width)))
+
+
+_MTCNN = dict(mean=(127.5,), norm=0.0078125, color="rgb", swap_hw=True)
+MODELS = {
+    "lenet": SharedModel("lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel",
+                         Preprocess(size=(28, 28), norm=0.00390625, color="gray")),
+    "det1": SharedModel("mtcnn", "det1.prototxt", "det1.caffemodel", Preprocess(size=(12, 12), **_MTCNN)),
+    "det2": SharedModel("mtcnn", "det2.prototxt", "det2.caffemodel", Preprocess(size=(24, 24), **_MTCNN)),
+    "det3": SharedModel("mtcnn", "det3.prototxt", "det3.caffemodel", Preprocess(size=(48, 48), **_MTCNN)),
+    "det4": SharedModel("mtcnn", "det4.prototxt", "det4.caffemodel", Preprocess(size=(24, 24), **_MTCNN)),
+    "open_nsfw": SharedModel("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
+                             Preprocess(size=(224, 224), mean=(104, 117, 123), resize=(256, 256))),
+    "res10": SharedModel("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
+                         Preprocess(size=(300, 300), mean=(104, 177, 123))),
+    "ultraface": SharedModel("ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel",
+                             Preprocess(size=(240, 320), mean=(127,), norm=1 / 128, color="rgb")),
+    "yufacedetectnet": SharedModel("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
+                                   "yufacedetectnet-open-v1.caffemodel", Preprocess(size=(240, 320))),
+}
+
+
+def cli_flags(prep: Preprocess) -> list[str]:
+    """The ``calibrate`` preprocessing flags that give ``prep`` (the input size comes from the prototxt)."""
+    flags = ["--mean", *map(str, prep.mean), "--norm", repr(prep.norm), "--std", *map(str, prep.std),
+             "--color", prep.color]
+    if prep.resize:
+        flags += ["--resize-then-crop", *map(str, prep.resize)]
+    return flags + (["--swap-hw"] if prep.swap_hw else [])
+
+
+def model_input(prep: Preprocess, image: np.ndarray, channels: int) -> np.ndarray:
+    """One network input from an image; det4's 15 channels are five 24x24 RGB crops of it."""
+    if channels != 15:
+        return prep.apply(image)
+    h, w = image.shape[:2]
+    crops = [image[y:y + h // 3, x:x + w // 3] for y, x in
+             [(0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3), (h // 2, w // 2)]]
+    return np.concatenate([prep.apply(c) for c in crops])
