@@ -194,3 +194,15 @@ def write_digit_cells(digits_png: Path, out_dir: Path, count: int, offset: int =
                                   cv2.BORDER_CONSTANT, value=0)
         cv2.imwrite(str(out_dir / f"digit{row // 5}_{index:04d}.png"), cell)
     return out_dir
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, presets: Mapping[str, dict],
+                      argv: list[str] | None) -> argparse.Namespace:
+    """A preset's settings become the defaults of their flags, so explicit flags still win."""
+    first, _ = parser.parse_known_args(argv)
+    if first.proto is None and first.model is None:
+        parser.set_defaults(**presets[first.model_name]["defaults"])
+    args = parser.parse_args(argv)
+    if (args.proto is None) != (args.model is None):
+        parser.error("give both --proto and --model (or neither, for a preset)")
+    return args

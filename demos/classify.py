@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (SideBySide, add_build_args, build_models, load_names, shared_dir,
+from _common import (SideBySide, add_build_args, build_models, load_names, parse_with_preset, shared_dir,
                      speed_summary, write_digit_cells)
 
 import numpy as np
@@ -62,15 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Preset preprocessing becomes the default of the preprocessing flags, so explicit flags still win."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.proto is None and first.model is None:
-        parser.set_defaults(**PRESETS[first.model_name]["defaults"])
-    args = parser.parse_args(argv)
-    if (args.proto is None) != (args.model is None):
-        parser.error("give both --proto and --model (or neither, for a preset)")
-    return args
+    return parse_with_preset(build_parser(), PRESETS, argv)
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, list[str] | None, Path]:

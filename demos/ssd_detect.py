@@ -20,8 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, shared_dir,
-                     speed_summary)
+from _common import (VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, parse_with_preset,
+                     shared_dir, speed_summary)
 
 import cv2
 import numpy as np
@@ -43,13 +43,13 @@ FACES = ("background", "face")
 #: Shared detectors with their preprocessing (SOURCE.txt of each) and calibration folder.
 PRESETS = {
     "res10": {"folder": "res10_300x300_ssd", "proto": "deploy.prototxt",
-              "model": "res10_300x300_ssd_iter_140000.caffemodel", "host_decode": None,
+              "model": "res10_300x300_ssd_iter_140000.caffemodel",
               "defaults": {"mean": [104.0, 177.0, 123.0]}},
     "yufacedetectnet": {"folder": "yufacedetectnet_v1", "proto": "yufacedetectnet-open-v1.prototxt",
-                        "model": "yufacedetectnet-open-v1.caffemodel", "host_decode": None, "defaults": {}},
+                        "model": "yufacedetectnet-open-v1.caffemodel", "defaults": {}},
     "ultraface": {"folder": "ultraface_slim320", "proto": "slim-320.prototxt", "model": "slim-320.caffemodel",
-                  "host_decode": "ultraface",
-                  "defaults": {"mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0], "color": "rgb"}},
+                  "defaults": {"mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0], "color": "rgb",
+                               "host_decode": "ultraface"}},
 }
 CALIB_FOLDER = "images/faces"
 COLORS = {"FP32": (200, 120, 30), "INT8": (30, 110, 230)}   # BGR
@@ -77,16 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Preset preprocessing becomes the default of the preprocessing flags, so explicit flags still win."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.proto is None and first.model is None:
-        preset = PRESETS[first.model_name]
-        parser.set_defaults(**preset["defaults"], host_decode=preset["host_decode"])
-    args = parser.parse_args(argv)
-    if (args.proto is None) != (args.model is None):
-        parser.error("give both --proto and --model (or neither, for a preset)")
-    return args
+    return parse_with_preset(build_parser(), PRESETS, argv)
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, Path]:
