@@ -80,6 +80,7 @@ class CalibrationResult:
     thresholds: dict[str, float]
     method: str
     statistics: CalibrationStatistics
+    deploy: Graph                       # the BatchNorm-folded graph the weight scales were computed on
     skipped_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -144,15 +145,14 @@ def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", 
     if heads:
         log.info("head layers with %s thresholds: %s", head_method, ", ".join(sorted(heads)))
     table.validate()
-    return CalibrationResult(table, thresholds, method, stats, skipped, time.perf_counter() - started)
+    return CalibrationResult(table, thresholds, method, stats, deploy, skipped, time.perf_counter() - started)
 
 
 def legacy_table(graph: Graph, result: CalibrationResult) -> str:
     """The original tool's format: one 127/max|W| per weight tensor, activation scales keyed by Caffe blob."""
-    deploy = fold_batchnorm_scale(graph)
     weights: dict[str, float] = {}
     blobs: dict[str, float] = {}
-    for layer in quantizable_layers(deploy):
+    for layer in quantizable_layers(result.deploy):
         absmax = float(abs(layer.blobs[0]).max())
         weights[layer.name] = 127.0 / absmax if absmax > 0 else 0.0
         if layer.name in result.table.activation_scales:

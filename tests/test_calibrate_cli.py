@@ -112,3 +112,18 @@ def test_errors_exit_2_and_name_the_problem(shared, tmp_path, capsys):
     assert int8conv_main(["calibrate", *args, "--load-stats", str(wrong_stats),
                           "--output", str(tmp_path / "t.table")]) == 2
     assert "collected for lenet_iter_10000.caffemodel" in capsys.readouterr().err
+
+
+def test_legacy_table_is_blob_keyed_per_tensor(shared, tmp_path):
+    """--legacy-table: one 127/max|W| per layer, activation scales keyed by the Caffe blob each layer reads."""
+    out = tmp_path / "legacy.table"
+    assert int8conv_main(["calibrate", *model_args(shared, "det2"), "--max-images", "4", "--backend", "opencv", "-q",
+                          "--legacy-table", "--output", str(out)]) == 0
+    graph = load_graph(*SHARED_MODELS["det2"].paths(shared))
+    layers = quantizable_layers(fold_batchnorm_scale(graph))
+    lines = dict(line.split() for line in out.read_text().splitlines())
+    for layer in layers:
+        assert float(lines[f"{layer.name}_param_0"]) == pytest.approx(127 / np.abs(layer.blobs[0]).max(), rel=1e-6)
+    blobs = {graph.blob_of(layer.bottoms[0]) for layer in layers}
+    assert set(lines) == {f"{layer.name}_param_0" for layer in layers} | blobs
+    assert "data" in blobs and all(float(lines[b]) > 0 for b in blobs)
