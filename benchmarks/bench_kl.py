@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from int8conv.statistics import CalibrationStatistics  # noqa: E402
-from int8conv.thresholds import kl_threshold  # noqa: E402
+from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
+from int8conv.calibration.thresholds import kl_threshold  # noqa: E402
 from tests.kl_reference import reference_kl_threshold_bin, res10_activations  # noqa: E402
 
 

@@ -26,16 +26,20 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from int8conv.atomic import write_text_atomic  # noqa: E402
-from int8conv.calibrate import build_table, collect_statistics, model_identity  # noqa: E402
+from int8conv.caffe.graph import load_graph  # noqa: E402
+from int8conv.calibration.calibrate import (  # noqa: E402
+    build_table,
+    collect_statistics,
+    model_identity,
+)
+from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
-from int8conv.graph import load_graph  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
-from int8conv.preprocess import Preprocess, list_images, read_image  # noqa: E402
-from int8conv.table import write_ncnn_table  # noqa: E402
+from int8conv.tables.ncnn_table import write_ncnn_table  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -93,7 +97,7 @@ class NcnnPair:
 
 
 def _auto_fp32(fp32, table, graph, prep: Preprocess, images: Sequence[Path], target: float):
-    from int8conv.mixed_precision import auto_fp32
+    from int8conv.evaluation.mixed_precision import auto_fp32
 
     name = next(iter(graph.inputs))
     inputs = [{name: prep.apply(img)} for img in (read_image(p) for p in images[:8]) if img is not None]

@@ -17,17 +17,24 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (SideBySide, add_build_args, build_models, load_names, parse_with_preset, shared_dir,
-                     speed_summary, write_digit_cells)
-
 import numpy as np
+from _common import (
+    SideBySide,
+    add_build_args,
+    build_models,
+    load_names,
+    parse_with_preset,
+    shared_dir,
+    speed_summary,
+    write_digit_cells,
+)
 
 from int8conv.atomic import atomic_write
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import setup_logging
 from int8conv.commands.common import add_preprocess_args, preprocess_from_args
 from int8conv.errors import Int8ConvError
-from int8conv.graph import load_graph
-from int8conv.preprocess import list_images, read_image
 
 log = logging.getLogger("demo")
 

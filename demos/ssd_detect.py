@@ -20,21 +20,34 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import (VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, parse_with_preset,
-                     shared_dir, speed_summary)
-
 import cv2
 import numpy as np
+from _common import (
+    VOC_CLASSES,
+    SideBySide,
+    add_build_args,
+    build_models,
+    load_names,
+    parse_with_preset,
+    shared_dir,
+    speed_summary,
+)
 
 from int8conv.atomic import write_bytes_atomic
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import setup_logging
 from int8conv.commands.common import add_preprocess_args, preprocess_from_args
-from int8conv.detection import Detections, MatchTally, decode_ultraface, from_detection_output, ultraface_priors
 from int8conv.errors import Int8ConvError, ModelError
-from int8conv.evaluate import detect_task
-from int8conv.graph import load_graph
+from int8conv.evaluation.detection import (
+    Detections,
+    MatchTally,
+    decode_ultraface,
+    from_detection_output,
+    ultraface_priors,
+)
+from int8conv.evaluation.evaluate import detect_task
 from int8conv.ncnn.model import read_model
-from int8conv.preprocess import list_images, read_image
 
 log = logging.getLogger("demo")
 

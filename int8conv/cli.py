@@ -6,8 +6,8 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .errors import Int8ConvError
+from int8conv import __version__
+from int8conv.errors import Int8ConvError
 
 log = logging.getLogger("int8conv")
 

@@ -9,10 +9,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import run
-from .commands.calibrate import add_table_args, calibrate_from_args, summary, write_table
-from .commands.calibrate import run as run_calibrate
-from .commands.common import add_calibration_args, add_model_args, add_preprocess_args
+from int8conv.cli import run
+from int8conv.commands.calibrate import (
+    add_table_args,
+    calibrate_from_args,
+    summary,
+    write_table,
+)
+from int8conv.commands.calibrate import run as run_calibrate
+from int8conv.commands.common import (
+    add_calibration_args,
+    add_model_args,
+    add_preprocess_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +57,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
-    from .ncnn.convert import convert_graph
-    from .ncnn.model import write_model
-    from .ncnn.quantize import quantize_model
+    from int8conv.ncnn.convert import convert_graph
+    from int8conv.ncnn.model import write_model
+    from int8conv.ncnn.quantize import quantize_model
 
     out = Path(args.ncnn_dir)
     name = Path(args.model).stem

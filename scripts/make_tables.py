@@ -171,7 +171,7 @@ def metric_text(report: dict) -> str:
 
 
 def count_images(folder: str, shared: Path, work: Path) -> int:
-    from int8conv.preprocess import list_images
+    from int8conv.calibration.preprocess import list_images
 
     return len(list_images(resolve(["int8conv", folder], shared, work)[-1]))
 

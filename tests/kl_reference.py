@@ -1,4 +1,4 @@
-"""The slow, obviously-correct KL search that ``int8conv.thresholds`` must equal (tests and benchmark).
+"""The slow, obviously-correct KL search that ``int8conv.calibration.thresholds`` must equal (tests and benchmark).
 
 Written straight from TensorRT's entropy-calibration description, one candidate at a time:
 P = hist[:i] with the outliers hist[i:] summed into its last bin; Q = hist[:i] merged into 128 levels
@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from int8conv.thresholds import KL_TIE_ABSOLUTE, KL_TIE_RELATIVE
+from int8conv.calibration.thresholds import KL_TIE_ABSOLUTE, KL_TIE_RELATIVE
 
 
 def reference_kl_divergences(counts: np.ndarray, levels: int = 128, start_bin: int = 128) -> list[float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int8conv.preprocess import Preprocess
+from int8conv.calibration.preprocess import Preprocess
 
 
 @dataclass(frozen=True)

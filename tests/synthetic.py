@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
-from int8conv.proto import caffe_pb2
+from int8conv.caffe.proto import caffe_pb2
 
 
 def write_caffe_model(directory: Path, prototxt: str, weights: dict[str, list[np.ndarray]],

@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from int8conv import caffe_build
-from int8conv.calibrate import calibration_values
+from int8conv.engines import caffe_build
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import calibration_values
+from int8conv.calibration.preprocess import ImageTally, iter_batches, list_images
+from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.cli import main as int8conv_main
 from int8conv.engines import make_engine
 from int8conv.errors import BackendUnavailable, ModelError
-from int8conv.fold import fold_batchnorm_scale
-from int8conv.graph import load_graph
-from int8conv.preprocess import ImageTally, iter_batches, list_images
-from int8conv.table import read_ncnn_table
-from int8conv.weight_scales import quantizable_layers
+from int8conv.tables.ncnn_table import read_ncnn_table
 from tests.shared_models import MODELS as SHARED_MODELS
+from tests.synthetic import write_caffe_model
 from tests.test_calibrate_cli import MODELS, model_args
 from tests.test_engine_opencv import NET, numpy_forward, weights
-from tests.synthetic import write_caffe_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -164,7 +164,7 @@ def test_caffe_and_own_schema_coexist(caffe):
     from caffe.proto import caffe_pb2 as theirs
     from google.protobuf import text_format
 
-    from int8conv.proto import caffe_pb2 as ours
+    from int8conv.caffe.proto import caffe_pb2 as ours
 
     text = 'name: "n" layer { name: "c" type: "Convolution" convolution_param { num_output: 3 kernel_size: 1 } }'
     a, b = text_format.Parse(text, theirs.NetParameter()), text_format.Parse(text, ours.NetParameter())
@@ -217,8 +217,8 @@ def _model_paths(shared: Path, key: str) -> tuple[Path, Path]:
 
 
 def _preprocess(shared: Path, key: str, graph):
-    from int8conv.commands.common import preprocess_from_args
     from int8conv.cli import build_parser
+    from int8conv.commands.common import preprocess_from_args
 
     args = build_parser().parse_args(["calibrate", *model_args(shared, key), "--output", "unused"])
     return preprocess_from_args(args, graph), args.images
@@ -260,8 +260,8 @@ def test_tables_equal_opencv_to_4_significant_digits(caffe, shared, tmp_path, ke
     them. Such a layer must still have histograms that agree to 0.1% of their samples, and with a continuous
     method (percentile, minmax) the same statistics give the same scales to 4 digits for every layer.
     """
-    from int8conv.calibrate import build_table
-    from int8conv.statistics import CalibrationStatistics
+    from int8conv.calibration.calibrate import build_table
+    from int8conv.calibration.histograms import CalibrationStatistics
 
     tables, stats = {}, {}
     for backend in ("caffe", "opencv"):

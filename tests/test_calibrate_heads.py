@@ -4,11 +4,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from int8conv.calibrate import build_table, collect_statistics, head_layers
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import build_table, collect_statistics, head_layers
+from int8conv.calibration.preprocess import Preprocess
 from int8conv.engines import make_engine
-from int8conv.fold import fold_batchnorm_scale
-from int8conv.graph import load_graph
-from int8conv.preprocess import Preprocess
 from tests.synthetic import write_caffe_model
 
 NET = """

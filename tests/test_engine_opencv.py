@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from int8conv.caffe.graph import load_graph
 from int8conv.engines import make_engine
 from int8conv.errors import BackendUnavailable, ModelError
-from int8conv.graph import load_graph
 from tests.synthetic import conv2d, max_pool, write_caffe_model
 
 RNG = np.random.default_rng(1)

@@ -12,21 +12,40 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from int8conv.calibrate import build_table, calibration_values, collect_statistics, model_identity
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import (
+    build_table,
+    calibration_values,
+    collect_statistics,
+    model_identity,
+)
+from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import Preprocess, list_images, read_image
 from int8conv.cli import main as cli
-from int8conv.detection import (Detections, MatchTally, decode_ultraface, from_detection_output, iou_matrix, nms,
-                                ultraface_priors)
 from int8conv.engines import make_engine
-from int8conv.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
-from int8conv.graph import load_graph
-from int8conv.mixed_precision import auto_fp32
+from int8conv.evaluation.detection import (
+    Detections,
+    MatchTally,
+    decode_ultraface,
+    from_detection_output,
+    iou_matrix,
+    nms,
+    ultraface_priors,
+)
+from int8conv.evaluation.evaluate import (
+    EvalConfig,
+    OutputView,
+    cosine,
+    detect_task,
+    evaluate,
+    output_view,
+)
+from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
-from int8conv.preprocess import Preprocess, list_images, read_image
-from int8conv.statistics import CalibrationStatistics
-from int8conv.table import CalibrationTable, read_ncnn_table
+from int8conv.tables.ncnn_table import CalibrationTable, read_ncnn_table
 from tests.shared_models import MODELS as SHARED_MODELS
 from tests.shared_models import model_input
 
@@ -284,7 +303,7 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     b = built["ultraface"]
     folder, first, last = b.spec.calibration
     table = tmp_path / "ultraface.table"
-    from int8conv.table import write_ncnn_table
+    from int8conv.tables.ncnn_table import write_ncnn_table
     write_ncnn_table(b.table, table)
     out = tmp_path / "auto.param", tmp_path / "auto.bin"
     assert cli(["-q", "quantize", "--param", str(b.fp32[0]), "--bin", str(b.fp32[1]), "--table", str(table),

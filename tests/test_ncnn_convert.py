@@ -11,13 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from int8conv.caffe.graph import Graph, load_graph
+from int8conv.calibration.preprocess import Preprocess, read_image
 from int8conv.engines.opencv_engine import OpenCVEngine
 from int8conv.errors import ModelError
-from int8conv.graph import Graph, load_graph
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, format_float, read_model, write_model
+from int8conv.ncnn.model import (
+    NcnnBlob,
+    NcnnLayer,
+    NcnnModel,
+    format_float,
+    read_model,
+    write_model,
+)
 from int8conv.ncnn.runtime import NcnnRunner
-from int8conv.preprocess import Preprocess, read_image
 from tests.shared_models import MODELS as SHARED_MODELS
 from tests.shared_models import SharedModel, model_input
 from tests.synthetic import write_caffe_model

@@ -14,9 +14,14 @@ import pytest
 from int8conv.cli import main as cli
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
-from int8conv.ncnn.quantize import _quantize_layer, float_to_int8, int8_layers, quantize_model
+from int8conv.ncnn.quantize import (
+    _quantize_layer,
+    float_to_int8,
+    int8_layers,
+    quantize_model,
+)
 from int8conv.ncnn.runtime import NcnnRunner
-from int8conv.table import CalibrationTable
+from int8conv.tables.ncnn_table import CalibrationTable
 
 from .synthetic import conv2d
 
@@ -255,7 +260,7 @@ def test_quantize_cli_writes_a_model_ncnn_runs(chain, tmp_path):
     model, x = chain
     param, binary = _save(model, tmp_path, "fp32")
     table_path = tmp_path / "t.table"
-    from int8conv.table import write_ncnn_table
+    from int8conv.tables.ncnn_table import write_ncnn_table
     write_ncnn_table(_calibrated(model, x, tmp_path), table_path)
     out_param, out_bin = tmp_path / "q.param", tmp_path / "q.bin"
     assert cli(["-q", "quantize", "--param", str(param), "--bin", str(binary), "--table", str(table_path),

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.preprocess import Preprocess, list_images, read_image
 from int8conv.engines import make_engine
-from int8conv.graph import load_graph
 from int8conv.legacy_cli import main as convert_tool
 from int8conv.ncnn.runtime import NcnnRunner
-from int8conv.preprocess import Preprocess, list_images, read_image
-from int8conv.table import read_ncnn_table
+from int8conv.tables.ncnn_table import read_ncnn_table
 
 
 def test_one_shot_writes_models_ncnn_runs(shared, tmp_path):

@@ -19,18 +19,24 @@ import pytest
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from int8conv.caffe.graph import load_graph
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.caffe.shapes import infer_shapes
+from int8conv.calibration.calibrate import all_values
+from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.engines.opencv_engine import OpenCVEngine
 from int8conv.errors import ModelError
-from int8conv.calibrate import all_values
-from int8conv.graph import load_graph
-from int8conv.onnx_export import DYNAMIC_BATCH, export_onnx
-from int8conv.preprocess import list_images, read_image
-from int8conv.proto import caffe_pb2
-from int8conv.qdq import _OutputCosine, choose_fp32_layers, insert_qdq, quantized_layers
-from int8conv.shapes import infer_shapes
-from int8conv.ssd_postprocess import decode_head, detection_output
-from int8conv.statistics import CalibrationStatistics
-from int8conv.tensorrt_files import MIN_AMAX, tensor_ranges, value_ranges
+from int8conv.tables.tensorrt_files import MIN_AMAX
+from int8conv.tensorrt.onnx_export import DYNAMIC_BATCH, export_onnx
+from int8conv.tensorrt.qdq import (
+    _OutputCosine,
+    choose_fp32_layers,
+    insert_qdq,
+    quantized_layers,
+)
+from int8conv.tensorrt.ranges import tensor_ranges, value_ranges
+from int8conv.tensorrt.ssd_host import decode_head, detection_output
 from tests.shared_models import MODELS as SHARED_MODELS
 from tests.synthetic import write_caffe_model
 

@@ -5,8 +5,14 @@ import cv2
 import numpy as np
 import pytest
 
+from int8conv.calibration.preprocess import (
+    ImageTally,
+    Preprocess,
+    iter_batches,
+    list_images,
+    read_image,
+)
 from int8conv.errors import ImageError
-from int8conv.preprocess import ImageTally, Preprocess, iter_batches, list_images, read_image
 
 RNG = np.random.default_rng(2)
 

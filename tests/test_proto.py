@@ -19,7 +19,7 @@ def serialized_descriptor(source: str) -> bytes:
 
 def test_generated_module_matches_schema(tmp_path):
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}",
-                    str(ROOT / "int8conv" / "proto" / "caffe.proto")], check=True)
-    fresh = (tmp_path / "int8conv" / "proto" / "caffe_pb2.py").read_text()
-    committed = (ROOT / "int8conv" / "proto" / "caffe_pb2.py").read_text()
+                    str(ROOT / "int8conv" / "caffe" / "proto" / "caffe.proto")], check=True)
+    fresh = (tmp_path / "int8conv" / "caffe" / "proto" / "caffe_pb2.py").read_text()
+    committed = (ROOT / "int8conv" / "caffe" / "proto" / "caffe_pb2.py").read_text()
     assert serialized_descriptor(fresh) == serialized_descriptor(committed)

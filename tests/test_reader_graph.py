@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
 from int8conv.errors import ModelError
-from int8conv.fold import fold_batchnorm_scale
-from int8conv.graph import load_graph
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(0)

@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.histograms import BlobHistogram
+from int8conv.calibration.thresholds import activation_threshold
+from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.cli import main as int8conv_main
-from int8conv.fold import fold_batchnorm_scale
-from int8conv.graph import load_graph
-from int8conv.report import kl_divergence_curve
-from int8conv.statistics import BlobHistogram
-from int8conv.table import read_ncnn_table
-from int8conv.thresholds import activation_threshold
-from int8conv.weight_scales import quantizable_layers
+from int8conv.evaluation.report import kl_divergence_curve
+from int8conv.tables.ncnn_table import read_ncnn_table
 
 RNG = np.random.default_rng(11)
 

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from int8conv.calibration.histograms import BlobHistogram, CalibrationStatistics
 from int8conv.errors import Int8ConvError
-from int8conv.statistics import BlobHistogram, CalibrationStatistics
 
 MODEL = {"prototxt": "net.prototxt", "prototxt_sha256": "aa" * 32,
          "caffemodel": "net.caffemodel", "caffemodel_sha256": "bb" * 32}
@@ -40,7 +40,7 @@ def assert_same(a: BlobHistogram, b: BlobHistogram) -> None:
 
 @pytest.mark.parametrize("chunk", [100, 1 << 16])
 def test_growing_histogram_equals_one_histogram_at_the_final_range(monkeypatch, chunk):
-    monkeypatch.setattr("int8conv.statistics.CHUNK", chunk)       # 100: many chunks per batch
+    monkeypatch.setattr("int8conv.calibration.histograms.CHUNK", chunk)       # 100: many chunks per batch
     data = batches(0, 4)
     hist = BlobHistogram("conv1")
     for batch in data:

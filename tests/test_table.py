@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from int8conv.errors import Int8ConvError
-from int8conv.table import CalibrationTable, format_legacy_table, format_ncnn_table, read_ncnn_table, write_ncnn_table
+from int8conv.tables.ncnn_table import (
+    CalibrationTable,
+    format_legacy_table,
+    format_ncnn_table,
+    read_ncnn_table,
+    write_ncnn_table,
+)
 
 
 def test_round_trip_and_layout(tmp_path):

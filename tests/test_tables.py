@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from int8conv.fold import fold_batchnorm_scale
-from int8conv.graph import load_graph
-from int8conv.shapes import conv_geometry
-from int8conv.table import read_ncnn_table
-from int8conv.weight_scales import quantizable_layers
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
+from int8conv.caffe.shapes import conv_geometry
+from int8conv.calibration.weight_scales import quantizable_layers
+from int8conv.tables.ncnn_table import read_ncnn_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tables"

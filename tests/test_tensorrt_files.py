@@ -9,14 +9,25 @@ import numpy as np
 import onnx
 import pytest
 
+from int8conv.caffe.graph import load_graph
 from int8conv.cli import main as int8conv_main
 from int8conv.errors import Int8ConvError
-from int8conv.graph import load_graph
-from int8conv.table import read_ncnn_table
-from int8conv.tensorrt_files import (DEFAULT_TRT_VERSION, MIN_AMAX, algorithm_for, cache_version,
-                                     format_calibration_cache, hex_to_scale, read_calibration_cache,
-                                     read_dynamic_ranges, read_ranges_json, scale_to_hex, write_calibration_cache,
-                                     write_dynamic_ranges, write_ranges_json)
+from int8conv.tables.ncnn_table import read_ncnn_table
+from int8conv.tables.tensorrt_files import (
+    DEFAULT_TRT_VERSION,
+    MIN_AMAX,
+    algorithm_for,
+    cache_version,
+    format_calibration_cache,
+    hex_to_scale,
+    read_calibration_cache,
+    read_dynamic_ranges,
+    read_ranges_json,
+    scale_to_hex,
+    write_calibration_cache,
+    write_dynamic_ranges,
+    write_ranges_json,
+)
 from tests.test_onnx_export import ort_cache  # noqa: F401 (autouse: onnxruntime's cache in a temporary folder)
 
 YUNET = ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt", "yufacedetectnet-open-v1.caffemodel")

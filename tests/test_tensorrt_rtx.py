@@ -14,11 +14,23 @@ import numpy as np
 import pytest
 
 from int8conv.errors import BackendUnavailable
-from int8conv.onnx_export import export_onnx
-from int8conv.qdq import insert_qdq
-from int8conv.tensorrt import EngineRunner, ParsedNetwork, build_plan, import_tensorrt, require_gpu
-from int8conv.tensorrt_files import (read_calibration_cache, read_dynamic_ranges, read_ranges_json,
-                                     write_calibration_cache, write_dynamic_ranges, write_ranges_json)
+from int8conv.tables.tensorrt_files import (
+    read_calibration_cache,
+    read_dynamic_ranges,
+    read_ranges_json,
+    write_calibration_cache,
+    write_dynamic_ranges,
+    write_ranges_json,
+)
+from int8conv.tensorrt.engine import (
+    EngineRunner,
+    ParsedNetwork,
+    build_plan,
+    import_tensorrt,
+    require_gpu,
+)
+from int8conv.tensorrt.onnx_export import export_onnx
+from int8conv.tensorrt.qdq import insert_qdq
 from tests.test_onnx_export import HELD_OUT, MODELS, exported, inputs, ort_cache  # noqa: F401 (fixtures)
 
 BUILD_SECONDS: dict[str, float] = {}

@@ -6,12 +6,23 @@ import logging
 import numpy as np
 import pytest
 
+from int8conv.calibration.histograms import BlobHistogram, CalibrationStatistics
+from int8conv.calibration.thresholds import (
+    ACIQ_LAPLACE_8BIT,
+    METHODS,
+    activation_threshold,
+    kl_divergences,
+    kl_threshold,
+    mse_threshold,
+    select_candidate,
+)
 from int8conv.errors import Int8ConvError
-from int8conv.statistics import BlobHistogram, CalibrationStatistics
-from int8conv.thresholds import (ACIQ_LAPLACE_8BIT, METHODS, activation_threshold, kl_divergences,
-                                 kl_threshold, mse_threshold, select_candidate)
-from tests.kl_reference import (reference_kl_bin, reference_kl_divergences, reference_kl_threshold_bin,
-                          res10_activations)
+from tests.kl_reference import (
+    reference_kl_bin,
+    reference_kl_divergences,
+    reference_kl_threshold_bin,
+    res10_activations,
+)
 
 
 def random_histograms() -> list[np.ndarray]:
@@ -119,7 +130,7 @@ def test_signed_values_get_a_valid_threshold(negative_only):
 def test_all_zero_value_gets_none_and_a_warning(caplog):
     hist = BlobHistogram("dead_relu")
     hist.update(np.zeros((2, 3, 4, 4), np.float32))
-    with caplog.at_level(logging.WARNING, logger="int8conv.thresholds"):
+    with caplog.at_level(logging.WARNING, logger="int8conv.calibration.thresholds"):
         for method in METHODS:
             assert activation_threshold(hist, method) is None
     assert "dead_relu" in caplog.text

@@ -5,15 +5,26 @@ import argparse
 import logging
 import time
 
-from ..atomic import write_text_atomic
-from ..calibrate import (CalibrationResult, build_table, collect_statistics, legacy_table, model_identity)
-from ..engines import make_engine
-from ..errors import Int8ConvError
-from ..graph import Graph, load_graph
-from ..preprocess import list_images
-from ..statistics import CalibrationStatistics
-from ..table import write_ncnn_table
-from .common import add_calibration_args, add_model_args, add_preprocess_args, preprocess_from_args
+from int8conv.atomic import write_text_atomic
+from int8conv.caffe.graph import Graph, load_graph
+from int8conv.calibration.calibrate import (
+    CalibrationResult,
+    build_table,
+    collect_statistics,
+    legacy_table,
+    model_identity,
+)
+from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import list_images
+from int8conv.commands.common import (
+    add_calibration_args,
+    add_model_args,
+    add_preprocess_args,
+    preprocess_from_args,
+)
+from int8conv.engines import make_engine
+from int8conv.errors import Int8ConvError
+from int8conv.tables.ncnn_table import write_ncnn_table
 
 log = logging.getLogger(__name__)
 

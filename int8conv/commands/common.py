@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..engines import BACKENDS
-from ..errors import ImageError
-from ..graph import Graph
-from ..preprocess import COLORS, Preprocess
-from ..thresholds import METHODS
+from int8conv.caffe.graph import Graph
+from int8conv.calibration.preprocess import COLORS, Preprocess
+from int8conv.calibration.thresholds import METHODS
+from int8conv.engines import BACKENDS
+from int8conv.errors import ImageError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -5,11 +5,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import Int8ConvError
-from ..graph import load_graph
-from ..ncnn.convert import convert_graph
-from ..ncnn.model import write_model
-from .common import add_model_args
+from int8conv.caffe.graph import load_graph
+from int8conv.commands.common import add_model_args
+from int8conv.errors import Int8ConvError
+from int8conv.ncnn.convert import convert_graph
+from int8conv.ncnn.model import write_model
 
 log = logging.getLogger(__name__)
 

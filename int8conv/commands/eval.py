@@ -9,16 +9,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..engines import BACKENDS, make_engine
-from ..errors import Int8ConvError
-from ..evaluate import TASKS, EvalConfig, evaluate, format_report
-from ..graph import load_graph
-from ..ncnn.model import read_model, write_model
-from ..ncnn.quantize import quantize_model
-from ..preprocess import list_images
-from ..table import read_ncnn_table
-from .common import add_model_args, add_preprocess_args, preprocess_from_args
-from .quantize import mixed_precision_table
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.preprocess import list_images
+from int8conv.commands.common import (
+    add_model_args,
+    add_preprocess_args,
+    preprocess_from_args,
+)
+from int8conv.commands.quantize import mixed_precision_table
+from int8conv.engines import BACKENDS, make_engine
+from int8conv.errors import Int8ConvError
+from int8conv.evaluation.evaluate import TASKS, EvalConfig, evaluate, format_report
+from int8conv.ncnn.model import read_model, write_model
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.tables.ncnn_table import read_ncnn_table
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     if args.json:
-        from ..atomic import write_text_atomic
+        from int8conv.atomic import write_text_atomic
         write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
     if not args.quiet:
         print(format_report(report))

@@ -8,18 +8,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic
-from ..calibrate import all_values
-from ..errors import Int8ConvError
-from ..graph import Graph, load_graph
-from ..onnx_export import OnnxExport, export_onnx
-from ..preprocess import ImageTally, iter_batches, list_images
-from ..qdq import choose_fp32_layers, insert_qdq
-from ..table import read_ncnn_table
-from ..tensorrt_files import (DEFAULT_TRT_VERSION, algorithm_for, table_ranges, tensor_ranges, value_ranges,
-                              write_calibration_cache, write_dynamic_ranges, write_ranges_json)
-from .calibrate import statistics_for
-from .common import add_calibration_args, add_model_args, add_preprocess_args, preprocess_from_args
+from int8conv.atomic import write_bytes_atomic
+from int8conv.caffe.graph import Graph, load_graph
+from int8conv.calibration.calibrate import all_values
+from int8conv.calibration.preprocess import ImageTally, iter_batches, list_images
+from int8conv.commands.calibrate import statistics_for
+from int8conv.commands.common import (
+    add_calibration_args,
+    add_model_args,
+    add_preprocess_args,
+    preprocess_from_args,
+)
+from int8conv.errors import Int8ConvError
+from int8conv.tables.ncnn_table import read_ncnn_table
+from int8conv.tables.tensorrt_files import (
+    DEFAULT_TRT_VERSION,
+    algorithm_for,
+    write_calibration_cache,
+    write_dynamic_ranges,
+    write_ranges_json,
+)
+from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
+from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
+from int8conv.tensorrt.ranges import table_ranges, tensor_ranges, value_ranges
 
 log = logging.getLogger(__name__)
 

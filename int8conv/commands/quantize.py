@@ -5,12 +5,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import ImageError, Int8ConvError
-from ..ncnn.model import NcnnModel, read_model, write_model
-from ..ncnn.quantize import int8_layers, quantize_model
-from ..preprocess import Preprocess, list_images, read_image
-from ..table import CalibrationTable, read_ncnn_table, write_ncnn_table
-from .common import add_preprocess_args
+from int8conv.calibration.preprocess import Preprocess, list_images, read_image
+from int8conv.commands.common import add_preprocess_args
+from int8conv.errors import ImageError, Int8ConvError
+from int8conv.ncnn.model import NcnnModel, read_model, write_model
+from int8conv.ncnn.quantize import int8_layers, quantize_model
+from int8conv.tables.ncnn_table import (
+    CalibrationTable,
+    read_ncnn_table,
+    write_ncnn_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ def load_inputs(paths: list[Path], prep: Preprocess, input_name: str) -> list[di
 def mixed_precision_table(args: argparse.Namespace, model: NcnnModel, table: CalibrationTable,
                           images: Path | None, max_images: int) -> CalibrationTable:
     """``--auto-fp32``: the table with the chosen FP32 layers' activation lines removed (reported on stdout)."""
-    from ..mixed_precision import auto_fp32
+    from int8conv.evaluation.mixed_precision import auto_fp32
 
     if images is None:
         raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on (--images / "

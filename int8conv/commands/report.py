@@ -7,20 +7,25 @@ import html
 import logging
 from pathlib import Path
 
-from ..calibrate import build_table
-from ..engines import make_engine
-from ..evaluate import EvalConfig, evaluate, format_report
-from ..fold import fold_batchnorm_scale
-from ..graph import load_graph
-from ..ncnn.convert import convert_graph
-from ..ncnn.model import write_model
-from ..ncnn.quantize import quantize_model
-from ..preprocess import list_images
-from ..report import layer_reports, write_report
-from ..table import read_ncnn_table, write_ncnn_table
-from .calibrate import statistics_for
-from .eval import finite_json
-from .common import add_calibration_args, add_model_args, add_preprocess_args, preprocess_from_args
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import build_table
+from int8conv.calibration.preprocess import list_images
+from int8conv.commands.calibrate import statistics_for
+from int8conv.commands.common import (
+    add_calibration_args,
+    add_model_args,
+    add_preprocess_args,
+    preprocess_from_args,
+)
+from int8conv.commands.eval import finite_json
+from int8conv.engines import make_engine
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
+from int8conv.evaluation.report import layer_reports, write_report
+from int8conv.ncnn.convert import convert_graph
+from int8conv.ncnn.model import write_model
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailable, Int8ConvError
-from ..graph import Graph
+from int8conv.caffe.graph import Graph
+from int8conv.errors import BackendUnavailable, Int8ConvError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ class Engine(Protocol):
 
 def caffe_importable() -> bool:
     """True when ``import caffe`` (pycaffe) works in this environment."""
-    from .caffe_engine import import_caffe  # sets GLOG_minloglevel before _caffe.so loads
+    from int8conv.engines.caffe_engine import (
+        import_caffe,  # sets GLOG_minloglevel before _caffe.so loads
+    )
 
     try:
         import_caffe()
@@ -49,9 +51,9 @@ def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: st
         backend = "caffe" if caffe_importable() else "opencv"
         log.info("backend auto: using %s", "pycaffe" if backend == "caffe" else "OpenCV DNN (pycaffe not importable)")
     if backend == "caffe":
-        from .caffe_engine import CaffeEngine
+        from int8conv.engines.caffe_engine import CaffeEngine
         return CaffeEngine(graph, Path(prototxt), Path(caffemodel), gpu=gpu)
     if gpu is not None:
         raise BackendUnavailable("--gpu needs the pycaffe backend (--backend caffe); the OpenCV engine runs on the CPU")
-    from .opencv_engine import OpenCVEngine
+    from int8conv.engines.opencv_engine import OpenCVEngine
     return OpenCVEngine(graph, Path(prototxt), Path(caffemodel))

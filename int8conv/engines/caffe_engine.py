@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ModelError
-from ..graph import Graph
+from int8conv.caffe.graph import Graph
+from int8conv.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def caffe_has_cuda(caffe: ModuleType) -> bool:
     Builds from ``int8conv install-caffe`` record it in a JSON file beside the package; for any other
     pycaffe, the CUDA runtime among the shared libraries ``_caffe.so`` loads decides.
     """
-    from ..caffe_build import read_build_info
+    from int8conv.engines.caffe_build import read_build_info
 
     package = Path(caffe.__file__).resolve().parent
     info = read_build_info(package)

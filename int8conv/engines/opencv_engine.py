@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ModelError
-from ..graph import Graph
+from int8conv.caffe.graph import Graph
+from int8conv.errors import ModelError
 
 
 class OpenCVEngine:

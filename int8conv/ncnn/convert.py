@@ -25,12 +25,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ModelError
-from ..fold import fold_batchnorm_scale
-from ..graph import Graph, Layer
-from ..proto import caffe_pb2
-from ..shapes import conv_geometry, pool_geometry, prior_box_aspect_ratios
-from .model import NcnnBlob, NcnnLayer, NcnnModel, ParamValue
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.caffe.shapes import conv_geometry, pool_geometry, prior_box_aspect_ratios
+from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, ParamValue
 
 log = logging.getLogger(__name__)
 

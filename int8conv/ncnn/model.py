@@ -23,8 +23,8 @@ from typing import Callable, Union
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic, write_text_atomic
-from ..errors import ModelError
+from int8conv.atomic import write_bytes_atomic, write_text_atomic
+from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
 

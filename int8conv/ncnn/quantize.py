@@ -31,9 +31,9 @@ import math
 
 import numpy as np
 
-from ..errors import ModelError
-from ..table import CalibrationTable
-from .model import NcnnBlob, NcnnLayer, NcnnModel
+from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel
+from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
 

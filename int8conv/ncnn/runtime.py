@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ModelError
+from int8conv.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class NcnnRunner:
 
 def _requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
     """Top blob -> top scale for every convolution that writes int8 (``int8_scale_term`` > 100)."""
-    from .model import read_model
+    from int8conv.ncnn.model import read_model
 
     scales: dict[str, float] = {}
     model = read_model(param, bin_path)

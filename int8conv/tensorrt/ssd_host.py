@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detection import nms
-from .errors import ModelError
-from .graph import Graph, Layer
-from .proto import caffe_pb2
-from .shapes import prior_box_aspect_ratios
+from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.caffe.shapes import prior_box_aspect_ratios
+from int8conv.errors import ModelError
+from int8conv.evaluation.detection import nms
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ expresses with several nodes name their inner tensors ``<layer>/<what>``; ``Onnx
 the range of each inner tensor follows from a Caffe value. BatchNorm/Scale after a convolution are folded
 first (as TensorRT and ncnn do): the convolution's output takes the name of the last folded value and the
 folded values are listed in ``OnnxExport.folded``. DetectionOutput is not exported: its three inputs
-become graph outputs and :mod:`int8conv.ssd_postprocess` decodes them.
+become graph outputs and :mod:`int8conv.tensorrt.ssd_host` decodes them.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError
-from .fold import batchnorm_affine, fold_batchnorm_scale, scale_affine
-from .graph import Graph, Layer
-from .shapes import conv_geometry, pool_geometry
-from .ssd_postprocess import SsdHead, prior_boxes, ssd_heads
+from int8conv.caffe.fold import batchnorm_affine, fold_batchnorm_scale, scale_affine
+from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.shapes import conv_geometry, pool_geometry
+from int8conv.errors import ModelError
+from int8conv.tensorrt.ssd_host import SsdHead, prior_boxes, ssd_heads
 
 log = logging.getLogger(__name__)
 

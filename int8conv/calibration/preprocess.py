@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-from .errors import ImageError
+from int8conv.errors import ImageError
 
 log = logging.getLogger(__name__)
 

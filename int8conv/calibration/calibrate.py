@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .engines import Engine
-from .errors import ImageError
-from .fold import fold_batchnorm_scale
-from .graph import Graph
-from .preprocess import ImageTally, Preprocess, iter_batches
-from .progress import progress
-from .statistics import CalibrationStatistics
-from .table import CalibrationTable, format_legacy_table
-from .thresholds import activation_threshold
-from .weight_scales import quantizable_layers, weight_scales
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import Graph
+from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
+from int8conv.calibration.thresholds import activation_threshold
+from int8conv.calibration.weight_scales import quantizable_layers, weight_scales
+from int8conv.engines import Engine
+from int8conv.errors import ImageError
+from int8conv.progress import progress
+from int8conv.tables.ncnn_table import CalibrationTable, format_legacy_table
 
 log = logging.getLogger(__name__)
 

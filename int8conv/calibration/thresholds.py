@@ -1,6 +1,6 @@
 """Activation thresholds: the amax T at which a value is clipped (ncnn table scale 127/T, TensorRT T/127).
 
-Every method reads a :class:`~int8conv.statistics.BlobHistogram` of the non-zero |x| (exact zeros are
+Every method reads a :class:`~int8conv.calibration.histograms.BlobHistogram` of the non-zero |x| (exact zeros are
 representable for every T, so they never pull a threshold; see ``statistics``). The histogram is of |x|,
 so signed values (network input, linear bottlenecks, detection heads) are handled like any other: int8
 is symmetric, [-127, 127].
@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from .errors import Int8ConvError
-from .statistics import BlobHistogram
+from int8conv.calibration.histograms import BlobHistogram
+from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import Graph, Layer
-from .shapes import conv_geometry
+from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.shapes import conv_geometry
 
 QUANTIZABLE_TYPES = ("Convolution", "InnerProduct")
 #: A channel whose |w| max is below this fraction of its layer's max is treated as dead (scale 0, weights 0).

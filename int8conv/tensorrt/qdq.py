@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import ModelError
-from .evaluate import cosine
-from .fp32_search import Fp32Choice, search_fp32_layers
-from .onnx_export import OnnxExport
-from .tensorrt_files import LEVELS, MIN_AMAX
+from int8conv.errors import ModelError
+from int8conv.evaluation.evaluate import cosine
+from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
+from int8conv.tables.tensorrt_files import LEVELS, MIN_AMAX
+from int8conv.tensorrt.onnx_export import OnnxExport
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def quantized_layers(export: OnnxExport) -> list[str]:
 def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Iterable[str] = ()) -> onnx.ModelProto:
     """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
 
-    ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt_files.tensor_ranges`). A layer whose
+    ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt.ranges.tensor_ranges`). A layer whose
     input has no range stays FP32 (logged), as do the layers named in ``fp32_layers``. ConvTranspose
     (Caffe Deconvolution) is not quantized.
     """

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from .graph import Graph, Layer
+from int8conv.caffe.graph import Graph, Layer
 
 log = logging.getLogger(__name__)
 

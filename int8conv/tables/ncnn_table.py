@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .errors import Int8ConvError
+from int8conv.atomic import write_text_atomic
+from int8conv.errors import Int8ConvError
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import BackendUnavailable, ModelError
-from .tensorrt_files import read_calibration_cache
+from int8conv.errors import BackendUnavailable, ModelError
+from int8conv.tables.tensorrt_files import read_calibration_cache
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError
-from .proto import caffe_pb2
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
 

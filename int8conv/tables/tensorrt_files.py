@@ -5,8 +5,7 @@ network inputs and every layer output), not only the convolution inputs an ncnn 
 the symmetric ``amax``: the cache stores ``scale = amax / 127`` as the big-endian IEEE-754 bits of a
 float32; the sampleINT8API text file stores ``name:amax``, applied as ``set_dynamic_range(-amax, amax)``.
 
-Ranges of Caffe values come from the calibration statistics (or an ncnn table: ``amax = 127 / scale``);
-inner tensors of layers the ONNX export spells with several nodes get theirs from ``OnnxExport.derived``.
+The ranges themselves are computed in :mod:`int8conv.tensorrt.ranges`.
 """
 from __future__ import annotations
 
@@ -19,14 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .atomic import write_text_atomic
-from .errors import Int8ConvError
-from .graph import Graph
-from .onnx_export import OnnxExport
-from .statistics import CalibrationStatistics
-from .table import CalibrationTable
-from .thresholds import activation_threshold
-from .weight_scales import quantizable_layers
+from int8conv.atomic import write_text_atomic
+from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +69,7 @@ def hex_to_scale(text: str) -> float:
     return struct.unpack(">f", bytes.fromhex(text))[0]
 
 
-def _check_amax(name: str, amax: float) -> float:
+def check_amax(name: str, amax: float) -> float:
     if not (math.isfinite(amax) and amax > 0):
         raise Int8ConvError(f"tensor '{name}': range {amax} is not finite and positive; NaN, Inf and 0 never "
                             "reach a TensorRT file")
@@ -88,59 +81,6 @@ def _check_name(name: str) -> str:
     if not name or any(c in name for c in "\r\n") or name != name.strip():
         raise Int8ConvError(f"tensor name {name!r} cannot be written to a TensorRT range file")
     return name
-
-
-# ranges ------------------------------------------------------------------------------------------------------
-def value_ranges(stats: CalibrationStatistics, method: str = "kl", percentile: float = 99.99) -> dict[str, float]:
-    """amax of every value in the statistics by the threshold method; all-zero values get MIN_AMAX."""
-    ranges = {}
-    for name, histogram in stats.histograms.items():
-        threshold = activation_threshold(histogram, method, percentile=percentile)
-        ranges[name] = MIN_AMAX if threshold is None else max(float(threshold), MIN_AMAX)
-    return ranges
-
-
-def table_ranges(table: CalibrationTable, graph: Graph) -> dict[str, float]:
-    """amax of each quantized layer's input from an ncnn table (``127 / scale``); other values are absent."""
-    layers = {layer.name: layer for layer in quantizable_layers(graph)}
-    ranges: dict[str, float] = {}
-    for name, scale in table.activation_scales.items():
-        if name not in layers:
-            raise Int8ConvError(f"the calibration table names layer '{name}', which is not a Convolution or "
-                                f"InnerProduct of network '{graph.name}'")
-        ranges[layers[name].bottoms[0]] = max(LEVELS / float(scale), MIN_AMAX)
-    return ranges
-
-
-def tensor_ranges(export: OnnxExport, values: Mapping[str, float]) -> dict[str, float]:
-    """amax of every activation tensor of the exported ONNX that a range is known for, in graph order.
-
-    Constant tensors (PriorBox) get none: TensorRT computes them at build time. A tensor with neither a
-    value range nor a derivation is left out, and TensorRT keeps its layer in higher precision.
-    """
-    def amax_of(name: str, depth: int = 0) -> float | None:
-        if name in values:
-            return float(values[name])
-        rule = export.derived.get(name)
-        if rule is None or depth > 32:
-            return None
-        if rule.source is None:
-            return rule.amax
-        base = amax_of(rule.source, depth + 1)
-        return None if base is None else base * rule.factor
-
-    ranges: dict[str, float] = {}
-    missing = []
-    for name in export.activations():
-        amax = amax_of(name)
-        if amax is None:
-            missing.append(name)
-            continue
-        ranges[name] = _check_amax(name, max(amax, MIN_AMAX) if math.isfinite(amax) else amax)
-    if missing:
-        log.info("no range for %d tensor(s) (TensorRT keeps them in higher precision): %s", len(missing),
-                 ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
-    return ranges
 
 
 # calibration cache -------------------------------------------------------------------------------------------
@@ -164,7 +104,7 @@ def format_calibration_cache(ranges: Mapping[str, float], version: str = DEFAULT
         raise Int8ConvError(f"unknown calibrator '{algorithm}'; choose one of {', '.join(ALGORITHMS)}")
     lines = [f"TRT-{cache_version(version)}-{algorithm}"]
     for name, amax in ranges.items():
-        scale = struct.unpack(">f", struct.pack(">f", _check_amax(name, amax) / LEVELS))[0]
+        scale = struct.unpack(">f", struct.pack(">f", check_amax(name, amax) / LEVELS))[0]
         if not (math.isfinite(scale) and scale > 0):
             raise Int8ConvError(f"tensor '{name}': amax {amax} gives no positive float32 scale")
         lines.append(f"{_check_name(name)}: {scale_to_hex(scale)}")
@@ -203,7 +143,7 @@ def read_calibration_cache(path: str | Path) -> CalibrationCache:
 # dynamic ranges ----------------------------------------------------------------------------------------------
 def format_dynamic_ranges(ranges: Mapping[str, float]) -> str:
     """sampleINT8API's file: ``name:amax`` per line (repr floats, so the value reads back exactly)."""
-    return "".join(f"{_check_name(name)}:{_check_amax(name, amax)!r}\n" for name, amax in ranges.items())
+    return "".join(f"{_check_name(name)}:{check_amax(name, amax)!r}\n" for name, amax in ranges.items())
 
 
 def write_dynamic_ranges(path: str | Path, ranges: Mapping[str, float]) -> None:
@@ -236,7 +176,7 @@ def read_dynamic_ranges(path: str | Path) -> dict[str, float]:
 def format_ranges_json(ranges: Mapping[str, float], method: str, source: str) -> str:
     """``{"method", "source", "ranges": {name: amax}}``; TensorRT applies each as ``(-amax, amax)``."""
     body = {"format": "int8conv-tensorrt-ranges", "version": 1, "method": method, "source": source,
-            "ranges": {_check_name(n): _check_amax(n, a) for n, a in ranges.items()}}
+            "ranges": {_check_name(n): check_amax(n, a) for n, a in ranges.items()}}
     return json.dumps(body, indent=1) + "\n"
 
 
@@ -251,6 +191,6 @@ def read_ranges_json(path: str | Path) -> dict[str, float]:
         ranges = body["ranges"]
         if not isinstance(ranges, dict):
             raise TypeError("'ranges' is not an object")
-        return {str(name): _check_amax(str(name), float(amax)) for name, amax in ranges.items()}
+        return {str(name): check_amax(str(name), float(amax)) for name, amax in ranges.items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, Int8ConvError) as exc:
         raise Int8ConvError(f"{path}: not an int8conv ranges JSON file ({exc})") from exc

@@ -20,13 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write, write_text_atomic
-from .graph import Graph
-from .progress import progress
-from .statistics import BlobHistogram, CalibrationStatistics
-from .table import CalibrationTable
-from .thresholds import kl_divergences, select_candidate
-from .weight_scales import quantizable_layers
+from int8conv.atomic import atomic_write, write_text_atomic
+from int8conv.caffe.graph import Graph
+from int8conv.calibration.histograms import BlobHistogram, CalibrationStatistics
+from int8conv.calibration.thresholds import kl_divergences, select_candidate
+from int8conv.calibration.weight_scales import quantizable_layers
+from int8conv.progress import progress
+from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .caffe_reader import read_caffemodel, read_prototxt, weights_by_layer
-from .errors import ModelError
-from .proto import caffe_pb2
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.caffe.reader import read_caffemodel, read_prototxt, weights_by_layer
+from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _canonical_weights(layer: caffe_pb2.LayerParameter, blobs: list[np.ndarray])
 def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
                 path: Path | str = "<prototxt>") -> Graph:
     """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer."""
-    from .shapes import infer_shapes
+    from int8conv.caffe.shapes import infer_shapes
 
     path = Path(path)
     inputs = _header_inputs(net, path)

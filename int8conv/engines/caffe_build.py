@@ -31,8 +31,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .atomic import write_text_atomic
-from .errors import BackendUnavailable, Int8ConvError
+from int8conv.atomic import write_text_atomic
+from int8conv.errors import BackendUnavailable, Int8ConvError
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _check_script(package_parent: Path) -> str:
         import numpy as np
         import caffe
         from caffe.proto import caffe_pb2 as theirs
-        from int8conv.proto import caffe_pb2 as ours
+        from int8conv.caffe.proto import caffe_pb2 as ours
         assert theirs.DESCRIPTOR.package == "caffe" and ours.DESCRIPTOR.package == "int8conv_caffe"
         net_text = 'input: "x" input_shape {{ dim: 1 dim: 1 dim: 2 dim: 3 }} ' \\
                    'layer {{ name: "r" type: "ReLU" bottom: "x" top: "y" }}'

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .progress import progress
+from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
 

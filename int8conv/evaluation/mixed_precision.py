@@ -12,12 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .evaluate import output_view, resolve_task
-from .fp32_search import Fp32Choice, search_fp32_layers
-from .ncnn.model import NcnnModel, write_model
-from .ncnn.quantize import QUANTIZABLE, quantize_model
-from .ncnn.runtime import NcnnRunner
-from .table import CalibrationTable
+from int8conv.evaluation.evaluate import output_view, resolve_task
+from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
+from int8conv.ncnn.model import NcnnModel, write_model
+from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
+from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
 

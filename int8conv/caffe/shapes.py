@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .errors import ModelError
+from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
-    from .graph import Graph, Layer
+    from int8conv.caffe.graph import Graph, Layer
 
 Shape = tuple[int, ...]
 

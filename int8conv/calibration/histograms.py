@@ -25,8 +25,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .atomic import write_bytes_atomic
-from .errors import Int8ConvError
+from int8conv.atomic import write_bytes_atomic
+from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
 

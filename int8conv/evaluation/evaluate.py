@@ -22,13 +22,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .detection import (Detections, MatchTally, decode_ultraface, from_detection_output, ultraface_priors)
-from .errors import ImageError, ModelError
-from .ncnn.model import NcnnModel
-from .ncnn.quantize import int8_layers, is_int8
-from .ncnn.runtime import NcnnRunner, time_models
-from .preprocess import Preprocess, read_image
-from .progress import progress
+from int8conv.calibration.preprocess import Preprocess, read_image
+from int8conv.errors import ImageError, ModelError
+from int8conv.evaluation.detection import (
+    Detections,
+    MatchTally,
+    decode_ultraface,
+    from_detection_output,
+    ultraface_priors,
+)
+from int8conv.ncnn.model import NcnnModel
+from int8conv.ncnn.quantize import int8_layers, is_int8
+from int8conv.ncnn.runtime import NcnnRunner, time_models
+from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +260,7 @@ def evaluate(config: EvalConfig) -> dict:
     (fused with the next INT8 convolution) the blob is int8 and is compared after dequantization, so its
     cosine includes the clipping at the next layer's input threshold.
     """
-    from .ncnn.model import read_model
+    from int8conv.ncnn.model import read_model
 
     fp32_model = read_model(config.fp32_param, config.fp32_bin)
     int8_model = read_model(config.int8_param, config.int8_bin)

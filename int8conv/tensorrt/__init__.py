@@ -1,0 +1,1 @@
+"""TensorRT and ONNX: FP32 ONNX export, SSD host decoding, Q/DQ insertion, tensor ranges and engines."""
