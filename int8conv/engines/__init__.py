@@ -7,13 +7,17 @@ Every engine takes a preprocessed float32 NCHW batch and the graph's SSA value n
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from int8conv.caffe.graph import Graph
-from int8conv.errors import BackendUnavailable, Int8ConvError
+from int8conv.engines.caffe_engine import (
+    import_caffe,  # sets GLOG_minloglevel before _caffe.so loads
+)
+from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,6 @@ class Engine(Protocol):
 
 def caffe_importable() -> bool:
     """True when ``import caffe`` (pycaffe) works in this environment."""
-    from int8conv.engines.caffe_engine import (
-        import_caffe,  # sets GLOG_minloglevel before _caffe.so loads
-    )
-
     try:
         import_caffe()
     except BackendUnavailable:
@@ -42,15 +42,56 @@ def caffe_importable() -> bool:
     return True
 
 
+def caffe_obstacle(prototxt: str | Path, caffemodel: str | Path) -> str | None:
+    """Why pycaffe cannot run this model (naming the layer), or None when it can.
+
+    pycaffe aborts the whole process (a glog CHECK) on a layer type its registry lacks and on a file its
+    schema cannot read, so both files are checked first with pycaffe's own schema, fork type names as spelled.
+    """
+    from google.protobuf import text_format
+
+    caffe = import_caffe()
+    from caffe.proto import caffe_pb2
+
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(Path(prototxt).read_text(encoding="utf-8", errors="replace"), net)
+    except text_format.ParseError as exc:
+        return f"{prototxt}:{exc} (pycaffe's schema)"
+    known = set(caffe.layer_type_list())
+    missing = [layer for layer in net.layer if layer.type not in known]
+    if missing:
+        more = f" (nor {len(missing) - 1} more layers)" if len(missing) > 1 else ""
+        return (f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
+                f"registry does not have{more}")
+    weights = caffe_pb2.NetParameter()
+    weights.ParseFromString(Path(caffemodel).read_bytes())
+    errors = weights.FindInitializationErrors()
+    if errors:
+        index = int(errors[0].split("]")[0].split("[")[1]) if errors[0].startswith("layer[") else None
+        where = f"layer '{weights.layer[index].name}'" if index is not None else errors[0]
+        return (f"{caffemodel}: pycaffe's schema cannot read {where} (missing required field {errors[0]}: the "
+                "caffemodel was written by a Caffe fork whose field numbers differ)")
+    return None
+
+
 def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: str | Path,
                 gpu: int | None = None) -> Engine:
-    """Pick the FP32 engine: ``auto`` prefers pycaffe when importable, else OpenCV."""
+    """Pick the FP32 engine: ``auto`` prefers pycaffe when importable and it has every layer type, else OpenCV."""
     if backend not in BACKENDS:
         raise Int8ConvError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+    obstacle = caffe_obstacle(prototxt, caffemodel) if backend != "opencv" and caffe_importable() else None
     if backend == "auto":
-        backend = "caffe" if caffe_importable() else "opencv"
-        log.info("backend auto: using %s", "pycaffe" if backend == "caffe" else "OpenCV DNN (pycaffe not importable)")
+        if not caffe_importable():
+            backend, why = "opencv", "OpenCV DNN (pycaffe not importable)"
+        elif obstacle and gpu is None:
+            backend, why = "opencv", f"OpenCV DNN, since pycaffe cannot run it: {obstacle}"
+        else:
+            backend, why = "caffe", "pycaffe"
+        log.info("backend auto: using %s", why)
     if backend == "caffe":
+        if obstacle:
+            raise ModelError(f"the caffe engine cannot run this model: {obstacle}; use --backend opencv")
         from int8conv.engines.caffe_engine import CaffeEngine
         return CaffeEngine(graph, Path(prototxt), Path(caffemodel), gpu=gpu)
     if gpu is not None:

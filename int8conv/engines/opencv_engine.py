@@ -1,13 +1,98 @@
-"""The embedded FP32 engine: OpenCV's DNN Caffe importer with layer fusion off, so every value is observable."""
+"""The embedded FP32 engine: OpenCV's DNN Caffe importer with layer fusion off, so every value is observable.
+
+OpenCV lacks some layers of Caffe forks. The engine hands OpenCV a rewritten net where needed: the fork type
+names of depthwise convolution become ``Convolution`` with one group per output channel, and ``Upsample``
+(nearest neighbour, ``upsample_param { scale }``) runs as a Python layer registered with ``cv2.dnn_registerLayer``.
+A type OpenCV still cannot create is a ``ModelError`` naming the layer and this engine.
+"""
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from google.protobuf import text_format
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.reader import read_prototxt
 from int8conv.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Fork type names of depthwise convolution (ConvolutionDepthwise: caffe-adas, ShuffleNet ports;
+#: DepthwiseConvolution: MobileNet-YOLO) -> the type OpenCV runs them as, with ``group = num_output``.
+DEPTHWISE_ALIASES = ("ConvolutionDepthwise", "DepthwiseConvolution")
+_CANNOT_CREATE = re.compile(r"Can't create layer \"([^\"]+)\" of type \"([^\"]+)\"")
+
+
+class UpsampleLayer:
+    """The Caffe forks' ``Upsample``: nearest-neighbour upsampling by an integer ``scale`` (``out[h, w] =
+    in[h // scale, w // scale]``), as brocolli-caffe and darknet ports compute it."""
+
+    def __init__(self, params: dict, blobs: list) -> None:
+        self.scale = int(float(params.get("scale", 1)))
+        if self.scale < 1:
+            raise ValueError(f"Upsample scale must be >= 1, not {params.get('scale')}")
+
+    def getMemoryShapes(self, inputs: list) -> list:  # OpenCV's Python layer protocol
+        n, c, h, w = inputs[0]
+        return [[n, c, h * self.scale, w * self.scale]]
+
+    def forward(self, inputs: list) -> list:
+        x = inputs[0]
+        return [np.ascontiguousarray(x.repeat(self.scale, axis=2).repeat(self.scale, axis=3))]
+
+
+#: Fork layers OpenCV lacks, run as Python layers.
+PYTHON_LAYERS = {"Upsample": UpsampleLayer}
+
+
+def register_python_layers(types: set[str]) -> None:
+    """Register the Python layers these types need. OpenCV aborts the process on a second registration of a
+    name, so each is unregistered first (a no-op when it was not registered)."""
+    import cv2
+
+    for kind in sorted(types & set(PYTHON_LAYERS)):
+        cv2.dnn_unregisterLayer(kind)
+        cv2.dnn_registerLayer(kind, PYTHON_LAYERS[kind])
+
+
+def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
+    """The prototxt text OpenCV should read, or None when the file can be read as it is.
+
+    Depthwise fork types become ``Convolution`` with ``group = num_output`` (their prototxts may leave
+    ``group`` out); ``Upsample`` layers must have one bottom (the two-bottom unpooling variant is another layer).
+    """
+    for layer in graph.layers:
+        if layer.type == "Upsample" and len(layer.bottoms) != 1:
+            raise ModelError(f"{prototxt}: layer '{layer.name}' (Upsample) has {len(layer.bottoms)} bottoms; the "
+                             "OpenCV engine runs the nearest-neighbour Upsample of one bottom only")
+    net = read_prototxt(prototxt)
+    renamed = []
+    for layer in net.layer:
+        if layer.type in DEPTHWISE_ALIASES:
+            renamed.append(f"{layer.name} ({layer.type})")
+            layer.type = "Convolution"
+            if layer.convolution_param.group <= 1:
+                layer.convolution_param.group = layer.convolution_param.num_output
+    if not renamed:
+        return None
+    log.debug("OpenCV engine: depthwise fork layers run as Convolution: %s", ", ".join(renamed))
+    return text_format.MessageToString(net)
+
+
+def opencv_error(prototxt: Path | str, exc: Exception) -> ModelError:
+    """A cv2.error as a ModelError; an uncreatable layer type names the layer and this engine."""
+    import cv2
+
+    found = _CANNOT_CREATE.search(str(exc))
+    if found:
+        return ModelError(f"{prototxt}: layer '{found.group(1)}' has type '{found.group(2)}', which the opencv "
+                          f"engine (OpenCV {cv2.__version__} DNN) does not have; try --backend caffe if pycaffe has "
+                          "it")
+    return ModelError(f"{prototxt}: OpenCV cannot run this model: {str(exc).strip()}")
 
 
 class OpenCVEngine:
@@ -25,6 +110,8 @@ class OpenCVEngine:
         self._cv2 = cv2
         self.graph = graph
         self.prototxt, self.caffemodel = str(prototxt), str(caffemodel)
+        self._rewritten = opencv_prototxt(Path(prototxt), graph)
+        register_python_layers({layer.type for layer in graph.layers})
         self._net = None
         self._spatial: tuple[int, ...] | None = None
         self._pins: dict[str, tuple[str, int]] = {}
@@ -32,10 +119,16 @@ class OpenCVEngine:
             for index, top in enumerate(layer.tops):
                 self._pins[top] = (layer.name, index)
 
+    def _read_net(self):
+        if self._rewritten is None:
+            return self._cv2.dnn.readNetFromCaffe(self.prototxt, self.caffemodel)
+        return self._cv2.dnn.readNetFromCaffe(np.frombuffer(self._rewritten.encode("utf-8"), np.uint8),
+                                              np.fromfile(self.caffemodel, np.uint8))
+
     def _net_for(self, shape: tuple[int, ...]):
         if self._net is None or self._spatial != shape[2:]:
             try:
-                net = self._cv2.dnn.readNetFromCaffe(self.prototxt, self.caffemodel)
+                net = self._read_net()
             except self._cv2.error as exc:
                 raise ModelError(f"{self.prototxt}: OpenCV cannot load this model: {exc}") from exc
             net.enableFusion(False)
@@ -70,7 +163,10 @@ class OpenCVEngine:
         by_layer: dict[str, list] = {}
         for group in ([single] if single else []) + [[name] for name in sorted(multi)]:
             net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
-            by_layer.update(zip(group, net.forwardAndRetrieve(group)))
+            try:
+                by_layer.update(zip(group, net.forwardAndRetrieve(group)))
+            except self._cv2.error as exc:
+                raise opencv_error(self.prototxt, exc) from exc
         for value in values:
             if value in self._pins:
                 layer, index = self._pins[value]

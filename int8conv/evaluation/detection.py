@@ -24,16 +24,19 @@ ULTRAFACE_NMS_IOU = 0.3
 
 @dataclass
 class Detections:
-    """Boxes of one image: corners (x1, y1, x2, y2) normalized to [0, 1], scores and class labels."""
+    """Boxes of one image: corners (x1, y1, x2, y2) normalized to [0, 1], scores and class labels, and for
+    detectors that give them, landmark points (N, P, 2) normalized the same way."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    landmarks: np.ndarray | None = None
 
     def above(self, threshold: float) -> "Detections":
         """Only the detections scoring at least ``threshold``."""
         keep = self.scores >= threshold
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep],
+                          None if self.landmarks is None else self.landmarks[keep])
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
