@@ -35,6 +35,21 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
                        help="transpose height and width (models trained through Matlab, e.g. MTCNN)")
 
 
+TASK_HELP = ("classifier, ssd (DetectionOutput), host-decoded (UltraFace scores/boxes), retinaface, yoloface "
+             "(host-decoded anchors), segmentation (a sigmoid map); default: from the model's outputs")
+
+
+def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> None:
+    """``--task`` (and the detection thresholds): what INT8 is compared with FP32 on."""
+    from int8conv.evaluation.evaluate import TASKS
+
+    group.add_argument("--task", choices=TASKS, default="auto", help="task metric: " + TASK_HELP)
+    if thresholds:
+        group.add_argument("--score-threshold", type=float, default=None,
+                           help="detection score threshold (default: 0.8 for retinaface, else 0.5)")
+        group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
+
+
 def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool = False) -> None:
     """Calibration images, FP32 backend and statistics files."""
     group = parser.add_argument_group("calibration")

@@ -14,12 +14,13 @@ from int8conv.calibration.preprocess import list_images
 from int8conv.commands.common import (
     add_model_args,
     add_preprocess_args,
+    add_task_args,
     preprocess_from_args,
 )
 from int8conv.commands.quantize import mixed_precision_table
 from int8conv.engines import BACKENDS, make_engine
 from int8conv.errors import Int8ConvError
-from int8conv.evaluation.evaluate import TASKS, EvalConfig, evaluate, format_report
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table
@@ -32,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed",
         description="Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the "
                     "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
-                    "quantized layer and at the outputs, top-1 agreement (classifiers) or detection "
-                    "precision/recall (SSD, host-decoded detectors); median ms/image of FP32 and INT8.")
+                    "quantized layer and at the outputs, top-1 agreement (classifiers), detection "
+                    "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median ms/image of FP32 and INT8.")
     add_model_args(parser)
     files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
     files.add_argument("--ncnn-dir", type=Path,
@@ -48,11 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--images", type=Path, required=True, help="evaluation images: directory or list file")
     group.add_argument("--max-images", type=int, default=0, help="use at most this many (0 = all)")
-    group.add_argument("--task", choices=TASKS, default="auto",
-                       help="task metric: classifier, ssd (DetectionOutput) or host-decoded (UltraFace scores/boxes); "
-                            "default: from the model")
-    group.add_argument("--score-threshold", type=float, default=0.5, help="detection score threshold (default 0.5)")
-    group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
+    add_task_args(group)
     group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
     group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")

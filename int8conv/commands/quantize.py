@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image
-from int8conv.commands.common import add_preprocess_args
+from int8conv.commands.common import add_preprocess_args, add_task_args
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.ncnn.model import NcnnModel, read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
@@ -44,8 +44,7 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
                             "reaches COSINE (e.g. 0.99), measured on --images")
     group.add_argument("--images", type=Path, help="images for --auto-fp32 (directory or list file)")
     group.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
-    group.add_argument("--task", choices=("auto", "classifier", "ssd", "host-decoded"), default="auto",
-                       help="what the output cosine looks at (default: from the model's outputs)")
+    add_task_args(group, thresholds=False)
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
 
 

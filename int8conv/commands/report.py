@@ -16,6 +16,7 @@ from int8conv.commands.common import (
     add_calibration_args,
     add_model_args,
     add_preprocess_args,
+    add_task_args,
     preprocess_from_args,
 )
 from int8conv.commands.eval import finite_json
@@ -52,10 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--eval-images", type=Path, required=True,
                        help="evaluation images (ideally not the calibration ones): directory or list file")
     group.add_argument("--max-eval-images", type=int, default=0, help="use at most this many (0 = all)")
-    group.add_argument("--task", choices=("auto", "classifier", "ssd", "host-decoded"), default="auto",
-                       help="task metric (default: from the model's outputs)")
-    group.add_argument("--score-threshold", type=float, default=0.5, help="detection score threshold (default 0.5)")
-    group.add_argument("--iou-threshold", type=float, default=0.5, help="detection match IoU (default 0.5)")
+    add_task_args(group)
     group.add_argument("--no-caffe", action="store_true",
                        help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)")
     group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")

@@ -6,7 +6,8 @@ The numbers that decide whether an INT8 deployment is usable:
 - INT8 vs FP32: cosine similarity per quantized layer (its top blob in both ncnn nets) and at the outputs,
   plus a task metric: top-1 agreement and mean |probability difference| for classifiers, precision/recall
   (same class, IoU >= 0.5, score >= threshold) and mean IoU for SSD (DetectionOutput) and host-decoded
-  (UltraFace ``scores``/``boxes``) detectors;
+  detectors (UltraFace ``scores``/``boxes``, RetinaFace, YOLO face heads: ``host_decoders``), and for
+  segmentation maps the IoU of the maps thresholded at 0.5;
 - speed: median ms per image of ncnn FP32 and INT8, side by side, for 1 and 2 threads.
 
 For detectors the "output" cosine is taken on what feeds the box decoding, without the background class
@@ -24,12 +25,13 @@ import numpy as np
 
 from int8conv.calibration.preprocess import Preprocess, read_image
 from int8conv.errors import ImageError, ModelError
-from int8conv.evaluation.detection import (
-    Detections,
-    MatchTally,
-    decode_ultraface,
-    from_detection_output,
-    ultraface_priors,
+from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
+from int8conv.evaluation.host_decoders import (
+    DEFAULT_SCORES,
+    HOST_TASKS,
+    is_retinaface,
+    make_host_decoder,
+    retinaface_outputs,
 )
 from int8conv.ncnn.model import NcnnModel
 from int8conv.ncnn.quantize import int8_layers, is_int8
@@ -38,15 +40,31 @@ from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "classifier", "ssd", "host-decoded")
+TASKS = ("auto", "classifier", "ssd", *HOST_TASKS, "segmentation")
+#: A segmentation map's pixel is "on" above this value (a sigmoid map).
+MAP_THRESHOLD = 0.5
+#: ncnn's activation_type (param 9) of a fused sigmoid.
+SIGMOID_ACTIVATION = 4
 
 
 def detect_task(model: NcnnModel) -> str:
-    """ssd when a DetectionOutput layer exists, host-decoded for ``scores`` + ``boxes`` outputs, else classifier."""
+    """From the outputs: ssd (a DetectionOutput layer), host-decoded (UltraFace ``scores`` + ``boxes``),
+    retinaface (its score/box/landmark maps per stride), yoloface (raw 1x1-convolution heads of 3 anchors x
+    (4 box + objectness + 1 class) channels), segmentation (one sigmoid map), else classifier."""
+    outputs = model.output_names
     if any(layer.type == "DetectionOutput" for layer in model.layers):
         return "ssd"
-    if {"scores", "boxes"} <= set(model.output_names):
+    if {"scores", "boxes"} <= set(outputs):
         return "host-decoded"
+    if is_retinaface(outputs):
+        return "retinaface"
+    producers = [model.producer(name) for name in outputs]
+    if len(outputs) > 1 and all(p is not None and p.type == "Convolution" and int(p.params.get(0, 0)) == 18
+                                and not int(p.params.get(9, 0)) for p in producers):
+        return "yoloface"
+    if len(outputs) == 1 and producers[0] is not None and (
+            producers[0].type == "Sigmoid" or int(producers[0].params.get(9, 0)) == SIGMOID_ACTIVATION):
+        return "segmentation"
     return "classifier"
 
 
@@ -74,15 +92,19 @@ class OutputView:
     blobs: list[str]
     #: blob -> classes per row of its class scores (None: the array's last axis); column 0 is dropped
     class_scores: dict[str, int | None] = field(default_factory=dict)
+    #: blob -> leading channels to drop (score maps whose first channels are the background, as RetinaFace's)
+    background_channels: dict[str, int] = field(default_factory=dict)
 
     def parts(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One flat array per blob, class scores without the background column."""
+        """One flat array per blob, class scores without the background column or channels."""
         parts = []
         for blob in self.blobs:
             array = outputs[blob]
             if blob in self.class_scores:
                 classes = self.class_scores[blob] or array.shape[-1]
                 array = array.reshape(-1, classes)[:, 1:]
+            if blob in self.background_channels:
+                array = array.reshape(array.shape[-3], -1)[self.background_channels[blob]:]
             parts.append(array.reshape(-1))
         return parts
 
@@ -102,6 +124,10 @@ def output_view(model: NcnnModel, task: str) -> OutputView:
         return OutputView([loc, conf], {conf: int(detection.params.get(0, 0))})
     if task == "host-decoded":
         return OutputView(["boxes", "scores"], {"scores": None})
+    if task == "retinaface":
+        names = [retinaface_outputs(stride) for stride in (32, 16, 8)]
+        return OutputView([name for triple in names for name in triple],
+                          background_channels={scores: 2 for scores, _, _ in names})
     return OutputView(list(model.output_names))
 
 
@@ -127,7 +153,17 @@ def resolve_task(model: NcnnModel, task: str) -> str:
     if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
         raise ModelError(f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs "
                          f"{model.output_names}")
+    if task == "retinaface" and not is_retinaface(model.output_names):
+        raise ModelError(f"--task retinaface needs the outputs {', '.join(retinaface_outputs(8))} (and strides 16, "
+                         f"32); this model outputs {model.output_names}")
+    if task == "segmentation" and len(model.output_names) != 1:
+        raise ModelError(f"--task segmentation compares one output map; this model has {model.output_names}")
     return task
+
+
+def score_threshold(task: str, threshold: float | None) -> float:
+    """The detection score threshold: the one given, else the task's upstream default (0.5 unless noted)."""
+    return threshold if threshold is not None else DEFAULT_SCORES.get(task, 0.5)
 
 
 @dataclass
@@ -192,11 +228,14 @@ class TaskMetric:
     images: int = 0
     prob_diff: Running = field(default_factory=Running)
     matches: MatchTally = field(default_factory=MatchTally)
+    map_iou: Running = field(default_factory=Running)
 
     def summary(self) -> dict[str, float]:
         if self.task == "classifier":
             return {"top1_agreement": self.top1_agree / self.images if self.images else math.nan,
                     "mean_abs_prob_diff": self.prob_diff.mean}
+        if self.task == "segmentation":
+            return {"map_iou": self.map_iou.mean, "map_iou_min": self.map_iou.low, "map_threshold": MAP_THRESHOLD}
         return {"precision": self.matches.precision, "recall": self.matches.recall,
                 "mean_iou": self.matches.mean_iou, "reference_detections": self.matches.reference,
                 "candidate_detections": self.matches.candidate, "matched": self.matches.matched}
@@ -214,28 +253,40 @@ class EvalConfig:
     images: Sequence[Path]
     caffe_forward: Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]] | None = None
     task: str = "auto"
-    score_threshold: float = 0.5
+    score_threshold: float | None = None     # None: the task's default (``score_threshold``)
     iou_threshold: float = 0.5
     threads: Sequence[int] = (1, 2)
     timing_runs: int = 10
 
 
-def _task_outputs(task: str, outputs: dict[str, np.ndarray], model: NcnnModel, config: EvalConfig,
-                  priors: np.ndarray | None) -> Detections | np.ndarray:
-    """What the task metric compares: detections (thresholded) or the classifier's output vector."""
+def task_outputs(task: str, model: NcnnModel, size: tuple[int, int],
+                 threshold: float) -> Callable[[dict[str, np.ndarray]], Detections | np.ndarray]:
+    """What the task metric compares, from one image's outputs: detections (thresholded), or the output
+    vector (classifier) or map (segmentation)."""
     if task == "ssd":
         name = next(n for n in model.output_names if model.producer(n).type == "DetectionOutput")
-        return from_detection_output(outputs[name]).above(config.score_threshold)
-    if task == "host-decoded":
-        return decode_ultraface(outputs["scores"], outputs["boxes"], priors, config.score_threshold)
-    return outputs[model.output_names[0]].reshape(-1)
+        return lambda outputs: from_detection_output(outputs[name]).above(threshold)
+    if task in HOST_TASKS:
+        return make_host_decoder(task, model.output_names, *size, threshold)
+    first = model.output_names[0]
+    return lambda outputs: np.asarray(outputs[first]).reshape(-1)
 
 
-def _update_metric(metric: TaskMetric, reference, candidate, iou_threshold: float) -> None:
+def map_iou(reference: np.ndarray, candidate: np.ndarray, threshold: float = MAP_THRESHOLD) -> float:
+    """IoU of two maps' pixels above ``threshold`` (1.0 when neither has any)."""
+    on_r, on_c = np.asarray(reference) > threshold, np.asarray(candidate) > threshold
+    union = int(np.count_nonzero(on_r | on_c))
+    return int(np.count_nonzero(on_r & on_c)) / union if union else 1.0
+
+
+def update_metric(metric: TaskMetric, reference, candidate, iou_threshold: float) -> None:
+    """Add one image: reference and candidate as ``task_outputs`` gives them."""
     metric.images += 1
     if metric.task == "classifier":
         metric.top1_agree += int(np.argmax(reference) == np.argmax(candidate))
         metric.prob_diff.add(float(np.abs(reference - candidate).mean()))
+    elif metric.task == "segmentation":
+        metric.map_iou.add(map_iou(reference, candidate))
     else:
         metric.matches.add(reference, candidate, iou_threshold)
 
@@ -270,8 +321,8 @@ def evaluate(config: EvalConfig) -> dict:
         log.warning("%s has no INT8 layer", config.int8_param)
     int8_tops = {name: int8_model.layer(name).tops[0] for name in quantized}
     view = output_view(fp32_model, task)
-    height, width = config.preprocess.size
-    priors = ultraface_priors(width, height) if task == "host-decoded" else None
+    threshold = score_threshold(task, config.score_threshold)
+    decode = task_outputs(task, fp32_model, config.preprocess.size, threshold)
 
     fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
@@ -300,14 +351,12 @@ def evaluate(config: EvalConfig) -> dict:
         out_cos.add(view.cosine(ref, out))
         if direct is not None:
             winograd_cos.add(view.cosine(direct.extract(inputs, view.blobs), out))
-        ref_task = _task_outputs(task, ref, fp32_model, config, priors)
-        _update_metric(int8_metric, ref_task, _task_outputs(task, out, fp32_model, config, priors),
-                       config.iou_threshold)
+        ref_task = decode(ref)
+        update_metric(int8_metric, ref_task, decode(out), config.iou_threshold)
         if config.caffe_forward is not None:
             caffe = config.caffe_forward(data[None], fp32.output_names)
-            _compare_with_caffe(vs_caffe, caffe, ref, fp32_model, task, config.score_threshold)
-            _update_metric(caffe_metric, _task_outputs(task, {k: v[0] for k, v in caffe.items()}, fp32_model,
-                                                       config, priors), ref_task, config.iou_threshold)
+            _compare_with_caffe(vs_caffe, caffe, ref, fp32_model, task, threshold)
+            update_metric(caffe_metric, decode({k: v[0] for k, v in caffe.items()}), ref_task, config.iou_threshold)
         used += 1
     if used == 0:
         raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
@@ -318,7 +367,7 @@ def evaluate(config: EvalConfig) -> dict:
                    if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
     report = {
         "model": str(config.fp32_param), "int8_model": str(config.int8_param), "task": task, "images": used,
-        "score_threshold": config.score_threshold, "iou_threshold": config.iou_threshold,
+        "score_threshold": threshold, "iou_threshold": config.iou_threshold,
         "int8_layers": len(quantized), "fp32_layers": [n for n in quantizable if n not in quantized],
         "fp32_vs_caffe": ({name: {"max_abs": d.max_abs, "max_rel": d.max_rel, **({"note": d.note} if d.note else {})}
                            for name, d in vs_caffe.items()} if config.caffe_forward is not None else None),
@@ -385,6 +434,9 @@ def format_report(report: dict, worst_layers: int = 10) -> str:
 def _task_text(metric: dict) -> str:
     if "top1_agreement" in metric:
         return f"top-1 agreement {_fmt(metric['top1_agreement'])}, mean |prob diff| {_fmt(metric['mean_abs_prob_diff'], 5)}"
+    if "map_iou" in metric:
+        return (f"IoU of the maps > {metric['map_threshold']}: mean {_fmt(metric['map_iou'])}, "
+                f"min {_fmt(metric['map_iou_min'])}")
     return (f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
             f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
             f"reference / {metric['candidate_detections']} candidate detections)")

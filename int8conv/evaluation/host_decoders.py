@@ -13,11 +13,17 @@ Both return ``Detections`` normalized to the network input, class 1 = face, afte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from int8conv.evaluation.detection import Detections, empty_detections, nms
+from int8conv.evaluation.detection import (
+    Detections,
+    decode_ultraface,
+    empty_detections,
+    nms,
+    ultraface_priors,
+)
 
 #: RetinaFace: stride -> anchor scales (anchor side = 16 * scale), in the order of the output channels.
 RETINAFACE_SCALES = {32: (32.0, 16.0), 16: (8.0, 4.0), 8: (2.0, 1.0)}
@@ -148,3 +154,24 @@ def _suppressed(boxes: np.ndarray, scores: np.ndarray, width: int, height: int, 
     return Detections((boxes[kept] / scale).astype(np.float32), scores[kept].astype(np.float32),
                       np.full(kept.size, label, dtype=np.int64),
                       None if points is None else (points[kept] / scale[:2]).astype(np.float32))
+
+
+#: The host-decoded detector tasks: UltraFace (``scores``/``boxes`` against host priors), RetinaFace, YOLO face.
+HOST_TASKS = ("host-decoded", "retinaface", "yoloface")
+#: Score threshold of each task's upstream demo, where it is not 0.5.
+DEFAULT_SCORES = {"retinaface": RETINAFACE_SCORE}
+
+
+def make_host_decoder(task: str, output_names: Sequence[str], height: int, width: int,
+                      threshold: float) -> Callable[[Mapping[str, np.ndarray]], Detections]:
+    """One image's outputs (no batch axis) -> its detections, for one of ``HOST_TASKS``."""
+    if task == "host-decoded":
+        priors = ultraface_priors(width, height)
+        return lambda outputs: decode_ultraface(outputs["scores"], outputs["boxes"], priors, threshold)
+    if task == "retinaface":
+        return lambda outputs: decode_retinaface(outputs, width, height, threshold)
+    if task == "yoloface":
+        names = list(output_names)
+        return lambda outputs: decode_yolo(outputs, yoloface_heads({n: outputs[n].shape for n in names}, height),
+                                           width, height, threshold)
+    raise ValueError(f"no host decoder for task '{task}' (host tasks: {', '.join(HOST_TASKS)})")
