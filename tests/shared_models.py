@@ -42,7 +42,20 @@ MODELS = {
                              Preprocess(size=(240, 320), mean=(127,), norm=1 / 128, color="rgb")),
     "yufacedetectnet": SharedModel("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
                                    "yufacedetectnet-open-v1.caffemodel", Preprocess(size=(240, 320))),
+    # models with Caffe-fork layers (issue 10)
+    "retinaface": SharedModel("retinaface_mnet025", "mnet-deconv-0517.prototxt", "mnet-deconv-0517.caffemodel",
+                              Preprocess(size=(320, 320), color="rgb", letterbox=True)),
+    "yoloface": SharedModel("yoloface_500k_v2", "yoloface-500k-v2.prototxt", "yoloface-500k-v2.caffemodel",
+                            Preprocess(size=(288, 352), norm=1 / 255, color="rgb")),
+    "shufflenet_driver": SharedModel("shufflenet_v1_driver_action", "shufflenet_l20_50_deploy.prototxt",
+                                     "shufflenet_l20_50.caffemodel",
+                                     Preprocess(size=(50, 50), mean=(103.94, 116.78, 123.68), norm=0.017)),
+    "lane": SharedModel("mobilenet_yolov3_lite_lane", "mobilenet_yolov3_lite_deploy.prototxt",
+                        "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel",
+                        Preprocess(size=(512, 512), mean=(127.5,), norm=0.007843)),
 }
+#: The models above whose layers come from Caffe forks (Upsample, ShuffleChannel, depthwise type names, ...).
+FORK_MODELS = ("retinaface", "yoloface", "shufflenet_driver", "lane")
 
 
 def cli_flags(prep: Preprocess) -> list[str]:
@@ -51,7 +64,7 @@ def cli_flags(prep: Preprocess) -> list[str]:
              "--color", prep.color]
     if prep.resize:
         flags += ["--resize-then-crop", *map(str, prep.resize)]
-    return flags + (["--swap-hw"] if prep.swap_hw else [])
+    return flags + (["--swap-hw"] if prep.swap_hw else []) + (["--letterbox"] if prep.letterbox else [])
 
 
 def model_input(prep: Preprocess, image: np.ndarray, channels: int) -> np.ndarray:

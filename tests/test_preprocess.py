@@ -84,3 +84,16 @@ def test_bad_sources_are_clear(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(ImageError, match="--mean"):
         Preprocess(size=(8, 8), mean=(1, 2))
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_bottom_right(image_dir):
+    """RetinaFace's preprocessing: fit inside the input, zeros below and to the right (raw RGB, no mean)."""
+    image = read_image(image_dir / "a.jpg")                       # 40 x 50 (H x W)
+    prep = Preprocess(size=(32, 32), color="rgb", letterbox=True)
+    fitted = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (32, 26), interpolation=cv2.INTER_LINEAR)
+    expected = cv2.copyMakeBorder(fitted, 0, 6, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    np.testing.assert_array_equal(prep.apply(image), expected.transpose(2, 0, 1).astype(np.float32))
+    assert prep.content_fraction(image.shape) == (1.0, 26 / 32)
+    assert Preprocess(size=(32, 32)).content_fraction(image.shape) == (1.0, 1.0)
+    with pytest.raises(ImageError, match="--letterbox"):
+        Preprocess(size=(32, 32), letterbox=True, swap_hw=True)

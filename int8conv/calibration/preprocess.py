@@ -2,7 +2,8 @@
 
 Compatible with the original caffe-int8-convert-tools (``--mean M M M --norm N``: BGR pixels 0..255,
 ``(x - mean) * norm``, resized to the network input), extended with per-channel std, resize-then-center-crop,
-RGB/gray input and the H/W transpose that Matlab-trained models (MTCNN) expect.
+letterboxing (keep the aspect ratio, pad bottom/right: RetinaFace), RGB/gray input and the H/W transpose that
+Matlab-trained models (MTCNN) expect.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Preprocess:
     color: str = "bgr"
     resize: tuple[int, int] | None = None      # resize to (height, width) first, then center-crop to ``size``
     swap_hw: bool = False
+    letterbox: bool = False                    # fit inside ``size`` keeping the aspect ratio, pad bottom/right with 0
 
     def __post_init__(self) -> None:
         if self.color not in COLORS:
@@ -45,10 +47,20 @@ class Preprocess:
             raise ImageError("--std values must be non-zero")
         if self.resize and (self.resize[0] < self.size[0] or self.resize[1] < self.size[1]):
             raise ImageError(f"--resize-then-crop {self.resize} is smaller than the input size {self.size}")
+        if self.letterbox and (self.resize or self.swap_hw):
+            raise ImageError("--letterbox cannot be combined with --resize-then-crop or --swap-hw")
 
     @property
     def channels(self) -> int:
         return 1 if self.color == "gray" else 3
+
+    def content_fraction(self, image_shape: tuple[int, ...]) -> tuple[float, float]:
+        """The fraction (x, y) of the network input an image of ``image_shape`` (H, W, ...) fills: 1 unless
+        letterboxed; input-normalized coordinates divided by it are image-normalized."""
+        if not self.letterbox:
+            return 1.0, 1.0
+        height, width = _letterbox_size(image_shape, self.size)
+        return width / self.size[1], height / self.size[0]
 
     def describe(self) -> dict:
         """A plain dict for saved statistics and reports."""
@@ -68,6 +80,11 @@ class Preprocess:
             image = _resize(image, rh, rw)
             top, left = (rh - out_h) // 2, (rw - out_w) // 2
             image = image[top:top + out_h, left:left + out_w]
+        elif self.letterbox:
+            height, width = _letterbox_size(image.shape, self.size)
+            resized = _resize(image, height, width)
+            image = np.zeros((out_h, out_w, resized.shape[2]), dtype=resized.dtype)
+            image[:height, :width] = resized
         else:
             image = _resize(image, out_h, out_w)
         data = image.astype(np.float32)
@@ -78,6 +95,12 @@ class Preprocess:
         if self.swap_hw:
             chw = chw.transpose(0, 2, 1)
         return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+def _letterbox_size(image_shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an image resized to fit inside ``size`` with its aspect ratio kept."""
+    scale = min(size[0] / image_shape[0], size[1] / image_shape[1])
+    return min(size[0], max(1, round(image_shape[0] * scale))), min(size[1], max(1, round(image_shape[1] * scale)))
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

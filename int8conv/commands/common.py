@@ -33,6 +33,8 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--color", choices=COLORS, default="bgr", help="channel order the model expects (default bgr)")
     group.add_argument("--swap-hw", action="store_true",
                        help="transpose height and width (models trained through Matlab, e.g. MTCNN)")
+    group.add_argument("--letterbox", action="store_true",
+                       help="resize keeping the aspect ratio to fit the input, pad bottom/right with 0 (e.g. RetinaFace)")
 
 
 TASK_HELP = ("classifier, ssd (DetectionOutput), host-decoded (UltraFace scores/boxes), retinaface, yoloface "
@@ -69,14 +71,19 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
                        help="merge saved histograms and compute the table without forwarding images")
 
 
+def preprocess_of_size(args: argparse.Namespace, size: tuple[int, int]) -> Preprocess:
+    """The preprocessing options of ``add_preprocess_args`` for an input of ``size`` (H, W)."""
+    return Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
+                      resize=tuple(args.resize_then_crop) if args.resize_then_crop else None, swap_hw=args.swap_hw,
+                      letterbox=args.letterbox)
+
+
 def preprocess_from_args(args: argparse.Namespace, graph: Graph) -> Preprocess:
     """The ``Preprocess`` for this model: explicit options, else the prototxt's input shape."""
     name, shape = next(iter(graph.inputs.items()))
     if len(shape) != 4:
         raise ImageError(f"input '{name}' has shape {shape}, not NCHW: images cannot feed it")
-    size = tuple(args.size) if args.size else (shape[2], shape[3])
-    prep = Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
-                      resize=tuple(args.resize_then_crop) if args.resize_then_crop else None, swap_hw=args.swap_hw)
+    prep = preprocess_of_size(args, tuple(args.size) if args.size else (shape[2], shape[3]))
     if prep.channels != shape[1]:
         raise ImageError(f"input '{name}' of {args.proto} has {shape[1]} channels, but --color {args.color} gives "
                          f"{prep.channels}: this model cannot be calibrated from plain images")

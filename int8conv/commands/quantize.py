@@ -6,7 +6,11 @@ import logging
 from pathlib import Path
 
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image
-from int8conv.commands.common import add_preprocess_args, add_task_args
+from int8conv.commands.common import (
+    add_preprocess_args,
+    add_task_args,
+    preprocess_of_size,
+)
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.ncnn.model import NcnnModel, read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
@@ -57,8 +61,7 @@ def preprocess_for(args: argparse.Namespace, model: NcnnModel) -> Preprocess:
         if not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
             raise ImageError(f"{args.param}: the Input layer gives no width/height (0= and 1=); pass --size H W")
         size = (int(inputs[0].params[1]), int(inputs[0].params[0]))
-    return Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
-                      resize=tuple(args.resize_then_crop) if args.resize_then_crop else None, swap_hw=args.swap_hw)
+    return preprocess_of_size(args, size)
 
 
 def load_inputs(paths: list[Path], prep: Preprocess, input_name: str) -> list[dict]:
