@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,21 @@ MODELS = {
 }
 #: The models above whose layers come from Caffe forks (Upsample, ShuffleChannel, depthwise type names, ...).
 FORK_MODELS = ("retinaface", "yoloface", "shufflenet_driver", "lane")
+
+
+#: The two errors that mean a fork layer is not supported yet (issue 10's registry adds them): the project's
+#: Caffe schema lacks the layer's parameter field, or the ncnn converter names a layer it cannot write.
+_NOT_YET = (re.compile(r'has no field named "(\w+)"'),
+            re.compile(r"layer '([^']+)'[^\n]*(?:ncnn converter|not supported|unsupported|declin)"))
+
+
+def not_convertible(message: str) -> str | None:
+    """The layer (or layer parameter) an error names as not readable/convertible yet, else None."""
+    for pattern in _NOT_YET:
+        found = pattern.search(message)
+        if found:
+            return found.group(1)
+    return None
 
 
 def cli_flags(prep: Preprocess) -> list[str]:

@@ -18,11 +18,16 @@ sys.path.insert(0, str(ROOT / "demos"))
 
 from _common import write_digit_cells  # noqa: E402
 
+from tests.shared_models import not_convertible  # noqa: E402
+
 
 def run_demo(script: str, *args: str, shared: Path) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "demos" / script), *args, "--runs", "1"], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "INT8CONV_SHARED": str(shared),
                                                                "INT8CONV_QUIET": "1"})
+    layer = not_convertible(proc.stderr) if proc.returncode == 2 else None
+    if layer is not None:
+        pytest.skip(f"layer {layer} not convertible yet ({proc.stderr.strip()[-500:]})")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -68,6 +73,8 @@ def test_classify_lenet_digits(shared, tmp_path):
     ("res10", "bobmtcnn_multiple-faces.jpg", 18),
     ("yufacedetectnet", "libfacedetection_keliamoniz1.jpg", 1),
     ("ultraface", "dlib_2008_001322.jpg", 3),      # host-decoded
+    ("retinaface", "bobmtcnn_multiple-faces.jpg", 18),   # host-decoded anchors + landmarks, letterboxed
+    ("yoloface", "bobmtcnn_multiple-faces.jpg", 19),     # darknet heads (OpenCV FP32 finds 19 here)
 ])
 def test_ssd_detect_presets(shared, tmp_path, preset, image, faces):
     """FP32 finds the faces SOURCE.txt lists; the picture has the FP32 and INT8 panels side by side."""
