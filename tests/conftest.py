@@ -27,3 +27,17 @@ def shared() -> Path:
             pytest.fail("INT8CONV_REQUIRE_SHARED=1 but ../shared (or INT8CONV_SHARED) has no models/")
         pytest.skip("real models not available: ../shared (or INT8CONV_SHARED) is missing")
     return path
+
+
+@pytest.fixture(scope="session")
+def caffe():
+    """pycaffe, or a skip that says how to get it (a failure under INT8CONV_REQUIRE_CAFFE=1, as CI sets)."""
+    from int8conv.engines.caffe_engine import import_caffe
+    from int8conv.errors import BackendUnavailable
+
+    try:
+        return import_caffe()
+    except BackendUnavailable as exc:
+        if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
+            pytest.fail(f"INT8CONV_REQUIRE_CAFFE=1 but {exc}")
+        pytest.skip(str(exc))

@@ -5,7 +5,6 @@ Tests that need pycaffe skip when it is not importable, unless ``INT8CONV_REQUIR
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -31,19 +30,6 @@ from tests.test_engine_opencv import NET, numpy_forward, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
-
-
-@pytest.fixture(scope="session")
-def caffe():
-    """pycaffe, or a skip that says how to get it."""
-    from int8conv.engines.caffe_engine import import_caffe
-
-    try:
-        return import_caffe()
-    except BackendUnavailable as exc:
-        if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
-            pytest.fail(f"INT8CONV_REQUIRE_CAFFE=1 but {exc}")
-        pytest.skip(str(exc))
 
 
 # ---------------------------------------------------------------- install-caffe, without building
