@@ -63,8 +63,12 @@ class Preprocess:
         return width / self.size[1], height / self.size[0]
 
     def describe(self) -> dict:
-        """A plain dict for saved statistics and reports."""
-        return asdict(self)
+        """A plain dict for saved statistics and reports (``letterbox`` only when set, so statistics saved
+        before it existed still merge with new ones)."""
+        described = asdict(self)
+        if not self.letterbox:
+            del described["letterbox"]
+        return described
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """One decoded BGR uint8 image (HxWx3) -> CHW float32 network input."""
