@@ -130,3 +130,54 @@ def test_every_output_of_a_multi_output_layer(tmp_path):
     for i, name in enumerate("abc"):
         np.testing.assert_array_equal(got[name], x[:, 2 * i:2 * i + 2])
         np.testing.assert_allclose(got["c" + name], conv2d(x[:, 2 * i:2 * i + 2], *w["c" + name]), rtol=1e-5, atol=1e-5)
+
+
+FORK_NET = """
+name: "forks"
+input: "data"
+input_shape { dim: 2 dim: 4 dim: 3 dim: 5 }
+layer { name: "dw" type: "DepthwiseConvolution" bottom: "data" top: "dw"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "pool" type: "Pooling" bottom: "dw" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
+layer { name: "se" type: "Scale" bottom: "dw" bottom: "gate" top: "se" scale_param { axis: 0 } }
+layer { name: "up" type: "Upsample" bottom: "se" top: "up" }
+"""
+
+
+def test_fork_layers_match_numpy(tmp_path):
+    """DepthwiseConvolution without ``group`` (one filter per channel), a two-bottom Scale (SE gate) and the nearest
+    Upsample of Caffe forks.
+    The project's schema may not know ``upsample_param`` yet, so Upsample runs with its default scale here; the
+    real models (test_fork_models.py) check scale 2 against pycaffe."""
+    w = [RNG.normal(size=(4, 1, 3, 3)).astype(np.float32), RNG.normal(size=4).astype(np.float32)]
+    proto, model = write_caffe_model(tmp_path, FORK_NET, {"dw": w})
+    graph = load_graph(proto, model)
+    x = RNG.normal(size=(2, 4, 3, 5)).astype(np.float32)
+    got = make_engine("opencv", graph, proto, model).forward(x, ["dw", "se", "up"])
+    dw = conv2d(x, *w, pad=(1, 1), group=4)
+    gate = 1 / (1 + np.exp(-dw.mean(axis=(2, 3), keepdims=True)))
+    np.testing.assert_allclose(got["dw"], dw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["se"], gate * dw, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["up"], got["se"], rtol=0, atol=0)
+
+
+def test_upsample_with_two_bottoms_is_refused(tmp_path):
+    net = FORK_NET.replace('bottom: "se" top: "up"', 'bottom: "se" bottom: "data" top: "up"')
+    w = [RNG.normal(size=(4, 1, 3, 3)).astype(np.float32), RNG.normal(size=4).astype(np.float32)]
+    proto, model = write_caffe_model(tmp_path, net, {"dw": w})
+    with pytest.raises(ModelError, match="layer 'up' \\(Upsample\\) has 2 bottoms"):
+        make_engine("opencv", load_graph(proto, model), proto, model)
+
+
+def test_upsample_layer_is_caffe_forks_nearest_neighbour():
+    """out[h, w] = in[h // scale, w // scale], as brocolli-caffe's upsample_layer.cpp loops over it."""
+    from int8conv.engines.opencv_engine import UpsampleLayer
+
+    x = RNG.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    layer = UpsampleLayer({"scale": "3"}, [])
+    assert layer.getMemoryShapes([[2, 3, 4, 5]]) == [[2, 3, 12, 15]]
+    rows, cols = np.meshgrid(np.arange(12) // 3, np.arange(15) // 3, indexing="ij")
+    np.testing.assert_array_equal(layer.forward([x])[0], x[:, :, rows, cols])
+    with pytest.raises(ValueError, match="scale"):
+        UpsampleLayer({"scale": "0"}, [])

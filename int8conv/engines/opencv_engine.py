@@ -68,7 +68,7 @@ def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
     for layer in graph.layers:
         if layer.type == "Upsample" and len(layer.bottoms) != 1:
             raise ModelError(f"{prototxt}: layer '{layer.name}' (Upsample) has {len(layer.bottoms)} bottoms; the "
-                             "OpenCV engine runs the nearest-neighbour Upsample of one bottom only")
+                             "OpenCV engine runs the nearest-neighbour Upsample of one bottom only (not unpooling)")
     net = read_prototxt(prototxt)
     renamed = []
     for layer in net.layer:
