@@ -45,7 +45,7 @@ def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> No
     """``--task`` (and the detection thresholds): what INT8 is compared with FP32 on."""
     from int8conv.evaluation.evaluate import TASKS
 
-    group.add_argument("--task", choices=TASKS, default="auto", help="task metric: " + TASK_HELP)
+    group.add_argument("--task", choices=TASKS, default="auto", help="the task INT8 is judged on: " + TASK_HELP)
     if thresholds:
         group.add_argument("--score-threshold", type=float, default=None,
                            help="detection score threshold (default: 0.8 for retinaface, else 0.5)")
