@@ -29,7 +29,6 @@ from _common import (
     build_models,
     load_names,
     parse_with_preset,
-    shared_dir,
     speed_summary,
 )
 
@@ -37,7 +36,7 @@ from int8conv.atomic import write_bytes_atomic
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import setup_logging
-from int8conv.commands.common import add_preprocess_args, preprocess_from_args
+from int8conv.commands.common import add_preprocess_args, preprocess_options
 from int8conv.errors import Int8ConvError, ModelError
 from int8conv.evaluation.detection import (
     Detections,
@@ -48,6 +47,7 @@ from int8conv.evaluation.detection import (
 )
 from int8conv.evaluation.evaluate import detect_task
 from int8conv.ncnn.model import read_model
+from int8conv.zoo import shared_dir
 
 log = logging.getLogger("demo")
 
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, calib = resolve_model(args)
-    graph = load_graph(proto, model)
-    prep = preprocess_from_args(args, graph)
-    pair = build_models(proto, model, prep, calib, args.out_dir / "models", args)
+    prep_options = preprocess_options(args)
+    prep = prep_options.for_graph(load_graph(proto, model), proto)
+    pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
     nets = SideBySide(pair, args.threads, args.runs)
     decode = Decoder(pair.fp32_param, pair.fp32_bin, args.host_decode, prep.size, args.score_threshold)
     names = class_names(args.classes, decode.num_classes)

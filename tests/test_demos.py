@@ -16,7 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
-from _common import write_digit_cells  # noqa: E402
+from int8conv.zoo import write_digit_cells  # noqa: E402
+
+pytestmark = [pytest.mark.slow]
 
 
 def run_demo(script: str, *args: str, shared: Path) -> str:

@@ -25,8 +25,8 @@ from int8conv.ncnn.model import (
     write_model,
 )
 from int8conv.ncnn.runtime import NcnnRunner
-from tests.shared_models import MODELS as SHARED_MODELS
-from tests.shared_models import SharedModel, model_input
+from int8conv.zoo import MODELS as SHARED_MODELS
+from int8conv.zoo import SharedModel, model_input
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(7)

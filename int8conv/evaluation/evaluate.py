@@ -388,3 +388,14 @@ def _task_text(metric: dict) -> str:
     return (f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
             f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
             f"reference / {metric['candidate_detections']} candidate detections)")
+
+
+def finite_json(value):
+    """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
