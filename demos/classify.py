@@ -18,14 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import (
-    SideBySide,
-    add_build_args,
-    build_models,
-    load_names,
-    parse_with_preset,
-    speed_summary,
-)
+from _common import SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
 
 from int8conv.atomic import atomic_write
 from int8conv.caffe.graph import load_graph

@@ -22,15 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import (
-    VOC_CLASSES,
-    SideBySide,
-    add_build_args,
-    build_models,
-    load_names,
-    parse_with_preset,
-    speed_summary,
-)
+from _common import VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
 
 from int8conv.atomic import write_bytes_atomic
 from int8conv.caffe.graph import load_graph

@@ -38,23 +38,14 @@ from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
-from int8conv.evaluation.evaluate import (
-    EvalConfig,
-    evaluate,
-    finite_json,
-    format_report,
-)
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
 from int8conv.evaluation.fp32_search import Fp32Choice
 from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
 from int8conv.evaluation.report import layer_reports, write_report
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import quantize_model
-from int8conv.tables.ncnn_table import (
-    CalibrationTable,
-    format_ncnn_table,
-    read_ncnn_table,
-)
+from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
     algorithm_for,

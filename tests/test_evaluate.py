@@ -13,12 +13,7 @@ import numpy as np
 import pytest
 
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.calibrate import (
-    build_table,
-    calibration_values,
-    collect_statistics,
-    model_identity,
-)
+from int8conv.calibration.calibrate import build_table, calibration_values, collect_statistics, model_identity
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image
 from int8conv.cli import main as cli
@@ -32,14 +27,7 @@ from int8conv.evaluation.detection import (
     nms,
     ultraface_priors,
 )
-from int8conv.evaluation.evaluate import (
-    EvalConfig,
-    OutputView,
-    cosine,
-    detect_task,
-    evaluate,
-    output_view,
-)
+from int8conv.evaluation.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model

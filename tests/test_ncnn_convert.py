@@ -16,14 +16,7 @@ from int8conv.calibration.preprocess import Preprocess, read_image
 from int8conv.engines.opencv_engine import OpenCVEngine
 from int8conv.errors import ModelError
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import (
-    NcnnBlob,
-    NcnnLayer,
-    NcnnModel,
-    format_float,
-    read_model,
-    write_model,
-)
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, format_float, read_model, write_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.zoo import MODELS as SHARED_MODELS
 from int8conv.zoo import SharedModel, model_input

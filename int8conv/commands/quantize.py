@@ -5,18 +5,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from int8conv.commands.common import (
-    add_preprocess_args,
-    auto_fp32_options,
-    mixed_precision_table,
-)
+from int8conv.commands.common import add_preprocess_args, auto_fp32_options, mixed_precision_table
 from int8conv.evaluation.evaluate import TASKS
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
-from int8conv.tables.ncnn_table import (
-    read_ncnn_table,
-    write_ncnn_table,
-)
+from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 
 log = logging.getLogger(__name__)
 
