@@ -21,11 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int8conv.caffe.graph import load_graph  # noqa: E402
-from int8conv.calibration.calibrate import (  # noqa: E402
-    build_table,
-    collect_statistics,
-    model_identity,
-)
+from int8conv.calibration.calibrate import build_table, collect_statistics, model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402

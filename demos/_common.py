@@ -7,10 +7,10 @@ The demos run from a plain checkout (``python demos/classify.py ...``), so the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -22,24 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("int8conv") is None:
     sys.path.insert(0, str(REPO_ROOT))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from int8conv import pipeline  # noqa: E402
 from int8conv.atomic import write_text_atomic  # noqa: E402
-from int8conv.caffe.graph import load_graph  # noqa: E402
-from int8conv.calibration.calibrate import (  # noqa: E402
-    build_table,
-    collect_statistics,
-    model_identity,
-)
-from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
-from int8conv.engines import make_engine  # noqa: E402
-from int8conv.errors import Int8ConvError  # noqa: E402
-from int8conv.ncnn.convert import convert_graph  # noqa: E402
-from int8conv.ncnn.model import write_model  # noqa: E402
-from int8conv.ncnn.quantize import quantize_model  # noqa: E402
+from int8conv.calibration.calibrate import model_identity  # noqa: E402
+from int8conv.calibration.preprocess import list_images  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
-from int8conv.tables.ncnn_table import write_ncnn_table  # noqa: E402
+from int8conv.pipeline import PreprocessOptions  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -47,15 +37,6 @@ log = logging.getLogger("demo")
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
-
-
-def shared_dir() -> Path:
-    """``$INT8CONV_SHARED`` or ``../shared`` next to the checkout: where the preset models live."""
-    path = Path(os.environ.get("INT8CONV_SHARED", REPO_ROOT.parent / "shared"))
-    if not (path / "models").is_dir():
-        raise Int8ConvError(f"{path}/models not found: the presets need the shared models (set INT8CONV_SHARED), "
-                            f"or give --proto and --model")
-    return path
 
 
 def load_names(spec: str | None) -> list[str] | None:
@@ -96,53 +77,38 @@ class NcnnPair:
     fp32_layers: list[str]
 
 
-def _auto_fp32(fp32, table, graph, prep: Preprocess, images: Sequence[Path], target: float):
-    from int8conv.evaluation.mixed_precision import auto_fp32
-
-    name = next(iter(graph.inputs))
-    inputs = [{name: prep.apply(img)} for img in (read_image(p) for p in images[:8]) if img is not None]
-    chosen = auto_fp32(fp32, table, inputs, target)
-    log.info("auto-fp32: %d layer(s) kept FP32, output cosine %.5f -> %.5f", len(chosen.fp32_layers),
-             chosen.cosine_all_int8, chosen.cosine)
-    return chosen.table, chosen.fp32_layers
-
-
-def build_models(proto: Path, model: Path, prep: Preprocess, calib_images: Path, cache_dir: Path,
+def build_models(proto: Path, model: Path, prep: PreprocessOptions, calib_images: Path, cache_dir: Path,
                  args: argparse.Namespace) -> NcnnPair:
     """Calibrate, convert and quantize, unless ``cache_dir`` already holds the files for the same inputs.
 
     The cache key is the content of the model files, the preprocessing, the calibration image list and the
     calibration options, so changing any of them rebuilds.
     """
-    stem = model.stem
-    pair = NcnnPair(cache_dir / f"{stem}.param", cache_dir / f"{stem}.bin", cache_dir / f"{stem}-int8.param",
-                    cache_dir / f"{stem}-int8.bin", cache_dir / f"{stem}.table", [])
+    files = pipeline.ModelFiles(proto, model)
+    paths = pipeline.ncnn_paths(cache_dir, files.stem)
+    pair = NcnnPair(**paths, fp32_layers=[])
     images = list_images(calib_images)
     if args.max_calib_images > 0:
         images = images[:args.max_calib_images]
-    identity = model_identity(proto, model)
-    key = {"model": identity, "preprocess": json.loads(json.dumps(prep.describe())),
+    key = {"model": model_identity(proto, model), "preprocess": json.loads(json.dumps(dataclasses.asdict(prep))),
            "calibration": [str(p) for p in images], "method": args.method, "auto_fp32": args.auto_fp32}
-    stamp = cache_dir / f"{stem}.stamp.json"
-    files = (pair.fp32_param, pair.fp32_bin, pair.int8_param, pair.int8_bin, pair.table)
-    if not args.rebuild and stamp.is_file() and all(f.is_file() for f in files):
+    stamp = cache_dir / f"{files.stem}.stamp.json"
+    if not args.rebuild and stamp.is_file() and all(f.is_file() for f in paths.values()):
         saved = json.loads(stamp.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             pair.fp32_layers = saved.get("fp32_layers", [])
             log.info("using the cached ncnn models in %s", cache_dir)
             return pair
-    graph = load_graph(proto, model)
-    engine = make_engine(args.backend, graph, proto, model)
     log.info("calibrating %s on %d image(s) from %s", model.name, len(images), calib_images)
-    stats = collect_statistics(graph, engine, images, prep, identity)
-    result = build_table(graph, stats, args.method)
-    fp32 = convert_graph(graph)
-    table = result.table
-    if args.auto_fp32 is not None:
-        table, pair.fp32_layers = _auto_fp32(fp32, table, graph, prep, images, args.auto_fp32)
-    write_model(fp32, pair.fp32_param, pair.fp32_bin)
-    write_model(quantize_model(fp32, table), pair.int8_param, pair.int8_bin)
-    write_ncnn_table(table, pair.table)
+    calib = pipeline.CalibrationOptions(images=calib_images, max_images=args.max_calib_images, backend=args.backend,
+                                        method=args.method)
+    auto = None if args.auto_fp32 is None else pipeline.AutoFp32Options(args.auto_fp32, calib_images)
+    build = pipeline.build_ncnn(files, prep, calib, auto=auto)
+    if build.mixed is not None:
+        pair.fp32_layers = build.mixed.fp32_layers
+        log.info("auto-fp32: %d layer(s) kept FP32, output cosine %.5f -> %.5f", len(pair.fp32_layers),
+                 build.mixed.cosine_all_int8, build.mixed.cosine)
+    pipeline.write_ncnn_build(build, cache_dir, files.stem)
     write_text_atomic(stamp, json.dumps({"key": key, "fp32_layers": pair.fp32_layers}, indent=1))
     return pair
 
@@ -178,26 +144,6 @@ def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: i
     return (f"speed ({threads} thread{'s' if threads > 1 else ''}, median over {len(ms_fp32)} image(s)): "
             f"FP32 {fp32:.2f} ms/image, INT8 {int8:.2f} ms/image, INT8/FP32 time ratio {int8 / fp32:.3f} "
             f"({fp32 / int8:.2f}x {'faster' if int8 < fp32 else 'slower'})")
-
-
-def write_digit_cells(digits_png: Path, out_dir: Path, count: int, offset: int = 0) -> Path:
-    """Cut ``count`` of OpenCV's 5000 handwritten digits (20x20 cells) into 28x28 MNIST-style PNGs.
-
-    ``digits.png`` holds 50 rows of 100 cells, 5 rows per digit 0..9; cells are taken evenly over all 5000
-    (starting at ``offset``) so every digit appears. Each cell is padded by 4 pixels, as MNIST centers its
-    20x20 digits in 28x28.
-    """
-    sheet = cv2.imread(str(digits_png), cv2.IMREAD_GRAYSCALE)
-    if sheet is None or sheet.shape != (1000, 2000):
-        raise Int8ConvError(f"{digits_png}: not OpenCV's digits.png (2000x1000 grayscale)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    step = max(1, 5000 // max(count, 1))
-    for index in range(offset, offset + step * count, step):
-        row, col = divmod(index % 5000, 100)
-        cell = cv2.copyMakeBorder(sheet[row * 20:(row + 1) * 20, col * 20:(col + 1) * 20], 4, 4, 4, 4,
-                                  cv2.BORDER_CONSTANT, value=0)
-        cv2.imwrite(str(out_dir / f"digit{row // 5}_{index:04d}.png"), cell)
-    return out_dir
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, presets: Mapping[str, dict],

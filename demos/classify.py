@@ -18,23 +18,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import (
-    SideBySide,
-    add_build_args,
-    build_models,
-    load_names,
-    parse_with_preset,
-    shared_dir,
-    speed_summary,
-    write_digit_cells,
-)
+from _common import SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
 
 from int8conv.atomic import atomic_write
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import setup_logging
-from int8conv.commands.common import add_preprocess_args, preprocess_from_args
+from int8conv.commands.common import add_preprocess_args, preprocess_options
 from int8conv.errors import Int8ConvError
+from int8conv.zoo import shared_dir, write_digit_cells
 
 log = logging.getLogger("demo")
 
@@ -135,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, names, calib = resolve_model(args)
-    graph = load_graph(proto, model)
-    prep = preprocess_from_args(args, graph)
-    pair = build_models(proto, model, prep, calib, args.out_dir / "models", args)
+    prep_options = preprocess_options(args)
+    prep = prep_options.for_graph(load_graph(proto, model), proto)
+    pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
     nets = SideBySide(pair, args.threads, args.runs)
     output = nets.fp32.output_names[0]
     images = list_images(args.images)

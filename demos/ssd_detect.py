@@ -25,27 +25,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import (
-    VOC_CLASSES,
-    SideBySide,
-    add_build_args,
-    build_models,
-    load_names,
-    parse_with_preset,
-    shared_dir,
-    speed_summary,
-)
+from _common import VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
 
 from int8conv.atomic import write_bytes_atomic
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import setup_logging
-from int8conv.commands.common import add_preprocess_args, preprocess_from_args
+from int8conv.commands.common import add_preprocess_args, preprocess_options
 from int8conv.errors import Int8ConvError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.evaluate import detect_task, score_threshold
 from int8conv.evaluation.host_decoders import HOST_TASKS, make_host_decoder
 from int8conv.ncnn.model import read_model
+from int8conv.zoo import shared_dir
 
 log = logging.getLogger("demo")
 
@@ -168,7 +160,7 @@ def draw(image: np.ndarray, found: Detections, label: str, ms: float, names: lis
     height, width = panel.shape[:2]
     color = COLORS[label]
     thickness = max(1, round(max(height, width) / 320))
-    for index, (box, score, cls) in enumerate(zip(found.boxes, found.scores, found.labels)):
+    for index, (box, score, cls) in enumerate(zip(found.boxes, found.scores, found.labels, strict=True)):
         x1, y1, x2, y2 = (np.clip(box, 0, 1) * [width, height, width, height]).round().astype(int)
         cv2.rectangle(panel, (x1, y1), (x2, y2), color, thickness)
         for x, y in (found.landmarks[index] if found.landmarks is not None else ()):
@@ -190,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, calib = resolve_model(args)
-    graph = load_graph(proto, model)
-    prep = preprocess_from_args(args, graph)
-    pair = build_models(proto, model, prep, calib, args.out_dir / "models", args)
+    prep_options = preprocess_options(args)
+    prep = prep_options.for_graph(load_graph(proto, model), proto)
+    pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
     nets = SideBySide(pair, args.threads, args.runs)
     decode = Decoder(pair.fp32_param, pair.fp32_bin, args.host_decode, prep.size, args.score_threshold)
     names = class_names(args.classes, decode.num_classes)

@@ -9,18 +9,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from int8conv import pipeline
 from int8conv.cli import run
-from int8conv.commands.calibrate import (
-    add_table_args,
-    calibrate_from_args,
-    summary,
-    write_table,
-)
+from int8conv.commands.calibrate import add_table_args, summary
 from int8conv.commands.calibrate import run as run_calibrate
 from int8conv.commands.common import (
     add_calibration_args,
     add_model_args,
     add_preprocess_args,
+    calibration_options,
+    model_files,
+    preprocess_options,
 )
 
 
@@ -57,22 +56,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
-    from int8conv.ncnn.convert import convert_graph
-    from int8conv.ncnn.model import write_model
-    from int8conv.ncnn.quantize import quantize_model
-
-    out = Path(args.ncnn_dir)
-    name = Path(args.model).stem
-    args.output = str(out / f"{name}.table")
-    graph, result = calibrate_from_args(args)
-    fp32 = convert_graph(graph)
-    write_model(fp32, out / f"{name}.param", out / f"{name}.bin")
-    int8 = quantize_model(fp32, result.table)
-    write_model(int8, out / f"{name}-int8.param", out / f"{name}-int8.bin")
-    write_table(args, graph, result)
+    model = model_files(args)
+    build = pipeline.build_ncnn(model, preprocess_options(args), calibration_options(args))
+    paths = pipeline.write_ncnn_build(build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table)
+    args.output = str(paths["table"])
     if not args.quiet:
-        print(summary(args, result))
-        print(f"ncnn       {out / name}.param/.bin (FP32), {out / name}-int8.param/.bin (INT8)")
+        print(summary(args, build.result))
+        print(f"ncnn       {paths['fp32_param'].with_suffix('')}.param/.bin (FP32), "
+              f"{paths['int8_param'].with_suffix('')}.param/.bin (INT8)")
     return 0
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "demos"))
 
-from _common import write_digit_cells  # noqa: E402
+from int8conv.zoo import shared_dir, write_digit_cells  # noqa: E402
 
 SHARED = "../shared"           # as written in the commands; resolved through $INT8CONV_SHARED
 WORK = "$WORK"                 # a scratch folder (the script uses a temporary one, or --work)
@@ -108,10 +107,6 @@ ENTRIES = [
                "evaluate (this script cuts them into $WORK)"),
 ]
 BY_NAME = {entry.name: entry for entry in ENTRIES}
-
-
-def shared_dir() -> Path:
-    return Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")).resolve()
 
 
 def resolve(argv: list[str], shared: Path, work: Path) -> list[str]:

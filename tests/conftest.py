@@ -10,18 +10,20 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from int8conv.zoo import find_shared
+from tests import onnx_models
 
 
-def shared_dir() -> Path | None:
-    """The shared models/images folder, if present."""
-    candidate = Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared"))
-    return candidate if (candidate / "models").is_dir() else None
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that takes the real models (``shared`` or a fixture built on it) is marked ``real_models``."""
+    for item in items:
+        if {"shared", "exported"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_models)
 
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    path = shared_dir()
+    path = find_shared()
     if path is None:
         if os.environ.get("INT8CONV_REQUIRE_SHARED") == "1":
             pytest.fail("INT8CONV_REQUIRE_SHARED=1 but ../shared (or INT8CONV_SHARED) has no models/")
@@ -41,3 +43,27 @@ def caffe():
         if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
             pytest.fail(f"INT8CONV_REQUIRE_CAFFE=1 but {exc}")
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def ort_cache(tmp_path_factory):
+    """onnxruntime writes under ~/.cache unless XDG_CACHE_HOME points elsewhere."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+_EXPORTS: dict[str, onnx_models.Exported] = {}
+
+
+@pytest.fixture(scope="module")
+def exported(shared):
+    def get(key: str) -> onnx_models.Exported:
+        if key not in _EXPORTS:
+            _EXPORTS[key] = onnx_models.Exported(shared, key)
+        return _EXPORTS[key]
+    return get

@@ -59,7 +59,7 @@ def write_twin(caffe, prototxt: Path, caffemodel: Path, out: Path,
     weights = weights_by_layer(read_caffemodel(caffemodel), caffemodel)
     model = caffe.Net(str(twin_proto), caffe.TEST)
     for name, params in model.params.items():
-        for blob, array in zip(params, weights[name]):
+        for blob, array in zip(params, weights[name], strict=True):
             blob.data[...] = array.reshape(blob.data.shape)
     model.save(str(twin_model))
     return twin_proto, twin_model

@@ -13,20 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from int8conv.engines import caffe_build
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.calibrate import calibration_values
 from int8conv.calibration.preprocess import ImageTally, iter_batches, list_images
 from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.cli import main as int8conv_main
-from int8conv.engines import make_engine
+from int8conv.engines import caffe_build, make_engine
 from int8conv.errors import BackendUnavailable, ModelError
 from int8conv.tables.ncnn_table import read_ncnn_table
-from tests.shared_models import MODELS as SHARED_MODELS
+from int8conv.zoo import MODELS as SHARED_MODELS
 from tests.synthetic import write_caffe_model
 from tests.test_calibrate_cli import MODELS, model_args
 from tests.test_engine_opencv import NET, numpy_forward, weights
+
+pytestmark = [pytest.mark.pycaffe]
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
@@ -204,10 +205,10 @@ def _model_paths(shared: Path, key: str) -> tuple[Path, Path]:
 
 def _preprocess(shared: Path, key: str, graph):
     from int8conv.cli import build_parser
-    from int8conv.commands.common import preprocess_from_args
+    from int8conv.commands.common import preprocess_options
 
     args = build_parser().parse_args(["calibrate", *model_args(shared, key), "--output", "unused"])
-    return preprocess_from_args(args, graph), args.images
+    return preprocess_options(args).for_graph(graph, args.proto), args.images
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,8 +15,8 @@ from int8conv.caffe.shapes import conv_geometry
 from int8conv.calibration.weight_scales import DEAD_CHANNEL_RATIO, quantizable_layers
 from int8conv.cli import main as int8conv_main
 from int8conv.tables.ncnn_table import read_ncnn_table
-from tests.shared_models import MODELS as SHARED_MODELS
-from tests.shared_models import cli_flags
+from int8conv.zoo import MODELS as SHARED_MODELS
+from int8conv.zoo import cli_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

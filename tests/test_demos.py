@@ -16,9 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
-from _common import write_digit_cells  # noqa: E402
+from int8conv.zoo import write_digit_cells  # noqa: E402
 
-from tests.shared_models import not_convertible  # noqa: E402
+pytestmark = [pytest.mark.slow]
+
+from tests.pending import not_convertible  # noqa: E402
 
 
 def run_demo(script: str, *args: str, shared: Path) -> str:

@@ -13,12 +13,7 @@ import numpy as np
 import pytest
 
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.calibrate import (
-    build_table,
-    calibration_values,
-    collect_statistics,
-    model_identity,
-)
+from int8conv.calibration.calibrate import build_table, calibration_values, collect_statistics, model_identity
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image
 from int8conv.cli import main as cli
@@ -32,22 +27,15 @@ from int8conv.evaluation.detection import (
     nms,
     ultraface_priors,
 )
-from int8conv.evaluation.evaluate import (
-    EvalConfig,
-    OutputView,
-    cosine,
-    detect_task,
-    evaluate,
-    output_view,
-)
+from int8conv.evaluation.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable, read_ncnn_table
-from tests.shared_models import MODELS as SHARED_MODELS
-from tests.shared_models import model_input
+from int8conv.zoo import MODELS as SHARED_MODELS
+from int8conv.zoo import model_input
 
 pytest.importorskip("ncnn")
 
@@ -274,6 +262,7 @@ def test_int8_model_loads_and_runs_in_ncnn(key, built, shared):
         assert output_view(b.fp32_model, task).cosine(ref, got) > 0.5, key
 
 
+@pytest.mark.slow
 def test_open_nsfw_int8_agrees_with_fp32(built, shared):
     """Calibrated on imagenet images 0-9, evaluated on 100-115: top-1 agreement >= 99%, output cosine >= 0.99."""
     report = _evaluate(shared, built["open_nsfw"], list_images(shared / "images" / IMAGENET)[100:116])
@@ -284,6 +273,7 @@ def test_open_nsfw_int8_agrees_with_fp32(built, shared):
     assert quality["winograd_vs_direct_cosine_min"] > 0.9999   # no INT8 Winograd overflow on real data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["res10", "yufacedetectnet"])
 def test_ssd_int8_detections_match_fp32(key, built, shared):
     """Calibrated on VOC/COCO photos, evaluated on the face images: precision and recall >= 0.95."""
@@ -293,6 +283,7 @@ def test_ssd_int8_detections_match_fp32(key, built, shared):
     assert task["precision"] >= 0.95 and task["recall"] >= 0.95, task
 
 
+@pytest.mark.slow
 def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     """``int8conv quantize --auto-fp32 0.995``, chosen on the calibration images, keeps ultraface's faces.
 
@@ -318,6 +309,7 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     assert task["precision"] >= 0.95 and task["recall"] >= 0.95, (fp32_layers, task)
 
 
+@pytest.mark.slow
 def test_eval_cli_json(built, shared, tmp_path, capsys):
     """``int8conv eval --json``: Caffe, ncnn FP32 and INT8 on two face images, as strict JSON."""
     b = built["res10"]

@@ -24,25 +24,14 @@ from int8conv.engines import make_engine
 from int8conv.engines.caffe_engine import CaffeEngine
 from int8conv.errors import ModelError
 from int8conv.evaluation.detection import Detections, iou_matrix
-from int8conv.evaluation.evaluate import (
-    TaskMetric,
-    cosine,
-    map_iou,
-    output_view,
-    update_metric,
-)
-from int8conv.evaluation.host_decoders import (
-    decode_retinaface,
-    decode_yolo,
-    retinaface_outputs,
-    yoloface_heads,
-)
+from int8conv.evaluation.evaluate import TaskMetric, map_iou, output_view, update_metric
+from int8conv.evaluation.host_decoders import decode_retinaface, decode_yolo, retinaface_outputs, yoloface_heads
+from int8conv.evaluation.metrics import cosine
 from int8conv.tables.ncnn_table import read_ncnn_table
+from int8conv.zoo import FORK_MODELS, MODELS, cli_flags
+from tests.pending import not_convertible
 from tests.pycaffe_twin import write_twin
-from tests.shared_models import FORK_MODELS, MODELS, cli_flags, not_convertible
 from tests.synthetic import write_caffe_model
-
-pytestmark = pytest.mark.real_models
 
 MULTIPLE_FACES = "bobmtcnn_multiple-faces.jpg"
 ROAD = "voc_000456.jpg"
@@ -184,7 +173,7 @@ def test_retinaface_finds_the_18_faces_with_ordered_landmarks(shared, forwards):
     found = _retinaface(forwards, _image(shared, "faces", MULTIPLE_FACES))
     assert len(found) == 18
     assert found.scores.min() >= 0.8
-    for box, points in zip(found.boxes, found.landmarks):
+    for box, points in zip(found.boxes, found.landmarks, strict=True):
         assert np.all((points >= box[:2] - 0.01) & (points <= box[2:] + 0.01))      # inside the box
         left_eye, right_eye, nose, mouth_left, mouth_right = points
         assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]        # left before right
@@ -272,7 +261,7 @@ def test_retinaface_metric_counts_a_removed_face(shared, forwards):
             for s in (32, 16, 8):
                 single[retinaface_outputs(s)[0]][2:] = 0.0
             cell = scores[2 + anchor]
-            for row, col in zip(*np.nonzero(cell >= 0.8)):
+            for row, col in zip(*np.nonzero(cell >= 0.8), strict=True):
                 single[retinaface_outputs(stride)[0]][2 + anchor, row, col] = cell[row, col]
                 box = decode_retinaface(single, width, height, threshold=0.8, iou_threshold=1.0).boxes
                 if len(box) and iou_matrix(box[:1], face[None])[0, 0] > 0.3:

@@ -16,17 +16,10 @@ from int8conv.calibration.preprocess import Preprocess, read_image
 from int8conv.engines.opencv_engine import OpenCVEngine
 from int8conv.errors import ModelError
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import (
-    NcnnBlob,
-    NcnnLayer,
-    NcnnModel,
-    format_float,
-    read_model,
-    write_model,
-)
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, format_float, read_model, write_model
 from int8conv.ncnn.runtime import NcnnRunner
-from tests.shared_models import MODELS as SHARED_MODELS
-from tests.shared_models import SharedModel, model_input
+from int8conv.zoo import MODELS as SHARED_MODELS
+from int8conv.zoo import SharedModel, model_input
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(7)

@@ -14,12 +14,7 @@ import pytest
 from int8conv.cli import main as cli
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
-from int8conv.ncnn.quantize import (
-    _quantize_layer,
-    float_to_int8,
-    int8_layers,
-    quantize_model,
-)
+from int8conv.ncnn.quantize import _quantize_layer, float_to_int8, int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable
 

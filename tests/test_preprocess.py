@@ -5,13 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from int8conv.calibration.preprocess import (
-    ImageTally,
-    Preprocess,
-    iter_batches,
-    list_images,
-    read_image,
-)
+from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches, list_images, read_image
 from int8conv.errors import ImageError
 
 RNG = np.random.default_rng(2)

@@ -19,6 +19,8 @@ from int8conv.cli import main as int8conv_main
 from int8conv.evaluation.report import kl_divergence_curve
 from int8conv.tables.ncnn_table import read_ncnn_table
 
+pytestmark = [pytest.mark.slow]
+
 RNG = np.random.default_rng(11)
 
 RES10 = ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",

@@ -28,7 +28,8 @@ from int8conv.tables.tensorrt_files import (
     write_dynamic_ranges,
     write_ranges_json,
 )
-from tests.test_onnx_export import ort_cache  # noqa: F401 (autouse: onnxruntime's cache in a temporary folder)
+
+pytestmark = [pytest.mark.usefixtures("ort_cache")]
 
 YUNET = ("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt", "yufacedetectnet-open-v1.caffemodel")
 

@@ -22,16 +22,12 @@ from int8conv.tables.tensorrt_files import (
     write_dynamic_ranges,
     write_ranges_json,
 )
-from int8conv.tensorrt.engine import (
-    EngineRunner,
-    ParsedNetwork,
-    build_plan,
-    import_tensorrt,
-    require_gpu,
-)
+from int8conv.tensorrt.engine import EngineRunner, ParsedNetwork, build_plan, import_tensorrt, require_gpu
 from int8conv.tensorrt.onnx_export import export_onnx
 from int8conv.tensorrt.qdq import insert_qdq
-from tests.test_onnx_export import HELD_OUT, MODELS, exported, inputs, ort_cache  # noqa: F401 (fixtures)
+from tests.onnx_models import HELD_OUT, MODELS, inputs
+
+pytestmark = [pytest.mark.usefixtures("ort_cache"), pytest.mark.tensorrt]
 
 BUILD_SECONDS: dict[str, float] = {}
 

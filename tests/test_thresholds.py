@@ -17,12 +17,7 @@ from int8conv.calibration.thresholds import (
     select_candidate,
 )
 from int8conv.errors import Int8ConvError
-from tests.kl_reference import (
-    reference_kl_bin,
-    reference_kl_divergences,
-    reference_kl_threshold_bin,
-    res10_activations,
-)
+from tests.kl_reference import reference_kl_bin, reference_kl_divergences, reference_kl_threshold_bin, res10_activations
 
 
 def random_histograms() -> list[np.ndarray]:

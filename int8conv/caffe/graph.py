@@ -1,4 +1,4 @@
-"""Stage 2: the graph IR every later stage shares (calibration, ncnn writer, ONNX export).
+"""The graph IR every later stage shares (calibration, ncnn writer, ONNX export).
 
 Caffe reuses blob names for in-place layers (``top == bottom``). The IR gives every value its own
 name, following caffe2ncnn's convention so that ncnn blob names line up: the top of an in-place

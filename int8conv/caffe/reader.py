@@ -1,4 +1,4 @@
-"""Stage 1: read a Caffe deploy ``.prototxt`` and ``.caffemodel`` with protobuf alone (no pycaffe)."""
+"""Read a Caffe deploy ``.prototxt`` and ``.caffemodel`` with protobuf alone (no pycaffe)."""
 from __future__ import annotations
 
 import logging

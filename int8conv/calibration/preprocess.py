@@ -1,4 +1,4 @@
-"""Stage 3: calibration images -> NCHW float32 batches, preprocessed the way the model was trained.
+"""Calibration images -> NCHW float32 batches, preprocessed the way the model was trained.
 
 Compatible with the original caffe-int8-convert-tools (``--mean M M M --norm N``: BGR pixels 0..255,
 ``(x - mean) * norm``, resized to the network input), extended with per-channel std, resize-then-center-crop,
@@ -175,3 +175,12 @@ def iter_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int,
             batch, names = [], []
     if batch:
         yield np.stack(batch), names
+
+
+def network_inputs(paths: Sequence[Path], prep: Preprocess, input_name: str) -> list[dict[str, np.ndarray]]:
+    """One ``{input: CHW}`` per readable image (unreadable ones are skipped with a warning); none is an error."""
+    tally = ImageTally()
+    inputs = [{input_name: batch[0]} for batch, _ in iter_batches(paths, prep, 1, tally)]
+    if not inputs:
+        raise ImageError(f"none of the {len(paths)} images could be read")
+    return inputs

@@ -1,14 +1,16 @@
-"""Option groups shared by subcommands, and their conversion into pipeline inputs."""
+"""Option groups shared by subcommands, and their conversion into the pipeline's option dataclasses."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from int8conv.caffe.graph import Graph
-from int8conv.calibration.preprocess import COLORS, Preprocess
+from int8conv import pipeline
+from int8conv.calibration.preprocess import COLORS
 from int8conv.calibration.thresholds import METHODS
 from int8conv.engines import BACKENDS
-from int8conv.errors import ImageError
+from int8conv.ncnn.model import NcnnModel
+from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
+from int8conv.tables.ncnn_table import CalibrationTable
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,8 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--swap-hw", action="store_true",
                        help="transpose height and width (models trained through Matlab, e.g. MTCNN)")
     group.add_argument("--letterbox", action="store_true",
-                       help="resize keeping the aspect ratio to fit the input, pad bottom/right with 0 (e.g. RetinaFace)")
+                       help="resize keeping the aspect ratio to fit the input, pad bottom/right with 0 "
+                            "(e.g. RetinaFace)")
 
 
 TASK_HELP = ("classifier, ssd (DetectionOutput), host-decoded (UltraFace scores/boxes), retinaface, yoloface "
@@ -71,20 +74,45 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
                        help="merge saved histograms and compute the table without forwarding images")
 
 
-def preprocess_of_size(args: argparse.Namespace, size: tuple[int, int]) -> Preprocess:
-    """The preprocessing options of ``add_preprocess_args`` for an input of ``size`` (H, W)."""
-    return Preprocess(size=size, mean=tuple(args.mean), norm=args.norm, std=tuple(args.std), color=args.color,
-                      resize=tuple(args.resize_then_crop) if args.resize_then_crop else None, swap_hw=args.swap_hw,
-                      letterbox=args.letterbox)
+def model_files(args: argparse.Namespace) -> ModelFiles:
+    return ModelFiles(args.proto, args.model)
 
 
-def preprocess_from_args(args: argparse.Namespace, graph: Graph) -> Preprocess:
-    """The ``Preprocess`` for this model: explicit options, else the prototxt's input shape."""
-    name, shape = next(iter(graph.inputs.items()))
-    if len(shape) != 4:
-        raise ImageError(f"input '{name}' has shape {shape}, not NCHW: images cannot feed it")
-    prep = preprocess_of_size(args, tuple(args.size) if args.size else (shape[2], shape[3]))
-    if prep.channels != shape[1]:
-        raise ImageError(f"input '{name}' of {args.proto} has {shape[1]} channels, but --color {args.color} gives "
-                         f"{prep.channels}: this model cannot be calibrated from plain images")
-    return prep
+def preprocess_options(args: argparse.Namespace) -> PreprocessOptions:
+    return PreprocessOptions(mean=tuple(args.mean), norm=args.norm, std=tuple(args.std),
+                             size=tuple(args.size) if args.size else None,
+                             resize=tuple(args.resize_then_crop) if args.resize_then_crop else None,
+                             color=args.color, swap_hw=args.swap_hw, letterbox=args.letterbox)
+
+
+def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
+    """The calibration group's flags (and the table group's, where the command has it)."""
+    head_method = getattr(args, "head_method", "minmax")
+    return CalibrationOptions(images=args.images, max_images=args.max_images, batch_size=args.batch_size,
+                              backend=args.backend, gpu=args.gpu, method=args.method, percentile=args.percentile,
+                              head_method=None if head_method == "same" else head_method,
+                              weights_8bit=getattr(args, "weights_8bit", False), save_stats=args.save_stats,
+                              load_stats=tuple(args.load_stats or ()))
+
+
+def eval_options(args: argparse.Namespace, images: Path, max_images: int) -> pipeline.EvalOptions:
+    """The evaluation flags ``eval`` and ``report`` share."""
+    return pipeline.EvalOptions(images, max_images, args.task, args.score_threshold, args.iou_threshold,
+                                tuple(args.threads), args.timing_runs, args.backend, getattr(args, "gpu", None),
+                                not args.no_caffe)
+
+
+def auto_fp32_options(args: argparse.Namespace, images: Path | None, max_images: int) -> pipeline.AutoFp32Options:
+    return pipeline.AutoFp32Options(args.auto_fp32, images, max_images, args.task)
+
+
+def mixed_precision_table(args: argparse.Namespace, model: NcnnModel, table: CalibrationTable,
+                          options: pipeline.AutoFp32Options) -> CalibrationTable:
+    """``--auto-fp32``: the table with the chosen FP32 layers' activation lines removed (reported on stdout)."""
+    choice = pipeline.auto_fp32_table(model, table, preprocess_options(args), options, args.param,
+                                      fp16_storage=not args.no_fp16)
+    if not args.quiet:
+        kept = ", ".join(choice.fp32_layers) if choice.fp32_layers else "none"
+        print(f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
+              f"(target {choice.target}); FP32 layers: {kept}")
+    return choice.table

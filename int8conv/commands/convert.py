@@ -5,10 +5,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from int8conv.caffe.graph import load_graph
-from int8conv.commands.common import add_model_args
+from int8conv import pipeline
+from int8conv.commands.common import add_model_args, model_files
 from int8conv.errors import Int8ConvError
-from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import write_model
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,7 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     param, binary = output_paths(args)
-    graph = load_graph(args.proto, args.model)
-    model = convert_graph(graph)
+    model = pipeline.convert(model_files(args))
     write_model(model, param, binary)
     if not getattr(args, "quiet", False):
         print(f"ncnn FP32 model: {param} ({len(model.layers)} layers), {binary}")

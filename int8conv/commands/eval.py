@@ -4,23 +4,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 from pathlib import Path
 
-from int8conv.caffe.graph import load_graph
-from int8conv.calibration.preprocess import list_images
+from int8conv import pipeline
+from int8conv.atomic import write_text_atomic
 from int8conv.commands.common import (
     add_model_args,
     add_preprocess_args,
     add_task_args,
-    preprocess_from_args,
+    auto_fp32_options,
+    eval_options,
+    mixed_precision_table,
+    model_files,
+    preprocess_options,
 )
-from int8conv.commands.quantize import mixed_precision_table
-from int8conv.engines import BACKENDS, make_engine
+from int8conv.engines import BACKENDS
 from int8conv.errors import Int8ConvError
-from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
+from int8conv.evaluation.evaluate import finite_json, format_report
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table
@@ -34,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the "
                     "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
                     "quantized layer and at the outputs, top-1 agreement (classifiers), detection "
-                    "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median ms/image of FP32 and INT8.")
+                    "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median "
+                    "ms/image of FP32 and INT8.")
     add_model_args(parser)
     files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
     files.add_argument("--ncnn-dir", type=Path,
@@ -79,17 +82,6 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | Non
     return args.param, args.bin, args.int8_param, args.int8_bin
 
 
-def finite_json(value):
-    """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     if args.auto_fp32 is not None and args.table is None:
         raise Int8ConvError("--auto-fp32 needs --table (the INT8 model is built here from the table)")
@@ -97,25 +89,18 @@ def run(args: argparse.Namespace) -> int:
     for path in (fp32_param, fp32_bin, int8_param, int8_bin):
         if path is not None and not path.is_file():
             raise Int8ConvError(f"{path}: no such file")
-    graph = load_graph(args.proto, args.model)
-    images = list_images(args.images)
-    if args.max_images > 0:
-        images = images[:args.max_images]
-    caffe_forward = None
-    if not args.no_caffe:
-        caffe_forward = make_engine(args.backend, graph, args.proto, args.model).forward
     with tempfile.TemporaryDirectory(prefix="int8conv-eval-") as tmp:
         if int8_param is None:
             model = read_model(fp32_param, fp32_bin)
             table = read_ncnn_table(args.table)
             if args.auto_fp32 is not None:
-                table = mixed_precision_table(args, model, table, args.auto_fp32_images, args.auto_fp32_max_images)
+                options = auto_fp32_options(args, args.auto_fp32_images, args.auto_fp32_max_images)
+                table = mixed_precision_table(args, model, table, options)
             int8_param, int8_bin = Path(tmp) / "int8.param", Path(tmp) / "int8.bin"
             write_model(quantize_model(model, table, fp16_storage=not args.no_fp16), int8_param, int8_bin)
-        report = evaluate(EvalConfig(fp32_param, fp32_bin, int8_param, int8_bin, preprocess_from_args(args, graph),
-                                     images, caffe_forward=caffe_forward, task=args.task,
-                                     score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
-                                     threads=tuple(args.threads), timing_runs=args.timing_runs))
+        files = {"fp32_param": fp32_param, "fp32_bin": fp32_bin, "int8_param": int8_param, "int8_bin": int8_bin}
+        report = pipeline.evaluate_ncnn(model_files(args), files, preprocess_options(args),
+                                        eval_options(args, args.images, args.max_images))
     if args.table is not None:
         report["int8_model"] = f"quantized from {args.table}" + (f" with --auto-fp32 {args.auto_fp32}"
                                                                  if args.auto_fp32 is not None else "")
@@ -124,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     if args.json:
-        from int8conv.atomic import write_text_atomic
         write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
     if not args.quiet:
         print(format_report(report))

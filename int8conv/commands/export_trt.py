@@ -6,31 +6,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from int8conv.atomic import write_bytes_atomic
-from int8conv.caffe.graph import Graph, load_graph
-from int8conv.calibration.calibrate import all_values
-from int8conv.calibration.preprocess import ImageTally, iter_batches, list_images
-from int8conv.commands.calibrate import statistics_for
+from int8conv import pipeline
 from int8conv.commands.common import (
     add_calibration_args,
     add_model_args,
     add_preprocess_args,
-    preprocess_from_args,
+    calibration_options,
+    model_files,
+    preprocess_options,
 )
-from int8conv.errors import Int8ConvError
-from int8conv.tables.ncnn_table import read_ncnn_table
-from int8conv.tables.tensorrt_files import (
-    DEFAULT_TRT_VERSION,
-    algorithm_for,
-    write_calibration_cache,
-    write_dynamic_ranges,
-    write_ranges_json,
-)
-from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
-from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
-from int8conv.tensorrt.ranges import table_ranges, tensor_ranges, value_ranges
+from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -67,65 +52,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _value_ranges(args: argparse.Namespace, graph: Graph, export: OnnxExport) -> tuple[dict[str, float], str]:
-    """amax per Caffe value and a description of where they came from."""
-    if args.table:
-        return table_ranges(read_ncnn_table(args.table), graph), f"ncnn table {args.table}"
-    stats = statistics_for(args, graph, values=all_values(graph))
-    needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
-    missing = [v for v in needed if v not in stats.histograms]
-    if missing:
-        raise Int8ConvError(f"the statistics hold no histogram for {len(missing)} of the {len(needed)} tensors "
-                            f"TensorRT needs (e.g. {', '.join(missing[:4])}); statistics saved by 'calibrate' "
-                            "cover only convolution inputs: collect them with 'int8conv export-trt --images DIR "
-                            "--save-stats FILE'")
-    return value_ranges(stats, args.method, args.percentile), f"{stats.images_used} images, method {args.method}"
-
-
-def _auto_fp32_feeds(args: argparse.Namespace, graph: Graph) -> list[dict[str, np.ndarray]]:
-    if args.images is None:
-        raise Int8ConvError("--auto-fp32 scores the Q/DQ model on images: give them with --images")
-    images = list_images(args.images)[:max(args.auto_fp32_images, 1)]
-    prep = preprocess_from_args(args, graph)
-    name = next(iter(graph.inputs))
-    return [{name: batch} for batch, _ in iter_batches(images, prep, 1, ImageTally())]
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.batch == 0 or args.batch < -1:
-        raise Int8ConvError(f"--batch must be a positive number or -1 (dynamic), not {args.batch}")
-    graph = load_graph(args.proto, args.model)
-    export = export_onnx(graph, batch=args.batch)
-    values, source = _value_ranges(args, graph, export)
-    ranges = tensor_ranges(export, values)
-    fp32_layers = list(args.fp32_layers)
-    choice = None
-    if args.auto_fp32 is not None:
-        scoring = export if args.batch in (1, -1) else export_onnx(graph, batch=1)
-        choice = choose_fp32_layers(scoring, ranges, _auto_fp32_feeds(args, graph), args.auto_fp32)
-        fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
-    qdq = insert_qdq(export, ranges, fp32_layers)
-
-    stem = args.model.stem
-    out = args.out_dir
-    paths = {kind: out / f"{stem}{suffix}" for kind, suffix in
-             (("onnx", ".onnx"), ("qdq", ".qdq.onnx"), ("cache", ".cache"), ("txt", ".ranges.txt"),
-              ("json", ".ranges.json"))}
-    write_bytes_atomic(paths["onnx"], export.model.SerializeToString())
-    write_bytes_atomic(paths["qdq"], qdq.SerializeToString())
-    method = "table" if args.table else args.method
-    write_calibration_cache(paths["cache"], ranges, args.trt_version, algorithm_for(method))
-    write_dynamic_ranges(paths["txt"], ranges)
-    write_ranges_json(paths["json"], ranges, method, source)
+    model = model_files(args)
+    trt = pipeline.TrtOptions(batch=args.batch, trt_version=args.trt_version, table=args.table,
+                              fp32_layers=tuple(args.fp32_layers), auto_fp32=args.auto_fp32,
+                              auto_fp32_images=args.auto_fp32_images)
+    export = pipeline.export_trt(model, preprocess_options(args), calibration_options(args), trt)
+    paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
     if not args.quiet:
-        quantized = sum(1 for n in qdq.graph.node if n.op_type == "QuantizeLinear")
+        quantized = sum(1 for n in export.qdq.graph.node if n.op_type == "QuantizeLinear")
         lines = [f"{kind:<6} {path}" for kind, path in paths.items()]
-        lines.append(f"ranges {len(ranges)} of {len(export.activations())} tensors ({source})")
-        lines.append(f"Q/DQ   {quantized} QuantizeLinear nodes; FP32 layers: {', '.join(fp32_layers) or 'none'}")
-        if choice is not None:
-            lines.append(f"cosine all INT8 {choice.cosine_all_int8:.5f}, with FP32 layers {choice.cosine:.5f} "
-                         f"(target {choice.target})")
+        lines.append(f"ranges {len(export.ranges)} of {len(export.onnx.activations())} tensors ({export.source})")
+        lines.append(f"Q/DQ   {quantized} QuantizeLinear nodes; FP32 layers: {', '.join(export.fp32_layers) or 'none'}")
+        if export.choice is not None:
+            lines.append(f"cosine all INT8 {export.choice.cosine_all_int8:.5f}, with FP32 layers "
+                         f"{export.choice.cosine:.5f} (target {export.choice.target})")
         lines.append(f"time   {time.perf_counter() - started:.1f} s")
         print("\n".join(lines))
     return 0

@@ -5,12 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from int8conv.engines.caffe_build import (
-    CAFFE_VERSION,
-    DEBIAN_PACKAGES,
-    SDIST_REQUIREMENT,
-    install_caffe,
-)
+from int8conv.engines.caffe_build import CAFFE_VERSION, DEBIAN_PACKAGES, SDIST_REQUIREMENT, install_caffe
 
 log = logging.getLogger(__name__)
 

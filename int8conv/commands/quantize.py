@@ -5,20 +5,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from int8conv.calibration.preprocess import Preprocess, list_images, read_image
-from int8conv.commands.common import (
-    add_preprocess_args,
-    add_task_args,
-    preprocess_of_size,
-)
-from int8conv.errors import ImageError, Int8ConvError
-from int8conv.ncnn.model import NcnnModel, read_model, write_model
+from int8conv.commands.common import add_preprocess_args, add_task_args, auto_fp32_options, mixed_precision_table
+from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
-from int8conv.tables.ncnn_table import (
-    CalibrationTable,
-    read_ncnn_table,
-    write_ncnn_table,
-)
+from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 
 log = logging.getLogger(__name__)
 
@@ -52,57 +42,11 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
 
 
-def preprocess_for(args: argparse.Namespace, model: NcnnModel) -> Preprocess:
-    """Preprocessing options, with the input size from the ncnn Input layer (0=w 1=h) unless --size is given."""
-    if args.size:
-        size = tuple(args.size)
-    else:
-        inputs = [layer for layer in model.layers if layer.type == "Input"]
-        if not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
-            raise ImageError(f"{args.param}: the Input layer gives no width/height (0= and 1=); pass --size H W")
-        size = (int(inputs[0].params[1]), int(inputs[0].params[0]))
-    return preprocess_of_size(args, size)
-
-
-def load_inputs(paths: list[Path], prep: Preprocess, input_name: str) -> list[dict]:
-    """Preprocessed network inputs of the readable images (unreadable ones are skipped with a warning)."""
-    inputs = []
-    for path in paths:
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            continue
-        inputs.append({input_name: prep.apply(image)})
-    if not inputs:
-        raise ImageError(f"none of the {len(paths)} images for --auto-fp32 could be read")
-    return inputs
-
-
-def mixed_precision_table(args: argparse.Namespace, model: NcnnModel, table: CalibrationTable,
-                          images: Path | None, max_images: int) -> CalibrationTable:
-    """``--auto-fp32``: the table with the chosen FP32 layers' activation lines removed (reported on stdout)."""
-    from int8conv.evaluation.mixed_precision import auto_fp32
-
-    if images is None:
-        raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on (--images / "
-                            "--auto-fp32-images)")
-    paths = list_images(images)[:max(max_images, 1)]
-    inputs = load_inputs(paths, preprocess_for(args, model), model.input_names[0])
-    choice = auto_fp32(model, table, inputs, args.auto_fp32, task=args.task, fp16_storage=not args.no_fp16)
-    if not args.quiet:
-        kept = ", ".join(choice.fp32_layers) if choice.fp32_layers else "none"
-        print(f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
-              f"(target {choice.target}, {len(inputs)} images); FP32 layers: {kept}")
-    if not choice.reached:
-        log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", args.auto_fp32, choice.cosine)
-    return choice.table
-
-
 def run(args: argparse.Namespace) -> int:
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
     if args.auto_fp32 is not None:
-        table = mixed_precision_table(args, model, table, args.images, args.max_images)
+        table = mixed_precision_table(args, model, table, auto_fp32_options(args, args.images, args.max_images))
     int8 = quantize_model(model, table, fp16_storage=not args.no_fp16)
     write_model(int8, args.out_param, args.out_bin)
     if args.out_table is not None:

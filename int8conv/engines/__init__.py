@@ -1,4 +1,4 @@
-"""Stage 4: FP32 engines that return the value of any graph value for a batch of images.
+"""FP32 engines that return the value of any graph value for a batch of images.
 
 ``opencv`` (default, embedded: OpenCV's DNN Caffe importer) and ``caffe`` (pycaffe, when importable).
 Every engine takes a preprocessed float32 NCHW batch and the graph's SSA value names, and returns
@@ -14,9 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from int8conv.caffe.graph import Graph
-from int8conv.engines.caffe_engine import (
-    import_caffe,  # sets GLOG_minloglevel before _caffe.so loads
-)
+from int8conv.engines.caffe_engine import import_caffe  # sets GLOG_minloglevel before _caffe.so loads
 from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Build pycaffe from source so the ``caffe`` engine can run (issue 6).
+"""Build pycaffe from source so the ``caffe`` engine can run.
 
 Caffe is in neither Debian bookworm nor PyPI as a wheel, but PyPI has the ``brocolli-caffe`` sdist: BVLC Caffe
 plus the SSD layers. Its ``setup.py`` insists on conda and Python 3.7-3.9, so this module drives its CMake

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from google.protobuf import text_format
@@ -164,7 +164,7 @@ class OpenCVEngine:
         for group in ([single] if single else []) + [[name] for name in sorted(multi)]:
             net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
             try:
-                by_layer.update(zip(group, net.forwardAndRetrieve(group)))
+                by_layer.update(zip(group, net.forwardAndRetrieve(group), strict=True))
             except self._cv2.error as exc:
                 raise opencv_error(self.prototxt, exc) from exc
         for value in values:

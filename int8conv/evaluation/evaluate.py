@@ -33,6 +33,7 @@ from int8conv.evaluation.host_decoders import (
     make_host_decoder,
     retinaface_outputs,
 )
+from int8conv.evaluation.metrics import blob_cosine, cosine
 from int8conv.ncnn.model import NcnnModel
 from int8conv.ncnn.quantize import int8_layers, is_int8
 from int8conv.ncnn.runtime import NcnnRunner, time_models
@@ -111,7 +112,7 @@ class OutputView:
     def cosine(self, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
         """The output cosine: the lowest cosine among the blobs (box regressions outweigh class scores in
         norm, so one cosine over their concatenation would hide lost objects too)."""
-        return min(cosine(a, b) for a, b in zip(self.parts(reference), self.parts(candidate)))
+        return blob_cosine(self.parts(reference), self.parts(candidate))
 
 
 def output_view(model: NcnnModel, task: str) -> OutputView:
@@ -129,20 +130,6 @@ def output_view(model: NcnnModel, task: str) -> OutputView:
         return OutputView([name for triple in names for name in triple],
                           background_channels={scores: 2 for scores, _, _ in names})
     return OutputView(list(model.output_names))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two arrays of the same size (1.0 when both are all zero)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    if a.size != b.size:
-        raise ModelError(f"cannot compare blobs of {a.size} and {b.size} values")
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))
 
 
 def resolve_task(model: NcnnModel, task: str) -> str:
@@ -440,3 +427,14 @@ def _task_text(metric: dict) -> str:
     return (f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
             f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
             f"reference / {metric['candidate_detections']} candidate detections)")
+
+
+def finite_json(value):
+    """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

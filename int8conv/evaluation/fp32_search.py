@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from int8conv.errors import Int8ConvError
 from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Fp32Choice:
 def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float], target: float) -> Fp32Choice:
     """``score(fp32_layers)`` is the output cosine of the model with those layers FP32 and the rest INT8."""
     if not 0 < target <= 1:
-        raise ValueError(f"the target output cosine must be in (0, 1], not {target}")
+        raise Int8ConvError(f"--auto-fp32 {target}: the target output cosine must be in (0, 1]")
     layers = list(layers)
     results: dict[int, float] = {}
     full = score([])

@@ -12,18 +12,12 @@ Both return ``Detections`` normalized to the network input, class 1 = face, afte
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from int8conv.evaluation.detection import (
-    Detections,
-    decode_ultraface,
-    empty_detections,
-    nms,
-    ultraface_priors,
-)
+from int8conv.evaluation.detection import Detections, decode_ultraface, empty_detections, nms, ultraface_priors
 
 #: RetinaFace: stride -> anchor scales (anchor side = 16 * scale), in the order of the output channels.
 RETINAFACE_SCALES = {32: (32.0, 16.0), 16: (8.0, 4.0), 8: (2.0, 1.0)}

@@ -14,6 +14,7 @@ import numpy as np
 
 from int8conv.evaluation.evaluate import output_view, resolve_task
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
+from int8conv.evaluation.metrics import output_cosine
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
@@ -37,7 +38,7 @@ def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> 
 
 
 class _Scorer:
-    """Mean output cosine of an INT8 variant against the FP32 model, on fixed inputs."""
+    """The output cosine (``metrics.output_cosine``) of an INT8 variant against the FP32 model, on fixed inputs."""
 
     def __init__(self, model: NcnnModel, inputs: Sequence[dict[str, np.ndarray]], workdir: Path,
                  task: str, fp16_storage: bool, threads: int) -> None:
@@ -55,13 +56,13 @@ class _Scorer:
         write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
-        return float(np.mean([self.view.cosine(ref, runner.extract(x, self.view.blobs))
-                              for ref, x in zip(self.reference, self.inputs)]))
+        candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
+        return output_cosine([self.view.parts(ref) for ref in self.reference], candidate)
 
 
 def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[str, np.ndarray]], target: float,
               task: str = "auto", fp16_storage: bool = True, threads: int = 1) -> MixedPrecision:
-    """Choose the FP32 layers so that the mean output cosine over ``inputs`` reaches ``target``.
+    """Choose the FP32 layers so that the output cosine (``metrics.output_cosine``: worst image) reaches ``target``.
 
     The output cosine is ``evaluate.OutputView``'s (detectors: without the background class).
     """

@@ -1,4 +1,4 @@
-"""Stage 6: the calibration table, and its ncnn text formats.
+"""The calibration table, and its ncnn text formats.
 
 Current ncnn (what ``ncnn2int8`` reads): ``<layer>_param_0 s0 s1 ...`` per quantized layer (weight scales),
 then ``<layer> s`` (the scale of that layer's bottom blob), keyed by layer NAME. Scales are ``levels/threshold``.

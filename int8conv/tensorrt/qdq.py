@@ -16,8 +16,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from int8conv.errors import ModelError
-from int8conv.evaluation.evaluate import cosine
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
+from int8conv.evaluation.metrics import blob_cosine, output_cosine
 from int8conv.tables.tensorrt_files import LEVELS, MIN_AMAX
 from int8conv.tensorrt.onnx_export import OnnxExport
 
@@ -120,8 +120,8 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     return model
 
 
-class _OutputCosine:
-    """Worst per-image cosine of a Q/DQ variant's outputs (concatenated) against the FP32 model, in onnxruntime."""
+class OutputCosine:
+    """``metrics.output_cosine`` of a Q/DQ variant against the FP32 model, both run by onnxruntime."""
 
     def __init__(self, export: OnnxExport, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
         import onnxruntime
@@ -129,34 +129,29 @@ class _OutputCosine:
         self.ort = onnxruntime
         self.outputs = [o for o in export.outputs if o not in export.constants]
         self.feeds = list(feeds)
-        reference = self._session(export.model)
-        self.reference = [self._flat(reference.run(self.outputs, dict(f))) for f in self.feeds]
+        self.reference = self.outputs_of(export.model)
 
-    def _session(self, model: onnx.ModelProto):
+    def outputs_of(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
-        return self.ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = self.ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [session.run(self.outputs, dict(feed)) for feed in self.feeds]
 
-    @staticmethod
-    def _flat(arrays: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+    def per_image(self, model: onnx.ModelProto) -> list[float]:
+        return [blob_cosine(r, c) for r, c in zip(self.reference, self.outputs_of(model), strict=True)]
 
     def __call__(self, model: onnx.ModelProto) -> float:
-        session = self._session(model)
-        worst = 1.0
-        for feed, ref in zip(self.feeds, self.reference):
-            worst = min(worst, cosine(ref, self._flat(session.run(self.outputs, dict(feed)))))
-        return worst
+        return output_cosine(self.reference, self.outputs_of(model))
 
 
 def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: Sequence[Mapping[str, np.ndarray]],
                        target: float) -> Fp32Choice:
     """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
 
-    Cosines are the worst image of ``feeds``, outputs concatenated (DetectionOutput inputs for SSD models,
-    priors excluded); the search is ``fp32_search.search_fp32_layers``.
+    Scored by ``metrics.output_cosine`` over ``feeds`` (DetectionOutput inputs for SSD models, priors
+    excluded); the search is ``fp32_search.search_fp32_layers``.
     """
-    score = _OutputCosine(export, feeds)
+    score = OutputCosine(export, feeds)
     choice = search_fp32_layers(quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32)),
                                 target)
     log.info("Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",

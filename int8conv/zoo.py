@@ -1,14 +1,38 @@
-"""The real models of ``../shared/models`` with the preprocessing their SOURCE.txt gives: one registry for all tests."""
+"""The known models: the real models of ``../shared/models`` with the preprocessing their SOURCE.txt gives.
+
+One registry for the tests, demos, benchmarks and scripts; the models themselves stay in ``../shared``
+(or ``$INT8CONV_SHARED``), next to a checkout.
+"""
 from __future__ import annotations
 
 import dataclasses
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from int8conv.calibration.preprocess import Preprocess
+from int8conv.errors import Int8ConvError
+
+#: the checkout the package runs from; ``../shared`` is looked for beside it
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_shared() -> Path | None:
+    """``$INT8CONV_SHARED`` or ``../shared`` beside the checkout, when it holds ``models/``."""
+    candidate = Path(os.environ.get("INT8CONV_SHARED", REPO_ROOT.parent / "shared"))
+    return candidate if (candidate / "models").is_dir() else None
+
+
+def shared_dir() -> Path:
+    """The shared folder, or an error that says how to point at it."""
+    path = find_shared()
+    if path is None:
+        raise Int8ConvError("the shared models were not found in ../shared: set INT8CONV_SHARED, or give --proto and "
+                            "--model")
+    return path
 
 
 @dataclass(frozen=True)
@@ -22,7 +46,7 @@ class SharedModel:
         base = shared / "models" / self.folder
         return base / self.proto, base / self.caffemodel
 
-    def with_size(self, height: int, width: int) -> "SharedModel":
+    def with_size(self, height: int, width: int) -> SharedModel:
         """The same model fed at another input size (fully convolutional nets)."""
         return dataclasses.replace(self, prep=dataclasses.replace(self.prep, size=(height, width)))
 
@@ -43,7 +67,7 @@ MODELS = {
                              Preprocess(size=(240, 320), mean=(127,), norm=1 / 128, color="rgb")),
     "yufacedetectnet": SharedModel("yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
                                    "yufacedetectnet-open-v1.caffemodel", Preprocess(size=(240, 320))),
-    # models with Caffe-fork layers (issue 10)
+    # models with Caffe-fork layers
     "retinaface": SharedModel("retinaface_mnet025", "mnet-deconv-0517.prototxt", "mnet-deconv-0517.caffemodel",
                               Preprocess(size=(320, 320), color="rgb", letterbox=True)),
     "yoloface": SharedModel("yoloface_500k_v2", "yoloface-500k-v2.prototxt", "yoloface-500k-v2.caffemodel",
@@ -57,21 +81,6 @@ MODELS = {
 }
 #: The models above whose layers come from Caffe forks (Upsample, ShuffleChannel, depthwise type names, ...).
 FORK_MODELS = ("retinaface", "yoloface", "shufflenet_driver", "lane")
-
-
-#: The two errors that mean a fork layer is not supported yet (issue 10's registry adds them): the project's
-#: Caffe schema lacks the layer's parameter field, or the ncnn converter names a layer it cannot write.
-_NOT_YET = (re.compile(r'has no field named "(\w+)"'),
-            re.compile(r"layer '([^']+)'[^\n]*(?:ncnn converter|not supported|unsupported|declin)"))
-
-
-def not_convertible(message: str) -> str | None:
-    """The layer (or layer parameter) an error names as not readable/convertible yet, else None."""
-    for pattern in _NOT_YET:
-        found = pattern.search(message)
-        if found:
-            return found.group(1)
-    return None
 
 
 def cli_flags(prep: Preprocess) -> list[str]:
@@ -91,3 +100,23 @@ def model_input(prep: Preprocess, image: np.ndarray, channels: int) -> np.ndarra
     crops = [image[y:y + h // 3, x:x + w // 3] for y, x in
              [(0, 0), (0, w // 3), (h // 3, 0), (h // 3, w // 3), (h // 2, w // 2)]]
     return np.concatenate([prep.apply(c) for c in crops])
+
+
+def write_digit_cells(digits_png: Path, out_dir: Path, count: int, offset: int = 0) -> Path:
+    """Cut ``count`` of OpenCV's 5000 handwritten digits (20x20 cells) into 28x28 MNIST-style PNGs.
+
+    ``digits.png`` holds 50 rows of 100 cells, 5 rows per digit 0..9; cells are taken evenly over all 5000
+    (starting at ``offset``) so every digit appears. Each cell is padded by 4 pixels, as MNIST centers its
+    20x20 digits in 28x28.
+    """
+    sheet = cv2.imread(str(digits_png), cv2.IMREAD_GRAYSCALE)
+    if sheet is None or sheet.shape != (1000, 2000):
+        raise Int8ConvError(f"{digits_png}: not OpenCV's digits.png (2000x1000 grayscale)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = max(1, 5000 // max(count, 1))
+    for index in range(offset, offset + step * count, step):
+        row, col = divmod(index % 5000, 100)
+        cell = cv2.copyMakeBorder(sheet[row * 20:(row + 1) * 20, col * 20:(col + 1) * 20], 4, 4, 4, 4,
+                                  cv2.BORDER_CONSTANT, value=0)
+        cv2.imwrite(str(out_dir / f"digit{row // 5}_{index:04d}.png"), cell)
+    return out_dir

@@ -1,0 +1,413 @@
+"""The library pipeline: what every command does, callable from Python with typed options.
+
+Options travel one way: a command turns its flags into these dataclasses and calls one function here; the
+stages below never see argparse. ``convert_tool.py``, the demos, ``report`` and ``scripts/`` call the same
+functions, so calibrate -> convert -> quantize is written once (``build_ncnn``).
+
+    from int8conv import pipeline
+    model = pipeline.ModelFiles("deploy.prototxt", "m.caffemodel")
+    build = pipeline.build_ncnn(model, pipeline.PreprocessOptions(mean=(104, 177, 123)),
+                                pipeline.CalibrationOptions(images="calib/"))
+    pipeline.write_ncnn_build(build, "out/", "m")
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from int8conv.atomic import write_bytes_atomic, write_text_atomic
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import Graph, load_graph
+from int8conv.calibration.calibrate import (
+    CalibrationResult,
+    all_values,
+    build_table,
+    collect_statistics,
+    legacy_table,
+    model_identity,
+)
+from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
+from int8conv.engines import make_engine
+from int8conv.errors import ImageError, Int8ConvError
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
+from int8conv.evaluation.fp32_search import Fp32Choice
+from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
+from int8conv.evaluation.report import layer_reports, write_report
+from int8conv.ncnn.convert import convert_graph
+from int8conv.ncnn.model import NcnnModel, write_model
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
+from int8conv.tables.tensorrt_files import (
+    DEFAULT_TRT_VERSION,
+    algorithm_for,
+    cache_version,
+    write_calibration_cache,
+    write_dynamic_ranges,
+    write_ranges_json,
+)
+from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
+from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
+from int8conv.tensorrt.ranges import table_ranges, tensor_ranges, value_ranges
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A Caffe deploy prototxt and its caffemodel."""
+
+    proto: Path
+    caffemodel: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "proto", Path(self.proto))
+        object.__setattr__(self, "caffemodel", Path(self.caffemodel))
+
+    @property
+    def stem(self) -> str:
+        """Output files are named after the caffemodel, as the original tool did."""
+        return self.caffemodel.stem
+
+    def load(self) -> Graph:
+        return load_graph(self.proto, self.caffemodel)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """What the user says about preprocessing; the input size defaults to the model's."""
+
+    mean: tuple[float, ...] = (0.0,)
+    norm: float = 1.0
+    std: tuple[float, ...] = (1.0,)
+    size: tuple[int, int] | None = None
+    resize: tuple[int, int] | None = None
+    color: str = "bgr"
+    swap_hw: bool = False
+    letterbox: bool = False
+
+    def with_size(self, size: tuple[int, int]) -> Preprocess:
+        return Preprocess(size=self.size or size, mean=tuple(self.mean), norm=self.norm, std=tuple(self.std),
+                          color=self.color, resize=self.resize, swap_hw=self.swap_hw, letterbox=self.letterbox)
+
+    def for_graph(self, graph: Graph, source: Path) -> Preprocess:
+        """The ``Preprocess`` of a Caffe graph: its input's NCHW shape gives the size and checks the channels."""
+        name, shape = next(iter(graph.inputs.items()))
+        if len(shape) != 4:
+            raise ImageError(f"input '{name}' has shape {shape}, not NCHW: images cannot feed it")
+        prep = self.with_size((shape[2], shape[3]))
+        if prep.channels != shape[1]:
+            raise ImageError(f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
+                             f"{prep.channels}: this model cannot be calibrated from plain images")
+        return prep
+
+    def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
+        """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set."""
+        if self.size:
+            return self.with_size(self.size)
+        inputs = [layer for layer in model.layers if layer.type == "Input"]
+        if not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
+            raise ImageError(f"{source}: the Input layer gives no width/height (0= and 1=); pass --size H W")
+        return self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Where the histograms come from and how thresholds and weight scales are chosen."""
+
+    images: Path | None = None
+    max_images: int = 0
+    batch_size: int = 4
+    backend: str = "auto"
+    gpu: int | None = None
+    method: str = "kl"
+    percentile: float = 99.99
+    head_method: str | None = "minmax"     # None: heads use ``method`` too
+    weights_8bit: bool = False
+    save_stats: Path | None = None
+    load_stats: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class AutoFp32Options:
+    """``--auto-fp32``: keep the most sensitive layers FP32 until the output cosine reaches ``target``."""
+
+    target: float
+    images: Path | None
+    max_images: int = 8
+    task: str = "auto"
+
+
+def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: CalibrationOptions,
+            values: Sequence[str] | None = None) -> CalibrationStatistics:
+    """Forward the images (or merge saved statistics), and save them when asked."""
+    identity = model_identity(model.proto, model.caffemodel)
+    if options.load_stats:
+        stats = CalibrationStatistics.load_and_merge(options.load_stats)
+        if stats.model.get("caffemodel_sha256") != identity["caffemodel_sha256"]:
+            raise Int8ConvError(f"{options.load_stats[0]}: these statistics were collected for "
+                                f"{stats.model.get('caffemodel', '?')}, not for {model.caffemodel}")
+        log.info("merged statistics of %d file(s): %d images", len(options.load_stats), stats.images_used)
+    else:
+        if options.images is None:
+            raise Int8ConvError("give calibration images with --images DIR (or saved statistics with --load-stats)")
+        images = list_images(options.images)
+        if options.max_images > 0:
+            images = images[:options.max_images]
+        engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu)
+        log.info("calibrating %s on %d images with %s (%s)", model.caffemodel.name, len(images), engine.name,
+                 options.method)
+        stats = collect_statistics(graph, engine, images, prep.for_graph(graph, model.proto), identity,
+                                   values=values, batch_size=options.batch_size)
+    if options.save_stats:
+        stats.save(options.save_stats)
+        log.info("statistics saved to %s", options.save_stats)
+    return stats
+
+
+def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions
+                          ) -> CalibrationResult:
+    return build_table(graph, stats, options.method, percentile=options.percentile,
+                       winograd_6bit=not options.weights_8bit, head_method=options.head_method)
+
+
+def calibrate(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions,
+              graph: Graph | None = None) -> CalibrationResult:
+    """Caffe model + images -> the calibration table and what explains it (``result.seconds``: all of it)."""
+    started = time.perf_counter()
+    graph = graph if graph is not None else model.load()
+    result = table_from_statistics(graph, collect(model, graph, prep, options), options)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def table_text(result: CalibrationResult, legacy: bool = False) -> str:
+    """The ncnn table (layer-keyed, per-channel) or the original tool's blob-keyed, per-tensor format."""
+    return legacy_table(result.deploy, result) if legacy else format_ncnn_table(result.table)
+
+
+def write_table(result: CalibrationResult, path: Path, legacy: bool = False) -> None:
+    write_text_atomic(path, table_text(result, legacy))
+
+
+def convert(model: ModelFiles) -> NcnnModel:
+    """The ncnn FP32 model of a Caffe model (BatchNorm/Scale folded, activations fused)."""
+    return convert_graph(model.load())
+
+
+def auto_fp32_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOptions, options: AutoFp32Options,
+                    source: Path, fp16_storage: bool = True) -> MixedPrecision:
+    """The table with the activation lines of the layers kept FP32 removed, chosen on ``options.images``."""
+    if options.images is None:
+        raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on")
+    paths = list_images(options.images)[:max(options.max_images, 1)]
+    inputs = network_inputs(paths, prep.for_ncnn(fp32, source), fp32.input_names[0])
+    choice = auto_fp32(fp32, table, inputs, options.target, task=options.task, fp16_storage=fp16_storage)
+    if not choice.reached:
+        log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", options.target, choice.cosine)
+    return choice
+
+
+@dataclass
+class NcnnBuild:
+    """One calibration and the ncnn FP32/INT8 pair made from it."""
+
+    result: CalibrationResult
+    fp32: NcnnModel
+    int8: NcnnModel
+    table: CalibrationTable                 # the table the INT8 model was made with (after --auto-fp32)
+    mixed: MixedPrecision | None = None
+
+
+def build_ncnn(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions,
+               auto: AutoFp32Options | None = None, fp16_storage: bool = True,
+               result: CalibrationResult | None = None) -> NcnnBuild:
+    """Calibrate (unless ``result`` is given), convert to ncnn FP32, optionally choose FP32 layers, quantize."""
+    graph = model.load()
+    result = result if result is not None else calibrate(model, prep, options, graph)
+    fp32 = convert_graph(graph)
+    table, mixed = result.table, None
+    if auto is not None:
+        mixed = auto_fp32_table(fp32, table, prep, auto, model.proto, fp16_storage)
+        table = mixed.table
+    return NcnnBuild(result, fp32, quantize_model(fp32, table, fp16_storage=fp16_storage), table, mixed)
+
+
+def ncnn_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """The files of an ncnn build: ``<stem>.param/.bin`` (FP32), ``<stem>-int8.param/.bin``, ``<stem>.table``."""
+    out_dir = Path(out_dir)
+    return {"fp32_param": out_dir / f"{stem}.param", "fp32_bin": out_dir / f"{stem}.bin",
+            "int8_param": out_dir / f"{stem}-int8.param", "int8_bin": out_dir / f"{stem}-int8.bin",
+            "table": out_dir / f"{stem}.table"}
+
+
+def write_ncnn_models(fp32: NcnnModel, int8: NcnnModel, paths: dict[str, Path]) -> None:
+    write_model(fp32, paths["fp32_param"], paths["fp32_bin"])
+    write_model(int8, paths["int8_param"], paths["int8_bin"])
+
+
+def write_ncnn_build(build: NcnnBuild, out_dir: Path, stem: str, legacy_table: bool = False) -> dict[str, Path]:
+    paths = ncnn_paths(out_dir, stem)
+    write_ncnn_models(build.fp32, build.int8, paths)
+    text = table_text(dataclasses.replace(build.result, table=build.table), legacy_table)
+    write_text_atomic(paths["table"], text)
+    return paths
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """``export-trt``: the ONNX batch, the cache's TensorRT version, the layers left FP32, the ranges' source."""
+
+    batch: int = 1
+    trt_version: str = DEFAULT_TRT_VERSION
+    table: Path | None = None              # take the ranges from an ncnn table instead of statistics
+    fp32_layers: tuple[str, ...] = ()
+    auto_fp32: float | None = None
+    auto_fp32_images: int = 4
+
+
+@dataclass
+class TrtExport:
+    """The FP32 and Q/DQ ONNX models and the tensor ranges TensorRT's files are written from."""
+
+    onnx: OnnxExport
+    qdq: onnx.ModelProto
+    ranges: dict[str, float]
+    method: str                             # what the ranges came from: a threshold method or "table"
+    source: str
+    fp32_layers: list[str]
+    choice: Fp32Choice | None = None
+
+
+def _trt_value_ranges(model: ModelFiles, graph: Graph, export: OnnxExport, prep: PreprocessOptions,
+                      options: CalibrationOptions, trt: TrtOptions) -> tuple[dict[str, float], str]:
+    """amax per Caffe value and a description of where they came from."""
+    if trt.table:
+        return table_ranges(read_ncnn_table(trt.table), graph), f"ncnn table {trt.table}"
+    stats = collect(model, graph, prep, options, values=all_values(graph))
+    needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
+    missing = [v for v in needed if v not in stats.histograms]
+    if missing:
+        raise Int8ConvError(f"the statistics hold no histogram for {len(missing)} of the {len(needed)} tensors "
+                            f"TensorRT needs (e.g. {', '.join(missing[:4])}); statistics saved by 'calibrate' "
+                            "cover only convolution inputs: collect them with 'int8conv export-trt --images DIR "
+                            "--save-stats FILE'")
+    return (value_ranges(stats, options.method, options.percentile),
+            f"{stats.images_used} images, method {options.method}")
+
+
+def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions
+               ) -> TrtExport:
+    """FP32 ONNX, tensor ranges and the Q/DQ ONNX (with ``--auto-fp32``'s layers left FP32)."""
+    if trt.batch == 0 or trt.batch < -1:
+        raise Int8ConvError(f"--batch must be a positive number or -1 (dynamic), not {trt.batch}")
+    cache_version(trt.trt_version)  # a bad version fails before any work
+    graph = model.load()
+    export = export_onnx(graph, batch=trt.batch)
+    values, source = _trt_value_ranges(model, graph, export, prep, options, trt)
+    ranges = tensor_ranges(export, values)
+    fp32_layers = list(trt.fp32_layers)
+    choice = None
+    if trt.auto_fp32 is not None:
+        if options.images is None:
+            raise Int8ConvError("--auto-fp32 scores the Q/DQ model on images: give them with --images")
+        name = next(iter(graph.inputs))
+        feeds = [{name: x[name][None]} for x in  # NCHW, batch 1
+                 load_inputs(options.images, prep.for_graph(graph, model.proto), name, max(trt.auto_fp32_images, 1))]
+        scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
+        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32)
+        fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
+    qdq = insert_qdq(export, ranges, fp32_layers)
+    method = "table" if trt.table else options.method
+    return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice)
+
+
+def trt_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """``<stem>.onnx``, ``.qdq.onnx``, ``.cache``, ``.ranges.txt`` and ``.ranges.json``."""
+    return {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in
+            (("onnx", ".onnx"), ("qdq", ".qdq.onnx"), ("cache", ".cache"), ("txt", ".ranges.txt"),
+             ("json", ".ranges.json"))}
+
+
+def write_trt_export(export: TrtExport, out_dir: Path, stem: str, trt_version: str) -> dict[str, Path]:
+    paths = trt_paths(out_dir, stem)
+    write_bytes_atomic(paths["onnx"], export.onnx.model.SerializeToString())
+    write_bytes_atomic(paths["qdq"], export.qdq.SerializeToString())
+    write_calibration_cache(paths["cache"], export.ranges, trt_version, algorithm_for(export.method))
+    write_dynamic_ranges(paths["txt"], export.ranges)
+    write_ranges_json(paths["json"], export.ranges, export.method, export.source)
+    return paths
+
+
+def load_inputs(images: Path, prep: Preprocess, input_name: str, max_images: int) -> list[dict[str, np.ndarray]]:
+    """Network inputs of the first ``max_images`` readable images (0 = all)."""
+    paths = list_images(images)
+    return network_inputs(paths[:max_images] if max_images > 0 else paths, prep, input_name)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``eval``: the images (not the calibration ones), the task metric, timing, and the Caffe FP32 reference."""
+
+    images: Path
+    max_images: int = 0
+    task: str = "auto"
+    score_threshold: float | None = None     # None: the task's default (``evaluate.score_threshold``)
+    iou_threshold: float = 0.5
+    threads: tuple[int, ...] = (1, 2)
+    timing_runs: int = 10
+    backend: str = "auto"
+    gpu: int | None = None
+    caffe_reference: bool = True
+
+
+def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOptions, options: EvalOptions,
+                  graph: Graph | None = None) -> dict:
+    """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images."""
+    graph = graph if graph is not None else model.load()
+    images = list_images(options.images)
+    if options.max_images > 0:
+        images = images[:options.max_images]
+    caffe_forward = None
+    if options.caffe_reference:
+        caffe_forward = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
+    return evaluate(EvalConfig(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"],
+                               prep.for_graph(graph, model.proto), images, caffe_forward=caffe_forward,
+                               task=options.task, score_threshold=options.score_threshold,
+                               iou_threshold=options.iou_threshold, threads=tuple(options.threads),
+                               timing_runs=options.timing_runs))
+
+
+def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,
+           out_dir: Path, table: Path | None = None, fp16_storage: bool = True) -> tuple[Path, dict]:
+    """Calibrate (or read ``table``), build and evaluate the ncnn pair, and write the HTML page with its plots.
+
+    Returns the page and the evaluation report (``eval``'s dict).
+    """
+    graph = model.load()
+    stats = collect(model, graph, prep, options)
+    paths = ncnn_paths(out_dir, model.stem)
+    if table is None:
+        result = table_from_statistics(graph, stats, options)
+        build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result)
+        write_ncnn_build(build, out_dir, model.stem)
+        tbl, deploy = build.table, result.deploy
+        source = f"computed here with --method {options.method}, written to {paths['table']}"
+    else:
+        tbl, deploy, source = read_ncnn_table(table), fold_batchnorm_scale(graph), f"table {table}"
+        fp32 = convert_graph(graph)
+        write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
+    found = evaluate_ncnn(model, paths, prep, evaluation, graph)
+    layers = layer_reports(graph, stats, tbl, found, deploy)
+    intro = html.escape(f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
+                        f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "
+                        f"from {evaluation.images}.")
+    return write_report(out_dir, model.stem, layers, finite_json(found), format_report(found), intro), found
