@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-#: The two errors that mean a fork layer is not supported yet (issue 10's registry adds them): the project's
+#: The two errors that mean a fork layer is not supported yet (the layer registry adds them): the project's
 #: Caffe schema lacks the layer's parameter field, or the ncnn converter names a layer it cannot write.
 _NOT_YET = (re.compile(r'has no field named "(\w+)"'),
             re.compile(r"layer '([^']+)'[^\n]*(?:ncnn converter|not supported|unsupported|declin)"))

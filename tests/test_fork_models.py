@@ -1,4 +1,4 @@
-"""The shared models with Caffe-fork layers (issue 10) on the FP32 side: the OpenCV engine runs them, agrees
+"""The shared models with Caffe-fork layers on the FP32 side: the OpenCV engine runs them, agrees
 with pycaffe, reproduces the results each SOURCE.txt verified, calibrates them, and the host decoders and task
 metrics measure what they claim.
 
@@ -38,8 +38,8 @@ ROAD = "voc_000456.jpg"
 
 
 def fork_graph(shared: Path, key: str) -> tuple[Graph, Path, Path]:
-    """The model's graph and files; a prototxt field the project's schema lacks yet (the layer registry of
-    issue 10 adds them) skips with the layer parameter it names."""
+    """The model's graph and files; a prototxt field the project's schema lacks yet (the layer registry adds
+    them) skips with the layer parameter it names."""
     proto, model = MODELS[key].paths(shared)
     try:
         return load_graph(proto, model), proto, model
