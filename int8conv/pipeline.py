@@ -16,13 +16,15 @@ import dataclasses
 import html
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 
+from int8conv.arm.evaluate import evaluate_arm
+from int8conv.arm.runtime import ArmOptions
 from int8conv.atomic import write_bytes_atomic, write_text_atomic
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, load_graph
@@ -370,20 +372,23 @@ class EvalOptions:
 
 
 def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOptions, options: EvalOptions,
-                  graph: Graph | None = None) -> dict:
-    """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images."""
+                  graph: Graph | None = None, arm: ArmOptions | None = None) -> dict:
+    """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images.
+
+    With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
+    """
     graph = graph if graph is not None else model.load()
     images = list_images(options.images)
     if options.max_images > 0:
         images = images[:options.max_images]
     caffe_forward = None
-    if options.caffe_reference:
+    if options.caffe_reference and arm is None:
         caffe_forward = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
-    return evaluate(EvalConfig(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"],
-                               prep.for_graph(graph, model.proto), images, caffe_forward=caffe_forward,
-                               task=options.task, score_threshold=options.score_threshold,
-                               iou_threshold=options.iou_threshold, threads=tuple(options.threads),
-                               timing_runs=options.timing_runs))
+    config = EvalConfig(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"],
+                        prep.for_graph(graph, model.proto), images, caffe_forward=caffe_forward, task=options.task,
+                        score_threshold=options.score_threshold, iou_threshold=options.iou_threshold,
+                        threads=tuple(options.threads), timing_runs=options.timing_runs)
+    return evaluate(config) if arm is None else evaluate_arm(config, arm)
 
 
 def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,

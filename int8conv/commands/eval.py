@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 from int8conv import pipeline
+from int8conv.arm.evaluate import format_arm_report
+from int8conv.arm.runtime import ARM_CPUS, ArmOptions
 from int8conv.atomic import write_text_atomic
 from int8conv.commands.common import (
     add_model_args,
@@ -59,6 +61,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE",
                        help="write the report as JSON to FILE (stdout when no FILE is given)")
+    arm = parser.add_argument_group("ARM kernels (after `int8conv install-arm`; natively on an aarch64 host)")
+    arm.add_argument("--arch", choices=("x86", "arm64"), default="x86",
+                     help="arm64: run both models on ncnn's ARM kernels under qemu and report ARM INT8 vs ARM FP32 "
+                          "and ARM vs x86 per precision (no Caffe reference; emulated timings only)")
+    arm.add_argument("--arm-cpu", choices=ARM_CPUS, default="cortex-a76",
+                     help="QEMU_CPU: cortex-a53 (ARMv8.0), cortex-a76 (ARMv8.2 + dot product, default), max")
+    arm.add_argument("--arm-fp16", choices=("on", "off"), default="on",
+                     help="ncnn's fp16 packed/storage/arithmetic on ARM (on by default, as on a phone)")
+    arm.add_argument("--arm-threads", type=int, default=1, help="ncnn threads on ARM (default 1)")
     mixed = parser.add_argument_group("automatic mixed precision (with --table)")
     mixed.add_argument("--auto-fp32", type=float, metavar="COSINE",
                        help="keep the most sensitive layers FP32 until the output cosine reaches COSINE")
@@ -99,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
             int8_param, int8_bin = Path(tmp) / "int8.param", Path(tmp) / "int8.bin"
             write_model(quantize_model(model, table, fp16_storage=not args.no_fp16), int8_param, int8_bin)
         files = {"fp32_param": fp32_param, "fp32_bin": fp32_bin, "int8_param": int8_param, "int8_bin": int8_bin}
+        arm = ArmOptions(args.arm_cpu, args.arm_fp16 == "on", args.arm_threads) if args.arch == "arm64" else None
         report = pipeline.evaluate_ncnn(model_files(args), files, preprocess_options(args),
-                                        eval_options(args, args.images, args.max_images))
+                                        eval_options(args, args.images, args.max_images), arm=arm)
     if args.table is not None:
         report["int8_model"] = f"quantized from {args.table}" + (f" with --auto-fp32 {args.auto_fp32}"
                                                                  if args.auto_fp32 is not None else "")
@@ -111,5 +123,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
     if not args.quiet:
-        print(format_report(report))
+        print(format_report(report) if arm is None else format_arm_report(report))
     return 0

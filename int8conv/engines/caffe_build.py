@@ -457,7 +457,7 @@ class _Lock:
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another install-caffe is building in %s; waiting for it", self.path.parent)
+            log.info("another install is building in %s; waiting for it", self.path.parent)
             fcntl.flock(self._handle, fcntl.LOCK_EX)
         return self
 

@@ -278,6 +278,38 @@ def update_metric(metric: TaskMetric, reference, candidate, iou_threshold: float
         metric.matches.add(reference, candidate, iou_threshold)
 
 
+@dataclass
+class Comparison:
+    """A candidate net's outputs against a reference net's, image by image: the output cosine (``OutputView``),
+    the task metric (on what ``decode``, a ``task_outputs`` function, makes of them) and the cosine of each
+    quantized layer's top blob (``tops``: layer -> blob)."""
+
+    task: str
+    view: OutputView
+    decode: Callable[[dict[str, np.ndarray]], Detections | np.ndarray]
+    iou_threshold: float
+    tops: dict[str, str]
+    output: Running = field(default_factory=Running)
+
+    def __post_init__(self) -> None:
+        self.layers = {name: Running() for name in self.tops}
+        self.metric = TaskMetric(self.task)
+
+    def add(self, reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Detections | np.ndarray:
+        """Add one image; returns the decoded reference, for callers that compare it with more."""
+        for name, top in self.tops.items():
+            self.layers[name].add(cosine(reference[top], candidate[top]))
+        self.output.add(self.view.cosine(reference, candidate))
+        decoded = self.decode(reference)
+        update_metric(self.metric, decoded, self.decode(candidate), self.iou_threshold)
+        return decoded
+
+    def summary(self) -> dict:
+        return {"output_blobs": self.view.blobs, "output_cosine": self.output.mean,
+                "output_cosine_min": self.output.low, "task": self.metric.summary(),
+                "layer_cosine": {name: running.mean for name, running in self.layers.items()}}
+
+
 def _compare_with_caffe(differences: dict[str, Difference], caffe: dict[str, np.ndarray],
                         ncnn: dict[str, np.ndarray], model: NcnnModel, task: str, score_threshold: float) -> None:
     """Add one image's ncnn FP32 vs Caffe differences, output by output."""
@@ -317,10 +349,9 @@ def evaluate(config: EvalConfig) -> dict:
     direct = NcnnRunner(config.int8_param, config.int8_bin, int8=True, winograd=False) if winograd_layers else None
     winograd_cos = Running()
     wanted = list(dict.fromkeys(view.blobs + fp32.output_names + list(int8_tops.values())))
-    layer_cos = {name: Running() for name in quantized}
-    out_cos = Running()
+    quality = Comparison(task, view, decode, config.iou_threshold, int8_tops)
     vs_caffe = {name: Difference() for name in fp32.output_names}
-    int8_metric, caffe_metric = TaskMetric(task), TaskMetric(task)
+    caffe_metric = TaskMetric(task)
     first_input = None
     used = 0
     for path in progress(config.images, desc="evaluating", unit="img"):
@@ -333,13 +364,9 @@ def evaluate(config: EvalConfig) -> dict:
         first_input = first_input or inputs
         ref = fp32.extract(inputs, wanted)
         out = int8.extract(inputs, wanted)
-        for name, top in int8_tops.items():
-            layer_cos[name].add(cosine(ref[top], out[top]))
-        out_cos.add(view.cosine(ref, out))
+        ref_task = quality.add(ref, out)
         if direct is not None:
             winograd_cos.add(view.cosine(direct.extract(inputs, view.blobs), out))
-        ref_task = decode(ref)
-        update_metric(int8_metric, ref_task, decode(out), config.iou_threshold)
         if config.caffe_forward is not None:
             caffe = config.caffe_forward(data[None], fp32.output_names)
             _compare_with_caffe(vs_caffe, caffe, ref, fp32_model, task, threshold)
@@ -360,10 +387,7 @@ def evaluate(config: EvalConfig) -> dict:
                            for name, d in vs_caffe.items()} if config.caffe_forward is not None else None),
         "fp32_vs_caffe_task": caffe_metric.summary() if config.caffe_forward is not None else None,
         "int8_vs_fp32": {
-            "output_blobs": view.blobs,
-            "output_cosine": out_cos.mean, "output_cosine_min": out_cos.low,
-            "task": int8_metric.summary(),
-            "layer_cosine": {name: layer_cos[name].mean for name in quantized},
+            **quality.summary(),
             "winograd_layers": len(winograd_layers),
             "winograd_vs_direct_cosine_min": winograd_cos.low if winograd_layers else None,
         },

@@ -88,17 +88,22 @@ class NcnnRunner:
             if ret != 0:
                 raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
             array = np.array(mat, copy=True)
-            if array.dtype == np.int8:
-                if self._scales is None:
-                    self._scales = _requantized_scales(self.param, self.bin)
-                if name not in self._scales:
-                    raise ModelError(f"{self.param}: blob '{name}' is int8 but no layer gives its scale")
-                array = array.astype(np.float32) / self._scales[name]
-            out[name] = array.astype(np.float32, copy=False)
+            if array.dtype == np.int8 and self._scales is None:
+                self._scales = requantized_scales(self.param, self.bin)
+            out[name] = dequantize_blob(array, name, self._scales, self.param)
         return out
 
 
-def _requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
+def dequantize_blob(array: np.ndarray, name: str, scales: Mapping[str, float] | None, param: Path) -> np.ndarray:
+    """A blob as float32: an int8 one (written by a requantizing convolution) divided by that layer's top scale."""
+    if array.dtype == np.int8:
+        if scales is None or name not in scales:
+            raise ModelError(f"{param}: blob '{name}' is int8 but no layer gives its scale")
+        array = array.astype(np.float32) / scales[name]
+    return array.astype(np.float32, copy=False)
+
+
+def requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
     """Top blob -> top scale for every convolution that writes int8 (``int8_scale_term`` > 100)."""
     from int8conv.ncnn.model import read_model
 

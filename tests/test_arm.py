@@ -1,0 +1,218 @@
+"""ncnn's ARM kernels under qemu (issue 14): the runner, ``eval --arch arm64`` on real models, the 6-bit rule on
+ARM, and ``install-arm``'s refusals.
+
+Tests that run ARM code need the environment ``int8conv install-arm`` builds (or an aarch64 host). Without it they
+skip with the reason, except with ``INT8CONV_REQUIRE_ARM=1`` (set in CI), where they fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from int8conv.arm import install
+from int8conv.arm import runtime as arm_runtime
+from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
+from int8conv.cli import main as cli
+from int8conv.errors import BackendUnavailable
+from int8conv.evaluation.evaluate import cosine
+from int8conv.ncnn.model import NcnnModel
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.zoo import MODELS, cli_flags
+from tests.test_ncnn_quantize import _absmax_table, _conv, _input, _save
+
+pytestmark = pytest.mark.arm
+
+
+def arm_missing() -> str | None:
+    """Why ARM code cannot run here, or None."""
+    if install.is_arm_host():
+        return None
+    if install.find_environment() is None:
+        return "the arm64 environment is not installed (run `int8conv install-arm` as root)"
+    if not install.binfmt_enabled():
+        return "qemu-aarch64 is not registered with binfmt_misc (run `int8conv install-arm` as root)"
+    if os.geteuid() != 0:
+        return "running under qemu uses chroot, which needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def arm() -> None:
+    reason = arm_missing()
+    if reason is not None:
+        if os.environ.get("INT8CONV_REQUIRE_ARM") == "1":
+            pytest.fail(f"INT8CONV_REQUIRE_ARM=1 but ARM code cannot run: {reason}")
+        pytest.skip(reason)
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+def _chain(tmp_path: Path) -> tuple[tuple[Path, Path], tuple[Path, Path], np.ndarray]:
+    """A 3x3 conv (ReLU) + 1x1 conv net, FP32 and INT8 (absmax scales), and an input."""
+    rng = np.random.default_rng(3)
+    model = NcnnModel([_input(8, 10, 10),
+                       _conv("c1", "data", "a", rng.normal(size=(16, 8, 3, 3)), rng.normal(size=16) * 0.1, relu=True),
+                       _conv("c2", "a", "out", rng.normal(size=(4, 16, 1, 1)), rng.normal(size=4) * 0.1, pad=0)])
+    x = rng.normal(size=(8, 10, 10)).astype(np.float32)
+    peak = float(np.abs(NcnnRunner(*_save(model, tmp_path, "fp32"), int8=False).extract({"data": x}, ["a"])["a"]).max())
+    table = _absmax_table(model, {"c1": float(np.abs(x).max()), "c2": peak})
+    return _save(model, tmp_path, "fp32"), _save(quantize_model(model, table, fp16_storage=False), tmp_path, "int8"), x
+
+
+def test_runner_round_trip_matches_x86(arm, tmp_path):
+    """Inputs go in and blobs come back as .npz: with fp16 off, ARM FP32 equals x86 FP32 to float rounding and the
+    requantized int8 blob comes back int8 and dequantized; QEMU_CPU picks the features ncnn sees; fp16 on moves
+    FP32 by fp16 rounding only."""
+    fp32, int8, x = _chain(tmp_path)
+    inputs = [{"data": x}, {"data": -x}]
+    models = [ArmModel(*fp32, False, ["a", "out"]), ArmModel(*int8, True, ["a", "out"])]
+    a53 = run_arm(models, inputs, ArmOptions("cortex-a53", fp16=False))
+    a76 = run_arm(models, inputs, ArmOptions("cortex-a76", fp16=False))
+    assert a53.info["machine"] == "aarch64" and a53.info["ncnn"] == install.host_ncnn_version()
+    if a53.info["emulated"]:
+        assert "asimddp" not in a53.info["cpu_features"] and "asimddp" in a76.info["cpu_features"]
+    for runs, (param, binary), int8_flag in ((0, fp32, False), (1, int8, True)):
+        x86 = NcnnRunner(param, binary, int8=int8_flag)
+        for i, inp in enumerate(inputs):
+            expected = x86.extract(inp, ["a", "out"])
+            for blob in ("a", "out"):
+                got = a53.outputs[runs][i][blob]
+                assert got.dtype == np.float32 and got.shape == expected[blob].shape
+                tolerance = 1e-4 if runs == 0 else 1.0 / 127 * np.abs(expected[blob]).max() + 1e-6
+                np.testing.assert_allclose(got, expected[blob], atol=tolerance)
+                np.testing.assert_array_equal(got, a76.outputs[runs][i][blob])   # fp16 off: CPU-independent
+    fp16 = run_arm(models[:1], inputs[:1], ArmOptions("cortex-a76", fp16=True)).outputs[0][0]["out"]
+    exact = a76.outputs[0][0]["out"]
+    assert not np.array_equal(fp16, exact) and cosine(fp16, exact) > 0.999
+
+
+# ------------------------------------------------------------------------------------------------ 6-bit rule
+
+def test_int8_winograd_on_arm_with_8bit_and_6bit_weights(arm, tmp_path):
+    """The 6-bit rule, measured on ARM: the x86 overflow case of test_ncnn_quantize (128 channels, inputs aligned
+    with the weights' signs) run through ncnn's ARM INT8 Winograd kernel, against FP32 and against the direct
+    (non-Winograd) INT8 kernel on ARM."""
+    rng = np.random.default_rng(0)
+    channels = 128
+    signs = np.sign(rng.normal(size=(channels, 3, 3)))
+    weight = (np.abs(rng.normal(size=(16, channels, 3, 3))) * signs).astype(np.float32)
+    x = (np.tile(signs, (1, 8, 8)) * 5.0).astype(np.float32)
+    model = NcnnModel([_input(channels, 24, 24), _conv("c", "data", "out", weight, np.zeros(16))])
+    reference = NcnnRunner(*_save(model, tmp_path, "fp32"), int8=False).run({"data": x})["out"]
+    models = []
+    for levels in (127, 31):
+        files = _save(quantize_model(model, _absmax_table(model, {"c": 5.0}, levels), fp16_storage=False),
+                      tmp_path, f"int8-{levels}")
+        models += [ArmModel(*files, True, ["out"], winograd=True), ArmModel(*files, True, ["out"], winograd=False)]
+    result = run_arm(models, [{"data": x}], ArmOptions("cortex-a76", fp16=False))
+    cos = [cosine(out[0]["out"], reference) for out in result.outputs]
+    print(f"ARM INT8 vs FP32 cosine: 8-bit winograd {cos[0]:.6f} direct {cos[1]:.6f}; "
+          f"6-bit winograd {cos[2]:.6f} direct {cos[3]:.6f}")
+    assert cos[1] > 0.9999 and cos[3] > 0.999       # the direct kernel never overflows
+    assert cos[2] > 0.999                            # 6-bit weights: Winograd is safe on ARM too
+    assert cos[0] < 0.5                              # 8-bit weights overflow in ARM's INT8 Winograd as on x86
+
+
+# ------------------------------------------------------------------------------------------------ eval --arch arm64
+
+FACES, VOC = "faces", "voc_coco_detection"
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("key", ["res10", "ultraface"])
+def test_eval_arch_arm64_on_shared_models(key, arm, shared, tmp_path, capsys):
+    """``eval --arch arm64 --arm-fp16 off`` end to end: calibrate, convert, then ARM FP32 equals x86 FP32 (cosine
+    ~1) and ARM INT8 vs ARM FP32 reports the task metrics next to x86's."""
+    spec = MODELS[key]
+    proto, caffemodel = spec.paths(shared)
+    model_args = ["--proto", str(proto), "--model", str(caffemodel)]
+    table = tmp_path / f"{key}.table"
+    assert cli(["-q", "calibrate", *model_args, *cli_flags(spec.prep), "--images", str(shared / "images" / VOC),
+                "--max-images", "4", "--backend", "opencv", "--output", str(table)]) == 0
+    assert cli(["-q", "convert", *model_args, "--out-dir", str(tmp_path)]) == 0
+    param, binary = tmp_path / f"{caffemodel.stem}.param", tmp_path / f"{caffemodel.stem}.bin"
+    assert cli(["-q", "eval", *model_args, *cli_flags(spec.prep), "--param", str(param), "--bin", str(binary),
+                "--table", str(table), "--images", str(shared / "images" / FACES), "--max-images", "4",
+                "--arch", "arm64", "--arm-cpu", "cortex-a76", "--arm-fp16", "off", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    print(json.dumps({k: report[k] for k in ("int8_vs_fp32", "arm_vs_x86", "arm_ms_per_image")}, indent=1))
+    assert report["images"] == 4 and report["arm"]["machine"] == "aarch64" and report["arm"]["fp16"] is False
+    fp32 = report["arm_vs_x86"]["fp32"]
+    assert fp32["output_cosine_min"] > 0.99999
+    assert max(d["max_rel"] for d in fp32["difference"].values()) < 1e-4
+    assert fp32["task"]["recall"] == 1.0 and fp32["task"]["precision"] == 1.0
+    arm_q, x86_q = report["int8_vs_fp32"]["arm"], report["int8_vs_fp32"]["x86"]
+    assert arm_q["task"]["reference_detections"] == x86_q["task"]["reference_detections"] > 0
+    assert set(arm_q["layer_cosine"]) == set(x86_q["layer_cosine"]) and len(arm_q["layer_cosine"]) > 10
+    assert abs(arm_q["output_cosine"] - x86_q["output_cosine"]) < 0.01
+    assert report["arm_vs_x86"]["int8"]["output_cosine_min"] > 0.99
+    assert "not device timings" in report["arm_ms_per_image"]["note"]
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+def test_install_arm_refuses_on_an_arm_host(monkeypatch):
+    monkeypatch.setattr(install.platform, "machine", lambda: "aarch64")
+    with pytest.raises(BackendUnavailable, match="already ARM"):
+        install.install_arm()
+
+
+def test_install_arm_refuses_without_root(monkeypatch):
+    monkeypatch.setattr(install.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)
+    assert cli(["install-arm"]) == 2
+    with pytest.raises(BackendUnavailable, match="needs root"):
+        install.check_host()
+
+
+def test_install_arm_refuses_when_binfmt_misc_cannot_be_mounted(monkeypatch, tmp_path):
+    """A container that may not mount binfmt_misc: the mount fails and the refusal says why."""
+    monkeypatch.setattr(install, "BINFMT_DIR", tmp_path / "binfmt_misc")
+
+    def mount(command, **kwargs):
+        assert command[:3] == ["mount", "-t", "binfmt_misc"]
+        return subprocess.CompletedProcess(command, 32, "", "mount: permission denied")
+
+    monkeypatch.setattr(install.subprocess, "run", mount)
+    with pytest.raises(BackendUnavailable, match="binfmt_misc cannot be mounted.*permission denied"):
+        install.register_binfmt(tmp_path / "log")
+
+
+def test_eval_arm64_without_the_environment_says_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(arm_runtime, "is_arm_host", lambda: False)
+    monkeypatch.setattr(arm_runtime, "find_environment", lambda: None)
+    fp32, _, x = _chain(tmp_path)
+    with pytest.raises(BackendUnavailable, match="int8conv install-arm"):
+        run_arm([ArmModel(*fp32, False, ["out"])], [{"data": x}])
+
+
+def test_debian_mirror_from_apt_sources(tmp_path):
+    """The mirror comes from apt's own sources: deb822 .sources and one-line .list, options in brackets."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "other.list").write_text(
+        "deb [arch=amd64 signed-by=/k.gpg] https://example.invalid/apt stable main\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n")
+    assert install.debian_mirror(tmp_path) == "http://mirror.invalid/debian"
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("# none\ndeb http://other.invalid/debian trixie main contrib\n")
+    assert install.debian_mirror(tmp_path) == "http://other.invalid/debian"
+    (tmp_path / "sources.list").write_text("deb http://archive.invalid/ubuntu jammy main\n")
+    with pytest.raises(BackendUnavailable, match="--mirror"):
+        install.debian_mirror(tmp_path)
+
+
+def test_install_arm_second_run_reuses_the_cache(arm):
+    """install-arm is idempotent: with the rootfs cached it builds nothing and checks that ncnn imports."""
+    if install.is_arm_host():
+        pytest.skip("install-arm refuses on an ARM host")
+    result = install.install_arm()
+    assert result.built is False and result.environment.ncnn_version == install.host_ncnn_version()
