@@ -243,7 +243,7 @@ def debootstrap_second_stage(rootfs: Path, log_file: Path) -> None:
         return
     log.info("debootstrap (second stage) under qemu: ~15 minutes on 2 cores")
     try:
-        _run_logged(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"],
+        _run_logged(chroot_command(rootfs, ["/debootstrap/debootstrap", "--second-stage"]),
                     "debootstrap second stage", log_file)
     except BuildFailed:
         (rootfs / STAGE1_DONE).unlink(missing_ok=True)
@@ -308,7 +308,11 @@ def prepare_network(rootfs: Path) -> None:
 
 
 def chroot_command(rootfs: Path, command: Sequence[str]) -> list[str]:
-    return ["chroot", str(rootfs), *command]
+    """``chroot ROOTFS command...``, with chroot found on the host's PATH (the command's own PATH is the rootfs's)."""
+    chroot = shutil.which("chroot") or shutil.which("chroot", path="/usr/sbin:/sbin")
+    if chroot is None:
+        raise BackendUnavailable("chroot is not installed (Debian package coreutils)")
+    return [chroot, str(rootfs), *command]
 
 
 def create_venv(rootfs: Path, ncnn_version: str, log_file: Path) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from int8conv.arm.install import binfmt_enabled, find_environment, is_arm_host
-from int8conv.errors import BackendUnavailable, ModelError
+from int8conv.arm.install import binfmt_enabled, chroot_command, find_environment, is_arm_host
+from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 from int8conv.ncnn.runtime import dequantize_blob, requantized_scales
 from int8conv.progress import progress
 
@@ -42,7 +42,7 @@ class ArmOptions:
 
     def __post_init__(self) -> None:
         if self.cpu not in ARM_CPUS:
-            raise BackendUnavailable(f"--arm-cpu must be one of {', '.join(ARM_CPUS)}, not '{self.cpu}'")
+            raise Int8ConvError(f"--arm-cpu must be one of {', '.join(ARM_CPUS)}, not '{self.cpu}'")
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _target() -> _Target:
                                  "`int8conv install-arm` again as root (seconds: the rootfs is cached)")
     if os.geteuid() != 0:
         raise BackendUnavailable("running the ARM kernels under qemu uses chroot, which needs root; run as root")
-    return _Target(["chroot", str(environment.rootfs), environment.python], environment.rootfs / "tmp",
+    return _Target(chroot_command(environment.rootfs, [environment.python]), environment.rootfs / "tmp",
                    environment.rootfs)
 
 
