@@ -29,22 +29,9 @@ from tests.test_ncnn_quantize import _absmax_table, _conv, _input, _save
 pytestmark = pytest.mark.arm
 
 
-def arm_missing() -> str | None:
-    """Why ARM code cannot run here, or None."""
-    if install.is_arm_host():
-        return None
-    if install.find_environment() is None:
-        return "the arm64 environment is not installed (run `int8conv install-arm` as root)"
-    if not install.binfmt_enabled():
-        return "qemu-aarch64 is not registered with binfmt_misc (run `int8conv install-arm` as root)"
-    if os.geteuid() != 0:
-        return "running under qemu uses chroot, which needs root"
-    return None
-
-
 @pytest.fixture(scope="session")
 def arm() -> None:
-    reason = arm_missing()
+    reason = arm_runtime.unavailable()
     if reason is not None:
         if os.environ.get("INT8CONV_REQUIRE_ARM") == "1":
             pytest.fail(f"INT8CONV_REQUIRE_ARM=1 but ARM code cannot run: {reason}")

@@ -101,10 +101,10 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> dict:
         "int8_vs_fp32": {"arm": compare(arm["fp32"], arm["int8"], int8_tops),
                          "x86": compare(x86["fp32"], x86["int8"], int8_tops)},
         "arm_vs_x86": {
-            "fp32": {**compare(x86["fp32"], arm["fp32"], {}), "difference": _max_abs(outputs, x86["fp32"],
+            "fp32": {**compare(x86["fp32"], arm["fp32"], {}), "difference": _max_abs(view.blobs, x86["fp32"],
                                                                                      arm["fp32"])},
             "int8": {**compare(x86["int8"], arm["int8"], int8_tops),
-                     "difference": _max_abs(outputs, x86["int8"], arm["int8"])},
+                     "difference": _max_abs(view.blobs, x86["int8"], arm["int8"])},
         },
         "arm_ms_per_image": {"fp32": statistics.median(result.ms[0]), "int8": statistics.median(result.ms[1]),
                              "note": TIMING_NOTE if result.info["emulated"] else "native ARM timings"},

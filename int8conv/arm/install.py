@@ -60,10 +60,6 @@ class ArmEnvironment:
     python: str
     ncnn_version: str
 
-    @property
-    def venv(self) -> Path:
-        return self.rootfs / self.python.lstrip("/").rsplit("/bin/", 1)[0]
-
 
 @dataclass
 class InstallResult:

@@ -78,19 +78,29 @@ class _Target:
         return "/" + str(host_path.relative_to(self.rootfs)) if self.rootfs else str(host_path)
 
 
+def unavailable() -> str | None:
+    """Why ARM kernels cannot run here (what to do about it), or None when they can."""
+    if is_arm_host():
+        return None
+    if find_environment() is None:
+        return ("the arm64 environment is not installed (or not for this ncnn version): run `int8conv install-arm` "
+                "as root once (minutes, then cached)")
+    if not binfmt_enabled():
+        return ("qemu-aarch64 is not registered with binfmt_misc (the host rebooted?): run `int8conv install-arm` "
+                "again as root (seconds: the rootfs is cached)")
+    if os.geteuid() != 0:
+        return "running the ARM kernels under qemu uses chroot, which needs root; run as root"
+    return None
+
+
 def _target() -> _Target:
-    """This environment's own Python on an ARM host, else the arm64 rootfs under qemu (with clear refusals)."""
+    """This environment's own Python on an ARM host, else the arm64 rootfs under qemu."""
+    reason = unavailable()
+    if reason is not None:
+        raise BackendUnavailable(reason)
     if is_arm_host():
         return _Target([sys.executable], Path(tempfile.gettempdir()))
     environment = find_environment()
-    if environment is None:
-        raise BackendUnavailable("the arm64 environment is not installed (or not for this ncnn version): run "
-                                 "`int8conv install-arm` as root once (about 15 minutes, then cached)")
-    if not binfmt_enabled():
-        raise BackendUnavailable("qemu-aarch64 is not registered with binfmt_misc (the host rebooted?): run "
-                                 "`int8conv install-arm` again as root (seconds: the rootfs is cached)")
-    if os.geteuid() != 0:
-        raise BackendUnavailable("running the ARM kernels under qemu uses chroot, which needs root; run as root")
     return _Target(chroot_command(environment.rootfs, [environment.python]), environment.rootfs / "tmp",
                    environment.rootfs)
 
