@@ -26,8 +26,6 @@ from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.zoo import MODELS, cli_flags
 from tests.test_ncnn_quantize import _absmax_table, _conv, _input, _save
 
-pytestmark = pytest.mark.arm
-
 
 @pytest.fixture(scope="session")
 def arm() -> None:
@@ -52,6 +50,7 @@ def _chain(tmp_path: Path) -> tuple[tuple[Path, Path], tuple[Path, Path], np.nda
     return _save(model, tmp_path, "fp32"), _save(quantize_model(model, table, fp16_storage=False), tmp_path, "int8"), x
 
 
+@pytest.mark.arm
 def test_runner_round_trip_matches_x86(arm, tmp_path):
     """Inputs go in and blobs come back as .npz: with fp16 off, ARM FP32 equals x86 FP32 to float rounding and the
     requantized int8 blob comes back int8 and dequantized; QEMU_CPU picks the features ncnn sees; fp16 on moves
@@ -81,6 +80,7 @@ def test_runner_round_trip_matches_x86(arm, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 6-bit rule
 
+@pytest.mark.arm
 def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_path):
     """The 6-bit rule, measured on ARM with the x86 overflow case of test_ncnn_quantize (128 channels, inputs
     aligned with the weights' signs), INT8 against FP32:
@@ -121,7 +121,7 @@ def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_pa
 FACES, VOC = "faces", "voc_coco_detection"
 
 
-@pytest.mark.real_models
+@pytest.mark.arm
 @pytest.mark.parametrize("key", ["res10", "ultraface"])
 def test_eval_arch_arm64_on_shared_models(key, arm, shared, tmp_path, capsys):
     """``eval --arch arm64 --arm-fp16 off`` end to end: calibrate, convert, then ARM FP32 equals x86 FP32 (cosine
@@ -207,6 +207,7 @@ def test_debian_mirror_from_apt_sources(tmp_path):
         install.debian_mirror(tmp_path)
 
 
+@pytest.mark.arm
 def test_install_arm_second_run_reuses_the_cache(arm):
     """install-arm is idempotent: with the rootfs cached it builds nothing and checks that ncnn imports."""
     if install.is_arm_host():
