@@ -1,4 +1,4 @@
-"""ncnn's ARM kernels under qemu (issue 14): the runner, ``eval --arch arm64`` on real models, the 6-bit rule on
+"""ncnn's ARM kernels under qemu: the runner, ``eval --arch arm64`` on real models, the 6-bit rule on
 ARM, and ``install-arm``'s refusals.
 
 Tests that run ARM code need the environment ``int8conv install-arm`` builds (or an aarch64 host). Without it they
@@ -19,7 +19,7 @@ from int8conv.arm import runtime as arm_runtime
 from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
 from int8conv.cli import main as cli
 from int8conv.errors import BackendUnavailable
-from int8conv.evaluation.evaluate import cosine
+from int8conv.evaluation.metrics import cosine
 from int8conv.ncnn.model import NcnnModel
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.ncnn.runtime import NcnnRunner

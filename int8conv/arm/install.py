@@ -1,4 +1,4 @@
-"""``int8conv install-arm``: an arm64 Debian rootfs with ncnn in it, run on x86 through qemu-user (issue 14).
+"""``int8conv install-arm``: an arm64 Debian rootfs with ncnn in it, run on x86 through qemu-user.
 
 ncnn's ARM kernels (NEON, dot-product, i8mm, ARM INT8 Winograd, fp16 storage/arithmetic) are different code from
 the x86 ones every other number in this project comes from. ncnn's own CI runs its ARM builds under qemu-user; this
