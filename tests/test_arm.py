@@ -16,6 +16,7 @@ import pytest
 
 from int8conv.arm import install
 from int8conv.arm import runtime as arm_runtime
+from int8conv.arm.evaluate import format_arm_report
 from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
 from int8conv.cli import main as cli
 from int8conv.errors import BackendUnavailable
@@ -63,16 +64,16 @@ def test_runner_round_trip_matches_x86(arm, tmp_path):
     assert a53.info["machine"] == "aarch64" and a53.info["ncnn"] == install.host_ncnn_version()
     if a53.info["emulated"]:
         assert "asimddp" not in a53.info["cpu_features"] and "asimddp" in a76.info["cpu_features"]
-    for runs, (param, binary), int8_flag in ((0, fp32, False), (1, int8, True)):
+    for m, (param, binary), int8_flag in ((0, fp32, False), (1, int8, True)):
         x86 = NcnnRunner(param, binary, int8=int8_flag)
         for i, inp in enumerate(inputs):
             expected = x86.extract(inp, ["a", "out"])
             for blob in ("a", "out"):
-                got = a53.outputs[runs][i][blob]
+                got = a53.outputs[m][i][blob]
                 assert got.dtype == np.float32 and got.shape == expected[blob].shape
-                tolerance = 1e-4 if runs == 0 else 1.0 / 127 * np.abs(expected[blob]).max() + 1e-6
+                tolerance = 1e-4 if m == 0 else 1.0 / 127 * np.abs(expected[blob]).max() + 1e-6
                 np.testing.assert_allclose(got, expected[blob], atol=tolerance)
-                np.testing.assert_array_equal(got, a76.outputs[runs][i][blob])   # fp16 off: CPU-independent
+                np.testing.assert_array_equal(got, a76.outputs[m][i][blob])   # fp16 off: CPU-independent
     fp16 = run_arm(models[:1], inputs[:1], ArmOptions("cortex-a76", fp16=True)).outputs[0][0]["out"]
     exact = a76.outputs[0][0]["out"]
     assert not np.array_equal(fp16, exact) and cosine(fp16, exact) > 0.999
@@ -150,6 +151,8 @@ def test_eval_arch_arm64_on_shared_models(key, arm, shared, tmp_path, capsys):
     assert abs(arm_q["output_cosine"] - x86_q["output_cosine"]) < 0.01
     assert report["arm_vs_x86"]["int8"]["output_cosine_min"] > 0.99
     assert "not device timings" in report["arm_ms_per_image"]["note"]
+    text = format_arm_report(report)
+    assert "ARM vs x86" in text and "qemu cortex-a76 (emulated), fp16 off" in text and "not device timings" in text
 
 
 # ------------------------------------------------------------------------------------------------ refusals
