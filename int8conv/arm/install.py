@@ -237,7 +237,7 @@ def debootstrap_second_stage(rootfs: Path, log_file: Path) -> None:
     """Configure the packages by running arm64 code in the chroot; on failure the next run starts over."""
     if (rootfs / STAGE2_DONE).exists():
         return
-    log.info("debootstrap (second stage) under qemu: ~15 minutes on 2 cores")
+    log.info("debootstrap (second stage) under qemu: 5 to 15 minutes on 2 cores")
     try:
         _run_logged(chroot_command(rootfs, ["/debootstrap/debootstrap", "--second-stage"]),
                     "debootstrap second stage", log_file)

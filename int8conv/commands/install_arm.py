@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "install-arm", help="set up ncnn's ARM kernels under qemu for `eval --arch arm64` (root, once)",
         description=f"Install {' '.join(HOST_PACKAGES)} with apt-get, register qemu-aarch64 with binfmt_misc, "
                     f"debootstrap an arm64 Debian {SUITE} from the mirror apt uses and create a venv in it with the "
-                    "aarch64 ncnn wheel of the host's ncnn version and numpy. Needs root and an x86 host; about 15 "
+                    "aarch64 ncnn wheel of the host's ncnn version and numpy. Needs root and an x86 host; 7 to 15 "
                     "minutes on 2 cores the first time, seconds afterwards (cached in $INT8CONV_CACHE, default "
                     "~/.cache/int8conv). A second run re-registers binfmt_misc after a reboot.")
     parser.add_argument("--cache-dir", type=Path, default=None,
