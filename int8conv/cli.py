@@ -6,7 +6,8 @@ import importlib
 import logging
 import sys
 
-from int8conv import __version__
+from int8conv import __version__, atomic
+from int8conv.commands.validate import check_args, harden
 from int8conv.errors import Int8ConvError
 
 log = logging.getLogger("int8conv")
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"int8conv.commands.{name}").add_parser(sub)
-    for subparser in sub.choices.values():  # -v/-q also after the subcommand
+    for command, subparser in sub.choices.items():  # -v/-q also after the subcommand; checked flags
+        harden(subparser, command)
+        subparser.set_defaults(_parser=subparser, _command=command)
         group = subparser.add_mutually_exclusive_group()
         group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -45,16 +48,39 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.quiet)
+    """Parse, check, run; whatever goes wrong becomes one line on stderr and an exit code (2: the input, 1: a bug)."""
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: a bad flag (2, with its message) or --help/--version (0)
+        return int(exc.code or 0)
+    setup_logging(args.verbose, args.quiet)
+    atomic.COMMITTED.clear()
+    try:
+        check_args(args, getattr(args, "_parser", parser), getattr(args, "_command", parser.prog))
         return int(args.func(args) or 0)
     except Int8ConvError as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:  # ENOSPC, EACCES, EROFS...: the user's machine, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        log.error("%s%s%s", where, exc.strerror or exc, "; " + _what_was_written())
+        return 2
     except KeyboardInterrupt:
-        log.error("interrupted; no partial output was written")
+        log.error("interrupted; %s", _what_was_written())
         return 130
+    except Exception as exc:
+        log.error("internal error, this is a bug in int8conv (please report it): %s: %s%s", type(exc).__name__,
+                  exc, "" if args.verbose else " (run with -v for the traceback)")
+        log.debug("traceback", exc_info=True)
+        return 1
+
+
+def _what_was_written() -> str:
+    """True by construction: output sets land whole or not at all, and ``atomic`` records each one that landed."""
+    if not atomic.COMMITTED:
+        return "no output was written (existing files are unchanged)"
+    return (f"only these complete outputs were written: {', '.join(map(str, atomic.COMMITTED))}; "
+            "nothing else was changed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,3 +15,7 @@ class ImageError(Int8ConvError):
 
 class BackendUnavailable(Int8ConvError):
     """An optional backend (pycaffe, a GPU, TensorRT) is not present on this machine."""
+
+
+class OutputError(Int8ConvError):
+    """An output path that cannot be written as asked (a directory, a special file, two outputs on one path)."""

@@ -21,6 +21,8 @@ from int8conv.commands.common import (
     model_files,
     preprocess_options,
 )
+from int8conv.commands.validate import harden
+from int8conv.errors import Int8ConvError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_table_args(parser)
     for action in parser._actions:
         if action.dest == "output":
-            action.required, action.default = False, "calibration.table"
+            action.required, action.default = False, None
         if action.dest == "gpu":
             action.default, action.help = 0, "use gpu to forward (1 = pycaffe GPU mode on device 0, 0 = CPU)"
     parser.add_argument("--ncnn-dir", metavar="OUT",
                         help="also write OUT/<name>.param/.bin (FP32), OUT/<name>-int8.param/.bin and "
                              "OUT/<name>.table, where <name> is the caffemodel's file stem")
+    harden(parser, "convert_tool.py")
     parser.set_defaults(func=_run)
     return parser
 
@@ -50,7 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.gpu is not None and args.backend == "auto":
         args.backend = "caffe"
     if args.ncnn_dir:
+        if args.output is not None:
+            raise Int8ConvError(f"--output {args.output} and --ncnn-dir: the one-shot conversion writes its table "
+                                "to OUT/<name>.table; drop --output")
         return run_one_shot(args)
+    args.output = args.output or "calibration.table"
     return run_calibrate(args)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ import onnx
 
 from int8conv.arm.evaluate import evaluate_arm
 from int8conv.arm.runtime import ArmOptions
-from int8conv.atomic import write_bytes_atomic, write_text_atomic
+from int8conv.atomic import OutputSet, output_set, write_bytes_atomic, write_text_atomic
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, load_graph
+from int8conv.caffe.shapes import check_input_size
 from int8conv.calibration.calibrate import (
     CalibrationResult,
     all_values,
@@ -106,6 +108,8 @@ class PreprocessOptions:
         if len(shape) != 4:
             raise ImageError(f"input '{name}' has shape {shape}, not NCHW: images cannot feed it")
         prep = self.with_size((shape[2], shape[3]))
+        if prep.size != tuple(shape[2:]):
+            check_input_size(graph, prep.size)
         if prep.channels != shape[1]:
             raise ImageError(f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
                              f"{prep.channels}: this model cannot be calibrated from plain images")
@@ -158,6 +162,7 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
             raise Int8ConvError(f"{options.load_stats[0]}: these statistics were collected for "
                                 f"{stats.model.get('caffemodel', '?')}, not for {model.caffemodel}")
         log.info("merged statistics of %d file(s): %d images", len(options.load_stats), stats.images_used)
+        _check_saved_preprocessing(stats, prep, options, graph, model.proto)
     else:
         if options.images is None:
             raise Int8ConvError("give calibration images with --images DIR (or saved statistics with --load-stats)")
@@ -173,6 +178,31 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
         stats.save(options.save_stats)
         log.info("statistics saved to %s", options.save_stats)
     return stats
+
+
+#: the flag of each preprocessing option, for messages
+PREPROCESS_FLAGS = {"mean": "--mean", "norm": "--norm", "std": "--std", "size": "--size",
+                    "resize": "--resize-then-crop", "color": "--color", "swap_hw": "--swap-hw"}
+
+
+def _check_saved_preprocessing(stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions,
+                               graph: Graph, source: Path) -> None:
+    """Saved statistics fix the preprocessing. Options that repeat it are fine (the same command line with
+    --load-stats added); options that differ would be silently ignored, so they are an error. Images: a warning."""
+    if options.images is not None:
+        log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
+    default = PreprocessOptions()
+    given = [PREPROCESS_FLAGS[f.name] for f in dataclasses.fields(prep)
+             if getattr(prep, f.name) != getattr(default, f.name)]
+    if not given or not stats.preprocess:
+        return
+    flagged = json.loads(json.dumps(prep.for_graph(graph, source).describe()))
+    differ = [f"{key} {stats.preprocess[key]} (statistics) vs {value} (flags)" for key, value in flagged.items()
+              if key in stats.preprocess and stats.preprocess[key] != value]
+    if differ:
+        raise Int8ConvError(f"{options.load_stats[0]}: {', '.join(given)} disagree with the preprocessing these "
+                            f"statistics were collected with: {'; '.join(differ)}; drop the flags or collect new "
+                            "statistics")
 
 
 def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions
@@ -258,9 +288,10 @@ def write_ncnn_models(fp32: NcnnModel, int8: NcnnModel, paths: dict[str, Path]) 
 
 def write_ncnn_build(build: NcnnBuild, out_dir: Path, stem: str, legacy_table: bool = False) -> dict[str, Path]:
     paths = ncnn_paths(out_dir, stem)
-    write_ncnn_models(build.fp32, build.int8, paths)
     text = table_text(dataclasses.replace(build.result, table=build.table), legacy_table)
-    write_text_atomic(paths["table"], text)
+    with output_set():  # the table and both models land together, or none of them
+        write_ncnn_models(build.fp32, build.int8, paths)
+        write_text_atomic(paths["table"], text)
     return paths
 
 
@@ -341,11 +372,12 @@ def trt_paths(out_dir: Path, stem: str) -> dict[str, Path]:
 
 def write_trt_export(export: TrtExport, out_dir: Path, stem: str, trt_version: str) -> dict[str, Path]:
     paths = trt_paths(out_dir, stem)
-    write_bytes_atomic(paths["onnx"], export.onnx.model.SerializeToString())
-    write_bytes_atomic(paths["qdq"], export.qdq.SerializeToString())
-    write_calibration_cache(paths["cache"], export.ranges, trt_version, algorithm_for(export.method))
-    write_dynamic_ranges(paths["txt"], export.ranges)
-    write_ranges_json(paths["json"], export.ranges, export.method, export.source)
+    with output_set():  # the five files land together, or none of them
+        write_bytes_atomic(paths["onnx"], export.onnx.model.SerializeToString())
+        write_bytes_atomic(paths["qdq"], export.qdq.SerializeToString())
+        write_calibration_cache(paths["cache"], export.ranges, trt_version, algorithm_for(export.method))
+        write_dynamic_ranges(paths["txt"], export.ranges)
+        write_ranges_json(paths["json"], export.ranges, export.method, export.source)
     return paths
 
 
@@ -397,7 +429,14 @@ def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptio
 
     Returns the page and the evaluation report (``eval``'s dict).
     """
+    with output_set() as outputs:  # the folder's table, models, page and figures land together, or none of them
+        return _report(model, prep, options, evaluation, out_dir, table, fp16_storage, outputs)
+
+
+def _report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,
+            out_dir: Path, table: Path | None, fp16_storage: bool, outputs: OutputSet) -> tuple[Path, dict]:
     graph = model.load()
+    list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)
     paths = ncnn_paths(out_dir, model.stem)
     if table is None:
@@ -410,7 +449,9 @@ def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptio
         tbl, deploy, source = read_ncnn_table(table), fold_batchnorm_scale(graph), f"table {table}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
-    found = evaluate_ncnn(model, paths, prep, evaluation, graph)
+    staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
+    found = evaluate_ncnn(model, staged, prep, evaluation, graph)
+    found["model"], found["int8_model"] = str(paths["fp32_param"]), str(paths["int8_param"])
     layers = layer_reports(graph, stats, tbl, found, deploy)
     intro = html.escape(f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
                         f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "

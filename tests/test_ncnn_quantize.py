@@ -6,6 +6,7 @@ input with the bottom scale, integer convolution, dequantize with ``1 / (bottom_
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -224,7 +225,7 @@ def test_grouped_conv_with_8_outputs_per_group_stays_fp32(tmp_path, caplog):
     reference = _run(model, tmp_path, "fp32", x, int8=False)
     assert _cosine(_run(q, tmp_path, "kept", x, int8=True), reference) > 0.999
 
-    forced = quantize_model(model, CalibrationTable())
+    forced = copy.deepcopy(model)
     _quantize_layer(forced.layers[1], table.weight_scales["g"], table.activation_scales["g"])
     param, binary = _save(forced, tmp_path, "forced")
     outputs = {}
@@ -302,3 +303,43 @@ def test_int8_winograd_overflow_with_8bit_weights(tmp_path):
     assert _winograd_case(128, signed=True, levels=127, winograd=False, tmp_path=tmp_path) > 0.9999
     assert _winograd_case(128, signed=True, levels=31, winograd=True, tmp_path=tmp_path) > 0.999
     assert _winograd_case(128, signed=False, levels=127, winograd=True, tmp_path=tmp_path) > 0.9999
+
+
+# ------------------------------------------------------------------------------------------------ tables that do little
+
+def _two_convs(rng) -> NcnnModel:
+    return NcnnModel([_input(3, 8, 8), _conv("c1", "data", "a", rng.normal(size=(4, 3, 3, 3)), np.zeros(4)),
+                      _conv("c2", "a", "out", rng.normal(size=(4, 4, 3, 3)), np.zeros(4))])
+
+
+def test_a_table_that_covers_no_layer_is_refused():
+    model = _two_convs(np.random.default_rng(5))
+    with pytest.raises(ModelError, match="the table quantizes no layer of this model"):
+        quantize_model(model, CalibrationTable())
+    foreign = CalibrationTable({"other_conv": np.ones(4, np.float32)}, {"other_conv": 1.0})
+    with pytest.raises(ModelError, match=r"1 weight and 1 activation line\(s\)"):
+        quantize_model(model, foreign)
+
+
+def test_missing_activation_lines_and_dead_scales_on_live_channels_warn_per_layer(caplog):
+    model = _two_convs(np.random.default_rng(6))
+    table = _absmax_table(model, {"c1": 1.0, "c2": 1.0})
+    del table.activation_scales["c2"]
+    table.weight_scales["c1"][2] = 0.0  # channel 2 of c1 has weights
+    with caplog.at_level(logging.WARNING):
+        q = quantize_model(model, table)
+    assert int8_layers(q) == ["c1"]
+    assert "layer 'c2' (Convolution) has a weight line but no activation line" in caplog.text
+    assert "layer 'c1' (Convolution): weight scale 0 on 1 channel(s) that have weights (e.g. channel 2)" in caplog.text
+
+
+def test_layers_kept_fp32_on_purpose_do_not_warn(caplog):
+    from int8conv.evaluation.mixed_precision import without_activations
+
+    model = _two_convs(np.random.default_rng(7))
+    table = without_activations(_absmax_table(model, {"c1": 1.0, "c2": 1.0}), ["c2"])
+    with caplog.at_level(logging.WARNING):
+        assert int8_layers(quantize_model(model, table)) == ["c1"]
+    assert "c2" not in caplog.text
+    with caplog.at_level(logging.WARNING):  # every layer FP32 on purpose: the FP32 model, not an error
+        assert int8_layers(quantize_model(model, without_activations(table, ["c1"]))) == []

@@ -52,3 +52,10 @@ def test_legacy_format():
 def test_table_text_is_stable():
     table = CalibrationTable({"c": np.array([3.0], np.float32)}, {"c": 1.0 / 3.0})
     assert format_ncnn_table(table) == format_ncnn_table(table) == "c_param_0 3\nc 0.333333333\n"
+
+
+def test_a_duplicate_line_names_both_lines(tmp_path):
+    path = tmp_path / "dup.table"
+    path.write_text("conv1_param_0 1 2\nconv1 3.5\nconv1 4.5\n")
+    with pytest.raises(Int8ConvError, match=r"dup.table:3: 'conv1' appears again \(first on line 2\)"):
+        read_ncnn_table(path)

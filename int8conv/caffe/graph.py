@@ -137,6 +137,15 @@ def _canonical_weights(layer: caffe_pb2.LayerParameter, blobs: list[np.ndarray])
     return [b.reshape(-1) if kind in ("BatchNorm", "Scale", "Bias", "PReLU", "Normalize") else b for b in blobs]
 
 
+def _check_rewrite(path: Path, proto: caffe_pb2.LayerParameter, index: int, writer: dict[str, str]) -> None:
+    """A layer may write a blob that exists only in place (its bottom at the same index), as Caffe's AppendTop."""
+    top = proto.top[index]
+    if index >= len(proto.bottom) or proto.bottom[index] != top:
+        raise ModelError(f"{path}: layers '{writer.get(top, 'input')}' and '{proto.name}' both write blob '{top}' "
+                         f"(and '{proto.name}' does not read it: not in place); Caffe rejects this net (\"Top blob "
+                         "produced by multiple sources\"); rename one top")
+
+
 def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
                 path: Path | str = "<prototxt>") -> Graph:
     """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer."""
@@ -148,6 +157,7 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
     current: dict[str, str] = {name: name for name in inputs}
     layers: list[Layer] = []
     seen_names: set[str] = set()
+    writer: dict[str, str] = {}  # blob -> the layer that last wrote it
     for proto in net.layer:
         if not _included(proto):
             continue
@@ -175,13 +185,15 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
             bottoms.append(current[bottom])
         in_place = len(proto.bottom) == 1 and len(proto.top) == 1 and proto.bottom[0] == proto.top[0]
         tops = []
-        for top in proto.top:
+        for index, top in enumerate(proto.top):
             value = f"{top}_{proto.name}" if in_place else top
             if value in blob_names and not in_place:
+                _check_rewrite(path, proto, index, writer)
                 log.debug("layer %s rewrites blob %s", proto.name, top)
                 value = f"{top}_{proto.name}"
             blob_names[value] = top
             current[top] = value
+            writer[top] = proto.name
             tops.append(value)
         blobs = weights.get(proto.name, [])
         if proto.type in WEIGHTED_TYPES and not blobs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+#: a ``layers {`` block at the start of a line: the V1 format (before 2015), with enum layer types
+V1_LAYERS = re.compile(r"^\s*layers\s*\{", re.MULTILINE)
+V1_MESSAGE = ("this is a V1 Caffe model: the V1 prototxt format (`layers { type: CONVOLUTION ... }` with enum types); "
+              "upgrade it "
+              "to the current `layer { type: \"Convolution\" }` format with Caffe's tool: "
+              "`upgrade_net_proto_text OLD.prototxt NEW.prototxt`, then run again with NEW.prototxt")
 
 
 def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
@@ -25,12 +33,11 @@ def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as exc:
+        if V1_LAYERS.search(text):  # the V1 schema's enum types are what fails to parse
+            raise ModelError(f"{path}: {V1_MESSAGE}") from exc
         raise ModelError(f"{path}:{exc}") from exc
     if len(net.layers):
-        raise ModelError(
-            f"{path}: this is a V1 Caffe model (`layers {{ ... }}` with enum types); upgrade it with Caffe's "
-            f"`upgrade_net_proto_text` tool to the `layer {{ type: \"...\" }}` format, then run again"
-        )
+        raise ModelError(f"{path}: {V1_MESSAGE}")
     return net
 
 
@@ -70,6 +77,8 @@ def weights_by_layer(model: caffe_pb2.NetParameter, path: str | Path = "") -> di
     """Layer name -> its weight arrays, from a caffemodel of either format."""
     weights: dict[str, list[np.ndarray]] = {}
     for layer in list(model.layer) + list(model.layers):
+        if not isinstance(layer.name, str):  # protobuf hands over invalid UTF-8 as bytes
+            raise ModelError(f"{path}: a layer name is not UTF-8 text ({layer.name[:40]!r}): the caffemodel is damaged")
         if not len(layer.blobs):
             continue
         try:

@@ -97,7 +97,7 @@ def _check_weights(layer: "Layer", weight: Shape, bias: int | None) -> None:
                          f"does not match the prototxt, which implies {tuple(weight)}")
     if bias is not None:
         if len(layer.blobs) < 2 or layer.blobs[1].size != bias:
-            found = layer.blobs[1].size if len(layer.blobs) > 1 else "no"
+            found = layer.blobs[1].size if len(layer.blobs) > 1 else "no bias"
             raise ModelError(f"layer '{layer.name}' ({layer.type}): expected a bias of {bias} values, "
                              f"the caffemodel has {found}")
 
@@ -266,3 +266,15 @@ def infer_shapes(graph: "Graph") -> dict[str, Shape]:
         for top, shape in zip(layer.tops, outs):
             shapes[top] = tuple(int(d) for d in shape)
     return shapes
+
+
+def check_input_size(graph: Graph, size: tuple[int, int], flag: str = "--size") -> None:
+    """Shape-check the net fed at ``size`` (H, W) before an engine sees it: pycaffe aborts the process on a
+    mismatch (an InnerProduct fixed to the prototxt's size, a kernel larger than the input)."""
+    import dataclasses
+
+    name, shape = next(iter(graph.inputs.items()))
+    try:
+        infer_shapes(dataclasses.replace(graph, inputs={**graph.inputs, name: (*shape[:2], *size)}))
+    except ModelError as exc:
+        raise ModelError(f"{flag} {size[0]} {size[1]}: the network cannot run at this input size: {exc}") from exc

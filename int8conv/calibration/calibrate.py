@@ -145,6 +145,7 @@ def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", 
     if heads:
         log.info("head layers with %s thresholds: %s", head_method, ", ".join(sorted(heads)))
     table.validate()
+    table.fp32_layers.update(skipped)
     return CalibrationResult(table, thresholds, method, stats, deploy, skipped, time.perf_counter() - started)
 
 

@@ -264,7 +264,7 @@ class CalibrationStatistics:
                                 f"(this int8conv reads version {VERSION})")
         try:
             return cls._from_arrays(meta, arrays, str(path))
-        except (KeyError, TypeError, ValueError, Int8ConvError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, Int8ConvError) as exc:
             raise Int8ConvError(f"{path} is damaged: {exc}") from exc
 
     @classmethod
@@ -287,6 +287,10 @@ class CalibrationStatistics:
                 raise ValueError(f"value '{name}': non-finite min/max")
             if (h.exponent is None) != (h.count == h.zeros):
                 raise ValueError(f"value '{name}': range and non-zero count disagree")
+            if h.exponent is not None and not (max(-h.min, h.max) > 0
+                                               and h.exponent == _range_exponent(max(-h.min, h.max))):
+                raise ValueError(f"value '{name}': histogram range 2**{h.exponent} does not fit its min/max "
+                                 f"({h.min:.6g}, {h.max:.6g})")
             stats.histograms[name] = h
         return stats
 

@@ -42,7 +42,8 @@ class Preprocess:
         channels = 1 if self.color == "gray" else 3
         for label, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, channels):
-                raise ImageError(f"--{label} needs 1 or {channels} values for {self.color} input, got {len(values)}")
+                counts = "1 value" if channels == 1 else f"1 or {channels} values"
+                raise ImageError(f"--{label} needs {counts} for {self.color} input, got {len(values)}")
         if any(s == 0 for s in self.std):
             raise ImageError("--std values must be non-zero")
         if self.resize and (self.resize[0] < self.size[0] or self.resize[1] < self.size[1]):
@@ -117,6 +118,8 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def list_images(source: str | Path) -> list[Path]:
     """Images of a directory (recursive, jpg/jpeg/png/bmp in any case) or of a list file, sorted."""
     source = Path(source)
+    if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:  # one image, not a list of them
+        return [source]
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     elif source.is_file():
@@ -135,6 +138,11 @@ def list_images(source: str | Path) -> list[Path]:
     if not paths:
         raise ImageError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths
+
+
+def unreadable(path: Path) -> str:
+    """Why ``read_image`` gave nothing for ``path``, for the warning that skips it."""
+    return "no such file" if not Path(path).exists() else "not a readable image"
 
 
 def read_image(path: Path) -> np.ndarray | None:
@@ -164,8 +172,8 @@ def iter_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int,
     for path in paths:
         image = read_image(path)
         if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            tally.skipped.append((path, "unreadable or corrupt"))
+            log.warning("skipping %s: %s", path, unreadable(path))
+            tally.skipped.append((path, unreadable(path)))
             continue
         batch.append(prep.apply(image))
         names.append(path)

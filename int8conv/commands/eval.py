@@ -122,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
-    if not args.quiet:
-        print(format_report(report) if arm is None else format_arm_report(report))
+    # the report is what eval is run for: -q silences the log, not the result
+    print(format_report(report) if arm is None else format_arm_report(report))
     return 0

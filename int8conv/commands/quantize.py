@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from int8conv.atomic import output_set
 from int8conv.commands.common import add_preprocess_args, add_task_args, auto_fp32_options, mixed_precision_table
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
@@ -48,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if args.auto_fp32 is not None:
         table = mixed_precision_table(args, model, table, auto_fp32_options(args, args.images, args.max_images))
     int8 = quantize_model(model, table, fp16_storage=not args.no_fp16)
-    write_model(int8, args.out_param, args.out_bin)
-    if args.out_table is not None:
-        write_ncnn_table(table, args.out_table)
+    with output_set():  # the INT8 pair and --out-table land together
+        write_model(int8, args.out_param, args.out_bin)
+        if args.out_table is not None:
+            write_ncnn_table(table, args.out_table)
     if not args.quiet:
         quantized = int8_layers(int8)
         fused = sum(1 for layer in int8.layers if int(layer.params.get(8, 0)) > 100)

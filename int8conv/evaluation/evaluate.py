@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from int8conv.calibration.preprocess import Preprocess, read_image
+from int8conv.calibration.preprocess import Preprocess, read_image, unreadable
 from int8conv.errors import ImageError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.host_decoders import (
@@ -357,7 +357,7 @@ def evaluate(config: EvalConfig) -> dict:
     for path in progress(config.images, desc="evaluating", unit="img"):
         image = read_image(path)
         if image is None:
-            log.warning("skipping %s: not a readable image", path)
+            log.warning("skipping %s: %s", path, unreadable(path))
             continue
         data = config.preprocess.apply(image)
         inputs = {fp32.input_names[0]: data}

@@ -34,7 +34,8 @@ def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> 
     """The table with the activation lines of ``fp32_layers`` removed (weight lines kept, as ncnn expects)."""
     drop = set(fp32_layers)
     return CalibrationTable(dict(table.weight_scales),
-                            {k: v for k, v in table.activation_scales.items() if k not in drop})
+                            {k: v for k, v in table.activation_scales.items() if k not in drop},
+                            table.fp32_layers | drop)
 
 
 class _Scorer:

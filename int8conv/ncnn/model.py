@@ -16,6 +16,7 @@ Formats (from ncnn's ``net.cpp``, ``paramdict.cpp`` and ``modelbin.cpp``):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from int8conv.atomic import write_bytes_atomic, write_text_atomic
+from int8conv.atomic import output_set, write_bytes_atomic, write_text_atomic
 from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ TAG_FP32 = 0
 TAG_FP16 = 0x01306B47
 TAG_INT8 = 0x000D4B38
 TAG_FP32_LEGACY = 0x0002C056
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: ncnn stores array parameter ``id`` under the key ``-(ARRAY_KEY_BASE + id)``.
 ARRAY_KEY_BASE = 23300
 
@@ -164,10 +166,13 @@ def param_text(model: NcnnModel) -> str:
 def _parse_number(text: str, where: str) -> int | float:
     try:
         if "." in text or "e" in text.lower():
-            return float(np.float32(float(text)))
+            value = float(np.float32(float(text))) if abs(float(text)) <= FLOAT32_MAX else math.inf
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
         return int(text)
     except ValueError:
-        raise ModelError(f"{where}: cannot parse parameter value {text!r}") from None
+        raise ModelError(f"{where}: cannot parse parameter value {text!r} (not a finite float32 or an int)") from None
 
 
 def parse_param(text: str, path: PathLike = "<param>") -> list[NcnnLayer]:
@@ -348,8 +353,9 @@ def parse_bin(layers: list[NcnnLayer], data: bytes, path: PathLike = "<bin>") ->
 def write_model(model: NcnnModel, param_path: PathLike, bin_path: PathLike) -> None:
     """Write ``model`` atomically as ``param_path`` + ``bin_path``."""
     text, data = param_text(model), bin_bytes(model)
-    write_bytes_atomic(bin_path, data)
-    write_text_atomic(param_path, text)
+    with output_set():  # the pair lands together (with the caller's set, if any)
+        write_bytes_atomic(bin_path, data)
+        write_text_atomic(param_path, text)
     log.info("wrote %s (%d layers) and %s (%d bytes)", param_path, len(model.layers), bin_path, len(data))
 
 
@@ -360,6 +366,9 @@ def read_model(param_path: PathLike, bin_path: PathLike) -> NcnnModel:
         data = Path(bin_path).read_bytes()
     except OSError as exc:
         raise ModelError(f"{exc.filename}: cannot read ncnn model: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{param_path}: not an ncnn .param file (not text: byte {exc.start} is not UTF-8; "
+                         "is it the .bin?)") from exc
     layers = parse_param(text, param_path)
     parse_bin(layers, data, bin_path)
     return NcnnModel(layers)

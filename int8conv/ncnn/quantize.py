@@ -102,6 +102,34 @@ def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: f
     layer.params[8] = SCALE_TERM[layer.type]
 
 
+def _uncovered_layers(model: NcnnModel, table: CalibrationTable) -> list[str]:
+    """Quantizable layers without an activation line that were not left out on purpose (``table.fp32_layers``).
+    Those with a weight line get a warning each (a table with the line lost); the others are returned."""
+    uncovered = []
+    for layer in model.layers:
+        if layer.type not in QUANTIZABLE or layer.name in table.activation_scales or layer.name in table.fp32_layers:
+            continue
+        if layer.name in table.weight_scales:
+            log.warning("layer '%s' (%s) has a weight line but no activation line ('%s <scale>'): it stays FP32",
+                        layer.name, layer.type, layer.name)
+        else:
+            uncovered.append(layer.name)
+    return uncovered
+
+
+def _warn_dead_scales(layer: NcnnLayer, weight_scales: np.ndarray) -> None:
+    """A weight scale of 0 is meant for a dead channel; on a channel with weights it silences that channel."""
+    scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
+    units = scale_units(layer)
+    if scales.size != units or not np.any(scales == 0):
+        return  # a size mismatch is _quantize_layer's error
+    live = np.abs(layer.weights[0].data.astype(np.float32).reshape(units, -1)).max(axis=1) > 0
+    wrong = np.flatnonzero((scales == 0) & live)
+    if wrong.size:
+        log.warning("layer '%s' (%s): weight scale 0 on %d channel(s) that have weights (e.g. channel %d): in INT8 "
+                    "they output only their bias", layer.name, layer.type, wrong.size, int(wrong[0]))
+
+
 def _bottom_scale(layer: NcnnLayer) -> float:
     """The bottom scale of a quantized layer: the last array, or the one before the top scale once fused."""
     return float(layer.weights[-2 if int(layer.params[8]) > REQUANTIZE else -1].data[0])
@@ -172,7 +200,8 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
     if unknown:
         log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown),
                     ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
-    quantized = []
+    quantized, covered = [], []
+    uncovered = _uncovered_layers(result, table)
     for layer in result.layers:
         if layer.type not in QUANTIZABLE or layer.name not in table.activation_scales:
             continue
@@ -180,14 +209,23 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
             log.warning("layer '%s' (%s) has an activation line but no weight line (%s_param_0): it stays FP32",
                         layer.name, layer.type, layer.name)
             continue
+        covered.append(layer.name)
         if layer.weights[0].data.dtype == np.int8:
             raise ModelError(f"layer '{layer.name}' already holds int8 weights; quantize an FP32 model")
         defect = runtime_int8_defect(layer)
         if defect:
             log.warning("layer '%s' stays FP32: %s", layer.name, defect)
             continue
+        _warn_dead_scales(layer, table.weight_scales[layer.name])
         _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name])
         quantized.append(layer.name)
+    if not covered and not table.fp32_layers:
+        raise ModelError(f"the table quantizes no layer of this model ({len(table.weight_scales)} weight and "
+                         f"{len(table.activation_scales)} activation line(s); a layer needs both): the INT8 model "
+                         "would be the FP32 one; check that the table belongs to this model")
+    if uncovered and covered:
+        log.warning("%d quantizable layer(s) have no line in the table and stay FP32: %s", len(uncovered),
+                    ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else ""))
     fused = _fuse_requantize(result)
     if fp16_storage:
         for layer in result.layers:

@@ -16,6 +16,8 @@ import numpy as np
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class CalibrationTable:
@@ -23,6 +25,8 @@ class CalibrationTable:
 
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
     activation_scales: dict[str, float] = field(default_factory=dict)
+    #: layers whose activation line was left out on purpose (mixed precision, all-zero input): no warning for them
+    fp32_layers: set[str] = field(default_factory=set)
 
     def validate(self) -> None:
         """NaN or Inf never reaches a table; weight scales are >= 0 (0 = dead channel), activations > 0."""
@@ -61,6 +65,7 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
     except (OSError, UnicodeDecodeError) as exc:
         raise Int8ConvError(f"{path}: cannot read calibration table: {exc}") from exc
     table = CalibrationTable()
+    first_line: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -71,10 +76,19 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
             raise Int8ConvError(f"{path}:{number}: not a number in '{line.strip()}'") from exc
         if values.size == 0:
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has no scale")
-        if not np.all(np.isfinite(values)):
-            raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN or Inf scale")
+        if not np.all(np.isfinite(values)) or np.any(np.abs(values) > FLOAT32_MAX):
+            raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN, Inf or beyond-float32 scale")
         key = parts[0]
-        if "_param_" in key:
+        weight_line = "_param_" in key
+        layer = key.rsplit("_param_", 1)[0] + "_param_" if weight_line else key  # conv_param_0, conv_param_1: one
+        if layer in first_line:
+            raise Int8ConvError(f"{path}:{number}: '{key}' appears again (first on line {first_line[layer]}); "
+                                "which scale is meant is unclear: keep one line per key")
+        first_line[layer] = number
+        if np.any(values < 0) if weight_line else values[0] <= 0:
+            raise Int8ConvError(f"{path}:{number}: '{key}' has a scale {'< 0' if weight_line else '<= 0'} "
+                                f"(weight scales are >= 0, 0 = dead channel; activation scales > 0)")
+        if weight_line:
             table.weight_scales[key.rsplit("_param_", 1)[0]] = values.astype(np.float32)
         else:
             table.activation_scales[key] = float(values[0])

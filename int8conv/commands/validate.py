@@ -1,0 +1,208 @@
+"""The CLI's validation layer: every numeric flag and path is checked before any work or any write.
+
+Rules are declared once here, by option string, and ``harden`` applies them to every subcommand's parser (and to
+``convert_tool.py``'s), so a bad value stops argparse with exit 2 and a message naming the flag. ``check_args``
+then does the checks that need several flags at once (two outputs on one path, flags that would be ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from int8conv.atomic import resolve_target
+from int8conv.errors import Int8ConvError, OutputError
+
+log = logging.getLogger(__name__)
+
+
+def _number(text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """Counts that must be at least 1: threads, timing runs, batch size, images to score."""
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def count_or_all(text: str) -> int:
+    """``--max-images``-like limits: 0 means all, a negative one means nothing."""
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, not {value}")
+    return value
+
+
+def device_number(text: str) -> int:
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a device number is 0 or more, not {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return float(_number(text, float))
+
+
+def positive_float(text: str) -> float:
+    """``--norm``: 0 would make every input 0 (a table of nothing), a negative one flips the sign of the input."""
+    value = float(_number(text, float))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def nonzero_float(text: str) -> float:
+    value = float(_number(text, float))
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be non-zero (the input is divided by it)")
+    return value
+
+
+def cosine_target(text: str) -> float:
+    """A cosine to reach: in (0, 1]; above 1 is unreachable, 0 or below keeps nothing FP32."""
+    value = float(_number(text, float))
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a target cosine is in (0, 1], not {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """Score and IoU thresholds: in [0, 1]."""
+    value = float(_number(text, float))
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
+
+
+def percentile(text: str) -> float:
+    value = float(_number(text, float))
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentile is in (0, 100], not {text}")
+    return value
+
+
+def input_file(text: str) -> Path:
+    """A file to read: it must exist and be a file (a directory gives a message, not IsADirectoryError)."""
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, not a file")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write: not a directory or a special file other than a character device (see int8conv.atomic)."""
+    try:
+        resolve_target(text)
+    except OutputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    _writable_folder(text, Path(os.path.realpath(text)).parent)
+    return Path(text)
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: an existing directory, or a path whose first existing parent is a directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    _writable_folder(text, Path(os.path.realpath(text)))
+    return path
+
+
+def _writable_folder(text: str, folder: Path) -> None:
+    """The first existing folder on the way to ``folder`` must be a directory that takes a new file (tried: root
+    passes every permission check, yet cannot create files in /proc or on a read-only mount)."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".int8conv-probe-", dir=folder)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: cannot create files in {folder}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def json_output(text: str) -> str:
+    """eval ``--json``: '-' is stdout, anything else a file to write."""
+    return text if text == "-" else str(output_file(text))
+
+
+#: numeric flags, by option string (applied to int/float options only)
+NUMERIC: dict[str, Callable[[str], object]] = {
+    "--threads": positive_int, "--timing-runs": positive_int, "--batch-size": positive_int,
+    "--max-images": count_or_all, "--max-eval-images": count_or_all, "--auto-fp32-max-images": positive_int,
+    "--auto-fp32-images": positive_int, "--size": positive_int, "--resize-then-crop": positive_int,
+    "--gpu": device_number, "--jobs": positive_int,
+    "--mean": finite_float, "--norm": positive_float, "--std": nonzero_float, "--auto-fp32": cosine_target,
+    "--score-threshold": fraction, "--iou-threshold": fraction, "--percentile": percentile,
+}
+#: path flags, by subcommand then option string (``--param`` is an output of convert, an input of quantize)
+OUTPUT_FILES = {
+    "calibrate": ("--output", "--save-stats"), "convert_tool.py": ("--output", "--save-stats"),
+    "convert": ("--param", "--bin"), "quantize": ("--out-param", "--out-bin", "--out-table"),
+    "export-trt": ("--save-stats",), "report": ("--save-stats",),
+}
+OUTPUT_DIRS = {"convert": ("--out-dir",), "export-trt": ("--out-dir",), "report": ("--out-dir",),
+               "convert_tool.py": ("--ncnn-dir",)}
+INPUT_FILES = ("--proto", "--model", "--table", "--load-stats")
+INPUT_PAIRS = {"quantize": ("--param", "--bin"), "eval": ("--param", "--bin", "--int8-param", "--int8-bin")}
+def harden(parser: argparse.ArgumentParser, command: str) -> None:
+    """Give every option of ``command`` its checking ``type``, from the tables above."""
+    outputs, dirs = OUTPUT_FILES.get(command, ()), OUTPUT_DIRS.get(command, ())
+    inputs = INPUT_FILES + INPUT_PAIRS.get(command, ())
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option in NUMERIC and action.type in (int, float):
+                action.type = NUMERIC[option]
+            elif option in outputs:
+                action.type = output_file
+            elif option in dirs:
+                action.type = output_dir
+            elif option in inputs:
+                action.type = input_file
+            elif command == "eval" and option == "--json":
+                action.type = json_output
+
+
+def _paths(args: argparse.Namespace, parser: argparse.ArgumentParser, options: tuple[str, ...]) -> dict[str, Path]:
+    found = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            value = getattr(args, action.dest, None)
+            if option in options and value not in (None, "-"):
+                found[option] = Path(value)
+    return found
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> None:
+    """Checks across flags, before any work: each output file once, no output over an input, no ignored flag."""
+    outputs = _paths(args, parser, OUTPUT_FILES.get(command, ()) + (("--json",) if command == "eval" else ()))
+    inputs = _paths(args, parser, INPUT_PAIRS.get(command, ()) + ("--proto", "--model", "--table"))
+    seen: dict[str, str] = {}
+    for option, path in list(inputs.items()) + list(outputs.items()):
+        key = os.path.realpath(path)
+        if key in seen:
+            raise Int8ConvError(f"{seen[key]} and {option} are the same file ({path}); give each its own path")
+        seen[key] = option
+
