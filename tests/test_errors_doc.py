@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 DOC = ROOT / "docs" / "errors.md"
 ROW = re.compile(r"^\|\s*(\d+)\s*\|(.*?)\|\s*`(.+?)`\s*\|(.*?)\|\s*(\d+)\s*\|(.*?)\|\s*$")

@@ -26,7 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from int8conv.errors import Int8ConvError
-from tests.conftest import ROOT, shared_dir
+from int8conv.zoo import find_shared
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def examples(default: int) -> int:
@@ -104,7 +106,7 @@ def allowed(function, *args):
 
 
 def _shared() -> Path:
-    folder = shared_dir()
+    folder = find_shared()
     assert folder is not None, "../shared (or INT8CONV_SHARED) is missing"
     return folder
 

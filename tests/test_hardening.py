@@ -9,14 +9,17 @@ import stat
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
-from tests.conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GRAY = ["--color", "gray", "--norm", "0.00390625"]
 
@@ -57,7 +60,7 @@ def test_interrupted_one_shot_leaves_the_old_set_and_says_so_truthfully(lenet, i
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(legacy_cli, "write_table", interrupted)
+    monkeypatch.setattr(pipeline, "write_text_atomic", interrupted)  # the table, after both pairs are staged
     code = legacy_cli.main([*lenet, *GRAY, "--images", str(images), "--backend", "opencv", "--ncnn-dir", str(out)])
     assert code == 130
     assert "interrupted; no output was written (existing files are unchanged)" in capsys.readouterr().err
@@ -66,12 +69,10 @@ def test_interrupted_one_shot_leaves_the_old_set_and_says_so_truthfully(lenet, i
 
 @pytest.mark.real_models
 def test_interrupt_after_saved_statistics_names_what_landed(lenet, images, tmp_path, monkeypatch, capsys):
-    from int8conv.commands import calibrate
-
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibrate, "write_table", interrupted)
+    monkeypatch.setattr(pipeline, "write_text_atomic", interrupted)  # the table, after the statistics landed
     stats = tmp_path / "s.npz"
     assert main(["calibrate", *lenet, *GRAY, "--images", str(images), "--backend", "opencv", "--save-stats",
                  str(stats), "--output", str(tmp_path / "t.table")]) == 130
