@@ -18,6 +18,7 @@ from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
+from tests.test_errors_doc import skip_without_caffe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,10 +159,7 @@ def test_a_fork_layer_type_never_reaches_pycaffe(shared, images, tmp_path):
     """mobilenet_yolov3_lite_lane uses DepthwiseConvolution (a Caffe fork's type). pycaffe would abort the process
     (glog CHECK, SIGABRT); auto picks OpenCV with an info line, --backend caffe refuses. Child processes, since
     the failure being guarded against is a crash."""
-    from int8conv.engines import caffe_importable
-
-    if not caffe_importable():
-        pytest.skip("pycaffe is not importable here (int8conv install-caffe); CI has it")
+    skip_without_caffe()
     folder = shared / "models" / "mobilenet_yolov3_lite_lane"
     base = [sys.executable, "-m", "int8conv.cli", "calibrate", "--proto",
             str(folder / "mobilenet_yolov3_lite_deploy.prototxt"), "--model",
