@@ -30,69 +30,44 @@ def _number(text: str, kind: type) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """Counts that must be at least 1: threads, timing runs, batch size, images to score."""
-    value = int(_number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
+def at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An integer flag of ``minimum`` or more; ``what`` says what the bound means."""
+    def check(text: str) -> int:
+        value = int(_number(text, int))
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
+        return value
+    return check
 
 
-def count_or_all(text: str) -> int:
-    """``--max-images``-like limits: 0 means all, a negative one means nothing."""
-    value = int(_number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, not {value}")
-    return value
+#: threads, timing runs, batch size, images to score
+positive_int = at_least(1, "1 or more")
+#: ``--max-images``-like limits: 0 means all, a negative one means nothing
+count_or_all = at_least(0, "0 (all) or more")
+#: ``--gpu``
+device_number = at_least(0, "a device number, 0 or more")
 
 
-def device_number(text: str) -> int:
-    value = int(_number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a device number is 0 or more, not {value}")
-    return value
+def float_flag(accept: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """A finite float flag that ``accept`` takes; ``rule`` is the message when it does not."""
+    def check(text: str) -> float:
+        value = float(_number(text, float))
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{rule}, not {text}")
+        return value
+    return check
 
 
-def finite_float(text: str) -> float:
-    return float(_number(text, float))
-
-
-def positive_float(text: str) -> float:
-    """``--norm``: 0 would make every input 0 (a table of nothing), a negative one flips the sign of the input."""
-    value = float(_number(text, float))
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-def nonzero_float(text: str) -> float:
-    value = float(_number(text, float))
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be non-zero (the input is divided by it)")
-    return value
-
-
-def cosine_target(text: str) -> float:
-    """A cosine to reach: in (0, 1]; above 1 is unreachable, 0 or below keeps nothing FP32."""
-    value = float(_number(text, float))
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a target cosine is in (0, 1], not {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """Score and IoU thresholds: in [0, 1]."""
-    value = float(_number(text, float))
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
-    return value
-
-
-def percentile(text: str) -> float:
-    value = float(_number(text, float))
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"a percentile is in (0, 100], not {text}")
-    return value
+finite_float = float_flag(lambda v: True, "")
+#: ``--norm``: 0 makes every input 0 (a table of nothing), a negative one flips the sign of the input
+positive_float = float_flag(lambda v: v > 0, "must be a positive number")
+#: ``--std``: the input is divided by it
+nonzero_float = float_flag(lambda v: v != 0, "must be non-zero (the input is divided by it)")
+#: a cosine to reach: above 1 is unreachable, 0 or below keeps nothing FP32
+cosine_target = float_flag(lambda v: 0 < v <= 1, "a target cosine is in (0, 1]")
+#: score and IoU thresholds
+fraction = float_flag(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+percentile = float_flag(lambda v: 0 < v <= 100, "a percentile is in (0, 100]")
 
 
 def input_file(text: str) -> Path:
