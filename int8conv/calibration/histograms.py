@@ -19,9 +19,11 @@ import io
 import json
 import logging
 import os
+import struct
 import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -255,7 +257,8 @@ class CalibrationStatistics:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
             meta = json.loads(str(arrays["meta"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error, zlib.error,
+                NotImplementedError, RuntimeError) as exc:  # zipfile's answers to damaged headers and flags
             raise Int8ConvError(f"{path} is not a readable int8conv statistics file ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise Int8ConvError(f"{path} is not an int8conv statistics file")
