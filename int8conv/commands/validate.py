@@ -2,12 +2,11 @@
 
 Rules are declared once here, by option string, and ``harden`` applies them to every subcommand's parser (and to
 ``convert_tool.py``'s), so a bad value stops argparse with exit 2 and a message naming the flag. ``check_args``
-then does the checks that need several flags at once (two outputs on one path, flags that would be ignored).
+then does the checks that need several flags at once (one path given for two files, an output over an input).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import tempfile
@@ -16,8 +15,6 @@ from pathlib import Path
 
 from int8conv.atomic import resolve_target
 from int8conv.errors import Int8ConvError, OutputError
-
-log = logging.getLogger(__name__)
 
 
 def _number(text: str, kind: type) -> float:
@@ -171,7 +168,7 @@ def _paths(args: argparse.Namespace, parser: argparse.ArgumentParser, options: t
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> None:
-    """Checks across flags, before any work: each output file once, no output over an input, no ignored flag."""
+    """Checks across flags, before any work: each file on its own path, no output over an input."""
     outputs = _paths(args, parser, OUTPUT_FILES.get(command, ()) + (("--json",) if command == "eval" else ()))
     inputs = _paths(args, parser, INPUT_PAIRS.get(command, ()) + ("--proto", "--model", "--table"))
     seen: dict[str, str] = {}
