@@ -122,6 +122,9 @@ class OutputSet:
                     os.chmod(item.tmp, item.mode)
                     backup = None
                     if item.target.exists():
+                        owner = os.stat(item.target)
+                        with contextlib.suppress(OSError):  # root replacing a user's file keeps it theirs
+                            os.chown(item.tmp, owner.st_uid, owner.st_gid)
                         backup = item.tmp.with_name(item.tmp.name + ".old")
                         try:
                             os.link(item.target, backup)

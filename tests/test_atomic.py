@@ -128,3 +128,12 @@ def test_one_set_refuses_two_writes_to_one_file(tmp_path):
         write_text_atomic(tmp_path / "x", "1")
         write_text_atomic(tmp_path / "x", "2")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_root_replacing_a_users_file_keeps_its_owner(tmp_path):
+    path = tmp_path / "user.table"
+    path.write_text("old\n")
+    os.chown(path, 1234, 5678)
+    write_text_atomic(path, "new\n")
+    assert (path.stat().st_uid, path.stat().st_gid) == (1234, 5678) and path.read_text() == "new\n"
