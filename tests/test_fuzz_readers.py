@@ -118,20 +118,29 @@ def _scratch() -> Path:
 # ------------------------------------------------------------------------------------------------ targets
 
 def fuzz_prototxt() -> None:
-    from int8conv.caffe.graph import load_graph
+    """Mutated prototxts of LeNet, MTCNN det1 and the res10 SSD (PriorBox, Permute, Flatten, Concat,
+    DetectionOutput), read and built into the graph (shapes inferred) with the real weights."""
+    from int8conv.caffe.graph import build_graph
+    from int8conv.caffe.reader import read_caffemodel, read_prototxt, weights_by_layer
 
     models = _shared() / "models"
     sources = [(models / "mtcnn" / "det1.prototxt", models / "mtcnn" / "det1.caffemodel"),
-               (models / "lenet_mnist" / "lenet.prototxt", models / "lenet_mnist" / "lenet_iter_10000.caffemodel")]
+               (models / "lenet_mnist" / "lenet.prototxt", models / "lenet_mnist" / "lenet_iter_10000.caffemodel"),
+               (models / "res10_300x300_ssd" / "deploy.prototxt",
+                models / "res10_300x300_ssd" / "res10_300x300_ssd_iter_140000.caffemodel")]
     texts = [proto.read_text() for proto, _ in sources]
+    weights = [weights_by_layer(read_caffemodel(model), model) for _, model in sources]  # read once: 10 MB
     work = _scratch()
+
+    def load(proto: Path, which: int):
+        return build_graph(read_prototxt(proto), weights[which], proto)
 
     @settings(FUZZ, max_examples=examples(1500))
     @given(st.integers(0, len(sources) - 1), mutations(PROTOTXT_TOKENS))
     def run(which, edits):
         proto = work / "net.prototxt"
         proto.write_text(mutate_text(texts[which], edits), encoding="utf-8", errors="surrogatepass")
-        allowed(load_graph, proto, sources[which][1])
+        allowed(load, proto, which)
 
     run()
 
