@@ -228,3 +228,15 @@ def test_eval_quiet_still_prints_the_report(lenet, images, tmp_path, capsys):
                  "--max-images", "2", "--no-caffe", "--threads", "1", "--timing-runs", "1"]) == 0
     captured = capsys.readouterr()
     assert "ncnn INT8 vs ncnn FP32" in captured.out and captured.err == ""
+
+
+@pytest.mark.real_models
+def test_a_layer_without_its_bottoms_is_named(shared, tmp_path):
+    """Found by the prototxt fuzzer: a Softmax without a bottom was an IndexError in shape inference."""
+    from int8conv.caffe.graph import load_graph
+
+    folder = shared / "models" / "lenet_mnist"
+    proto = tmp_path / "lenet.prototxt"
+    proto.write_text((folder / "lenet.prototxt").read_text().replace('bottom: "ip2"\n  top: "prob"', 'top: "prob"'))
+    with pytest.raises(ModelError, match=r"layer 'prob' \(Softmax\) needs 1 bottom\(s\), it has 0"):
+        load_graph(proto, folder / "lenet_iter_10000.caffemodel")

@@ -250,19 +250,32 @@ _SHAPE_FUNCTIONS: dict[str, Callable[["Layer", list[Shape]], list[Shape]]] = {
 }
 
 
+#: bottoms a layer type reads at least (Caffe's ExactNumBottomBlobs / MinBottomBlobs); 1 for the others
+MIN_BOTTOMS = {"Crop": 2, "PriorBox": 2}
+
+
 def infer_shapes(graph: "Graph") -> dict[str, Shape]:
     """Shape of every value; layer types without a rule get no shape (later stages decide if that matters)."""
     shapes: dict[str, Shape] = dict(graph.inputs)
     for layer in graph.layers:
+        rule = _SHAPE_FUNCTIONS.get(layer.type)
+        needed = MIN_BOTTOMS.get(layer.type, 1)
+        if (rule is not None or layer.type == "Split") and len(layer.bottoms) < needed:
+            raise ModelError(f"layer '{layer.name}' ({layer.type}) needs {needed} bottom(s), it has "
+                             f"{len(layer.bottoms)}")
         if layer.type == "Split":
             for top in layer.tops:
                 if layer.bottoms[0] in shapes:
                     shapes[top] = shapes[layer.bottoms[0]]
             continue
-        rule = _SHAPE_FUNCTIONS.get(layer.type)
         if rule is None or any(b not in shapes for b in layer.bottoms):
             continue
-        outs = rule(layer, [shapes[b] for b in layer.bottoms])
+        bottoms = [shapes[b] for b in layer.bottoms]
+        try:
+            outs = rule(layer, bottoms)
+        except IndexError:  # a bottom of fewer axes than the layer type reads (a prototxt with odd dims)
+            raise ModelError(f"layer '{layer.name}' ({layer.type}): its bottom shapes {bottoms} do not fit this "
+                             "layer type") from None
         for top, shape in zip(layer.tops, outs):
             shapes[top] = tuple(int(d) for d in shape)
     return shapes
