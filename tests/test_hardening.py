@@ -6,8 +6,6 @@ import errno
 import logging
 import os
 import stat
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
-from tests.test_errors_doc import skip_without_caffe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,28 +148,6 @@ def test_two_layers_writing_one_top_are_named(shared, tmp_path):
     with pytest.raises(ModelError, match="layers 'conv4-1' and 'conv4-2' both write blob 'conv4-1'"):
         load_graph(proto, folder / "det1.caffemodel")
     load_graph(folder / "det1.prototxt", folder / "det1.caffemodel")  # in-place PReLU on its own top is fine
-
-
-@pytest.mark.real_models
-@pytest.mark.pycaffe
-def test_a_fork_layer_type_never_reaches_pycaffe(shared, images, tmp_path):
-    """mobilenet_yolov3_lite_lane uses DepthwiseConvolution (a Caffe fork's type). pycaffe would abort the process
-    (glog CHECK, SIGABRT); auto picks OpenCV with an info line, --backend caffe refuses. Child processes, since
-    the failure being guarded against is a crash."""
-    skip_without_caffe()
-    folder = shared / "models" / "mobilenet_yolov3_lite_lane"
-    base = [sys.executable, "-m", "int8conv.cli", "calibrate", "--proto",
-            str(folder / "mobilenet_yolov3_lite_deploy.prototxt"), "--model",
-            str(folder / "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel"), "--images", str(images),
-            "--max-images", "1", "--output", str(tmp_path / "t.table")]
-    auto = subprocess.run(base, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
-    assert auto.returncode in (0, 2), auto.stderr[-3000:]
-    assert "backend auto: using OpenCV DNN (pycaffe has no layer type DepthwiseConvolution" in auto.stderr
-    assert "Check failure" not in auto.stderr and "Traceback" not in auto.stderr
-    caffe = subprocess.run([*base, "--backend", "caffe"], capture_output=True, text=True, timeout=300, check=False,
-                           cwd=ROOT)
-    assert caffe.returncode == 2, caffe.stderr[-3000:]
-    assert "this pycaffe has no layer type DepthwiseConvolution" in caffe.stderr
 
 
 # ------------------------------------------------------------------------------------------------ item 13
