@@ -81,8 +81,9 @@ def runtime_int8_defect(layer: NcnnLayer) -> str | None:
             "with packing layout returns wrong results for a multiple of 8")
 
 
-def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float) -> None:
-    """Rewrite one layer in place: int8 weights, bias kept, weight scales and bottom scale appended."""
+def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float,
+                    bias: np.ndarray | None = None) -> None:
+    """Rewrite one layer in place: int8 weights, bias kept (or replaced by ``bias``), scales appended."""
     units = scale_units(layer)
     scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
     if scales.size != units:
@@ -97,6 +98,8 @@ def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: f
         raise ModelError(f"layer '{layer.name}' is already INT8 (8={layer.params[8]}); quantize an FP32 model")
     weight = layer.weights[0].data.astype(np.float32).reshape(units, -1)
     quantized = float_to_int8(weight * scales[:, None]).reshape(-1)
+    if bias is not None:
+        _replace_bias(layer, np.asarray(bias, dtype=np.float32).reshape(-1))
     layer.weights = ([NcnnBlob(quantized, tagged=True)] + layer.weights[1:]
                      + [NcnnBlob(scales, tagged=False), NcnnBlob(np.array([bottom_scale], np.float32), tagged=False)])
     layer.params[8] = SCALE_TERM[layer.type]
@@ -128,6 +131,20 @@ def _warn_dead_scales(layer: NcnnLayer, weight_scales: np.ndarray) -> None:
     if wrong.size:
         log.warning("layer '%s' (%s): weight scale 0 on %d channel(s) that have weights (e.g. channel %d): in INT8 "
                     "they output only their bias", layer.name, layer.type, wrong.size, int(wrong[0]))
+
+
+def _replace_bias(layer: NcnnLayer, bias: np.ndarray) -> None:
+    """Store a corrected FP32 bias (bias correction); a layer without bias gets one (bias_term: 1= for
+    InnerProduct, 5= for convolutions)."""
+    term = 1 if layer.type == "InnerProduct" else 5
+    if bias.size != int(layer.params.get(0, 0)) or not np.all(np.isfinite(bias)):
+        raise ModelError(f"layer '{layer.name}': a corrected bias needs {layer.params.get(0, 0)} finite values, "
+                         f"got {bias.size}")
+    if int(layer.params.get(term, 0)):
+        layer.weights[1] = NcnnBlob(bias, tagged=False)
+    else:
+        layer.weights.insert(1, NcnnBlob(bias, tagged=False))
+        layer.params[term] = 1
 
 
 def _bottom_scale(layer: NcnnLayer) -> float:
@@ -191,8 +208,12 @@ def _store_fp16(layer: NcnnLayer) -> None:
         blob.data = blob.data.astype(np.float16)
 
 
-def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True) -> NcnnModel:
-    """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization."""
+def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True,
+                   biases: dict[str, np.ndarray] | None = None) -> NcnnModel:
+    """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization.
+
+    ``biases`` (layer -> FP32 bias, from bias correction) replaces the stored bias of those INT8 layers.
+    """
     table.validate()
     result = copy.deepcopy(model)
     names = {layer.name for layer in result.layers}
@@ -217,7 +238,8 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
             log.warning("layer '%s' stays FP32: %s", layer.name, defect)
             continue
         _warn_dead_scales(layer, table.weight_scales[layer.name])
-        _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name])
+        _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name],
+                        (biases or {}).get(layer.name))
         quantized.append(layer.name)
     if not covered and not table.fp32_layers:
         raise ModelError(f"the table quantizes no layer of this model ({len(table.weight_scales)} weight and "

@@ -41,6 +41,7 @@ class NcnnRunner:
         ncnn = _ncnn()
         self.param = Path(param)
         self.bin = Path(bin_path)
+        self.int8 = int8
         self.net = ncnn.Net()
         opt = self.net.opt
         opt.num_threads = threads
@@ -88,23 +89,25 @@ class NcnnRunner:
             if ret != 0:
                 raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
             array = np.array(mat, copy=True)
-            if array.dtype == np.int8 and self._scales is None:
+            if self.int8 and self._scales is None:
                 self._scales = requantized_scales(self.param, self.bin)
             out[name] = dequantize_blob(array, name, self._scales, self.param)
         return out
 
 
 def dequantize_blob(array: np.ndarray, name: str, scales: Mapping[str, float] | None, param: Path) -> np.ndarray:
-    """A blob as float32: an int8 one (written by a requantizing convolution) divided by that layer's top scale."""
+    """A blob as float32: one a requantizing convolution wrote (int8, or as the PyPI runtime hands it out, float32
+    holding the int8 values) divided by that layer's top scale."""
+    if scales and name in scales:
+        return array.astype(np.float32) / scales[name]
     if array.dtype == np.int8:
-        if scales is None or name not in scales:
-            raise ModelError(f"{param}: blob '{name}' is int8 but no layer gives its scale")
-        array = array.astype(np.float32) / scales[name]
+        raise ModelError(f"{param}: blob '{name}' is int8 but no layer gives its scale")
     return array.astype(np.float32, copy=False)
 
 
 def requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
-    """Top blob -> top scale for every convolution that writes int8 (``int8_scale_term`` > 100)."""
+    """Blob -> scale of every int8 blob: tops of convolutions that requantize (``int8_scale_term`` > 100) and
+    the tops of the Splits they feed."""
     from int8conv.ncnn.model import read_model
 
     scales: dict[str, float] = {}
@@ -113,6 +116,8 @@ def requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
         term = layer.params.get(8, 0)
         if layer.type in ("Convolution", "ConvolutionDepthWise") and isinstance(term, int) and term > 100:
             scales[layer.tops[0]] = float(np.asarray(layer.weights[-1].data, dtype=np.float32).reshape(-1)[0])
+        elif layer.type == "Split" and layer.bottoms[0] in scales:     # a Split passes the int8 blob on
+            scales.update(dict.fromkeys(layer.tops, scales[layer.bottoms[0]]))
     return scales
 
 

@@ -1,0 +1,202 @@
+"""INT8 quality per calibration method on every shared model, judged on images NOT used for calibration.
+
+    python benchmarks/bench_quality.py [--models res10 ultraface] [--methods kl aciq eq] [--shared ../shared]
+
+Each image folder is split in two: even positions calibrate, odd positions judge, so no judged image was
+seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
+method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search).
+Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
+precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
+top-1 agreement and mean output cosine. No layer is kept FP32. ``--qdq`` adds the Q/DQ ONNX of the default
+method under onnxruntime (worst per-image output cosine against the FP32 ONNX).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from int8conv.caffe.graph import load_graph  # noqa: E402
+from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
+from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
+from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
+from int8conv.engines import make_engine  # noqa: E402
+from int8conv.errors import Int8ConvError  # noqa: E402
+from int8conv.evaluation.evaluate import (Running, TaskMetric, _task_outputs, _update_metric,  # noqa: E402
+                                          output_view, resolve_task)
+from int8conv.ncnn.convert import convert_graph  # noqa: E402
+from int8conv.ncnn.model import write_model  # noqa: E402
+from int8conv.ncnn.quantize import quantize_model  # noqa: E402
+from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
+from int8conv.zoo import MODELS, model_input  # noqa: E402
+
+#: models whose Caffe layers the converter does not handle yet; tried anyway and reported when they fail
+PENDING = {"retinaface": "retinaface_mnet025", "yoloface": "yoloface_500k_v2",
+           "shufflenet": "shufflenet_v1_driver_action", "lane": "mobilenet_yolov3_lite_lane"}
+FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
+DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc")
+
+
+@dataclass
+class Cell:
+    """One model x method result."""
+
+    metric: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+
+
+def split_images(shared: Path, imagenet: int) -> tuple[list[Path], list[Path]]:
+    """Even positions of each folder calibrate, odd positions judge (ImageNet: its first ``imagenet`` images)."""
+    calibration, judged = [], []
+    for folder in FOLDERS:
+        paths = list_images(shared / "images" / folder)
+        if folder == "imagenet_samples_200":
+            paths = paths[:imagenet]
+        calibration += paths[0::2]
+        judged += paths[1::2]
+    return calibration, judged
+
+
+def load_inputs(paths: list[Path], prep, channels: int) -> list[np.ndarray]:
+    return [model_input(prep, image, channels) for image in map(read_image, paths) if image is not None]
+
+
+def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep) -> CalibrationStatistics:
+    """Histograms of the convolution inputs over ``inputs`` (batches of 4, as ``calibrate`` does)."""
+    stats = CalibrationStatistics(model=identity, preprocess=prep.describe())
+    values = calibration_values(graph)
+    for start in range(0, len(inputs), 4):
+        stats.update(engine.forward(np.stack(inputs[start:start + 4]), values))
+    stats.images_used = len(inputs)
+    return stats
+
+
+def class_output(model) -> str:
+    """The output a classifier's top-1 is read from: a Softmax output when there is one (MTCNN's ``prob1``;
+    its other outputs are box regressions), else the first output."""
+    softmax = [name for name in model.output_names if model.producer(name).type == "Softmax"]
+    return (softmax or model.output_names)[0]
+
+
+def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], prep) -> dict:
+    """Task metric and output cosine of INT8 against FP32 (evaluate.py's definitions)."""
+    from int8conv.evaluation.detection import ultraface_priors
+    from int8conv.evaluation.evaluate import EvalConfig
+
+    task = resolve_task(model, "auto")
+    view = output_view(model, task)
+    config = EvalConfig(Path(), Path(), Path(), Path(), prep, [], threads=())
+    priors = ultraface_priors(prep.size[1], prep.size[0]) if task == "host-decoded" else None
+    metric, out_cos = TaskMetric(task), Running()
+    wanted = list(dict.fromkeys(view.blobs + fp32.output_names))
+    top1 = class_output(model)
+    for x in inputs:
+        feed = {fp32.input_names[0]: x}
+        ref, out = fp32.extract(feed, wanted), int8.extract(feed, wanted)
+        out_cos.add(view.cosine(ref, out))
+        if task == "classifier":
+            _update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), config.iou_threshold)
+            continue
+        _update_metric(metric, _task_outputs(task, ref, model, config, priors),
+                       _task_outputs(task, out, model, config, priors), config.iou_threshold)
+    return {"task": task, **metric.summary(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
+
+
+def table_for(method: str, graph, stats, ncnn_model, calib_inputs):
+    """The calibration table of ``method`` (``eq``, ``eq+bc``: output-aware search on top of the histograms)."""
+    base, _, extra = method.partition("+")
+    if base == "eq":
+        from int8conv.calibration.scale_search import search_scales
+
+        result = build_table(graph, stats, "minmax")
+        return search_scales(ncnn_model, result, calib_inputs, bias_correction=extra == "bc")
+    result = build_table(graph, stats, method)
+    return result.table, None
+
+
+def bench_model(name: str, folder_model, shared: Path, methods: list[str], images: tuple[list[Path], list[Path]],
+                workdir: Path) -> dict[str, Cell]:
+    proto, caffemodel = folder_model.paths(shared)
+    prep = folder_model.prep
+    graph = load_graph(proto, caffemodel)
+    ncnn_model = convert_graph(graph)
+    channels = next(iter(graph.inputs.values()))[1]
+    calib_inputs = load_inputs(images[0], prep, channels)
+    judged_inputs = load_inputs(images[1], prep, channels)
+    started = time.perf_counter()
+    engine = make_engine("opencv", graph, proto, caffemodel)
+    stats = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep)
+    stats_seconds = time.perf_counter() - started
+    fp32_param, fp32_bin = workdir / f"{name}.param", workdir / f"{name}.bin"
+    write_model(ncnn_model, fp32_param, fp32_bin)
+    fp32 = NcnnRunner(fp32_param, fp32_bin, int8=False)
+    cells = {}
+    for method in methods:
+        cell = Cell()
+        try:
+            started = time.perf_counter()
+            table, extra = table_for(method, graph, stats, ncnn_model, calib_inputs)
+            cell.seconds = stats_seconds + time.perf_counter() - started
+            int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
+            param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
+            write_model(int8_model, param, binary)
+            cell.metric = judge(fp32, NcnnRunner(param, binary, int8=True), ncnn_model, judged_inputs, prep)
+        except (Int8ConvError, ImportError) as exc:
+            cell.error = str(exc)
+        cells[method] = cell
+        logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
+    return cells
+
+
+def cell_text(cell: Cell) -> str:
+    if cell.error:
+        return "error"
+    m = cell.metric
+    if m["task"] == "classifier":
+        return f"{m['top1_agreement']:.3f}/{m['cosine']:.4f} {cell.seconds:5.1f}s"
+    return f"{m['precision']:.3f}/{m['recall']:.3f} {cell.seconds:5.1f}s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
+    parser.add_argument("--models", nargs="+", default=list(MODELS) + list(PENDING))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--imagenet", type=int, default=100, help="ImageNet samples used (half calibrate, half judge)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    images = split_images(args.shared, args.imagenet)
+    print(f"calibration images {len(images[0])}, judged images {len(images[1])} (disjoint)")
+    print("cells: detectors precision/recall, classifiers top-1 agreement/mean output cosine; calibration seconds")
+    width = 22
+    print(f"{'model':<16}" + "".join(f"{m:>{width}}" for m in args.methods))
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for name in args.models:
+            if name in PENDING:
+                print(f"{name:<16} not in the test registry yet ({PENDING[name]}): not yet convertible")
+                continue
+            try:
+                cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp))
+            except Int8ConvError as exc:
+                print(f"{name:<16} not yet convertible: {str(exc)[:100]}")
+                continue
+            print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in args.methods), flush=True)
+            for method, cell in cells.items():
+                if cell.error:
+                    print(f"    {method}: {cell.error[:150]}")
+
+
+if __name__ == "__main__":
+    main()
