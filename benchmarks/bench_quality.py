@@ -32,8 +32,7 @@ from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
-from int8conv.evaluation.evaluate import (Running, TaskMetric, _task_outputs, _update_metric,  # noqa: E402
-                                          output_view, resolve_task)
+from int8conv.evaluation.evaluate import Running, TaskMetric, _task_outputs, _update_metric, output_view, resolve_task  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402

@@ -40,6 +40,7 @@ from int8conv.calibration.calibrate import (
 )
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
+from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, search_images
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
@@ -60,7 +61,13 @@ from int8conv.tables.tensorrt_files import (
 )
 from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
 from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
-from int8conv.tensorrt.ranges import table_ranges, tensor_ranges, value_ranges
+from int8conv.tensorrt.ranges import (
+    histogram_method,
+    layer_input_ranges,
+    table_ranges,
+    tensor_ranges,
+    value_ranges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,7 @@ class CalibrationOptions:
     percentile: float = 99.99
     head_method: str | None = "minmax"     # None: heads use ``method`` too
     weights_8bit: bool = False
+    bias_correction: bool = False          # --method eq only: corrected FP32 biases in the INT8 model
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
 
@@ -205,8 +213,22 @@ def _check_saved_preprocessing(stats: CalibrationStatistics, prep: PreprocessOpt
                             "statistics")
 
 
-def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions
-                          ) -> CalibrationResult:
+def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions,
+                          prep: Preprocess | None = None) -> CalibrationResult:
+    """The table of ``options.method``; the output-aware search (eq) also runs the model on the images."""
+    if options.method in SEARCH_METHODS:
+        if options.images is None or prep is None:
+            raise Int8ConvError("--method eq runs the model on calibration images: give them with --images "
+                                "(saved statistics alone are not enough)")
+        paths = list_images(options.images)
+        if options.max_images > 0:
+            paths = paths[:options.max_images]
+        name = next(iter(graph.inputs))
+        inputs = [feed[name] for feed in network_inputs(search_images(paths), prep, name)]
+        return calibrate_eq(graph, stats, inputs, winograd_6bit=not options.weights_8bit,
+                            head_method=options.head_method, bias_correction=options.bias_correction)
+    if options.bias_correction:
+        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
     return build_table(graph, stats, options.method, percentile=options.percentile,
                        winograd_6bit=not options.weights_8bit, head_method=options.head_method)
 
@@ -216,7 +238,8 @@ def calibrate(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOp
     """Caffe model + images -> the calibration table and what explains it (``result.seconds``: all of it)."""
     started = time.perf_counter()
     graph = graph if graph is not None else model.load()
-    result = table_from_statistics(graph, collect(model, graph, prep, options), options)
+    result = table_from_statistics(graph, collect(model, graph, prep, options), options,
+                                   prep.for_graph(graph, model.proto))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -270,7 +293,8 @@ def build_ncnn(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     if auto is not None:
         mixed = auto_fp32_table(fp32, table, prep, auto, model.proto, fp16_storage)
         table = mixed.table
-    return NcnnBuild(result, fp32, quantize_model(fp32, table, fp16_storage=fp16_storage), table, mixed)
+    int8 = quantize_model(fp32, table, fp16_storage=fp16_storage, biases=result.biases)
+    return NcnnBuild(result, fp32, int8, table, mixed)
 
 
 def ncnn_paths(out_dir: Path, stem: str) -> dict[str, Path]:
@@ -318,13 +342,20 @@ class TrtExport:
     source: str
     fp32_layers: list[str]
     choice: Fp32Choice | None = None
+    layer_ranges: dict[str, float] = dataclasses.field(default_factory=dict)   # Q/DQ input amax per layer
 
 
 def _trt_value_ranges(model: ModelFiles, graph: Graph, export: OnnxExport, prep: PreprocessOptions,
-                      options: CalibrationOptions, trt: TrtOptions) -> tuple[dict[str, float], str]:
-    """amax per Caffe value and a description of where they came from."""
+                      options: CalibrationOptions, trt: TrtOptions) -> tuple[dict[str, float], dict[str, float], str]:
+    """amax per Caffe value, amax per quantized layer's input, and a description of where they came from.
+
+    The layer inputs are the ncnn table's thresholds (``table_from_statistics``: the head rule and the eq
+    search included), so the ncnn table, the TensorRT cache, the ranges files and the Q/DQ ONNX agree.
+    The other tensors (TensorRT's implicit quantization needs every one) get the histogram method's range.
+    """
     if trt.table:
-        return table_ranges(read_ncnn_table(trt.table), graph), f"ncnn table {trt.table}"
+        table = read_ncnn_table(trt.table)
+        return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}"
     stats = collect(model, graph, prep, options, values=all_values(graph))
     needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
     missing = [v for v in needed if v not in stats.histograms]
@@ -333,8 +364,10 @@ def _trt_value_ranges(model: ModelFiles, graph: Graph, export: OnnxExport, prep:
                             f"TensorRT needs (e.g. {', '.join(missing[:4])}); statistics saved by 'calibrate' "
                             "cover only convolution inputs: collect them with 'int8conv export-trt --images DIR "
                             "--save-stats FILE'")
-    return (value_ranges(stats, options.method, options.percentile),
-            f"{stats.images_used} images, method {options.method}")
+    result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
+    values = value_ranges(stats, histogram_method(options.method), options.percentile)
+    values.update(table_ranges(result.table, graph))
+    return values, layer_input_ranges(result.table), f"{stats.images_used} images, method {result.method}"
 
 
 def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions
@@ -345,7 +378,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     cache_version(trt.trt_version)  # a bad version fails before any work
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
-    values, source = _trt_value_ranges(model, graph, export, prep, options, trt)
+    values, layer_ranges, source = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
     fp32_layers = list(trt.fp32_layers)
     choice = None
@@ -356,11 +389,11 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
         feeds = [{name: x[name][None]} for x in  # NCHW, batch 1
                  load_inputs(options.images, prep.for_graph(graph, model.proto), name, max(trt.auto_fp32_images, 1))]
         scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
-        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32)
+        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges)
         fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
-    qdq = insert_qdq(export, ranges, fp32_layers)
+    qdq = insert_qdq(export, ranges, fp32_layers, layer_ranges)
     method = "table" if trt.table else options.method
-    return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice)
+    return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice, layer_ranges)
 
 
 def trt_paths(out_dir: Path, stem: str) -> dict[str, Path]:
@@ -440,7 +473,7 @@ def _report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOpti
     stats = collect(model, graph, prep, options)
     paths = ncnn_paths(out_dir, model.stem)
     if table is None:
-        result = table_from_statistics(graph, stats, options)
+        result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
         build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result)
         write_ncnn_build(build, out_dir, model.stem)
         tbl, deploy = build.table, result.deploy

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import CalibrationStatistics
@@ -83,6 +85,7 @@ class CalibrationResult:
     deploy: Graph                       # the BatchNorm-folded graph the weight scales were computed on
     skipped_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    biases: dict[str, np.ndarray] | None = None     # bias correction: layer -> FP32 bias of its INT8 layer
 
 
 #: Layers that only move, reshape or normalise a head's output on its way to the network outputs.

@@ -40,7 +40,7 @@ class LayerGeometry:
     inner_product: bool
 
     @classmethod
-    def of(cls, layer: NcnnLayer) -> "LayerGeometry":
+    def of(cls, layer: NcnnLayer) -> LayerGeometry:
         if layer.type not in QUANTIZABLE:
             raise ValueError(f"layer '{layer.name}' ({layer.type}) is not an INT8 layer type")
         p = layer.params

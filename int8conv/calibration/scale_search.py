@@ -25,15 +25,19 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TypeVar
 
 import numpy as np
 
-from int8conv.calibration.calibrate import CalibrationResult, head_layers
+from int8conv.caffe.graph import Graph
+from int8conv.calibration.calibrate import CalibrationResult, build_table, head_layers
+from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input
-from int8conv.calibration.weight_scales import uses_int8_winograd
+from int8conv.calibration.weight_scales import quantizable_layers, uses_int8_winograd
+from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
@@ -41,10 +45,13 @@ from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: multiply-accumulates one candidate evaluation may cost; sets how many output positions a layer samples
 MAC_BUDGET = 1e7
 MIN_POSITIONS, MAX_POSITIONS = 128, 2048
+#: threshold methods that search (``--method``), beside the histogram methods of ``thresholds.METHODS``
+SEARCH_METHODS = ("eq",)
 #: images the search runs (spread over the calibration set)
 SEARCH_IMAGES = 16
 #: share of each image's sampled positions taken where the FP32 output is largest (the rest: uniform)
@@ -101,8 +108,9 @@ def _positions(geometry: LayerGeometry, top: np.ndarray, count: int,
 
 
 def _search_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
-    return [LayerGeometry.of(layer) for layer in model.layers
-            if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales]
+    """The layers the table quantizes (both lines present), in network order."""
+    return [LayerGeometry.of(layer) for layer in model.layers if layer.type in QUANTIZABLE
+            and layer.name in table.activation_scales and layer.name in table.weight_scales]
 
 
 def _sample(model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.ndarray], workdir: Path,
@@ -194,23 +202,27 @@ def _bias_correction(s: LayerSamples, bottom_scale: float, weight_scales: np.nda
     return g.bias - error.mean(axis=0, dtype=np.float64)
 
 
-def search_scales(model: NcnnModel, result: CalibrationResult, inputs: Sequence[np.ndarray],
-                  bias_correction: bool = False, passes: int = 2,
-                  ) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
-    """The eq table for ``model`` (the ncnn FP32 model of ``result.deploy``) and, optionally, corrected biases.
+def search_images(items: Sequence[T]) -> list[T]:
+    """Up to SEARCH_IMAGES of the calibration images, spread evenly over them."""
+    picked = np.unique(np.linspace(0, len(items) - 1, min(SEARCH_IMAGES, len(items))).round().astype(int))
+    return [items[i] for i in picked] if len(items) else []
 
-    ``result`` gives the starting point: its weight scales and its thresholds (read as each input's absmax,
-    so build it with method minmax; head layers keep theirs). ``inputs`` are preprocessed calibration images.
+
+def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str, float], fixed: Iterable[str],
+                  six_bit: Iterable[str], inputs: Sequence[np.ndarray], bias_correction: bool = False,
+                  passes: int = 2) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
+    """The searched table for the ncnn FP32 ``model`` and, with ``bias_correction``, the corrected biases.
+
+    ``table`` is the starting point (weight scales; the activation scales of the ``fixed`` layers, which are
+    kept); ``absmax`` the largest |input| per layer (the top candidate); ``six_bit`` the layers whose weights
+    must stay 6-bit; ``inputs`` preprocessed calibration images (up to SEARCH_IMAGES of them are used).
     """
     started = time.perf_counter()
-    table = CalibrationTable({k: v.copy() for k, v in result.table.weight_scales.items()},
-                             dict(result.table.activation_scales))
-    chosen = [inputs[i] for i in np.unique(np.linspace(0, len(inputs) - 1, min(SEARCH_IMAGES, len(inputs)))
-                                           .round().astype(int))]
+    table = CalibrationTable({k: v.copy() for k, v in table.weight_scales.items()}, dict(table.activation_scales))
+    chosen = search_images(inputs)
     layers = _search_layers(model, table)
-    heads = head_layers(result.deploy)
-    absmax = {g.name: 127.0 / table.activation_scales[g.name] for g in layers}
-    six_bit = {layer.name: uses_int8_winograd(layer) for layer in result.deploy.layers if layer.name in absmax}
+    fixed, six_bit = set(fixed), set(six_bit)
+    start_scales = {g.name: table.weight_scales[g.name] for g in layers}
     biases: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-eq-") as tmp:
         samples = _sample(model, layers, chosen, Path(tmp))
@@ -221,10 +233,10 @@ def search_scales(model: NcnnModel, result: CalibrationResult, inputs: Sequence[
             for g in progress(layers, desc=f"eq: search {round_ + 1}/{passes}", unit="layer"):
                 s = samples[g.name]
                 patches = s.fp32_patches if s.quantized_patches is None else s.quantized_patches
-                scales = result.table.weight_scales[g.name]
+                scales = start_scales[g.name]
                 if not np.any(scales):
                     continue
-                if g.name not in heads:
+                if g.name not in fixed:
                     if round_:        # later passes: around the previous choice only
                         ratio = 127.0 / table.activation_scales[g.name] / absmax[g.name]
                         ratios = np.clip(ratio * np.geomspace(0.7, 1.4, 5), None, 1.0)
@@ -234,8 +246,7 @@ def search_scales(model: NcnnModel, result: CalibrationResult, inputs: Sequence[
                                                                               ratios)
                 bottom = table.activation_scales[g.name]
                 if last:
-                    table.weight_scales[g.name] = _refine_weights(s, patches, bottom, scales,
-                                                                  six_bit.get(g.name, False))
+                    table.weight_scales[g.name] = _refine_weights(s, patches, bottom, scales, g.name in six_bit)
                     if bias_correction:
                         biases[g.name] = _bias_correction(s, bottom, table.weight_scales[g.name])
                 log.debug("eq %s: threshold %.5g of absmax %.5g", g.name, 127.0 / bottom, absmax[g.name])
@@ -243,3 +254,31 @@ def search_scales(model: NcnnModel, result: CalibrationResult, inputs: Sequence[
     log.info("eq search: %d layers, %.1f s", len(layers), time.perf_counter() - started)
     return table, (biases if bias_correction else None)
 
+
+def calibrate_eq(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray],
+                 winograd_6bit: bool = True, head_method: str | None = "minmax",
+                 bias_correction: bool = False) -> CalibrationResult:
+    """``--method eq``: the histogram pass gives each input's absmax and the head thresholds, the search the rest.
+
+    With ``head_method`` None the heads are searched too. The result's ``biases`` hold the corrected biases.
+    """
+    from int8conv.ncnn.convert import convert_graph
+
+    started = time.perf_counter()
+    result = build_table(graph, stats, "minmax", winograd_6bit=winograd_6bit, head_method=head_method)
+    if not inputs:
+        raise ImageError("--method eq runs the model on calibration images: give them with --images "
+                         "(saved statistics alone are not enough)")
+    absmax = {layer.name: stats.histograms[layer.bottoms[0]].absmax for layer in quantizable_layers(result.deploy)
+              if layer.name in result.thresholds}
+    fixed = head_layers(result.deploy) if head_method else set()
+    six_bit = [layer.name for layer in quantizable_layers(result.deploy)
+               if winograd_6bit and uses_int8_winograd(layer)]
+    table, biases = search_scales(convert_graph(graph), result.table, absmax, fixed, six_bit, inputs,
+                                  bias_correction=bias_correction)
+    result.table = table
+    result.thresholds = {name: 127.0 / scale for name, scale in table.activation_scales.items()}
+    result.method = "eq+bc" if bias_correction else "eq"
+    result.biases = biases
+    result.seconds = time.perf_counter() - started
+    return result

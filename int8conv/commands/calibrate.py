@@ -14,6 +14,7 @@ from int8conv.commands.common import (
     model_files,
     preprocess_options,
 )
+from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights-8bit", action="store_true",
                        help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions get 6-bit "
                             "scales, as ncnn's INT8 Winograd kernel needs")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="with --method eq: correct each INT8 layer's FP32 bias for the mean output error of "
+                            "its quantization; the biases go into the INT8 .bin, so this needs a command that "
+                            "writes the INT8 model (convert_tool.py --ncnn-dir, report)")
 
 
 def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
@@ -54,7 +59,16 @@ def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
     return "\n".join(lines)
 
 
+def check_table_only(args: argparse.Namespace) -> None:
+    """A table cannot hold corrected biases: refuse --bias-correction where only a table is written."""
+    if getattr(args, "bias_correction", False):
+        raise Int8ConvError("--bias-correction changes the INT8 model's biases, which a calibration table cannot "
+                            "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
+                            "int8conv report)")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_table_only(args)
     result = pipeline.calibrate(model_files(args), preprocess_options(args), calibration_options(args))
     pipeline.write_table(result, args.output, legacy=args.legacy_table)
     if not args.quiet:

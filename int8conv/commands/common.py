@@ -6,6 +6,7 @@ from pathlib import Path
 
 from int8conv import pipeline
 from int8conv.calibration.preprocess import COLORS
+from int8conv.calibration.scale_search import SEARCH_METHODS
 from int8conv.calibration.thresholds import METHODS
 from int8conv.engines import BACKENDS
 from int8conv.ncnn.model import NcnnModel
@@ -65,7 +66,9 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="FP32 engine: pycaffe when importable (auto), or OpenCV DNN (default auto)")
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
-    group.add_argument("--method", choices=METHODS, default="kl", help="activation threshold method (default kl)")
+    group.add_argument("--method", choices=METHODS + SEARCH_METHODS, default="kl",
+                       help="activation threshold method (default kl); eq searches thresholds and weight scales "
+                            "for the best INT8 layer outputs on the calibration images (needs --images)")
     group.add_argument("--percentile", type=float, default=99.99,
                        help="percentile of |x| for --method percentile (default 99.99)")
     group.add_argument("--save-stats", type=Path, metavar="FILE",
@@ -91,7 +94,8 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
     return CalibrationOptions(images=args.images, max_images=args.max_images, batch_size=args.batch_size,
                               backend=args.backend, gpu=args.gpu, method=args.method, percentile=args.percentile,
                               head_method=None if head_method == "same" else head_method,
-                              weights_8bit=getattr(args, "weights_8bit", False), save_stats=args.save_stats,
+                              weights_8bit=getattr(args, "weights_8bit", False),
+                              bias_correction=getattr(args, "bias_correction", False), save_stats=args.save_stats,
                               load_stats=tuple(args.load_stats or ()))
 
 

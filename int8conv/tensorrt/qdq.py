@@ -43,13 +43,17 @@ def quantized_layers(export: OnnxExport) -> list[str]:
     return [node.name for node in export.model.graph.node if node.op_type in QUANTIZED_OPS]
 
 
-def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Iterable[str] = ()) -> onnx.ModelProto:
+def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Iterable[str] = (),
+               layer_ranges: Mapping[str, float] | None = None) -> onnx.ModelProto:
     """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
 
-    ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt.ranges.tensor_ranges`). A layer whose
-    input has no range stays FP32 (logged), as do the layers named in ``fp32_layers``. ConvTranspose
-    (Caffe Deconvolution) is not quantized.
+    ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt.ranges.tensor_ranges`); ``layer_ranges``
+    (``{layer: amax}``, the ncnn table's) overrides it per layer, so two layers reading one tensor with
+    different thresholds each get their own Q/DQ pair, as in ncnn. A layer whose input has no range stays
+    FP32 (logged), as do the layers named in ``fp32_layers``. ConvTranspose (Caffe Deconvolution) is not
+    quantized.
     """
+    layer_ranges = layer_ranges or {}
     keep_fp32 = set(fp32_layers)
     unknown = keep_fp32 - set(quantized_layers(export))
     if unknown:
@@ -61,7 +65,7 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     initializers = {init.name: init for init in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
-    dequantized: dict[str, str] = {}
+    dequantized: dict[tuple[str, float], str] = {}
     unquantized: list[str] = []
     taken = {init.name for init in graph.initializer} | {v.name for v in graph.input} | \
         {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
@@ -96,16 +100,19 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
         if node.name in keep_fp32:
             nodes.append(node)
             continue
-        if activation not in ranges:
+        amax = layer_ranges.get(node.name, ranges.get(activation))
+        if amax is None:
             unquantized.append(node.name)
             nodes.append(node)
             continue
         if weight not in initializers:
             raise ModelError(f"node '{node.name}': weight '{weight}' is not an initializer")
-        if activation not in dequantized:
-            dequantized[activation] = pair(activation, quantization_scale(ranges[activation]), None)
+        scale = quantization_scale(amax)
+        key = (activation, float(scale))
+        if key not in dequantized:
+            dequantized[key] = pair(activation, scale, None)
         w = numpy_helper.to_array(initializers[weight])
-        node.input[0] = dequantized[activation]
+        node.input[0] = dequantized[key]
         node.input[1] = pair(weight, quantization_scale(weight_amax(w)), 0)
         nodes.append(node)
     if unquantized:
@@ -145,15 +152,15 @@ class OutputCosine:
 
 
 def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: Sequence[Mapping[str, np.ndarray]],
-                       target: float) -> Fp32Choice:
+                       target: float, layer_ranges: Mapping[str, float] | None = None) -> Fp32Choice:
     """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
 
     Scored by ``metrics.output_cosine`` over ``feeds`` (DetectionOutput inputs for SSD models, priors
     excluded); the search is ``fp32_search.search_fp32_layers``.
     """
     score = OutputCosine(export, feeds)
-    choice = search_fp32_layers(quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32)),
-                                target)
+    choice = search_fp32_layers(quantized_layers(export),
+                                lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges)), target)
     log.info("Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
              len(choice.fp32_layers), choice.cosine, choice.cosine_all_int8, target)
     return choice

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.calibration.thresholds import activation_threshold
+from int8conv.calibration.thresholds import METHODS, activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.errors import Int8ConvError
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -29,15 +29,31 @@ def value_ranges(stats: CalibrationStatistics, method: str = "kl", percentile: f
     return ranges
 
 
+def histogram_method(method: str) -> str:
+    """The histogram method for the tensors a search method (eq) does not choose: kl, else ``method`` itself."""
+    return "kl" if method not in METHODS else method
+
+
+def layer_input_ranges(table: CalibrationTable) -> dict[str, float]:
+    """amax of each quantized layer's input as the ncnn table gives it (``127 / scale``), by layer name."""
+    return {name: max(LEVELS / float(scale), MIN_AMAX) for name, scale in table.activation_scales.items()}
+
+
 def table_ranges(table: CalibrationTable, graph: Graph) -> dict[str, float]:
-    """amax of each quantized layer's input from an ncnn table (``127 / scale``); other values are absent."""
+    """amax of each quantized layer's input value from an ncnn table; other values are absent.
+
+    Layers that read one value may have different thresholds (a head keeps the full range, the backbone
+    layer beside it clips): one range per tensor, as the TensorRT cache holds, is then the largest of them.
+    The Q/DQ ONNX keeps each layer's own (``layer_input_ranges``).
+    """
     layers = {layer.name: layer for layer in quantizable_layers(graph)}
     ranges: dict[str, float] = {}
-    for name, scale in table.activation_scales.items():
+    for name, amax in layer_input_ranges(table).items():
         if name not in layers:
             raise Int8ConvError(f"the calibration table names layer '{name}', which is not a Convolution or "
                                 f"InnerProduct of network '{graph.name}'")
-        ranges[layers[name].bottoms[0]] = max(LEVELS / float(scale), MIN_AMAX)
+        value = layers[name].bottoms[0]
+        ranges[value] = max(amax, ranges.get(value, 0.0))
     return ranges
 
 
