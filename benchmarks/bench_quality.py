@@ -30,6 +30,7 @@ from int8conv.caffe.graph import load_graph  # noqa: E402
 from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
+from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.evaluation.evaluate import Running, TaskMetric, _task_outputs, _update_metric, output_view, resolve_task  # noqa: E402
@@ -71,10 +72,10 @@ def load_inputs(paths: list[Path], prep, channels: int) -> list[np.ndarray]:
     return [model_input(prep, image, channels) for image in map(read_image, paths) if image is not None]
 
 
-def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep) -> CalibrationStatistics:
-    """Histograms of the convolution inputs over ``inputs`` (batches of 4, as ``calibrate`` does)."""
+def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep, values=None) -> CalibrationStatistics:
+    """Histograms of the convolution inputs (or ``values``) over ``inputs`` (batches of 4, as ``calibrate`` does)."""
     stats = CalibrationStatistics(model=identity, preprocess=prep.describe())
-    values = calibration_values(graph)
+    values = values or calibration_values(graph)
     for start in range(0, len(inputs), 4):
         stats.update(engine.forward(np.stack(inputs[start:start + 4]), values))
     stats.images_used = len(inputs)
@@ -112,20 +113,18 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
     return {"task": task, **metric.summary(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 
-def table_for(method: str, graph, stats, ncnn_model, calib_inputs):
-    """The calibration table of ``method`` (``eq``, ``eq+bc``: output-aware search on top of the histograms)."""
+def table_for(method: str, graph, stats, calib_inputs) -> tuple:
+    """The table (and corrected biases) of ``method``: a histogram method, ``eq`` or ``eq+bc`` (bias correction)."""
     base, _, extra = method.partition("+")
-    if base == "eq":
-        from int8conv.calibration.scale_search import search_scales
-
-        result = build_table(graph, stats, "minmax")
-        return search_scales(ncnn_model, result, calib_inputs, bias_correction=extra == "bc")
-    result = build_table(graph, stats, method)
-    return result.table, None
+    if base in SEARCH_METHODS:
+        result = calibrate_eq(graph, stats, calib_inputs, bias_correction=extra == "bc")
+    else:
+        result = build_table(graph, stats, method)
+    return result.table, result.biases
 
 
 def bench_model(name: str, folder_model, shared: Path, methods: list[str], images: tuple[list[Path], list[Path]],
-                workdir: Path) -> dict[str, Cell]:
+                workdir: Path, qdq_method: str | None = None) -> dict[str, Cell]:
     proto, caffemodel = folder_model.paths(shared)
     prep = folder_model.prep
     graph = load_graph(proto, caffemodel)
@@ -145,7 +144,7 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
         cell = Cell()
         try:
             started = time.perf_counter()
-            table, extra = table_for(method, graph, stats, ncnn_model, calib_inputs)
+            table, extra = table_for(method, graph, stats, calib_inputs)
             cell.seconds = stats_seconds + time.perf_counter() - started
             int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
@@ -153,9 +152,34 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
             cell.metric = judge(fp32, NcnnRunner(param, binary, int8=True), ncnn_model, judged_inputs, prep)
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
+        if method == qdq_method and not cell.error:
+            from int8conv.calibration.calibrate import all_values
+
+            every = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep, all_values(graph))
+            cell.metric["qdq"] = qdq_cosine(graph, every, method, table, judged_inputs)
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
+
+
+def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tuple[float, float]:
+    """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
+    ``table``) against the FP32 ONNX, under onnxruntime."""
+    from int8conv.evaluation.evaluate import cosine
+    from int8conv.tensorrt.onnx_export import export_onnx
+    from int8conv.tensorrt.qdq import _OutputCosine, insert_qdq
+    from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
+
+    export = export_onnx(graph, batch=1)
+    values = value_ranges(stats, histogram_method(method))
+    values.update(table_ranges(table, graph))
+    qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table))
+    name = next(iter(graph.inputs))
+    scorer = _OutputCosine(export, [{name: x[None]} for x in judged])
+    session = scorer._session(qdq)
+    cosines = [cosine(ref, scorer._flat(session.run(scorer.outputs, dict(feed))))
+               for feed, ref in zip(scorer.feeds, scorer.reference, strict=True)]
+    return min(cosines), float(np.mean(cosines))
 
 
 def cell_text(cell: Cell) -> str:
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS) + list(PENDING))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--imagenet", type=int, default=100, help="ImageNet samples used (half calibrate, half judge)")
+    parser.add_argument("--qdq", metavar="METHOD", help="also judge the Q/DQ ONNX of METHOD under onnxruntime")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -187,7 +212,7 @@ def main() -> None:
                 print(f"{name:<16} not in the test registry yet ({PENDING[name]}): not yet convertible")
                 continue
             try:
-                cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp))
+                cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq)
             except Int8ConvError as exc:
                 print(f"{name:<16} not yet convertible: {str(exc)[:100]}")
                 continue
@@ -195,6 +220,9 @@ def main() -> None:
             for method, cell in cells.items():
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")
+                if "qdq" in cell.metric:
+                    print(f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {cell.metric['qdq'][0]:.4f}, "
+                          f"mean {cell.metric['qdq'][1]:.4f}")
 
 
 if __name__ == "__main__":

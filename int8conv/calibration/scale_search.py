@@ -18,7 +18,8 @@ the result and are exactly what a cosine over sampled positions under-weights. T
 Bias correction (Nagel et al. 2019): per output channel, the mean of (INT8 - FP32) pre-activation output over
 the samples is subtracted from the FP32 bias ncnn stores with the INT8 layer.
 
-Candidate thresholds are ``absmax * r`` on a geometric grid of r in [1/64, 1], refined around the best.
+Candidate thresholds are ``absmax * r`` on a geometric grid of r from KL's threshold (``floors``) to 1, refined
+around the best.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import CalibrationResult, build_table, head_layers
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input
+from int8conv.calibration.thresholds import activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers, uses_int8_winograd
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
@@ -210,13 +212,16 @@ def search_images(items: Sequence[T]) -> list[T]:
 
 def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str, float], fixed: Iterable[str],
                   six_bit: Iterable[str], inputs: Sequence[np.ndarray], bias_correction: bool = False,
-                  passes: int = 2) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
+                  passes: int = 2, floors: Mapping[str, float] | None = None,
+                  ) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
     """The searched table for the ncnn FP32 ``model`` and, with ``bias_correction``, the corrected biases.
 
     ``table`` is the starting point (weight scales; the activation scales of the ``fixed`` layers, which are
     kept); ``absmax`` the largest |input| per layer (the top candidate); ``six_bit`` the layers whose weights
-    must stay 6-bit; ``inputs`` preprocessed calibration images (up to SEARCH_IMAGES of them are used).
+    must stay 6-bit; ``inputs`` preprocessed calibration images (up to SEARCH_IMAGES of them are used);
+    ``floors`` the smallest threshold allowed per layer.
     """
+    floors = floors or {}
     started = time.perf_counter()
     table = CalibrationTable({k: v.copy() for k, v in table.weight_scales.items()}, dict(table.activation_scales))
     chosen = search_images(inputs)
@@ -237,11 +242,12 @@ def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str
                 if not np.any(scales):
                     continue
                 if g.name not in fixed:
+                    lowest = min(max(floors.get(g.name, 0.0) / absmax[g.name], COARSE_RATIOS[0]), 1.0)
                     if round_:        # later passes: around the previous choice only
                         ratio = 127.0 / table.activation_scales[g.name] / absmax[g.name]
-                        ratios = np.clip(ratio * np.geomspace(0.7, 1.4, 5), None, 1.0)
+                        ratios = np.clip(ratio * np.geomspace(0.7, 1.4, 5), lowest, 1.0)
                     else:
-                        ratios = COARSE_RATIOS
+                        ratios = np.geomspace(lowest, 1.0, COARSE_RATIOS.size)
                     table.activation_scales[g.name] = 127.0 / _best_threshold(s, patches, absmax[g.name], scales,
                                                                               ratios)
                 bottom = table.activation_scales[g.name]
@@ -260,6 +266,10 @@ def calibrate_eq(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np
                  bias_correction: bool = False) -> CalibrationResult:
     """``--method eq``: the histogram pass gives each input's absmax and the head thresholds, the search the rest.
 
+    The search never clips more than KL would (KL's threshold is its smallest candidate): below it, the
+    per-layer cosine traded away rare large activations that decide detections (measured: res10 precision
+    0.94, ultraface recall 0.82 without the floor).
+
     With ``head_method`` None the heads are searched too. The result's ``biases`` hold the corrected biases.
     """
     from int8conv.ncnn.convert import convert_graph
@@ -274,8 +284,10 @@ def calibrate_eq(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np
     fixed = head_layers(result.deploy) if head_method else set()
     six_bit = [layer.name for layer in quantizable_layers(result.deploy)
                if winograd_6bit and uses_int8_winograd(layer)]
+    floors = {layer.name: activation_threshold(stats.histograms[layer.bottoms[0]], "kl") or 0.0
+              for layer in quantizable_layers(result.deploy) if layer.name in absmax}
     table, biases = search_scales(convert_graph(graph), result.table, absmax, fixed, six_bit, inputs,
-                                  bias_correction=bias_correction)
+                                  bias_correction=bias_correction, floors=floors)
     result.table = table
     result.thresholds = {name: 127.0 / scale for name, scale in table.activation_scales.items()}
     result.method = "eq+bc" if bias_correction else "eq"

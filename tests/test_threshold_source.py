@@ -1,0 +1,65 @@
+"""One source of thresholds: the Q/DQ ONNX, the TensorRT cache and ranges hold the ncnn table's thresholds.
+
+For every shared model the ncnn table (``calibrate``) and the TensorRT export (``export-trt``) are computed
+from the same images with the same options; each Conv/Gemm's input Q/DQ scale must be the table's
+``127 / scale`` divided by 127 (the head rule included), and the per-tensor ranges of the cache the largest
+threshold of the layers that read the tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from int8conv import pipeline
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.calibration.preprocess import list_images
+from int8conv.calibration.weight_scales import quantizable_layers
+from int8conv.tables.tensorrt_files import LEVELS
+from int8conv.zoo import MODELS
+
+#: every shared model that takes plain images (det4 reads five crops at once)
+KEYS = [pytest.param(k, marks=pytest.mark.slow) if k in ("open_nsfw", "res10") else k
+        for k in MODELS if k != "det4"]
+
+
+def _input_scales(qdq) -> dict[str, float]:
+    """Conv/Gemm node -> the scale of the DequantizeLinear feeding its input."""
+    inits = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer}
+    producers = {out: node for node in qdq.graph.node for out in node.output}
+    scales = {}
+    for node in qdq.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[0] in producers:
+            dq = producers[node.input[0]]
+            if dq.op_type == "DequantizeLinear":
+                scales[node.name] = float(inits[dq.input[1]])
+    return scales
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key):
+    zoo = MODELS[key]
+    listing = tmp_path / "images.txt"
+    pool = "imagenet_samples_200" if key == "open_nsfw" else "faces"
+    listing.write_text("\n".join(str(p) for p in list_images(shared / "images" / pool)[:4]))
+    model = pipeline.ModelFiles(*zoo.paths(shared))
+    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std,
+                                      resize=zoo.prep.resize, color=zoo.prep.color, swap_hw=zoo.prep.swap_hw)
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="kl")
+    table = pipeline.calibrate(model, prep, options).table
+    export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
+
+    scales = _input_scales(export.qdq)
+    assert set(scales) == set(table.activation_scales)
+    for layer, scale in table.activation_scales.items():
+        expected = np.float32(127.0 / scale / LEVELS)
+        assert scales[layer] == pytest.approx(float(expected), rel=1e-6), layer
+
+    deploy = fold_batchnorm_scale(model.load())
+    readers: dict[str, list[str]] = {}
+    for layer in quantizable_layers(deploy):
+        if layer.name in table.activation_scales:
+            readers.setdefault(layer.bottoms[0], []).append(layer.name)
+    for value, layers in readers.items():
+        assert export.ranges[value] == pytest.approx(max(127.0 / table.activation_scales[n] for n in layers),
+                                                     rel=1e-6), value
