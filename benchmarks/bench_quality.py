@@ -182,6 +182,28 @@ def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tu
     return min(cosines), float(np.mean(cosines))
 
 
+def score(cell: Cell) -> tuple[float, float]:
+    """What "wins" means: detectors the lower of precision and recall (then the other); classifiers top-1
+    agreement, then mean output cosine."""
+    if cell.error:
+        return (-1.0, -1.0)
+    m = cell.metric
+    if m["task"] == "classifier":
+        return (round(m["top1_agreement"], 6), round(m["cosine"], 4))
+    low, high = sorted((m["precision"], m["recall"]))
+    return (round(low, 6), round(high, 6))
+
+
+def wins(results: dict[str, dict[str, Cell]], methods: list[str]) -> dict[str, int]:
+    """Per method, on how many models it is best (ties count for every tied method)."""
+    count = dict.fromkeys(methods, 0)
+    for cells in results.values():
+        best = max(score(cells[m]) for m in methods)
+        for m in methods:
+            count[m] += score(cells[m]) == best
+    return count
+
+
 def cell_text(cell: Cell) -> str:
     if cell.error:
         return "error"
@@ -206,6 +228,7 @@ def main() -> None:
     print("cells: detectors precision/recall, classifiers top-1 agreement/mean output cosine; calibration seconds")
     width = 22
     print(f"{'model':<16}" + "".join(f"{m:>{width}}" for m in args.methods))
+    results: dict[str, dict[str, Cell]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for name in args.models:
             if name in PENDING:
@@ -216,6 +239,7 @@ def main() -> None:
             except Int8ConvError as exc:
                 print(f"{name:<16} not yet convertible: {str(exc)[:100]}")
                 continue
+            results[name] = cells
             print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in args.methods), flush=True)
             for method, cell in cells.items():
                 if cell.error:
@@ -223,6 +247,13 @@ def main() -> None:
                 if "qdq" in cell.metric:
                     print(f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {cell.metric['qdq'][0]:.4f}, "
                           f"mean {cell.metric['qdq'][1]:.4f}")
+
+    if results:
+        count = wins(results, args.methods)
+        print(f"{'wins (models)':<16}" + "".join(f"{count[m]:>{width}}" for m in args.methods))
+        if "kl" in args.methods:
+            total = {m: sum(cells[m].seconds for cells in results.values()) for m in args.methods}
+            print(f"{'total time / kl':<16}" + "".join(f"{total[m] / total['kl']:>{width}.2f}" for m in args.methods))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,42 @@ def test_bias_correction_removes_the_mean_weight_rounding_error(tmp_path):
         diff = runner.run({"data": test})["out"] - reference.run({"data": test})["out"]
         errors[label] = float(np.abs(diff.reshape(cout, -1).mean(axis=1)).mean())
     assert errors["corrected"] < 0.1 * errors["plain"], errors
+
+
+def test_eq_through_the_command_lines(shared, tmp_path):
+    """``calibrate --method eq`` writes a table ncnn's INT8 model runs well with; ``--bias-correction`` is refused
+    where only a table is written, and in the one-shot conversion its biases reach the INT8 .bin."""
+    from int8conv.cli import main as int8conv_main
+    from int8conv.legacy_cli import main as convert_tool
+    from int8conv.ncnn.model import read_model
+    from int8conv.tables.ncnn_table import read_ncnn_table
+    from int8conv.zoo import cli_flags
+
+    zoo = MODELS["det3"]
+    proto, caffemodel = zoo.paths(shared)
+    args = ["--proto", str(proto), "--model", str(caffemodel), "--images", str(shared / "images" / "faces"),
+            "--max-images", "8", "--backend", "opencv", "-q", *cli_flags(zoo.prep)]
+    kl_table, eq_table = tmp_path / "kl.table", tmp_path / "eq.table"
+    assert int8conv_main(["calibrate", *args, "--output", str(kl_table)]) == 0
+    assert int8conv_main(["calibrate", *args, "--method", "eq", "--output", str(eq_table)]) == 0
+    kl, eq = read_ncnn_table(kl_table), read_ncnn_table(eq_table)
+    assert set(eq.activation_scales) == set(kl.activation_scales)
+    assert eq.activation_scales != kl.activation_scales
+    # the searched thresholds never clip more than KL's (a larger threshold is a smaller scale)
+    assert all(eq.activation_scales[n] <= kl.activation_scales[n] * 1.0001 for n in eq.activation_scales)
+    assert int8conv_main(["calibrate", *args, "--method", "eq", "--bias-correction",
+                          "--output", str(tmp_path / "x.table")]) == 2
+
+    out = {}
+    for label, extra in (("eq", []), ("bc", ["--bias-correction"])):
+        out[label] = tmp_path / label
+        assert convert_tool([*args, "--method", "eq", *extra, "--ncnn-dir", str(out[label])]) == 0
+    plain = read_model(out["eq"] / "det3-int8.param", out["eq"] / "det3-int8.bin")
+    corrected = read_model(out["bc"] / "det3-int8.param", out["bc"] / "det3-int8.bin")
+    changed = [layer.name for layer in plain.layers if layer.name in eq.activation_scales
+               and not np.array_equal(layer.weights[1].data, corrected.layer(layer.name).weights[1].data)]
+    assert changed, "bias correction changed no stored bias"
+    x = zoo.prep.apply(read_image(list_images(shared / "images" / "faces")[15]))
+    fp32 = NcnnRunner(out["bc"] / "det3.param", out["bc"] / "det3.bin", int8=False).run({"data": x})["prob1"]
+    got = NcnnRunner(out["bc"] / "det3-int8.param", out["bc"] / "det3-int8.bin", int8=True).run({"data": x})["prob1"]
+    assert np.abs(got - fp32).max() < 0.05
