@@ -194,6 +194,16 @@ def score(cell: Cell) -> tuple[float, float]:
     return (round(low, 6), round(high, 6))
 
 
+def meets_targets(cell: Cell) -> bool:
+    """The issue's targets: detectors precision and recall >= 0.97; classifiers agreement >= 0.99, cosine >= 0.995."""
+    if cell.error:
+        return False
+    m = cell.metric
+    if m["task"] == "classifier":
+        return m["top1_agreement"] >= 0.99 and m["cosine"] >= 0.995
+    return min(m["precision"], m["recall"]) >= 0.97
+
+
 def wins(results: dict[str, dict[str, Cell]], methods: list[str]) -> dict[str, int]:
     """Per method, on how many models it is best (ties count for every tied method)."""
     count = dict.fromkeys(methods, 0)
@@ -250,7 +260,9 @@ def main() -> None:
 
     if results:
         count = wins(results, args.methods)
-        print(f"{'wins (models)':<16}" + "".join(f"{count[m]:>{width}}" for m in args.methods))
+        met = {m: sum(meets_targets(cells[m]) for cells in results.values()) for m in args.methods}
+        print(f"{'targets met':<16}" + "".join(f"{met[m]:>{width}}" for m in args.methods))
+        print(f"{'best on':<16}" + "".join(f"{count[m]:>{width}}" for m in args.methods))
         if "kl" in args.methods:
             total = {m: sum(cells[m].seconds for cells in results.values()) for m in args.methods}
             print(f"{'total time / kl':<16}" + "".join(f"{total[m] / total['kl']:>{width}.2f}" for m in args.methods))

@@ -41,6 +41,7 @@ from int8conv.calibration.calibrate import (
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, search_images
+from int8conv.calibration.thresholds import DEFAULT_METHOD
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
@@ -141,7 +142,7 @@ class CalibrationOptions:
     batch_size: int = 4
     backend: str = "auto"
     gpu: int | None = None
-    method: str = "kl"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     head_method: str | None = "minmax"     # None: heads use ``method`` too
     weights_8bit: bool = False

@@ -51,14 +51,14 @@ T = TypeVar("T")
 
 #: multiply-accumulates one candidate evaluation may cost; sets how many output positions a layer samples
 MAC_BUDGET = 1e7
-MIN_POSITIONS, MAX_POSITIONS = 128, 2048
+MIN_POSITIONS, MAX_POSITIONS = 64, 2048
 #: threshold methods that search (``--method``), beside the histogram methods of ``thresholds.METHODS``
 SEARCH_METHODS = ("eq",)
 #: images the search runs (spread over the calibration set)
-SEARCH_IMAGES = 16
+SEARCH_IMAGES = 8
 #: share of each image's sampled positions taken where the FP32 output is largest (the rest: uniform)
 SALIENT_SHARE = 0.5
-COARSE_RATIOS = np.geomspace(1 / 64, 1.0, 13)
+COARSE_RATIOS = np.geomspace(1 / 64, 1.0, 9)
 #: weight-scale multipliers tried per output channel: above 1 clips the largest weights (8-bit layers); 6-bit
 #: (Winograd) layers only go down, so no int8 weight exceeds the 6-bit bound the Winograd kernel needs
 WEIGHT_UP = np.linspace(1.0, 1.2, 5)

@@ -7,7 +7,7 @@ from pathlib import Path
 from int8conv import pipeline
 from int8conv.calibration.preprocess import COLORS
 from int8conv.calibration.scale_search import SEARCH_METHODS
-from int8conv.calibration.thresholds import METHODS
+from int8conv.calibration.thresholds import DEFAULT_METHOD, METHODS
 from int8conv.engines import BACKENDS
 from int8conv.ncnn.model import NcnnModel
 from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
@@ -66,8 +66,9 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="FP32 engine: pycaffe when importable (auto), or OpenCV DNN (default auto)")
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
-    group.add_argument("--method", choices=METHODS + SEARCH_METHODS, default="kl",
-                       help="activation threshold method (default kl); eq searches thresholds and weight scales "
+    group.add_argument("--method", choices=METHODS + SEARCH_METHODS, default=DEFAULT_METHOD,
+                       help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
+                            "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
                             "for the best INT8 layer outputs on the calibration images (needs --images)")
     group.add_argument("--percentile", type=float, default=99.99,
                        help="percentile of |x| for --method percentile (default 99.99)")
