@@ -86,9 +86,9 @@ ENTRIES = [
                "same`) the INT8 model finds 35% of the FP32 faces, since faces are the rare large values that KL "
                "clips at the classification heads"),
     Entry("mtcnn_det1", "mtcnn", "det1.prototxt", "det1.caffemodel", MTCNN_FLAGS + ["--size", "320", "240"],
-          IMAGENET, FACES, ["--head-method", "same"],
+          IMAGENET, FACES, ["--method", "kl", "--head-method", "same"],
           note="P-Net is fully convolutional: calibrated and evaluated on whole images, 240x320 (the net sees "
-               "them transposed). KL for its heads too (`--head-method same`): with the default full-range heads "
+               "them transposed). KL, for its heads too (`--method kl --head-method same`): with full-range heads "
                "the output cosine is 0.978 instead of 0.986. Its top-1 agreement is eval's classifier metric, the "
                "argmax over the whole 2xHxW probability map, which says little for P-Net; read the output cosine"),
     Entry("mtcnn_det2", "mtcnn", "det2.prototxt", "det2.caffemodel", MTCNN_FLAGS, IMAGENET, FACES,
@@ -96,7 +96,7 @@ ENTRIES = [
     Entry("mtcnn_det3", "mtcnn", "det3.prototxt", "det3.caffemodel", MTCNN_FLAGS, IMAGENET, FACES,
           ["--method", "minmax"],
           note="whole images scaled to 48x48, not R-Net proposals: calibrate on your own proposals to deploy. "
-               "minmax thresholds everywhere: with the default (KL, heads minmax) the box regression conv6-2 "
+               "minmax thresholds everywhere: with KL (heads minmax) the box regression conv6-2 "
                "reaches a cosine of 0.977 only, and the output cosine is 0.977 mean / 0.643 on the worst image "
                "(minmax: 0.998 / 0.996)"),
     Entry("lenet_mnist", "lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel",
@@ -190,7 +190,7 @@ def readme(results: dict[str, dict], shared: Path, work: Path) -> str:
 One table per model in `../shared/models`, named after the model's folder (MTCNN: one per net), in the format
 today's `ncnn2int8` reads: `<layer>_param_0` per-channel weight scales and `<layer>` input scales, keyed by layer
 name, for the ncnn models `int8conv convert` writes (BatchNorm/Scale folded, as `ncnnoptimize` leaves them).
-Default pipeline (`int8conv calibrate` with no method flags): KL thresholds, except the head layers that feed the
+Default pipeline (`int8conv calibrate` with no method flags): MSE thresholds, except the head layers that feed the
 outputs directly (input's full range, `--head-method minmax`); 6-bit weights for 3x3 stride-1 convolutions (ncnn's
 INT8 Winograd), 8-bit elsewhere. Where a table departs from it, its section below says why, with the numbers.
 
