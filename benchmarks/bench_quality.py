@@ -33,7 +33,15 @@ from int8conv.calibration.preprocess import list_images, read_image  # noqa: E40
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
-from int8conv.evaluation.evaluate import Running, TaskMetric, _task_outputs, _update_metric, output_view, resolve_task  # noqa: E402
+from int8conv.evaluation.evaluate import (  # noqa: E402
+    Running,
+    TaskMetric,
+    output_view,
+    resolve_task,
+    score_threshold,
+    task_outputs,
+    update_metric,
+)
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402
@@ -44,6 +52,7 @@ from int8conv.zoo import MODELS, model_input  # noqa: E402
 PENDING = {"retinaface": "retinaface_mnet025", "yoloface": "yoloface_500k_v2",
            "shufflenet": "shufflenet_v1_driver_action", "lane": "mobilenet_yolov3_lite_lane"}
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
+IOU_THRESHOLD = 0.5
 DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc")
 
 
@@ -91,13 +100,9 @@ def class_output(model) -> str:
 
 def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], prep) -> dict:
     """Task metric and output cosine of INT8 against FP32 (evaluate.py's definitions)."""
-    from int8conv.evaluation.detection import ultraface_priors
-    from int8conv.evaluation.evaluate import EvalConfig
-
     task = resolve_task(model, "auto")
     view = output_view(model, task)
-    config = EvalConfig(Path(), Path(), Path(), Path(), prep, [], threads=())
-    priors = ultraface_priors(prep.size[1], prep.size[0]) if task == "host-decoded" else None
+    decode = task_outputs(task, model, prep.size, score_threshold(task, None))
     metric, out_cos = TaskMetric(task), Running()
     wanted = list(dict.fromkeys(view.blobs + fp32.output_names))
     top1 = class_output(model)
@@ -106,10 +111,9 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
         ref, out = fp32.extract(feed, wanted), int8.extract(feed, wanted)
         out_cos.add(view.cosine(ref, out))
         if task == "classifier":
-            _update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), config.iou_threshold)
-            continue
-        _update_metric(metric, _task_outputs(task, ref, model, config, priors),
-                       _task_outputs(task, out, model, config, priors), config.iou_threshold)
+            update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
+        else:
+            update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
     return {"task": task, **metric.summary(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 
@@ -164,10 +168,9 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
 
 def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tuple[float, float]:
     """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
-    ``table``) against the FP32 ONNX, under onnxruntime."""
-    from int8conv.evaluation.evaluate import cosine
+    ``table``) against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores)."""
     from int8conv.tensorrt.onnx_export import export_onnx
-    from int8conv.tensorrt.qdq import _OutputCosine, insert_qdq
+    from int8conv.tensorrt.qdq import OutputCosine, insert_qdq
     from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
 
     export = export_onnx(graph, batch=1)
@@ -175,10 +178,7 @@ def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tu
     values.update(table_ranges(table, graph))
     qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table))
     name = next(iter(graph.inputs))
-    scorer = _OutputCosine(export, [{name: x[None]} for x in judged])
-    session = scorer._session(qdq)
-    cosines = [cosine(ref, scorer._flat(session.run(scorer.outputs, dict(feed))))
-               for feed, ref in zip(scorer.feeds, scorer.reference, strict=True)]
+    cosines = OutputCosine(export, [{name: x[None]} for x in judged]).per_image(qdq)
     return min(cosines), float(np.mean(cosines))
 
 
@@ -226,7 +226,7 @@ def cell_text(cell: Cell) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
-    parser.add_argument("--models", nargs="+", default=list(MODELS) + list(PENDING))
+    parser.add_argument("--models", nargs="+", default=list(MODELS) + [k for k in PENDING if k not in MODELS])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--imagenet", type=int, default=100, help="ImageNet samples used (half calibrate, half judge)")
     parser.add_argument("--qdq", metavar="METHOD", help="also judge the Q/DQ ONNX of METHOD under onnxruntime")
@@ -241,8 +241,9 @@ def main() -> None:
     results: dict[str, dict[str, Cell]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for name in args.models:
-            if name in PENDING:
-                print(f"{name:<16} not in the test registry yet ({PENDING[name]}): not yet convertible")
+            if name not in MODELS:
+                print(f"{name:<16} not in the model registry (int8conv.zoo) yet ({PENDING.get(name, name)}): "
+                      "not yet convertible")
                 continue
             try:
                 cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq)
