@@ -48,9 +48,6 @@ from int8conv.ncnn.quantize import quantize_model  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
 from int8conv.zoo import MODELS, model_input  # noqa: E402
 
-#: models whose Caffe layers the converter does not handle yet; tried anyway and reported when they fail
-PENDING = {"retinaface": "retinaface_mnet025", "yoloface": "yoloface_500k_v2",
-           "shufflenet": "shufflenet_v1_driver_action", "lane": "mobilenet_yolov3_lite_lane"}
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
 IOU_THRESHOLD = 0.5
 DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc")
@@ -226,7 +223,7 @@ def cell_text(cell: Cell) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
-    parser.add_argument("--models", nargs="+", default=list(MODELS) + [k for k in PENDING if k not in MODELS])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--imagenet", type=int, default=100, help="ImageNet samples used (half calibrate, half judge)")
     parser.add_argument("--qdq", metavar="METHOD", help="also judge the Q/DQ ONNX of METHOD under onnxruntime")
@@ -241,10 +238,6 @@ def main() -> None:
     results: dict[str, dict[str, Cell]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for name in args.models:
-            if name not in MODELS:
-                print(f"{name:<16} not in the model registry (int8conv.zoo) yet ({PENDING.get(name, name)}): "
-                      "not yet convertible")
-                continue
             try:
                 cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq)
             except Int8ConvError as exc:
