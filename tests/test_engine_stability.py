@@ -12,7 +12,6 @@ from int8conv import pipeline
 from int8conv.calibration.preprocess import list_images
 from int8conv.evaluation.evaluate import EvalConfig, evaluate
 from int8conv.zoo import MODELS
-from tests.test_caffe_backend import caffe  # noqa: F401  (the fixture: pycaffe or a skip)
 
 pytestmark = [pytest.mark.pycaffe, pytest.mark.slow]
 
@@ -24,7 +23,7 @@ def _listing(tmp_path, name: str, paths) -> str:
 
 
 @pytest.mark.parametrize("key", ["yufacedetectnet", "ultraface", "det3"])
-def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path, caffe, key):  # noqa: F811
+def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path, caffe, key):
     zoo = MODELS[key]
     faces = list_images(shared / "images" / "faces") + list_images(shared / "images" / "voc_coco_detection")
     calibration, judged = _listing(tmp_path, "calib.txt", faces[0::2]), faces[1::2]
