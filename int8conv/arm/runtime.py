@@ -161,7 +161,7 @@ def _read_outputs(path: Path, model: ArmModel) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         for j, blob in enumerate(model.blobs):
             array = data[f"b{j}"]
-            if array.dtype == np.int8 and scales is None:
+            if scales is None and (model.int8 or array.dtype == np.int8):  # as on x86: NcnnRunner.extract
                 scales = requantized_scales(model.param, model.bin)
             out[blob] = dequantize_blob(array, blob, scales, model.param)
     return out
