@@ -42,6 +42,7 @@ from int8conv.evaluation.evaluate import (  # noqa: E402
     task_outputs,
     update_metric,
 )
+from int8conv.evaluation.metrics import blob_cosine  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402
@@ -150,22 +151,25 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
             int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
             write_model(int8_model, param, binary)
-            cell.metric = judge(fp32, NcnnRunner(param, binary, int8=True), ncnn_model, judged_inputs, prep)
+            int8 = NcnnRunner(param, binary, int8=True)
+            cell.metric = judge(fp32, int8, ncnn_model, judged_inputs, prep)
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
         if method == qdq_method and not cell.error:
             from int8conv.calibration.calibrate import all_values
 
             every = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep, all_values(graph))
-            cell.metric["qdq"] = qdq_cosine(graph, every, method, table, judged_inputs)
+            cell.metric["qdq"] = qdq_cosine(graph, every, method, table, judged_inputs, (fp32, int8))
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
 
 
-def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tuple[float, float]:
+def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray],
+               ncnn: tuple[NcnnRunner, NcnnRunner]) -> tuple[float, float, float]:
     """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
-    ``table``) against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores)."""
+    ``table``) against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores),
+    and the worst image of the ncnn INT8 model (``ncnn``: FP32 and INT8 runners) scored the same way."""
     from int8conv.tensorrt.onnx_export import export_onnx
     from int8conv.tensorrt.qdq import OutputCosine, insert_qdq
     from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
@@ -175,8 +179,15 @@ def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray]) -> tu
     values.update(table_ranges(table, graph))
     qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table))
     name = next(iter(graph.inputs))
-    cosines = OutputCosine(export, [{name: x[None]} for x in judged]).per_image(qdq)
-    return min(cosines), float(np.mean(cosines))
+    score = OutputCosine(export, [{name: x[None]} for x in judged])
+    cosines = score.per_image(qdq)
+    fp32, int8 = ncnn
+    ncnn_cosines = []
+    for x in judged:
+        feed = {fp32.input_names[0]: x}
+        ref, out = fp32.extract(feed, score.outputs), int8.extract(feed, score.outputs)
+        ncnn_cosines.append(blob_cosine([ref[o] for o in score.outputs], [out[o] for o in score.outputs]))
+    return min(cosines), float(np.mean(cosines)), min(ncnn_cosines)
 
 
 def score(cell: Cell) -> tuple[float, float]:
@@ -249,8 +260,9 @@ def main() -> None:
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")
                 if "qdq" in cell.metric:
-                    print(f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {cell.metric['qdq'][0]:.4f}, "
-                          f"mean {cell.metric['qdq'][1]:.4f}")
+                    low, mean, ncnn_low = cell.metric["qdq"]
+                    print(f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {low:.4f}, mean {mean:.4f} "
+                          f"(ncnn INT8 on the same outputs: min {ncnn_low:.4f})")
 
     if results:
         count = wins(results, args.methods)
