@@ -13,8 +13,8 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.calibration.thresholds import activation_threshold
-from int8conv.calibration.workers import stream_statistics
 from int8conv.calibration.weight_scales import quantizable_layers, weight_scales
+from int8conv.calibration.workers import stream_statistics
 from int8conv.engines import Engine
 from int8conv.errors import ImageError
 from int8conv.progress import progress

@@ -17,7 +17,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 

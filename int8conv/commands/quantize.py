@@ -5,8 +5,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from int8conv.atomic import output_set
 from int8conv import pipeline
+from int8conv.atomic import output_set
 from int8conv.commands.common import (
     add_preprocess_args,
     add_task_args,

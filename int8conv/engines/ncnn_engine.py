@@ -19,8 +19,8 @@ import dataclasses
 import logging
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
