@@ -12,12 +12,12 @@ from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.engines import make_engine
 from int8conv.engines.ncnn_engine import NcnnEngine
 from int8conv.errors import ModelError
-from int8conv.zoo import MODELS
+from int8conv.zoo import FORK_MODELS, MODELS
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(3)
-#: the models images can feed (det4 reads five crops at once)
-CALIBRATED = sorted(key for key in MODELS if key != "det4")
+#: the models images can feed (det4 reads five crops at once) and the ncnn converter supports (no fork layers)
+CALIBRATED = sorted(key for key in MODELS if key != "det4" and key not in FORK_MODELS)
 
 
 def _moved_fraction(a, b) -> float:
@@ -58,6 +58,16 @@ def test_statistics_equal_opencv(shared, key):
     a, b = (build_table(graph, stats[e], "kl").table.activation_scales for e in ("ncnn", "opencv"))
     flips = [layer for layer, scale in b.items() if a[layer] != pytest.approx(scale, rel=5e-4)]
     assert len(flips) <= max(1, len(b) // 20), flips
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("key", ["retinaface", "lane"])
+def test_models_ncnn_cannot_convert_are_declined_by_layer_and_auto_uses_opencv(shared, key):
+    proto, model = MODELS[key].paths(shared)
+    graph = load_graph(proto, model)
+    with pytest.raises(ModelError, match=r"layer '[^']+' has type '\w+', which the ncnn converter does not"):
+        NcnnEngine(graph).blob_names(calibration_values(graph))
+    assert make_engine("auto", graph, proto, model, calibration=True).name == "opencv"
 
 
 NET = """
