@@ -40,7 +40,6 @@ from int8conv.calibration.calibrate import (
 )
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
-from int8conv.calibration.workers import default_jobs
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
@@ -149,7 +148,7 @@ class CalibrationOptions:
     weights_8bit: bool = False
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
-    jobs: int | None = None                # forward+histogram workers (None: calibration.workers.default_jobs)
+    jobs: int = 1                          # forward+histogram workers (calibration.workers)
 
 
 @dataclass(frozen=True)
@@ -181,13 +180,12 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
             images = images[:options.max_images]
         engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu,
                              calibration=True, values=values)
-        if options.jobs is not None and options.jobs < 1:
+        if options.jobs < 1:
             raise Int8ConvError(f"--jobs must be 1 or more, not {options.jobs}")
-        jobs = options.jobs or default_jobs()
         log.info("calibrating %s on %d images with %s (%s, %d job(s))", model.caffemodel.name, len(images),
-                 engine.name, options.method, jobs)
+                 engine.name, options.method, options.jobs)
         stats = collect_statistics(graph, engine, images, prep.for_graph(graph, model.proto), identity,
-                                   values=values, batch_size=options.batch_size, jobs=jobs)
+                                   values=values, batch_size=options.batch_size, jobs=options.jobs)
     if options.save_stats:
         stats.save(options.save_stats)
         log.info("statistics saved to %s", options.save_stats)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,16 +26,6 @@ from int8conv.engines import Engine
 log = logging.getLogger(__name__)
 
 _DONE = object()
-
-
-#: Most workers by default: each holds an ncnn net and one image's values.
-MAX_DEFAULT_JOBS = 8
-
-
-def default_jobs() -> int:
-    """Workers when ``--jobs`` is not given: one per CPU core this process may use (at most MAX_DEFAULT_JOBS)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(MAX_DEFAULT_JOBS, cores))
 
 
 class _Failure:

@@ -68,9 +68,10 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
                        help="FP32 engine: ncnn (the project's own FP32 ncnn model: the least CPU time per image of "
                             "the three, see benchmarks/bench_calibrate.py), OpenCV DNN, or pycaffe. auto (default): "
                             "pycaffe with --gpu, else ncnn, else OpenCV when ncnn fuses a requested value away")
-    group.add_argument("--jobs", type=int, default=None, metavar="N",
-                       help="parallel forward+histogram workers (ncnn engine; default: the CPU cores, at most 8); "
-                            "the statistics do not depend on it")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
+                            "on a shared 2-core machine a second worker gave no more images/s, "
+                            "benchmarks/bench_calibrate.py); the statistics do not depend on it")
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument("--method", choices=METHODS, default="kl", help="activation threshold method (default kl)")
     group.add_argument("--percentile", type=float, default=99.99,
