@@ -58,7 +58,7 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", default="kl", help="activation threshold method (default kl)")
     group.add_argument("--auto-fp32", type=float, metavar="COSINE",
                        help="keep the most sensitive layers in FP32 until the output cosine reaches COSINE")
-    group.add_argument("--backend", default="auto", help="FP32 engine for calibration: auto, opencv or caffe")
+    group.add_argument("--backend", default="auto", help="FP32 engine for calibration: auto, ncnn, opencv or caffe")
     group.add_argument("--rebuild", action="store_true", help="ignore cached models and build them again")
     run = parser.add_argument_group("running")
     run.add_argument("--threads", type=int, default=1, help="ncnn threads (default 1)")

@@ -48,6 +48,14 @@ from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, form
 from int8conv.evaluation.fp32_search import Fp32Choice
 from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
 from int8conv.evaluation.report import layer_reports, write_report
+from int8conv.evaluation.speed import (
+    LayerTiming,
+    SpeedChoice,
+    add_layer_times,
+    load_layer_timings,
+    optimize_speed,
+    save_layer_timings,
+)
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import quantize_model
@@ -149,6 +157,7 @@ class CalibrationOptions:
     bias_correction: bool = False          # --method eq only: corrected FP32 biases in the INT8 model
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
+    jobs: int = 1                          # forward+histogram workers (calibration.workers)
 
 
 @dataclass(frozen=True)
@@ -178,11 +187,14 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
         images = list_images(options.images)
         if options.max_images > 0:
             images = images[:options.max_images]
-        engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu)
-        log.info("calibrating %s on %d images with %s (%s)", model.caffemodel.name, len(images), engine.name,
-                 options.method)
+        engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu,
+                             calibration=True, values=values)
+        if options.jobs < 1:
+            raise Int8ConvError(f"--jobs must be 1 or more, not {options.jobs}")
+        log.info("calibrating %s on %d images with %s (%s, %d job(s))", model.caffemodel.name, len(images),
+                 engine.name, options.method, options.jobs)
         stats = collect_statistics(graph, engine, images, prep.for_graph(graph, model.proto), identity,
-                                   values=values, batch_size=options.batch_size)
+                                   values=values, batch_size=options.batch_size, jobs=options.jobs)
     if options.save_stats:
         stats.save(options.save_stats)
         log.info("statistics saved to %s", options.save_stats)
@@ -269,6 +281,41 @@ def auto_fp32_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOp
     choice = auto_fp32(fp32, table, inputs, options.target, task=options.task, fp16_storage=fp16_storage)
     if not choice.reached:
         log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", options.target, choice.cosine)
+    return choice
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """``--optimize speed``: FP32 where INT8 does not pay (timed here, or ``layer_timings`` from the device), then
+    (with ``min_cosine``) the accuracy search on the rest; ``images`` feed the cosine and the whole-model check."""
+
+    min_cosine: float | None = None
+    images: Path | None = None
+    max_images: int = 8
+    task: str = "auto"
+    layer_timings: Path | None = None
+    save_layer_timings: Path | None = None
+
+
+def speed_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOptions, options: SpeedOptions,
+                source: Path, fp16_storage: bool = True) -> SpeedChoice:
+    """The table with the layers where INT8 does not pay (or that fail ``min_cosine``) left FP32."""
+    if options.images is not None:
+        inputs = load_inputs(options.images, prep.for_ncnn(fp32, source), fp32.input_names[0],
+                             max(options.max_images, 1))
+    elif options.min_cosine is not None:
+        raise Int8ConvError("--min-cosine needs images to measure the output cosine on (--images)")
+    else:  # speed only: any image will do to time the whole model
+        ncnn_prep = prep.for_ncnn(fp32, source)
+        noise = np.random.default_rng(0).integers(0, 256, (*ncnn_prep.size, 3), np.uint8)
+        inputs = [{fp32.input_names[0]: ncnn_prep.apply(noise)}]
+    timings: dict[str, LayerTiming] | None = None
+    if options.layer_timings is not None:
+        timings = load_layer_timings(options.layer_timings)
+    choice = optimize_speed(fp32, table, inputs, min_cosine=options.min_cosine, timings=timings, task=options.task,
+                            fp16_storage=fp16_storage)
+    if options.save_layer_timings is not None:
+        save_layer_timings(choice.timings, options.save_layer_timings)
     return choice
 
 
@@ -435,6 +482,7 @@ class EvalOptions:
     backend: str = "auto"
     gpu: int | None = None
     caffe_reference: bool = True
+    layer_times: bool = False              # time each INT8 layer alone against FP32 (evaluation.speed)
 
 
 def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOptions, options: EvalOptions,
@@ -449,12 +497,17 @@ def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOpt
         images = images[:options.max_images]
     caffe_forward = None
     if options.caffe_reference and arm is None:
-        caffe_forward = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
+        # the FP32 reference is Caffe's (pycaffe or OpenCV), never the ncnn model under evaluation
+        backend = "auto" if options.backend == "ncnn" else options.backend
+        caffe_forward = make_engine(backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
     config = EvalConfig(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"],
                         prep.for_graph(graph, model.proto), images, caffe_forward=caffe_forward, task=options.task,
                         score_threshold=options.score_threshold, iou_threshold=options.iou_threshold,
                         threads=tuple(options.threads), timing_runs=options.timing_runs)
-    return evaluate(config) if arm is None else evaluate_arm(config, arm)
+    found = evaluate(config) if arm is None else evaluate_arm(config, arm)
+    if options.layer_times:
+        add_layer_times(found, files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
+    return found
 
 
 def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,

@@ -279,8 +279,10 @@ def test_tables_equal_opencv_to_4_significant_digits(caffe, shared, tmp_path, ke
 
 
 def test_convert_tool_runs_on_pycaffe(caffe, shared, tmp_path):
-    """The original command line, in a fresh interpreter as a user runs it: with --backend caffe, and with no
-    backend flag at all (as the original tool was called), which picks pycaffe; glog stays quiet."""
+    """The original command line, in a fresh interpreter as a user runs it: with --backend caffe (glog stays
+    quiet), and with no backend flag at all (as the original tool was called), which calibrates with ncnn even
+    though pycaffe is importable (the faster engine, benchmarks/bench_calibrate.py): the same table but for
+    KL near-ties."""
     proto, model = _model_paths(shared, "res10")
     images = tmp_path / "images"
     images.mkdir()
@@ -294,9 +296,14 @@ def test_convert_tool_runs_on_pycaffe(caffe, shared, tmp_path):
         done = subprocess.run([*original, "--output", str(out), *extra], capture_output=True, text=True, cwd=ROOT,
                               timeout=300)
         assert done.returncode == 0, done.stderr
-        assert "with caffe" in done.stderr and "InitGoogleLogging" not in done.stderr, done.stderr
-        tables.append(out.read_bytes())
-    assert tables[0] == tables[1]
-    table = read_ncnn_table(tmp_path / "res100.table")
+        assert f"with {'caffe' if extra else 'ncnn'}" in done.stderr, done.stderr
+        assert "InitGoogleLogging" not in done.stderr, done.stderr
+        tables.append(read_ncnn_table(out))
+    for layer, scales in tables[0].weight_scales.items():
+        np.testing.assert_array_equal(tables[1].weight_scales[layer], scales)
+    flips = [layer for layer, scale in tables[0].activation_scales.items()
+             if tables[1].activation_scales[layer] != pytest.approx(scale, rel=5e-4)]
+    assert len(flips) <= 1, flips
+    table = tables[0]
     deploy = fold_batchnorm_scale(load_graph(proto, model))
     assert set(table.activation_scales) == {layer.name for layer in quantizable_layers(deploy)}

@@ -16,6 +16,7 @@ from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.calibration.thresholds import activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers, weight_scales
+from int8conv.calibration.workers import stream_statistics
 from int8conv.engines import Engine
 from int8conv.errors import ImageError
 from int8conv.progress import progress
@@ -54,15 +55,18 @@ def all_values(graph: Graph) -> list[str]:
 
 def collect_statistics(graph: Graph, engine: Engine, images: Sequence[Path], prep: Preprocess,
                        identity: dict[str, str], values: Sequence[str] | None = None,
-                       batch_size: int = 4) -> CalibrationStatistics:
-    """One streaming pass over the images; memory does not grow with their number."""
+                       batch_size: int = 4, jobs: int = 1) -> CalibrationStatistics:
+    """One streaming pass over the images, decoding overlapped with ``jobs`` forward workers (``workers``);
+    memory does not grow with the number of images."""
     values = list(values) if values is not None else calibration_values(graph)
-    stats = CalibrationStatistics(model=identity, preprocess=prep.describe())
     tally = ImageTally()
+    # an engine that computes one image at a time (ncnn) is also decoded one at a time: queued batches then
+    # never grow with --batch-size
+    batch_size = getattr(engine, "images_per_forward", None) or batch_size
     with progress(total=len(images), desc="calibrating", unit="img") as bar:
-        for batch, names in iter_batches(images, prep, batch_size, tally):
-            stats.update(engine.forward(batch, values))
-            bar.update(len(names))
+        stats = stream_statistics(engine, iter_batches(images, prep, batch_size, tally), values,
+                                  lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
+                                  jobs=jobs, on_images=bar.update)
         bar.update(len(images) - bar.n)
     stats.images_used += tally.used
     stats.images_skipped += len(tally.skipped)

@@ -8,7 +8,7 @@ from int8conv import pipeline
 from int8conv.calibration.preprocess import COLORS
 from int8conv.calibration.scale_search import SEARCH_METHODS
 from int8conv.calibration.thresholds import DEFAULT_METHOD, METHODS
-from int8conv.engines import BACKENDS
+from int8conv.engines import CALIBRATION_BACKENDS
 from int8conv.ncnn.model import NcnnModel
 from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -62,9 +62,17 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
     group.add_argument("--images", type=Path, required=images_required,
                        help="calibration images: a directory (recursive) or a file listing image paths")
     group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
-    group.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    group.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="FP32 engine: pycaffe when importable (auto), or OpenCV DNN (default auto)")
+    group.add_argument("--batch-size", type=int, default=4,
+                       help="images per forward pass (default 4); peak memory grows with it for OpenCV and "
+                            "pycaffe, not for ncnn (one image at a time), and never with the number of images")
+    group.add_argument("--backend", choices=CALIBRATION_BACKENDS, default="auto",
+                       help="FP32 engine: ncnn (the project's own FP32 ncnn model: the least CPU time per image of "
+                            "the three, see benchmarks/bench_calibrate.py), OpenCV DNN, or pycaffe. auto (default): "
+                            "pycaffe with --gpu, else ncnn, else OpenCV when ncnn fuses a requested value away")
+    group.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
+                            "on a shared 2-core machine a second worker gave no more images/s, "
+                            "benchmarks/bench_calibrate.py); the statistics do not depend on it")
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument("--method", choices=METHODS + SEARCH_METHODS, default=DEFAULT_METHOD,
                        help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
@@ -97,14 +105,20 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
                               head_method=None if head_method == "same" else head_method,
                               weights_8bit=getattr(args, "weights_8bit", False),
                               bias_correction=getattr(args, "bias_correction", False), save_stats=args.save_stats,
-                              load_stats=tuple(args.load_stats or ()))
+                              load_stats=tuple(args.load_stats or ()), jobs=args.jobs)
 
 
 def eval_options(args: argparse.Namespace, images: Path, max_images: int) -> pipeline.EvalOptions:
     """The evaluation flags ``eval`` and ``report`` share."""
     return pipeline.EvalOptions(images, max_images, args.task, args.score_threshold, args.iou_threshold,
                                 tuple(args.threads), args.timing_runs, args.backend, getattr(args, "gpu", None),
-                                not args.no_caffe)
+                                not args.no_caffe, args.layer_times)
+
+
+def add_layer_times_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--layer-times", action="store_true",
+                       help="also time every INT8 layer alone against FP32 on the ncnn runtime (on this machine, a "
+                            "proxy for the target device) and mark those where INT8 does not pay")
 
 
 def auto_fp32_options(args: argparse.Namespace, images: Path | None, max_images: int) -> pipeline.AutoFp32Options:

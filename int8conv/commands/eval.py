@@ -13,6 +13,7 @@ from int8conv.arm.evaluate import format_arm_report
 from int8conv.arm.runtime import ARM_CPUS, ArmOptions
 from int8conv.atomic import write_text_atomic
 from int8conv.commands.common import (
+    add_layer_times_arg,
     add_model_args,
     add_preprocess_args,
     add_task_args,
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_task_args(group)
     group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
     group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
+    add_layer_times_arg(group)
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")
     group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE",

@@ -5,8 +5,16 @@ import argparse
 import logging
 from pathlib import Path
 
+from int8conv import pipeline
 from int8conv.atomic import output_set
-from int8conv.commands.common import add_preprocess_args, add_task_args, auto_fp32_options, mixed_precision_table
+from int8conv.commands.common import (
+    add_preprocess_args,
+    add_task_args,
+    auto_fp32_options,
+    mixed_precision_table,
+    preprocess_options,
+)
+from int8conv.evaluation.speed import format_choice
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
@@ -41,12 +49,32 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
     add_task_args(group, thresholds=False)
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
+    group.add_argument("--min-cosine", type=float, dest="auto_fp32", metavar="COSINE",
+                       help="the same as --auto-fp32 (reads better with --optimize speed)")
+    speed = parser.add_argument_group("speed-aware precision")
+    speed.add_argument("--optimize", choices=("accuracy", "speed"), default="accuracy",
+                       help="speed: time every layer alone on the ncnn runtime, FP32 against INT8, keep FP32 where "
+                            "INT8 does not pay, then check the whole model is no slower than FP32 at 1 and 2 "
+                            "threads; with --min-cosine, the fastest choice within that output cosine. Timing on "
+                            "this machine is a proxy for the target device (see --layer-timings)")
+    speed.add_argument("--layer-timings", type=Path, metavar="JSON",
+                       help="per-layer ms measured on the target device, {layer: {fp32: ms, int8: ms}}, instead of "
+                            "timing here (the format --save-layer-timings writes)")
+    speed.add_argument("--save-layer-timings", type=Path, metavar="JSON", help="write the per-layer timings used")
 
 
 def run(args: argparse.Namespace) -> int:
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
-    if args.auto_fp32 is not None:
+    if args.optimize == "speed":
+        options = pipeline.SpeedOptions(args.auto_fp32, args.images, args.max_images, args.task, args.layer_timings,
+                                        args.save_layer_timings)
+        choice = pipeline.speed_table(model, table, preprocess_options(args), options, args.param,
+                                      fp16_storage=not args.no_fp16)
+        table = choice.table
+        if not args.quiet:
+            print(format_choice(choice))
+    elif args.auto_fp32 is not None:
         table = mixed_precision_table(args, model, table, auto_fp32_options(args, args.images, args.max_images))
     int8 = quantize_model(model, table, fp16_storage=not args.no_fp16)
     with output_set():  # the INT8 pair and --out-table land together

@@ -9,6 +9,7 @@ from pathlib import Path
 from int8conv import pipeline
 from int8conv.commands.common import (
     add_calibration_args,
+    add_layer_times_arg,
     add_model_args,
     add_preprocess_args,
     add_task_args,
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)")
     group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
     group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
+    add_layer_times_arg(group)
     group.add_argument("--no-fp16", action="store_true", help="FP32 layers of the INT8 model keep fp32 weights")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the page, figures and models go")
     parser.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """FP32 engines that return the value of any graph value for a batch of images.
 
-``opencv`` (default, embedded: OpenCV's DNN Caffe importer) and ``caffe`` (pycaffe, when importable).
+``opencv`` (embedded: OpenCV's DNN Caffe importer), ``caffe`` (pycaffe, when importable) and, for calibration,
+``ncnn`` (the project's own FP32 ncnn model on the ncnn runtime; see ``ncnn_engine``).
 Every engine takes a preprocessed float32 NCHW batch and the graph's SSA value names, and returns
 ``{value: ndarray}`` with the batch dimension first.
 """
@@ -19,7 +20,10 @@ from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 
 log = logging.getLogger(__name__)
 
+#: FP32 references (eval compares ncnn against them, so ncnn is not one of them).
 BACKENDS = ("auto", "opencv", "caffe")
+#: Engines that can feed calibration.
+CALIBRATION_BACKENDS = ("auto", "ncnn", "opencv", "caffe")
 
 
 class Engine(Protocol):
@@ -73,11 +77,39 @@ def caffe_obstacle(prototxt: str | Path, caffemodel: str | Path) -> str | None:
     return None
 
 
+def _auto_calibration_engine(graph: Graph, values: Sequence[str] | None) -> Engine | None:
+    """ncnn, the engine with the least CPU time per image (benchmarks/bench_calibrate.py), unless it cannot
+    convert the model or observe a requested value; None then."""
+    from int8conv.calibration.calibrate import calibration_values
+    from int8conv.engines.ncnn_engine import NcnnEngine
+
+    try:
+        engine = NcnnEngine(graph)
+        engine.blob_names(values if values is not None else calibration_values(graph))
+    except ModelError as exc:
+        log.info("backend auto: not ncnn, since %s", exc)
+        return None
+    return engine
+
+
 def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: str | Path,
-                gpu: int | None = None) -> Engine:
-    """Pick the FP32 engine: ``auto`` prefers pycaffe when importable and it has every layer type, else OpenCV."""
+                gpu: int | None = None, calibration: bool = False, values: Sequence[str] | None = None) -> Engine:
+    """Pick the FP32 engine. ``auto`` for an FP32 reference prefers pycaffe when importable and it has every layer
+    type, else OpenCV; for ``calibration`` (``values``: what it will ask for) it is pycaffe with ``gpu``, else
+    ncnn, else OpenCV."""
+    if backend == "auto" and calibration and gpu is None:
+        engine = _auto_calibration_engine(graph, values)
+        if engine is not None:
+            log.info("backend auto: calibrating with ncnn")
+            return engine
+        backend = "opencv"
+    if backend == "ncnn":
+        if gpu is not None:
+            raise BackendUnavailable("--gpu needs the pycaffe backend (--backend caffe); ncnn runs on the CPU")
+        from int8conv.engines.ncnn_engine import NcnnEngine
+        return NcnnEngine(graph)
     if backend not in BACKENDS:
-        raise Int8ConvError(f"--backend must be one of {', '.join(BACKENDS)}, not '{backend}'")
+        raise Int8ConvError(f"--backend must be one of {', '.join(CALIBRATION_BACKENDS)}, not '{backend}'")
     obstacle = caffe_obstacle(prototxt, caffemodel) if backend != "opencv" and caffe_importable() else None
     if backend == "auto":
         if not caffe_importable():

@@ -439,6 +439,9 @@ def format_report(report: dict, worst_layers: int = 10) -> str:
     for threads, ratio in report["speed_ratio_int8_over_fp32"].items():
         lines.append(f"{'':<24} {threads:>7} {report['speed_ms']['fp32'][threads]:>9.2f} "
                      f"{report['speed_ms']['int8'][threads]:>9.2f} {ratio:>10.3f}")
+    if "layer_ms" in report:
+        from int8conv.evaluation.speed import format_layer_times
+        lines += ["", format_layer_times(report["layer_ms"])]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ Steps, each on plain data:
    and a 1x1 Convolution on a 1-D blob (after global pooling or InnerProduct) becomes an InnerProduct.
 4. ``Input`` layers for the network inputs (also for legacy ``input:`` headers, which caffe2ncnn breaks on), and a
    ``Split`` layer ``splitncnn_N`` after every blob read more than once, its tops named ``<blob>_splitncnn_K``.
+5. Shape hints on every layer, as ncnnoptimize writes them (``shape_hints``).
 
 ncnn drops the batch axis: a Caffe blob (N, C, H, W) is an ncnn Mat (c, h, w), so Caffe axis ``a`` is ncnn axis
 ``a - 1`` and shapes are written without N.
@@ -31,6 +32,7 @@ from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.shapes import conv_geometry, pool_geometry, prior_box_aspect_ratios
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, ParamValue
+from int8conv.ncnn.shape_hints import add_shape_hints
 
 log = logging.getLogger(__name__)
 
@@ -551,6 +553,6 @@ def convert_graph(graph: Graph) -> NcnnModel:
     _fuse_activations(layers)
     _vector_convolutions_to_inner_product(layers)
     layers = _input_layers(folded, {layer.name for layer in layers}) + layers
-    model = NcnnModel(_insert_splits(layers))
+    model = add_shape_hints(NcnnModel(_insert_splits(layers)))
     log.info("converted '%s': %d Caffe layers -> %d ncnn layers", graph.name, len(graph.layers), len(model.layers))
     return model

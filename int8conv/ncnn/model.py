@@ -39,6 +39,8 @@ TAG_FP32_LEGACY = 0x0002C056
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: ncnn stores array parameter ``id`` under the key ``-(ARRAY_KEY_BASE + id)``.
 ARRAY_KEY_BASE = 23300
+#: Param id of the shape hints (``-23330=``, see ``shape_hints``); written first, as ncnnoptimize does.
+SHAPE_HINTS = 30
 
 ParamValue = Union[int, float, list[int], list[float]]
 PathLike = Union[str, os.PathLike]
@@ -158,7 +160,8 @@ def param_text(model: NcnnModel) -> str:
         for blob in layer.bottoms + layer.tops:
             _check_name("blob", blob, layer.name)
         head = f"{layer.type:<24} {layer.name:<32} {len(layer.bottoms)} {len(layer.tops)}"
-        fields = layer.bottoms + layer.tops + [format_param(k, v) for k, v in sorted(layer.params.items())]
+        params = sorted(layer.params.items(), key=lambda item: (item[0] != SHAPE_HINTS, item[0]))
+        fields = layer.bottoms + layer.tops + [format_param(k, v) for k, v in params]
         lines.append(" ".join([head] + fields))
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,8 @@ ncnn's ``float2int8``) and the .bin gains the weight scales and the bottom scale
 ``int8_scale_term`` (8=) becomes 2, or 1 for ConvolutionDepthWise. Consecutive INT8 convolutions are fused
 so the first one requantizes its output to int8 (``int8_scale_term`` + 100, top scale = the next layer's
 bottom scale), directly or through a Split whose consumers are all INT8 convolutions. Weights that stay
-FP32 are stored as fp16 when asked (ncnn2int8 always does).
+FP32 are stored as fp16 when asked (ncnn2int8 always does). The INT8 model keeps the FP32 model's shape
+hints (quantizing changes no shape), or gets them when the FP32 model had none.
 
 Differences from ncnn2int8, on purpose:
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel
+from int8conv.ncnn.shape_hints import add_shape_hints, has_shape_hints
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,8 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
     """
     table.validate()
     result = copy.deepcopy(model)
+    if not has_shape_hints(result):
+        add_shape_hints(result)     # a model from caffe2ncnn: the INT8 file gets the hints all the same
     names = {layer.name for layer in result.layers}
     unknown = sorted((set(table.activation_scales) | set(table.weight_scales)) - names)
     if unknown:

@@ -11,7 +11,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -64,16 +64,37 @@ class NcnnRunner:
         """The network outputs for one image (inputs are CHW float32, without the batch axis)."""
         return self.extract(inputs, self.output_names)
 
-    def extract(self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str]) -> dict[str, np.ndarray]:
+    def extract(self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str],
+                light: bool | None = None) -> dict[str, np.ndarray]:
         """Any blobs of the network for one image, as float32 arrays in ncnn's (C, H, W) layout.
 
         A blob that a requantizing INT8 convolution wrote as int8 is dequantized with that layer's top
-        scale, so per-layer comparisons see real values.
+        scale, so per-layer comparisons see real values. ``light`` (default: only for the outputs) frees each
+        blob once consumed; it computes nothing twice only when ``blobs`` come in execution order.
         """
-        ncnn = _ncnn()
         blobs = list(blobs)
+        ex = self._extractor(inputs, light=len(blobs) <= len(self.output_names) if light is None else light)
+        out: dict[str, np.ndarray] = {}
+        for name in blobs:
+            array = np.array(self._extract(ex, name), copy=True)
+            if self.int8 and self._scales is None:  # the PyPI runtime hands int8 blobs out as float32
+                self._scales = requantized_scales(self.param, self.bin)
+            out[name] = dequantize_blob(array, name, self._scales, self.param)
+        return out
+
+    def shapes(self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        """``(dims, w, h, c)`` of blobs as ncnn computes them for these inputs (an empty result has dims 0)."""
+        ex = self._extractor(inputs, light=False)
+        result = {}
+        for name in blobs:
+            mat = self._extract(ex, name)
+            result[name] = (int(mat.dims), int(mat.w), int(mat.h), int(mat.c))
+        return result
+
+    def _extractor(self, inputs: Mapping[str, np.ndarray], light: bool):
+        ncnn = _ncnn()
         ex = self.net.create_extractor()
-        ex.set_light_mode(len(blobs) <= len(self.output_names))
+        ex.set_light_mode(light)
         for name in self.input_names:
             if name not in inputs:
                 raise ModelError(f"{self.param}: input blob '{name}' was not given (given: {sorted(inputs)})")
@@ -83,16 +104,13 @@ class NcnnRunner:
                     raise ModelError(f"ncnn runs one image at a time; input '{name}' has batch {array.shape[0]}")
                 array = array[0]
             ex.input(name, ncnn.Mat(array).clone())
-        out: dict[str, np.ndarray] = {}
-        for name in blobs:
-            ret, mat = ex.extract(name)
-            if ret != 0:
-                raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
-            array = np.array(mat, copy=True)
-            if self.int8 and self._scales is None:
-                self._scales = requantized_scales(self.param, self.bin)
-            out[name] = dequantize_blob(array, name, self._scales, self.param)
-        return out
+        return ex
+
+    def _extract(self, ex, name: str):
+        ret, mat = ex.extract(name)
+        if ret != 0:
+            raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
+        return mat
 
 
 def dequantize_blob(array: np.ndarray, name: str, scales: Mapping[str, float] | None, param: Path) -> np.ndarray:
@@ -122,10 +140,13 @@ def requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
 
 
 def time_models(pairs: Mapping[str, tuple[Path, Path, bool]], inputs: Mapping[str, np.ndarray],
-                threads: Iterable[int] = (1, 2), runs: int = 10, warmup: int = 2) -> dict[str, dict[int, float]]:
+                threads: Iterable[int] = (1, 2), runs: int = 10, warmup: int = 2,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[int, float]]:
     """Median ms per image of several models side by side, interleaved so that machine load hits all alike.
 
-    ``pairs`` maps a label to (param, bin, int8). Returns ``{label: {threads: ms}}``.
+    ``pairs`` maps a label to (param, bin, int8). Returns ``{label: {threads: ms}}``. ``clock`` may be
+    ``time.process_time`` (CPU time: blind to other processes' load, exact for one thread; with more threads it
+    also counts their spinning).
     """
     result: dict[str, dict[int, float]] = {label: {} for label in pairs}
     for count in threads:
@@ -136,10 +157,10 @@ def time_models(pairs: Mapping[str, tuple[Path, Path, bool]], inputs: Mapping[st
                 runner.run(inputs)
         for _ in range(runs):
             for label, runner in runners.items():
-                start = time.perf_counter()
+                start = clock()
                 runner.run(inputs)
-                samples[label].append((time.perf_counter() - start) * 1000.0)
+                samples[label].append((clock() - start) * 1000.0)
         for label in pairs:
             result[label][count] = statistics.median(samples[label])
-            log.info("%s, %d thread(s): %.2f ms", label, count, result[label][count])
+            log.debug("%s, %d thread(s): %.2f ms", label, count, result[label][count])
     return result
