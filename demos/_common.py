@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("int8conv") is None:
@@ -28,6 +28,7 @@ from int8conv import pipeline  # noqa: E402
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import list_images  # noqa: E402
+from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
 
@@ -156,3 +157,23 @@ def parse_with_preset(parser: argparse.ArgumentParser, presets: Mapping[str, dic
     if (args.proto is None) != (args.model is None):
         parser.error("give both --proto and --model (or neither, for a preset)")
     return args
+
+
+def finish(ms_fp32: Sequence[float], ms_int8: Sequence[float], images: Sequence[Path], args: argparse.Namespace,
+           task_line: Callable[[], str]) -> int:
+    """The end of a demo run: an error when no image could be read, else the task line, speed and pictures."""
+    if not ms_fp32:
+        raise Int8ConvError(f"none of the {len(images)} images in {args.images} could be read")
+    print(task_line())
+    print(speed_summary(ms_fp32, ms_int8, args.threads))
+    print(f"pictures: {args.out_dir}/<image>.png")
+    return 0
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with ``main``'s code; a user error is one logged line and exit code 2, as in the CLI."""
+    try:
+        sys.exit(main())
+    except Int8ConvError as exc:
+        log.error("%s", exc)
+        sys.exit(2)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
-from _common import SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
+from _common import SideBySide, add_build_args, build_models, finish, load_names, parse_with_preset, run_main
 
 from int8conv.atomic import atomic_write
 from int8conv.caffe.graph import load_graph
@@ -159,17 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(png, image, f"{path.name}: {same}, INT8/FP32 time {t_int8 / t_fp32:.2f}",
              [(f"FP32 ncnn  {t_fp32:.1f} ms", p_fp32, o_fp32), (f"INT8 ncnn  {t_int8:.1f} ms", p_int8, o_int8)],
              names)
-    if not ms_fp32:
-        raise Int8ConvError(f"none of the {len(images)} images in {args.images} could be read")
-    print(f"top-1 agreement INT8 vs FP32: {agree}/{len(ms_fp32)}")
-    print(speed_summary(ms_fp32, ms_int8, args.threads))
-    print(f"pictures: {args.out_dir}/<image>.png")
-    return 0
+    return finish(ms_fp32, ms_int8, images, args, lambda: f"top-1 agreement INT8 vs FP32: {agree}/{len(ms_fp32)}")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Int8ConvError as exc:
-        logging.getLogger("demo").error("%s", exc)
-        sys.exit(2)
+    run_main(main)

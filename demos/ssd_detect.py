@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import VOC_CLASSES, SideBySide, add_build_args, build_models, load_names, parse_with_preset, speed_summary
+from _common import (
+    VOC_CLASSES,
+    SideBySide,
+    add_build_args,
+    build_models,
+    finish,
+    load_names,
+    parse_with_preset,
+    run_main,
+)
 
 from int8conv.atomic import write_bytes_atomic
 from int8conv.caffe.graph import load_graph
@@ -212,19 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             raise Int8ConvError(f"could not encode the picture of {path}")
         write_bytes_atomic(args.out_dir / f"{path.stem}.png", encoded.tobytes())
-    if not ms_fp32:
-        raise Int8ConvError(f"none of the {len(images)} images in {args.images} could be read")
-    print(f"INT8 vs FP32 boxes (score >= {decode.threshold}, same class, IoU >= 0.5): precision "
-          f"{tally.precision:.3f}, recall {tally.recall:.3f}, mean IoU {tally.mean_iou:.3f} "
-          f"({tally.matched} matched of {tally.reference} FP32 / {tally.candidate} INT8 boxes)")
-    print(speed_summary(ms_fp32, ms_int8, args.threads))
-    print(f"pictures: {args.out_dir}/<image>.png")
-    return 0
+    return finish(ms_fp32, ms_int8, images, args, lambda: (
+        f"INT8 vs FP32 boxes (score >= {decode.threshold}, same class, IoU >= 0.5): precision "
+        f"{tally.precision:.3f}, recall {tally.recall:.3f}, mean IoU {tally.mean_iou:.3f} "
+        f"({tally.matched} matched of {tally.reference} FP32 / {tally.candidate} INT8 boxes)"))
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Int8ConvError as exc:
-        logging.getLogger("demo").error("%s", exc)
-        sys.exit(2)
+    run_main(main)
