@@ -309,10 +309,21 @@ def test_conversion_folds_and_fuses(tmp_path):
 def test_unsupported_layer_names_layer_and_type(tmp_path):
     text = """
     input: "data" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 4
-    layer { name: "odd" type: "Exp" bottom: "data" top: "odd" }
+    layer { name: "odd" type: "Tile" bottom: "data" top: "odd" }
     """
     proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="odd")
-    with pytest.raises(ModelError, match="layer 'odd' has type 'Exp'"):
+    with pytest.raises(ModelError, match="layer 'odd' has type 'Tile'"):
+        convert_graph(load_graph(proto, caffemodel))
+
+
+def test_declined_layer_names_the_reason(tmp_path):
+    text = """
+    input: "data" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 4
+    layer { name: "rnn" type: "LSTM" bottom: "data" top: "rnn" }
+    """
+    proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="rnn")
+    with pytest.raises(ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: "
+                                         "not written yet"):
         convert_graph(load_graph(proto, caffemodel))
 
 

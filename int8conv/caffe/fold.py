@@ -13,37 +13,16 @@ from collections import Counter
 import numpy as np
 
 from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.layers import batchnorm_affine, kind_of, scale_affine, types_where
 
 log = logging.getLogger(__name__)
 
-FOLDABLE_INTO = ("Convolution", "InnerProduct")
-
-
-def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
-    mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
-    s = float(factor.reshape(-1)[0])
-    s = 0.0 if s == 0 else 1.0 / s
-    eps = layer.param.batch_norm_param.eps
-    a = 1.0 / np.sqrt(var * s + eps)
-    return a, -mean * s * a
-
-
-def scale_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe Scale (one bottom) as ``y = a*x + b`` per channel."""
-    a = layer.blobs[0].astype(np.float64)
-    b = layer.blobs[1].astype(np.float64) if layer.param.scale_param.bias_term and len(layer.blobs) > 1 \
-        else np.zeros_like(a)
-    return a, b
-
+__all__ = ["batchnorm_affine", "scale_affine", "fold_batchnorm_scale"]
 
 def _affine(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
-    if layer.type == "BatchNorm":
-        return batchnorm_affine(layer)
-    if layer.type == "Scale" and len(layer.bottoms) == 1 and layer.param.scale_param.num_axes == 1 \
-            and layer.param.scale_param.axis == 1:
-        return scale_affine(layer)
-    return None
+    """The per-channel affine a layer folds as, from its registry declaration (None: it does not fold)."""
+    kind = kind_of(layer.type)
+    return kind.affine(layer) if kind is not None and kind.affine is not None else None
 
 
 def fold_batchnorm_scale(graph: Graph) -> Graph:
@@ -55,7 +34,7 @@ def fold_batchnorm_scale(graph: Graph) -> Graph:
     for layer in graph.layers:
         if layer.name in folded:
             continue
-        if layer.type not in FOLDABLE_INTO or len(layer.tops) != 1:
+        if layer.type not in types_where("folds_into") or len(layer.tops) != 1:
             layers.append(layer)
             continue
         conv = copy.copy(layer)

@@ -20,10 +20,8 @@ from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: Layer types whose weights must come from the caffemodel.
-WEIGHTED_TYPES = {"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "PReLU", "Normalize"}
 #: Layers that feed data in training only; a deploy graph has none of them.
-DATA_LAYER_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "AnnotatedData", "DummyData", "MemoryData"}
+DATA_LAYER_TYPES = {"Data", "ImageData", "HDF5Data", "WindowData", "AnnotatedData", "DummyData"}
 
 
 @dataclass
@@ -119,24 +117,6 @@ def _header_inputs(net: caffe_pb2.NetParameter, path: Path) -> dict[str, tuple[i
     return inputs
 
 
-def _canonical_weights(layer: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:
-    """Bring legacy 4-D weight shapes to the shapes modern Caffe uses."""
-    kind = layer.type
-    if kind in ("Convolution", "Deconvolution"):
-        conv = layer.convolution_param
-        out = blobs[0].shape[0] if blobs[0].ndim == 4 and blobs[0].shape[0] != 1 else conv.num_output
-        kernel = blobs[0].shape[-2:]
-        weights = [blobs[0].reshape(out if kind == "Convolution" else blobs[0].shape[0], -1, *kernel)]
-        return weights + [b.reshape(-1) for b in blobs[1:]]
-    if kind == "InnerProduct":
-        ip = layer.inner_product_param
-        weight = blobs[0].reshape(-1, blobs[0].shape[-1])
-        if ip.transpose:
-            weight = np.ascontiguousarray(weight.T)
-        return [weight.reshape(ip.num_output, -1)] + [b.reshape(-1) for b in blobs[1:]]
-    return [b.reshape(-1) if kind in ("BatchNorm", "Scale", "Bias", "PReLU", "Normalize") else b for b in blobs]
-
-
 def _check_rewrite(path: Path, proto: caffe_pb2.LayerParameter, index: int, writer: dict[str, str]) -> None:
     """A layer may write a blob that exists only in place (its bottom at the same index), as Caffe's AppendTop."""
     top = proto.top[index]
@@ -148,7 +128,13 @@ def _check_rewrite(path: Path, proto: caffe_pb2.LayerParameter, index: int, writ
 
 def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
                 path: Path | str = "<prototxt>") -> Graph:
-    """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer."""
+    """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer.
+
+    A fork's name for a standard type (``ConvolutionDepthwise``) becomes that type here, as its registry
+    declaration says, so every later stage sees only the standard type.
+    """
+    from int8conv.caffe.layers import kind_of
+    from int8conv.caffe.layers.tensor import memory_data_shape
     from int8conv.caffe.shapes import infer_shapes
 
     path = Path(path)
@@ -167,13 +153,13 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
         if proto.name in seen_names:
             raise ModelError(f"{path}: two layers are named '{proto.name}'; layer names must be unique")
         seen_names.add(proto.name)
-        if proto.type == "Input":
-            shapes = list(proto.input_param.shape)
+        if proto.type in ("Input", "MemoryData"):
+            shapes = [tuple(int(d) for d in s.dim) for s in proto.input_param.shape] if proto.type == "Input" \
+                else [memory_data_shape(proto)]
             if not shapes:
                 raise ModelError(f"{path}: Input layer '{proto.name}' has no input_param.shape")
             for i, top in enumerate(proto.top):
-                shape = shapes[i] if i < len(shapes) else shapes[0]
-                inputs[top] = tuple(int(d) for d in shape.dim)
+                inputs[top] = shapes[i] if i < len(shapes) else shapes[0]
                 blob_names[top] = top
                 current[top] = top
             continue
@@ -196,18 +182,22 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
             writer[top] = proto.name
             tops.append(value)
         blobs = weights.get(proto.name, [])
-        if proto.type in WEIGHTED_TYPES and not blobs:
+        kind = kind_of(proto.type)
+        spec = kind.weights if kind is not None else None
+        if spec is not None and spec.required and not blobs:
             raise ModelError(f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
                              "the caffemodel does not match the prototxt")
         try:
-            blobs = _canonical_weights(proto, blobs) if blobs else []
+            blobs = spec.canonical(proto, blobs) if blobs and spec is not None and spec.canonical else blobs
         except ValueError as exc:
             raise ModelError(f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
                              f"do not fit the prototxt: {exc}") from exc
         param = caffe_pb2.LayerParameter()
         param.CopyFrom(proto)
         del param.blobs[:]
-        layers.append(Layer(proto.name, proto.type, bottoms, tops, param, blobs))
+        if kind is not None and kind.rename is not None:
+            kind.rename(param, blobs)
+        layers.append(Layer(proto.name, param.type, bottoms, tops, param, blobs))
     if not inputs:
         raise ModelError(f"{path}: the network declares no input (no 'Input' layer and no 'input:' header)")
     graph = Graph(net.name or path.stem, inputs, layers, blob_names)

@@ -12,6 +12,7 @@ import numpy as np
 
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.layers import types_where
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.calibration.thresholds import activation_threshold
@@ -92,8 +93,8 @@ class CalibrationResult:
     biases: dict[str, np.ndarray] | None = None     # bias correction: layer -> FP32 bias of its INT8 layer
 
 
-#: Layers that only move, reshape or normalise a head's output on its way to the network outputs.
-HEAD_PASSTHROUGH = {"Permute", "Reshape", "Flatten", "Concat", "Softmax", "Sigmoid", "Split"}
+#: Layers that only move, reshape or normalise a head's output on its way to the network outputs (registry flag).
+HEAD_PASSTHROUGH = types_where("head_passthrough")
 
 
 def head_layers(graph: Graph) -> set[str]:

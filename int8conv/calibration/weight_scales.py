@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from int8conv.caffe.graph import Graph, Layer
+from int8conv.caffe.layers import types_where
 from int8conv.caffe.shapes import conv_geometry
 
-QUANTIZABLE_TYPES = ("Convolution", "InnerProduct")
+#: Caffe types ncnn runs in INT8, as the layer registry declares them (Convolution incl. depthwise, InnerProduct).
+QUANTIZABLE_TYPES = types_where("quantizable")
 #: A channel whose |w| max is below this fraction of its layer's max is treated as dead (scale 0, weights 0).
 #: After BatchNorm folding such a channel outputs its bias plus at most 1/1024 of what the layer's main channels
 #: output: below an 8-bit step of the per-tensor activation scale the next layer reads, so zeroing it is

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from int8conv.caffe.layers import types_where
 from int8conv.calibration.preprocess import Preprocess, read_image, unreadable
 from int8conv.errors import ImageError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
@@ -46,6 +47,8 @@ TASKS = ("auto", "classifier", "ssd", *HOST_TASKS, "segmentation")
 MAP_THRESHOLD = 0.5
 #: ncnn's activation_type (param 9) of a fused sigmoid.
 SIGMOID_ACTIVATION = 4
+#: Layers that carry values unchanged (the registry's value-preserving Caffe types keep their names in ncnn).
+VALUE_PRESERVING = types_where("value_preserving")
 
 
 def detect_task(model: NcnnModel) -> str:
@@ -76,7 +79,7 @@ def _is_prior(model: NcnnModel, blob: str) -> bool:
         return False
     if producer.type == "PriorBox":
         return True
-    return producer.type in ("Concat", "Reshape", "Flatten", "Split") and all(
+    return producer.type in VALUE_PRESERVING and all(
         _is_prior(model, b) for b in producer.bottoms)
 
 

@@ -1,0 +1,270 @@
+"""Per-channel affine and normalisation layers: BatchNorm, BN, Scale, Bias, Normalize, LRN, MVN."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from int8conv.caffe.layers.base import (
+    Decline, LayerKind, Shape, Weights, axis_index, flat_weights, register, same_shape, unsupported, f32,
+)
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.errors import ModelError
+
+if TYPE_CHECKING:
+    from int8conv.caffe.graph import Layer
+    from int8conv.ncnn.model import NcnnLayer
+
+FAMILY = "normalization"
+
+
+# --------------------------------------------------------------------------------------------------- affine
+
+def batchnorm_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
+    """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
+    mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
+    s = float(factor.reshape(-1)[0])
+    s = 0.0 if s == 0 else 1.0 / s
+    eps = layer.param.batch_norm_param.eps
+    a = 1.0 / np.sqrt(var * s + eps)
+    return a, -mean * s * a
+
+
+def scale_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
+    """Caffe Scale (one bottom) as ``y = a*x + b`` per channel."""
+    a = layer.blobs[0].astype(np.float64)
+    b = layer.blobs[1].astype(np.float64) if layer.param.scale_param.bias_term and len(layer.blobs) > 1 \
+        else np.zeros_like(a)
+    return a, b
+
+
+def _scale_folds(layer: "Layer") -> tuple[np.ndarray, np.ndarray] | None:
+    """Only a one-bottom, per-channel Scale folds into the convolution before it."""
+    p = layer.param.scale_param
+    if len(layer.bottoms) == 1 and p.num_axes == 1 and p.axis == 1:
+        return scale_affine(layer)
+    return None
+
+
+def _per_channel_check(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    """Element-wise layers with per-channel parameters: check parameter sizes, keep the shape."""
+    channels = shapes[0][1] if len(shapes[0]) > 1 else 1
+    if layer.type == "BatchNorm":
+        if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
+            raise ModelError(f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
+                             f"moving-average factor, found {[b.shape for b in layer.blobs]}")
+    elif layer.type in ("Scale", "Bias") and len(layer.bottoms) == 1:
+        if not layer.blobs:
+            raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
+        want = int(np.prod(shapes[0][1:2])) if layer.type == "Bias" or \
+            layer.param.scale_param.num_axes == 1 else layer.blobs[0].size
+        if layer.blobs[0].size not in (want, 1):
+            raise ModelError(f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for "
+                             f"{channels} channels")
+    elif layer.type == "PReLU":
+        if layer.blobs[0].size not in (channels, 1):
+            raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
+    elif layer.type == "Scale":
+        _broadcast_shape(layer, shapes)
+    return [shapes[0]]
+
+
+def _broadcast_shape(layer: "Layer", shapes: list[Shape]) -> list[int]:
+    """Where a two-bottom Scale's second bottom lies in the first: its shape padded with 1s, Caffe's ``axis``."""
+    first, second = shapes
+    axis = axis_index(layer.param.scale_param.axis, len(first))
+    if tuple(first[axis:axis + len(second)]) != tuple(second):
+        raise ModelError(f"layer '{layer.name}' (Scale): the second bottom {second} does not match axes "
+                         f"{axis}..{axis + len(second) - 1} of the first {first}")
+    return [1] * axis + list(second) + [1] * (len(first) - axis - len(second))
+
+
+# --------------------------------------------------------------------------------------------------- ncnn
+
+def batchnorm_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    """As caffe2ncnn: slope 1, mean/s, var/s + eps, bias 0 (s = Caffe's moving-average factor), eps folded in."""
+    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
+
+    mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
+    s = float(factor.reshape(-1)[0])
+    s = 0.0 if s == 0 else 1.0 / s
+    channels = mean.size
+    arrays = [np.ones(channels), mean * s, var * s + layer.param.batch_norm_param.eps, np.zeros(channels)]
+    return [NcnnLayer("BatchNorm", layer.name, layer.bottoms, layer.tops, {0: channels},
+                      [NcnnBlob(f32(a), tagged=False) for a in arrays])]
+
+
+def scale_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    """Per-channel Scale; with a second bottom, ncnn's Scale ``0=-233`` multiplies by that blob per channel."""
+    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
+
+    p = layer.param.scale_param
+    if len(layer.bottoms) == 2:
+        first, second = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.bottoms[1])
+        per_channel = _broadcast_shape(layer, [first, second])
+        if len(first) != 4 or [d for i, d in enumerate(per_channel) if i != 1 and d != 1] not in ([], [first[0]]) \
+                or per_channel[1] != first[1] or first[0] != 1:
+            raise unsupported(layer, f"a two-bottom Scale of {first} by {second} (ncnn multiplies per channel)")
+        if p.bias_term:
+            raise unsupported(layer, "a two-bottom Scale with a bias")
+        return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
+    channels = ctx.shape(layer, layer.bottoms[0])[1]
+    scale = layer.blobs[0].reshape(-1)
+    if p.axis not in (1, -len(ctx.shape(layer, layer.bottoms[0])) + 1) or scale.size not in (1, channels):
+        raise unsupported(layer, f"a Scale of {scale.size} values on axis {p.axis} (ncnn scales per channel)")
+    has_bias = bool(p.bias_term) and len(layer.blobs) > 1
+    arrays = [np.broadcast_to(scale, (channels,))]
+    if has_bias:
+        arrays.append(np.broadcast_to(layer.blobs[1].reshape(-1), (channels,)))
+    return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: channels, 1: int(has_bias)},
+                      [NcnnBlob(f32(a), tagged=False) for a in arrays])]
+
+
+def bias_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
+
+    if len(layer.bottoms) != 1:
+        raise unsupported(layer, "a Bias with a second bottom")
+    channels = ctx.shape(layer, layer.bottoms[0])[1]
+    bias = np.broadcast_to(layer.blobs[0].reshape(-1), (channels,))
+    return [NcnnLayer("Bias", layer.name, layer.bottoms, layer.tops, {0: channels}, [NcnnBlob(f32(bias), False)])]
+
+
+def normalize_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
+
+    p = layer.param.norm_param
+    scale = layer.blobs[0].reshape(-1)
+    params = {0: int(p.across_spatial), 1: int(p.channel_shared), 2: float(p.eps), 3: int(scale.size)}
+    return [NcnnLayer("Normalize", layer.name, layer.bottoms, layer.tops, params,
+                      [NcnnBlob(f32(scale), tagged=False)])]
+
+
+def lrn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    """Caffe adds ``k`` across channels only; its WITHIN_CHANNEL form always adds 1 (OpenCV ignores ``k``)."""
+    from int8conv.ncnn.model import NcnnLayer
+
+    p = layer.param.lrn_param
+    across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
+    params = {0: int(p.norm_region), 1: int(p.local_size), 2: float(p.alpha), 3: float(p.beta),
+              4: float(p.k) if across else 1.0}
+    return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
+
+
+def mvn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    from int8conv.ncnn.model import NcnnLayer
+
+    p = layer.param.mvn_param
+    return [NcnnLayer("MVN", layer.name, layer.bottoms, layer.tops,
+                      {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)})]
+
+
+# --------------------------------------------------------------------------------------------------- ONNX
+
+def affine_onnx(b, layer: "Layer") -> None:
+    """BatchNorm or single-bottom Scale that was not folded: a BatchNormalization with mean 0, var 1;
+    a two-bottom Scale: a Mul by the second bottom reshaped to broadcast at Caffe's ``axis``."""
+    if layer.type == "Scale" and len(layer.bottoms) == 2:
+        shape = _broadcast_shape(layer, [b.shape(layer.bottoms[0]), b.shape(layer.bottoms[1])])
+        if layer.param.scale_param.bias_term:
+            raise unsupported(layer, "a two-bottom Scale with a bias", "ONNX export")
+        factor = f"{layer.name}/factor"
+        dims = [0] + shape[1:] if layer.param.scale_param.axis == 0 else shape
+        b.node("Reshape", [layer.bottoms[1], b.init(f"{factor}/shape", dims, np.int64)], [factor], factor)
+        b.derive(factor, layer.bottoms[1])
+        b.node("Mul", [layer.bottoms[0], factor], [layer.tops[0]], layer.name)
+        return
+    a, c = batchnorm_affine(layer) if layer.type == "BatchNorm" else scale_affine(layer)
+    channels = b.shape(layer.bottoms[0])[1]
+    a, c = (np.broadcast_to(v.reshape(-1), (channels,)) for v in (a, c))
+    names = [b.init(f"{layer.name}/{k}", v) for k, v in
+             (("scale", a), ("bias", c), ("mean", np.zeros(channels)), ("var", np.ones(channels)))]
+    b.node("BatchNormalization", [layer.bottoms[0]] + names, [layer.tops[0]], layer.name, epsilon=0.0)
+
+
+def bias_onnx(b, layer: "Layer") -> None:
+    if len(layer.bottoms) != 1:
+        raise unsupported(layer, "a Bias with a second bottom", "ONNX export")
+    rank = len(b.shape(layer.bottoms[0]))
+    bias = layer.blobs[0].reshape((-1,) + (1,) * (rank - 2))
+    b.node("Add", [layer.bottoms[0], b.init(f"{layer.name}/bias", bias)], [layer.tops[0]], layer.name)
+
+
+def normalize_onnx(b, layer: "Layer") -> None:
+    """SSD Normalize: x / sqrt(sum x^2 + eps) * scale, with the sum over channels or over C*H*W.
+
+    ONNX's LpNormalization (p=2) has no eps: it equals Caffe's result up to eps (1e-10 by default) and,
+    like Caffe, gives 0 for an all-zero vector (onnxruntime checked).
+    """
+    p = layer.param.norm_param
+    x = layer.bottoms[0]
+    shape = b.shape(x)
+    unit = f"{layer.name}/unit"
+    if p.across_spatial:
+        flat = f"{layer.name}/flatten"
+        b.node("Flatten", [x], [flat], flat, axis=1)
+        b.derive(flat, x)
+        flat_unit = f"{layer.name}/unit_flat"
+        b.node("LpNormalization", [flat], [flat_unit], flat_unit, axis=1, p=2)
+        b.derive(flat_unit, None, amax=1.0)
+        b.node("Reshape", [flat_unit, b.init(f"{unit}/shape", b.keeps_batch_shape(shape), np.int64)], [unit], unit)
+    else:
+        b.node("LpNormalization", [x], [unit], unit, axis=1, p=2)
+    b.derive(unit, None, amax=1.0)
+    scale = layer.blobs[0].reshape(-1)
+    scale = scale.reshape(-1, 1, 1) if not p.channel_shared and scale.size > 1 else scale[:1]
+    b.node("Mul", [unit, b.init(f"{layer.name}/scale", scale)], [layer.tops[0]], layer.name)
+
+
+def lrn_onnx(b, layer: "Layer") -> None:
+    p = layer.param.lrn_param
+    if p.norm_region != p.ACROSS_CHANNELS:
+        raise ModelError(f"layer '{layer.name}' (LRN): WITHIN_CHANNEL has no ONNX operator")
+    b.node("LRN", [layer.bottoms[0]], [layer.tops[0]], layer.name, size=int(p.local_size),
+           alpha=float(p.alpha), beta=float(p.beta), bias=float(p.k))
+
+
+def mvn_onnx(b, layer: "Layer") -> None:
+    """(x - mean) [/ (std + eps)] over H, W (and C when across_channels), per sample, as Caffe's MVN."""
+    p = layer.param.mvn_param
+    axes = [1, 2, 3] if p.across_channels else [2, 3]
+    x, name = layer.bottoms[0], layer.name
+    mean, centred = f"{name}/mean", f"{name}/centred" if p.normalize_variance else layer.tops[0]
+    b.node("ReduceMean", [x], [mean], mean, axes=axes, keepdims=1)
+    b.derive(mean, x)
+    b.node("Sub", [x, mean], [centred], centred if centred != layer.tops[0] else name)
+    if not p.normalize_variance:
+        return
+    b.derive(centred, x, 2.0)
+    square, var, std, denom = (f"{name}/{k}" for k in ("square", "var", "std", "denom"))
+    b.node("Mul", [centred, centred], [square], square)
+    b.node("ReduceMean", [square], [var], var, axes=axes, keepdims=1)
+    b.node("Sqrt", [var], [std], std)
+    b.node("Add", [std, b.init(f"{denom}/eps", np.float32(p.eps))], [denom], denom)
+    b.node("Div", [centred, denom], [layer.tops[0]], name)
+
+
+def bn_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> None:
+    """The fork's BN (scale and shift blobs, test phase) is caffe2ncnn's Scale with a bias."""
+    param.type = "Scale"
+    param.scale_param.bias_term = True
+
+
+_NOT_FOLDED_TWO_BOTTOMS = "only a one-bottom per-channel Scale folds"
+register(LayerKind("BatchNorm", FAMILY, _per_channel_check, batchnorm_ncnn, affine_onnx,
+                   Weights(canonical=flat_weights), affine=batchnorm_affine))
+register(LayerKind("Scale", FAMILY, _per_channel_check, scale_ncnn, affine_onnx,
+                   Weights(required=False, canonical=flat_weights), affine=_scale_folds,
+                   notes="with a second bottom (SE channel attention) it multiplies by that blob, broadcast at "
+                         "Caffe's axis; " + _NOT_FOLDED_TWO_BOTTOMS))
+register(LayerKind("BN", FAMILY, _per_channel_check, scale_ncnn, affine_onnx, Weights(canonical=flat_weights),
+                   alias_of="Scale", rename=bn_rename, affine=_scale_folds,
+                   caffe=Decline("a Caffe-fork layer (SegNet's BN): BVLC pycaffe has none"),
+                   opencv=Decline("OpenCV's Caffe importer has no BN layer"),
+                   notes="read as Scale with a bias, as caffe2ncnn does"))
+register(LayerKind("Bias", FAMILY, _per_channel_check, bias_ncnn, bias_onnx, Weights(canonical=flat_weights),
+                   opencv=Decline("OpenCV's Caffe importer has no Bias layer")))
+register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx,
+                   Weights(canonical=flat_weights)))
+register(LayerKind("LRN", FAMILY, same_shape, lrn_ncnn, lrn_onnx))
+register(LayerKind("MVN", FAMILY, same_shape, mvn_ncnn, mvn_onnx))

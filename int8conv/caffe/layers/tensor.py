@@ -1,0 +1,345 @@
+"""Layers that move, copy, cut or reorder values without arithmetic, plus the graph's inputs.
+
+Input, Concat, Slice, Split, Flatten, Reshape, Permute, Crop, ShuffleChannel, Reorg, Dropout, Silence, MemoryData.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from int8conv.caffe.layers.base import (
+    Decline, LayerKind, Shape, axis_index, ncnn_plain, register, same_shape, unsupported, whc,
+)
+from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnLayer
+
+if TYPE_CHECKING:
+    from int8conv.caffe.graph import Layer
+
+FAMILY = "tensor"
+#: ncnn Caffe Permute orders (4-D blobs) -> ncnn order_type on the 3-D Mat, as caffe2ncnn maps them.
+PERMUTE_4D = {(0, 1, 2, 3): 0, (0, 1, 3, 2): 1, (0, 2, 1, 3): 2, (0, 2, 3, 1): 3, (0, 3, 1, 2): 4, (0, 3, 2, 1): 5}
+#: Caffe Permute orders (3-D blobs) -> ncnn order_type on the 2-D Mat.
+PERMUTE_3D = {(0, 1, 2): 0, (0, 2, 1): 1}
+
+
+def _onnx_identity(b, layer: "Layer") -> None:
+    """Dropout (a no-op at inference) and Split keep their top names through Identity nodes."""
+    for top in layer.tops:
+        b.node("Identity", [layer.bottoms[0]], [top], f"{layer.name}/{top}" if len(layer.tops) > 1 else layer.name)
+
+
+def _copies(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    return [shapes[0]] * len(layer.tops)
+
+
+# --------------------------------------------------------------------------------------------------- Concat, Slice
+
+def concat_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    p = layer.param.concat_param
+    axis = axis_index(p.axis if not p.HasField("concat_dim") else p.concat_dim, len(shapes[0]))
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    return [tuple(out)]
+
+
+def concat_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    p = layer.param.concat_param
+    axis = p.concat_dim if p.HasField("concat_dim") else p.axis
+    ndim = len(ctx.shape(layer, layer.bottoms[0]))
+    return [NcnnLayer("Concat", layer.name, layer.bottoms, layer.tops, {0: ctx.ncnn_axis(layer, axis, ndim)})]
+
+
+def concat_onnx(b, layer: "Layer") -> None:
+    p = layer.param.concat_param
+    axis = p.concat_dim if p.HasField("concat_dim") else p.axis
+    b.node("Concat", list(layer.bottoms), [layer.tops[0]], layer.name, axis=int(axis))
+    if all(x in b.constants for x in layer.bottoms):
+        b.constants.add(layer.tops[0])
+
+
+def slice_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    p = layer.param.slice_param
+    axis = axis_index(p.axis if not p.HasField("slice_dim") else p.slice_dim, len(shapes[0]))
+    size = shapes[0][axis]
+    points = list(p.slice_point) or [size * (i + 1) // len(layer.tops) for i in range(len(layer.tops) - 1)]
+    bounds = [0] + points + [size]
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        s = list(shapes[0])
+        s[axis] = hi - lo
+        outs.append(tuple(s))
+    return outs
+
+
+def slice_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    p = layer.param.slice_param
+    axis = p.slice_dim if p.HasField("slice_dim") else p.axis
+    ndim = len(ctx.shape(layer, layer.bottoms[0]))
+    points = list(p.slice_point)
+    if points:
+        if len(points) + 1 != len(layer.tops):
+            raise ModelError(f"layer '{layer.name}' (Slice): {len(points)} slice points for {len(layer.tops)} tops")
+        slices = [b - a for a, b in zip([0] + points[:-1], points)] + [-233]
+    else:
+        slices = [-233] * len(layer.tops)
+    return [NcnnLayer("Slice", layer.name, layer.bottoms, layer.tops,
+                      {0: slices, 1: ctx.ncnn_axis(layer, axis, ndim)})]
+
+
+def slice_onnx(b, layer: "Layer") -> None:
+    p = layer.param.slice_param
+    axis = int(p.slice_dim if p.HasField("slice_dim") else p.axis)
+    sizes = [b.shape(top)[axis if axis >= 0 else axis + len(b.shape(top))] for top in layer.tops]
+    b.node("Split", [layer.bottoms[0], b.init(f"{layer.name}/split", sizes, np.int64)],
+           list(layer.tops), layer.name, axis=axis)
+
+
+# --------------------------------------------------------------------------------------------------- reshapes
+
+def flatten_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    p = layer.param.flatten_param
+    nd = len(shapes[0])
+    a, e = axis_index(p.axis, nd), axis_index(p.end_axis, nd)
+    return [tuple(shapes[0][:a]) + (int(np.prod(shapes[0][a:e + 1])),) + tuple(shapes[0][e + 1:])]
+
+
+def reshape_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    p = layer.param.reshape_param
+    src = shapes[0]
+    nd = len(src)
+    start = axis_index(p.axis, nd + 1) if p.axis < 0 else p.axis
+    end = nd if p.num_axes == -1 else start + p.num_axes
+    dims = [int(d) for d in p.shape.dim]
+    mid = [src[start + i] if d == 0 else d for i, d in enumerate(dims)]
+    out = list(src[:start]) + mid + list(src[end:])
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        out[out.index(-1)] = int(np.prod(src)) // max(known, 1)
+    if int(np.prod(out)) != int(np.prod(src)):
+        raise ModelError(f"layer '{layer.name}' (Reshape): cannot reshape {src} to {tuple(out)}")
+    return [tuple(out)]
+
+
+def _reshape_to(layer: "Layer", ctx, free_axis: int | None) -> list[NcnnLayer]:
+    """A Reshape to the inferred output shape; ``free_axis`` (a Caffe axis) is written -1 so it follows the input."""
+    src, out = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.tops[0])
+    if out[0] != src[0]:
+        raise unsupported(layer, f"a reshape that changes the batch axis ({src} -> {out})")
+    dims = [int(d) for d in out[1:]]
+    if free_axis is not None and free_axis >= 1:
+        dims[free_axis - 1] = -1
+    return [NcnnLayer("Reshape", layer.name, layer.bottoms, layer.tops, whc(tuple(dims)))]
+
+
+def reshape_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    p = layer.param.reshape_param
+    ndim = len(ctx.shape(layer, layer.bottoms[0]))
+    start = p.axis + ndim + 1 if p.axis < 0 else p.axis
+    dims = list(p.shape.dim)
+    free = start + dims.index(-1) if -1 in dims else None
+    return _reshape_to(layer, ctx, free)
+
+
+def flatten_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    if len(ctx.shape(layer, layer.tops[0])) == 2:
+        return [NcnnLayer("Flatten", layer.name, layer.bottoms, layer.tops, {})]
+    return _reshape_to(layer, ctx, None)
+
+
+def reshape_onnx(b, layer: "Layer") -> None:
+    """Flatten and Reshape: the target shape from shape inference, the batch dimension copied."""
+    target = b.shape(layer.tops[0])
+    if layer.type == "Flatten" and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1) \
+            and layer.param.flatten_param.axis in (1, -len(b.shape(layer.bottoms[0])) + 1):
+        b.node("Flatten", [layer.bottoms[0]], [layer.tops[0]], layer.name, axis=1)
+        return
+    source = b.shape(layer.bottoms[0])
+    dims = b.keeps_batch_shape(target) if target[0] == source[0] else list(target)
+    b.node("Reshape", [layer.bottoms[0], b.init(f"{layer.name}/shape", dims, np.int64)], [layer.tops[0]], layer.name)
+
+
+def _permute_order(layer: "Layer", ndim: int) -> list[int]:
+    order = [int(o) for o in layer.param.permute_param.order]
+    return order + [i for i in range(ndim) if i not in order]
+
+
+def permute_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    return [tuple(shapes[0][i] for i in _permute_order(layer, len(shapes[0])))]
+
+
+def permute_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    ndim = len(ctx.shape(layer, layer.bottoms[0]))
+    order = _permute_order(layer, ndim)
+    table = {4: PERMUTE_4D, 3: PERMUTE_3D}.get(ndim, {})
+    if tuple(order) not in table:
+        raise unsupported(layer, f"order {tuple(order)} on a {ndim}-D blob (the batch axis must stay first)")
+    return [NcnnLayer("Permute", layer.name, layer.bottoms, layer.tops, {0: table[tuple(order)]})]
+
+
+def permute_onnx(b, layer: "Layer") -> None:
+    order = _permute_order(layer, len(b.shape(layer.bottoms[0])))
+    b.node("Transpose", [layer.bottoms[0]], [layer.tops[0]], layer.name, perm=order)
+
+
+# --------------------------------------------------------------------------------------------------- Crop
+
+def _crop_offsets(layer: "Layer", ndim: int) -> list[int]:
+    """Caffe's offset per axis: 0 before ``axis``; one value for all cropped axes, or one each."""
+    p = layer.param.crop_param
+    axis = axis_index(p.axis, ndim)
+    given = [int(o) for o in p.offset]
+    if len(given) not in (0, 1, ndim - axis):
+        raise ModelError(f"layer '{layer.name}' (Crop): {len(given)} offsets for {ndim - axis} cropped axes")
+    per_axis = given * (ndim - axis) if len(given) == 1 else (given or [0] * (ndim - axis))
+    return [0] * axis + per_axis
+
+
+def crop_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    axis = axis_index(layer.param.crop_param.axis, len(shapes[0]))
+    out = tuple(shapes[0][:axis]) + tuple(shapes[1][axis:])
+    for size, offset, full in zip(out, _crop_offsets(layer, len(out)), shapes[0]):
+        if offset + size > full:
+            raise ModelError(f"layer '{layer.name}' (Crop): offset {offset} + size {size} exceeds {full}")
+    return [out]
+
+
+def crop_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    """ncnn's one-bottom Crop with explicit offsets and sizes: its reference-blob form would also take the
+    reference's channel count, which Caffe's ``axis: 2`` keeps from the first bottom."""
+    out = ctx.shape(layer, layer.tops[0])
+    offsets = _crop_offsets(layer, len(out))
+    if offsets[0] or len(out) != 4:
+        raise unsupported(layer, f"a crop of a {len(out)}-D blob or of the batch axis")
+    params = {0: offsets[3], 1: offsets[2], 2: offsets[1], 3: out[3], 4: out[2], 5: out[1]}
+    return [NcnnLayer("Crop", layer.name, layer.bottoms[:1], layer.tops, params)]
+
+
+def crop_onnx(b, layer: "Layer") -> None:
+    out = b.shape(layer.tops[0])
+    offsets = _crop_offsets(layer, len(out))
+    axes = [i for i in range(len(out)) if i > 0]
+    starts = [offsets[i] for i in axes]
+    ends = [offsets[i] + out[i] for i in axes]
+    b.node("Slice", [layer.bottoms[0], b.init(f"{layer.name}/starts", starts, np.int64),
+                     b.init(f"{layer.name}/ends", ends, np.int64), b.init(f"{layer.name}/axes", axes, np.int64)],
+           [layer.tops[0]], layer.name)
+
+
+# --------------------------------------------------------------------------------------------------- channel moves
+
+def shuffle_channel_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    group = int(layer.param.shuffle_channel_param.group)
+    if group < 1 or shapes[0][1] % group:
+        raise ModelError(f"layer '{layer.name}' (ShuffleChannel): {shapes[0][1]} channels do not divide into "
+                         f"group {group}")
+    return [shapes[0]]
+
+
+def shuffle_channel_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    return [NcnnLayer("ShuffleChannel", layer.name, layer.bottoms, layer.tops,
+                      {0: int(layer.param.shuffle_channel_param.group)})]
+
+
+def shuffle_channel_onnx(b, layer: "Layer") -> None:
+    """(N, g, C/g, H, W) -> swap g and C/g -> (N, C, H, W)."""
+    n, c, h, w = b.shape(layer.bottoms[0])
+    group = int(layer.param.shuffle_channel_param.group)
+    grouped, swapped = f"{layer.name}/grouped", f"{layer.name}/swapped"
+    b.node("Reshape", [layer.bottoms[0], b.init(f"{grouped}/shape", [0, group, c // group, h, w], np.int64)],
+           [grouped], grouped)
+    b.node("Transpose", [grouped], [swapped], swapped, perm=[0, 2, 1, 3, 4])
+    b.node("Reshape", [swapped, b.init(f"{layer.name}/shape", [0, c, h, w], np.int64)], [layer.tops[0]], layer.name)
+    b.derive(grouped, layer.bottoms[0])
+    b.derive(swapped, layer.bottoms[0])
+
+
+def reorg_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    n, c, h, w = shapes[0]
+    s = int(layer.param.reorg_param.stride)
+    if layer.param.reorg_param.reverse:
+        raise ModelError(f"layer '{layer.name}' (Reorg): reverse reorg is not supported")
+    if s < 1 or h % s or w % s:
+        raise ModelError(f"layer '{layer.name}' (Reorg): {h}x{w} does not divide by stride {s}")
+    return [(n, c * s * s, h // s, w // s)]
+
+
+def reorg_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    return [NcnnLayer("Reorg", layer.name, layer.bottoms, layer.tops, {0: int(layer.param.reorg_param.stride)})]
+
+
+def reorg_onnx(b, layer: "Layer") -> None:
+    """ncnn's Reorg: output channel (c * s + i) * s + j at (y, x) is input channel c at (y*s + i, x*s + j)."""
+    n, c, h, w = b.shape(layer.bottoms[0])
+    s = int(layer.param.reorg_param.stride)
+    split, moved = f"{layer.name}/split", f"{layer.name}/moved"
+    b.node("Reshape", [layer.bottoms[0], b.init(f"{split}/shape", [0, c, h // s, s, w // s, s], np.int64)],
+           [split], split)
+    b.node("Transpose", [split], [moved], moved, perm=[0, 1, 3, 5, 2, 4])
+    b.node("Reshape", [moved, b.init(f"{layer.name}/shape", [0, c * s * s, h // s, w // s], np.int64)],
+           [layer.tops[0]], layer.name)
+    b.derive(split, layer.bottoms[0])
+    b.derive(moved, layer.bottoms[0])
+
+
+# --------------------------------------------------------------------------------------------------- no-ops
+
+def dropout_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    """Identity at test time (removed later), unless ``scale_train: false``, where Caffe scales by 1 - ratio."""
+    p = layer.param.dropout_param
+    params = {0: 1.0 - float(p.dropout_ratio)} if p.HasField("scale_train") and not p.scale_train else {}
+    return [NcnnLayer("Dropout", layer.name, layer.bottoms, layer.tops, params)]
+
+
+def silence_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+    return []
+
+
+def nothing_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+    """Silence only consumes its bottoms: nothing to compute (caffe2ncnn writes a Noop)."""
+    return []
+
+
+def nothing_onnx(b, layer: "Layer") -> None:
+    """Silence: no node."""
+
+
+def graph_input(layer: "Layer", *args) -> list:
+    """Input and MemoryData become the graph's inputs when the graph is built; no writer ever sees them."""
+    raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no layer of its own")
+
+
+def memory_data_shape(param) -> tuple[int, ...]:
+    """MemoryData's blob (batch_size, channels, height, width): what caffe2ncnn turns into an Input."""
+    p = param.memory_data_param
+    return int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width)
+
+
+register(LayerKind("Input", FAMILY, None, graph_input, graph_input,
+                   notes="becomes the graph's input (and ncnn's Input layer)"))
+register(LayerKind("MemoryData", FAMILY, None, graph_input, graph_input,
+                   opencv=Decline("OpenCV's Caffe importer has no MemoryData layer"),
+                   notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn"))
+register(LayerKind("Concat", FAMILY, concat_shape, concat_ncnn, concat_onnx, value_preserving=True,
+                   head_passthrough=True))
+register(LayerKind("Slice", FAMILY, slice_shape, slice_ncnn, slice_onnx, value_preserving=True))
+register(LayerKind("Split", FAMILY, _copies, ncnn_plain("Split"), _onnx_identity, value_preserving=True,
+                   head_passthrough=True, notes="removed; ncnn Splits are re-inserted where a blob has several readers"))
+register(LayerKind("Flatten", FAMILY, flatten_shape, flatten_ncnn, reshape_onnx, value_preserving=True,
+                   head_passthrough=True))
+register(LayerKind("Reshape", FAMILY, reshape_shape, reshape_ncnn, reshape_onnx, value_preserving=True,
+                   head_passthrough=True))
+register(LayerKind("Permute", FAMILY, permute_shape, permute_ncnn, permute_onnx, value_preserving=True,
+                   head_passthrough=True, notes="the batch axis must stay first"))
+register(LayerKind("Crop", FAMILY, crop_shape, crop_ncnn, crop_onnx, min_bottoms=2, value_preserving=True))
+register(LayerKind("ShuffleChannel", FAMILY, shuffle_channel_shape, shuffle_channel_ncnn, shuffle_channel_onnx,
+                   value_preserving=True, caffe=Decline("a Caffe-fork layer (ShuffleNet): BVLC pycaffe has none")))
+register(LayerKind("Reorg", FAMILY, reorg_shape, reorg_ncnn, reorg_onnx, value_preserving=True,
+                   caffe=Decline("a Caffe-fork layer (YOLOv2): BVLC pycaffe has none"),
+                   opencv=Decline("OpenCV's Caffe importer has no Reorg layer (its Darknet importer has one)"),
+                   notes="ncnn's channel order (space-to-depth, channel-major)"))
+register(LayerKind("Dropout", FAMILY, same_shape, dropout_ncnn, _onnx_identity, value_preserving=True,
+                   notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)"))
+register(LayerKind("Silence", FAMILY, silence_shape, nothing_ncnn, nothing_onnx,
+                   opencv=Decline("OpenCV's Caffe importer has no Silence layer")))
