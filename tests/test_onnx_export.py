@@ -216,10 +216,10 @@ def test_batch_choices(shared, exported):
 def test_unsupported_layer_is_named(tmp_path):
     net = """
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }
-    layer { name: "my_elu" type: "ELU" bottom: "data" top: "elu" }
+    layer { name: "my_tile" type: "Tile" bottom: "data" top: "tile" }
     """
     graph = load_graph(*write_caffe_model(tmp_path, net, {}))
-    with pytest.raises(ModelError, match="my_elu.*ELU"):
+    with pytest.raises(ModelError, match="my_tile.*Tile"):
         export_onnx(graph)
 
 
