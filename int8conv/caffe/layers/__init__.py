@@ -7,7 +7,16 @@ Adding a type means adding its declaration to a family module (or a new module i
 from __future__ import annotations
 
 from int8conv.caffe.layers import (  # noqa: F401  (each module registers its kinds)
-    activation, convolution, detection, eltwise, inner_product, normalization, pooling, recurrent, resize, tensor,
+    activation,
+    convolution,
+    detection,
+    eltwise,
+    inner_product,
+    normalization,
+    pooling,
+    recurrent,
+    resize,
+    tensor,
 )
 from int8conv.caffe.layers.base import REGISTRY, Decline, LayerKind, declined
 from int8conv.caffe.layers.normalization import batchnorm_affine, scale_affine

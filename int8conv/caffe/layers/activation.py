@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    LayerKind, Weights, flat_weights, ncnn_plain, onnx_unary, register, same_shape, f32,
+    LayerKind,
+    Weights,
+    f32,
+    flat_weights,
+    ncnn_plain,
+    onnx_unary,
+    register,
+    same_shape,
 )
 from int8conv.caffe.layers.normalization import _per_channel_check
 
@@ -18,21 +25,21 @@ if TYPE_CHECKING:
 FAMILY = "activation"
 
 
-def _ncnn(kind: str, layer: "Layer", params: dict) -> list["NcnnLayer"]:
+def _ncnn(kind: str, layer: Layer, params: dict) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnLayer
     return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params)]
 
 
-def relu_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def relu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     slope = float(layer.param.relu_param.negative_slope)
     return _ncnn("ReLU", layer, {0: slope} if slope else {})
 
 
-def relu6_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def relu6_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return _ncnn("Clip", layer, {0: 0.0, 1: 6.0})
 
 
-def prelu_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def prelu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
     slopes = layer.blobs[0].reshape(-1)
@@ -44,28 +51,28 @@ def _base_scale_shift(p) -> dict:
     return {0: float(p.base), 1: float(p.scale), 2: float(p.shift)}
 
 
-def elu_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def elu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return _ncnn("ELU", layer, {0: float(layer.param.elu_param.alpha)})
 
 
-def exp_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def exp_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return _ncnn("Exp", layer, _base_scale_shift(layer.param.exp_param))
 
 
-def log_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def log_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return _ncnn("Log", layer, _base_scale_shift(layer.param.log_param))
 
 
-def power_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def power_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.power_param
     return _ncnn("Power", layer, {0: float(p.power), 1: float(p.scale), 2: float(p.shift)})
 
 
-def threshold_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def threshold_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return _ncnn("Threshold", layer, {0: float(layer.param.threshold_param.threshold)})
 
 
-def softmax_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def softmax_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     axis = ctx.ncnn_axis(layer, layer.param.softmax_param.axis, ndim)
     return _ncnn("Softmax", layer, {0: axis, 1: 1})
@@ -73,7 +80,7 @@ def softmax_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
 
 # --------------------------------------------------------------------------------------------------- ONNX
 
-def relu_onnx(b, layer: "Layer") -> None:
+def relu_onnx(b, layer: Layer) -> None:
     slope = layer.param.relu_param.negative_slope
     if slope:
         b.node("LeakyRelu", [layer.bottoms[0]], [layer.tops[0]], layer.name, alpha=float(slope))
@@ -81,19 +88,19 @@ def relu_onnx(b, layer: "Layer") -> None:
         b.node("Relu", [layer.bottoms[0]], [layer.tops[0]], layer.name)
 
 
-def relu6_onnx(b, layer: "Layer") -> None:
+def relu6_onnx(b, layer: Layer) -> None:
     b.node("Clip", [layer.bottoms[0], b.init(f"{layer.name}/min", np.float32(0)),
                     b.init(f"{layer.name}/max", np.float32(6))], [layer.tops[0]], layer.name)
 
 
-def prelu_onnx(b, layer: "Layer") -> None:
+def prelu_onnx(b, layer: Layer) -> None:
     rank = len(b.shape(layer.bottoms[0]))
     slope = layer.blobs[0].reshape(-1)
     slope = slope.reshape((slope.size,) + (1,) * (rank - 2)) if slope.size > 1 else slope
     b.node("PRelu", [layer.bottoms[0], b.init(f"{layer.name}/slope", slope)], [layer.tops[0]], layer.name)
 
 
-def _scaled_input(b, layer: "Layer", scale: float, shift: float) -> str:
+def _scaled_input(b, layer: Layer, scale: float, shift: float) -> str:
     """``shift + scale * x`` as ONNX nodes (skipped where they are identities)."""
     x = layer.bottoms[0]
     if scale != 1.0:
@@ -108,18 +115,18 @@ def _scaled_input(b, layer: "Layer", scale: float, shift: float) -> str:
     return x
 
 
-def elu_onnx(b, layer: "Layer") -> None:
+def elu_onnx(b, layer: Layer) -> None:
     b.node("Elu", [layer.bottoms[0]], [layer.tops[0]], layer.name, alpha=float(layer.param.elu_param.alpha))
 
 
-def exp_onnx(b, layer: "Layer") -> None:
+def exp_onnx(b, layer: Layer) -> None:
     """Caffe: base^(shift + scale*x), base -1 meaning e; written exp(ln(base) * (shift + scale*x))."""
     p = layer.param.exp_param
     ln_base = 1.0 if p.base == -1 else math.log(p.base)
     b.node("Exp", [_scaled_input(b, layer, p.scale * ln_base, p.shift * ln_base)], [layer.tops[0]], layer.name)
 
 
-def log_onnx(b, layer: "Layer") -> None:
+def log_onnx(b, layer: Layer) -> None:
     """Caffe: log_base(shift + scale*x), base -1 meaning e."""
     p = layer.param.log_param
     x = _scaled_input(b, layer, p.scale, p.shift)
@@ -132,7 +139,7 @@ def log_onnx(b, layer: "Layer") -> None:
            [layer.tops[0]], layer.name)
 
 
-def power_onnx(b, layer: "Layer") -> None:
+def power_onnx(b, layer: Layer) -> None:
     """Caffe: (shift + scale*x)^power."""
     p = layer.param.power_param
     x = _scaled_input(b, layer, p.scale, p.shift)
@@ -142,7 +149,7 @@ def power_onnx(b, layer: "Layer") -> None:
     b.node("Pow", [x, b.init(f"{layer.name}/power", np.float32(p.power))], [layer.tops[0]], layer.name)
 
 
-def threshold_onnx(b, layer: "Layer") -> None:
+def threshold_onnx(b, layer: Layer) -> None:
     """Caffe: 1 where x > threshold, else 0."""
     above = f"{layer.name}/above"
     b.node("Greater", [layer.bottoms[0], b.init(f"{above}/threshold",
@@ -150,7 +157,7 @@ def threshold_onnx(b, layer: "Layer") -> None:
     b.node("Cast", [above], [layer.tops[0]], layer.name, to=1)
 
 
-def softmax_onnx(b, layer: "Layer") -> None:
+def softmax_onnx(b, layer: Layer) -> None:
     b.node("Softmax", [layer.bottoms[0]], [layer.tops[0]], layer.name, axis=int(layer.param.softmax_param.axis))
 
 

@@ -6,8 +6,9 @@ left unsaid, and ``tests/test_layer_registry.py`` fails on a type that a writer 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ NcnnEmitter = Callable[["Layer", Any], list["NcnnLayer"]]
 #: (ONNX builder, layer) -> None; the builder collects nodes and initializers.
 OnnxEmitter = Callable[[Any, "Layer"], None]
 #: A per-channel affine ``y = a*x + b`` of a layer that folds into the convolution before it, or None.
-Affine = Callable[["Layer"], Union[tuple[np.ndarray, np.ndarray], None]]
+Affine = Callable[["Layer"], tuple[np.ndarray, np.ndarray] | None]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class LayerKind:
     weights: Weights | None = None
     min_bottoms: int = 1
     alias_of: str | None = None
-    rename: Callable[["caffe_pb2.LayerParameter", list[np.ndarray]], None] | None = None
+    rename: Callable[[caffe_pb2.LayerParameter, list[np.ndarray]], None] | None = None
     folds_into: bool = False
     affine: Affine | None = None
     value_preserving: bool = False
@@ -96,7 +97,7 @@ def register(kind: LayerKind) -> LayerKind:
     return kind
 
 
-def declined(what: str, layer: "Layer", decline: Decline) -> ModelError:
+def declined(what: str, layer: Layer, decline: Decline) -> ModelError:
     """The error a writer raises for a type it declines: layer, type, writer and reason."""
     return ModelError(f"layer '{layer.name}' has type '{layer.type}', which the {what} does not support: "
                       f"{decline.reason}")
@@ -109,7 +110,7 @@ def axis_index(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
-def same_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def same_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Element-wise layers: the output has the input's shape."""
     return [shapes[0]]
 
@@ -119,7 +120,7 @@ def f32(values) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float64).astype(np.float32).reshape(-1))
 
 
-def unsupported(layer: "Layer", what: str, writer: str = "ncnn converter") -> ModelError:
+def unsupported(layer: Layer, what: str, writer: str = "ncnn converter") -> ModelError:
     """A parameter combination a writer cannot express; names the layer and the writer."""
     return ModelError(f"layer '{layer.name}' ({layer.type}): {what} is not supported by the {writer}")
 
@@ -133,14 +134,14 @@ def whc(shape: Shape) -> dict[int, int]:
     return {key: int(d) for key, d in zip(keys, dims)}
 
 
-def flat_weights(proto: "caffe_pb2.LayerParameter", blobs: list[np.ndarray]) -> list[np.ndarray]:
+def flat_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:
     """Per-channel parameter layers keep every array 1-D."""
     return [b.reshape(-1) for b in blobs]
 
 
 def ncnn_plain(kind: str) -> NcnnEmitter:
     """An ncnn layer of type ``kind`` with no parameters and no weights."""
-    def emit(layer: "Layer", ctx) -> list["NcnnLayer"]:
+    def emit(layer: Layer, ctx) -> list[NcnnLayer]:
         from int8conv.ncnn.model import NcnnLayer
         return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, {})]
     return emit
@@ -148,6 +149,6 @@ def ncnn_plain(kind: str) -> NcnnEmitter:
 
 def onnx_unary(op: str) -> OnnxEmitter:
     """An ONNX node ``op`` with one input and one output, no attributes."""
-    def emit(b, layer: "Layer") -> None:
+    def emit(b, layer: Layer) -> None:
         b.node(op, [layer.bottoms[0]], [layer.tops[0]], layer.name)
     return emit

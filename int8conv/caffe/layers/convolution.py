@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 FAMILY = "convolution"
 
 
-def conv_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def conv_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Caffe's output size; checks the weights against the prototxt (Deconvolution keeps (in, out/group, kh, kw))."""
     g = conv_geometry(layer)
     n, c, h, w = shapes[0]
@@ -40,7 +40,7 @@ def conv_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [(n, g["num_output"], oh, ow)]
 
 
-def conv_weights(proto: "caffe_pb2.LayerParameter", blobs: list[np.ndarray]) -> list[np.ndarray]:
+def conv_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:
     """Legacy 4-D (1, 1, out, in*k*k) weights -> (out, in/group, kh, kw); biases 1-D."""
     conv = proto.convolution_param
     kind = proto.type
@@ -50,7 +50,7 @@ def conv_weights(proto: "caffe_pb2.LayerParameter", blobs: list[np.ndarray]) -> 
     return weights + [b.reshape(-1) for b in blobs[1:]]
 
 
-def conv_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def conv_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """caffe2ncnn's (De)Convolution[DepthWise]; Deconvolution weights regrouped to ncnn's order."""
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer, ParamValue
 
@@ -77,7 +77,7 @@ def conv_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
     return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params, weights)]
 
 
-def conv_onnx(b, layer: "Layer") -> None:
+def conv_onnx(b, layer: Layer) -> None:
     """Conv / ConvTranspose with Caffe's symmetric pads."""
     g = conv_geometry(layer)
     inputs = [layer.bottoms[0], b.init(f"{layer.name}/weight", layer.blobs[0])]
@@ -90,7 +90,7 @@ def conv_onnx(b, layer: "Layer") -> None:
            dilations=[g["dilation_h"], g["dilation_w"]], group=g["group"])
 
 
-def depthwise_rename(param: "caffe_pb2.LayerParameter", blobs: list[np.ndarray]) -> None:
+def depthwise_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> None:
     """Fork depthwise layers mean group = num_output (caffe2ncnn: ``num_group = num_output``)."""
     param.type = "Convolution"
     param.convolution_param.group = param.convolution_param.num_output

@@ -17,19 +17,19 @@ if TYPE_CHECKING:
 FAMILY = "detection"
 
 
-def prior_box_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def prior_box_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.prior_box_param
     num = len(p.min_size) * len(prior_box_aspect_ratios(p)) + len(p.max_size)
     h, w = shapes[0][2], shapes[0][3]
     return [(1, 2, h * w * num * 4)]
 
 
-def detection_output_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def detection_output_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     keep = layer.param.detection_output_param.keep_top_k
     return [(1, 1, keep if keep > 0 else -1, 7)]
 
 
-def prior_box_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Caffe's aspect ratio list (1 first, duplicates dropped, 1/r after r when flipping) written out in full,
     so ncnn's own flipping (which does not drop duplicates) stays off."""
     p = layer.param.prior_box_param
@@ -65,7 +65,7 @@ def prior_box_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return [NcnnLayer("PriorBox", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def detection_output_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.detection_output_param
     nms = p.nms_param
     if not p.share_location or p.background_label_id != 0 or p.variance_encoded_in_target \
@@ -84,7 +84,7 @@ def detection_output_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return [NcnnLayer("DetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def prior_box_onnx(b, layer: "Layer") -> None:
+def prior_box_onnx(b, layer: Layer) -> None:
     """PriorBox depends only on shapes: a constant computed on the host."""
     from int8conv.tensorrt.ssd_host import prior_boxes
 

@@ -16,14 +16,14 @@ if TYPE_CHECKING:
 FAMILY = "eltwise"
 
 
-def eltwise_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def eltwise_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     for s in shapes[1:]:
         if s != shapes[0]:
             raise ModelError(f"layer '{layer.name}' (Eltwise): bottom shapes {shapes} differ")
     return [shapes[0]]
 
 
-def eltwise_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def eltwise_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.eltwise_param
     params: dict[int, ParamValue] = {0: int(p.operation)}
     if len(p.coeff):
@@ -37,7 +37,7 @@ def eltwise_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return [NcnnLayer("Eltwise", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def eltwise_onnx(b, layer: "Layer") -> None:
+def eltwise_onnx(b, layer: Layer) -> None:
     p = layer.param.eltwise_param
     inputs = list(layer.bottoms)
     if p.operation == p.SUM:
@@ -61,7 +61,7 @@ def eltwise_onnx(b, layer: "Layer") -> None:
             acc = out
 
 
-def axpy_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def axpy_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Axpy (SENet forks): ``a * x + y`` with a of (N, C, 1, 1) and x, y of (N, C, H, W)."""
     if len(shapes) != 3 or shapes[1] != shapes[2] or tuple(shapes[0][:2]) != tuple(shapes[1][:2]) \
             or any(d != 1 for d in shapes[0][2:]):
@@ -70,7 +70,7 @@ def axpy_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [shapes[1]]
 
 
-def axpy_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def axpy_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn has no Axpy: a two-bottom Scale (x by a, per channel) and an Eltwise SUM with y."""
     a, x, y = layer.bottoms
     scaled = f"{layer.name}_ax"
@@ -78,7 +78,7 @@ def axpy_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
             NcnnLayer("Eltwise", layer.name, [scaled, y], layer.tops, {0: 1})]
 
 
-def axpy_onnx(b, layer: "Layer") -> None:
+def axpy_onnx(b, layer: Layer) -> None:
     a, x, y = layer.bottoms
     scaled = f"{layer.name}/ax"
     b.node("Mul", [x, a], [scaled], scaled)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 FAMILY = "inner_product"
 
 
-def inner_product_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def inner_product_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.inner_product_param
     axis = axis_index(p.axis, len(shapes[0]))
     fan_in = int(np.prod(shapes[0][axis:]))
@@ -25,7 +25,7 @@ def inner_product_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [tuple(shapes[0][:axis]) + (int(p.num_output),)]
 
 
-def inner_product_weights(proto: "caffe_pb2.LayerParameter", blobs: list[np.ndarray]) -> list[np.ndarray]:
+def inner_product_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:
     """(num_output, fan_in) weights whatever the legacy shape; ``transpose: true`` stored (fan_in, num_output)."""
     ip = proto.inner_product_param
     weight = blobs[0].reshape(-1, blobs[0].shape[-1])
@@ -34,7 +34,7 @@ def inner_product_weights(proto: "caffe_pb2.LayerParameter", blobs: list[np.ndar
     return [weight.reshape(ip.num_output, -1)] + [b.reshape(-1) for b in blobs[1:]]
 
 
-def inner_product_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def inner_product_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
     p = layer.param.inner_product_param
@@ -48,7 +48,7 @@ def inner_product_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
     return [NcnnLayer("InnerProduct", layer.name, layer.bottoms, layer.tops, params, weights)]
 
 
-def inner_product_onnx(b, layer: "Layer") -> None:
+def inner_product_onnx(b, layer: Layer) -> None:
     """Gemm (transB) after a Flatten when the input is not 2-D."""
     x = layer.bottoms[0]
     rank = len(b.shape(x))
@@ -68,24 +68,13 @@ def inner_product_onnx(b, layer: "Layer") -> None:
     b.node("Gemm", inputs, [layer.tops[0]], layer.name, transB=1)
 
 
-def embed_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def embed_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.embed_param
     check_weights(layer, (p.input_dim, p.num_output), p.num_output if p.bias_term else None)
     return [tuple(shapes[0]) + (int(p.num_output),)]
 
 
-def embed_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
-    """caffe2ncnn's Embed: 0=num_output 1=input_dim 2=bias_term 3=weight size; weights tagged, bias raw."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
-    p = layer.param.embed_param
-    weights = [NcnnBlob(f32(layer.blobs[0]))] + [NcnnBlob(f32(b), tagged=False) for b in layer.blobs[1:]]
-    return [NcnnLayer("Embed", layer.name, layer.bottoms, layer.tops,
-                      {0: int(p.num_output), 1: int(p.input_dim), 2: int(len(layer.blobs) > 1),
-                       3: int(layer.blobs[0].size)}, weights)]
-
-
-def embed_onnx(b, layer: "Layer") -> None:
+def embed_onnx(b, layer: Layer) -> None:
     """Gather rows of the table (indices cast to int64), plus the bias."""
     index = f"{layer.name}/index"
     b.node("Cast", [layer.bottoms[0]], [index], index, to=7)
@@ -99,6 +88,7 @@ def embed_onnx(b, layer: "Layer") -> None:
 
 register(LayerKind("InnerProduct", FAMILY, inner_product_shape, inner_product_ncnn, inner_product_onnx,
                    Weights(canonical=inner_product_weights), folds_into=True, quantizable=True))
-register(LayerKind("Embed", FAMILY, embed_shape, embed_ncnn, embed_onnx, Weights(),
+register(LayerKind("Embed", FAMILY, embed_shape, Decline("ncnn's Embed reads int32 word indices, and the ncnn inputs "
+                                                          "int8conv feeds are float32"), embed_onnx, Weights(),
                    quantizable=Decline("its input is an index, not an activation; the table stays FP32"),
                    opencv=Decline("OpenCV's Caffe importer has no Embed layer")))

@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    Decline, LayerKind, Shape, Weights, axis_index, flat_weights, register, same_shape, unsupported, f32,
+    Decline,
+    LayerKind,
+    Shape,
+    Weights,
+    axis_index,
+    f32,
+    flat_weights,
+    register,
+    same_shape,
+    unsupported,
 )
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
@@ -20,7 +29,7 @@ FAMILY = "normalization"
 
 # --------------------------------------------------------------------------------------------------- affine
 
-def batchnorm_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
+def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
     mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
     s = float(factor.reshape(-1)[0])
@@ -30,7 +39,7 @@ def batchnorm_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
     return a, -mean * s * a
 
 
-def scale_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
+def scale_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """Caffe Scale (one bottom) as ``y = a*x + b`` per channel."""
     a = layer.blobs[0].astype(np.float64)
     b = layer.blobs[1].astype(np.float64) if layer.param.scale_param.bias_term and len(layer.blobs) > 1 \
@@ -38,7 +47,7 @@ def scale_affine(layer: "Layer") -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _scale_folds(layer: "Layer") -> tuple[np.ndarray, np.ndarray] | None:
+def _scale_folds(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
     """Only a one-bottom, per-channel Scale folds into the convolution before it."""
     p = layer.param.scale_param
     if len(layer.bottoms) == 1 and p.num_axes == 1 and p.axis == 1:
@@ -46,7 +55,7 @@ def _scale_folds(layer: "Layer") -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def _per_channel_check(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def _per_channel_check(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Element-wise layers with per-channel parameters: check parameter sizes, keep the shape."""
     channels = shapes[0][1] if len(shapes[0]) > 1 else 1
     if layer.type == "BatchNorm":
@@ -69,7 +78,7 @@ def _per_channel_check(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]]
 
 
-def _broadcast_shape(layer: "Layer", shapes: list[Shape]) -> list[int]:
+def _broadcast_shape(layer: Layer, shapes: list[Shape]) -> list[int]:
     """Where a two-bottom Scale's second bottom lies in the first: its shape padded with 1s, Caffe's ``axis``."""
     first, second = shapes
     axis = axis_index(layer.param.scale_param.axis, len(first))
@@ -81,7 +90,7 @@ def _broadcast_shape(layer: "Layer", shapes: list[Shape]) -> list[int]:
 
 # --------------------------------------------------------------------------------------------------- ncnn
 
-def batchnorm_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def batchnorm_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """As caffe2ncnn: slope 1, mean/s, var/s + eps, bias 0 (s = Caffe's moving-average factor), eps folded in."""
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
@@ -94,7 +103,7 @@ def batchnorm_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
                       [NcnnBlob(f32(a), tagged=False) for a in arrays])]
 
 
-def scale_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Per-channel Scale; with a second bottom, ncnn's Scale ``0=-233`` multiplies by that blob per channel."""
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
@@ -120,7 +129,7 @@ def scale_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
                       [NcnnBlob(f32(a), tagged=False) for a in arrays])]
 
 
-def bias_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def bias_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
     if len(layer.bottoms) != 1:
@@ -130,7 +139,7 @@ def bias_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
     return [NcnnLayer("Bias", layer.name, layer.bottoms, layer.tops, {0: channels}, [NcnnBlob(f32(bias), False)])]
 
 
-def normalize_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def normalize_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
     p = layer.param.norm_param
@@ -140,7 +149,7 @@ def normalize_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
                       [NcnnBlob(f32(scale), tagged=False)])]
 
 
-def lrn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Caffe adds ``k`` across channels only; its WITHIN_CHANNEL form always adds 1 (OpenCV ignores ``k``)."""
     from int8conv.ncnn.model import NcnnLayer
 
@@ -151,7 +160,7 @@ def lrn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
     return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def mvn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def mvn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnLayer
 
     p = layer.param.mvn_param
@@ -161,7 +170,7 @@ def mvn_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
 
 # --------------------------------------------------------------------------------------------------- ONNX
 
-def affine_onnx(b, layer: "Layer") -> None:
+def affine_onnx(b, layer: Layer) -> None:
     """BatchNorm or single-bottom Scale that was not folded: a BatchNormalization with mean 0, var 1;
     a two-bottom Scale: a Mul by the second bottom reshaped to broadcast at Caffe's ``axis``."""
     if layer.type == "Scale" and len(layer.bottoms) == 2:
@@ -182,7 +191,7 @@ def affine_onnx(b, layer: "Layer") -> None:
     b.node("BatchNormalization", [layer.bottoms[0]] + names, [layer.tops[0]], layer.name, epsilon=0.0)
 
 
-def bias_onnx(b, layer: "Layer") -> None:
+def bias_onnx(b, layer: Layer) -> None:
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom", "ONNX export")
     rank = len(b.shape(layer.bottoms[0]))
@@ -190,7 +199,7 @@ def bias_onnx(b, layer: "Layer") -> None:
     b.node("Add", [layer.bottoms[0], b.init(f"{layer.name}/bias", bias)], [layer.tops[0]], layer.name)
 
 
-def normalize_onnx(b, layer: "Layer") -> None:
+def normalize_onnx(b, layer: Layer) -> None:
     """SSD Normalize: x / sqrt(sum x^2 + eps) * scale, with the sum over channels or over C*H*W.
 
     ONNX's LpNormalization (p=2) has no eps: it equals Caffe's result up to eps (1e-10 by default) and,
@@ -216,7 +225,7 @@ def normalize_onnx(b, layer: "Layer") -> None:
     b.node("Mul", [unit, b.init(f"{layer.name}/scale", scale)], [layer.tops[0]], layer.name)
 
 
-def lrn_onnx(b, layer: "Layer") -> None:
+def lrn_onnx(b, layer: Layer) -> None:
     p = layer.param.lrn_param
     if p.norm_region != p.ACROSS_CHANNELS:
         raise ModelError(f"layer '{layer.name}' (LRN): WITHIN_CHANNEL has no ONNX operator")
@@ -224,7 +233,7 @@ def lrn_onnx(b, layer: "Layer") -> None:
            alpha=float(p.alpha), beta=float(p.beta), bias=float(p.k))
 
 
-def mvn_onnx(b, layer: "Layer") -> None:
+def mvn_onnx(b, layer: Layer) -> None:
     """(x - mean) [/ (std + eps)] over H, W (and C when across_channels), per sample, as Caffe's MVN."""
     p = layer.param.mvn_param
     axes = [1, 2, 3] if p.across_channels else [2, 3]

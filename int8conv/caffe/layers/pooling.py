@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 FAMILY = "pooling"
 
 
-def pooling_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def pooling_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     n, c, h, w = shapes[0]
     g = pool_geometry(layer, shapes[0])
     if g["global"]:
@@ -33,7 +33,7 @@ def _pool_out_full(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
     return (size + 2 * pad + tailpad - k) // s + 1, tailpad
 
 
-def pooling_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
+def pooling_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Pooling with Caffe's rounding and averaging, expressed in ncnn's terms.
 
     ncnn's default pad_mode 0 pads the tail so the output size is Caffe's ceil; it differs from Caffe when Caffe
@@ -82,7 +82,7 @@ def pooling_ncnn(layer: "Layer", ctx) -> list["NcnnLayer"]:
     return prefix + [NcnnLayer("Pooling", layer.name, bottoms, layer.tops, params)]
 
 
-def pooling_onnx(b, layer: "Layer") -> None:
+def pooling_onnx(b, layer: Layer) -> None:
     """Caffe pooling rounds up and drops a last window that starts in the right padding.
 
     The exact Caffe output size is reached with floor rounding and an enlarged end pad; average

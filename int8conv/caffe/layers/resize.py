@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 FAMILY = "resize"
 
 
-def upsample_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def upsample_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     n, c, h, w = shapes[0]
     scale = int(layer.param.upsample_param.scale)
     if scale < 1:
@@ -23,13 +23,13 @@ def upsample_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [(n, c, h * scale, w * scale)]
 
 
-def upsample_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def upsample_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn Interp, nearest (0=1), scale factors 1= and 2=."""
     scale = float(layer.param.upsample_param.scale)
     return [NcnnLayer("Interp", layer.name, layer.bottoms, layer.tops, {0: 1, 1: scale, 2: scale})]
 
 
-def upsample_onnx(b, layer: "Layer") -> None:
+def upsample_onnx(b, layer: Layer) -> None:
     """Resize, nearest, asymmetric coordinates with floor: output (y, x) reads input (y // s, x // s)."""
     scale = float(layer.param.upsample_param.scale)
     b.node("Resize", [layer.bottoms[0], "", b.init(f"{layer.name}/scales", [1.0, 1.0, scale, scale])],
@@ -37,7 +37,7 @@ def upsample_onnx(b, layer: "Layer") -> None:
            nearest_mode="floor")
 
 
-def _interp_size(layer: "Layer", h: int, w: int) -> tuple[int, int]:
+def _interp_size(layer: Layer, h: int, w: int) -> tuple[int, int]:
     """PSPNet's Interp output size: zoom, shrink, both (shrink first), or an explicit height and width."""
     p = layer.param.interp_param
     if p.pad_beg or p.pad_end:
@@ -51,18 +51,18 @@ def _interp_size(layer: "Layer", h: int, w: int) -> tuple[int, int]:
     return h, w
 
 
-def interp_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def interp_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     n, c, h, w = shapes[0]
     return [(n, c, *_interp_size(layer, h, w))]
 
 
-def interp_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def interp_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn Interp, bilinear (0=2) to the output size, corners aligned (6=1) as Caffe's Interp computes."""
     out = ctx.shape(layer, layer.tops[0])
     return [NcnnLayer("Interp", layer.name, layer.bottoms, layer.tops, {0: 2, 3: int(out[2]), 4: int(out[3]), 6: 1})]
 
 
-def interp_onnx(b, layer: "Layer") -> None:
+def interp_onnx(b, layer: Layer) -> None:
     out = b.shape(layer.tops[0])
     sizes = b.keeps_batch_shape(out)
     sizes[0] = b.shape(layer.bottoms[0])[0]

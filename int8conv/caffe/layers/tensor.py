@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    Decline, LayerKind, Shape, axis_index, ncnn_plain, register, same_shape, unsupported, whc,
+    Decline,
+    LayerKind,
+    Shape,
+    axis_index,
+    ncnn_plain,
+    register,
+    same_shape,
+    unsupported,
+    whc,
 )
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer
@@ -24,19 +32,19 @@ PERMUTE_4D = {(0, 1, 2, 3): 0, (0, 1, 3, 2): 1, (0, 2, 1, 3): 2, (0, 2, 3, 1): 3
 PERMUTE_3D = {(0, 1, 2): 0, (0, 2, 1): 1}
 
 
-def _onnx_identity(b, layer: "Layer") -> None:
+def _onnx_identity(b, layer: Layer) -> None:
     """Dropout (a no-op at inference) and Split keep their top names through Identity nodes."""
     for top in layer.tops:
         b.node("Identity", [layer.bottoms[0]], [top], f"{layer.name}/{top}" if len(layer.tops) > 1 else layer.name)
 
 
-def _copies(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def _copies(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]] * len(layer.tops)
 
 
 # --------------------------------------------------------------------------------------------------- Concat, Slice
 
-def concat_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def concat_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.concat_param
     axis = axis_index(p.axis if not p.HasField("concat_dim") else p.concat_dim, len(shapes[0]))
     out = list(shapes[0])
@@ -44,14 +52,14 @@ def concat_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [tuple(out)]
 
 
-def concat_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def concat_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.concat_param
     axis = p.concat_dim if p.HasField("concat_dim") else p.axis
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     return [NcnnLayer("Concat", layer.name, layer.bottoms, layer.tops, {0: ctx.ncnn_axis(layer, axis, ndim)})]
 
 
-def concat_onnx(b, layer: "Layer") -> None:
+def concat_onnx(b, layer: Layer) -> None:
     p = layer.param.concat_param
     axis = p.concat_dim if p.HasField("concat_dim") else p.axis
     b.node("Concat", list(layer.bottoms), [layer.tops[0]], layer.name, axis=int(axis))
@@ -59,7 +67,7 @@ def concat_onnx(b, layer: "Layer") -> None:
         b.constants.add(layer.tops[0])
 
 
-def slice_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def slice_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.slice_param
     axis = axis_index(p.axis if not p.HasField("slice_dim") else p.slice_dim, len(shapes[0]))
     size = shapes[0][axis]
@@ -73,7 +81,7 @@ def slice_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return outs
 
 
-def slice_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def slice_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.slice_param
     axis = p.slice_dim if p.HasField("slice_dim") else p.axis
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
@@ -88,7 +96,7 @@ def slice_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
                       {0: slices, 1: ctx.ncnn_axis(layer, axis, ndim)})]
 
 
-def slice_onnx(b, layer: "Layer") -> None:
+def slice_onnx(b, layer: Layer) -> None:
     p = layer.param.slice_param
     axis = int(p.slice_dim if p.HasField("slice_dim") else p.axis)
     sizes = [b.shape(top)[axis if axis >= 0 else axis + len(b.shape(top))] for top in layer.tops]
@@ -98,14 +106,14 @@ def slice_onnx(b, layer: "Layer") -> None:
 
 # --------------------------------------------------------------------------------------------------- reshapes
 
-def flatten_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def flatten_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.flatten_param
     nd = len(shapes[0])
     a, e = axis_index(p.axis, nd), axis_index(p.end_axis, nd)
     return [tuple(shapes[0][:a]) + (int(np.prod(shapes[0][a:e + 1])),) + tuple(shapes[0][e + 1:])]
 
 
-def reshape_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def reshape_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.reshape_param
     src = shapes[0]
     nd = len(src)
@@ -122,7 +130,7 @@ def reshape_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [tuple(out)]
 
 
-def _reshape_to(layer: "Layer", ctx, free_axis: int | None) -> list[NcnnLayer]:
+def _reshape_to(layer: Layer, ctx, free_axis: int | None) -> list[NcnnLayer]:
     """A Reshape to the inferred output shape; ``free_axis`` (a Caffe axis) is written -1 so it follows the input."""
     src, out = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.tops[0])
     if out[0] != src[0]:
@@ -133,7 +141,7 @@ def _reshape_to(layer: "Layer", ctx, free_axis: int | None) -> list[NcnnLayer]:
     return [NcnnLayer("Reshape", layer.name, layer.bottoms, layer.tops, whc(tuple(dims)))]
 
 
-def reshape_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def reshape_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.reshape_param
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     start = p.axis + ndim + 1 if p.axis < 0 else p.axis
@@ -142,13 +150,13 @@ def reshape_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return _reshape_to(layer, ctx, free)
 
 
-def flatten_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def flatten_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(ctx.shape(layer, layer.tops[0])) == 2:
         return [NcnnLayer("Flatten", layer.name, layer.bottoms, layer.tops, {})]
     return _reshape_to(layer, ctx, None)
 
 
-def reshape_onnx(b, layer: "Layer") -> None:
+def reshape_onnx(b, layer: Layer) -> None:
     """Flatten and Reshape: the target shape from shape inference, the batch dimension copied."""
     target = b.shape(layer.tops[0])
     if layer.type == "Flatten" and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1) \
@@ -160,16 +168,16 @@ def reshape_onnx(b, layer: "Layer") -> None:
     b.node("Reshape", [layer.bottoms[0], b.init(f"{layer.name}/shape", dims, np.int64)], [layer.tops[0]], layer.name)
 
 
-def _permute_order(layer: "Layer", ndim: int) -> list[int]:
+def _permute_order(layer: Layer, ndim: int) -> list[int]:
     order = [int(o) for o in layer.param.permute_param.order]
     return order + [i for i in range(ndim) if i not in order]
 
 
-def permute_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def permute_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [tuple(shapes[0][i] for i in _permute_order(layer, len(shapes[0])))]
 
 
-def permute_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def permute_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     order = _permute_order(layer, ndim)
     table = {4: PERMUTE_4D, 3: PERMUTE_3D}.get(ndim, {})
@@ -178,14 +186,14 @@ def permute_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return [NcnnLayer("Permute", layer.name, layer.bottoms, layer.tops, {0: table[tuple(order)]})]
 
 
-def permute_onnx(b, layer: "Layer") -> None:
+def permute_onnx(b, layer: Layer) -> None:
     order = _permute_order(layer, len(b.shape(layer.bottoms[0])))
     b.node("Transpose", [layer.bottoms[0]], [layer.tops[0]], layer.name, perm=order)
 
 
 # --------------------------------------------------------------------------------------------------- Crop
 
-def _crop_offsets(layer: "Layer", ndim: int) -> list[int]:
+def _crop_offsets(layer: Layer, ndim: int) -> list[int]:
     """Caffe's offset per axis: 0 before ``axis``; one value for all cropped axes, or one each."""
     p = layer.param.crop_param
     axis = axis_index(p.axis, ndim)
@@ -196,7 +204,7 @@ def _crop_offsets(layer: "Layer", ndim: int) -> list[int]:
     return [0] * axis + per_axis
 
 
-def crop_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def crop_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     axis = axis_index(layer.param.crop_param.axis, len(shapes[0]))
     out = tuple(shapes[0][:axis]) + tuple(shapes[1][axis:])
     for size, offset, full in zip(out, _crop_offsets(layer, len(out)), shapes[0]):
@@ -205,7 +213,7 @@ def crop_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [out]
 
 
-def crop_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def crop_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn's one-bottom Crop with explicit offsets and sizes: its reference-blob form would also take the
     reference's channel count, which Caffe's ``axis: 2`` keeps from the first bottom."""
     out = ctx.shape(layer, layer.tops[0])
@@ -216,7 +224,7 @@ def crop_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
     return [NcnnLayer("Crop", layer.name, layer.bottoms[:1], layer.tops, params)]
 
 
-def crop_onnx(b, layer: "Layer") -> None:
+def crop_onnx(b, layer: Layer) -> None:
     out = b.shape(layer.tops[0])
     offsets = _crop_offsets(layer, len(out))
     axes = [i for i in range(len(out)) if i > 0]
@@ -229,7 +237,7 @@ def crop_onnx(b, layer: "Layer") -> None:
 
 # --------------------------------------------------------------------------------------------------- channel moves
 
-def shuffle_channel_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def shuffle_channel_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     group = int(layer.param.shuffle_channel_param.group)
     if group < 1 or shapes[0][1] % group:
         raise ModelError(f"layer '{layer.name}' (ShuffleChannel): {shapes[0][1]} channels do not divide into "
@@ -237,12 +245,12 @@ def shuffle_channel_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]]
 
 
-def shuffle_channel_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def shuffle_channel_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return [NcnnLayer("ShuffleChannel", layer.name, layer.bottoms, layer.tops,
                       {0: int(layer.param.shuffle_channel_param.group)})]
 
 
-def shuffle_channel_onnx(b, layer: "Layer") -> None:
+def shuffle_channel_onnx(b, layer: Layer) -> None:
     """(N, g, C/g, H, W) -> swap g and C/g -> (N, C, H, W)."""
     n, c, h, w = b.shape(layer.bottoms[0])
     group = int(layer.param.shuffle_channel_param.group)
@@ -255,7 +263,7 @@ def shuffle_channel_onnx(b, layer: "Layer") -> None:
     b.derive(swapped, layer.bottoms[0])
 
 
-def reorg_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def reorg_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     n, c, h, w = shapes[0]
     s = int(layer.param.reorg_param.stride)
     if layer.param.reorg_param.reverse:
@@ -265,11 +273,11 @@ def reorg_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
     return [(n, c * s * s, h // s, w // s)]
 
 
-def reorg_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def reorg_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return [NcnnLayer("Reorg", layer.name, layer.bottoms, layer.tops, {0: int(layer.param.reorg_param.stride)})]
 
 
-def reorg_onnx(b, layer: "Layer") -> None:
+def reorg_onnx(b, layer: Layer) -> None:
     """ncnn's Reorg: output channel (c * s + i) * s + j at (y, x) is input channel c at (y*s + i, x*s + j)."""
     n, c, h, w = b.shape(layer.bottoms[0])
     s = int(layer.param.reorg_param.stride)
@@ -285,27 +293,27 @@ def reorg_onnx(b, layer: "Layer") -> None:
 
 # --------------------------------------------------------------------------------------------------- no-ops
 
-def dropout_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Identity at test time (removed later), unless ``scale_train: false``, where Caffe scales by 1 - ratio."""
     p = layer.param.dropout_param
     params = {0: 1.0 - float(p.dropout_ratio)} if p.HasField("scale_train") and not p.scale_train else {}
     return [NcnnLayer("Dropout", layer.name, layer.bottoms, layer.tops, params)]
 
 
-def silence_shape(layer: "Layer", shapes: list[Shape]) -> list[Shape]:
+def silence_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return []
 
 
-def nothing_ncnn(layer: "Layer", ctx) -> list[NcnnLayer]:
+def nothing_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Silence only consumes its bottoms: nothing to compute (caffe2ncnn writes a Noop)."""
     return []
 
 
-def nothing_onnx(b, layer: "Layer") -> None:
+def nothing_onnx(b, layer: Layer) -> None:
     """Silence: no node."""
 
 
-def graph_input(layer: "Layer", *args) -> list:
+def graph_input(layer: Layer, *args) -> list:
     """Input and MemoryData become the graph's inputs when the graph is built; no writer ever sees them."""
     raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no layer of its own")
 

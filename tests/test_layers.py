@@ -1,0 +1,422 @@
+"""Every registered Caffe layer type, on a tiny synthetic net written through the project's schema.
+
+The FP32 reference is pycaffe (the ``caffe`` backend CI builds) when every type of the net is declared as run by
+it, else OpenCV's DNN, else a numpy reference written here. Each writer that handles the type must match it:
+ncnn FP32 and ONNX under onnxruntime to a max relative difference of 1e-4 (max|a - b| / max|b|), and ncnn INT8
+to a cosine of 0.99 for the quantizable types. The registry itself is checked for completeness.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from int8conv.caffe.fold import fold_batchnorm_scale
+from int8conv.caffe.graph import Graph, load_graph
+from int8conv.caffe.layers import REGISTRY, Decline, kind_of
+from int8conv.caffe.reader import read_prototxt
+from int8conv.calibration.calibrate import calibration_values
+from int8conv.calibration.weight_scales import weight_scales
+from int8conv.engines import make_engine
+from int8conv.errors import ModelError
+from int8conv.ncnn.convert import convert_graph
+from int8conv.ncnn.model import write_model
+from int8conv.ncnn.quantize import int8_layers, quantize_model
+from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.tables.ncnn_table import CalibrationTable
+from int8conv.tensorrt.onnx_export import export_onnx
+from tests.synthetic import write_caffe_model
+
+#: Every type Tencent/ncnn's caffe2ncnn converts, the parameter-free types it passes through, and the fork layers
+#: of the issue: each must be declared.
+CAFFE2NCNN = ["BN", "BatchNorm", "Concat", "Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Crop", "Deconvolution", "DetectionOutput", "Dropout", "ELU", "Eltwise", "Embed", "InnerProduct", "Input", "Interp", "LRN", "LSTM", "MVN", "MemoryData", "Normalize", "PReLU", "PSROIPooling", "Permute", "Pooling", "Power", "PriorBox", "ROIAlign", "ROIPooling", "ReLU", "ReLU6", "Reorg", "Reshape", "Scale", "ShuffleChannel", "Silence", "Slice", "Softmax", "Threshold", "YoloDetectionOutput", "Yolov3DetectionOutput"]
+PASS_THROUGH = ["AbsVal", "BNLL", "Exp", "Log", "Sigmoid", "TanH", "Split", "Flatten"]
+FORK_LAYERS = ["Upsample", "Axpy"]
+REL_BOUND = 1e-4
+COSINE_BOUND = 0.99
+
+
+def test_every_caffe2ncnn_and_fork_type_is_declared():
+    missing = [t for t in CAFFE2NCNN + PASS_THROUGH + FORK_LAYERS if t not in REGISTRY]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_writer_handles_or_declines(name):
+    """Each writer and engine either handles the type or says why not; a shape rule unless both writers decline."""
+    kind = REGISTRY[name]
+    for what in ("ncnn", "onnx"):
+        handler = getattr(kind, what)
+        assert callable(handler) or (isinstance(handler, Decline) and handler.reason), (name, what)
+    for what in ("opencv", "caffe", "quantizable"):
+        value = getattr(kind, what)
+        assert value is True or value is False or (isinstance(value, Decline) and value.reason), (name, what)
+    both_decline = isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline)
+    graph_input = name in ("Input", "MemoryData")
+    assert (kind.shape is None) == (both_decline or graph_input), name
+    if kind.alias_of:
+        assert kind.alias_of in REGISTRY and kind.rename is not None, name
+
+
+def test_pycaffe_declarations_are_true(caffe):
+    """A type declared as run by pycaffe is in its layer registry, and a declined one is not."""
+    known = set(caffe.layer_type_list())
+    wrong = [name for name, kind in REGISTRY.items() if (kind.caffe is True) != (name in known)]
+    assert not wrong
+
+
+# --------------------------------------------------------------------------------------------------- cases
+
+Weights = Callable[[np.random.Generator], dict[str, list[np.ndarray]]]
+
+
+@dataclass
+class Case:
+    """A synthetic net: an input of ``shape`` (called data) followed by ``layers``; ``type`` is the type under test."""
+
+    id: str
+    type: str
+    layers: str
+    shape: tuple[int, ...] = (1, 4, 6, 6)
+    weights: Weights = field(default=lambda rng: {})
+    positive: bool = False
+    numpy: Callable[[np.ndarray, dict[str, list[np.ndarray]]], np.ndarray] | None = None
+    renamed: dict[str, str] = field(default_factory=dict)   # prototxt edits the reference engine needs
+
+
+def _w(*shapes: tuple[int, ...], name: str = "l") -> Weights:
+    return lambda rng: {name: [rng.normal(0, 0.5, s).astype(np.float32) for s in shapes]}
+
+
+def _conv(kind: str, params: str) -> str:
+    return f'layer {{ name: "l" type: "{kind}" bottom: "data" top: "out" convolution_param {{ {params} }} }}'
+
+
+def _one(kind: str, params: str = "") -> str:
+    return f'layer {{ name: "l" type: "{kind}" bottom: "data" top: "out" {params} }}'
+
+
+def _bn_fork(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    scale, shift = weights["l"]
+    return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+def _axpy(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    a = x.mean(axis=(2, 3), keepdims=True)
+    return a * x + x
+
+
+def _reorg(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * 4, h // 2, w // 2)
+
+
+def _upsample(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    return x.repeat(2, axis=2).repeat(2, axis=3)
+
+
+CONV_W = _w((6, 4, 3, 3), (6,))
+CASES = [
+    Case("conv", "Convolution", _conv("Convolution", "num_output: 6 kernel_size: 3 pad: 1 stride: 2"), weights=CONV_W),
+    Case("conv_grouped", "Convolution", _conv("Convolution", "num_output: 16 kernel_size: 1 group: 2"),
+         weights=_w((16, 2, 1, 1), (16,))),
+    Case("conv_depthwise", "Convolution", _conv("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
+         weights=_w((4, 1, 3, 3), (4,))),
+    Case("conv_dw_fork", "ConvolutionDepthwise", _conv("ConvolutionDepthwise", "num_output: 4 kernel_size: 3 pad: 1"),
+         weights=_w((4, 1, 3, 3), (4,)),
+         renamed={'"ConvolutionDepthwise"': '"Convolution"', "num_output: 4": "num_output: 4 group: 4"}),
+    Case("conv_dw_fork2", "DepthwiseConvolution",
+         _conv("DepthwiseConvolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
+         weights=_w((4, 1, 3, 3), (4,)), renamed={'"DepthwiseConvolution"': '"Convolution"'}),
+    Case("deconv", "Deconvolution", _conv("Deconvolution", "num_output: 3 kernel_size: 4 stride: 2 pad: 1"),
+         weights=_w((4, 3, 4, 4), (3,))),
+    Case("deconv_depthwise", "Deconvolution",
+         _conv("Deconvolution", "num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 bias_term: false"),
+         weights=_w((4, 1, 4, 4))),
+    Case("ip", "InnerProduct", _one("InnerProduct", "inner_product_param { num_output: 5 }"),
+         weights=_w((5, 144), (5,))),
+    Case("batchnorm", "BatchNorm", _one("BatchNorm"),
+         weights=lambda rng: {"l": [rng.normal(0, 1, 4).astype(np.float32), rng.uniform(0.5, 2, 4).astype(np.float32),
+                                    np.array([2.0], np.float32)]}),
+    Case("scale", "Scale", _one("Scale", "scale_param { bias_term: true }"), weights=_w((4,), (4,))),
+    Case("scale_two_bottoms", "Scale", """
+        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+        layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
+        layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
+        layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }"""),
+    Case("bn_fork", "BN", _one("BN"), weights=_w((1, 4, 1, 1), (1, 4, 1, 1)), numpy=_bn_fork),
+    Case("bias", "Bias", _one("Bias"), weights=_w((4,))),
+    Case("normalize", "Normalize", _one("Normalize", "norm_param { across_spatial: false channel_shared: false }"),
+         weights=lambda rng: {"l": [rng.uniform(0.5, 2, 4).astype(np.float32)]}),
+    Case("lrn", "LRN", _one("LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }")),
+    Case("mvn", "MVN", _one("MVN", "mvn_param { across_channels: true }")),
+    Case("relu", "ReLU", _one("ReLU")),
+    Case("leaky_relu", "ReLU", _one("ReLU", "relu_param { negative_slope: 0.1 }")),
+    Case("relu6", "ReLU6", _one("ReLU6"), shape=(1, 4, 6, 6)),
+    Case("prelu", "PReLU", _one("PReLU"), weights=_w((4,))),
+    Case("sigmoid", "Sigmoid", _one("Sigmoid")),
+    Case("tanh", "TanH", _one("TanH")),
+    Case("absval", "AbsVal", _one("AbsVal")),
+    Case("bnll", "BNLL", _one("BNLL")),
+    Case("elu", "ELU", _one("ELU", "elu_param { alpha: 0.5 }")),
+    Case("exp", "Exp", _one("Exp", "exp_param { scale: 0.5 shift: 0.1 }")),
+    Case("exp_base", "Exp", _one("Exp", "exp_param { base: 2 scale: 0.5 }")),
+    Case("log", "Log", _one("Log", "log_param { base: 10 scale: 2 shift: 1 }"), positive=True),
+    Case("power", "Power", _one("Power", "power_param { power: 2 scale: 0.5 shift: 1 }")),
+    Case("threshold", "Threshold", _one("Threshold", "threshold_param { threshold: 0.2 }")),
+    Case("softmax", "Softmax", _one("Softmax")),
+    Case("pool_max", "Pooling", _one("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")),
+    Case("pool_ave", "Pooling", _one("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")),
+    Case("pool_global", "Pooling", _one("Pooling", "pooling_param { pool: AVE global_pooling: true }")),
+    Case("eltwise_sum", "Eltwise", """
+        layer { name: "a" type: "TanH" bottom: "data" top: "a" }
+        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out"
+                eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }"""),
+    Case("eltwise_prod", "Eltwise", """
+        layer { name: "a" type: "TanH" bottom: "data" top: "a" }
+        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: PROD } }"""),
+    Case("eltwise_max", "Eltwise", """
+        layer { name: "a" type: "TanH" bottom: "data" top: "a" }
+        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: MAX } }"""),
+    Case("axpy", "Axpy", """
+        layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: AVE global_pooling: true } }
+        layer { name: "l" type: "Axpy" bottom: "a" bottom: "data" bottom: "data" top: "out" }""", numpy=_axpy),
+    Case("concat", "Concat", """
+        layer { name: "a" type: "TanH" bottom: "data" top: "a" }
+        layer { name: "l" type: "Concat" bottom: "data" bottom: "a" top: "out" }"""),
+    Case("slice", "Slice", """
+        layer { name: "l" type: "Slice" bottom: "data" top: "s1" top: "s2" slice_param { slice_point: 1 } }
+        layer { name: "m" type: "Eltwise" bottom: "s2" bottom: "s2" top: "out" eltwise_param { operation: PROD } }
+        layer { name: "k" type: "TanH" bottom: "s1" top: "out1" }"""),
+    Case("split", "Split", """
+        layer { name: "l" type: "Split" bottom: "data" top: "a" top: "b" }
+        layer { name: "m" type: "Eltwise" bottom: "a" bottom: "b" top: "out" eltwise_param { operation: PROD } }"""),
+    Case("flatten", "Flatten", """
+        layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX global_pooling: true } }
+        layer { name: "l" type: "Flatten" bottom: "a" top: "out" }"""),
+    Case("reshape", "Reshape", _one("Reshape", "reshape_param { shape { dim: 0 dim: 2 dim: -1 dim: 6 } }")),
+    Case("permute", "Permute", _one("Permute", "permute_param { order: 0 order: 2 order: 3 order: 1 }")),
+    Case("crop", "Crop", """
+        layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "l" type: "Crop" bottom: "data" bottom: "a" top: "out" crop_param { axis: 2 offset: 1 } }"""),
+    Case("shuffle_channel", "ShuffleChannel", _one("ShuffleChannel", "shuffle_channel_param { group: 2 }"),
+         shape=(1, 6, 4, 4)),
+    Case("reorg", "Reorg", _one("Reorg", "reorg_param { stride: 2 }"), numpy=_reorg),
+    Case("dropout", "Dropout", """
+        layer { name: "l" type: "Dropout" bottom: "data" top: "d" }
+        layer { name: "m" type: "TanH" bottom: "d" top: "out" }"""),
+    Case("silence", "Silence", """
+        layer { name: "a" type: "TanH" bottom: "data" top: "a" }
+        layer { name: "l" type: "Silence" bottom: "a" }
+        layer { name: "m" type: "Sigmoid" bottom: "data" top: "out" }"""),
+    Case("upsample", "Upsample", _one("Upsample", "upsample_param { scale: 2 }"), numpy=_upsample),
+    Case("interp", "Interp", _one("Interp", "interp_param { zoom_factor: 2 }")),
+    Case("priorbox", "PriorBox", """
+        layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "l" type: "PriorBox" bottom: "a" bottom: "data" top: "out"
+                prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }"""),
+]
+#: Types whose synthetic case is elsewhere: DetectionOutput on the real SSDs (test_evaluate, test_caffe_backend);
+#: Input everywhere; MemoryData below; Embed (an index input) below.
+ELSEWHERE = {"DetectionOutput", "Input", "MemoryData", "Embed"}
+
+
+def test_every_handled_type_has_a_case():
+    handled = {name for name, kind in REGISTRY.items()
+               if not (isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline))}
+    assert handled - ELSEWHERE - {case.type for case in CASES} == set()
+
+
+# --------------------------------------------------------------------------------------------------- machinery
+
+@dataclass
+class Built:
+    case: Case
+    graph: Graph
+    weights: dict[str, list[np.ndarray]]
+    batch: np.ndarray
+    reference: dict[str, np.ndarray]
+    reference_by: str
+    directory: Path
+
+
+def _engine_for(prototxt: Path) -> str | None:
+    """caffe when pycaffe runs every type of the net, else opencv when OpenCV does, else None (numpy)."""
+    kinds = [kind_of(layer.type) for layer in read_prototxt(prototxt).layer]
+    if all(k.caffe is True for k in kinds):
+        try:
+            from int8conv.engines.caffe_engine import import_caffe
+            import_caffe()
+            return "caffe"
+        except Exception:
+            if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
+                raise
+    if all(k.opencv is True for k in kinds):
+        return "opencv"
+    return None
+
+
+def build(case: Case, directory: Path) -> Built:
+    rng = np.random.default_rng(zlib.crc32(case.id.encode()))
+    header = f'input: "data" input_shape {{ {" ".join(f"dim: {d}" for d in case.shape)} }}\n'
+    weights = case.weights(rng)
+    proto, model = write_caffe_model(directory, header + case.layers, weights)
+    graph = load_graph(proto, model)
+    batch = rng.normal(0, 1, case.shape).astype(np.float32)
+    if case.positive:
+        batch = np.abs(batch) + 0.1
+    outputs = graph.outputs
+    ref_proto = proto
+    if case.renamed:
+        text = proto.read_text()
+        for old, new in case.renamed.items():
+            text = text.replace(old, new)
+        ref_proto = directory / "reference.prototxt"
+        ref_proto.write_text(text)
+    by = _engine_for(ref_proto)
+    if by is None:
+        if case.numpy is None:
+            pytest.fail(f"{case.id}: neither pycaffe nor OpenCV run {case.type}, and the case has no numpy reference")
+        reference = {outputs[0]: case.numpy(batch.astype(np.float64), weights).astype(np.float32)}
+        by = "numpy"
+    else:
+        reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
+    return Built(case, graph, weights, batch, reference, by, directory)
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.size == want.size, (got.shape, want.shape)
+    got, want = got.reshape(-1).astype(np.float64), want.reshape(-1).astype(np.float64)
+    peak = float(np.abs(want).max())
+    return float(np.abs(got - want).max()) / peak if peak > 0 else float(np.abs(got).max())
+
+
+def cosine(got: np.ndarray, want: np.ndarray) -> float:
+    a, b = got.reshape(-1).astype(np.float64), want.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def run_ncnn(built: Built, model, name: str, int8: bool) -> dict[str, np.ndarray]:
+    param, bin_path = built.directory / f"{name}.param", built.directory / f"{name}.bin"
+    write_model(model, param, bin_path)
+    runner = NcnnRunner(param, bin_path, int8=int8)
+    return runner.run({runner.input_names[0]: built.batch[0]})
+
+
+_BUILT: dict[str, Built] = {}
+INT8_CASES = [case for case in CASES if REGISTRY[case.type].is_quantizable]
+
+
+@pytest.fixture
+def built(request, tmp_path_factory) -> Built:
+    """The case's net and its reference output, built once per test session."""
+    case = request.param
+    if case.id not in _BUILT:
+        _BUILT[case.id] = build(case, tmp_path_factory.mktemp(case.id))
+    return _BUILT[case.id]
+
+
+def _cases(cases: list[Case]):
+    return pytest.mark.parametrize("built", cases, ids=lambda c: c.id, indirect=True)
+
+
+@_cases(CASES)
+def test_ncnn_fp32_matches_the_reference(built):
+    """ncnn FP32 within 1e-4 of the reference (a declined type raises an error that gives the reason)."""
+    kind = REGISTRY[built.case.type]
+    if isinstance(kind.ncnn, Decline):
+        with pytest.raises(ModelError, match=kind.ncnn.reason[:20]):
+            convert_graph(built.graph)
+        return
+    got = run_ncnn(built, convert_graph(built.graph), "fp32", int8=False)
+    for value, want in built.reference.items():
+        assert relative(got[value], want) <= REL_BOUND, (value, built.reference_by)
+
+
+@_cases(CASES)
+def test_onnx_matches_the_reference(built, ort_cache):
+    import onnxruntime as ort
+
+    kind = REGISTRY[built.case.type]
+    if isinstance(kind.onnx, Decline):
+        with pytest.raises(ModelError, match=kind.onnx.reason[:20]):
+            export_onnx(built.graph)
+        return
+    export = export_onnx(built.graph)
+    session = ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(built.reference)
+    got = dict(zip(names, session.run(names, {export.inputs[0]: built.batch}), strict=True))
+    for value, want in built.reference.items():
+        assert relative(got[value], want) <= REL_BOUND, (value, built.reference_by)
+
+
+def _int8_model(built: Built):
+    """The ncnn INT8 model with a table from the weights and the reference's input ranges."""
+    deploy = fold_batchnorm_scale(built.graph)
+    table = CalibrationTable(weight_scales=weight_scales(deploy))
+    for layer in deploy.layers:
+        if layer.name in table.weight_scales:
+            table.activation_scales[layer.name] = 127.0 / float(np.abs(built.batch).max())
+    assert set(calibration_values(deploy)) <= set(deploy.inputs)
+    return quantize_model(convert_graph(built.graph), table, fp16_storage=False)
+
+
+@_cases(INT8_CASES)
+def test_ncnn_int8_is_close_for_quantizable_types(built):
+    model = _int8_model(built)
+    assert int8_layers(model) or built.case.id == "conv_grouped"   # 8 outputs per group: FP32, see ncnn.quantize
+    got = run_ncnn(built, model, "int8", int8=True)
+    for value, want in built.reference.items():
+        assert cosine(got[value], want) >= COSINE_BOUND, value
+
+
+def test_deconvolution_stays_fp32_as_ncnn2int8_and_the_runtime_do(tmp_path):
+    """A table line for a Deconvolution is ignored (ncnn2int8 has no quantize_deconvolution, ncnn's Deconvolution
+    has no int8_scale_term); in the INT8 model, run with use_int8_inference, it computes exactly the FP32 result."""
+    case = next(c for c in CASES if c.id == "deconv")
+    built = build(case, tmp_path)
+    fp32 = convert_graph(built.graph)
+    table = CalibrationTable(weight_scales={"l": np.ones(3, np.float32)}, activation_scales={"l": 10.0})
+    int8 = quantize_model(fp32, table, fp16_storage=False)
+    assert int8_layers(int8) == [] and 8 not in int8.layer("l").params
+    got = run_ncnn(built, int8, "int8", int8=True)
+    want = run_ncnn(built, fp32, "fp32", int8=False)
+    for value in built.reference:
+        np.testing.assert_array_equal(got[value], want[value])
+
+
+def test_memory_data_is_the_graph_input(tmp_path):
+    text = """
+    layer { name: "feed" type: "MemoryData" top: "data" top: "label"
+            memory_data_param { batch_size: 1 channels: 3 height: 5 width: 7 } }
+    layer { name: "l" type: "ReLU" bottom: "data" top: "out" }
+    """
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    assert graph.inputs["data"] == (1, 3, 5, 7) and graph.shapes["out"] == (1, 3, 5, 7)
+    assert convert_graph(graph).layers[0].params == {0: 7, 1: 5, 2: 3}
+
+
+def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
+    """Embed reads indices: ONNX Gathers rows of the table; ncnn declines it (its Embed reads int32 indices)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    text = """
+    input: "data" input_shape { dim: 2 dim: 3 }
+    layer { name: "l" type: "Embed" bottom: "data" top: "out" embed_param { num_output: 4 input_dim: 5 } }
+    """
+    weights = {"l": [rng.normal(0, 1, (5, 4)).astype(np.float32), rng.normal(0, 1, 4).astype(np.float32)]}
+    proto, model = write_caffe_model(tmp_path, text, weights)
+    graph = load_graph(proto, model)
+    batch = rng.integers(0, 5, (2, 3)).astype(np.float32)
+    want = make_engine("caffe", graph, proto, model).forward(batch, ["out"])["out"]
+    export = export_onnx(graph)
+    session = ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert relative(session.run(["out"], {"data": batch})[0], want) <= REL_BOUND
+    with pytest.raises(ModelError, match="int32"):
+        convert_graph(graph)
