@@ -105,6 +105,23 @@ ENTRIES = [
                "weights) at 0.31 while it reaches 3.25, and the output cosine drops to 0.915 (ACIQ: 0.99996). "
                "Digit cells of opencv_samples/digits.png padded to 28x28: 200 to calibrate, 200 others to "
                "evaluate (this script cuts them into $WORK)"),
+    Entry("retinaface_mnet025", "retinaface_mnet025", "mnet-deconv-0517.prototxt", "mnet-deconv-0517.caffemodel",
+          ["--color", "rgb"], IMAGENET, FACES,
+          note="FPN upsampling by Deconvolution + Crop; the two Deconvolutions stay FP32 (ncnn has no INT8 "
+               "Deconvolution). Plain 320x320 resizes here, not the upstream keep-ratio padding"),
+    Entry("yoloface_500k_v2", "yoloface_500k_v2", "yoloface-500k-v2.prototxt", "yoloface-500k-v2.caffemodel",
+          ["--norm", "0.00392156862745098", "--color", "rgb"], IMAGENET, FACES,
+          note="Upsample (a fork layer) runs in OpenCV as a registered layer; the SE blocks are two-bottom Scale "
+               "layers"),
+    Entry("shufflenet_v1_driver_action", "shufflenet_v1_driver_action", "shufflenet_l20_50_deploy.prototxt",
+          "shufflenet_l20_50.caffemodel", ["--mean", "103.94", "116.78", "123.68", "--norm", "0.017"], IMAGENET,
+          FACES, note="trained on in-car driver crops, which are not here: whole face photos scaled to 50x50 "
+                      "measure FP32/INT8 agreement only"),
+    Entry("mobilenet_yolov3_lite_lane", "mobilenet_yolov3_lite_lane", "mobilenet_yolov3_lite_deploy.prototxt",
+          "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel",
+          ["--mean", "127.5", "127.5", "127.5", "--norm", "0.007843"], IMAGENET, f"{SHARED}/images/voc_coco_detection",
+          note="DepthwiseConvolution (the fork's type name) is read as a depthwise Convolution; the two "
+               "Deconvolutions stay FP32"),
 ]
 BY_NAME = {entry.name: entry for entry in ENTRIES}
 

@@ -191,6 +191,31 @@ def test_dead_channel_outputs_its_bias(tmp_path):
     np.testing.assert_allclose(got[2], 0.7, rtol=1e-6)
 
 
+def test_dead_depthwise_channel_outputs_its_bias(tmp_path):
+    """ncnn's x86 INT8 depthwise kernel with 54 channels (not a multiple of 8) writes NaN for a weight scale of 0;
+    the quantizer stores a live scale for the dead channel, whose int8 weights stay 0."""
+    rng = np.random.default_rng(6)
+    weight = rng.normal(size=(54, 1, 3, 3))
+    weight[2] = 0.0
+    bias = rng.normal(size=54)
+    model = NcnnModel([_input(54, 8, 8), _conv("dw", "data", "out", weight, bias, depthwise=True)])
+    table = _absmax_table(model, {"dw": 3.0})
+    assert table.weight_scales["dw"][2] == 0.0
+    q = quantize_model(model, table)
+    layer = q.layer("dw")
+    assert not np.any(layer.weights[0].data.reshape(54, -1)[2]) and layer.weights[2].data[2] > 0
+    x = rng.normal(size=(54, 8, 8)).astype(np.float32)
+    got = _run(q, tmp_path, "int8", x, int8=True)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[2], bias[2], rtol=1e-5)
+    assert _cosine(got, _run(model, tmp_path, "fp32", x, int8=False)) > 0.999
+
+    forced = quantize_model(model, CalibrationTable())
+    _quantize_layer(forced.layers[1], table.weight_scales["dw"], table.activation_scales["dw"])
+    forced.layer("dw").weights[2].data[2] = 0.0   # what ncnn2int8 writes from the same table
+    assert not np.all(np.isfinite(_run(forced, tmp_path, "forced", x, int8=True)))
+
+
 def test_fp16_storage_for_fp32_layers(chain, tmp_path):
     model, x = chain
     model.layers[3].weights[0].data[0] = 70000.0   # beyond fp16: this layer must keep fp32

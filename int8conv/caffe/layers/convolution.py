@@ -99,8 +99,8 @@ def depthwise_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -
 register(LayerKind(
     "Convolution", FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights), folds_into=True,
     quantizable=True,
-    notes="group > 1 becomes ncnn ConvolutionDepthWise; a grouped (not depthwise) one with a multiple of 8 outputs "
-          "per group stays FP32 in ncnn (the x86 INT8 group path returns garbage for it)"))
+    notes="group > 1 becomes ncnn ConvolutionDepthWise; a grouped (not depthwise) one stays FP32 in ncnn INT8 models "
+          "(ncnn's x86 INT8 group path with the packing layout returns garbage for it)"))
 register(LayerKind(
     "Deconvolution", FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights),
     quantizable=Decline("ncnn2int8 does not quantize it and ncnn's Deconvolution/DeconvolutionDepthWise have no "
