@@ -176,6 +176,8 @@ def shell_line(argv: list[str]) -> str:
 
 def metric_text(report: dict) -> str:
     task = report["int8_vs_fp32"]["task"]
+    if "map_iou" in task:
+        return f"IoU of the maps > {task['map_threshold']}: mean {task['map_iou']:.3f}, min {task['map_iou_min']:.3f}"
     if "top1_agreement" in task:
         return f"top-1 agreement {task['top1_agreement']:.3f}, mean abs prob diff {task['mean_abs_prob_diff']:.4f}"
     return (f"precision {task['precision']:.3f}, recall {task['recall']:.3f} "

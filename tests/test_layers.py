@@ -170,6 +170,7 @@ CASES = [
     Case("power", "Power", _one("Power", "power_param { power: 2 scale: 0.5 shift: 1 }")),
     Case("threshold", "Threshold", _one("Threshold", "threshold_param { threshold: 0.2 }")),
     Case("softmax", "Softmax", _one("Softmax")),
+    Case("hardswish", "HardSwish", _one("HardSwish"), shape=(1, 4, 8, 8)),
     Case("pool_max", "Pooling", _one("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")),
     Case("pool_ave", "Pooling", _one("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")),
     Case("pool_global", "Pooling", _one("Pooling", "pooling_param { pool: AVE global_pooling: true }")),

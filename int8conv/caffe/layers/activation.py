@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
+    Decline,
     LayerKind,
     Weights,
     f32,
@@ -174,4 +175,12 @@ register(LayerKind("Exp", FAMILY, same_shape, exp_ncnn, exp_onnx))
 register(LayerKind("Log", FAMILY, same_shape, log_ncnn, log_onnx))
 register(LayerKind("Power", FAMILY, same_shape, power_ncnn, power_onnx))
 register(LayerKind("Threshold", FAMILY, same_shape, threshold_ncnn, threshold_onnx))
+def hardswish_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    """x * relu6(x + 3) / 6: ncnn's HardSwish with alpha 1/6 and beta 1/2 (its default alpha is 0.2)."""
+    return _ncnn("HardSwish", layer, {0: 1.0 / 6.0, 1: 0.5})
+
+
+register(LayerKind("HardSwish", FAMILY, same_shape, hardswish_ncnn, onnx_unary("HardSwish"),
+                   opencv=Decline("OpenCV's Caffe importer has no HardSwish layer"),
+                   notes="MobileNetV3's x * relu6(x + 3) / 6 (brocolli-caffe)"))
 register(LayerKind("Softmax", FAMILY, same_shape, softmax_ncnn, softmax_onnx, head_passthrough=True))
