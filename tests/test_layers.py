@@ -34,7 +34,13 @@ from tests.synthetic import write_caffe_model
 
 #: Every type Tencent/ncnn's caffe2ncnn converts, the parameter-free types it passes through, and the fork layers
 #: of the issue: each must be declared.
-CAFFE2NCNN = ["BN", "BatchNorm", "Concat", "Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Crop", "Deconvolution", "DetectionOutput", "Dropout", "ELU", "Eltwise", "Embed", "InnerProduct", "Input", "Interp", "LRN", "LSTM", "MVN", "MemoryData", "Normalize", "PReLU", "PSROIPooling", "Permute", "Pooling", "Power", "PriorBox", "ROIAlign", "ROIPooling", "ReLU", "ReLU6", "Reorg", "Reshape", "Scale", "ShuffleChannel", "Silence", "Slice", "Softmax", "Threshold", "YoloDetectionOutput", "Yolov3DetectionOutput"]
+CAFFE2NCNN = [
+    "BN", "BatchNorm", "Concat", "Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Crop",
+    "Deconvolution", "DetectionOutput", "Dropout", "ELU", "Eltwise", "Embed", "InnerProduct", "Input", "Interp",
+    "LRN", "LSTM", "MVN", "MemoryData", "Normalize", "PReLU", "PSROIPooling", "Permute", "Pooling", "Power",
+    "PriorBox", "ROIAlign", "ROIPooling", "ReLU", "ReLU6", "Reorg", "Reshape", "Scale", "ShuffleChannel", "Silence",
+    "Slice", "Softmax", "Threshold", "YoloDetectionOutput", "Yolov3DetectionOutput",
+]
 PASS_THROUGH = ["AbsVal", "BNLL", "Exp", "Log", "Sigmoid", "TanH", "Split", "Flatten"]
 FORK_LAYERS = ["Upsample", "Axpy"]
 REL_BOUND = 1e-4
@@ -145,7 +151,8 @@ CASES = [
                                     np.array([2.0], np.float32)]}),
     Case("scale", "Scale", _one("Scale", "scale_param { bias_term: true }"), weights=_w((4,), (4,))),
     Case("scale_two_bottoms", "Scale", """
-        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: AVE global_pooling: true } }
+        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+                pooling_param { pool: AVE global_pooling: true } }
         layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
         layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
         layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }"""),

@@ -131,7 +131,7 @@ def whc(shape: Shape) -> dict[int, int]:
     keys = {1: (0,), 2: (1, 0), 3: (2, 1, 0), 4: (2, 11, 1, 0)}.get(len(dims))
     if keys is None:
         raise ModelError(f"ncnn Mats have 1 to 4 dimensions without the batch axis, got shape {tuple(shape)}")
-    return {key: int(d) for key, d in zip(keys, dims)}
+    return {key: int(d) for key, d in zip(keys, dims, strict=True)}
 
 
 def flat_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> list[np.ndarray]:

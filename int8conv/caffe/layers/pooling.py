@@ -103,10 +103,10 @@ def pooling_onnx(b, layer: Layer) -> None:
     strides = [g["stride_h"], g["stride_w"]]
     pads = [g["pad_h"], g["pad_w"]]
     extra = [max((o - 1) * s + k - (size + 2 * p), 0)
-             for o, s, k, size, p in zip(out[2:], strides, kernel, shape[2:], pads)]
+             for o, s, k, size, p in zip(out[2:], strides, kernel, shape[2:], pads, strict=True)]
     if not ave:
         b.node("MaxPool", [x], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides,
-                  pads=pads + [p + e for p, e in zip(pads, extra)])
+                  pads=pads + [p + e for p, e in zip(pads, extra, strict=True)])
         return
     if any(pads) and any(extra):
         padded = f"{layer.name}/pad"
@@ -117,7 +117,7 @@ def pooling_onnx(b, layer: Layer) -> None:
                   pads=[0, 0] + extra, count_include_pad=0)
         return
     b.node("AveragePool", [x], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides,
-              pads=pads + [p + e for p, e in zip(pads, extra)], count_include_pad=int(any(pads)))
+              pads=pads + [p + e for p, e in zip(pads, extra, strict=True)], count_include_pad=int(any(pads)))
 
 
 register(LayerKind("Pooling", FAMILY, pooling_shape, pooling_ncnn, pooling_onnx, value_preserving=False,

@@ -74,7 +74,7 @@ def slice_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     points = list(p.slice_point) or [size * (i + 1) // len(layer.tops) for i in range(len(layer.tops) - 1)]
     bounds = [0] + points + [size]
     outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         s = list(shapes[0])
         s[axis] = hi - lo
         outs.append(tuple(s))
@@ -89,7 +89,7 @@ def slice_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if points:
         if len(points) + 1 != len(layer.tops):
             raise ModelError(f"layer '{layer.name}' (Slice): {len(points)} slice points for {len(layer.tops)} tops")
-        slices = [b - a for a, b in zip([0] + points[:-1], points)] + [-233]
+        slices = [b - a for a, b in zip([0] + points[:-1], points, strict=True)] + [-233]
     else:
         slices = [-233] * len(layer.tops)
     return [NcnnLayer("Slice", layer.name, layer.bottoms, layer.tops,
@@ -207,7 +207,7 @@ def _crop_offsets(layer: Layer, ndim: int) -> list[int]:
 def crop_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     axis = axis_index(layer.param.crop_param.axis, len(shapes[0]))
     out = tuple(shapes[0][:axis]) + tuple(shapes[1][axis:])
-    for size, offset, full in zip(out, _crop_offsets(layer, len(out)), shapes[0]):
+    for size, offset, full in zip(out, _crop_offsets(layer, len(out)), shapes[0], strict=True):
         if offset + size > full:
             raise ModelError(f"layer '{layer.name}' (Crop): offset {offset} + size {size} exceeds {full}")
     return [out]
@@ -333,7 +333,8 @@ register(LayerKind("Concat", FAMILY, concat_shape, concat_ncnn, concat_onnx, val
                    head_passthrough=True))
 register(LayerKind("Slice", FAMILY, slice_shape, slice_ncnn, slice_onnx, value_preserving=True))
 register(LayerKind("Split", FAMILY, _copies, ncnn_plain("Split"), _onnx_identity, value_preserving=True,
-                   head_passthrough=True, notes="removed; ncnn Splits are re-inserted where a blob has several readers"))
+                   head_passthrough=True,
+                   notes="removed; ncnn Splits are re-inserted where a blob has several readers"))
 register(LayerKind("Flatten", FAMILY, flatten_shape, flatten_ncnn, reshape_onnx, value_preserving=True,
                    head_passthrough=True))
 register(LayerKind("Reshape", FAMILY, reshape_shape, reshape_ncnn, reshape_onnx, value_preserving=True,
