@@ -432,23 +432,6 @@ def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
 
 # --------------------------------------------------------------------------------------------------- real models
 
-def _weights_only(model: Path, directory: Path) -> Path:
-    """The caffemodel's blobs without its layer parameters: yoloface's stores upsample_param under the field number
-    of its own fork (149), which brocolli-caffe reads as a PSROIPooling parameter and rejects."""
-    from int8conv.caffe.proto import caffe_pb2
-    from int8conv.caffe.reader import read_caffemodel
-
-    slim = caffe_pb2.NetParameter()
-    for layer in read_caffemodel(model).layer:
-        if len(layer.blobs):
-            copy = slim.layer.add()
-            copy.name, copy.type = layer.name, layer.type
-            copy.blobs.extend(layer.blobs)
-    path = directory / model.name
-    path.write_bytes(slim.SerializeToString())
-    return path
-
-
 #: The shared models with fork layers: the reference engine, and the prototxt edits that engine needs.
 FORK_MODELS = {
     "retinaface": ("caffe", {}),                                              # Deconvolution, Crop
@@ -483,9 +466,8 @@ def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cach
         text = text.replace(old, new)
     ref_proto = tmp_path / proto.name
     ref_proto.write_text(text)
-    ref_model = _weights_only(model, tmp_path) if by == "caffe" else model
     outputs = graph.outputs
-    reference = make_engine(by, load_graph(ref_proto, ref_model), ref_proto, ref_model).forward(batch, outputs)
+    reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
 
     fp32 = convert_graph(graph)
     write_model(fp32, tmp_path / "m.param", tmp_path / "m.bin")

@@ -86,3 +86,19 @@ def weights_by_layer(model: caffe_pb2.NetParameter, path: str | Path = "") -> di
         except ModelError as exc:
             raise ModelError(f"{path}: layer '{layer.name}': {exc}") from exc
     return weights
+
+
+def weights_only(model: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """The caffemodel's blobs by layer name, without layer parameters.
+
+    Caffe forks store their own parameters under field numbers that other forks use for something else (yoloface's
+    caffemodel has ``upsample_param`` at 149, which brocolli-caffe reads as a PSROIPooling parameter with required
+    fields and then aborts); the weights alone load in any of them.
+    """
+    slim = caffe_pb2.NetParameter()
+    for layer in list(model.layer) + list(model.layers):
+        if len(layer.blobs):
+            copy = slim.layer.add()
+            copy.name = layer.name
+            copy.blobs.extend(layer.blobs)
+    return slim

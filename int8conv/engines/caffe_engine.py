@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.reader import read_caffemodel, weights_only
 from int8conv.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,11 @@ def caffe_has_cuda(caffe: ModuleType) -> bool:
 
 
 class CaffeEngine:
-    """Forward with pycaffe; returns any graph value, in-place intermediate versions included."""
+    """Forward with pycaffe; returns any graph value, in-place intermediate versions included.
+
+    pycaffe gets the caffemodel's weights without its layer parameters (``weights_only``): a fork's parameters in
+    the caffemodel can make pycaffe abort the process while parsing it.
+    """
 
     name = "caffe"
 
@@ -77,10 +83,13 @@ class CaffeEngine:
         for path in (prototxt, caffemodel):
             if not Path(path).is_file():
                 raise ModelError(f"{path}: no such file")
-        try:
-            self._net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
-        except Exception as exc:  # noqa: BLE001 - pycaffe raises bare RuntimeError/ValueError
-            raise ModelError(f"{prototxt}: pycaffe cannot load this model with {caffemodel}: {exc}") from exc
+        with tempfile.TemporaryDirectory(prefix="int8conv-weights-") as tmp:
+            weights = Path(tmp) / "weights.caffemodel"
+            weights.write_bytes(weights_only(read_caffemodel(caffemodel)).SerializeToString())
+            try:
+                self._net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+            except Exception as exc:  # noqa: BLE001 - pycaffe raises bare RuntimeError/ValueError
+                raise ModelError(f"{prototxt}: pycaffe cannot load this model with {caffemodel}: {exc}") from exc
         self._layer_index = {name: i for i, name in enumerate(self._net._layer_names)}
         missing = [layer.name for layer in graph.layers if layer.name not in self._layer_index]
         if missing:
