@@ -4,7 +4,8 @@ Steps, each on plain data:
 
 1. ``fold_batchnorm_scale``: BatchNorm/Scale after a Convolution/InnerProduct become part of its weights, so the
    INT8 step computes weight scales on the weights the runtime holds.
-2. One Caffe layer -> one ncnn layer (Pooling may get a Padding layer in front, see ``_pooling``); layer names
+2. One Caffe layer -> its ncnn layers, by the ncnn emitter of its ``int8conv.caffe.layers`` declaration (mostly
+   one; Pooling may get a Padding layer in front, Axpy becomes Scale + Eltwise); layer names
    are kept because calibration tables are keyed by them, and blob names are the IR's values (``x_L`` for the
    top of in-place layer ``L``, caffe2ncnn's convention).
 3. Graph clean-up as ncnnoptimize does it: Dropout and Caffe Split layers disappear, a BatchNorm followed by a

@@ -2,12 +2,12 @@
 
 A kind is declared once, in the module of its family, with ``register``. Each writer (ncnn, ONNX) and each FP32
 engine (OpenCV, pycaffe) either handles the type or declines it with a ``Decline`` that says why; nothing is
-left unsaid, and ``tests/test_layer_registry.py`` fails on a type that a writer neither handles nor declines.
+left unsaid, and ``tests/test_layers.py`` fails on a type that a writer neither handles nor declines.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,7 +79,6 @@ class LayerKind:
     opencv: bool | Decline = True
     caffe: bool | Decline = True
     notes: str = ""
-    aliases: tuple[str, ...] = field(default=())
 
     @property
     def is_quantizable(self) -> bool:

@@ -101,9 +101,11 @@ register(LayerKind("PriorBox", FAMILY, prior_box_shape, prior_box_ncnn, prior_bo
 register(LayerKind("DetectionOutput", FAMILY, detection_output_shape, detection_output_ncnn,
                    Decline(_HOST_DECODED + " (int8conv.tensorrt.ssd_host)"),
                    notes="ncnn: share_location, background 0, CENTER_SIZE, plain NMS only"))
-for _name, _pycaffe in (("YoloDetectionOutput", False), ("Yolov3DetectionOutput", False), ("ROIPooling", False),
-                        ("ROIAlign", False), ("PSROIPooling", True)):
-    register(LayerKind(_name, FAMILY, None, Decline(_NOT_WRITTEN), Decline(_NOT_WRITTEN if _name.startswith("ROI")
-                       or _name.startswith("PS") else _HOST_DECODED),
-                       caffe=True if _pycaffe else Decline("a Caffe-fork layer: BVLC pycaffe has none"),
-                       opencv=Decline("not checked: int8conv has no emitter for it")))
+_NOT_WRITTEN_NCNN = Decline(_NOT_WRITTEN)
+_FORK = Decline("a Caffe-fork layer: BVLC pycaffe has none")
+_UNCHECKED = Decline("not checked: int8conv has no emitter for it")
+for _name in ("YoloDetectionOutput", "Yolov3DetectionOutput"):
+    register(LayerKind(_name, FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_HOST_DECODED), caffe=_FORK, opencv=_UNCHECKED))
+for _name in ("ROIPooling", "ROIAlign"):
+    register(LayerKind(_name, FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_NOT_WRITTEN), caffe=_FORK, opencv=_UNCHECKED))
+register(LayerKind("PSROIPooling", FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_NOT_WRITTEN), opencv=_UNCHECKED))

@@ -120,5 +120,5 @@ def pooling_onnx(b, layer: Layer) -> None:
               pads=pads + [p + e for p, e in zip(pads, extra, strict=True)], count_include_pad=int(any(pads)))
 
 
-register(LayerKind("Pooling", FAMILY, pooling_shape, pooling_ncnn, pooling_onnx, value_preserving=False,
+register(LayerKind("Pooling", FAMILY, pooling_shape, pooling_ncnn, pooling_onnx,
                    notes="STOCHASTIC pooling is declined by both writers"))

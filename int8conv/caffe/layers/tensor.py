@@ -313,9 +313,13 @@ def nothing_onnx(b, layer: Layer) -> None:
     """Silence: no node."""
 
 
-def graph_input(layer: Layer, *args) -> list:
+def _graph_input_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Input and MemoryData become the graph's inputs when the graph is built; no writer ever sees them."""
-    raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no layer of its own")
+    raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no ncnn layer of its own")
+
+
+def _graph_input_onnx(b, layer: Layer) -> None:
+    raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no ONNX node of its own")
 
 
 def memory_data_shape(param) -> tuple[int, ...]:
@@ -324,9 +328,9 @@ def memory_data_shape(param) -> tuple[int, ...]:
     return int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width)
 
 
-register(LayerKind("Input", FAMILY, None, graph_input, graph_input,
+register(LayerKind("Input", FAMILY, None, _graph_input_ncnn, _graph_input_onnx,
                    notes="becomes the graph's input (and ncnn's Input layer)"))
-register(LayerKind("MemoryData", FAMILY, None, graph_input, graph_input,
+register(LayerKind("MemoryData", FAMILY, None, _graph_input_ncnn, _graph_input_onnx,
                    opencv=Decline("OpenCV's Caffe importer has no MemoryData layer"),
                    notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn"))
 register(LayerKind("Concat", FAMILY, concat_shape, concat_ncnn, concat_onnx, value_preserving=True,
