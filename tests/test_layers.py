@@ -69,6 +69,7 @@ def test_every_writer_handles_or_declines(name):
         assert kind.alias_of in REGISTRY and kind.rename is not None, name
 
 
+@pytest.mark.pycaffe
 def test_pycaffe_declarations_are_true(caffe):
     """A type declared as run by pycaffe is in its layer registry, and a declined one is not."""
     known = set(caffe.layer_type_list())
@@ -254,16 +255,23 @@ class Built:
 
 
 def _engine_for(prototxt: Path) -> str | None:
-    """caffe when pycaffe runs every type of the net, else opencv when OpenCV does, else None (numpy)."""
+    """caffe when pycaffe runs every type of the net, else opencv when OpenCV does, else None (numpy).
+
+    Without pycaffe (and without INT8CONV_REQUIRE_CAFFE=1) a net only pycaffe runs is skipped.
+    """
     kinds = [kind_of(layer.type) for layer in read_prototxt(prototxt).layer]
     if all(k.caffe is True for k in kinds):
+        from int8conv.engines.caffe_engine import import_caffe
+        from int8conv.errors import BackendUnavailable
+
         try:
-            from int8conv.engines.caffe_engine import import_caffe
             import_caffe()
             return "caffe"
-        except Exception:
+        except BackendUnavailable as exc:
             if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
                 raise
+            if not all(k.opencv is True for k in kinds):
+                pytest.skip(f"the reference for this net is pycaffe: {exc}")
     if all(k.opencv is True for k in kinds):
         return "opencv"
     return None
@@ -409,6 +417,7 @@ def test_memory_data_is_the_graph_input(tmp_path):
     assert convert_graph(graph).layers[0].params == {0: 7, 1: 5, 2: 3}
 
 
+@pytest.mark.pycaffe
 def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
     """Embed reads indices: ONNX Gathers rows of the table; ncnn declines it (its Embed reads int32 indices)."""
     import onnxruntime as ort
@@ -441,8 +450,9 @@ FORK_MODELS = {
 }
 
 
+@pytest.mark.pycaffe
 @pytest.mark.parametrize("key", sorted(FORK_MODELS))
-def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cache):
+def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cache, request):
     """ncnn FP32 and ONNX outputs of the real fork-layer models within 1e-4 of pycaffe (or OpenCV) on a real image."""
     import onnxruntime as ort
 
@@ -451,13 +461,7 @@ def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cach
 
     by, edits = FORK_MODELS[key]
     if by == "caffe":
-        from int8conv.engines.caffe_engine import import_caffe
-        try:
-            import_caffe()
-        except Exception as exc:
-            if os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
-                raise
-            pytest.skip(f"pycaffe is not importable: {exc}")
+        request.getfixturevalue("caffe")   # pycaffe, or a skip (a failure with INT8CONV_REQUIRE_CAFFE=1)
     proto, model = MODELS[key].paths(shared)
     graph = load_graph(proto, model)
     batch = MODELS[key].prep.apply(read_image(sorted((shared / "images" / "faces").glob("*.jpg"))[0]))[None]
