@@ -106,9 +106,9 @@ ENTRIES = [
                "Digit cells of opencv_samples/digits.png padded to 28x28: 200 to calibrate, 200 others to "
                "evaluate (this script cuts them into $WORK)"),
     Entry("retinaface_mnet025", "retinaface_mnet025", "mnet-deconv-0517.prototxt", "mnet-deconv-0517.caffemodel",
-          ["--color", "rgb"], IMAGENET, FACES,
+          ["--color", "rgb", "--letterbox"], IMAGENET, FACES,
           note="FPN upsampling by Deconvolution + Crop; the two Deconvolutions stay FP32 (ncnn has no INT8 "
-               "Deconvolution). Plain 320x320 resizes here, not the upstream keep-ratio padding"),
+               "Deconvolution)"),
     Entry("yoloface_500k_v2", "yoloface_500k_v2", "yoloface-500k-v2.prototxt", "yoloface-500k-v2.caffemodel",
           ["--norm", "0.00392156862745098", "--color", "rgb"], IMAGENET, FACES,
           note="Upsample (a fork layer) runs in OpenCV as a registered layer; the SE blocks are two-bottom Scale "

@@ -112,10 +112,12 @@ def test_opencv_engine_matches_pycaffe(shared, caffe, key, tmp_path):
 
 
 @pytest.mark.pycaffe
-def test_retinaface_runs_on_pycaffe_itself(shared, caffe):
-    """pycaffe has Deconvolution and Crop: --backend caffe runs RetinaFace's own files, and agrees."""
-    graph, proto, model = fork_graph(shared, "retinaface")
-    x = MODELS["retinaface"].prep.apply(_image(shared, "faces", MULTIPLE_FACES))[None]
+@pytest.mark.parametrize("key", ["retinaface", "yoloface"])
+def test_runs_on_pycaffe_itself(shared, caffe, key):
+    """pycaffe has Deconvolution and Crop, and brocolli-caffe's Upsample: --backend caffe runs RetinaFace's and
+    yoloface's own files (yoloface's caffemodel through its weights only), and agrees."""
+    graph, proto, model = fork_graph(shared, key)
+    x = MODELS[key].prep.apply(_image(shared, "faces", MULTIPLE_FACES))[None]
     got = make_engine("opencv", graph, proto, model).forward(x, graph.outputs)
     want = make_engine("caffe", graph, proto, model).forward(x, graph.outputs)
     for name in graph.outputs:
@@ -124,7 +126,6 @@ def test_retinaface_runs_on_pycaffe_itself(shared, caffe):
 
 @pytest.mark.pycaffe
 @pytest.mark.parametrize("key, reason", [("lane", "layer 'conv1/dw' has type 'DepthwiseConvolution'"),
-                                         ("yoloface", "cannot read layer 'layer74-upsample'"),
                                          ("shufflenet_driver", 'no field named "shuffle_channel_param"')])
 def test_pycaffe_is_refused_before_it_aborts(shared, caffe, key, reason):
     """pycaffe aborts the process on these files; the caffe engine names the layer instead, and auto picks OpenCV."""

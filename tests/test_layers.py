@@ -94,6 +94,7 @@ class Case:
     positive: bool = False
     numpy: Callable[[np.ndarray, dict[str, list[np.ndarray]]], np.ndarray] | None = None
     renamed: dict[str, str] = field(default_factory=dict)   # prototxt edits the reference engine needs
+    engine: str | None = None                               # the reference engine, when not the default choice
 
 
 def _w(*shapes: tuple[int, ...], name: str = "l") -> Weights:
@@ -157,6 +158,12 @@ CASES = [
         layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
         layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
         layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }"""),
+    Case("scale_two_bottoms_4d", "Scale", """
+        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+                pooling_param { pool: AVE global_pooling: true } }
+        layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
+        layer { name: "l" type: "Scale" bottom: "data" bottom: "gate" top: "out" scale_param { axis: 0 } }""",
+         engine="opencv"),   # Caffe rejects the (N, C, 1, 1) gate at axis 0 (and aborts); OpenCV broadcasts it
     Case("bn_fork", "BN", _one("BN"), weights=_w((1, 4, 1, 1), (1, 4, 1, 1)), numpy=_bn_fork),
     Case("bias", "Bias", _one("Bias"), weights=_w((4,))),
     Case("normalize", "Normalize", _one("Normalize", "norm_param { across_spatial: false channel_shared: false }"),
@@ -294,7 +301,7 @@ def build(case: Case, directory: Path) -> Built:
             text = text.replace(old, new)
         ref_proto = directory / "reference.prototxt"
         ref_proto.write_text(text)
-    by = _engine_for(ref_proto)
+    by = case.engine or _engine_for(ref_proto)
     if by is None:
         if case.numpy is None:
             pytest.fail(f"{case.id}: neither pycaffe nor OpenCV run {case.type}, and the case has no numpy reference")
@@ -445,7 +452,7 @@ def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
 FORK_MODELS = {
     "retinaface": ("caffe", {}),                                              # Deconvolution, Crop
     "yoloface": ("caffe", {}),                                                # Upsample, two-bottom Scale
-    "shufflenet": ("opencv", {}),                                             # ShuffleChannel, ConvolutionDepthwise
+    "shufflenet_driver": ("opencv", {}),                                           # ShuffleChannel, ConvolutionDepthwise
     "lane": ("caffe", {'"DepthwiseConvolution"': '"Convolution"'}),           # DepthwiseConvolution, Deconvolution
 }
 

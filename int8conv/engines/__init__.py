@@ -44,11 +44,12 @@ def caffe_importable() -> bool:
     return True
 
 
-def caffe_obstacle(prototxt: str | Path, caffemodel: str | Path) -> str | None:
+def caffe_obstacle(prototxt: str | Path) -> str | None:
     """Why pycaffe cannot run this model (naming the layer), or None when it can.
 
-    pycaffe aborts the whole process (a glog CHECK) on a layer type its registry lacks and on a file its
-    schema cannot read, so both files are checked first with pycaffe's own schema, fork type names as spelled.
+    pycaffe aborts the whole process (a glog CHECK) on a layer type its registry lacks and on a prototxt its
+    schema cannot read, so the prototxt is checked first with pycaffe's own schema, fork type names as spelled.
+    The caffemodel needs no check: the caffe engine hands pycaffe its weights only (``reader.weights_only``).
     """
     from google.protobuf import text_format
 
@@ -66,14 +67,6 @@ def caffe_obstacle(prototxt: str | Path, caffemodel: str | Path) -> str | None:
         more = f" (nor {len(missing) - 1} more layers)" if len(missing) > 1 else ""
         return (f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
                 f"registry does not have{more}")
-    weights = caffe_pb2.NetParameter()
-    weights.ParseFromString(Path(caffemodel).read_bytes())
-    errors = weights.FindInitializationErrors()
-    if errors:
-        index = int(errors[0].split("]")[0].split("[")[1]) if errors[0].startswith("layer[") else None
-        where = f"layer '{weights.layer[index].name}'" if index is not None else errors[0]
-        return (f"{caffemodel}: pycaffe's schema cannot read {where} (missing required field {errors[0]}: the "
-                "caffemodel was written by a Caffe fork whose field numbers differ)")
     return None
 
 
@@ -110,7 +103,7 @@ def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: st
         return NcnnEngine(graph)
     if backend not in BACKENDS:
         raise Int8ConvError(f"--backend must be one of {', '.join(CALIBRATION_BACKENDS)}, not '{backend}'")
-    obstacle = caffe_obstacle(prototxt, caffemodel) if backend != "opencv" and caffe_importable() else None
+    obstacle = caffe_obstacle(prototxt) if backend != "opencv" and caffe_importable() else None
     if backend == "auto":
         if not caffe_importable():
             backend, why = "opencv", "OpenCV DNN (pycaffe not importable)"

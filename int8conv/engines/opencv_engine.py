@@ -16,14 +16,14 @@ import numpy as np
 from google.protobuf import text_format
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.layers.convolution import DEPTHWISE_FORK_TYPES
 from int8conv.caffe.reader import read_prototxt
 from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: Fork type names of depthwise convolution (ConvolutionDepthwise: caffe-adas, ShuffleNet ports;
-#: DepthwiseConvolution: MobileNet-YOLO) -> the type OpenCV runs them as, with ``group = num_output``.
-DEPTHWISE_ALIASES = ("ConvolutionDepthwise", "DepthwiseConvolution")
+#: Fork type names of depthwise convolution, run as ``Convolution`` with ``group = num_output`` (layer registry).
+DEPTHWISE_ALIASES = DEPTHWISE_FORK_TYPES
 _CANNOT_CREATE = re.compile(r"Can't create layer \"([^\"]+)\" of type \"([^\"]+)\"")
 
 

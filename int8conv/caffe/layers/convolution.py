@@ -106,11 +106,13 @@ register(LayerKind(
     quantizable=Decline("ncnn2int8 does not quantize it and ncnn's Deconvolution/DeconvolutionDepthWise have no "
                         "int8_scale_term: the runtime computes them in FP32"),
     notes="group > 1 becomes ncnn DeconvolutionDepthWise"))
+#: Fork type names of depthwise convolution (ConvolutionDepthwise: caffe-adas and ShuffleNet ports;
+#: DepthwiseConvolution: MobileNet-YOLO).
+DEPTHWISE_FORK_TYPES = ("ConvolutionDepthwise", "DepthwiseConvolution")
 _FORK_DEPTHWISE = Decline("a Caffe-fork type name: BVLC pycaffe does not know it")
-for _name in ("ConvolutionDepthwise", "DepthwiseConvolution"):
+for _name in DEPTHWISE_FORK_TYPES:
     register(LayerKind(
         _name, FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights), alias_of="Convolution",
         rename=depthwise_rename, folds_into=True, quantizable=True, caffe=_FORK_DEPTHWISE,
-        opencv=Decline("OpenCV's Caffe importer does not know this type name (rename it to Convolution)")
-        if _name == "DepthwiseConvolution" else True,
-        notes="a fork's depthwise convolution: read as Convolution with group = num_output"))
+        notes="a fork's depthwise convolution: read as Convolution with group = num_output (the OpenCV engine "
+              "renames it so too)"))

@@ -79,11 +79,17 @@ def _per_channel_check(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def _broadcast_shape(layer: Layer, shapes: list[Shape]) -> list[int]:
-    """Where a two-bottom Scale's second bottom lies in the first: its shape padded with 1s, Caffe's ``axis``."""
-    first, second = shapes
+    """Where a two-bottom Scale's second bottom lies in the first: its shape padded with 1s, Caffe's ``axis``.
+
+    Trailing 1s of the second bottom that Caffe would reject (an (N, C, 1, 1) gate at axis 0) are dropped, as
+    OpenCV does: the product is the same.
+    """
+    first, second = shapes[0], list(shapes[1])
     axis = axis_index(layer.param.scale_param.axis, len(first))
+    while len(second) > 1 and second[-1] == 1 and tuple(first[axis:axis + len(second)]) != tuple(second):
+        second.pop()
     if tuple(first[axis:axis + len(second)]) != tuple(second):
-        raise ModelError(f"layer '{layer.name}' (Scale): the second bottom {second} does not match axes "
+        raise ModelError(f"layer '{layer.name}' (Scale): the second bottom {shapes[1]} does not match axes "
                          f"{axis}..{axis + len(second) - 1} of the first {first}")
     return [1] * axis + list(second) + [1] * (len(first) - axis - len(second))
 
@@ -116,7 +122,12 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
             raise unsupported(layer, f"a two-bottom Scale of {first} by {second} (ncnn multiplies per channel)")
         if p.bias_term:
             raise unsupported(layer, "a two-bottom Scale with a bias")
-        return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
+        if len(second) == 2:
+            return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
+        # ncnn reads the scale blob as contiguous floats: a (C, 1, 1) Mat is padded per channel, so flatten it
+        flat = f"{layer.bottoms[1]}_{layer.name}_flat"
+        return [NcnnLayer("Reshape", f"{layer.name}_flat", [layer.bottoms[1]], [flat], {0: first[1]}),
+                NcnnLayer("Scale", layer.name, [layer.bottoms[0], flat], layer.tops, {0: -233, 1: 0})]
     channels = ctx.shape(layer, layer.bottoms[0])[1]
     scale = layer.blobs[0].reshape(-1)
     if p.axis not in (1, -len(ctx.shape(layer, layer.bottoms[0])) + 1) or scale.size not in (1, channels):

@@ -72,8 +72,8 @@ def interp_onnx(b, layer: Layer) -> None:
 
 register(LayerKind("Upsample", FAMILY, upsample_shape, upsample_ncnn, upsample_onnx, value_preserving=True,
                    head_passthrough=True,
-                   opencv=Decline("OpenCV's Caffe importer has no Upsample layer (it needs cv2.dnn_registerLayer)"),
-                   notes="a Caffe-fork layer (YOLOv3 ports): nearest neighbour by an integer scale"))
+                   notes="a Caffe-fork layer (YOLOv3 ports): nearest neighbour by an integer scale; the OpenCV engine "
+                         "runs it as a Python layer (cv2.dnn_registerLayer)"))
 register(LayerKind("Interp", FAMILY, interp_shape, interp_ncnn, interp_onnx,
                    caffe=Decline("a Caffe-fork layer (PSPNet): BVLC pycaffe has none"),
                    notes="bilinear with aligned corners; pad_beg/pad_end are declined"))
