@@ -452,7 +452,7 @@ def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
 FORK_MODELS = {
     "retinaface": ("caffe", {}),                                              # Deconvolution, Crop
     "yoloface": ("caffe", {}),                                                # Upsample, two-bottom Scale
-    "shufflenet_driver": ("opencv", {}),                                           # ShuffleChannel, ConvolutionDepthwise
+    "shufflenet_driver": ("opencv", {}),                                      # ShuffleChannel, ConvolutionDepthwise
     "lane": ("caffe", {'"DepthwiseConvolution"': '"Convolution"'}),           # DepthwiseConvolution, Deconvolution
 }
 
