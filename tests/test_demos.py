@@ -20,16 +20,11 @@ from int8conv.zoo import write_digit_cells  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
-from tests.pending import not_convertible  # noqa: E402
-
 
 def run_demo(script: str, *args: str, shared: Path) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "demos" / script), *args, "--runs", "1"], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "INT8CONV_SHARED": str(shared),
                                                                "INT8CONV_QUIET": "1"})
-    layer = not_convertible(proc.stderr) if proc.returncode == 2 else None
-    if layer is not None:
-        pytest.skip(f"layer {layer} not convertible yet ({proc.stderr.strip()[-500:]})")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

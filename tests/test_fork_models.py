@@ -29,7 +29,6 @@ from int8conv.evaluation.host_decoders import decode_retinaface, decode_yolo, re
 from int8conv.evaluation.metrics import cosine
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import FORK_MODELS, MODELS, cli_flags
-from tests.pending import not_convertible
 from tests.pycaffe_twin import write_twin
 from tests.synthetic import write_caffe_model
 
@@ -38,16 +37,9 @@ ROAD = "voc_000456.jpg"
 
 
 def fork_graph(shared: Path, key: str) -> tuple[Graph, Path, Path]:
-    """The model's graph and files; a prototxt field the project's schema lacks yet (the layer registry adds
-    them) skips with the layer parameter it names."""
+    """The model's graph and files."""
     proto, model = MODELS[key].paths(shared)
-    try:
-        return load_graph(proto, model), proto, model
-    except ModelError as exc:
-        layer = not_convertible(str(exc))
-        if layer is None:
-            raise
-        pytest.skip(f"layer {layer} not convertible yet: the project's Caffe schema cannot read it ({exc})")
+    return load_graph(proto, model), proto, model
 
 
 class Forward:
@@ -369,13 +361,11 @@ FP32_BOUNDS = {"precision": 0.95, "recall": 0.95, "top1_agreement": 0.95, "map_i
 @pytest.mark.parametrize("key", FORK_MODELS)
 def test_convert_calibrate_quantize_eval(shared, key, tmp_path, capsys):
     """convert -> calibrate (half the images) -> quantize -> eval (the other half): the task eval detects from the
-    outputs, and INT8 agrees with FP32 on it. Skips only while ``convert`` names a layer it cannot write."""
+    outputs, and INT8 agrees with FP32 on it."""
     _, proto, model = fork_graph(shared, key)
     task, folder, bounds = END_TO_END[key]
     code = int8conv_main(["-q", "convert", "--proto", str(proto), "--model", str(model), "--out-dir", str(tmp_path)])
     error = capsys.readouterr().err
-    if code == 2 and not_convertible(error):
-        pytest.skip(f"layer {not_convertible(error)} not convertible yet ({error.strip()})")
     assert code == 0, error
     images = list_images(shared / "images" / folder)
     for name, part in (("calib.txt", images[::2]), ("eval.txt", images[1::2])):
