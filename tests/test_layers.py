@@ -400,17 +400,33 @@ def test_ncnn_int8_is_close_for_quantizable_types(built):
 
 def test_deconvolution_stays_fp32_as_ncnn2int8_and_the_runtime_do(tmp_path):
     """A table line for a Deconvolution is ignored (ncnn2int8 has no quantize_deconvolution, ncnn's Deconvolution
-    has no int8_scale_term); in the INT8 model, run with use_int8_inference, it computes exactly the FP32 result."""
-    case = next(c for c in CASES if c.id == "deconv")
-    built = build(case, tmp_path)
-    fp32 = convert_graph(built.graph)
-    table = CalibrationTable(weight_scales={"l": np.ones(3, np.float32)}, activation_scales={"l": 10.0})
+    has no int8_scale_term): after an INT8 convolution, run with use_int8_inference, it computes exactly what the
+    FP32 Deconvolution computes on the same input."""
+    rng = np.random.default_rng(11)
+    text = ('input: "data" input_shape { dim: 1 dim: 4 dim: 6 dim: 6 }\n'
+            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
+            'layer { name: "l" type: "Deconvolution" bottom: "c" top: "out" '
+            'convolution_param { num_output: 3 kernel_size: 4 stride: 2 pad: 1 } }\n')
+    weights = {"c": [rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), np.zeros(4, np.float32)],
+               "l": [rng.normal(0, 0.5, (4, 3, 4, 4)).astype(np.float32), rng.normal(0, 0.5, 3).astype(np.float32)]}
+    graph = load_graph(*write_caffe_model(tmp_path, text, weights))
+    fp32 = convert_graph(graph)
+    x = rng.normal(0, 1, (4, 6, 6)).astype(np.float32)
+    table = CalibrationTable(weight_scales={"c": np.full(4, 40.0, np.float32), "l": np.ones(3, np.float32)},
+                             activation_scales={"c": 127.0 / float(np.abs(x).max()), "l": 10.0})
     int8 = quantize_model(fp32, table, fp16_storage=False)
-    assert int8_layers(int8) == [] and 8 not in int8.layer("l").params
-    got = run_ncnn(built, int8, "int8", int8=True)
-    want = run_ncnn(built, fp32, "fp32", int8=False)
-    for value in built.reference:
-        np.testing.assert_array_equal(got[value], want[value])
+    assert int8_layers(int8) == ["c"] and 8 not in int8.layer("l").params
+    write_model(int8, tmp_path / "q.param", tmp_path / "q.bin")
+    runner = NcnnRunner(tmp_path / "q.param", tmp_path / "q.bin", int8=True)
+    inside = runner.extract({"data": x}, ["c", "out"])
+    deconv_only = convert_graph(load_graph(*write_caffe_model(
+        tmp_path / "deconv", text.replace('bottom: "c" top: "out"', 'bottom: "data" top: "out"').replace(
+            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n', ''), {"l": weights["l"]})))
+    write_model(deconv_only, tmp_path / "d.param", tmp_path / "d.bin")
+    alone = NcnnRunner(tmp_path / "d.param", tmp_path / "d.bin", int8=False).run({"data": inside["c"]})["out"]
+    np.testing.assert_array_equal(inside["out"], alone)
 
 
 def test_memory_data_is_the_graph_input(tmp_path):

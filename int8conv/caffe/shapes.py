@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-
 from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
