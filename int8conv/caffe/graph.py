@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.reader import read_caffemodel, read_prototxt, weights_by_layer
 from int8conv.errors import ModelError
+
+if TYPE_CHECKING:
+    from int8conv.caffe.layers.base import LayerKind
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,20 @@ def _check_rewrite(path: Path, proto: caffe_pb2.LayerParameter, index: int, writ
                          "produced by multiple sources\"); rename one top")
 
 
+def _layer_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray],
+                   kind: LayerKind | None) -> list[np.ndarray]:
+    """The layer's weights in their canonical shapes, as its registry declaration (``kind``) says."""
+    spec = kind.weights if kind is not None else None
+    if spec is not None and spec.required and not blobs:
+        raise ModelError(f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
+                         "the caffemodel does not match the prototxt")
+    try:
+        return spec.canonical(proto, blobs) if blobs and spec is not None and spec.canonical else blobs
+    except ValueError as exc:
+        raise ModelError(f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
+                         f"do not fit the prototxt: {exc}") from exc
+
+
 def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
                 path: Path | str = "<prototxt>") -> Graph:
     """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer.
@@ -181,17 +199,8 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
             current[top] = value
             writer[top] = proto.name
             tops.append(value)
-        blobs = weights.get(proto.name, [])
         kind = kind_of(proto.type)
-        spec = kind.weights if kind is not None else None
-        if spec is not None and spec.required and not blobs:
-            raise ModelError(f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
-                             "the caffemodel does not match the prototxt")
-        try:
-            blobs = spec.canonical(proto, blobs) if blobs and spec is not None and spec.canonical else blobs
-        except ValueError as exc:
-            raise ModelError(f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
-                             f"do not fit the prototxt: {exc}") from exc
+        blobs = _layer_weights(proto, weights.get(proto.name, []), kind)
         param = caffe_pb2.LayerParameter()
         param.CopyFrom(proto)
         del param.blobs[:]
