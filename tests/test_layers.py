@@ -437,7 +437,8 @@ def test_memory_data_is_the_graph_input(tmp_path):
     """
     graph = load_graph(*write_caffe_model(tmp_path, text, {}))
     assert graph.inputs["data"] == (1, 3, 5, 7) and graph.shapes["out"] == (1, 3, 5, 7)
-    assert convert_graph(graph).layers[0].params == {0: 7, 1: 5, 2: 3}
+    params = convert_graph(graph).layers[0].params
+    assert (params[0], params[1], params[2]) == (7, 5, 3)
 
 
 @pytest.mark.pycaffe
