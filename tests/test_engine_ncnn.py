@@ -62,10 +62,21 @@ def test_statistics_equal_opencv(shared, key):
 
 @pytest.mark.real_models
 @pytest.mark.parametrize("key", ["retinaface", "lane"])
-def test_models_ncnn_cannot_convert_are_declined_by_layer_and_auto_uses_opencv(shared, key):
+def test_fork_layer_models_calibrate_on_ncnn(shared, key):
+    """Deconvolution, Crop and the fork depthwise name convert (layer registry): auto calibrates them on ncnn."""
     proto, model = MODELS[key].paths(shared)
     graph = load_graph(proto, model)
-    with pytest.raises(ModelError, match=r"layer '[^']+' has type '\w+', which the ncnn converter does not"):
+    assert make_engine("auto", graph, proto, model, calibration=True).name == "ncnn"
+
+
+def test_a_declined_layer_is_named_and_auto_uses_opencv(tmp_path):
+    text = """
+    input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }
+    layer { name: "rnn" type: "LSTM" bottom: "data" top: "rnn" }
+    """
+    proto, model = write_caffe_model(tmp_path, text, {})
+    graph = load_graph(proto, model)
+    with pytest.raises(ModelError, match=r"layer 'rnn' has type 'LSTM', which the ncnn converter does not"):
         NcnnEngine(graph).blob_names(calibration_values(graph))
     assert make_engine("auto", graph, proto, model, calibration=True).name == "opencv"
 
