@@ -90,7 +90,7 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
     assert main(["-q", "calibrate", *base, *gray.split(), "--images", str(images), "--backend", "opencv",
                  "--output", str(work / "lenet.table"), "--save-stats", str(work / "lenet.npz")]) == 0
     text = proto.read_text()
-    for kind in ("Foo", "Python", "Interp"):
+    for kind in ("Foo", "Python", "Interp", "LSTM"):
         (work / f"lenet_{kind}.prototxt").write_text(_with_layer(text, kind))
     det1_text = (det1 / "det1.prototxt").read_text()
     dup = re.sub(r'(name: "conv4-2".*?top: )"conv4-2"', r'\1"conv4-1"', det1_text, count=1, flags=re.DOTALL)
