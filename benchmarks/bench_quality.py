@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int8conv.caffe.graph import load_graph  # noqa: E402
+from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
 from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
@@ -50,7 +51,7 @@ from int8conv.zoo import MODELS, model_input  # noqa: E402
 
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
 IOU_THRESHOLD = 0.5
-DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc")
+DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc", "auto")
 
 
 @dataclass
@@ -145,12 +146,17 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
         cell = Cell()
         try:
             started = time.perf_counter()
-            table, extra = table_for(method, graph, stats, calib_inputs)
+            if method == AUTO_METHOD:   # validated on some of the calibration images, never on judged ones
+                result = calibrate_auto(graph, stats, validation_images(calib_inputs))
+                table, extra = result.table, None
+                cell.metric["validation"] = result.scores
+            else:
+                table, extra = table_for(method, graph, stats, calib_inputs)
             cell.seconds = stats_seconds + time.perf_counter() - started
             int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
             write_model(int8_model, param, binary)
-            cell.metric = judge(fp32, NcnnRunner(param, binary, int8=True), ncnn_model, judged_inputs, prep)
+            cell.metric |= judge(fp32, NcnnRunner(param, binary, int8=True), ncnn_model, judged_inputs, prep)
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
         if method == qdq_method and not cell.error:

@@ -38,7 +38,7 @@ def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> 
                             table.fp32_layers | drop)
 
 
-class _Scorer:
+class OutputScorer:
     """The output cosine (``metrics.output_cosine``) of an INT8 variant against the FP32 model, on fixed inputs."""
 
     def __init__(self, model: NcnnModel, inputs: Sequence[dict[str, np.ndarray]], workdir: Path,
@@ -70,7 +70,7 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
     candidates = [layer.name for layer in model.layers if layer.type in QUANTIZABLE
                   and layer.name in table.activation_scales and layer.name in table.weight_scales]
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
-        score = _Scorer(model, inputs, Path(tmp), task, fp16_storage, threads)
+        score = OutputScorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)
         log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, len(choice.fp32_layers))
     return MixedPrecision(choice.fp32_layers, choice.cosine_all_int8, choice.cosine, target, choice.sensitivity,
