@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 AUTO_METHOD = "auto"
-#: what ``auto`` uses when it has no images to validate on (saved statistics only)
+#: what ``auto`` uses when it has no images to validate on (saved statistics only): the best single method
 AUTO_FALLBACK = "mse"
 #: the histogram methods compared (they share the histograms: only the thresholds differ)
 AUTO_CANDIDATES = ("mse", "kl", "aciq", "percentile")
@@ -50,7 +50,7 @@ AUTO_CANDIDATES = ("mse", "kl", "aciq", "percentile")
 VALIDATION_EVERY, MIN_VALIDATION, MAX_VALIDATION = 4, 4, 12
 #: ncnn validation runs allowed per histogram image per validation image: one INT8 run over the validation images
 #: costs about as much as the FP32 pass over ``validation / histogram`` of the histogram images
-RUN_BUDGET = 1.5
+RUN_BUDGET = 1.0
 #: thresholds closer than this (relative) to the layer's current one are not tried
 MIN_CHANGE = 0.02
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from int8conv.atomic import scratch_files
 from int8conv.evaluation.evaluate import output_view, resolve_task
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
 from int8conv.evaluation.metrics import output_cosine
@@ -47,14 +48,16 @@ class OutputScorer:
         self.fp16_storage, self.threads = fp16_storage, threads
         self.view = output_view(model, resolve_task(model, task))
         param, binary = workdir / "fp32.param", workdir / "fp32.bin"
-        write_model(model, param, binary)
+        with scratch_files():
+            write_model(model, param, binary)
         runner = NcnnRunner(param, binary, int8=False, threads=threads)
         self.reference = [runner.extract(x, self.view.blobs) for x in self.inputs]
         self.runs = 0
 
     def __call__(self, table: CalibrationTable) -> float:
         param, binary = self.workdir / "int8.param", self.workdir / "int8.bin"
-        write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
+        with scratch_files():
+            write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
         candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
