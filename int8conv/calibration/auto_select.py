@@ -34,7 +34,7 @@ import numpy as np
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import CalibrationResult, build_table
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.errors import ImageError
+from int8conv.errors import ImageError, ModelError
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
 
@@ -90,12 +90,18 @@ def calibrate_auto(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[
     if not inputs:
         raise ImageError("--method auto validates on calibration images: give them with --images")
     started = time.perf_counter()
+    try:
+        model = convert_graph(graph)
+    except ModelError as exc:   # the tables are still good for engines that run the model (TensorRT)
+        log.warning("--method auto measures the ncnn model, and this model does not convert (%s): using %s",
+                    exc, AUTO_FALLBACK)
+        return build_table(graph, stats, AUTO_FALLBACK, percentile=percentile, winograd_6bit=winograd_6bit,
+                           head_method=head_method)
     results = {m: build_table(graph, stats, m, percentile=percentile, winograd_6bit=winograd_6bit,
                               head_method=head_method) for m in dict.fromkeys(candidates)}
     budget = max_runs if max_runs is not None else run_budget(stats.images_used, len(inputs), len(results))
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
-        model = convert_graph(graph)
         feeds = [{model.input_names[0]: x} for x in inputs]
         score = OutputScorer(model, feeds, Path(tmp), task, fp16_storage=False, threads=1)
         for method in progress(list(results), desc="auto: candidates", unit="table"):
