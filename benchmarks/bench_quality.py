@@ -4,7 +4,8 @@
 
 Each image folder is split in two: even positions calibrate, odd positions judge, so no judged image was
 seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
-method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search).
+method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search; for
+``auto``: plus its ncnn runs on some of the calibration images).
 Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine. No layer is kept FP32. ``--qdq`` adds the Q/DQ ONNX of the default
