@@ -4,7 +4,8 @@
 
 Each image folder is split in two: even positions calibrate, odd positions judge, so no judged image was
 seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
-method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search).
+method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search; for
+``auto``: plus its ncnn runs on some of the calibration images).
 Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine. No layer is kept FP32. ``--qdq`` adds the Q/DQ ONNX of the default
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int8conv.caffe.graph import load_graph  # noqa: E402
+from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
 from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
@@ -51,7 +53,7 @@ from int8conv.zoo import MODELS, model_input  # noqa: E402
 
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
 IOU_THRESHOLD = 0.5
-DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc")
+DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc", "auto")
 
 
 @dataclass
@@ -146,13 +148,18 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
         cell = Cell()
         try:
             started = time.perf_counter()
-            table, extra = table_for(method, graph, stats, calib_inputs)
+            if method == AUTO_METHOD:   # validated on some of the calibration images, never on judged ones
+                result = calibrate_auto(graph, stats, validation_images(calib_inputs))
+                table, extra = result.table, None
+                cell.metric["validation"] = result.scores
+            else:
+                table, extra = table_for(method, graph, stats, calib_inputs)
             cell.seconds = stats_seconds + time.perf_counter() - started
             int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
             write_model(int8_model, param, binary)
             int8 = NcnnRunner(param, binary, int8=True)
-            cell.metric = judge(fp32, int8, ncnn_model, judged_inputs, prep)
+            cell.metric |= judge(fp32, int8, ncnn_model, judged_inputs, prep)
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
         if method == qdq_method and not cell.error:

@@ -196,6 +196,19 @@ def output_set() -> Iterator[OutputSet]:
 
 
 @contextlib.contextmanager
+def scratch_files() -> Iterator[None]:
+    """Writes inside are scratch (a search's temporary models): they land at once, outside the current output set,
+    and are not named among the files this process wrote."""
+    token = _CURRENT.set(None)
+    landed = len(COMMITTED)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+        del COMMITTED[landed:]
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO]:
     """Write ``path`` through a staging file; it replaces ``path`` on success (or with its set)."""
     with output_set() as current:

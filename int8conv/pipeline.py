@@ -30,6 +30,7 @@ from int8conv.atomic import OutputSet, output_set, write_bytes_atomic, write_tex
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, load_graph
 from int8conv.caffe.shapes import check_input_size
+from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
     CalibrationResult,
     all_values,
@@ -70,13 +71,7 @@ from int8conv.tables.tensorrt_files import (
 )
 from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
 from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
-from int8conv.tensorrt.ranges import (
-    histogram_method,
-    layer_input_ranges,
-    table_ranges,
-    tensor_ranges,
-    value_ranges,
-)
+from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +179,7 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
     else:
         if options.images is None:
             raise Int8ConvError("give calibration images with --images DIR (or saved statistics with --load-stats)")
-        images = list_images(options.images)
-        if options.max_images > 0:
-            images = images[:options.max_images]
+        images = calibration_images(options)
         engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu,
                              calibration=True, values=values)
         if options.jobs < 1:
@@ -226,16 +219,34 @@ def _check_saved_preprocessing(stats: CalibrationStatistics, prep: PreprocessOpt
                             "statistics")
 
 
+def calibration_images(options: CalibrationOptions) -> list[Path]:
+    """The calibration images of ``options`` (``--max-images`` applied)."""
+    paths = list_images(options.images)
+    return paths[:options.max_images] if options.max_images > 0 else paths
+
+
 def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions,
                           prep: Preprocess | None = None) -> CalibrationResult:
-    """The table of ``options.method``; the output-aware search (eq) also runs the model on the images."""
+    """The table of ``options.method``; the output-aware search (eq) and the selection (auto) also run the model
+    on the images (auto: on some of the calibration images)."""
+    if options.method == AUTO_METHOD:
+        if options.bias_correction:
+            raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
+        if options.images is None or prep is None:
+            log.warning("--method auto validates on images and none were given (statistics only): using %s",
+                        AUTO_FALLBACK)
+            return build_table(graph, stats, AUTO_FALLBACK, percentile=options.percentile,
+                               winograd_6bit=not options.weights_8bit, head_method=options.head_method)
+        name = next(iter(graph.inputs))
+        validation = [feed[name] for feed in network_inputs(validation_images(calibration_images(options)), prep,
+                                                            name)]
+        return calibrate_auto(graph, stats, validation, winograd_6bit=not options.weights_8bit,
+                              head_method=options.head_method, percentile=options.percentile)
     if options.method in SEARCH_METHODS:
         if options.images is None or prep is None:
             raise Int8ConvError("--method eq runs the model on calibration images: give them with --images "
                                 "(saved statistics alone are not enough)")
-        paths = list_images(options.images)
-        if options.max_images > 0:
-            paths = paths[:options.max_images]
+        paths = calibration_images(options)
         name = next(iter(graph.inputs))
         inputs = [feed[name] for feed in network_inputs(search_images(paths), prep, name)]
         return calibrate_eq(graph, stats, inputs, winograd_6bit=not options.weights_8bit,

@@ -21,7 +21,8 @@ from int8conv.zoo import MODELS
 #: the shared models calibrate takes from plain images (det4 reads five crops at once) and the converter
 #: handles (retinaface, yoloface, shufflenet_driver and lane need the fork layers of issue 10)
 CONVERTIBLE = ("lenet", "det1", "det2", "det3", "open_nsfw", "res10", "ultraface", "yufacedetectnet")
-KEYS = [pytest.param(k, marks=pytest.mark.slow) if k in ("open_nsfw", "res10") else k for k in CONVERTIBLE]
+KEYS = [pytest.param(k, "kl", marks=pytest.mark.slow) if k in ("open_nsfw", "res10") else (k, "kl")
+        for k in CONVERTIBLE] + [("det2", "auto"), ("yufacedetectnet", "auto")]   # auto: its chosen thresholds
 
 
 def _input_scales(qdq) -> dict[str, float]:
@@ -37,8 +38,8 @@ def _input_scales(qdq) -> dict[str, float]:
     return scales
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key):
+@pytest.mark.parametrize(("key", "method"), KEYS)
+def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key, method):
     zoo = MODELS[key]
     listing = tmp_path / "images.txt"
     pool = "imagenet_samples_200" if key == "open_nsfw" else "faces"
@@ -46,7 +47,7 @@ def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key):
     model = pipeline.ModelFiles(*zoo.paths(shared))
     prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std,
                                       resize=zoo.prep.resize, color=zoo.prep.color, swap_hw=zoo.prep.swap_hw)
-    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="kl")
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method=method)
     table = pipeline.calibrate(model, prep, options).table
     export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
 

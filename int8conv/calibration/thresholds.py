@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("kl", "minmax", "percentile", "aciq", "mse")
 #: What ``calibrate`` uses unless told: chosen by ``benchmarks/bench_quality.py`` (README, "Calibration methods,
-#: measured"): the most shared models at the accuracy targets and the best result on the most models, as fast as KL.
-DEFAULT_METHOD = "mse"
+#: measured"): ``auto`` (``auto_select``: these methods' tables measured on the ncnn runtime, the best kept, refined
+#: per layer) meets the accuracy targets on the most shared models and is best on the most, under 3x KL's time.
+DEFAULT_METHOD = "auto"
 
 # Banner et al., "Post training 4-bit quantization of convolutional networks for rapid deployment"
 # (ACIQ): optimal clipping of a Laplace(0, b) variable quantized to 8 bits is alpha = 9.89 b.

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from int8conv import pipeline
+from int8conv.calibration.auto_select import AUTO_METHOD
 from int8conv.calibration.preprocess import COLORS
 from int8conv.calibration.scale_search import SEARCH_METHODS
 from int8conv.calibration.thresholds import DEFAULT_METHOD, METHODS
@@ -74,10 +75,12 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
                             "on a shared 2-core machine a second worker gave no more images/s, "
                             "benchmarks/bench_calibrate.py); the statistics do not depend on it")
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
-    group.add_argument("--method", choices=METHODS + SEARCH_METHODS, default=DEFAULT_METHOD,
+    group.add_argument("--method", choices=METHODS + SEARCH_METHODS + (AUTO_METHOD,), default=DEFAULT_METHOD,
                        help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
                             "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
-                            "for the best INT8 layer outputs on the calibration images (needs --images)")
+                            "for the best INT8 layer outputs on the calibration images (needs --images); auto measures "
+                            "the candidate methods' tables on held-out calibration images and keeps the best, "
+                            "layer by layer")
     group.add_argument("--percentile", type=float, default=99.99,
                        help="percentile of |x| for --method percentile (default 99.99)")
     group.add_argument("--save-stats", type=Path, metavar="FILE",

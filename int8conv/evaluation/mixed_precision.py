@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from int8conv.atomic import scratch_files
 from int8conv.evaluation.evaluate import output_view, resolve_task
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
 from int8conv.evaluation.metrics import output_cosine
@@ -38,7 +39,7 @@ def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> 
                             table.fp32_layers | drop)
 
 
-class _Scorer:
+class OutputScorer:
     """The output cosine (``metrics.output_cosine``) of an INT8 variant against the FP32 model, on fixed inputs."""
 
     def __init__(self, model: NcnnModel, inputs: Sequence[dict[str, np.ndarray]], workdir: Path,
@@ -47,14 +48,16 @@ class _Scorer:
         self.fp16_storage, self.threads = fp16_storage, threads
         self.view = output_view(model, resolve_task(model, task))
         param, binary = workdir / "fp32.param", workdir / "fp32.bin"
-        write_model(model, param, binary)
+        with scratch_files():
+            write_model(model, param, binary)
         runner = NcnnRunner(param, binary, int8=False, threads=threads)
         self.reference = [runner.extract(x, self.view.blobs) for x in self.inputs]
         self.runs = 0
 
     def __call__(self, table: CalibrationTable) -> float:
         param, binary = self.workdir / "int8.param", self.workdir / "int8.bin"
-        write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
+        with scratch_files():
+            write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
         candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
@@ -70,7 +73,7 @@ def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[s
     candidates = [layer.name for layer in model.layers if layer.type in QUANTIZABLE
                   and layer.name in table.activation_scales and layer.name in table.weight_scales]
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
-        score = _Scorer(model, inputs, Path(tmp), task, fp16_storage, threads)
+        score = OutputScorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)
         log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, len(choice.fp32_layers))
     return MixedPrecision(choice.fp32_layers, choice.cosine_all_int8, choice.cosine, target, choice.sensitivity,

@@ -1,0 +1,92 @@
+"""``--method auto``: the selection keeps a table at least as good as every candidate, within its run budget, and
+its thresholds are what the ncnn files get (the TensorRT side: ``test_threshold_source``'s auto cases)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from int8conv import pipeline
+from int8conv.calibration.auto_select import (
+    AUTO_CANDIDATES,
+    AUTO_FALLBACK,
+    calibrate_auto,
+    run_budget,
+    validation_images,
+)
+from int8conv.calibration.calibrate import build_table
+from int8conv.calibration.preprocess import list_images, network_inputs
+from int8conv.evaluation.mixed_precision import OutputScorer
+from int8conv.ncnn.convert import convert_graph
+from int8conv.tables.ncnn_table import read_ncnn_table
+from int8conv.zoo import MODELS
+
+
+def test_validation_images_are_spread_and_bounded():
+    assert validation_images([]) == []
+    assert validation_images([1, 2, 3]) == [1, 2, 3]
+    assert validation_images(list(range(10))) == [0, 3, 6, 9]
+    many = validation_images(list(range(100)))
+    assert len(many) == 12 and many[0] == 0 and many[-1] == 99
+
+
+@pytest.fixture(scope="module")
+def yunet(shared, tmp_path_factory):
+    """yufacedetectnet calibrated with --method auto on 8 face images (its candidates disagree: the refinement
+    has layers to change), and the validation inputs."""
+    zoo = MODELS["yufacedetectnet"]
+    listing = tmp_path_factory.mktemp("auto") / "images.txt"
+    paths = list_images(shared / "images" / "faces")[:8]
+    listing.write_text("\n".join(map(str, paths)))
+    model = pipeline.ModelFiles(*zoo.paths(shared))
+    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std, color=zoo.prep.color)
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="auto")
+    result = pipeline.calibrate(model, prep, options)
+    graph = model.load()
+    name = next(iter(graph.inputs))
+    inputs = [f[name] for f in network_inputs(validation_images(paths), prep.for_graph(graph, model.proto), name)]
+    return model, prep, options, graph, result, inputs
+
+
+def test_auto_is_at_least_as_good_as_every_candidate(yunet, tmp_path):
+    _, _, _, graph, result, inputs = yunet
+    fp32 = convert_graph(graph)
+    score = OutputScorer(fp32, [{fp32.input_names[0]: x} for x in inputs], tmp_path, "auto", False, 1)
+    chosen = score(result.table)
+    assert chosen == pytest.approx(result.scores["auto"], abs=1e-9)      # rescored independently
+    for method in AUTO_CANDIDATES:
+        assert chosen >= score(build_table(graph, result.statistics, method).table) - 1e-12, method
+    assert result.method == "auto" and set(result.layer_methods) == set(result.thresholds)
+    assert result.thresholds == {k: 127.0 / v for k, v in result.table.activation_scales.items()}
+
+
+def test_runs_stay_within_the_budget(yunet, monkeypatch):
+    _, _, _, graph, result, inputs = yunet
+    calls = []
+    original = OutputScorer.__call__
+    monkeypatch.setattr(OutputScorer, "__call__", lambda self, table: calls.append(1) or original(self, table))
+    again = calibrate_auto(graph, result.statistics, inputs)
+    assert 0 < len(calls) <= run_budget(result.statistics.images_used, len(inputs), len(AUTO_CANDIDATES))
+    assert again.table.activation_scales == result.table.activation_scales      # deterministic
+    # no refinement runs: the best whole-model candidate, unchanged
+    only = calibrate_auto(graph, result.statistics, inputs, max_runs=len(AUTO_CANDIDATES))
+    best = max(AUTO_CANDIDATES, key=lambda m: only.scores[m])
+    assert only.table.activation_scales == build_table(graph, result.statistics, best).table.activation_scales
+
+
+def test_the_chosen_table_is_what_the_ncnn_files_get(yunet, tmp_path):
+    model, prep, options, _, result, _ = yunet
+    build = pipeline.build_ncnn(model, prep, options, result=result)
+    paths = pipeline.write_ncnn_build(build, tmp_path, model.stem)
+    written = read_ncnn_table(paths["table"])
+    assert set(written.activation_scales) == set(result.table.activation_scales)
+    for layer, scale in result.table.activation_scales.items():
+        assert written.activation_scales[layer] == pytest.approx(scale, rel=1e-6), layer
+
+
+def test_without_images_auto_falls_back(yunet, caplog):
+    graph, result = yunet[3], yunet[4]
+    stats_only = pipeline.CalibrationOptions(method="auto")
+    with caplog.at_level(logging.WARNING):
+        fallback = pipeline.table_from_statistics(graph, result.statistics, stats_only)
+    assert fallback.method == AUTO_FALLBACK and "auto" in caplog.text
