@@ -7,6 +7,7 @@
 It runs ``int8conv calibrate`` (all of its options work here too); ``--ncnn-dir OUT`` also converts and
 quantizes the model for ncnn in one shot.
 """
+
 import sys
 
 from int8conv.legacy_cli import main

@@ -13,6 +13,7 @@ medians are printed with the ratio to today's OpenCV engine. Reported per config
 - the largest relative difference of each table's activation scales from the OpenCV table (KL near-ties aside,
   the engines agree to float rounding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,19 +32,33 @@ sys.path.insert(0, str(ROOT))
 from int8conv.tables.ncnn_table import read_ncnn_table  # noqa: E402
 
 #: runs the CLI in the child, then prints the child's own peak RSS (KiB) as the last stdout line
-PEAK_WRAPPER = ("import resource, sys; from int8conv.cli import main; code = main(sys.argv[1:]); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+PEAK_WRAPPER = (
+    "import resource, sys; from int8conv.cli import main; code = main(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+)
 
 MODELS = {
-    "res10_ssd": ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
-                  ["--mean", "104", "177", "123"]),
-    "open_nsfw": ("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
-                  ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"]),
+    "res10_ssd": (
+        "res10_300x300_ssd",
+        "deploy.prototxt",
+        "res10_300x300_ssd_iter_140000.caffemodel",
+        ["--mean", "104", "177", "123"],
+    ),
+    "open_nsfw": (
+        "open_nsfw_resnet50_1by2",
+        "deploy.prototxt",
+        "resnet_50_1by2_nsfw.caffemodel",
+        ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
+    ),
 }
 #: (label, calibrate flags): today's engine first (the reference of the ratios), the default last
-CONFIGS = [("opencv", ["--backend", "opencv"]), ("caffe (pycaffe)", ["--backend", "caffe"]),
-           ("ncnn --jobs 1", ["--backend", "ncnn", "--jobs", "1"]),
-           ("ncnn --jobs 2", ["--backend", "ncnn", "--jobs", "2"]), ("default (auto)", [])]
+CONFIGS = [
+    ("opencv", ["--backend", "opencv"]),
+    ("caffe (pycaffe)", ["--backend", "caffe"]),
+    ("ncnn --jobs 1", ["--backend", "ncnn", "--jobs", "1"]),
+    ("ncnn --jobs 2", ["--backend", "ncnn", "--jobs", "2"]),
+    ("default (auto)", []),
+]
 
 
 def caffe_importable() -> bool:
@@ -56,9 +71,25 @@ def run_once(shared: Path, key: str, images: int, flags: list[str], table: Path)
     """Wall seconds, CPU seconds and peak RSS (MiB) of one calibration subprocess."""
     folder, proto, model, prep = MODELS[key]
     base = shared / "models" / folder
-    cmd = [sys.executable, "-c", PEAK_WRAPPER, "-q", "calibrate", *flags, "--proto", str(base / proto),
-           "--model", str(base / model), *prep, "--images", str(shared / "images" / "imagenet_samples_200"),
-           "--max-images", str(images), "--output", str(table)]
+    cmd = [
+        sys.executable,
+        "-c",
+        PEAK_WRAPPER,
+        "-q",
+        "calibrate",
+        *flags,
+        "--proto",
+        str(base / proto),
+        "--model",
+        str(base / model),
+        *prep,
+        "--images",
+        str(shared / "images" / "imagenet_samples_200"),
+        "--max-images",
+        str(images),
+        "--output",
+        str(table),
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
@@ -91,19 +122,26 @@ def main() -> None:
                     samples[label].append(run_once(args.shared, key, args.images, flags, out / f"{label}.table"))
             reference = out / "opencv.table"
             base_wall = statistics.median(s[0] for s in samples["opencv"])
-            print(f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'CPU s':>6} {'peak MiB':>8} "
-                  f"{'max |scale diff|':>16}")
+            print(
+                f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'CPU s':>6} {'peak MiB':>8} "
+                f"{'max |scale diff|':>16}"
+            )
             for label, _ in configs:
                 wall, cpu, peak = (statistics.median(s[i] for s in samples[label]) for i in range(3))
-                print(f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} {cpu:>6.1f} "
-                      f"{peak:>8.0f} {scale_difference(out / f'{label}.table', reference):>16.2e}")
+                print(
+                    f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} {cpu:>6.1f} "
+                    f"{peak:>8.0f} {scale_difference(out / f'{label}.table', reference):>16.2e}"
+                )
             memory = {}
             for count, batch in ((50, 4), (200, 4), (args.images, 1), (args.images, 16)):
-                memory[count, batch] = run_once(args.shared, key, count, ["--batch-size", str(batch)],
-                                                out / "memory.table")[2]
-            print(f"{'':<10} default engine peak RSS: 200 vs 50 images x{memory[200, 4] / memory[50, 4]:.2f}; "
-                  f"--batch-size 16 vs 1 x{memory[args.images, 16] / memory[args.images, 1]:.2f} "
-                  f"({memory[args.images, 1]:.0f} -> {memory[args.images, 16]:.0f} MiB)")
+                memory[count, batch] = run_once(
+                    args.shared, key, count, ["--batch-size", str(batch)], out / "memory.table"
+                )[2]
+            print(
+                f"{'':<10} default engine peak RSS: 200 vs 50 images x{memory[200, 4] / memory[50, 4]:.2f}; "
+                f"--batch-size 16 vs 1 x{memory[args.images, 16] / memory[args.images, 1]:.2f} "
+                f"({memory[args.images, 1]:.0f} -> {memory[args.images, 16]:.0f} MiB)"
+            )
 
 
 if __name__ == "__main__":

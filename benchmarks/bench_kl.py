@@ -6,6 +6,7 @@ thresholds are checked equal, and the ratio of the time per blob is printed.
 
     python benchmarks/bench_kl.py [--shared ../shared] [--images 4] [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ from tests.kl_reference import reference_kl_threshold_bin, res10_activations  # 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")),
-                        help="folder with models/ and images/ (default $INT8CONV_SHARED or ../shared)")
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")),
+        help="folder with models/ and images/ (default $INT8CONV_SHARED or ../shared)",
+    )
     parser.add_argument("--images", type=int, default=4, help="face images to build the histograms from")
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats of the vectorized search (best kept)")
     args = parser.parse_args()
@@ -54,8 +59,10 @@ def main() -> int:
         equal += threshold == chosen * hist.bin_width
 
     count = len(histograms)
-    print(f"res10_300x300_ssd, {args.images} images, {count} blobs searched (2048 bins, 128 levels, "
-          f"{2048 - 128 + 1} candidates each)")
+    print(
+        f"res10_300x300_ssd, {args.images} images, {count} blobs searched (2048 bins, 128 levels, "
+        f"{2048 - 128 + 1} candidates each)"
+    )
     print(f"  vectorized  {1e3 * vectorized_s / count:9.2f} ms/blob  (best of {args.repeat})")
     print(f"  reference   {1e3 * reference_s / count:9.2f} ms/blob")
     print(f"  speed-up    {reference_s / vectorized_s:9.1f} x")

@@ -8,6 +8,7 @@ them alike, at 1 and 2 threads; medians are printed with the ratios. Wall time (
 see; at 1 thread the CPU time (``process_time``, blind to other processes on a shared machine) is printed too.
 The output cosine against FP32 (on held-out face images) shows what the speed-aware choice costs in accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,16 @@ from int8conv.tables.ncnn_table import read_ncnn_table  # noqa: E402
 from int8conv.zoo import MODELS  # noqa: E402
 
 #: shared model -> its shipped table in tables/
-TABLES = {"res10": "res10_300x300_ssd", "open_nsfw": "open_nsfw_resnet50_1by2", "yufacedetectnet": "yufacedetectnet_v1",
-          "ultraface": "ultraface_slim320", "lenet": "lenet_mnist", "det1": "mtcnn_det1", "det2": "mtcnn_det2",
-          "det3": "mtcnn_det3"}
+TABLES = {
+    "res10": "res10_300x300_ssd",
+    "open_nsfw": "open_nsfw_resnet50_1by2",
+    "yufacedetectnet": "yufacedetectnet_v1",
+    "ultraface": "ultraface_slim320",
+    "lenet": "lenet_mnist",
+    "det1": "mtcnn_det1",
+    "det2": "mtcnn_det2",
+    "det3": "mtcnn_det3",
+}
 LABELS = ("fp32 plain", "fp32 hints", "int8 all", "int8 speed")
 
 
@@ -50,8 +58,12 @@ def build(shared: Path, name: str, out: Path, images: list[np.ndarray]):
     table = read_ncnn_table(ROOT / "tables" / f"{TABLES[name]}.table")
     inputs = [{fp32.input_names[0]: spec.prep.apply(image)} for image in images]
     choice = optimize_speed(fp32, table, inputs[:2])
-    models = {"fp32 plain": without_shape_hints(fp32), "fp32 hints": fp32, "int8 all": quantize_model(fp32, table),
-              "int8 speed": quantize_model(fp32, choice.table)}
+    models = {
+        "fp32 plain": without_shape_hints(fp32),
+        "fp32 hints": fp32,
+        "int8 all": quantize_model(fp32, table),
+        "int8 speed": quantize_model(fp32, choice.table),
+    }
     files = {}
     for label, model in models.items():
         stem = out / f"{name}-{label.replace(' ', '-')}"
@@ -63,29 +75,37 @@ def build(shared: Path, name: str, out: Path, images: list[np.ndarray]):
     reference = NcnnRunner(*files["fp32 hints"][:2], int8=False)
     for label in ("int8 all", "int8 speed"):
         runner = NcnnRunner(*files[label][:2], int8=True)
-        cosines[label] = float(np.mean([view.cosine(reference.extract(x, view.blobs), runner.extract(x, view.blobs))
-                                        for x in inputs]))
+        cosines[label] = float(
+            np.mean([view.cosine(reference.extract(x, view.blobs), runner.extract(x, view.blobs)) for x in inputs])
+        )
     return files, counts, cosines, inputs[0]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
-    parser.add_argument("--models", nargs="+", choices=sorted(TABLES),
-                        default=["res10", "open_nsfw", "yufacedetectnet", "ultraface"])
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(TABLES), default=["res10", "open_nsfw", "yufacedetectnet", "ultraface"]
+    )
     parser.add_argument("--runs", type=int, default=30, help="timed passes per file and thread count")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--images", type=int, default=8, help="held-out face images for the output cosine")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("INT8CONV_QUIET", "1")
-    images = [read_image(p) for p in list_images(args.shared / "images" / "faces")[-args.images:]]
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; medians of "
-          f"{args.runs} interleaved runs after 2 warm-up runs")
-    print(f"{'model':<16} {'thr':>3} {'clock':>5} {'FP32':>8} {'hints':>8} {'hints/':>7} {'INT8':>8} {'INT8/':>6} "
-          f"{'speed':>8} {'speed/':>7}")
-    print(f"{'':<16} {'':>3} {'':>5} {'plain ms':>8} {'ms':>8} {'plain':>7} {'all ms':>8} {'FP32':>6} "
-          f"{'INT8 ms':>8} {'FP32':>7}")
+    images = [read_image(p) for p in list_images(args.shared / "images" / "faces")[-args.images :]]
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; medians of "
+        f"{args.runs} interleaved runs after 2 warm-up runs"
+    )
+    print(
+        f"{'model':<16} {'thr':>3} {'clock':>5} {'FP32':>8} {'hints':>8} {'hints/':>7} {'INT8':>8} {'INT8/':>6} "
+        f"{'speed':>8} {'speed/':>7}"
+    )
+    print(
+        f"{'':<16} {'':>3} {'':>5} {'plain ms':>8} {'ms':>8} {'plain':>7} {'all ms':>8} {'FP32':>6} "
+        f"{'INT8 ms':>8} {'FP32':>7}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             files, counts, cosines, x = build(args.shared, name, Path(tmp), images)
@@ -97,10 +117,14 @@ def main() -> int:
                 ms = time_models(files, x, threads=threads, runs=args.runs, clock=clock)
                 for t in threads:
                     plain, hints, int8, speed = (ms[label][t] for label in LABELS)
-                    print(f"{name:<16} {t:>3} {clock_name:>5} {plain:>8.2f} {hints:>8.2f} {hints / plain:>7.3f} "
-                          f"{int8:>8.2f} {int8 / hints:>6.3f} {speed:>8.2f} {speed / hints:>7.3f}")
-            print(f"{'':<16} INT8 layers: all {counts['int8 all']}, speed {counts['int8 speed']}; output cosine vs "
-                  f"FP32: all {cosines['int8 all']:.6f}, speed {cosines['int8 speed']:.6f}")
+                    print(
+                        f"{name:<16} {t:>3} {clock_name:>5} {plain:>8.2f} {hints:>8.2f} {hints / plain:>7.3f} "
+                        f"{int8:>8.2f} {int8 / hints:>6.3f} {speed:>8.2f} {speed / hints:>7.3f}"
+                    )
+            print(
+                f"{'':<16} INT8 layers: all {counts['int8 all']}, speed {counts['int8 speed']}; output cosine vs "
+                f"FP32: all {cosines['int8 all']:.6f}, speed {cosines['int8 speed']:.6f}"
+            )
     return 0
 
 

@@ -11,6 +11,7 @@ precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same la
 top-1 agreement and mean output cosine. No layer is kept FP32. ``--qdq`` adds the Q/DQ ONNX of the default
 method under onnxruntime (worst per-image output cosine against the FP32 ONNX).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,7 +87,7 @@ def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep, value
     stats = CalibrationStatistics(model=identity, preprocess=prep.describe())
     values = values or calibration_values(graph)
     for start in range(0, len(inputs), 4):
-        stats.update(engine.forward(np.stack(inputs[start:start + 4]), values))
+        stats.update(engine.forward(np.stack(inputs[start : start + 4]), values))
     stats.images_used = len(inputs)
     return stats
 
@@ -127,8 +128,15 @@ def table_for(method: str, graph, stats, calib_inputs) -> tuple:
     return result.table, result.biases
 
 
-def bench_model(name: str, folder_model, shared: Path, methods: list[str], images: tuple[list[Path], list[Path]],
-                workdir: Path, qdq_method: str | None = None) -> dict[str, Cell]:
+def bench_model(
+    name: str,
+    folder_model,
+    shared: Path,
+    methods: list[str],
+    images: tuple[list[Path], list[Path]],
+    workdir: Path,
+    qdq_method: str | None = None,
+) -> dict[str, Cell]:
     proto, caffemodel = folder_model.paths(shared)
     prep = folder_model.prep
     graph = load_graph(proto, caffemodel)
@@ -148,7 +156,7 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
         cell = Cell()
         try:
             started = time.perf_counter()
-            if method == AUTO_METHOD:   # validated on some of the calibration images, never on judged ones
+            if method == AUTO_METHOD:  # validated on some of the calibration images, never on judged ones
                 result = calibrate_auto(graph, stats, validation_images(calib_inputs))
                 table, extra = result.table, None
                 cell.metric["validation"] = result.scores
@@ -172,8 +180,9 @@ def bench_model(name: str, folder_model, shared: Path, methods: list[str], image
     return cells
 
 
-def qdq_cosine(graph, stats, method: str, table, judged: list[np.ndarray],
-               ncnn: tuple[NcnnRunner, NcnnRunner]) -> tuple[float, float, float]:
+def qdq_cosine(
+    graph, stats, method: str, table, judged: list[np.ndarray], ncnn: tuple[NcnnRunner, NcnnRunner]
+) -> tuple[float, float, float]:
     """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
     ``table``) against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores),
     and the worst image of the ncnn INT8 model (``ncnn``: FP32 and INT8 runners) scored the same way."""
@@ -268,8 +277,10 @@ def main() -> None:
                     print(f"    {method}: {cell.error[:150]}")
                 if "qdq" in cell.metric:
                     low, mean, ncnn_low = cell.metric["qdq"]
-                    print(f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {low:.4f}, mean {mean:.4f} "
-                          f"(ncnn INT8 on the same outputs: min {ncnn_low:.4f})")
+                    print(
+                        f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {low:.4f}, mean {mean:.4f} "
+                        f"(ncnn INT8 on the same outputs: min {ncnn_low:.4f})"
+                    )
 
     if results:
         count = wins(results, args.methods)

@@ -4,6 +4,7 @@ running the two side by side with timing, and class-name lists.
 The demos run from a plain checkout (``python demos/classify.py ...``), so the repository root is put on
 ``sys.path`` here when the ``int8conv`` package is not installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("int8conv") is None:
@@ -35,9 +36,29 @@ from int8conv.pipeline import PreprocessOptions  # noqa: E402
 log = logging.getLogger("demo")
 
 #: PASCAL VOC classes in the order MobileNet-SSD / VGG-SSD (21 outputs, background first) use.
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 def load_names(spec: str | None) -> list[str] | None:
@@ -53,12 +74,19 @@ def load_names(spec: str | None) -> list[str] | None:
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     """Calibration and caching options shared by the demos."""
     group = parser.add_argument_group("INT8 model (built once, cached in OUT/models)")
-    group.add_argument("--calib-images", type=Path,
-                       help="calibration images (a directory or a list file; default: the preset's shared folder)")
+    group.add_argument(
+        "--calib-images",
+        type=Path,
+        help="calibration images (a directory or a list file; default: the preset's shared folder)",
+    )
     group.add_argument("--max-calib-images", type=int, default=0, help="use at most this many (0 = all)")
     group.add_argument("--method", default="kl", help="activation threshold method (default kl)")
-    group.add_argument("--auto-fp32", type=float, metavar="COSINE",
-                       help="keep the most sensitive layers in FP32 until the output cosine reaches COSINE")
+    group.add_argument(
+        "--auto-fp32",
+        type=float,
+        metavar="COSINE",
+        help="keep the most sensitive layers in FP32 until the output cosine reaches COSINE",
+    )
     group.add_argument("--backend", default="auto", help="FP32 engine for calibration: auto, ncnn, opencv or caffe")
     group.add_argument("--rebuild", action="store_true", help="ignore cached models and build them again")
     run = parser.add_argument_group("running")
@@ -78,8 +106,9 @@ class NcnnPair:
     fp32_layers: list[str]
 
 
-def build_models(proto: Path, model: Path, prep: PreprocessOptions, calib_images: Path, cache_dir: Path,
-                 args: argparse.Namespace) -> NcnnPair:
+def build_models(
+    proto: Path, model: Path, prep: PreprocessOptions, calib_images: Path, cache_dir: Path, args: argparse.Namespace
+) -> NcnnPair:
     """Calibrate, convert and quantize, unless ``cache_dir`` already holds the files for the same inputs.
 
     The cache key is the content of the model files, the preprocessing, the calibration image list and the
@@ -90,9 +119,14 @@ def build_models(proto: Path, model: Path, prep: PreprocessOptions, calib_images
     pair = NcnnPair(**paths, fp32_layers=[])
     images = list_images(calib_images)
     if args.max_calib_images > 0:
-        images = images[:args.max_calib_images]
-    key = {"model": model_identity(proto, model), "preprocess": json.loads(json.dumps(dataclasses.asdict(prep))),
-           "calibration": [str(p) for p in images], "method": args.method, "auto_fp32": args.auto_fp32}
+        images = images[: args.max_calib_images]
+    key = {
+        "model": model_identity(proto, model),
+        "preprocess": json.loads(json.dumps(dataclasses.asdict(prep))),
+        "calibration": [str(p) for p in images],
+        "method": args.method,
+        "auto_fp32": args.auto_fp32,
+    }
     stamp = cache_dir / f"{files.stem}.stamp.json"
     if not args.rebuild and stamp.is_file() and all(f.is_file() for f in paths.values()):
         saved = json.loads(stamp.read_text(encoding="utf-8"))
@@ -101,14 +135,19 @@ def build_models(proto: Path, model: Path, prep: PreprocessOptions, calib_images
             log.info("using the cached ncnn models in %s", cache_dir)
             return pair
     log.info("calibrating %s on %d image(s) from %s", model.name, len(images), calib_images)
-    calib = pipeline.CalibrationOptions(images=calib_images, max_images=args.max_calib_images, backend=args.backend,
-                                        method=args.method)
+    calib = pipeline.CalibrationOptions(
+        images=calib_images, max_images=args.max_calib_images, backend=args.backend, method=args.method
+    )
     auto = None if args.auto_fp32 is None else pipeline.AutoFp32Options(args.auto_fp32, calib_images)
     build = pipeline.build_ncnn(files, prep, calib, auto=auto)
     if build.mixed is not None:
         pair.fp32_layers = build.mixed.fp32_layers
-        log.info("auto-fp32: %d layer(s) kept FP32, output cosine %.5f -> %.5f", len(pair.fp32_layers),
-                 build.mixed.cosine_all_int8, build.mixed.cosine)
+        log.info(
+            "auto-fp32: %d layer(s) kept FP32, output cosine %.5f -> %.5f",
+            len(pair.fp32_layers),
+            build.mixed.cosine_all_int8,
+            build.mixed.cosine,
+        )
     pipeline.write_ncnn_build(build, cache_dir, files.stem)
     write_text_atomic(stamp, json.dumps({"key": key, "fp32_layers": pair.fp32_layers}, indent=1))
     return pair
@@ -142,13 +181,16 @@ class SideBySide:
 def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: int) -> str:
     """Median ms/image of both models over all images, and the INT8/FP32 ratio."""
     fp32, int8 = statistics.median(ms_fp32), statistics.median(ms_int8)
-    return (f"speed ({threads} thread{'s' if threads > 1 else ''}, median over {len(ms_fp32)} image(s)): "
-            f"FP32 {fp32:.2f} ms/image, INT8 {int8:.2f} ms/image, INT8/FP32 time ratio {int8 / fp32:.3f} "
-            f"({fp32 / int8:.2f}x {'faster' if int8 < fp32 else 'slower'})")
+    return (
+        f"speed ({threads} thread{'s' if threads > 1 else ''}, median over {len(ms_fp32)} image(s)): "
+        f"FP32 {fp32:.2f} ms/image, INT8 {int8:.2f} ms/image, INT8/FP32 time ratio {int8 / fp32:.3f} "
+        f"({fp32 / int8:.2f}x {'faster' if int8 < fp32 else 'slower'})"
+    )
 
 
-def parse_with_preset(parser: argparse.ArgumentParser, presets: Mapping[str, dict],
-                      argv: list[str] | None) -> argparse.Namespace:
+def parse_with_preset(
+    parser: argparse.ArgumentParser, presets: Mapping[str, dict], argv: list[str] | None
+) -> argparse.Namespace:
     """A preset's settings become the defaults of their flags, so explicit flags still win."""
     first, _ = parser.parse_known_args(argv)
     if first.proto is None and first.model is None:
@@ -159,8 +201,13 @@ def parse_with_preset(parser: argparse.ArgumentParser, presets: Mapping[str, dic
     return args
 
 
-def finish(ms_fp32: Sequence[float], ms_int8: Sequence[float], images: Sequence[Path], args: argparse.Namespace,
-           task_line: Callable[[], str]) -> int:
+def finish(
+    ms_fp32: Sequence[float],
+    ms_int8: Sequence[float],
+    images: Sequence[Path],
+    args: argparse.Namespace,
+    task_line: Callable[[], str],
+) -> int:
     """The end of a demo run: an error when no image could be read, else the task line, speed and pictures."""
     if not ms_fp32:
         raise Int8ConvError(f"none of the {len(images)} images in {args.images} could be read")

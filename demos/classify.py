@@ -10,6 +10,7 @@ The model is calibrated on ``--calib-images`` (default: the preset's shared fold
 once; the files are cached in OUT/models. Each image runs through both networks; the top-k of each and the
 ms/image are printed, and OUT/<image>.png shows the image with the FP32 and INT8 top-k bars.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,25 @@ log = logging.getLogger("demo")
 
 #: Shared models the demo knows how to preprocess; ``calib`` is relative to the shared folder.
 PRESETS = {
-    "open_nsfw": {"folder": "open_nsfw_resnet50_1by2", "proto": "deploy.prototxt",
-                  "model": "resnet_50_1by2_nsfw.caffemodel", "labels": "SFW,NSFW",
-                  "calib": "images/imagenet_samples_200", "max_calib": 100,
-                  "defaults": {"mean": [104.0, 117.0, 123.0], "resize_then_crop": [256, 256]}},
-    "lenet": {"folder": "lenet_mnist", "proto": "lenet.prototxt", "model": "lenet_iter_10000.caffemodel",
-              "labels": ",".join(str(d) for d in range(10)), "calib": "digits", "max_calib": 0,
-              # KL clips conv2's spiky input at a tenth of its range (output cosine 0.92); ACIQ: 0.9999
-              "defaults": {"norm": 0.00390625, "color": "gray", "method": "aciq"}},
+    "open_nsfw": {
+        "folder": "open_nsfw_resnet50_1by2",
+        "proto": "deploy.prototxt",
+        "model": "resnet_50_1by2_nsfw.caffemodel",
+        "labels": "SFW,NSFW",
+        "calib": "images/imagenet_samples_200",
+        "max_calib": 100,
+        "defaults": {"mean": [104.0, 117.0, 123.0], "resize_then_crop": [256, 256]},
+    },
+    "lenet": {
+        "folder": "lenet_mnist",
+        "proto": "lenet.prototxt",
+        "model": "lenet_iter_10000.caffemodel",
+        "labels": ",".join(str(d) for d in range(10)),
+        "calib": "digits",
+        "max_calib": 0,
+        # KL clips conv2's spiky input at a tenth of its range (output cosine 0.92); ACIQ: 0.9999
+        "defaults": {"norm": 0.00390625, "color": "gray", "method": "aciq"},
+    },
 }
 
 
@@ -47,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, required=True, help="images to classify (directory or list file)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the PNGs and cached models go")
     model = parser.add_argument_group("model (default: the open_nsfw preset)")
-    model.add_argument("--model-name", choices=sorted(PRESETS), default="open_nsfw",
-                       help="a shared model with its preprocessing, labels and calibration images")
+    model.add_argument(
+        "--model-name",
+        choices=sorted(PRESETS),
+        default="open_nsfw",
+        help="a shared model with its preprocessing, labels and calibration images",
+    )
     model.add_argument("--proto", type=Path, help="deploy prototxt of your own classifier (with --model)")
     model.add_argument("--model", type=Path, help="its caffemodel")
     model.add_argument("--labels", help="class names: a file with one per line, or a comma-separated list")
@@ -75,8 +91,9 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, list[str] | Non
     calib = args.calib_images
     if calib is None:
         if preset["calib"] == "digits":  # LeNet wants digits: cut them from OpenCV's digits.png sheet
-            calib = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png",
-                                      args.out_dir / "models" / "digits_calib", count=200)
+            calib = write_digit_cells(
+                shared / "images" / "opencv_samples" / "digits.png", args.out_dir / "models" / "digits_calib", count=200
+            )
         else:
             calib = shared / preset["calib"]
             if args.max_calib_images == 0:
@@ -92,27 +109,32 @@ def describe(probs: np.ndarray, order: np.ndarray, names: list[str]) -> str:
     return ", ".join(f"{names[i]} {probs[i]:.4f}" for i in order)
 
 
-def plot(path: Path, image: np.ndarray, title: str, panels: list[tuple[str, np.ndarray, np.ndarray]],
-         names: list[str]) -> None:
+def plot(
+    path: Path, image: np.ndarray, title: str, panels: list[tuple[str, np.ndarray, np.ndarray]], names: list[str]
+) -> None:
     """The image, then one horizontal bar chart of top-k scores per model, on a shared scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 3.8),
-                             gridspec_kw={"width_ratios": [1.1] + [1] * len(panels)})
+    fig, axes = plt.subplots(
+        1,
+        1 + len(panels),
+        figsize=(4.2 * (1 + len(panels)), 3.8),
+        gridspec_kw={"width_ratios": [1.1] + [1] * len(panels)},
+    )
     shown = image[:, :, ::-1] if image.ndim == 3 and image.shape[2] == 3 else image.squeeze()
     axes[0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
     axes[0].axis("off")
     top = max(1.0, max(float(p[o].max()) for _, p, o in panels))
-    for ax, (label, probs, order) in zip(axes[1:], panels):
+    for ax, (label, probs, order) in zip(axes[1:], panels, strict=True):
         y = np.arange(order.size)
         ax.barh(y, probs[order], color="#4477aa" if label.startswith("FP32") else "#cc6633")
         ax.set_yticks(y, [names[i] for i in order])
         ax.invert_yaxis()
         ax.set_xlim(0, top * 1.15)
-        for yy, i in zip(y, order):
+        for yy, i in zip(y, order, strict=True):
             ax.text(probs[i], yy, f" {probs[i]:.4f}", va="center", fontsize=9)
         ax.set_title(label, fontsize=10)
     fig.suptitle(title, fontsize=11)
@@ -133,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     output = nets.fp32.output_names[0]
     images = list_images(args.images)
     ms_fp32, ms_int8, agree = [], [], 0
-    print(f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
-          + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else ""))
+    print(
+        f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
+        + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else "")
+    )
     for path in images:
         image = read_image(path)
         if image is None:
@@ -151,13 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         agree += int(o_fp32[0] == o_int8[0])
         ms_fp32.append(t_fp32)
         ms_int8.append(t_int8)
-        print(f"{path.name}\n  FP32 {t_fp32:7.2f} ms  {describe(p_fp32, o_fp32, names)}\n"
-              f"  INT8 {t_int8:7.2f} ms  {describe(p_int8, o_int8, names)}")
+        print(
+            f"{path.name}\n  FP32 {t_fp32:7.2f} ms  {describe(p_fp32, o_fp32, names)}\n"
+            f"  INT8 {t_int8:7.2f} ms  {describe(p_int8, o_int8, names)}"
+        )
         png = args.out_dir / f"{path.stem}.png"
         same = "same top-1" if o_fp32[0] == o_int8[0] else "TOP-1 DIFFERS"
-        plot(png, image, f"{path.name}: {same}, INT8/FP32 time {t_int8 / t_fp32:.2f}",
-             [(f"FP32 ncnn  {t_fp32:.1f} ms", p_fp32, o_fp32), (f"INT8 ncnn  {t_int8:.1f} ms", p_int8, o_int8)],
-             names)
+        plot(
+            png,
+            image,
+            f"{path.name}: {same}, INT8/FP32 time {t_int8 / t_fp32:.2f}",
+            [(f"FP32 ncnn  {t_fp32:.1f} ms", p_fp32, o_fp32), (f"INT8 ncnn  {t_int8:.1f} ms", p_int8, o_int8)],
+            names,
+        )
     return finish(ms_fp32, ms_int8, images, args, lambda: f"top-1 agreement INT8 vs FP32: {agree}/{len(ms_fp32)}")
 
 

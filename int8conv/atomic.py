@@ -11,6 +11,7 @@ file keeps its permission bits, a character device (``/dev/null``) is written di
 atomically, and replacing it would turn the device node into a file), and anything else that is not a regular
 file (a directory, a FIFO) is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,8 @@ class OutputSet:
 
     staged: list[_Staged] = field(default_factory=list)
     direct: list[tuple[Path, Path]] = field(default_factory=list)  # (device, staged content) written in place
-    _dirs: dict[Path, Path] = field(default_factory=dict)           # target folder -> its staging folder
-    _made: list[Path] = field(default_factory=list)                 # folders created for the set, outermost first
+    _dirs: dict[Path, Path] = field(default_factory=dict)  # target folder -> its staging folder
+    _made: list[Path] = field(default_factory=list)  # folders created for the set, outermost first
 
     def stage(self, path: str | os.PathLike[str]) -> tuple[Path, Path, int, bool]:
         """(resolved target, staging file, mode it will get, written in place) for a write to ``path``."""

@@ -1,4 +1,5 @@
 """``int8conv``: argparse subcommands over the pipeline stages; the work lives in the library modules."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,12 @@ COMMANDS = ("calibrate", "convert", "quantize", "eval", "export_trt", "report", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="int8conv", description="Caffe model in, calibrated INT8 deployment out: "
-                                     "ncnn tables and models, TensorRT caches and Q/DQ ONNX, with accuracy and speed "
-                                     "measured against FP32.")
+    parser = argparse.ArgumentParser(
+        prog="int8conv",
+        description="Caffe model in, calibrated INT8 deployment out: "
+        "ncnn tables and models, TensorRT caches and Q/DQ ONNX, with accuracy and speed "
+        "measured against FP32.",
+    )
     parser.add_argument("--version", action="version", version=f"int8conv {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         subparser.set_defaults(_parser=subparser, _command=command)
         group = subparser.add_mutually_exclusive_group()
         group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                           help="warnings and errors only, no progress bars")
+        group.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="warnings and errors only, no progress bars",
+        )
     return parser
 
 
@@ -69,8 +78,12 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         log.error("interrupted; %s", _what_was_written())
         return 130
     except Exception as exc:
-        log.error("internal error, this is a bug in int8conv (please report it): %s: %s%s", type(exc).__name__,
-                  exc, "" if args.verbose else " (run with -v for the traceback)")
+        log.error(
+            "internal error, this is a bug in int8conv (please report it): %s: %s%s",
+            type(exc).__name__,
+            exc,
+            "" if args.verbose else " (run with -v for the traceback)",
+        )
         log.debug("traceback", exc_info=True)
         return 1
 
@@ -79,8 +92,9 @@ def _what_was_written() -> str:
     """True by construction: output sets land whole or not at all, and ``atomic`` records each one that landed."""
     if not atomic.COMMITTED:
         return "no output was written (existing files are unchanged)"
-    return (f"only these complete outputs were written: {', '.join(map(str, atomic.COMMITTED))}; "
-            "nothing else was changed")
+    return (
+        f"only these complete outputs were written: {', '.join(map(str, atomic.COMMITTED))}; nothing else was changed"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

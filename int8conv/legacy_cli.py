@@ -3,6 +3,7 @@
 Differences from ``int8conv calibrate`` are only those the original tool had: ``--output`` defaults to
 ``calibration.table`` and ``--gpu`` is the original on/off switch (``--gpu 1`` = pycaffe GPU mode on device 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from int8conv.errors import Int8ConvError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_tool.py",
-                                     description="find the pretrained caffe models int8 quantize scale value")
+    parser = argparse.ArgumentParser(
+        prog="convert_tool.py", description="find the pretrained caffe models int8 quantize scale value"
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -40,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
             action.required, action.default = False, None
         if action.dest == "gpu":
             action.default, action.help = 0, "use gpu to forward (1 = pycaffe GPU mode on device 0, 0 = CPU)"
-    parser.add_argument("--ncnn-dir", metavar="OUT",
-                        help="also write OUT/<name>.param/.bin (FP32), OUT/<name>-int8.param/.bin and "
-                             "OUT/<name>.table, where <name> is the caffemodel's file stem")
+    parser.add_argument(
+        "--ncnn-dir",
+        metavar="OUT",
+        help="also write OUT/<name>.param/.bin (FP32), OUT/<name>-int8.param/.bin and "
+        "OUT/<name>.table, where <name> is the caffemodel's file stem",
+    )
     harden(parser, "convert_tool.py")
     parser.set_defaults(func=_run)
     return parser
@@ -54,8 +59,10 @@ def _run(args: argparse.Namespace) -> int:
         args.backend = "caffe"
     if args.ncnn_dir:
         if args.output is not None:
-            raise Int8ConvError(f"--output {args.output} and --ncnn-dir: the one-shot conversion writes its table "
-                                "to OUT/<name>.table; drop --output")
+            raise Int8ConvError(
+                f"--output {args.output} and --ncnn-dir: the one-shot conversion writes its table "
+                "to OUT/<name>.table; drop --output"
+            )
         return run_one_shot(args)
     args.output = args.output or "calibration.table"
     return run_calibrate(args)
@@ -69,8 +76,10 @@ def run_one_shot(args: argparse.Namespace) -> int:
     args.output = str(paths["table"])
     if not args.quiet:
         print(summary(args, build.result))
-        print(f"ncnn       {paths['fp32_param'].with_suffix('')}.param/.bin (FP32), "
-              f"{paths['int8_param'].with_suffix('')}.param/.bin (INT8)")
+        print(
+            f"ncnn       {paths['fp32_param'].with_suffix('')}.param/.bin (FP32), "
+            f"{paths['int8_param'].with_suffix('')}.param/.bin (INT8)"
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ functions, so calibrate -> convert -> quantize is written once (``build_ncnn``).
                                 pipeline.CalibrationOptions(images="calib/"))
     pipeline.write_ncnn_build(build, "out/", "m")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,9 @@ import html
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -110,8 +111,16 @@ class PreprocessOptions:
     letterbox: bool = False
 
     def with_size(self, size: tuple[int, int]) -> Preprocess:
-        return Preprocess(size=self.size or size, mean=tuple(self.mean), norm=self.norm, std=tuple(self.std),
-                          color=self.color, resize=self.resize, swap_hw=self.swap_hw, letterbox=self.letterbox)
+        return Preprocess(
+            size=self.size or size,
+            mean=tuple(self.mean),
+            norm=self.norm,
+            std=tuple(self.std),
+            color=self.color,
+            resize=self.resize,
+            swap_hw=self.swap_hw,
+            letterbox=self.letterbox,
+        )
 
     def for_graph(self, graph: Graph, source: Path) -> Preprocess:
         """The ``Preprocess`` of a Caffe graph: its input's NCHW shape gives the size and checks the channels."""
@@ -122,8 +131,10 @@ class PreprocessOptions:
         if prep.size != tuple(shape[2:]):
             check_input_size(graph, prep.size)
         if prep.channels != shape[1]:
-            raise ImageError(f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
-                             f"{prep.channels}: this model cannot be calibrated from plain images")
+            raise ImageError(
+                f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
+                f"{prep.channels}: this model cannot be calibrated from plain images"
+            )
         return prep
 
     def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
@@ -147,12 +158,12 @@ class CalibrationOptions:
     gpu: int | None = None
     method: str = DEFAULT_METHOD
     percentile: float = 99.99
-    head_method: str | None = "minmax"     # None: heads use ``method`` too
+    head_method: str | None = "minmax"  # None: heads use ``method`` too
     weights_8bit: bool = False
-    bias_correction: bool = False          # --method eq only: corrected FP32 biases in the INT8 model
+    bias_correction: bool = False  # --method eq only: corrected FP32 biases in the INT8 model
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
-    jobs: int = 1                          # forward+histogram workers (calibration.workers)
+    jobs: int = 1  # forward+histogram workers (calibration.workers)
 
 
 @dataclass(frozen=True)
@@ -165,29 +176,51 @@ class AutoFp32Options:
     task: str = "auto"
 
 
-def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: CalibrationOptions,
-            values: Sequence[str] | None = None) -> CalibrationStatistics:
+def collect(
+    model: ModelFiles,
+    graph: Graph,
+    prep: PreprocessOptions,
+    options: CalibrationOptions,
+    values: Sequence[str] | None = None,
+) -> CalibrationStatistics:
     """Forward the images (or merge saved statistics), and save them when asked."""
     identity = model_identity(model.proto, model.caffemodel)
     if options.load_stats:
         stats = CalibrationStatistics.load_and_merge(options.load_stats)
         if stats.model.get("caffemodel_sha256") != identity["caffemodel_sha256"]:
-            raise Int8ConvError(f"{options.load_stats[0]}: these statistics were collected for "
-                                f"{stats.model.get('caffemodel', '?')}, not for {model.caffemodel}")
+            raise Int8ConvError(
+                f"{options.load_stats[0]}: these statistics were collected for "
+                f"{stats.model.get('caffemodel', '?')}, not for {model.caffemodel}"
+            )
         log.info("merged statistics of %d file(s): %d images", len(options.load_stats), stats.images_used)
         _check_saved_preprocessing(stats, prep, options, graph, model.proto)
     else:
         if options.images is None:
             raise Int8ConvError("give calibration images with --images DIR (or saved statistics with --load-stats)")
         images = calibration_images(options)
-        engine = make_engine(options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu,
-                             calibration=True, values=values)
+        engine = make_engine(
+            options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu, calibration=True, values=values
+        )
         if options.jobs < 1:
             raise Int8ConvError(f"--jobs must be 1 or more, not {options.jobs}")
-        log.info("calibrating %s on %d images with %s (%s, %d job(s))", model.caffemodel.name, len(images),
-                 engine.name, options.method, options.jobs)
-        stats = collect_statistics(graph, engine, images, prep.for_graph(graph, model.proto), identity,
-                                   values=values, batch_size=options.batch_size, jobs=options.jobs)
+        log.info(
+            "calibrating %s on %d images with %s (%s, %d job(s))",
+            model.caffemodel.name,
+            len(images),
+            engine.name,
+            options.method,
+            options.jobs,
+        )
+        stats = collect_statistics(
+            graph,
+            engine,
+            images,
+            prep.for_graph(graph, model.proto),
+            identity,
+            values=values,
+            batch_size=options.batch_size,
+            jobs=options.jobs,
+        )
     if options.save_stats:
         stats.save(options.save_stats)
         log.info("statistics saved to %s", options.save_stats)
@@ -195,75 +228,118 @@ def collect(model: ModelFiles, graph: Graph, prep: PreprocessOptions, options: C
 
 
 #: the flag of each preprocessing option, for messages
-PREPROCESS_FLAGS = {"mean": "--mean", "norm": "--norm", "std": "--std", "size": "--size",
-                    "resize": "--resize-then-crop", "color": "--color", "swap_hw": "--swap-hw"}
+PREPROCESS_FLAGS = {
+    "mean": "--mean",
+    "norm": "--norm",
+    "std": "--std",
+    "size": "--size",
+    "resize": "--resize-then-crop",
+    "color": "--color",
+    "swap_hw": "--swap-hw",
+}
 
 
-def _check_saved_preprocessing(stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions,
-                               graph: Graph, source: Path) -> None:
+def _check_saved_preprocessing(
+    stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions, graph: Graph, source: Path
+) -> None:
     """Saved statistics fix the preprocessing. Options that repeat it are fine (the same command line with
     --load-stats added); options that differ would be silently ignored, so they are an error. Images: a warning."""
     if options.images is not None:
         log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
     default = PreprocessOptions()
-    given = [PREPROCESS_FLAGS[f.name] for f in dataclasses.fields(prep)
-             if getattr(prep, f.name) != getattr(default, f.name)]
+    given = [
+        PREPROCESS_FLAGS[f.name] for f in dataclasses.fields(prep) if getattr(prep, f.name) != getattr(default, f.name)
+    ]
     if not given or not stats.preprocess:
         return
     flagged = json.loads(json.dumps(prep.for_graph(graph, source).describe()))
-    differ = [f"{key} {stats.preprocess[key]} (statistics) vs {value} (flags)" for key, value in flagged.items()
-              if key in stats.preprocess and stats.preprocess[key] != value]
+    differ = [
+        f"{key} {stats.preprocess[key]} (statistics) vs {value} (flags)"
+        for key, value in flagged.items()
+        if key in stats.preprocess and stats.preprocess[key] != value
+    ]
     if differ:
-        raise Int8ConvError(f"{options.load_stats[0]}: {', '.join(given)} disagree with the preprocessing these "
-                            f"statistics were collected with: {'; '.join(differ)}; drop the flags or collect new "
-                            "statistics")
+        raise Int8ConvError(
+            f"{options.load_stats[0]}: {', '.join(given)} disagree with the preprocessing these "
+            f"statistics were collected with: {'; '.join(differ)}; drop the flags or collect new "
+            "statistics"
+        )
 
 
 def calibration_images(options: CalibrationOptions) -> list[Path]:
     """The calibration images of ``options`` (``--max-images`` applied)."""
     paths = list_images(options.images)
-    return paths[:options.max_images] if options.max_images > 0 else paths
+    return paths[: options.max_images] if options.max_images > 0 else paths
 
 
-def table_from_statistics(graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions,
-                          prep: Preprocess | None = None) -> CalibrationResult:
+def table_from_statistics(
+    graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions, prep: Preprocess | None = None
+) -> CalibrationResult:
     """The table of ``options.method``; the output-aware search (eq) and the selection (auto) also run the model
     on the images (auto: on some of the calibration images)."""
     if options.method == AUTO_METHOD:
         if options.bias_correction:
             raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
         if options.images is None or prep is None:
-            log.warning("--method auto validates on images and none were given (statistics only): using %s",
-                        AUTO_FALLBACK)
-            return build_table(graph, stats, AUTO_FALLBACK, percentile=options.percentile,
-                               winograd_6bit=not options.weights_8bit, head_method=options.head_method)
+            log.warning(
+                "--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK
+            )
+            return build_table(
+                graph,
+                stats,
+                AUTO_FALLBACK,
+                percentile=options.percentile,
+                winograd_6bit=not options.weights_8bit,
+                head_method=options.head_method,
+            )
         name = next(iter(graph.inputs))
-        validation = [feed[name] for feed in network_inputs(validation_images(calibration_images(options)), prep,
-                                                            name)]
-        return calibrate_auto(graph, stats, validation, winograd_6bit=not options.weights_8bit,
-                              head_method=options.head_method, percentile=options.percentile)
+        validation = [feed[name] for feed in network_inputs(validation_images(calibration_images(options)), prep, name)]
+        return calibrate_auto(
+            graph,
+            stats,
+            validation,
+            winograd_6bit=not options.weights_8bit,
+            head_method=options.head_method,
+            percentile=options.percentile,
+        )
     if options.method in SEARCH_METHODS:
         if options.images is None or prep is None:
-            raise Int8ConvError("--method eq runs the model on calibration images: give them with --images "
-                                "(saved statistics alone are not enough)")
+            raise Int8ConvError(
+                "--method eq runs the model on calibration images: give them with --images "
+                "(saved statistics alone are not enough)"
+            )
         paths = calibration_images(options)
         name = next(iter(graph.inputs))
         inputs = [feed[name] for feed in network_inputs(search_images(paths), prep, name)]
-        return calibrate_eq(graph, stats, inputs, winograd_6bit=not options.weights_8bit,
-                            head_method=options.head_method, bias_correction=options.bias_correction)
+        return calibrate_eq(
+            graph,
+            stats,
+            inputs,
+            winograd_6bit=not options.weights_8bit,
+            head_method=options.head_method,
+            bias_correction=options.bias_correction,
+        )
     if options.bias_correction:
         raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
-    return build_table(graph, stats, options.method, percentile=options.percentile,
-                       winograd_6bit=not options.weights_8bit, head_method=options.head_method)
+    return build_table(
+        graph,
+        stats,
+        options.method,
+        percentile=options.percentile,
+        winograd_6bit=not options.weights_8bit,
+        head_method=options.head_method,
+    )
 
 
-def calibrate(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions,
-              graph: Graph | None = None) -> CalibrationResult:
+def calibrate(
+    model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, graph: Graph | None = None
+) -> CalibrationResult:
     """Caffe model + images -> the calibration table and what explains it (``result.seconds``: all of it)."""
     started = time.perf_counter()
     graph = graph if graph is not None else model.load()
-    result = table_from_statistics(graph, collect(model, graph, prep, options), options,
-                                   prep.for_graph(graph, model.proto))
+    result = table_from_statistics(
+        graph, collect(model, graph, prep, options), options, prep.for_graph(graph, model.proto)
+    )
     result.seconds = time.perf_counter() - started
     return result
 
@@ -282,12 +358,18 @@ def convert(model: ModelFiles) -> NcnnModel:
     return convert_graph(model.load())
 
 
-def auto_fp32_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOptions, options: AutoFp32Options,
-                    source: Path, fp16_storage: bool = True) -> MixedPrecision:
+def auto_fp32_table(
+    fp32: NcnnModel,
+    table: CalibrationTable,
+    prep: PreprocessOptions,
+    options: AutoFp32Options,
+    source: Path,
+    fp16_storage: bool = True,
+) -> MixedPrecision:
     """The table with the activation lines of the layers kept FP32 removed, chosen on ``options.images``."""
     if options.images is None:
         raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on")
-    paths = list_images(options.images)[:max(options.max_images, 1)]
+    paths = list_images(options.images)[: max(options.max_images, 1)]
     inputs = network_inputs(paths, prep.for_ncnn(fp32, source), fp32.input_names[0])
     choice = auto_fp32(fp32, table, inputs, options.target, task=options.task, fp16_storage=fp16_storage)
     if not choice.reached:
@@ -308,12 +390,19 @@ class SpeedOptions:
     save_layer_timings: Path | None = None
 
 
-def speed_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOptions, options: SpeedOptions,
-                source: Path, fp16_storage: bool = True) -> SpeedChoice:
+def speed_table(
+    fp32: NcnnModel,
+    table: CalibrationTable,
+    prep: PreprocessOptions,
+    options: SpeedOptions,
+    source: Path,
+    fp16_storage: bool = True,
+) -> SpeedChoice:
     """The table with the layers where INT8 does not pay (or that fail ``min_cosine``) left FP32."""
     if options.images is not None:
-        inputs = load_inputs(options.images, prep.for_ncnn(fp32, source), fp32.input_names[0],
-                             max(options.max_images, 1))
+        inputs = load_inputs(
+            options.images, prep.for_ncnn(fp32, source), fp32.input_names[0], max(options.max_images, 1)
+        )
     elif options.min_cosine is not None:
         raise Int8ConvError("--min-cosine needs images to measure the output cosine on (--images)")
     else:  # speed only: any image will do to time the whole model
@@ -323,8 +412,15 @@ def speed_table(fp32: NcnnModel, table: CalibrationTable, prep: PreprocessOption
     timings: dict[str, LayerTiming] | None = None
     if options.layer_timings is not None:
         timings = load_layer_timings(options.layer_timings)
-    choice = optimize_speed(fp32, table, inputs, min_cosine=options.min_cosine, timings=timings, task=options.task,
-                            fp16_storage=fp16_storage)
+    choice = optimize_speed(
+        fp32,
+        table,
+        inputs,
+        min_cosine=options.min_cosine,
+        timings=timings,
+        task=options.task,
+        fp16_storage=fp16_storage,
+    )
     if options.save_layer_timings is not None:
         save_layer_timings(choice.timings, options.save_layer_timings)
     return choice
@@ -337,13 +433,18 @@ class NcnnBuild:
     result: CalibrationResult
     fp32: NcnnModel
     int8: NcnnModel
-    table: CalibrationTable                 # the table the INT8 model was made with (after --auto-fp32)
+    table: CalibrationTable  # the table the INT8 model was made with (after --auto-fp32)
     mixed: MixedPrecision | None = None
 
 
-def build_ncnn(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions,
-               auto: AutoFp32Options | None = None, fp16_storage: bool = True,
-               result: CalibrationResult | None = None) -> NcnnBuild:
+def build_ncnn(
+    model: ModelFiles,
+    prep: PreprocessOptions,
+    options: CalibrationOptions,
+    auto: AutoFp32Options | None = None,
+    fp16_storage: bool = True,
+    result: CalibrationResult | None = None,
+) -> NcnnBuild:
     """Calibrate (unless ``result`` is given), convert to ncnn FP32, optionally choose FP32 layers, quantize."""
     graph = model.load()
     result = result if result is not None else calibrate(model, prep, options, graph)
@@ -359,9 +460,13 @@ def build_ncnn(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
 def ncnn_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """The files of an ncnn build: ``<stem>.param/.bin`` (FP32), ``<stem>-int8.param/.bin``, ``<stem>.table``."""
     out_dir = Path(out_dir)
-    return {"fp32_param": out_dir / f"{stem}.param", "fp32_bin": out_dir / f"{stem}.bin",
-            "int8_param": out_dir / f"{stem}-int8.param", "int8_bin": out_dir / f"{stem}-int8.bin",
-            "table": out_dir / f"{stem}.table"}
+    return {
+        "fp32_param": out_dir / f"{stem}.param",
+        "fp32_bin": out_dir / f"{stem}.bin",
+        "int8_param": out_dir / f"{stem}-int8.param",
+        "int8_bin": out_dir / f"{stem}-int8.bin",
+        "table": out_dir / f"{stem}.table",
+    }
 
 
 def write_ncnn_models(fp32: NcnnModel, int8: NcnnModel, paths: dict[str, Path]) -> None:
@@ -384,7 +489,7 @@ class TrtOptions:
 
     batch: int = 1
     trt_version: str = DEFAULT_TRT_VERSION
-    table: Path | None = None              # take the ranges from an ncnn table instead of statistics
+    table: Path | None = None  # take the ranges from an ncnn table instead of statistics
     fp32_layers: tuple[str, ...] = ()
     auto_fp32: float | None = None
     auto_fp32_images: int = 4
@@ -397,15 +502,21 @@ class TrtExport:
     onnx: OnnxExport
     qdq: onnx.ModelProto
     ranges: dict[str, float]
-    method: str                             # what the ranges came from: a threshold method or "table"
+    method: str  # what the ranges came from: a threshold method or "table"
     source: str
     fp32_layers: list[str]
     choice: Fp32Choice | None = None
-    layer_ranges: dict[str, float] = dataclasses.field(default_factory=dict)   # Q/DQ input amax per layer
+    layer_ranges: dict[str, float] = dataclasses.field(default_factory=dict)  # Q/DQ input amax per layer
 
 
-def _trt_value_ranges(model: ModelFiles, graph: Graph, export: OnnxExport, prep: PreprocessOptions,
-                      options: CalibrationOptions, trt: TrtOptions) -> tuple[dict[str, float], dict[str, float], str]:
+def _trt_value_ranges(
+    model: ModelFiles,
+    graph: Graph,
+    export: OnnxExport,
+    prep: PreprocessOptions,
+    options: CalibrationOptions,
+    trt: TrtOptions,
+) -> tuple[dict[str, float], dict[str, float], str]:
     """amax per Caffe value, amax per quantized layer's input, and a description of where they came from.
 
     The layer inputs are the ncnn table's thresholds (``table_from_statistics``: the head rule and the eq
@@ -419,18 +530,19 @@ def _trt_value_ranges(model: ModelFiles, graph: Graph, export: OnnxExport, prep:
     needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
     missing = [v for v in needed if v not in stats.histograms]
     if missing:
-        raise Int8ConvError(f"the statistics hold no histogram for {len(missing)} of the {len(needed)} tensors "
-                            f"TensorRT needs (e.g. {', '.join(missing[:4])}); statistics saved by 'calibrate' "
-                            "cover only convolution inputs: collect them with 'int8conv export-trt --images DIR "
-                            "--save-stats FILE'")
+        raise Int8ConvError(
+            f"the statistics hold no histogram for {len(missing)} of the {len(needed)} tensors "
+            f"TensorRT needs (e.g. {', '.join(missing[:4])}); statistics saved by 'calibrate' "
+            "cover only convolution inputs: collect them with 'int8conv export-trt --images DIR "
+            "--save-stats FILE'"
+        )
     result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
     values = value_ranges(stats, histogram_method(options.method), options.percentile)
     values.update(table_ranges(result.table, graph))
     return values, layer_input_ranges(result.table), f"{stats.images_used} images, method {result.method}"
 
 
-def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions
-               ) -> TrtExport:
+def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions) -> TrtExport:
     """FP32 ONNX, tensor ranges and the Q/DQ ONNX (with ``--auto-fp32``'s layers left FP32)."""
     if trt.batch == 0 or trt.batch < -1:
         raise Int8ConvError(f"--batch must be a positive number or -1 (dynamic), not {trt.batch}")
@@ -445,8 +557,12 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
         if options.images is None:
             raise Int8ConvError("--auto-fp32 scores the Q/DQ model on images: give them with --images")
         name = next(iter(graph.inputs))
-        feeds = [{name: x[name][None]} for x in  # NCHW, batch 1
-                 load_inputs(options.images, prep.for_graph(graph, model.proto), name, max(trt.auto_fp32_images, 1))]
+        feeds = [
+            {name: x[name][None]}
+            for x in load_inputs(  # NCHW, batch 1
+                options.images, prep.for_graph(graph, model.proto), name, max(trt.auto_fp32_images, 1)
+            )
+        ]
         scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
         choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges)
         fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
@@ -457,9 +573,16 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
 
 def trt_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """``<stem>.onnx``, ``.qdq.onnx``, ``.cache``, ``.ranges.txt`` and ``.ranges.json``."""
-    return {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in
-            (("onnx", ".onnx"), ("qdq", ".qdq.onnx"), ("cache", ".cache"), ("txt", ".ranges.txt"),
-             ("json", ".ranges.json"))}
+    return {
+        kind: Path(out_dir) / f"{stem}{suffix}"
+        for kind, suffix in (
+            ("onnx", ".onnx"),
+            ("qdq", ".qdq.onnx"),
+            ("cache", ".cache"),
+            ("txt", ".ranges.txt"),
+            ("json", ".ranges.json"),
+        )
+    }
 
 
 def write_trt_export(export: TrtExport, out_dir: Path, stem: str, trt_version: str) -> dict[str, Path]:
@@ -486,18 +609,24 @@ class EvalOptions:
     images: Path
     max_images: int = 0
     task: str = "auto"
-    score_threshold: float | None = None     # None: the task's default (``evaluate.score_threshold``)
+    score_threshold: float | None = None  # None: the task's default (``evaluate.score_threshold``)
     iou_threshold: float = 0.5
     threads: tuple[int, ...] = (1, 2)
     timing_runs: int = 10
     backend: str = "auto"
     gpu: int | None = None
     caffe_reference: bool = True
-    layer_times: bool = False              # time each INT8 layer alone against FP32 (evaluation.speed)
+    layer_times: bool = False  # time each INT8 layer alone against FP32 (evaluation.speed)
 
 
-def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOptions, options: EvalOptions,
-                  graph: Graph | None = None, arm: ArmOptions | None = None) -> dict:
+def evaluate_ncnn(
+    model: ModelFiles,
+    files: dict[str, Path],
+    prep: PreprocessOptions,
+    options: EvalOptions,
+    graph: Graph | None = None,
+    arm: ArmOptions | None = None,
+) -> dict:
     """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images.
 
     With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
@@ -505,24 +634,41 @@ def evaluate_ncnn(model: ModelFiles, files: dict[str, Path], prep: PreprocessOpt
     graph = graph if graph is not None else model.load()
     images = list_images(options.images)
     if options.max_images > 0:
-        images = images[:options.max_images]
+        images = images[: options.max_images]
     caffe_forward = None
     if options.caffe_reference and arm is None:
         # the FP32 reference is Caffe's (pycaffe or OpenCV), never the ncnn model under evaluation
         backend = "auto" if options.backend == "ncnn" else options.backend
         caffe_forward = make_engine(backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
-    config = EvalConfig(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"],
-                        prep.for_graph(graph, model.proto), images, caffe_forward=caffe_forward, task=options.task,
-                        score_threshold=options.score_threshold, iou_threshold=options.iou_threshold,
-                        threads=tuple(options.threads), timing_runs=options.timing_runs)
+    config = EvalConfig(
+        files["fp32_param"],
+        files["fp32_bin"],
+        files["int8_param"],
+        files["int8_bin"],
+        prep.for_graph(graph, model.proto),
+        images,
+        caffe_forward=caffe_forward,
+        task=options.task,
+        score_threshold=options.score_threshold,
+        iou_threshold=options.iou_threshold,
+        threads=tuple(options.threads),
+        timing_runs=options.timing_runs,
+    )
     found = evaluate(config) if arm is None else evaluate_arm(config, arm)
     if options.layer_times:
         add_layer_times(found, files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
     return found
 
 
-def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,
-           out_dir: Path, table: Path | None = None, fp16_storage: bool = True) -> tuple[Path, dict]:
+def report(
+    model: ModelFiles,
+    prep: PreprocessOptions,
+    options: CalibrationOptions,
+    evaluation: EvalOptions,
+    out_dir: Path,
+    table: Path | None = None,
+    fp16_storage: bool = True,
+) -> tuple[Path, dict]:
     """Calibrate (or read ``table``), build and evaluate the ncnn pair, and write the HTML page with its plots.
 
     Returns the page and the evaluation report (``eval``'s dict).
@@ -531,8 +677,16 @@ def report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptio
         return _report(model, prep, options, evaluation, out_dir, table, fp16_storage, outputs)
 
 
-def _report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, evaluation: EvalOptions,
-            out_dir: Path, table: Path | None, fp16_storage: bool, outputs: OutputSet) -> tuple[Path, dict]:
+def _report(
+    model: ModelFiles,
+    prep: PreprocessOptions,
+    options: CalibrationOptions,
+    evaluation: EvalOptions,
+    out_dir: Path,
+    table: Path | None,
+    fp16_storage: bool,
+    outputs: OutputSet,
+) -> tuple[Path, dict]:
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)
@@ -551,7 +705,9 @@ def _report(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOpti
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
     found["model"], found["int8_model"] = str(paths["fp32_param"]), str(paths["int8_param"])
     layers = layer_reports(graph, stats, tbl, found, deploy)
-    intro = html.escape(f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
-                        f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "
-                        f"from {evaluation.images}.")
+    intro = html.escape(
+        f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
+        f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "
+        f"from {evaluation.images}."
+    )
     return write_report(out_dir, model.stem, layers, finite_json(found), format_report(found), intro), found

@@ -1,8 +1,10 @@
 """tqdm progress bars that ``-q`` silences."""
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from tqdm import tqdm
 

@@ -6,6 +6,7 @@
 
 ``tests/test_layers.py`` checks that the committed file is the one this script writes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,13 @@ def render() -> str:
     for name in sorted(REGISTRY, key=str.lower):
         kind = REGISTRY[name]
         values, reasons = cells(kind)
-        rows.append(f"| `{name}` | {kind.family} | " + " | ".join(values) + " | "
-                    + "; ".join(r.replace("|", "/") for r in reasons) + " |")
+        rows.append(
+            f"| `{name}` | {kind.family} | "
+            + " | ".join(values)
+            + " | "
+            + "; ".join(r.replace("|", "/") for r in reasons)
+            + " |"
+        )
     return f"""# Layer coverage
 
 Generated from the layer registry (`int8conv/caffe/layers/`) by `python scripts/make_layer_docs.py`; do not edit.

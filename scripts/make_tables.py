@@ -10,6 +10,7 @@ table gives against it. The commands below are run as written (paths relative to
 shared models in ``../shared`` or ``$INT8CONV_SHARED``); the README shows the same commands.
 ``--backend opencv`` pins the FP32 engine, so that a machine with pycaffe makes the same table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from int8conv.zoo import shared_dir, write_digit_cells  # noqa: E402
 
-SHARED = "../shared"           # as written in the commands; resolved through $INT8CONV_SHARED
-WORK = "$WORK"                 # a scratch folder (the script uses a temporary one, or --work)
-DIGITS_CALIB = f"{WORK}/digits_calib"   # LeNet: 200 digit cells of digits.png (offset 0) ...
-DIGITS_EVAL = f"{WORK}/digits_eval"     # ... and 200 other cells (offset 12) to evaluate on
+SHARED = "../shared"  # as written in the commands; resolved through $INT8CONV_SHARED
+WORK = "$WORK"  # a scratch folder (the script uses a temporary one, or --work)
+DIGITS_CALIB = f"{WORK}/digits_calib"  # LeNet: 200 digit cells of digits.png (offset 0) ...
+DIGITS_EVAL = f"{WORK}/digits_eval"  # ... and 200 other cells (offset 12) to evaluate on
 MTCNN_FLAGS = ["--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw"]
 
 
@@ -53,17 +54,43 @@ class Entry:
         return ["--proto", f"{base}/{self.proto}", "--model", f"{base}/{self.model}"]
 
     def calibrate_command(self) -> list[str]:
-        return ["int8conv", "calibrate", *self.model_args(), *self.flags, "--images", self.calib, *self.calib_flags,
-                "--backend", "opencv", "--output", f"tables/{self.name}.table"]
+        return [
+            "int8conv",
+            "calibrate",
+            *self.model_args(),
+            *self.flags,
+            "--images",
+            self.calib,
+            *self.calib_flags,
+            "--backend",
+            "opencv",
+            "--output",
+            f"tables/{self.name}.table",
+        ]
 
     def convert_command(self) -> list[str]:
         return ["int8conv", "convert", *self.model_args(), "--out-dir", f"{WORK}/{self.name}"]
 
     def eval_command(self) -> list[str]:
         stem = f"{WORK}/{self.name}/{Path(self.model).stem}"
-        return ["int8conv", "eval", *self.model_args(), *self.flags, "--param", f"{stem}.param", "--bin",
-                f"{stem}.bin", "--table", f"tables/{self.name}.table", "--images", self.eval_images,
-                "--backend", "opencv", "--threads", "1"]
+        return [
+            "int8conv",
+            "eval",
+            *self.model_args(),
+            *self.flags,
+            "--param",
+            f"{stem}.param",
+            "--bin",
+            f"{stem}.bin",
+            "--table",
+            f"tables/{self.name}.table",
+            "--images",
+            self.eval_images,
+            "--backend",
+            "opencv",
+            "--threads",
+            "1",
+        ]
 
     def commands(self) -> list[list[str]]:
         return [self.calibrate_command(), self.convert_command(), self.eval_command()]
@@ -72,60 +99,145 @@ class Entry:
 IMAGENET = f"{SHARED}/images/imagenet_samples_200"
 FACES = f"{SHARED}/images/faces"
 ENTRIES = [
-    Entry("res10_300x300_ssd", "res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
-          ["--mean", "104", "177", "123"], IMAGENET, FACES),
-    Entry("open_nsfw_resnet50_1by2", "open_nsfw_resnet50_1by2", "deploy.prototxt",
-          "resnet_50_1by2_nsfw.caffemodel", ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
-          IMAGENET, f"{SHARED}/images/voc_coco_detection"),
-    Entry("yufacedetectnet_v1", "yufacedetectnet_v1", "yufacedetectnet-open-v1.prototxt",
-          "yufacedetectnet-open-v1.caffemodel", [], IMAGENET, FACES),
-    Entry("ultraface_slim320", "ultraface_slim320", "slim-320.prototxt", "slim-320.caffemodel",
-          ["--mean", "127", "127", "127", "--std", "128", "128", "128", "--color", "rgb"], IMAGENET, FACES,
-          note="Head layers (the convolutions whose outputs go straight to `scores` and `boxes`) keep their "
-               "input's full range, calibrate's default `--head-method minmax`: with KL there too (`--head-method "
-               "same`) the INT8 model finds 35% of the FP32 faces, since faces are the rare large values that KL "
-               "clips at the classification heads"),
-    Entry("mtcnn_det1", "mtcnn", "det1.prototxt", "det1.caffemodel", MTCNN_FLAGS + ["--size", "320", "240"],
-          IMAGENET, FACES, ["--method", "kl", "--head-method", "same"],
-          note="P-Net is fully convolutional: calibrated and evaluated on whole images, 240x320 (the net sees "
-               "them transposed). KL, for its heads too (`--method kl --head-method same`): with full-range heads "
-               "the output cosine is 0.978 instead of 0.986. Its top-1 agreement is eval's classifier metric, the "
-               "argmax over the whole 2xHxW probability map, which says little for P-Net; read the output cosine"),
-    Entry("mtcnn_det2", "mtcnn", "det2.prototxt", "det2.caffemodel", MTCNN_FLAGS, IMAGENET, FACES,
-          note="whole images scaled to 24x24, not P-Net proposals: calibrate on your own proposals to deploy"),
-    Entry("mtcnn_det3", "mtcnn", "det3.prototxt", "det3.caffemodel", MTCNN_FLAGS, IMAGENET, FACES,
-          ["--method", "minmax"],
-          note="whole images scaled to 48x48, not R-Net proposals: calibrate on your own proposals to deploy. "
-               "minmax thresholds everywhere: with KL (heads minmax) the box regression conv6-2 "
-               "reaches a cosine of 0.977 only, and the output cosine is 0.977 mean / 0.643 on the worst image "
-               "(minmax: 0.998 / 0.996)"),
-    Entry("lenet_mnist", "lenet_mnist", "lenet.prototxt", "lenet_iter_10000.caffemodel",
-          ["--norm", "0.00390625", "--color", "gray"], DIGITS_CALIB, DIGITS_EVAL, ["--method", "aciq"],
-          note="ACIQ thresholds: KL clips conv2's input (pool1, signed and spiky: 8-bit pixels times conv1 "
-               "weights) at 0.31 while it reaches 3.25, and the output cosine drops to 0.915 (ACIQ: 0.99996). "
-               "Digit cells of opencv_samples/digits.png padded to 28x28: 200 to calibrate, 200 others to "
-               "evaluate (this script cuts them into $WORK)"),
-    Entry("retinaface_mnet025", "retinaface_mnet025", "mnet-deconv-0517.prototxt", "mnet-deconv-0517.caffemodel",
-          ["--color", "rgb", "--letterbox"], IMAGENET, FACES,
-          note="FPN upsampling by Deconvolution + Crop; the two Deconvolutions stay FP32 (ncnn has no INT8 "
-               "Deconvolution)"),
-    Entry("yoloface_500k_v2", "yoloface_500k_v2", "yoloface-500k-v2.prototxt", "yoloface-500k-v2.caffemodel",
-          ["--norm", "0.00392156862745098", "--color", "rgb"], IMAGENET, FACES,
-          note="Upsample (a fork layer) runs in OpenCV as a registered layer; the SE blocks are two-bottom Scale "
-               "layers"),
-    Entry("shufflenet_v1_driver_action", "shufflenet_v1_driver_action", "shufflenet_l20_50_deploy.prototxt",
-          "shufflenet_l20_50.caffemodel", ["--mean", "103.94", "116.78", "123.68", "--norm", "0.017"], IMAGENET,
-          FACES, note="trained on in-car driver crops, which are not here: whole face photos scaled to 50x50 "
-                      "measure FP32/INT8 agreement only"),
-    Entry("mobilenet_yolov3_lite_lane", "mobilenet_yolov3_lite_lane", "mobilenet_yolov3_lite_deploy.prototxt",
-          "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel",
-          ["--mean", "127.5", "127.5", "127.5", "--norm", "0.007843"], IMAGENET, f"{SHARED}/images/voc_coco_detection",
-          note="DepthwiseConvolution (the fork's type name) is read as a depthwise Convolution; the two "
-               "Deconvolutions stay FP32. This net does not survive per-tensor INT8 activations: with any threshold "
-               "method (KL, minmax, ACIQ, MSE, percentile) the output cosine stays under 0.3, and a numpy "
-               "fake-quantization of the first depthwise layer alone already gives 0.988 (its input's per-channel "
-               "ranges differ by 10x); `int8conv quantize --auto-fp32 0.99` reaches 0.992 only with 14 of its 20 "
-               "convolutions in FP32"),
+    Entry(
+        "res10_300x300_ssd",
+        "res10_300x300_ssd",
+        "deploy.prototxt",
+        "res10_300x300_ssd_iter_140000.caffemodel",
+        ["--mean", "104", "177", "123"],
+        IMAGENET,
+        FACES,
+    ),
+    Entry(
+        "open_nsfw_resnet50_1by2",
+        "open_nsfw_resnet50_1by2",
+        "deploy.prototxt",
+        "resnet_50_1by2_nsfw.caffemodel",
+        ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
+        IMAGENET,
+        f"{SHARED}/images/voc_coco_detection",
+    ),
+    Entry(
+        "yufacedetectnet_v1",
+        "yufacedetectnet_v1",
+        "yufacedetectnet-open-v1.prototxt",
+        "yufacedetectnet-open-v1.caffemodel",
+        [],
+        IMAGENET,
+        FACES,
+    ),
+    Entry(
+        "ultraface_slim320",
+        "ultraface_slim320",
+        "slim-320.prototxt",
+        "slim-320.caffemodel",
+        ["--mean", "127", "127", "127", "--std", "128", "128", "128", "--color", "rgb"],
+        IMAGENET,
+        FACES,
+        note="Head layers (the convolutions whose outputs go straight to `scores` and `boxes`) keep their "
+        "input's full range, calibrate's default `--head-method minmax`: with KL there too (`--head-method "
+        "same`) the INT8 model finds 35% of the FP32 faces, since faces are the rare large values that KL "
+        "clips at the classification heads",
+    ),
+    Entry(
+        "mtcnn_det1",
+        "mtcnn",
+        "det1.prototxt",
+        "det1.caffemodel",
+        MTCNN_FLAGS + ["--size", "320", "240"],
+        IMAGENET,
+        FACES,
+        ["--method", "kl", "--head-method", "same"],
+        note="P-Net is fully convolutional: calibrated and evaluated on whole images, 240x320 (the net sees "
+        "them transposed). KL, for its heads too (`--method kl --head-method same`): with full-range heads "
+        "the output cosine is 0.978 instead of 0.986. Its top-1 agreement is eval's classifier metric, the "
+        "argmax over the whole 2xHxW probability map, which says little for P-Net; read the output cosine",
+    ),
+    Entry(
+        "mtcnn_det2",
+        "mtcnn",
+        "det2.prototxt",
+        "det2.caffemodel",
+        MTCNN_FLAGS,
+        IMAGENET,
+        FACES,
+        note="whole images scaled to 24x24, not P-Net proposals: calibrate on your own proposals to deploy",
+    ),
+    Entry(
+        "mtcnn_det3",
+        "mtcnn",
+        "det3.prototxt",
+        "det3.caffemodel",
+        MTCNN_FLAGS,
+        IMAGENET,
+        FACES,
+        ["--method", "minmax"],
+        note="whole images scaled to 48x48, not R-Net proposals: calibrate on your own proposals to deploy. "
+        "minmax thresholds everywhere: with KL (heads minmax) the box regression conv6-2 "
+        "reaches a cosine of 0.977 only, and the output cosine is 0.977 mean / 0.643 on the worst image "
+        "(minmax: 0.998 / 0.996)",
+    ),
+    Entry(
+        "lenet_mnist",
+        "lenet_mnist",
+        "lenet.prototxt",
+        "lenet_iter_10000.caffemodel",
+        ["--norm", "0.00390625", "--color", "gray"],
+        DIGITS_CALIB,
+        DIGITS_EVAL,
+        ["--method", "aciq"],
+        note="ACIQ thresholds: KL clips conv2's input (pool1, signed and spiky: 8-bit pixels times conv1 "
+        "weights) at 0.31 while it reaches 3.25, and the output cosine drops to 0.915 (ACIQ: 0.99996). "
+        "Digit cells of opencv_samples/digits.png padded to 28x28: 200 to calibrate, 200 others to "
+        "evaluate (this script cuts them into $WORK)",
+    ),
+    Entry(
+        "retinaface_mnet025",
+        "retinaface_mnet025",
+        "mnet-deconv-0517.prototxt",
+        "mnet-deconv-0517.caffemodel",
+        ["--color", "rgb", "--letterbox"],
+        IMAGENET,
+        FACES,
+        note="FPN upsampling by Deconvolution + Crop; the two Deconvolutions stay FP32 (ncnn has no INT8 "
+        "Deconvolution)",
+    ),
+    Entry(
+        "yoloface_500k_v2",
+        "yoloface_500k_v2",
+        "yoloface-500k-v2.prototxt",
+        "yoloface-500k-v2.caffemodel",
+        ["--norm", "0.00392156862745098", "--color", "rgb"],
+        IMAGENET,
+        FACES,
+        note="Upsample (a fork layer) runs in OpenCV as a registered layer; the SE blocks are two-bottom Scale layers",
+    ),
+    Entry(
+        "shufflenet_v1_driver_action",
+        "shufflenet_v1_driver_action",
+        "shufflenet_l20_50_deploy.prototxt",
+        "shufflenet_l20_50.caffemodel",
+        ["--mean", "103.94", "116.78", "123.68", "--norm", "0.017"],
+        IMAGENET,
+        FACES,
+        note="trained on in-car driver crops, which are not here: whole face photos scaled to 50x50 "
+        "measure FP32/INT8 agreement only",
+    ),
+    Entry(
+        "mobilenet_yolov3_lite_lane",
+        "mobilenet_yolov3_lite_lane",
+        "mobilenet_yolov3_lite_deploy.prototxt",
+        "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel",
+        ["--mean", "127.5", "127.5", "127.5", "--norm", "0.007843"],
+        IMAGENET,
+        f"{SHARED}/images/voc_coco_detection",
+        note="DepthwiseConvolution (the fork's type name) is read as a depthwise Convolution; the two "
+        "Deconvolutions stay FP32. This net does not survive per-tensor INT8 activations: with any threshold "
+        "method (KL, minmax, ACIQ, MSE, percentile) the output cosine stays under 0.3, and a numpy "
+        "fake-quantization of the first depthwise layer alone already gives 0.988 (its input's per-channel "
+        "ranges differ by 10x); `int8conv quantize --auto-fp32 0.99` reaches 0.992 only with 14 of its 20 "
+        "convolutions in FP32",
+    ),
 ]
 BY_NAME = {entry.name: entry for entry in ENTRIES}
 
@@ -135,9 +247,9 @@ def resolve(argv: list[str], shared: Path, work: Path) -> list[str]:
     out = [sys.executable, "-m", "int8conv.cli"]
     for arg in argv[1:]:
         if arg.startswith(f"{SHARED}/"):
-            arg = str(shared / arg[len(SHARED) + 1:])
+            arg = str(shared / arg[len(SHARED) + 1 :])
         elif arg.startswith(f"{WORK}/"):
-            arg = str(work / arg[len(WORK) + 1:])
+            arg = str(work / arg[len(WORK) + 1 :])
         out.append(arg)
     return out
 
@@ -151,8 +263,13 @@ def prepare_digits(shared: Path, work: Path) -> None:
 
 def run(argv: list[str], shared: Path, work: Path) -> None:
     print("+", shell_line(argv), flush=True)
-    proc = subprocess.run(resolve(argv, shared, work) + ["-q"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        resolve(argv, shared, work) + ["-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"failed ({proc.returncode}): {shell_line(argv)}")
@@ -184,14 +301,22 @@ def metric_text(report: dict) -> str:
         return f"IoU of the maps > {task['map_threshold']}: mean {task['map_iou']:.3f}, min {task['map_iou_min']:.3f}"
     if "top1_agreement" in task:
         return f"top-1 agreement {task['top1_agreement']:.3f}, mean abs prob diff {task['mean_abs_prob_diff']:.4f}"
-    return (f"precision {task['precision']:.3f}, recall {task['recall']:.3f} "
-            f"({task['reference_detections']} FP32 boxes, score >= {report['score_threshold']})")
+    return (
+        f"precision {task['precision']:.3f}, recall {task['recall']:.3f} "
+        f"({task['reference_detections']} FP32 boxes, score >= {report['score_threshold']})"
+    )
 
 
 def count_images(folder: str, shared: Path, work: Path) -> int:
     from int8conv.calibration.preprocess import list_images
 
     return len(list_images(resolve(["int8conv", folder], shared, work)[-1]))
+
+
+TABLE_HEADER = (
+    "| table | calibrated on (images) | evaluated on (images) | INT8 layers | INT8 vs FP32 "
+    "| output cosine mean / min | INT8/FP32 time |"
+)
 
 
 def readme(results: dict[str, dict], shared: Path, work: Path) -> str:
@@ -202,12 +327,15 @@ def readme(results: dict[str, dict], shared: Path, work: Path) -> str:
         q = report["int8_vs_fp32"]
         ratio = report["speed_ratio_int8_over_fp32"]["1"]
         fp32 = ", FP32: " + ", ".join(report["fp32_layers"]) if report["fp32_layers"] else ""
-        rows.append(f"| `{entry.name}.table` | {Path(entry.calib).name} ({count_images(entry.calib, shared, work)}) "
-                    f"| {Path(entry.eval_images).name} ({report['images']}) | {report['int8_layers']}{fp32} | "
-                    f"{metric_text(report)} | {q['output_cosine']:.4f} / {q['output_cosine_min']:.4f} | {ratio:.2f} |")
+        rows.append(
+            f"| `{entry.name}.table` | {Path(entry.calib).name} ({count_images(entry.calib, shared, work)}) "
+            f"| {Path(entry.eval_images).name} ({report['images']}) | {report['int8_layers']}{fp32} | "
+            f"{metric_text(report)} | {q['output_cosine']:.4f} / {q['output_cosine_min']:.4f} | {ratio:.2f} |"
+        )
         commands = "\n".join(shell_line(c) for c in entry.commands())
-        sections.append(f"### {entry.name}.table\n\n" + (f"{entry.note}.\n\n" if entry.note else "")
-                        + f"```sh\n{commands}\n```\n")
+        sections.append(
+            f"### {entry.name}.table\n\n" + (f"{entry.note}.\n\n" if entry.note else "") + f"```sh\n{commands}\n```\n"
+        )
     return f"""# Calibrated INT8 tables for the shared models
 
 One table per model in `../shared/models`, named after the model's folder (MTCNN: one per net), in the format
@@ -229,7 +357,7 @@ task metric (detections: same class, IoU >= 0.5), the mean / lowest per-image co
 models, the inputs of DetectionOutput), and the INT8/FP32 ratio of median ms/image on one thread (a shared
 machine: see `benchmarks/` for side-by-side speed runs).
 
-| table | calibrated on (images) | evaluated on (images) | INT8 layers | INT8 vs FP32 | output cosine mean / min | INT8/FP32 time |
+{TABLE_HEADER}
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
@@ -257,8 +385,11 @@ def main(argv: list[str] | None = None) -> int:
             make_table(entry, shared, work)
             if not args.no_eval:
                 results[entry.name] = evaluate(entry, shared, work)
-                print(f"  {entry.name}: {metric_text(results[entry.name])}, output cosine "
-                      f"{results[entry.name]['int8_vs_fp32']['output_cosine']:.4f}", flush=True)
+                print(
+                    f"  {entry.name}: {metric_text(results[entry.name])}, output cosine "
+                    f"{results[entry.name]['int8_vs_fp32']['output_cosine']:.4f}",
+                    flush=True,
+                )
         if not args.only and not args.no_eval:
             from int8conv.atomic import write_text_atomic
 

@@ -3,6 +3,7 @@
 Tests on real models use ``shared`` (``../shared`` or ``INT8CONV_SHARED``). Without it they skip,
 unless ``INT8CONV_REQUIRE_SHARED=1`` (set by CI), which turns the skip into a failure.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,4 +67,5 @@ def exported(shared):
         if key not in _EXPORTS:
             _EXPORTS[key] = onnx_models.Exported(shared, key)
         return _EXPORTS[key]
+
     return get

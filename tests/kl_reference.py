@@ -7,11 +7,12 @@ expanded back (empty bins stay 0); both normalized; KL(P || Q) = sum over P > 0 
 infinite where P > 0 and Q == 0. Kept apart from the package so the two never share code.
 Also the source of real activations (res10 SSD) both are compared on.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -83,4 +84,4 @@ def res10_activations(shared: Path, images: int) -> Iterator[dict[str, np.ndarra
     for path in sorted((shared / "images" / "faces").glob("*.jpg"))[:images]:
         blob = cv2.dnn.blobFromImage(cv2.imread(str(path)), 1.0, (300, 300), (104, 177, 123))
         net.setInput(blob)
-        yield dict(zip(names, net.forward(names)))
+        yield dict(zip(names, net.forward(names), strict=True))

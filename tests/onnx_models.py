@@ -1,4 +1,5 @@
 """Shared models exported to ONNX once per session, with their inputs: what the ONNX and TensorRT tests share."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +19,19 @@ from int8conv.tensorrt.ranges import tensor_ranges, value_ranges
 from int8conv.zoo import MODELS as SHARED_MODELS
 
 #: key: the shared model and the image pool its inputs come from (lenet: digit cells, see ``digits``)
-MODELS = {"lenet": ("lenet", "digits"), "det1": ("det1", "faces"), "det2": ("det2", "faces"),
-          "det3": ("det3", "faces"), "det4": ("det4", "faces"), "nsfw": ("open_nsfw", "imagenet_samples_200"),
-          "res10": ("res10", "faces"), "ultraface": ("ultraface", "faces"), "yunet": ("yufacedetectnet", "faces")}
-CALIBRATION = slice(0, 8)   # images that calibrate
-HELD_OUT = slice(8, 14)     # images that judge
+MODELS = {
+    "lenet": ("lenet", "digits"),
+    "det1": ("det1", "faces"),
+    "det2": ("det2", "faces"),
+    "det3": ("det3", "faces"),
+    "det4": ("det4", "faces"),
+    "nsfw": ("open_nsfw", "imagenet_samples_200"),
+    "res10": ("res10", "faces"),
+    "ultraface": ("ultraface", "faces"),
+    "yunet": ("yufacedetectnet", "faces"),
+}
+CALIBRATION = slice(0, 8)  # images that calibrate
+HELD_OUT = slice(8, 14)  # images that judge
 
 
 def session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
@@ -39,7 +48,7 @@ def model_paths(shared: Path, key: str) -> tuple[Path, Path]:
 def digits(shared: Path, which: slice) -> list[np.ndarray]:
     """MNIST-style inputs: 20x20 cells of OpenCV's digits.png padded to 28x28, /256 (lenet's SOURCE.txt)."""
     sheet = cv2.imread(str(shared / "images" / "opencv_samples" / "digits.png"), cv2.IMREAD_GRAYSCALE)
-    cells = [sheet[r * 20:(r + 1) * 20, c * 20:(c + 1) * 20] for r in range(0, 50, 5) for c in range(0, 100, 37)]
+    cells = [sheet[r * 20 : (r + 1) * 20, c * 20 : (c + 1) * 20] for r in range(0, 50, 5) for c in range(0, 100, 37)]
     return [np.pad(cell, 4).astype(np.float32)[None, None] / 256 for cell in cells[which]]
 
 
@@ -77,7 +86,7 @@ class Exported:
 
     def run(self, x: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
         names = names or self.export.outputs
-        return dict(zip(names, self.session.run(names, {self.input: x})))
+        return dict(zip(names, self.session.run(names, {self.input: x}), strict=True))
 
     def ranges(self, shared: Path, method: str) -> dict[str, float]:
         """Tensor ranges from statistics of the calibration images (OpenCV engine, every value)."""

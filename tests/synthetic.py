@@ -2,6 +2,7 @@
 
 The reference is deliberately naive (explicit loops over kernel offsets) so that it is obviously correct.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ from google.protobuf import text_format
 from int8conv.caffe.proto import caffe_pb2
 
 
-def write_caffe_model(directory: Path, prototxt: str, weights: dict[str, list[np.ndarray]],
-                      name: str = "net") -> tuple[Path, Path]:
+def write_caffe_model(
+    directory: Path, prototxt: str, weights: dict[str, list[np.ndarray]], name: str = "net"
+) -> tuple[Path, Path]:
     """Write ``name.prototxt`` and ``name.caffemodel`` (weights keyed by layer name)."""
     directory.mkdir(parents=True, exist_ok=True)
     net = caffe_pb2.NetParameter()
@@ -30,8 +32,9 @@ def write_caffe_model(directory: Path, prototxt: str, weights: dict[str, list[np
     return proto_path, model_path
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=(1, 1), pad=(0, 0), dilation=(1, 1),
-           group: int = 1) -> np.ndarray:
+def conv2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=(1, 1), pad=(0, 0), dilation=(1, 1), group: int = 1
+) -> np.ndarray:
     """Caffe convolution, NCHW, by summing shifted slices: one loop per kernel offset."""
     n, c, h, wd = x.shape
     out_c, cin_g, kh, kw = w.shape
@@ -41,13 +44,13 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride=(1, 1), pa
     out = np.zeros((n, out_c, oh, ow), dtype=np.float64)
     per_group = out_c // group
     for g in range(group):
-        xs = xp[:, g * cin_g:(g + 1) * cin_g]
-        ws = w[g * per_group:(g + 1) * per_group]
+        xs = xp[:, g * cin_g : (g + 1) * cin_g]
+        ws = w[g * per_group : (g + 1) * per_group]
         for i in range(kh):
             for j in range(kw):
                 y0, x0 = i * dilation[0], j * dilation[1]
-                patch = xs[:, :, y0:y0 + stride[0] * oh:stride[0], x0:x0 + stride[1] * ow:stride[1]]
-                out[:, g * per_group:(g + 1) * per_group] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+                patch = xs[:, :, y0 : y0 + stride[0] * oh : stride[0], x0 : x0 + stride[1] * ow : stride[1]]
+                out[:, g * per_group : (g + 1) * per_group] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
     if b is not None:
         out += b.reshape(1, -1, 1, 1)
     return out.astype(np.float32)
@@ -61,5 +64,5 @@ def max_pool(x: np.ndarray, k: int, s: int) -> np.ndarray:
     out = np.full((n, c, oh, ow), -np.inf, dtype=np.float32)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = x[:, :, i * s:min(i * s + k, h), j * s:min(j * s + k, w)].max(axis=(2, 3))
+            out[:, :, i, j] = x[:, :, i * s : min(i * s + k, h), j * s : min(j * s + k, w)].max(axis=(2, 3))
     return out

@@ -4,6 +4,7 @@ ARM, and ``install-arm``'s refusals.
 Tests that run ARM code need the environment ``int8conv install-arm`` builds (or an aarch64 host). Without it they
 skip with the reason, except with ``INT8CONV_REQUIRE_ARM=1`` (set in CI), where they fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,17 @@ def arm() -> None:
 
 # ------------------------------------------------------------------------------------------------ runner
 
+
 def _chain(tmp_path: Path) -> tuple[tuple[Path, Path], tuple[Path, Path], np.ndarray]:
     """A 3x3 conv (ReLU) + 1x1 conv net, FP32 and INT8 (absmax scales), and an input."""
     rng = np.random.default_rng(3)
-    model = NcnnModel([_input(8, 10, 10),
-                       _conv("c1", "data", "a", rng.normal(size=(16, 8, 3, 3)), rng.normal(size=16) * 0.1, relu=True),
-                       _conv("c2", "a", "out", rng.normal(size=(4, 16, 1, 1)), rng.normal(size=4) * 0.1, pad=0)])
+    model = NcnnModel(
+        [
+            _input(8, 10, 10),
+            _conv("c1", "data", "a", rng.normal(size=(16, 8, 3, 3)), rng.normal(size=16) * 0.1, relu=True),
+            _conv("c2", "a", "out", rng.normal(size=(4, 16, 1, 1)), rng.normal(size=4) * 0.1, pad=0),
+        ]
+    )
     x = rng.normal(size=(8, 10, 10)).astype(np.float32)
     peak = float(np.abs(NcnnRunner(*_save(model, tmp_path, "fp32"), int8=False).extract({"data": x}, ["a"])["a"]).max())
     table = _absmax_table(model, {"c1": float(np.abs(x).max()), "c2": peak})
@@ -73,13 +79,14 @@ def test_runner_round_trip_matches_x86(arm, tmp_path):
                 assert got.dtype == np.float32 and got.shape == expected[blob].shape
                 tolerance = 1e-4 if m == 0 else 1.0 / 127 * np.abs(expected[blob]).max() + 1e-6
                 np.testing.assert_allclose(got, expected[blob], atol=tolerance)
-                np.testing.assert_array_equal(got, a76.outputs[m][i][blob])   # fp16 off: CPU-independent
+                np.testing.assert_array_equal(got, a76.outputs[m][i][blob])  # fp16 off: CPU-independent
     fp16 = run_arm(models[:1], inputs[:1], ArmOptions("cortex-a76", fp16=True)).outputs[0][0]["out"]
     exact = a76.outputs[0][0]["out"]
     assert not np.array_equal(fp16, exact) and cosine(fp16, exact) > 0.999
 
 
 # ------------------------------------------------------------------------------------------------ 6-bit rule
+
 
 @pytest.mark.arm
 def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_path):
@@ -100,8 +107,11 @@ def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_pa
     reference = NcnnRunner(*_save(model, tmp_path, "fp32"), int8=False).run({"data": x})["out"]
     models = []
     for levels in (127, 31):
-        files = _save(quantize_model(model, _absmax_table(model, {"c": 5.0}, levels), fp16_storage=False),
-                      tmp_path, f"int8-{levels}")
+        files = _save(
+            quantize_model(model, _absmax_table(model, {"c": 5.0}, levels), fp16_storage=False),
+            tmp_path,
+            f"int8-{levels}",
+        )
         models += [ArmModel(*files, True, ["out"], winograd=True), ArmModel(*files, True, ["out"], winograd=False)]
     x86_8bit = cosine(NcnnRunner(models[0].param, models[0].bin, int8=True).run({"data": x})["out"], reference)
     found = {}
@@ -111,8 +121,12 @@ def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_pa
         assert found[cpu][1] > 0.9999 and found[cpu][2] > 0.999 and found[cpu][3] > 0.999, (cpu, found[cpu])
         if cpu == "cortex-a76":
             np.testing.assert_array_equal(outputs[0][0]["out"], outputs[1][0]["out"])
-    print("ARM INT8 vs FP32 cosine [8-bit Winograd, 8-bit direct, 6-bit Winograd, 6-bit direct]:", found,
-          "x86 8-bit Winograd:", x86_8bit)
+    print(
+        "ARM INT8 vs FP32 cosine [8-bit Winograd, 8-bit direct, 6-bit Winograd, 6-bit direct]:",
+        found,
+        "x86 8-bit Winograd:",
+        x86_8bit,
+    )
     assert found["cortex-a53"][0] < 0.5 and found["cortex-a53"][0] == pytest.approx(x86_8bit, abs=1e-6)
     assert found["cortex-a76"][0] > 0.9999
 
@@ -131,13 +145,55 @@ def test_eval_arch_arm64_on_shared_models(key, arm, shared, tmp_path, capsys):
     proto, caffemodel = spec.paths(shared)
     model_args = ["--proto", str(proto), "--model", str(caffemodel)]
     table = tmp_path / f"{key}.table"
-    assert cli(["-q", "calibrate", *model_args, *cli_flags(spec.prep), "--images", str(shared / "images" / VOC),
-                "--max-images", "4", "--backend", "opencv", "--output", str(table)]) == 0
+    assert (
+        cli(
+            [
+                "-q",
+                "calibrate",
+                *model_args,
+                *cli_flags(spec.prep),
+                "--images",
+                str(shared / "images" / VOC),
+                "--max-images",
+                "4",
+                "--backend",
+                "opencv",
+                "--output",
+                str(table),
+            ]
+        )
+        == 0
+    )
     assert cli(["-q", "convert", *model_args, "--out-dir", str(tmp_path)]) == 0
     param, binary = tmp_path / f"{caffemodel.stem}.param", tmp_path / f"{caffemodel.stem}.bin"
-    assert cli(["-q", "eval", *model_args, *cli_flags(spec.prep), "--param", str(param), "--bin", str(binary),
-                "--table", str(table), "--images", str(shared / "images" / FACES), "--max-images", "4",
-                "--arch", "arm64", "--arm-cpu", "cortex-a76", "--arm-fp16", "off", "--json"]) == 0
+    assert (
+        cli(
+            [
+                "-q",
+                "eval",
+                *model_args,
+                *cli_flags(spec.prep),
+                "--param",
+                str(param),
+                "--bin",
+                str(binary),
+                "--table",
+                str(table),
+                "--images",
+                str(shared / "images" / FACES),
+                "--max-images",
+                "4",
+                "--arch",
+                "arm64",
+                "--arm-cpu",
+                "cortex-a76",
+                "--arm-fp16",
+                "off",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     print(json.dumps({k: report[k] for k in ("int8_vs_fp32", "arm_vs_x86", "arm_ms_per_image")}, indent=1))
     assert report["images"] == 4 and report["arm"]["machine"] == "aarch64" and report["arm"]["fp16"] is False
@@ -156,6 +212,7 @@ def test_eval_arch_arm64_on_shared_models(key, arm, shared, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ refusals
+
 
 def test_install_arm_refuses_on_an_arm_host(monkeypatch):
     monkeypatch.setattr(install.platform, "machine", lambda: "aarch64")
@@ -196,11 +253,13 @@ def test_debian_mirror_from_apt_sources(tmp_path):
     """The mirror comes from apt's own sources: deb822 .sources and one-line .list, options in brackets."""
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list.d" / "other.list").write_text(
-        "deb [arch=amd64 signed-by=/k.gpg] https://example.invalid/apt stable main\n")
+        "deb [arch=amd64 signed-by=/k.gpg] https://example.invalid/apt stable main\n"
+    )
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian/\nSuites: bookworm bookworm-updates\n"
         "Components: main\n\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\n"
-        "Components: main\n")
+        "Components: main\n"
+    )
     assert install.debian_mirror(tmp_path) == "http://mirror.invalid/debian"
     (tmp_path / "sources.list.d" / "debian.sources").unlink()
     (tmp_path / "sources.list").write_text("# none\ndeb http://other.invalid/debian trixie main contrib\n")

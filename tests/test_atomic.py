@@ -1,4 +1,5 @@
 """Atomic output: an interrupted write leaves the previous file (or nothing), never a partial one."""
+
 from __future__ import annotations
 
 import errno

@@ -1,5 +1,6 @@
 """``--method auto``: the selection keeps a table at least as good as every candidate, within its run budget, and
 its thresholds are what the ncnn files get (the TensorRT side: ``test_threshold_source``'s auto cases)."""
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,7 @@ def test_auto_is_at_least_as_good_as_every_candidate(yunet, tmp_path):
     fp32 = convert_graph(graph)
     score = OutputScorer(fp32, [{fp32.input_names[0]: x} for x in inputs], tmp_path, "auto", False, 1)
     chosen = score(result.table)
-    assert chosen == pytest.approx(result.scores["auto"], abs=1e-9)      # rescored independently
+    assert chosen == pytest.approx(result.scores["auto"], abs=1e-9)  # rescored independently
     for method in AUTO_CANDIDATES:
         assert chosen >= score(build_table(graph, result.statistics, method).table) - 1e-12, method
     assert result.method == "auto" and set(result.layer_methods) == set(result.thresholds)
@@ -67,7 +68,7 @@ def test_runs_stay_within_the_budget(yunet, monkeypatch):
     monkeypatch.setattr(OutputScorer, "__call__", lambda self, table: calls.append(1) or original(self, table))
     again = calibrate_auto(graph, result.statistics, inputs)
     assert 0 < len(calls) <= run_budget(result.statistics.images_used, len(inputs), len(AUTO_CANDIDATES))
-    assert again.table.activation_scales == result.table.activation_scales      # deterministic
+    assert again.table.activation_scales == result.table.activation_scales  # deterministic
     # no refinement runs: the best whole-model candidate, unchanged
     only = calibrate_auto(graph, result.statistics, inputs, max_runs=len(AUTO_CANDIDATES))
     best = max(AUTO_CANDIDATES, key=lambda m: only.scores[m])

@@ -3,6 +3,7 @@
 Tests that need pycaffe skip when it is not importable, unless ``INT8CONV_REQUIRE_CAFFE=1`` (CI builds it with
 ``int8conv install-caffe --install-deps`` first, in .ci/run), which turns the skip into a failure.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -34,6 +35,7 @@ RNG = np.random.default_rng(7)
 
 
 # ---------------------------------------------------------------- install-caffe, without building
+
 
 def test_sdist_with_wrong_hash_is_refused_and_removed(tmp_path):
     fake = tmp_path / caffe_build.SDIST_NAME
@@ -93,8 +95,9 @@ def test_unpack_keeps_paths_inside_the_tree(tmp_path):
 def test_failed_step_names_itself_and_shows_the_log(tmp_path):
     log_file = tmp_path / "build.log"
     with pytest.raises(caffe_build.BuildFailed) as failure:
-        caffe_build._run_logged([sys.executable, "-c", "print('compiler says no'); raise SystemExit(3)"],
-                                "make pycaffe", log_file)
+        caffe_build._run_logged(
+            [sys.executable, "-c", "print('compiler says no'); raise SystemExit(3)"], "make pycaffe", log_file
+        )
     message = str(failure.value)
     assert "make pycaffe failed with exit code 3" in message
     assert "compiler says no" in message and str(log_file) in message
@@ -112,8 +115,7 @@ def test_unsupported_platform_is_refused(monkeypatch):
 @pytest.mark.skipif(not Path("/etc/debian_version").exists(), reason="needs dpkg (Debian)")
 def test_missing_debian_package_prints_the_apt_line(monkeypatch, tmp_path):
     monkeypatch.setattr(caffe_build, "DEBIAN_PACKAGES", ("int8conv-no-such-package",))
-    with pytest.raises(BackendUnavailable,
-                       match="apt-get install -y --no-install-recommends int8conv-no-such-package"):
+    with pytest.raises(BackendUnavailable, match="apt-get install -y --no-install-recommends int8conv-no-such-package"):
         caffe_build.check_toolchain(install_deps=False, log_file=tmp_path / "log")
 
 
@@ -134,6 +136,7 @@ def test_build_key_follows_python_and_numpy_abi(monkeypatch):
 
 
 # ---------------------------------------------------------------- the built pycaffe
+
 
 def test_second_install_reuses_the_cache(caffe):
     """`int8conv install-caffe` on a machine that already built it re-links in seconds."""
@@ -199,6 +202,7 @@ def test_engine_errors_are_clear(caffe, mixed_net):
 
 # ---------------------------------------------------------------- real models: pycaffe == OpenCV
 
+
 def _model_paths(shared: Path, key: str) -> tuple[Path, Path]:
     return SHARED_MODELS[key].paths(shared)
 
@@ -253,8 +257,18 @@ def test_tables_equal_opencv_to_4_significant_digits(caffe, shared, tmp_path, ke
     tables, stats = {}, {}
     for backend in ("caffe", "opencv"):
         out, saved = tmp_path / f"{backend}.table", tmp_path / f"{backend}.stats"
-        args = [*model_args(shared, key), "--max-images", "4", "--backend", backend, "-q", "--output", str(out),
-                "--save-stats", str(saved)]
+        args = [
+            *model_args(shared, key),
+            "--max-images",
+            "4",
+            "--backend",
+            backend,
+            "-q",
+            "--output",
+            str(out),
+            "--save-stats",
+            str(saved),
+        ]
         assert int8conv_main(["calibrate", *args]) == 0
         tables[backend], stats[backend] = read_ncnn_table(out), CalibrationStatistics.load(saved)
     mine, theirs = tables["caffe"], tables["opencv"]
@@ -266,8 +280,11 @@ def test_tables_equal_opencv_to_4_significant_digits(caffe, shared, tmp_path, ke
         other = stats["caffe"].histograms[value]
         assert other.absmax == pytest.approx(hist.absmax, rel=1e-4), value
         assert _moved_fraction(other, hist) <= 1e-3, value
-    flips = {layer: mine.activation_scales[layer] / scale - 1 for layer, scale in theirs.activation_scales.items()
-             if mine.activation_scales[layer] != pytest.approx(scale, rel=5e-4)}
+    flips = {
+        layer: mine.activation_scales[layer] / scale - 1
+        for layer, scale in theirs.activation_scales.items()
+        if mine.activation_scales[layer] != pytest.approx(scale, rel=5e-4)
+    }
     assert len(flips) <= max(1, len(theirs.activation_scales) // 20), flips  # KL near-ties are rare
 
     graph = load_graph(*_model_paths(shared, key))
@@ -288,21 +305,39 @@ def test_convert_tool_runs_on_pycaffe(caffe, shared, tmp_path):
     images.mkdir()
     for source in list_images(shared / "images" / "faces")[:3]:
         (images / source.name).symlink_to(source)
-    original = [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(proto), "--model", str(model),
-                "--mean", "104", "177", "123", "--norm", "1", "--images", str(images)]
+    original = [
+        sys.executable,
+        str(ROOT / "convert_tool.py"),
+        "--proto",
+        str(proto),
+        "--model",
+        str(model),
+        "--mean",
+        "104",
+        "177",
+        "123",
+        "--norm",
+        "1",
+        "--images",
+        str(images),
+    ]
     tables = []
     for extra in (["--backend", "caffe"], []):
         out = tmp_path / f"res10{len(tables)}.table"
-        done = subprocess.run([*original, "--output", str(out), *extra], capture_output=True, text=True, cwd=ROOT,
-                              timeout=300)
+        done = subprocess.run(
+            [*original, "--output", str(out), *extra], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
         assert done.returncode == 0, done.stderr
         assert f"with {'caffe' if extra else 'ncnn'}" in done.stderr, done.stderr
         assert "InitGoogleLogging" not in done.stderr, done.stderr
         tables.append(read_ncnn_table(out))
     for layer, scales in tables[0].weight_scales.items():
         np.testing.assert_array_equal(tables[1].weight_scales[layer], scales)
-    flips = [layer for layer, scale in tables[0].activation_scales.items()
-             if tables[1].activation_scales[layer] != pytest.approx(scale, rel=5e-4)]
+    flips = [
+        layer
+        for layer, scale in tables[0].activation_scales.items()
+        if tables[1].activation_scales[layer] != pytest.approx(scale, rel=5e-4)
+    ]
     assert len(flips) <= 1, flips
     table = tables[0]
     deploy = fold_batchnorm_scale(load_graph(proto, model))

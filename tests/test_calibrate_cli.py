@@ -1,4 +1,5 @@
 """`convert_tool.py` / `int8conv calibrate` end to end on the real models, and its errors."""
+
 from __future__ import annotations
 
 import shutil
@@ -21,14 +22,29 @@ from int8conv.zoo import cli_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the shared models calibrate takes from images (det4's 15-channel input cannot be fed), with their images
-MODELS = {"res10": "faces", "open_nsfw": "imagenet_samples_200", "yufacedetectnet": "faces", "ultraface": "faces",
-          "det1": "faces", "det2": "faces", "det3": "faces", "lenet": "opencv_samples"}
+MODELS = {
+    "res10": "faces",
+    "open_nsfw": "imagenet_samples_200",
+    "yufacedetectnet": "faces",
+    "ultraface": "faces",
+    "det1": "faces",
+    "det2": "faces",
+    "det3": "faces",
+    "lenet": "opencv_samples",
+}
 
 
 def model_args(shared: Path, key: str) -> list[str]:
     proto, model = SHARED_MODELS[key].paths(shared)
-    return ["--proto", str(proto), "--model", str(model), "--images", str(shared / "images" / MODELS[key]),
-            *cli_flags(SHARED_MODELS[key].prep)]
+    return [
+        "--proto",
+        str(proto),
+        "--model",
+        str(model),
+        "--images",
+        str(shared / "images" / MODELS[key]),
+        *cli_flags(SHARED_MODELS[key].prep),
+    ]
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
@@ -66,9 +82,28 @@ def test_original_command_line(shared, tmp_path):
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "res10.table"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "convert_tool.py"), "--proto", str(proto),
-         "--model", str(model), "--mean", "104", "177", "123", "--norm", "1",
-         "--images", str(images), "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
+        [
+            sys.executable,
+            str(ROOT / "convert_tool.py"),
+            "--proto",
+            str(proto),
+            "--model",
+            str(model),
+            "--mean",
+            "104",
+            "177",
+            "123",
+            "--norm",
+            "1",
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "3 used, 1 skipped" in proc.stdout and "corrupt.jpg" in proc.stderr
     table = read_ncnn_table(out)
@@ -85,14 +120,42 @@ def test_saved_statistics_merge_like_one_run(shared, tmp_path):
         sets.append(listing)
     base = model_args(shared, "res10")
     # a histogram method: the property is the histograms' (auto without images to validate on falls back to mse)
-    base = base[:base.index("--images")] + base[base.index("--images") + 2:] + ["-q", "--backend", "opencv",
-                                                                                "--method", "mse"]
+    base = (
+        base[: base.index("--images")]
+        + base[base.index("--images") + 2 :]
+        + ["-q", "--backend", "opencv", "--method", "mse"]
+    )
     for listing in sets[:2]:
-        assert int8conv_main(["calibrate", *base, "--images", str(listing), "--output", str(tmp_path / "x.table"),
-                              "--save-stats", str(tmp_path / f"{listing.stem}.npz")]) == 0
+        assert (
+            int8conv_main(
+                [
+                    "calibrate",
+                    *base,
+                    "--images",
+                    str(listing),
+                    "--output",
+                    str(tmp_path / "x.table"),
+                    "--save-stats",
+                    str(tmp_path / f"{listing.stem}.npz"),
+                ]
+            )
+            == 0
+        )
     assert int8conv_main(["calibrate", *base, "--images", str(sets[2]), "--output", str(tmp_path / "one.table")]) == 0
-    assert int8conv_main(["calibrate", *base, "--load-stats", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
-                          "--output", str(tmp_path / "merged.table")]) == 0
+    assert (
+        int8conv_main(
+            [
+                "calibrate",
+                *base,
+                "--load-stats",
+                str(tmp_path / "a.npz"),
+                str(tmp_path / "b.npz"),
+                "--output",
+                str(tmp_path / "merged.table"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "merged.table").read_text() == (tmp_path / "one.table").read_text()
 
 
@@ -109,18 +172,49 @@ def test_errors_exit_2_and_name_the_problem(shared, tmp_path, capsys):
     assert not (tmp_path / "t.table").exists()
     other = model_args(shared, "lenet")
     wrong_stats = tmp_path / "lenet.npz"
-    assert int8conv_main(["calibrate", *other, "--max-images", "2", "-q", "--output", str(tmp_path / "l.table"),
-                          "--save-stats", str(wrong_stats)]) == 0
-    assert int8conv_main(["calibrate", *args, "--load-stats", str(wrong_stats),
-                          "--output", str(tmp_path / "t.table")]) == 2
+    assert (
+        int8conv_main(
+            [
+                "calibrate",
+                *other,
+                "--max-images",
+                "2",
+                "-q",
+                "--output",
+                str(tmp_path / "l.table"),
+                "--save-stats",
+                str(wrong_stats),
+            ]
+        )
+        == 0
+    )
+    assert (
+        int8conv_main(["calibrate", *args, "--load-stats", str(wrong_stats), "--output", str(tmp_path / "t.table")])
+        == 2
+    )
     assert "collected for lenet_iter_10000.caffemodel" in capsys.readouterr().err
 
 
 def test_legacy_table_is_blob_keyed_per_tensor(shared, tmp_path):
     """--legacy-table: one 127/max|W| per layer, activation scales keyed by the Caffe blob each layer reads."""
     out = tmp_path / "legacy.table"
-    assert int8conv_main(["calibrate", *model_args(shared, "det2"), "--max-images", "4", "--backend", "opencv", "-q",
-                          "--legacy-table", "--output", str(out)]) == 0
+    assert (
+        int8conv_main(
+            [
+                "calibrate",
+                *model_args(shared, "det2"),
+                "--max-images",
+                "4",
+                "--backend",
+                "opencv",
+                "-q",
+                "--legacy-table",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     graph = load_graph(*SHARED_MODELS["det2"].paths(shared))
     layers = quantizable_layers(fold_batchnorm_scale(graph))
     lines = dict(line.split() for line in out.read_text().splitlines())

@@ -1,4 +1,5 @@
 """Head layers (feeding the outputs only through reshapes/softmax) keep their input's full range."""
+
 from __future__ import annotations
 
 import cv2
@@ -27,9 +28,11 @@ layer { name: "mid_relu" type: "ReLU" bottom: "mid" top: "mid" }
 
 def test_heads_use_absmax(tmp_path):
     rng = np.random.default_rng(3)
-    weights = {"body": [rng.normal(size=(8, 3, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
-               "mid": [rng.normal(size=(8, 8, 1, 1)).astype(np.float32), np.zeros(8, np.float32)],
-               "conf": [rng.normal(size=(4, 8, 1, 1)).astype(np.float32), np.zeros(4, np.float32)]}
+    weights = {
+        "body": [rng.normal(size=(8, 3, 3, 3)).astype(np.float32), np.zeros(8, np.float32)],
+        "mid": [rng.normal(size=(8, 8, 1, 1)).astype(np.float32), np.zeros(8, np.float32)],
+        "conf": [rng.normal(size=(4, 8, 1, 1)).astype(np.float32), np.zeros(4, np.float32)],
+    }
     proto, model = write_caffe_model(tmp_path, NET, weights)
     graph = load_graph(proto, model)
     assert head_layers(fold_batchnorm_scale(graph)) == {"conf"}

@@ -2,6 +2,7 @@
 
 FP32 results are checked against the known Caffe results in each model's SOURCE.txt; INT8 against FP32.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,13 @@ pytestmark = [pytest.mark.slow]
 
 
 def run_demo(script: str, *args: str, shared: Path) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "demos" / script), *args, "--runs", "1"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "INT8CONV_SHARED": str(shared),
-                                                               "INT8CONV_QUIET": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "demos" / script), *args, "--runs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "INT8CONV_SHARED": str(shared), "INT8CONV_QUIET": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -33,12 +38,24 @@ def test_classify_open_nsfw_default(shared, tmp_path):
     """No model flags: open_nsfw. caffe_cat.jpg -> SFW 1.0 and coffee.png -> SFW 0.982 (SOURCE.txt)."""
     images = tmp_path / "images"
     images.mkdir()
-    for source in (shared / "images" / "voc_coco_detection" / "caffe_cat.jpg", shared / "images" / "skimage" /
-                   "coffee.png"):
+    for source in (
+        shared / "images" / "voc_coco_detection" / "caffe_cat.jpg",
+        shared / "images" / "skimage" / "coffee.png",
+    ):
         (images / source.name).write_bytes(source.read_bytes())
     out = tmp_path / "out"
-    stdout = run_demo("classify.py", "--images", str(images), "--out-dir", str(out), "--calib-images",
-                      str(shared / "images" / "imagenet_samples_200"), "--max-calib-images", "4", shared=shared)
+    stdout = run_demo(
+        "classify.py",
+        "--images",
+        str(images),
+        "--out-dir",
+        str(out),
+        "--calib-images",
+        str(shared / "images" / "imagenet_samples_200"),
+        "--max-calib-images",
+        "4",
+        shared=shared,
+    )
     fp32 = dict(re.findall(r"^(\S+)\n  FP32 +[\d.]+ ms  (.+)$", stdout, re.M))
     int8 = dict(re.findall(r"^(\S+)\n  FP32 .+\n  INT8 +[\d.]+ ms  (.+)$", stdout, re.M))
     assert fp32["caffe_cat.jpg"].startswith("SFW 1.0000")
@@ -55,10 +72,19 @@ def test_classify_open_nsfw_default(shared, tmp_path):
 
 def test_classify_lenet_digits(shared, tmp_path):
     """LeNet preset: calibrated on digit cells it cuts itself; FP32 reads the digits, INT8 agrees."""
-    digits = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png", tmp_path / "digits", 10,
-                               offset=7)
-    stdout = run_demo("classify.py", "--model-name", "lenet", "--images", str(digits), "--out-dir",
-                      str(tmp_path / "out"), "--top-k", "3", shared=shared)
+    digits = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png", tmp_path / "digits", 10, offset=7)
+    stdout = run_demo(
+        "classify.py",
+        "--model-name",
+        "lenet",
+        "--images",
+        str(digits),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--top-k",
+        "3",
+        shared=shared,
+    )
     rows = re.findall(r"^digit(\d)_\d+\.png\n  FP32 .+ ms  (\d) [\d.]+.*\n  INT8 .+ ms  (\d) ", stdout, re.M)
     assert len(rows) == 10
     assert sum(truth == fp32 for truth, fp32, _ in rows) >= 8  # SOURCE.txt: 88.4% top-1 on these digits
@@ -66,13 +92,16 @@ def test_classify_lenet_digits(shared, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == 10
 
 
-@pytest.mark.parametrize("preset, image, faces", [
-    ("res10", "bobmtcnn_multiple-faces.jpg", 18),
-    ("yufacedetectnet", "libfacedetection_keliamoniz1.jpg", 1),
-    ("ultraface", "dlib_2008_001322.jpg", 3),      # host-decoded
-    ("retinaface", "bobmtcnn_multiple-faces.jpg", 18),   # host-decoded anchors + landmarks, letterboxed
-    ("yoloface", "bobmtcnn_multiple-faces.jpg", 19),     # darknet heads (OpenCV FP32 finds 19 here)
-])
+@pytest.mark.parametrize(
+    "preset, image, faces",
+    [
+        ("res10", "bobmtcnn_multiple-faces.jpg", 18),
+        ("yufacedetectnet", "libfacedetection_keliamoniz1.jpg", 1),
+        ("ultraface", "dlib_2008_001322.jpg", 3),  # host-decoded
+        ("retinaface", "bobmtcnn_multiple-faces.jpg", 18),  # host-decoded anchors + landmarks, letterboxed
+        ("yoloface", "bobmtcnn_multiple-faces.jpg", 19),  # darknet heads (OpenCV FP32 finds 19 here)
+    ],
+)
 def test_ssd_detect_presets(shared, tmp_path, preset, image, faces):
     """FP32 finds the faces SOURCE.txt lists; the picture has the FP32 and INT8 panels side by side."""
     images = tmp_path / "images"
@@ -80,10 +109,10 @@ def test_ssd_detect_presets(shared, tmp_path, preset, image, faces):
     (images / image).write_bytes((shared / "images" / "faces" / image).read_bytes())
     out = tmp_path / "out"
     args = ["--images", str(images), "--out-dir", str(out), "--max-calib-images", "4"]
-    stdout = run_demo("ssd_detect.py", *(["--model-name", preset] if preset != "res10" else []), *args,
-                      shared=shared)
-    found = re.search(rf"^{re.escape(image)}: FP32 (\d+) box\(es\) .+ \| INT8 (\d+) box\(es\) .+ \| (\d+) INT8 box",
-                      stdout, re.M)
+    stdout = run_demo("ssd_detect.py", *(["--model-name", preset] if preset != "res10" else []), *args, shared=shared)
+    found = re.search(
+        rf"^{re.escape(image)}: FP32 (\d+) box\(es\) .+ \| INT8 (\d+) box\(es\) .+ \| (\d+) INT8 box", stdout, re.M
+    )
     assert found, stdout
     fp32, int8, matched = map(int, found.groups())
     assert fp32 == faces
@@ -96,10 +125,23 @@ def test_ssd_detect_presets(shared, tmp_path, preset, image, faces):
 
 def test_own_model_needs_calibration_images(shared, tmp_path):
     folder = shared / "models" / "res10_300x300_ssd"
-    proc = subprocess.run([sys.executable, str(ROOT / "demos" / "ssd_detect.py"), "--proto",
-                           str(folder / "deploy.prototxt"), "--model",
-                           str(folder / "res10_300x300_ssd_iter_140000.caffemodel"), "--images", str(tmp_path),
-                           "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "demos" / "ssd_detect.py"),
+            "--proto",
+            str(folder / "deploy.prototxt"),
+            "--model",
+            str(folder / "res10_300x300_ssd_iter_140000.caffemodel"),
+            "--images",
+            str(tmp_path),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "--calib-images" in proc.stderr
 
 
@@ -112,8 +154,20 @@ def test_auto_fp32_keeps_layers_fp32(shared, tmp_path):
     images.mkdir()
     (images / "a.jpg").write_bytes((shared / "images" / "faces" / "dlib_2008_001322.jpg").read_bytes())
     out = tmp_path / "out"
-    stdout = run_demo("ssd_detect.py", "--model-name", "ultraface", "--images", str(images), "--out-dir", str(out),
-                      "--max-calib-images", "2", "--auto-fp32", "0.9999", shared=shared)
+    stdout = run_demo(
+        "ssd_detect.py",
+        "--model-name",
+        "ultraface",
+        "--images",
+        str(images),
+        "--out-dir",
+        str(out),
+        "--max-calib-images",
+        "2",
+        "--auto-fp32",
+        "0.9999",
+        shared=shared,
+    )
     kept = re.search(r"\(FP32 layers: ([^)]+)\)", stdout)
     assert kept, stdout
     names = kept.group(1).split(", ")

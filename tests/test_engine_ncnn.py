@@ -1,5 +1,6 @@
 """The ncnn calibration engine: the same values and statistics as the OpenCV engine, the same table whatever
 --jobs, hidden values declined by name, and worker failures that surface instead of hanging."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,12 @@ def test_statistics_equal_opencv(shared, key):
         scale = float(np.abs(reference[value]).max()) or 1.0
         assert float(np.abs(got[value] - reference[value]).max()) / scale < 1e-4, value
 
-    stats = {backend: collect_statistics(graph, make_engine(backend, graph, proto, model), images, spec.prep,
-                                         {"caffemodel_sha256": key}) for backend in ("ncnn", "opencv")}
+    stats = {
+        backend: collect_statistics(
+            graph, make_engine(backend, graph, proto, model), images, spec.prep, {"caffemodel_sha256": key}
+        )
+        for backend in ("ncnn", "opencv")
+    }
     for value, hist in stats["opencv"].histograms.items():
         other = stats["ncnn"].histograms[value]
         assert other.count == hist.count and other.absmax == pytest.approx(hist.absmax, rel=1e-4), value
@@ -97,8 +102,10 @@ layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip" inner_product_p
 @pytest.fixture(scope="module")
 def fused_net(tmp_path_factory):
     f = np.float32
-    weights = {"conv1": [RNG.normal(size=(4, 3, 3, 3)).astype(f), RNG.normal(size=4).astype(f)],
-               "ip": [RNG.normal(size=(2, 4)).astype(f), RNG.normal(size=2).astype(f)]}
+    weights = {
+        "conv1": [RNG.normal(size=(4, 3, 3, 3)).astype(f), RNG.normal(size=4).astype(f)],
+        "ip": [RNG.normal(size=(2, 4)).astype(f), RNG.normal(size=2).astype(f)],
+    }
     proto, model = write_caffe_model(tmp_path_factory.mktemp("fused"), NET, weights)
     return load_graph(proto, model), proto, model
 
@@ -132,14 +139,29 @@ def test_jobs_do_not_change_the_statistics(shared):
     proto, model = spec.paths(shared)
     graph = load_graph(proto, model)
     images = list_images(shared / "images" / "faces")[:6]
-    one, two = (collect_statistics(graph, make_engine("ncnn", graph, proto, model), images, spec.prep,
-                                   {"caffemodel_sha256": "x"}, batch_size=2, jobs=jobs) for jobs in (1, 2))
+    one, two = (
+        collect_statistics(
+            graph,
+            make_engine("ncnn", graph, proto, model),
+            images,
+            spec.prep,
+            {"caffemodel_sha256": "x"},
+            batch_size=2,
+            jobs=jobs,
+        )
+        for jobs in (1, 2)
+    )
     assert one.images_used == two.images_used == 6
     for value, hist in one.histograms.items():
         other = two.histograms[value]
         np.testing.assert_array_equal(other.counts, hist.counts, err_msg=value)
-        assert (other.count, other.zeros, other.min, other.max, other.exponent) == \
-            (hist.count, hist.zeros, hist.min, hist.max, hist.exponent), value
+        assert (other.count, other.zeros, other.min, other.max, other.exponent) == (
+            hist.count,
+            hist.zeros,
+            hist.min,
+            hist.max,
+            hist.exponent,
+        ), value
 
 
 class _FailingEngine:
@@ -167,9 +189,25 @@ def test_a_failing_worker_surfaces_its_error(tmp_path, jobs):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
     graph = type("G", (), {"inputs": {"data": (1, 3, 8, 8)}})()
     with pytest.raises(ModelError, match="on purpose"):
-        collect_statistics(graph, _FailingEngine(after=1), list_images(tmp_path), Preprocess(size=(8, 8)),
-                           {}, values=["data"], batch_size=1, jobs=jobs)
-    stats = collect_statistics(graph, _FailingEngine(after=100), list_images(tmp_path), Preprocess(size=(8, 8)),
-                               {}, values=["data"], batch_size=5, jobs=jobs)
+        collect_statistics(
+            graph,
+            _FailingEngine(after=1),
+            list_images(tmp_path),
+            Preprocess(size=(8, 8)),
+            {},
+            values=["data"],
+            batch_size=1,
+            jobs=jobs,
+        )
+    stats = collect_statistics(
+        graph,
+        _FailingEngine(after=100),
+        list_images(tmp_path),
+        Preprocess(size=(8, 8)),
+        {},
+        values=["data"],
+        batch_size=5,
+        jobs=jobs,
+    )
     assert isinstance(stats, CalibrationStatistics) and stats.images_used == 12
     assert stats.histograms["data"].count == 12 * 3 * 8 * 8

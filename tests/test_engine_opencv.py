@@ -1,4 +1,5 @@
 """The OpenCV FP32 engine returns every value exactly as a numpy forward of the same synthetic net."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -110,7 +111,8 @@ SLICE_NET = """
 name: "slices"
 input: "data"
 input_shape { dim: 1 dim: 6 dim: 5 dim: 5 }
-layer { name: "cut" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { slice_point: 2 slice_point: 4 } }
+layer { name: "cut" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { slice_point: 2
+  slice_point: 4 } }
 layer { name: "ca" type: "Convolution" bottom: "a" top: "ca" convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "cb" type: "Convolution" bottom: "b" top: "cb" convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "cc" type: "Convolution" bottom: "c" top: "cc" convolution_param { num_output: 2 kernel_size: 1 } }
@@ -128,8 +130,10 @@ def test_every_output_of_a_multi_output_layer(tmp_path):
     values = ["data"] + [t for layer in graph.layers for t in layer.tops]
     got = make_engine("opencv", graph, proto, model).forward(x, values)
     for i, name in enumerate("abc"):
-        np.testing.assert_array_equal(got[name], x[:, 2 * i:2 * i + 2])
-        np.testing.assert_allclose(got["c" + name], conv2d(x[:, 2 * i:2 * i + 2], *w["c" + name]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[name], x[:, 2 * i : 2 * i + 2])
+        np.testing.assert_allclose(
+            got["c" + name], conv2d(x[:, 2 * i : 2 * i + 2], *w["c" + name]), rtol=1e-5, atol=1e-5
+        )
 
 
 FORK_NET = """

@@ -4,6 +4,7 @@ OpenCV and pycaffe compute the same blobs to ~1e-5; a method whose choice flips 
 give different tables. The default's task metrics (detectors: precision/recall against FP32; classifiers:
 top-1 agreement) on held-out images must agree within 0.005 between the two engines.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,14 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
     faces = list_images(shared / "images" / "faces") + list_images(shared / "images" / "voc_coco_detection")
     calibration, judged = _listing(tmp_path, "calib.txt", faces[0::2]), faces[1::2]
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std,
-                                      resize=zoo.prep.resize, color=zoo.prep.color, swap_hw=zoo.prep.swap_hw)
+    prep = pipeline.PreprocessOptions(
+        mean=zoo.prep.mean,
+        norm=zoo.prep.norm,
+        std=zoo.prep.std,
+        resize=zoo.prep.resize,
+        color=zoo.prep.color,
+        swap_hw=zoo.prep.swap_hw,
+    )
     metrics = {}
     for backend in ("opencv", "caffe"):
         options = pipeline.CalibrationOptions(images=calibration, backend=backend)
@@ -37,8 +44,17 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
         paths = pipeline.ncnn_paths(tmp_path / backend, model.stem)
         (tmp_path / backend).mkdir()
         pipeline.write_ncnn_models(build.fp32, build.int8, paths)
-        report = evaluate(EvalConfig(paths["fp32_param"], paths["fp32_bin"], paths["int8_param"], paths["int8_bin"],
-                                     zoo.prep, judged, threads=()))
+        report = evaluate(
+            EvalConfig(
+                paths["fp32_param"],
+                paths["fp32_bin"],
+                paths["int8_param"],
+                paths["int8_bin"],
+                zoo.prep,
+                judged,
+                threads=(),
+            )
+        )
         task = report["int8_vs_fp32"]["task"]
         metrics[backend] = {k: task[k] for k in ("precision", "recall", "top1_agreement") if k in task}
     for name, value in metrics["opencv"].items():

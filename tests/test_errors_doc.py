@@ -4,6 +4,7 @@ without a traceback, and leaves every file of the work folder byte-identical wit
 The rows run in one child process (``python -m tests.test_errors_doc``), so a native crash (pycaffe's glog
 abort, a segfault in a runtime) fails the row that caused it instead of the whole test session.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,15 @@ def documented_rows() -> list[dict]:
         match = ROW.match(line)
         if match:
             number, what, command, seen, code, needs = (g.strip() for g in match.groups())
-            rows.append({"id": f"{number}-{what}", "command": command, "fragments": re.findall(r"`([^`]+)`", seen),
-                         "code": int(code), "needs": needs})
+            rows.append(
+                {
+                    "id": f"{number}-{what}",
+                    "command": command,
+                    "fragments": re.findall(r"`([^`]+)`", seen),
+                    "code": int(code),
+                    "needs": needs,
+                }
+            )
     return rows
 
 
@@ -61,10 +69,13 @@ def test_the_table_has_every_defect_group():
 
 # ------------------------------------------------------------------------------------------------ work folder
 
+
 def _v1_prototxt() -> str:
-    return ('name: "LeNet"\ninput: "data"\ninput_dim: 1\ninput_dim: 1\ninput_dim: 28\ninput_dim: 28\n'
-            'layers {\n  name: "conv1"\n  type: CONVOLUTION\n  bottom: "data"\n  top: "conv1"\n'
-            '  convolution_param { num_output: 20 kernel_size: 5 }\n}\n')
+    return (
+        'name: "LeNet"\ninput: "data"\ninput_dim: 1\ninput_dim: 1\ninput_dim: 28\ninput_dim: 28\n'
+        'layers {\n  name: "conv1"\n  type: CONVOLUTION\n  bottom: "data"\n  top: "conv1"\n'
+        "  convolution_param { num_output: 20 kernel_size: 5 }\n}\n"
+    )
 
 
 def _with_layer(prototxt: str, layer_type: str) -> str:
@@ -87,8 +98,25 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
     images = shared / "images" / "skimage"
     base = ["--proto", str(proto), "--model", str(model)]
     assert main(["-q", "convert", *base, "--param", str(work / "lenet.param"), "--bin", str(work / "lenet.bin")]) == 0
-    assert main(["-q", "calibrate", *base, *gray.split(), "--images", str(images), "--backend", "opencv",
-                 "--output", str(work / "lenet.table"), "--save-stats", str(work / "lenet.npz")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                *base,
+                *gray.split(),
+                "--images",
+                str(images),
+                "--backend",
+                "opencv",
+                "--output",
+                str(work / "lenet.table"),
+                "--save-stats",
+                str(work / "lenet.npz"),
+            ]
+        )
+        == 0
+    )
     text = proto.read_text()
     for kind in ("Foo", "Python", "Interp", "LSTM"):
         (work / f"lenet_{kind}.prototxt").write_text(_with_layer(text, kind))
@@ -111,9 +139,15 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
     (work / "empty").mkdir()
     (work / "afile").write_text("a file\n")
     os.mkfifo(work / "fifo")
-    return {"lenet": shlex.join(base), "gray": gray, "images": str(images), "w": str(work),
-            "lenet_model": str(model), "det1_model": str(det1 / "det1.caffemodel"),
-            "det1_table": str(ROOT / "tables" / "mtcnn_det1.table")}
+    return {
+        "lenet": shlex.join(base),
+        "gray": gray,
+        "images": str(images),
+        "w": str(work),
+        "lenet_model": str(model),
+        "det1_model": str(det1 / "det1.caffemodel"),
+        "det1_table": str(ROOT / "tables" / "mtcnn_det1.table"),
+    }
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -158,6 +192,7 @@ def _main() -> None:
 
 # ------------------------------------------------------------------------------------------------ the test
 
+
 @pytest.fixture(scope="module")
 def outcomes(shared, tmp_path_factory) -> dict[str, dict]:
     from int8conv.engines import caffe_importable
@@ -168,9 +203,15 @@ def outcomes(shared, tmp_path_factory) -> dict[str, dict]:
     cases = {r["id"]: r["command"].format(**values) for r in ROWS if r["needs"] != "pycaffe" or have_caffe}
     cases_file, results = work.parent / "cases.json", work.parent / "results.json"
     cases_file.write_text(json.dumps(cases))
-    child = subprocess.run([sys.executable, "-m", "tests.test_errors_doc", str(cases_file), str(results), str(work)],
-                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, INT8CONV_QUIET="1"))
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.test_errors_doc", str(cases_file), str(results), str(work)],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, INT8CONV_QUIET="1"),
+    )
     done = json.loads(results.read_text()) if results.exists() else {}
     for value in done.values():
         value.setdefault("child", f"child exit {child.returncode}: {child.stderr[-2000:]}")

@@ -2,6 +2,7 @@
 
 Real-model tests calibrate on some images and evaluate on others, with the files loaded by the ncnn runtime.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ pytest.importorskip("ncnn")
 
 
 # ------------------------------------------------------------------------------------------------ detection
+
 
 def _reference_priors(width: int, height: int) -> np.ndarray:
     """generate_priors of Ultra-Light-Fast-Generic-Face-Detector-1MB, written as its plain loops."""
@@ -83,15 +85,19 @@ def test_iou_and_nms_against_hand_values():
     a = np.array([[0, 0, 2, 2], [1, 1, 3, 3], [5, 5, 6, 6]], dtype=float)
     np.testing.assert_allclose(iou_matrix(a, a[:2]), [[1, 1 / 7], [1 / 7, 1], [0, 0]])
     scores = np.array([0.5, 0.9, 0.7])
-    assert nms(a, scores, 0.1).tolist() == [1, 2]       # box 0 overlaps box 1 by 1/7 > 0.1
+    assert nms(a, scores, 0.1).tolist() == [1, 2]  # box 0 overlaps box 1 by 1/7 > 0.1
     assert nms(a, scores, 0.2).tolist() == [1, 2, 0]
 
 
 def test_match_tally_precision_recall():
-    ref = Detections(np.array([[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]], float), np.array([0.9, 0.8, 0.7]),
-                     np.array([1, 1, 2]))
-    cand = Detections(np.array([[0, 0, 1, 1.1], [0, 0, 1, 1], [2.6, 2.6, 3.6, 3.6], [4, 4, 5, 5]], float),
-                      np.array([0.95, 0.6, 0.9, 0.8]), np.array([1, 1, 1, 1]))
+    ref = Detections(
+        np.array([[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]], float), np.array([0.9, 0.8, 0.7]), np.array([1, 1, 2])
+    )
+    cand = Detections(
+        np.array([[0, 0, 1, 1.1], [0, 0, 1, 1], [2.6, 2.6, 3.6, 3.6], [4, 4, 5, 5]], float),
+        np.array([0.95, 0.6, 0.9, 0.8]),
+        np.array([1, 1, 1, 1]),
+    )
     tally = MatchTally()
     tally.add(ref, cand)
     # first candidate matches ref 0; the duplicate finds ref 0 taken; the shifted box has IoU 0.1;
@@ -105,8 +111,9 @@ def test_match_tally_precision_recall():
 
 
 def test_detection_output_rows_from_caffe_and_ncnn():
-    caffe = np.array([[[[0, 1, 0.9, 0.1, 0.1, 0.4, 0.4], [0, 1, 0.3, 0.5, 0.5, 0.6, 0.6],
-                        [-1, -1, -1, -1, -1, -1, -1]]]])
+    caffe = np.array(
+        [[[[0, 1, 0.9, 0.1, 0.1, 0.4, 0.4], [0, 1, 0.3, 0.5, 0.5, 0.6, 0.6], [-1, -1, -1, -1, -1, -1, -1]]]]
+    )
     ncnn = caffe[0, 0, :2, 1:]
     for rows in (caffe, ncnn):
         dets = from_detection_output(rows)
@@ -120,13 +127,14 @@ def test_output_view_drops_background_and_takes_worst_blob():
     scores = np.tile([0.98, 0.02], (20, 1))
     scores[7] = [0.1, 0.9]
     lost = scores.copy()
-    lost[7] = [0.95, 0.05]                                          # the one object is gone
+    lost[7] = [0.95, 0.05]  # the one object is gone
     boxes = np.ones((20, 4))
-    assert cosine(scores, lost) > 0.95                             # with the background it would look fine
+    assert cosine(scores, lost) > 0.95  # with the background it would look fine
     assert view.cosine({"boxes": boxes, "scores": scores}, {"boxes": boxes, "scores": lost}) < 0.6
 
 
 # ------------------------------------------------------------------------------------------------ mixed precision
+
 
 def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):
     """Four 1x1 convs; one gets a scale that clips 95% of its input range: auto-fp32 keeps exactly it FP32."""
@@ -135,25 +143,40 @@ def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):
     bottom = "data"
     for i in range(4):
         weight = (rng.normal(size=(8, 8)) / np.sqrt(8)).astype(np.float32)
-        layers.append(NcnnLayer("Convolution", f"c{i}", [bottom], [f"b{i}"], {0: 8, 1: 1, 5: 1, 6: 64},
-                                [NcnnBlob(weight.reshape(-1)), NcnnBlob(np.zeros(8, np.float32), False)]))
+        layers.append(
+            NcnnLayer(
+                "Convolution",
+                f"c{i}",
+                [bottom],
+                [f"b{i}"],
+                {0: 8, 1: 1, 5: 1, 6: 64},
+                [NcnnBlob(weight.reshape(-1)), NcnnBlob(np.zeros(8, np.float32), False)],
+            )
+        )
         bottom = f"b{i}"
     model = NcnnModel(layers)
     inputs = [{"data": rng.normal(size=(8, 6, 6)).astype(np.float32)} for _ in range(3)]
     param, binary = tmp_path / "m.param", tmp_path / "m.bin"
     write_model(model, param, binary)
     runner = NcnnRunner(param, binary, int8=False)
-    peaks = {f"c{i}": max(float(np.abs(runner.extract(x, [layers[i + 1].bottoms[0]])[layers[i + 1].bottoms[0]])
-                                  .max()) for x in inputs) for i in range(4)}
-    table = CalibrationTable({f"c{i}": 127 / np.abs(layers[i + 1].weights[0].data.reshape(8, -1)).max(axis=1)
-                              for i in range(4)},
-                             {name: 127 / peak for name, peak in peaks.items()})
+    peaks = {
+        f"c{i}": max(
+            float(np.abs(runner.extract(x, [layers[i + 1].bottoms[0]])[layers[i + 1].bottoms[0]]).max()) for x in inputs
+        )
+        for i in range(4)
+    }
+    table = CalibrationTable(
+        {f"c{i}": 127 / np.abs(layers[i + 1].weights[0].data.reshape(8, -1)).max(axis=1) for i in range(4)},
+        {name: 127 / peak for name, peak in peaks.items()},
+    )
     table.activation_scales["c2"] = 127 / (0.05 * peaks["c2"])
     choice = auto_fp32(model, table, inputs, target=0.999, fp16_storage=False)
     assert choice.cosine_all_int8 < 0.99
     assert choice.fp32_layers == ["c2"] and choice.reached
     assert min(choice.sensitivity, key=choice.sensitivity.get) == "c2"
-    assert set(choice.table.activation_scales) == {"c0", "c1", "c3"} and set(choice.table.weight_scales) == set(table.weight_scales)
+    assert set(choice.table.activation_scales) == {"c0", "c1", "c3"} and set(choice.table.weight_scales) == set(
+        table.weight_scales
+    )
     assert int8_layers(quantize_model(model, choice.table)) == ["c0", "c1", "c3"]
 
 
@@ -168,7 +191,7 @@ class Spec:
     proto: str
     caffemodel: str
     prep: Preprocess
-    calibration: tuple[str, int, int]     # image folder, first, last (exclusive)
+    calibration: tuple[str, int, int]  # image folder, first, last (exclusive)
 
 
 def _spec(name: str, calibration: tuple[str, int, int]) -> Spec:
@@ -250,10 +273,12 @@ def test_int8_model_loads_and_runs_in_ncnn(key, built, shared):
     task = detect_task(b.fp32_model)
     for name in fp32.output_names:
         assert np.all(np.isfinite(got[name])), name
-    if task == "ssd":   # DetectionOutput: the row count varies; the faces above 0.5 must be found
+    if task == "ssd":  # DetectionOutput: the row count varies; the faces above 0.5 must be found
         tally = MatchTally()
-        tally.add(from_detection_output(ref["detection_out"]).above(0.5),
-                  from_detection_output(got["detection_out"]).above(0.5))
+        tally.add(
+            from_detection_output(ref["detection_out"]).above(0.5),
+            from_detection_output(got["detection_out"]).above(0.5),
+        )
         assert tally.reference > 0 and tally.recall >= 0.8 and tally.precision >= 0.8, key
     else:
         assert all(got[name].shape == ref[name].shape for name in fp32.output_names)
@@ -270,7 +295,7 @@ def test_open_nsfw_int8_agrees_with_fp32(built, shared):
     assert report["task"] == "classifier" and report["int8_layers"] == 54
     assert quality["task"]["top1_agreement"] >= 0.99
     assert quality["output_cosine"] >= 0.99
-    assert quality["winograd_vs_direct_cosine_min"] > 0.9999   # no INT8 Winograd overflow on real data
+    assert quality["winograd_vs_direct_cosine_min"] > 0.9999  # no INT8 Winograd overflow on real data
 
 
 @pytest.mark.slow
@@ -295,12 +320,42 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     folder, first, last = b.spec.calibration
     table = tmp_path / "ultraface.table"
     from int8conv.tables.ncnn_table import write_ncnn_table
+
     write_ncnn_table(b.table, table)
     out = tmp_path / "auto.param", tmp_path / "auto.bin"
-    assert cli(["-q", "quantize", "--param", str(b.fp32[0]), "--bin", str(b.fp32[1]), "--table", str(table),
-                "--out-param", str(out[0]), "--out-bin", str(out[1]), "--out-table", str(tmp_path / "auto.table"),
-                "--auto-fp32", "0.995", "--images", str(shared / "images" / folder), "--max-images", str(last),
-                "--mean", "127", "--norm", "0.0078125", "--color", "rgb"]) == 0
+    assert (
+        cli(
+            [
+                "-q",
+                "quantize",
+                "--param",
+                str(b.fp32[0]),
+                "--bin",
+                str(b.fp32[1]),
+                "--table",
+                str(table),
+                "--out-param",
+                str(out[0]),
+                "--out-bin",
+                str(out[1]),
+                "--out-table",
+                str(tmp_path / "auto.table"),
+                "--auto-fp32",
+                "0.995",
+                "--images",
+                str(shared / "images" / folder),
+                "--max-images",
+                str(last),
+                "--mean",
+                "127",
+                "--norm",
+                "0.0078125",
+                "--color",
+                "rgb",
+            ]
+        )
+        == 0
+    )
     kept = read_ncnn_table(tmp_path / "auto.table")
     fp32_layers = set(b.table.activation_scales) - set(kept.activation_scales)
     assert 0 < len(fp32_layers) <= 8 and set(kept.weight_scales) == set(b.table.weight_scales)
@@ -313,11 +368,36 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
 def test_eval_cli_json(built, shared, tmp_path, capsys):
     """``int8conv eval --json``: Caffe, ncnn FP32 and INT8 on two face images, as strict JSON."""
     b = built["res10"]
-    args = ["eval", "--proto", str(shared / "models" / b.spec.folder / b.spec.proto),
-            "--model", str(shared / "models" / b.spec.folder / b.spec.caffemodel),
-            "--param", str(b.fp32[0]), "--bin", str(b.fp32[1]), "--int8-param", str(b.int8[0]),
-            "--int8-bin", str(b.int8[1]), "--images", str(shared / "images" / FACES), "--max-images", "2",
-            "--mean", "104", "177", "123", "--backend", "opencv", "--threads", "1", "--timing-runs", "2", "--json"]
+    args = [
+        "eval",
+        "--proto",
+        str(shared / "models" / b.spec.folder / b.spec.proto),
+        "--model",
+        str(shared / "models" / b.spec.folder / b.spec.caffemodel),
+        "--param",
+        str(b.fp32[0]),
+        "--bin",
+        str(b.fp32[1]),
+        "--int8-param",
+        str(b.int8[0]),
+        "--int8-bin",
+        str(b.int8[1]),
+        "--images",
+        str(shared / "images" / FACES),
+        "--max-images",
+        "2",
+        "--mean",
+        "104",
+        "177",
+        "123",
+        "--backend",
+        "opencv",
+        "--threads",
+        "1",
+        "--timing-runs",
+        "2",
+        "--json",
+    ]
     assert cli(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 2 and report["task"] == "ssd"

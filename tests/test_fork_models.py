@@ -6,6 +6,7 @@ RetinaFace (Deconvolution, Crop), yoloface-500k (Upsample, two-bottom Scale), th
 classifier (ShuffleChannel, ConvolutionDepthwise) and the MobileNet-YOLOv3-lite lane net (DepthwiseConvolution,
 Deconvolution, Sigmoid).
 """
+
 from __future__ import annotations
 
 import re
@@ -63,6 +64,7 @@ def forwards(shared):
         if key not in cache:
             cache[key] = Forward(shared, key)
         return cache[key]
+
     return get
 
 
@@ -82,6 +84,7 @@ def _in_image(found: Detections, prep, image: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the OpenCV engine against pycaffe
+
 
 @pytest.mark.pycaffe
 @pytest.mark.parametrize("key", FORK_MODELS)
@@ -117,8 +120,13 @@ def test_runs_on_pycaffe_itself(shared, caffe, key):
 
 
 @pytest.mark.pycaffe
-@pytest.mark.parametrize("key, reason", [("lane", "layer 'conv1/dw' has type 'DepthwiseConvolution'"),
-                                         ("shufflenet_driver", 'no field named "shuffle_channel_param"')])
+@pytest.mark.parametrize(
+    "key, reason",
+    [
+        ("lane", "layer 'conv1/dw' has type 'DepthwiseConvolution'"),
+        ("shufflenet_driver", 'no field named "shuffle_channel_param"'),
+    ],
+)
 def test_pycaffe_is_refused_before_it_aborts(shared, caffe, key, reason):
     """pycaffe aborts the process on these files; the caffe engine names the layer instead, and auto picks OpenCV."""
     graph, proto, model = fork_graph(shared, key)
@@ -137,24 +145,42 @@ layer { name: "head" type: "Convolution" bottom: "odd" top: "head" convolution_p
 """
 
 
-@pytest.mark.parametrize("backend, engine", [("opencv", "which the opencv engine"),
-                                             ("caffe", "which pycaffe's layer registry does not have")])
+@pytest.mark.parametrize(
+    "backend, engine",
+    [("opencv", "which the opencv engine"), ("caffe", "which pycaffe's layer registry does not have")],
+)
 def test_unknown_layer_type_is_a_clear_calibrate_error(tmp_path, capsys, backend, engine):
     """Exit 2 with the layer, its type and the engine that lacks it: no raw cv2.error, no pycaffe abort."""
     import cv2
 
     if backend == "caffe":
         from int8conv.engines import caffe_importable
+
         if not caffe_importable():
             pytest.skip("pycaffe is not importable")
     rng = np.random.default_rng(3)
-    weights = {"conv": [rng.normal(size=(2, 3, 1, 1)).astype(np.float32), np.zeros(2, np.float32)],
-               "head": [rng.normal(size=(2, 2, 1, 1)).astype(np.float32), np.zeros(2, np.float32)]}
+    weights = {
+        "conv": [rng.normal(size=(2, 3, 1, 1)).astype(np.float32), np.zeros(2, np.float32)],
+        "head": [rng.normal(size=(2, 2, 1, 1)).astype(np.float32), np.zeros(2, np.float32)],
+    }
     proto, model = write_caffe_model(tmp_path, UNKNOWN_NET, weights)
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "a.png"), rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8))
-    code = int8conv_main(["calibrate", "--proto", str(proto), "--model", str(model), "--images",
-                          str(tmp_path / "images"), "--output", str(tmp_path / "t.table"), "--backend", backend])
+    code = int8conv_main(
+        [
+            "calibrate",
+            "--proto",
+            str(proto),
+            "--model",
+            str(model),
+            "--images",
+            str(tmp_path / "images"),
+            "--output",
+            str(tmp_path / "t.table"),
+            "--backend",
+            backend,
+        ]
+    )
     assert code == 2
     assert f"layer 'odd' has type 'NoSuchLayer', {engine}" in capsys.readouterr().err
     assert not (tmp_path / "t.table").exists()
@@ -162,20 +188,29 @@ def test_unknown_layer_type_is_a_clear_calibrate_error(tmp_path, capsys, backend
 
 # ---------------------------------------------------------------- what each SOURCE.txt verified, decoded here
 
+
 def test_retinaface_finds_the_18_faces_with_ordered_landmarks(shared, forwards):
     found = _retinaface(forwards, _image(shared, "faces", MULTIPLE_FACES))
     assert len(found) == 18
     assert found.scores.min() >= 0.8
     for box, points in zip(found.boxes, found.landmarks, strict=True):
-        assert np.all((points >= box[:2] - 0.01) & (points <= box[2:] + 0.01))      # inside the box
+        assert np.all((points >= box[:2] - 0.01) & (points <= box[2:] + 0.01))  # inside the box
         left_eye, right_eye, nose, mouth_left, mouth_right = points
-        assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]        # left before right
+        assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]  # left before right
         assert max(left_eye[1], right_eye[1]) < nose[1] < max(mouth_left[1], mouth_right[1])  # eyes, nose, mouth
 
 
-@pytest.mark.parametrize("folder, name", [("voc_coco_detection", "darknet_dog.jpg"), ("faces", "dlib_dogs.jpg"),
-                                          ("voc_coco_detection", "caffe_cat.jpg"), ("skimage", "chelsea.png"),
-                                          ("skimage", "brick.png"), ("skimage", "coins.png")])
+@pytest.mark.parametrize(
+    "folder, name",
+    [
+        ("voc_coco_detection", "darknet_dog.jpg"),
+        ("faces", "dlib_dogs.jpg"),
+        ("voc_coco_detection", "caffe_cat.jpg"),
+        ("skimage", "chelsea.png"),
+        ("skimage", "brick.png"),
+        ("skimage", "coins.png"),
+    ],
+)
 def test_retinaface_finds_nothing_on_animals_bricks_and_coins(shared, forwards, folder, name):
     assert len(_retinaface(forwards, _image(shared, folder, name))) == 0
 
@@ -211,8 +246,9 @@ def test_shufflenet_calls_most_face_crops_normal(shared, forwards):
         image = read_image(path)
         height, width = image.shape[:2]
         for x1, y1, x2, y2 in _in_image(_retinaface(forwards, image), MODELS["retinaface"].prep, image):
-            crop = image[max(0, int(y1 * height)):int(np.ceil(y2 * height)),
-                         max(0, int(x1 * width)):int(np.ceil(x2 * width))]
+            crop = image[
+                max(0, int(y1 * height)) : int(np.ceil(y2 * height)), max(0, int(x1 * width)) : int(np.ceil(x2 * width))
+            ]
             probabilities = next(iter(net(crop).values())).reshape(-1)
             assert probabilities.size == 4 and abs(float(probabilities.sum()) - 1) < 1e-4
             classes.append(int(np.argmax(probabilities)))
@@ -231,14 +267,18 @@ def test_lane_map_traces_the_dashed_lane_on_the_road(shared, forwards):
     assert lower_right.sum() >= 40
     points = np.stack([cols[lower_right], rows[lower_right]], axis=1).astype(np.float64)
     _, spread, directions = np.linalg.svd(points - points.mean(axis=0), full_matrices=False)
-    assert spread[1] / spread[0] < 0.1                                   # a line, not a blob
-    assert directions[0][0] * directions[0][1] < 0                       # rising to the right, as the kerb line
-    others = [float((next(iter(net(read_image(p)).values())) > 0.5).mean())
-              for p in list_images(shared / "images" / "voc_coco_detection") if p.name != ROAD]
+    assert spread[1] / spread[0] < 0.1  # a line, not a blob
+    assert directions[0][0] * directions[0][1] < 0  # rising to the right, as the kerb line
+    others = [
+        float((next(iter(net(read_image(p)).values())) > 0.5).mean())
+        for p in list_images(shared / "images" / "voc_coco_detection")
+        if p.name != ROAD
+    ]
     assert float((lane_map > 0.5).mean()) >= 2 * max(others)
 
 
 # ---------------------------------------------------------------- task metrics on OpenCV FP32 and a perturbed copy
+
 
 def test_retinaface_metric_counts_a_removed_face(shared, forwards):
     """FP32 against itself: precision = recall = 1; with one face's score lowered below 0.8: recall 17/18."""
@@ -247,7 +287,7 @@ def test_retinaface_metric_counts_a_removed_face(shared, forwards):
     reference = decode_retinaface(outputs, width, height)
     perturbed = {k: v.copy() for k, v in outputs.items()}
     face = reference.boxes[0]
-    for stride in (32, 16, 8):      # every anchor that decodes to a box overlapping the best face loses its score
+    for stride in (32, 16, 8):  # every anchor that decodes to a box overlapping the best face loses its score
         scores = perturbed[retinaface_outputs(stride)[0]]
         for anchor in range(2):
             single = {k: v.copy() for k, v in outputs.items()}
@@ -288,7 +328,7 @@ def test_lane_map_iou_and_cosine_of_a_perturbed_map(shared, forwards):
     lane_map = next(iter(forwards("lane")(_image(shared, "voc_coco_detection", ROAD)).values()))
     on = np.flatnonzero(lane_map.reshape(-1) > 0.5)
     half = lane_map.copy().reshape(-1)
-    half[on[: on.size // 2]] = 0.0                      # half of the lane pixels switched off
+    half[on[: on.size // 2]] = 0.0  # half of the lane pixels switched off
     metric = TaskMetric("segmentation")
     update_metric(metric, lane_map.reshape(-1), lane_map.reshape(-1), 0.5)
     update_metric(metric, lane_map.reshape(-1), half, 0.5)
@@ -322,6 +362,7 @@ def test_retinaface_output_view_drops_the_background_channels(shared, forwards):
 
 # ---------------------------------------------------------------- calibration
 
+
 @pytest.mark.parametrize("key", FORK_MODELS)
 def test_calibrate_writes_a_sane_table(shared, key, tmp_path):
     """``int8conv calibrate`` on 8 images: a weight line for every quantizable layer of the folded graph, an
@@ -329,9 +370,25 @@ def test_calibrate_writes_a_sane_table(shared, key, tmp_path):
     graph, proto, model = fork_graph(shared, key)
     folder = "voc_coco_detection" if key == "lane" else "faces"
     table = tmp_path / f"{key}.table"
-    code = int8conv_main(["-q", "calibrate", "--proto", str(proto), "--model", str(model), "--images",
-                          str(shared / "images" / folder), "--max-images", "8", "--backend", "opencv",
-                          "--output", str(table), *cli_flags(MODELS[key].prep)])
+    code = int8conv_main(
+        [
+            "-q",
+            "calibrate",
+            "--proto",
+            str(proto),
+            "--model",
+            str(model),
+            "--images",
+            str(shared / "images" / folder),
+            "--max-images",
+            "8",
+            "--backend",
+            "opencv",
+            "--output",
+            str(table),
+            *cli_flags(MODELS[key].prep),
+        ]
+    )
     assert code == 0
     parsed = read_ncnn_table(table)
     layers = {layer.name for layer in quantizable_layers(fold_batchnorm_scale(graph))}
@@ -372,17 +429,65 @@ def test_convert_calibrate_quantize_eval(shared, key, tmp_path, capsys):
         (tmp_path / name).write_text("\n".join(map(str, part)) + "\n", encoding="utf-8")
     flags = cli_flags(MODELS[key].prep)
     param, binary = tmp_path / f"{model.stem}.param", tmp_path / f"{model.stem}.bin"
-    steps = [["calibrate", "--proto", str(proto), "--model", str(model), "--images", str(tmp_path / "calib.txt"),
-              "--backend", "opencv", "--output", str(tmp_path / "t.table"), *flags],
-             ["quantize", "--param", str(param), "--bin", str(binary), "--table", str(tmp_path / "t.table"),
-              "--out-param", str(tmp_path / "int8.param"), "--out-bin", str(tmp_path / "int8.bin")],
-             ["eval", "--proto", str(proto), "--model", str(model), "--param", str(param), "--bin", str(binary),
-              "--int8-param", str(tmp_path / "int8.param"), "--int8-bin", str(tmp_path / "int8.bin"),
-              "--images", str(tmp_path / "eval.txt"), "--backend", "opencv", "--threads", "1",
-              "--timing-runs", "1", "--json", str(tmp_path / "report.json"), *flags]]
+    steps = [
+        [
+            "calibrate",
+            "--proto",
+            str(proto),
+            "--model",
+            str(model),
+            "--images",
+            str(tmp_path / "calib.txt"),
+            "--backend",
+            "opencv",
+            "--output",
+            str(tmp_path / "t.table"),
+            *flags,
+        ],
+        [
+            "quantize",
+            "--param",
+            str(param),
+            "--bin",
+            str(binary),
+            "--table",
+            str(tmp_path / "t.table"),
+            "--out-param",
+            str(tmp_path / "int8.param"),
+            "--out-bin",
+            str(tmp_path / "int8.bin"),
+        ],
+        [
+            "eval",
+            "--proto",
+            str(proto),
+            "--model",
+            str(model),
+            "--param",
+            str(param),
+            "--bin",
+            str(binary),
+            "--int8-param",
+            str(tmp_path / "int8.param"),
+            "--int8-bin",
+            str(tmp_path / "int8.bin"),
+            "--images",
+            str(tmp_path / "eval.txt"),
+            "--backend",
+            "opencv",
+            "--threads",
+            "1",
+            "--timing-runs",
+            "1",
+            "--json",
+            str(tmp_path / "report.json"),
+            *flags,
+        ],
+    ]
     for step in steps:
         assert int8conv_main(["-q", *step]) == 0, (step[0], capsys.readouterr().err)
     import json
+
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert report["task"] == task
     for metric, bound in bounds.items():

@@ -1,5 +1,6 @@
 """Issue 12's reproductions that are not a plain "bad input -> exit 2" row of docs/errors.md: output sets under
 interrupts and full disks, flags that repeat saved statistics, pycaffe's unknown layers, and the small messages."""
+
 from __future__ import annotations
 
 import errno
@@ -39,16 +40,20 @@ def _files(folder):
 
 def _old_one_shot(out):
     out.mkdir()
-    for name in ("lenet_iter_10000.param", "lenet_iter_10000.bin", "lenet_iter_10000-int8.param",
-                 "lenet_iter_10000-int8.bin", "lenet_iter_10000.table"):
+    for name in (
+        "lenet_iter_10000.param",
+        "lenet_iter_10000.bin",
+        "lenet_iter_10000-int8.param",
+        "lenet_iter_10000-int8.bin",
+        "lenet_iter_10000.table",
+    ):
         (out / name).write_text(f"old {name}\n")
     os.chmod(out / "lenet_iter_10000.bin", 0o600)
     return _files(out)
 
 
 @pytest.mark.real_models
-def test_interrupted_one_shot_leaves_the_old_set_and_says_so_truthfully(lenet, images, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_interrupted_one_shot_leaves_the_old_set_and_says_so_truthfully(lenet, images, tmp_path, monkeypatch, capsys):
     """Interrupted once the FP32 and INT8 pairs are written (staged): nothing of the new set lands."""
     from int8conv import legacy_cli
 
@@ -72,8 +77,24 @@ def test_interrupt_after_saved_statistics_names_what_landed(lenet, images, tmp_p
 
     monkeypatch.setattr(pipeline, "write_text_atomic", interrupted)  # the table, after the statistics landed
     stats = tmp_path / "s.npz"
-    assert main(["calibrate", *lenet, *GRAY, "--images", str(images), "--backend", "opencv", "--save-stats",
-                 str(stats), "--output", str(tmp_path / "t.table")]) == 130
+    assert (
+        main(
+            [
+                "calibrate",
+                *lenet,
+                *GRAY,
+                "--images",
+                str(images),
+                "--backend",
+                "opencv",
+                "--save-stats",
+                str(stats),
+                "--output",
+                str(tmp_path / "t.table"),
+            ]
+        )
+        == 130
+    )
     assert f"only these complete outputs were written: {stats}; nothing else was changed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
 
@@ -114,8 +135,7 @@ def test_output_through_a_symlink_and_dev_full(lenet, images, tmp_path, capsys):
 
 
 @pytest.mark.real_models
-def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignored(lenet, images, tmp_path,
-                                                                                     capsys):
+def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignored(lenet, images, tmp_path, capsys):
     stats = tmp_path / "s.npz"
     args = ["calibrate", *lenet, *GRAY, "--backend", "opencv", "-q"]
     assert main([*args, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]) == 0
@@ -128,7 +148,7 @@ def test_statistics_with_a_huge_exponent_are_refused_without_numpy_warnings(tmp_
     stats = CalibrationStatistics({"caffemodel_sha256": "x"}, {}, bins=64)
     stats.update({"v": np.array([[0.5, -3.0, 0.0]], np.float32)})
     stats.save(tmp_path / "ok.npz")
-    stats.histograms["v"].exponent = 10 ** 6
+    stats.histograms["v"].exponent = 10**6
     stats.save(tmp_path / "huge.npz")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -152,6 +172,7 @@ def test_two_layers_writing_one_top_are_named(shared, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ item 13
 
+
 def test_gray_mean_message_counts_right():
     from int8conv.calibration.preprocess import Preprocess
 
@@ -169,8 +190,11 @@ def test_a_missing_bias_is_named(shared):
     folder = shared / "models" / "lenet_mnist"
     weights = weights_by_layer(read_caffemodel(folder / "lenet_iter_10000.caffemodel"))
     weights["conv1"] = weights["conv1"][:1]
-    with pytest.raises(ModelError, match=r"'conv1' \(Convolution\): expected a bias of 20 values, the caffemodel "
-                                         r"has no bias"):
+    with pytest.raises(
+        ModelError,
+        match=r"'conv1' \(Convolution\): expected a bias of 20 values, the caffemodel "
+        r"has no bias",
+    ):
         build_graph(read_prototxt(folder / "lenet.prototxt"), weights)
 
 
@@ -196,11 +220,47 @@ def test_single_image_and_missing_list_entries(tmp_path, caplog):
 def test_eval_quiet_still_prints_the_report(lenet, images, tmp_path, capsys):
     fp32 = ["--param", str(tmp_path / "l.param"), "--bin", str(tmp_path / "l.bin")]
     assert main(["-q", "convert", *lenet, *fp32]) == 0
-    assert main(["-q", "calibrate", *lenet, *GRAY, "--images", str(images), "--backend", "opencv",
-                 "--output", str(tmp_path / "l.table")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "calibrate",
+                *lenet,
+                *GRAY,
+                "--images",
+                str(images),
+                "--backend",
+                "opencv",
+                "--output",
+                str(tmp_path / "l.table"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["-q", "eval", *lenet, *GRAY, *fp32, "--table", str(tmp_path / "l.table"), "--images", str(images),
-                 "--max-images", "2", "--no-caffe", "--threads", "1", "--timing-runs", "1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "eval",
+                *lenet,
+                *GRAY,
+                *fp32,
+                "--table",
+                str(tmp_path / "l.table"),
+                "--images",
+                str(images),
+                "--max-images",
+                "2",
+                "--no-caffe",
+                "--threads",
+                "1",
+                "--timing-runs",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "ncnn INT8 vs ncnn FP32" in captured.out and captured.err == ""
 

@@ -1,5 +1,6 @@
 """Host decoders (RetinaFace, darknet YOLO) on hand-built outputs, against the formulas of their upstream code
 written out here, and the tasks ``eval`` detects from a model's outputs."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def _retinaface_blank(size: int = 64) -> dict[str, np.ndarray]:
         cells = size // stride
         scores, boxes, marks = retinaface_outputs(stride)
         outputs[scores] = np.zeros((4, cells, cells), np.float32)
-        outputs[scores][:2] = 1.0                                    # background everywhere
+        outputs[scores][:2] = 1.0  # background everywhere
         outputs[boxes] = np.zeros((8, cells, cells), np.float32)
         outputs[marks] = np.zeros((20, cells, cells), np.float32)
     return outputs
@@ -34,9 +35,9 @@ def test_retinaface_decodes_one_anchor_as_insightface_does():
     """Stride 16, anchor 1 (side 16 * 4 = 64), cell (row 1, col 2): anchor box x1 = 2*16 + 7.5 - 31.5."""
     outputs = _retinaface_blank()
     scores, boxes, marks = retinaface_outputs(16)
-    outputs[scores][3, 1, 2] = 0.9                                   # face channel of anchor 1
-    outputs[boxes][4:8, 1, 2] = [0.1, -0.2, math.log(0.5), 0.0]      # dx, dy, dw, dh of anchor 1
-    outputs[marks][10:20, 1, 2] = np.arange(10) / 20.0               # 5 points of anchor 1
+    outputs[scores][3, 1, 2] = 0.9  # face channel of anchor 1
+    outputs[boxes][4:8, 1, 2] = [0.1, -0.2, math.log(0.5), 0.0]  # dx, dy, dw, dh of anchor 1
+    outputs[marks][10:20, 1, 2] = np.arange(10) / 20.0  # 5 points of anchor 1
     found = decode_retinaface(outputs, 64, 64)
     # insightface bbox_pred: widths = x2 - x1 + 1, ctr = x1 + 0.5 * (widths - 1), pred_w = exp(dw) * widths,
     # x1' = ctr' - 0.5 * (pred_w - 1)
@@ -44,8 +45,17 @@ def test_retinaface_decodes_one_anchor_as_insightface_does():
     widths = 64.0
     ctr_x, ctr_y = x1 + 0.5 * (widths - 1) + 0.1 * widths, y1 + 0.5 * (widths - 1) - 0.2 * widths
     pred_w, pred_h = 0.5 * widths, widths
-    expected = np.array([ctr_x - 0.5 * (pred_w - 1), ctr_y - 0.5 * (pred_h - 1), ctr_x + 0.5 * (pred_w - 1),
-                         ctr_y + 0.5 * (pred_h - 1)]) / 64
+    expected = (
+        np.array(
+            [
+                ctr_x - 0.5 * (pred_w - 1),
+                ctr_y - 0.5 * (pred_h - 1),
+                ctr_x + 0.5 * (pred_w - 1),
+                ctr_y + 0.5 * (pred_h - 1),
+            ]
+        )
+        / 64
+    )
     assert len(found) == 1 and found.labels[0] == 1 and found.scores[0] == pytest.approx(0.9)
     np.testing.assert_allclose(found.boxes[0], expected, atol=1e-6)
     centre = np.array([x1 + 0.5 * (widths - 1), y1 + 0.5 * (widths - 1)])
@@ -58,8 +68,8 @@ def test_retinaface_threshold_and_nms():
     a 0.79 score is below 0.8."""
     outputs = _retinaface_blank()
     scores, _, _ = retinaface_outputs(8)
-    outputs[scores][3, 3, 3], outputs[scores][3, 3, 4] = 0.95, 0.85   # side-16 anchors 8 px apart: IoU 1/3
-    outputs[scores][2, 3, 3] = 0.9                                    # side 32 over side 16: IoU 1/4
+    outputs[scores][3, 3, 3], outputs[scores][3, 3, 4] = 0.95, 0.85  # side-16 anchors 8 px apart: IoU 1/3
+    outputs[scores][2, 3, 3] = 0.9  # side 32 over side 16: IoU 1/4
     outputs[scores][3, 6, 6] = 0.79
     found = decode_retinaface(outputs, 64, 64)
     assert sorted(found.scores.tolist()) == pytest.approx([0.85, 0.9, 0.95])
@@ -72,17 +82,23 @@ def _logit(p: float) -> float:
 
 def test_yolo_decodes_one_cell_as_darknet_does():
     """Stride-16 head of a 64x32 (WxH) input: 4x2 cells, anchors 3..5 of yoloface (16,24 33,25 26,41)."""
-    head = np.full((18, 2, 4), -10.0, np.float32)                     # objectness ~0 everywhere
-    anchor, row, col = 1, 1, 2                                        # anchor (33, 25)
-    head[anchor * 6:anchor * 6 + 6, row, col] = [_logit(0.25), _logit(0.5), math.log(2.0), 0.0,
-                                                 _logit(0.9), _logit(0.8)]
+    head = np.full((18, 2, 4), -10.0, np.float32)  # objectness ~0 everywhere
+    anchor, row, col = 1, 1, 2  # anchor (33, 25)
+    head[anchor * 6 : anchor * 6 + 6, row, col] = [
+        _logit(0.25),
+        _logit(0.5),
+        math.log(2.0),
+        0.0,
+        _logit(0.9),
+        _logit(0.8),
+    ]
     heads = yoloface_heads({"h16": head.shape}, height=32)
     found = decode_yolo({"h16": head}, heads, width=64, height=32)
     cx, cy = (0.25 + col) / 4, (0.5 + row) / 2
     w, h = 33 * 2.0 / 64, 25 / 32
     assert len(found) == 1 and found.scores[0] == pytest.approx(0.72, abs=1e-6)
     np.testing.assert_allclose(found.boxes[0], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1e-6)
-    head[anchor * 6 + 5, row, col] = _logit(0.5)                      # 0.9 * 0.5 = 0.45 < 0.5
+    head[anchor * 6 + 5, row, col] = _logit(0.5)  # 0.9 * 0.5 = 0.45 < 0.5
     assert len(decode_yolo({"h16": head}, heads, width=64, height=32)) == 0
     with pytest.raises(ValueError, match="stride 4"):
         yoloface_heads({"odd": (18, 8, 16)}, height=32)
@@ -95,12 +111,15 @@ def _model(outputs: list[tuple[str, str, dict]]) -> NcnnModel:
 
 
 def test_tasks_are_detected_from_the_outputs():
-    retina = [(name, "Softmax" if name.startswith("face_rpn_cls") else "Convolution", {0: 8})
-              for stride in (32, 16, 8) for name in retinaface_outputs(stride)]
+    retina = [
+        (name, "Softmax" if name.startswith("face_rpn_cls") else "Convolution", {0: 8})
+        for stride in (32, 16, 8)
+        for name in retinaface_outputs(stride)
+    ]
     assert detect_task(_model(retina)) == "retinaface"
     heads = [(f"layer{i}-conv", "Convolution", {0: 18}) for i in (71, 83, 95)]
     assert detect_task(_model(heads)) == "yoloface"
-    assert detect_task(_model([("map", "Convolution", {0: 1, 9: 4})])) == "segmentation"   # sigmoid fused
+    assert detect_task(_model([("map", "Convolution", {0: 1, 9: 4})])) == "segmentation"  # sigmoid fused
     assert detect_task(_model([("map", "Sigmoid", {})])) == "segmentation"
     assert detect_task(_model([("prob", "Softmax", {})])) == "classifier"
     assert detect_task(_model([(name, "Convolution", {0: 18, 9: 1}) for name, _, _ in heads])) == "classifier"

@@ -5,6 +5,7 @@ it, else OpenCV's DNN, else a numpy reference written here. Each writer that han
 ncnn FP32 and ONNX under onnxruntime to a max relative difference of 1e-4 (max|a - b| / max|b|), and ncnn INT8
 to a cosine of 0.99 for the quantizable types. The registry itself is checked for completeness.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,47 @@ from tests.synthetic import write_caffe_model
 #: Every type Tencent/ncnn's caffe2ncnn converts, the parameter-free types it passes through, and the fork layers
 #: of the issue: each must be declared.
 CAFFE2NCNN = [
-    "BN", "BatchNorm", "Concat", "Convolution", "ConvolutionDepthwise", "DepthwiseConvolution", "Crop",
-    "Deconvolution", "DetectionOutput", "Dropout", "ELU", "Eltwise", "Embed", "InnerProduct", "Input", "Interp",
-    "LRN", "LSTM", "MVN", "MemoryData", "Normalize", "PReLU", "PSROIPooling", "Permute", "Pooling", "Power",
-    "PriorBox", "ROIAlign", "ROIPooling", "ReLU", "ReLU6", "Reorg", "Reshape", "Scale", "ShuffleChannel", "Silence",
-    "Slice", "Softmax", "Threshold", "YoloDetectionOutput", "Yolov3DetectionOutput",
+    "BN",
+    "BatchNorm",
+    "Concat",
+    "Convolution",
+    "ConvolutionDepthwise",
+    "DepthwiseConvolution",
+    "Crop",
+    "Deconvolution",
+    "DetectionOutput",
+    "Dropout",
+    "ELU",
+    "Eltwise",
+    "Embed",
+    "InnerProduct",
+    "Input",
+    "Interp",
+    "LRN",
+    "LSTM",
+    "MVN",
+    "MemoryData",
+    "Normalize",
+    "PReLU",
+    "PSROIPooling",
+    "Permute",
+    "Pooling",
+    "Power",
+    "PriorBox",
+    "ROIAlign",
+    "ROIPooling",
+    "ReLU",
+    "ReLU6",
+    "Reorg",
+    "Reshape",
+    "Scale",
+    "ShuffleChannel",
+    "Silence",
+    "Slice",
+    "Softmax",
+    "Threshold",
+    "YoloDetectionOutput",
+    "Yolov3DetectionOutput",
 ]
 PASS_THROUGH = ["AbsVal", "BNLL", "Exp", "Log", "Sigmoid", "TanH", "Split", "Flatten"]
 FORK_LAYERS = ["Upsample", "Axpy"]
@@ -93,8 +130,8 @@ class Case:
     weights: Weights = field(default=lambda rng: {})
     positive: bool = False
     numpy: Callable[[np.ndarray, dict[str, list[np.ndarray]]], np.ndarray] | None = None
-    renamed: dict[str, str] = field(default_factory=dict)   # prototxt edits the reference engine needs
-    engine: str | None = None                               # the reference engine, when not the default choice
+    renamed: dict[str, str] = field(default_factory=dict)  # prototxt edits the reference engine needs
+    engine: str | None = None  # the reference engine, when not the default choice
 
 
 def _w(*shapes: tuple[int, ...], name: str = "l") -> Weights:
@@ -131,43 +168,88 @@ def _upsample(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray
 CONV_W = _w((6, 4, 3, 3), (6,))
 CASES = [
     Case("conv", "Convolution", _conv("Convolution", "num_output: 6 kernel_size: 3 pad: 1 stride: 2"), weights=CONV_W),
-    Case("conv_grouped", "Convolution", _conv("Convolution", "num_output: 16 kernel_size: 1 group: 2"),
-         weights=_w((16, 2, 1, 1), (16,))),
-    Case("conv_depthwise", "Convolution", _conv("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
-         weights=_w((4, 1, 3, 3), (4,))),
-    Case("conv_dw_fork", "ConvolutionDepthwise", _conv("ConvolutionDepthwise", "num_output: 4 kernel_size: 3 pad: 1"),
-         weights=_w((4, 1, 3, 3), (4,)),
-         renamed={'"ConvolutionDepthwise"': '"Convolution"', "num_output: 4": "num_output: 4 group: 4"}),
-    Case("conv_dw_fork2", "DepthwiseConvolution",
-         _conv("DepthwiseConvolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
-         weights=_w((4, 1, 3, 3), (4,)), renamed={'"DepthwiseConvolution"': '"Convolution"'}),
-    Case("deconv", "Deconvolution", _conv("Deconvolution", "num_output: 3 kernel_size: 4 stride: 2 pad: 1"),
-         weights=_w((4, 3, 4, 4), (3,))),
-    Case("deconv_depthwise", "Deconvolution",
-         _conv("Deconvolution", "num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 bias_term: false"),
-         weights=_w((4, 1, 4, 4))),
-    Case("ip", "InnerProduct", _one("InnerProduct", "inner_product_param { num_output: 5 }"),
-         weights=_w((5, 144), (5,))),
-    Case("batchnorm", "BatchNorm", _one("BatchNorm"),
-         weights=lambda rng: {"l": [rng.normal(0, 1, 4).astype(np.float32), rng.uniform(0.5, 2, 4).astype(np.float32),
-                                    np.array([2.0], np.float32)]}),
+    Case(
+        "conv_grouped",
+        "Convolution",
+        _conv("Convolution", "num_output: 16 kernel_size: 1 group: 2"),
+        weights=_w((16, 2, 1, 1), (16,)),
+    ),
+    Case(
+        "conv_depthwise",
+        "Convolution",
+        _conv("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
+        weights=_w((4, 1, 3, 3), (4,)),
+    ),
+    Case(
+        "conv_dw_fork",
+        "ConvolutionDepthwise",
+        _conv("ConvolutionDepthwise", "num_output: 4 kernel_size: 3 pad: 1"),
+        weights=_w((4, 1, 3, 3), (4,)),
+        renamed={'"ConvolutionDepthwise"': '"Convolution"', "num_output: 4": "num_output: 4 group: 4"},
+    ),
+    Case(
+        "conv_dw_fork2",
+        "DepthwiseConvolution",
+        _conv("DepthwiseConvolution", "num_output: 4 kernel_size: 3 pad: 1 group: 4"),
+        weights=_w((4, 1, 3, 3), (4,)),
+        renamed={'"DepthwiseConvolution"': '"Convolution"'},
+    ),
+    Case(
+        "deconv",
+        "Deconvolution",
+        _conv("Deconvolution", "num_output: 3 kernel_size: 4 stride: 2 pad: 1"),
+        weights=_w((4, 3, 4, 4), (3,)),
+    ),
+    Case(
+        "deconv_depthwise",
+        "Deconvolution",
+        _conv("Deconvolution", "num_output: 4 kernel_size: 4 stride: 2 pad: 1 group: 4 bias_term: false"),
+        weights=_w((4, 1, 4, 4)),
+    ),
+    Case(
+        "ip", "InnerProduct", _one("InnerProduct", "inner_product_param { num_output: 5 }"), weights=_w((5, 144), (5,))
+    ),
+    Case(
+        "batchnorm",
+        "BatchNorm",
+        _one("BatchNorm"),
+        weights=lambda rng: {
+            "l": [
+                rng.normal(0, 1, 4).astype(np.float32),
+                rng.uniform(0.5, 2, 4).astype(np.float32),
+                np.array([2.0], np.float32),
+            ]
+        },
+    ),
     Case("scale", "Scale", _one("Scale", "scale_param { bias_term: true }"), weights=_w((4,), (4,))),
-    Case("scale_two_bottoms", "Scale", """
+    Case(
+        "scale_two_bottoms",
+        "Scale",
+        """
         layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
                 pooling_param { pool: AVE global_pooling: true } }
         layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
         layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
-        layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }"""),
-    Case("scale_two_bottoms_4d", "Scale", """
+        layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }""",
+    ),
+    Case(
+        "scale_two_bottoms_4d",
+        "Scale",
+        """
         layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
                 pooling_param { pool: AVE global_pooling: true } }
         layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
         layer { name: "l" type: "Scale" bottom: "data" bottom: "gate" top: "out" scale_param { axis: 0 } }""",
-         engine="opencv"),   # Caffe rejects the (N, C, 1, 1) gate at axis 0 (and aborts); OpenCV broadcasts it
+        engine="opencv",
+    ),  # Caffe rejects the (N, C, 1, 1) gate at axis 0 (and aborts); OpenCV broadcasts it
     Case("bn_fork", "BN", _one("BN"), weights=_w((1, 4, 1, 1), (1, 4, 1, 1)), numpy=_bn_fork),
     Case("bias", "Bias", _one("Bias"), weights=_w((4,))),
-    Case("normalize", "Normalize", _one("Normalize", "norm_param { across_spatial: false channel_shared: false }"),
-         weights=lambda rng: {"l": [rng.uniform(0.5, 2, 4).astype(np.float32)]}),
+    Case(
+        "normalize",
+        "Normalize",
+        _one("Normalize", "norm_param { across_spatial: false channel_shared: false }"),
+        weights=lambda rng: {"l": [rng.uniform(0.5, 2, 4).astype(np.float32)]},
+    ),
     Case("lrn", "LRN", _one("LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }")),
     Case("mvn", "MVN", _one("MVN", "mvn_param { across_channels: true }")),
     Case("relu", "ReLU", _one("ReLU")),
@@ -189,53 +271,106 @@ CASES = [
     Case("pool_max", "Pooling", _one("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")),
     Case("pool_ave", "Pooling", _one("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")),
     Case("pool_global", "Pooling", _one("Pooling", "pooling_param { pool: AVE global_pooling: true }")),
-    Case("eltwise_sum", "Eltwise", """
+    Case(
+        "eltwise_sum",
+        "Eltwise",
+        """
         layer { name: "a" type: "TanH" bottom: "data" top: "a" }
         layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out"
-                eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }"""),
-    Case("eltwise_prod", "Eltwise", """
+                eltwise_param { operation: SUM coeff: 0.5 coeff: -2 } }""",
+    ),
+    Case(
+        "eltwise_prod",
+        "Eltwise",
+        """
         layer { name: "a" type: "TanH" bottom: "data" top: "a" }
-        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: PROD } }"""),
-    Case("eltwise_max", "Eltwise", """
+        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: PROD } }""",
+    ),
+    Case(
+        "eltwise_max",
+        "Eltwise",
+        """
         layer { name: "a" type: "TanH" bottom: "data" top: "a" }
-        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: MAX } }"""),
-    Case("axpy", "Axpy", """
+        layer { name: "l" type: "Eltwise" bottom: "data" bottom: "a" top: "out" eltwise_param { operation: MAX } }""",
+    ),
+    Case(
+        "axpy",
+        "Axpy",
+        """
         layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: AVE global_pooling: true } }
-        layer { name: "l" type: "Axpy" bottom: "a" bottom: "data" bottom: "data" top: "out" }""", numpy=_axpy),
-    Case("concat", "Concat", """
+        layer { name: "l" type: "Axpy" bottom: "a" bottom: "data" bottom: "data" top: "out" }""",
+        numpy=_axpy,
+    ),
+    Case(
+        "concat",
+        "Concat",
+        """
         layer { name: "a" type: "TanH" bottom: "data" top: "a" }
-        layer { name: "l" type: "Concat" bottom: "data" bottom: "a" top: "out" }"""),
-    Case("slice", "Slice", """
+        layer { name: "l" type: "Concat" bottom: "data" bottom: "a" top: "out" }""",
+    ),
+    Case(
+        "slice",
+        "Slice",
+        """
         layer { name: "l" type: "Slice" bottom: "data" top: "s1" top: "s2" slice_param { slice_point: 1 } }
         layer { name: "m" type: "Eltwise" bottom: "s2" bottom: "s2" top: "out" eltwise_param { operation: PROD } }
-        layer { name: "k" type: "TanH" bottom: "s1" top: "out1" }"""),
-    Case("split", "Split", """
+        layer { name: "k" type: "TanH" bottom: "s1" top: "out1" }""",
+    ),
+    Case(
+        "split",
+        "Split",
+        """
         layer { name: "l" type: "Split" bottom: "data" top: "a" top: "b" }
-        layer { name: "m" type: "Eltwise" bottom: "a" bottom: "b" top: "out" eltwise_param { operation: PROD } }"""),
-    Case("flatten", "Flatten", """
+        layer { name: "m" type: "Eltwise" bottom: "a" bottom: "b" top: "out" eltwise_param { operation: PROD } }""",
+    ),
+    Case(
+        "flatten",
+        "Flatten",
+        """
         layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX global_pooling: true } }
-        layer { name: "l" type: "Flatten" bottom: "a" top: "out" }"""),
+        layer { name: "l" type: "Flatten" bottom: "a" top: "out" }""",
+    ),
     Case("reshape", "Reshape", _one("Reshape", "reshape_param { shape { dim: 0 dim: 2 dim: -1 dim: 6 } }")),
     Case("permute", "Permute", _one("Permute", "permute_param { order: 0 order: 2 order: 3 order: 1 }")),
-    Case("crop", "Crop", """
+    Case(
+        "crop",
+        "Crop",
+        """
         layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-        layer { name: "l" type: "Crop" bottom: "data" bottom: "a" top: "out" crop_param { axis: 2 offset: 1 } }"""),
-    Case("shuffle_channel", "ShuffleChannel", _one("ShuffleChannel", "shuffle_channel_param { group: 2 }"),
-         shape=(1, 6, 4, 4)),
+        layer { name: "l" type: "Crop" bottom: "data" bottom: "a" top: "out" crop_param { axis: 2 offset: 1 } }""",
+    ),
+    Case(
+        "shuffle_channel",
+        "ShuffleChannel",
+        _one("ShuffleChannel", "shuffle_channel_param { group: 2 }"),
+        shape=(1, 6, 4, 4),
+    ),
     Case("reorg", "Reorg", _one("Reorg", "reorg_param { stride: 2 }"), numpy=_reorg),
-    Case("dropout", "Dropout", """
+    Case(
+        "dropout",
+        "Dropout",
+        """
         layer { name: "l" type: "Dropout" bottom: "data" top: "d" }
-        layer { name: "m" type: "TanH" bottom: "d" top: "out" }"""),
-    Case("silence", "Silence", """
+        layer { name: "m" type: "TanH" bottom: "d" top: "out" }""",
+    ),
+    Case(
+        "silence",
+        "Silence",
+        """
         layer { name: "a" type: "TanH" bottom: "data" top: "a" }
         layer { name: "l" type: "Silence" bottom: "a" }
-        layer { name: "m" type: "Sigmoid" bottom: "data" top: "out" }"""),
+        layer { name: "m" type: "Sigmoid" bottom: "data" top: "out" }""",
+    ),
     Case("upsample", "Upsample", _one("Upsample", "upsample_param { scale: 2 }"), numpy=_upsample),
     Case("interp", "Interp", _one("Interp", "interp_param { zoom_factor: 2 }")),
-    Case("priorbox", "PriorBox", """
+    Case(
+        "priorbox",
+        "PriorBox",
+        """
         layer { name: "a" type: "Pooling" bottom: "data" top: "a" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
         layer { name: "l" type: "PriorBox" bottom: "a" bottom: "data" top: "out"
-                prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }"""),
+                prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }""",
+    ),
 ]
 #: Types whose synthetic case is elsewhere: DetectionOutput on the real SSDs (test_evaluate, test_caffe_backend);
 #: Input everywhere; MemoryData below; Embed (an index input) below.
@@ -243,12 +378,16 @@ ELSEWHERE = {"DetectionOutput", "Input", "MemoryData", "Embed"}
 
 
 def test_every_handled_type_has_a_case():
-    handled = {name for name, kind in REGISTRY.items()
-               if not (isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline))}
+    handled = {
+        name
+        for name, kind in REGISTRY.items()
+        if not (isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline))
+    }
     assert handled - ELSEWHERE - {case.type for case in CASES} == set()
 
 
 # --------------------------------------------------------------------------------------------------- machinery
+
 
 @dataclass
 class Built:
@@ -392,7 +531,7 @@ def _int8_model(built: Built):
 @_cases(INT8_CASES)
 def test_ncnn_int8_is_close_for_quantizable_types(built):
     model = _int8_model(built)
-    assert bool(int8_layers(model)) == (built.case.id != "conv_grouped")   # grouped: FP32, see ncnn.quantize
+    assert bool(int8_layers(model)) == (built.case.id != "conv_grouped")  # grouped: FP32, see ncnn.quantize
     got = run_ncnn(built, model, "int8", int8=True)
     for value, want in built.reference.items():
         assert cosine(got[value], want) >= COSINE_BOUND, value
@@ -403,27 +542,42 @@ def test_deconvolution_stays_fp32_as_ncnn2int8_and_the_runtime_do(tmp_path):
     has no int8_scale_term): after an INT8 convolution, run with use_int8_inference, it computes exactly what the
     FP32 Deconvolution computes on the same input."""
     rng = np.random.default_rng(11)
-    text = ('input: "data" input_shape { dim: 1 dim: 4 dim: 6 dim: 6 }\n'
-            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
-            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
-            'layer { name: "l" type: "Deconvolution" bottom: "c" top: "out" '
-            'convolution_param { num_output: 3 kernel_size: 4 stride: 2 pad: 1 } }\n')
-    weights = {"c": [rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), np.zeros(4, np.float32)],
-               "l": [rng.normal(0, 0.5, (4, 3, 4, 4)).astype(np.float32), rng.normal(0, 0.5, 3).astype(np.float32)]}
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 4 dim: 6 dim: 6 }\n'
+        'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+        "convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n"
+        'layer { name: "l" type: "Deconvolution" bottom: "c" top: "out" '
+        "convolution_param { num_output: 3 kernel_size: 4 stride: 2 pad: 1 } }\n"
+    )
+    weights = {
+        "c": [rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), np.zeros(4, np.float32)],
+        "l": [rng.normal(0, 0.5, (4, 3, 4, 4)).astype(np.float32), rng.normal(0, 0.5, 3).astype(np.float32)],
+    }
     graph = load_graph(*write_caffe_model(tmp_path, text, weights))
     fp32 = convert_graph(graph)
     x = rng.normal(0, 1, (4, 6, 6)).astype(np.float32)
-    table = CalibrationTable(weight_scales={"c": np.full(4, 40.0, np.float32), "l": np.ones(3, np.float32)},
-                             activation_scales={"c": 127.0 / float(np.abs(x).max()), "l": 10.0})
+    table = CalibrationTable(
+        weight_scales={"c": np.full(4, 40.0, np.float32), "l": np.ones(3, np.float32)},
+        activation_scales={"c": 127.0 / float(np.abs(x).max()), "l": 10.0},
+    )
     int8 = quantize_model(fp32, table, fp16_storage=False)
     assert int8_layers(int8) == ["c"] and 8 not in int8.layer("l").params
     write_model(int8, tmp_path / "q.param", tmp_path / "q.bin")
     runner = NcnnRunner(tmp_path / "q.param", tmp_path / "q.bin", int8=True)
     inside = runner.extract({"data": x}, ["c", "out"])
-    deconv_only = convert_graph(load_graph(*write_caffe_model(
-        tmp_path / "deconv", text.replace('bottom: "c" top: "out"', 'bottom: "data" top: "out"').replace(
-            'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
-            'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n', ''), {"l": weights["l"]})))
+    deconv_only = convert_graph(
+        load_graph(
+            *write_caffe_model(
+                tmp_path / "deconv",
+                text.replace('bottom: "c" top: "out"', 'bottom: "data" top: "out"').replace(
+                    'layer { name: "c" type: "Convolution" bottom: "data" top: "c" '
+                    "convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n",
+                    "",
+                ),
+                {"l": weights["l"]},
+            )
+        )
+    )
     write_model(deconv_only, tmp_path / "d.param", tmp_path / "d.bin")
     alone = NcnnRunner(tmp_path / "d.param", tmp_path / "d.bin", int8=False).run({"data": inside["c"]})["out"]
     np.testing.assert_array_equal(inside["out"], alone)
@@ -467,10 +621,10 @@ def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
 
 #: The shared models with fork layers: the reference engine, and the prototxt edits that engine needs.
 FORK_MODELS = {
-    "retinaface": ("caffe", {}),                                              # Deconvolution, Crop
-    "yoloface": ("caffe", {}),                                                # Upsample, two-bottom Scale
-    "shufflenet_driver": ("opencv", {}),                                      # ShuffleChannel, ConvolutionDepthwise
-    "lane": ("caffe", {'"DepthwiseConvolution"': '"Convolution"'}),           # DepthwiseConvolution, Deconvolution
+    "retinaface": ("caffe", {}),  # Deconvolution, Crop
+    "yoloface": ("caffe", {}),  # Upsample, two-bottom Scale
+    "shufflenet_driver": ("opencv", {}),  # ShuffleChannel, ConvolutionDepthwise
+    "lane": ("caffe", {'"DepthwiseConvolution"': '"Convolution"'}),  # DepthwiseConvolution, Deconvolution
 }
 
 
@@ -485,7 +639,7 @@ def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cach
 
     by, edits = FORK_MODELS[key]
     if by == "caffe":
-        request.getfixturevalue("caffe")   # pycaffe, or a skip (a failure with INT8CONV_REQUIRE_CAFFE=1)
+        request.getfixturevalue("caffe")  # pycaffe, or a skip (a failure with INT8CONV_REQUIRE_CAFFE=1)
     proto, model = MODELS[key].paths(shared)
     graph = load_graph(proto, model)
     batch = MODELS[key].prep.apply(read_image(sorted((shared / "images" / "faces").glob("*.jpg"))[0]))[None]
@@ -504,8 +658,9 @@ def test_fork_layer_models_match_their_reference(shared, key, tmp_path, ort_cach
     export = export_onnx(graph)
     session = ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
     onnx_out = dict(zip(outputs, session.run(outputs, {export.inputs[0]: batch}), strict=True))
-    worst = {name: (relative(got[name], reference[name]), relative(onnx_out[name], reference[name]))
-             for name in outputs}
+    worst = {
+        name: (relative(got[name], reference[name]), relative(onnx_out[name], reference[name])) for name in outputs
+    }
     assert max(max(pair) for pair in worst.values()) <= REL_BOUND, worst
 
 

@@ -3,6 +3,7 @@
 Every comparison loads the produced files with ``ncnn.Net`` and checks numbers against OpenCV's forward of the
 same Caffe files; nothing here compares only text.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,17 +60,25 @@ def compare_with_opencv(proto: Path, caffemodel: Path, inputs: list[np.ndarray],
 
 # --------------------------------------------------------------------------------------------------- file format
 
+
 def test_write_read_round_trip_and_ncnn_loads(tmp_path):
     """Params of every kind and blobs of every storage survive write/read, and ncnn computes with them."""
     weight = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
     bias = RNG.normal(size=4).astype(np.float32)
-    model = NcnnModel([
-        NcnnLayer("Input", "data", [], ["data"], {0: 7, 1: 6, 2: 3}),
-        NcnnLayer("Convolution", "conv", ["data"], ["conv"],
-                  {0: 4, 1: 3, 4: 1, 5: 1, 6: weight.size, 9: 2, 10: [1 / 3]},
-                  [NcnnBlob(weight.astype(np.float16)), NcnnBlob(bias, tagged=False)]),
-        NcnnLayer("Clip", "clip", ["conv"], ["clip"], {0: -0.123456789, 1: 2.5e-7}),
-    ])
+    model = NcnnModel(
+        [
+            NcnnLayer("Input", "data", [], ["data"], {0: 7, 1: 6, 2: 3}),
+            NcnnLayer(
+                "Convolution",
+                "conv",
+                ["data"],
+                ["conv"],
+                {0: 4, 1: 3, 4: 1, 5: 1, 6: weight.size, 9: 2, 10: [1 / 3]},
+                [NcnnBlob(weight.astype(np.float16)), NcnnBlob(bias, tagged=False)],
+            ),
+            NcnnLayer("Clip", "clip", ["conv"], ["clip"], {0: -0.123456789, 1: 2.5e-7}),
+        ]
+    )
     write_model(model, tmp_path / "m.param", tmp_path / "m.bin")
     back = read_model(tmp_path / "m.param", tmp_path / "m.bin")
     conv = back.layer("conv")
@@ -84,8 +93,15 @@ def test_write_read_round_trip_and_ncnn_loads(tmp_path):
     out = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x})["clip"]
     w16 = weight.astype(np.float16).astype(np.float64)
     xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
-    ref = np.stack([sum(np.einsum("chw,c->hw", xp[:, i:i + 6, j:j + 7], w16[o, :, i, j])
-                        for i in range(3) for j in range(3)) + bias[o] for o in range(4)])
+    ref = np.stack(
+        [
+            sum(
+                np.einsum("chw,c->hw", xp[:, i : i + 6, j : j + 7], w16[o, :, i, j]) for i in range(3) for j in range(3)
+            )
+            + bias[o]
+            for o in range(4)
+        ]
+    )
     ref = np.clip(np.where(ref > 0, ref, ref / 3), np.float32(-0.123456789), np.float32(2.5e-7))
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
@@ -93,12 +109,23 @@ def test_write_read_round_trip_and_ncnn_loads(tmp_path):
 def test_int8_blobs_round_trip(tmp_path):
     """An int8 weight array keeps its tag and padding; trailing scales stay raw fp32."""
     weight = RNG.integers(-127, 128, size=2 * 3 * 1 * 1).astype(np.int8)  # 6 bytes: padded to 8
-    model = NcnnModel([
-        NcnnLayer("Input", "data", [], ["data"], {0: 4, 1: 4, 2: 3}),
-        NcnnLayer("Convolution", "conv", ["data"], ["conv"], {0: 2, 1: 1, 5: 0, 6: 6, 8: 2},
-                  [NcnnBlob(weight), NcnnBlob(np.array([50.0, 60.0], np.float32), False),
-                   NcnnBlob(np.array([10.0], np.float32), False)]),
-    ])
+    model = NcnnModel(
+        [
+            NcnnLayer("Input", "data", [], ["data"], {0: 4, 1: 4, 2: 3}),
+            NcnnLayer(
+                "Convolution",
+                "conv",
+                ["data"],
+                ["conv"],
+                {0: 2, 1: 1, 5: 0, 6: 6, 8: 2},
+                [
+                    NcnnBlob(weight),
+                    NcnnBlob(np.array([50.0, 60.0], np.float32), False),
+                    NcnnBlob(np.array([10.0], np.float32), False),
+                ],
+            ),
+        ]
+    )
     write_model(model, tmp_path / "q.param", tmp_path / "q.bin")
     assert (tmp_path / "q.bin").stat().st_size == 4 + 8 + 8 + 4
     back = read_model(tmp_path / "q.param", tmp_path / "q.bin")
@@ -108,8 +135,12 @@ def test_int8_blobs_round_trip(tmp_path):
 
 def test_format_float_is_exact_and_short():
     """Every float32 comes back bit-exact through ncnn's 15-character, 9-decimal parser limits."""
-    values = np.concatenate([RNG.normal(size=200) * 10.0 ** RNG.integers(-30, 30, size=200),
-                             [0.1, -233.0, 1e-10, 6.0, np.finfo(np.float32).max]]).astype(np.float32)
+    values = np.concatenate(
+        [
+            RNG.normal(size=200) * 10.0 ** RNG.integers(-30, 30, size=200),
+            [0.1, -233.0, 1e-10, 6.0, np.finfo(np.float32).max],
+        ]
+    ).astype(np.float32)
     for v in values:
         text = format_float(float(v))
         assert len(text) <= 15 and ("." in text or "e" in text) and len(text.partition(".")[2].split("e")[0]) <= 9
@@ -119,9 +150,12 @@ def test_format_float_is_exact_and_short():
 
 
 def test_bin_mismatches_are_errors(tmp_path):
-    model = NcnnModel([NcnnLayer("Input", "data", [], ["data"], {0: 4, 1: 4, 2: 2}),
-                       NcnnLayer("Scale", "sc", ["data"], ["sc"], {0: 2, 1: 1},
-                                 [NcnnBlob(np.ones(2, np.float32), False)])])
+    model = NcnnModel(
+        [
+            NcnnLayer("Input", "data", [], ["data"], {0: 4, 1: 4, 2: 2}),
+            NcnnLayer("Scale", "sc", ["data"], ["sc"], {0: 2, 1: 1}, [NcnnBlob(np.ones(2, np.float32), False)]),
+        ]
+    )
     with pytest.raises(ModelError, match="'sc'.*do not match"):
         write_model(model, tmp_path / "s.param", tmp_path / "s.bin")
     model.layers[1].weights.append(NcnnBlob(np.zeros(2, np.float32), False))
@@ -138,6 +172,7 @@ def test_bin_mismatches_are_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- synthetic nets
+
 
 def _w(*shape: int, low: float | None = None) -> np.ndarray:
     if low is not None:
@@ -178,29 +213,45 @@ layer { name: "fc2" type: "InnerProduct" bottom: "fc" top: "fc2" inner_product_p
 
 def conv_weights() -> dict[str, list[np.ndarray]]:
     return {
-        "asym": [_w(6, 4, 3, 5), _w(6)], "dil": [_w(8, 6, 3, 3), _w(8)], "dw": [_w(8, 1, 3, 3), _w(8)],
-        "grp": [_w(4, 4, 1, 1)], "up": [_w(4, 3, 4, 4), _w(3)], "upg": [_w(4, 3, 3, 2)],
-        "bn": [_w(8), _w(8, low=0.5), np.array([2.0], np.float32)], "bn_scale": [_w(8), _w(8)],
-        "prelu": [_w(8) * 0.3], "up_prelu": [np.array([0.25], np.float32)], "fc": [_w(5, 8 * 4 * 6), _w(5)], "fc2": [_w(3, 5), _w(3)],
+        "asym": [_w(6, 4, 3, 5), _w(6)],
+        "dil": [_w(8, 6, 3, 3), _w(8)],
+        "dw": [_w(8, 1, 3, 3), _w(8)],
+        "grp": [_w(4, 4, 1, 1)],
+        "up": [_w(4, 3, 4, 4), _w(3)],
+        "upg": [_w(4, 3, 3, 2)],
+        "bn": [_w(8), _w(8, low=0.5), np.array([2.0], np.float32)],
+        "bn_scale": [_w(8), _w(8)],
+        "prelu": [_w(8) * 0.3],
+        "up_prelu": [np.array([0.25], np.float32)],
+        "fc": [_w(5, 8 * 4 * 6), _w(5)],
+        "fc2": [_w(3, 5), _w(3)],
     }
 
 
 POOL_NET = """
 name: "pools"
 layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 15 dim: 14 } } }
-layer { name: "ave_tail" type: "Pooling" bottom: "data" top: "ave_tail" pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+layer { name: "ave_tail" type: "Pooling" bottom: "data" top: "ave_tail" pooling_param { pool: AVE kernel_size: 3
+  stride: 2 } }
 layer { name: "ave_pad_tail" type: "Pooling" bottom: "data" top: "ave_pad_tail"
   pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
-layer { name: "ave_pad" type: "Pooling" bottom: "data" top: "ave_pad" pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 } }
-layer { name: "ave_clip" type: "Pooling" bottom: "data" top: "ave_clip" pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }
-layer { name: "max_clip" type: "Pooling" bottom: "data" top: "max_clip" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 } }
+layer { name: "ave_pad" type: "Pooling" bottom: "data" top: "ave_pad" pooling_param { pool: AVE kernel_size: 3
+  stride: 1 pad: 1 } }
+layer { name: "ave_clip" type: "Pooling" bottom: "data" top: "ave_clip" pooling_param { pool: AVE kernel_size: 2
+  stride: 2 pad: 1 } }
+layer { name: "max_clip" type: "Pooling" bottom: "data" top: "max_clip" pooling_param { pool: MAX kernel_size: 2
+  stride: 2 pad: 1 } }
 layer { name: "max_asym" type: "Pooling" bottom: "data" top: "max_asym"
   pooling_param { pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 0 } }
-layer { name: "ave_global" type: "Pooling" bottom: "data" top: "ave_global" pooling_param { pool: AVE global_pooling: true } }
-layer { name: "max_global" type: "Pooling" bottom: "data" top: "max_global" pooling_param { pool: MAX global_pooling: true } }
-layer { name: "squeeze" type: "Convolution" bottom: "ave_global" top: "squeeze" convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "ave_global" type: "Pooling" bottom: "data" top: "ave_global" pooling_param { pool: AVE
+  global_pooling: true } }
+layer { name: "max_global" type: "Pooling" bottom: "data" top: "max_global" pooling_param { pool: MAX
+  global_pooling: true } }
+layer { name: "squeeze" type: "Convolution" bottom: "ave_global" top: "squeeze" convolution_param { num_output: 2
+  kernel_size: 1 } }
 layer { name: "squeeze_relu" type: "ReLU" bottom: "squeeze" top: "squeeze" }
-layer { name: "excite" type: "Convolution" bottom: "squeeze" top: "excite" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "excite" type: "Convolution" bottom: "squeeze" top: "excite" convolution_param { num_output: 3
+  kernel_size: 1 } }
 layer { name: "excite_sigmoid" type: "Sigmoid" bottom: "excite" top: "excite" }
 """
 
@@ -212,7 +263,8 @@ def pool_weights() -> dict[str, list[np.ndarray]]:
 MIX_NET = """
 name: "mix"
 layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 6 dim: 8 dim: 7 } } }
-layer { name: "parts" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { slice_point: 1 slice_point: 3 } }
+layer { name: "parts" type: "Slice" bottom: "data" top: "a" top: "b" top: "c" slice_param { slice_point: 1
+  slice_point: 3 } }
 layer { name: "halves" type: "Slice" bottom: "data" top: "h1" top: "h2" slice_param { axis: 2 } }
 layer { name: "prod" type: "Eltwise" bottom: "h1" bottom: "h2" top: "prod" eltwise_param { operation: PROD } }
 layer { name: "max" type: "Eltwise" bottom: "h1" bottom: "h2" bottom: "h1" top: "max" eltwise_param { operation: MAX } }
@@ -231,18 +283,27 @@ layer { name: "norm" type: "Normalize" bottom: "lrn_across" top: "norm"
 layer { name: "norm_all" type: "Normalize" bottom: "lrn_across" top: "norm_all" norm_param { across_spatial: true } }
 layer { name: "perm" type: "Permute" bottom: "norm" top: "perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
 layer { name: "flat" type: "Flatten" bottom: "perm" top: "flat" }
-layer { name: "shape" type: "Reshape" bottom: "norm_all" top: "shape" reshape_param { shape { dim: 0 dim: -1 dim: 14 } } }
+layer { name: "shape" type: "Reshape" bottom: "norm_all" top: "shape" reshape_param { shape { dim: 0 dim: -1 dim: 14
+  } } }
 layer { name: "soft2" type: "Softmax" bottom: "shape" top: "soft2" softmax_param { axis: 2 } }
 layer { name: "perm2" type: "Permute" bottom: "soft2" top: "perm2" permute_param { order: 0 order: 2 order: 1 } }
 """
 
 
 def mix_weights() -> dict[str, list[np.ndarray]]:
-    return {"scale": [_w(6), _w(6)], "scalar": [np.array([1.7], np.float32)], "norm": [_w(6, low=0.5)], "norm_all": [np.array([3.0], np.float32)]}
+    return {
+        "scale": [_w(6), _w(6)],
+        "scalar": [np.array([1.7], np.float32)],
+        "norm": [_w(6, low=0.5)],
+        "norm_all": [np.array([3.0], np.float32)],
+    }
 
 
-SYNTHETIC = {"convs": (CONV_NET, conv_weights, (4, 13, 11)), "pools": (POOL_NET, pool_weights, (3, 15, 14)),
-             "mix": (MIX_NET, mix_weights, (6, 8, 7))}
+SYNTHETIC = {
+    "convs": (CONV_NET, conv_weights, (4, 13, 11)),
+    "pools": (POOL_NET, pool_weights, (3, 15, 14)),
+    "mix": (MIX_NET, mix_weights, (6, 8, 7)),
+}
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC))
@@ -263,16 +324,17 @@ def test_caffe_semantics_that_opencv_lacks(tmp_path):
     layer { name: "across" type: "LRN" bottom: "data" top: "across" lrn_param { local_size: 5 alpha: 0.3 k: 2 } }
     layer { name: "within" type: "LRN" bottom: "data" top: "within"
       lrn_param { local_size: 3 alpha: 0.4 beta: 0.6 k: 3 norm_region: WITHIN_CHANNEL } }
-    layer { name: "drop" type: "Dropout" bottom: "data" top: "drop" dropout_param { dropout_ratio: 0.25 scale_train: false } }
+    layer { name: "drop" type: "Dropout" bottom: "data" top: "drop" dropout_param { dropout_ratio: 0.25 scale_train:
+      false } }
     """
     proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="lrn")
     runner = convert_to_files(load_graph(proto, caffemodel), tmp_path, "lrn")
     x = RNG.normal(size=(6, 5, 4))
     got = runner.run({"data": x.astype(np.float32)})
-    sq = np.pad(x ** 2, ((2, 2), (0, 0), (0, 0)))
-    across = x * (2 + 0.3 / 5 * sum(sq[i:i + 6] for i in range(5))) ** -0.75
-    sq = np.pad(x ** 2, ((0, 0), (1, 1), (1, 1)))
-    within = x * (1 + 0.4 / 9 * sum(sq[:, i:i + 5, j:j + 4] for i in range(3) for j in range(3))) ** -0.6
+    sq = np.pad(x**2, ((2, 2), (0, 0), (0, 0)))
+    across = x * (2 + 0.3 / 5 * sum(sq[i : i + 6] for i in range(5))) ** -0.75
+    sq = np.pad(x**2, ((0, 0), (1, 1), (1, 1)))
+    within = x * (1 + 0.4 / 9 * sum(sq[:, i : i + 5, j : j + 4] for i in range(3) for j in range(3))) ** -0.6
     assert relative_difference(across, got["across"]) < 1e-5
     assert relative_difference(within, got["within"]) < 1e-5
     assert relative_difference(x * 0.75, got["drop"]) < 1e-6
@@ -322,8 +384,9 @@ def test_declined_layer_names_the_reason(tmp_path):
     layer { name: "rnn" type: "LSTM" bottom: "data" top: "rnn" }
     """
     proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="rnn")
-    with pytest.raises(ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: "
-                                         "not written yet"):
+    with pytest.raises(
+        ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: not written yet"
+    ):
         convert_graph(load_graph(proto, caffemodel))
 
 
@@ -339,6 +402,7 @@ def test_unsupported_settings_are_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- real models
 
+
 @dataclass(frozen=True)
 class RealModel:
     folder: str
@@ -349,6 +413,8 @@ class RealModel:
 
 
 FACES = ("faces/bobmtcnn_multiple-faces.jpg", "faces/dlib_2008_001322.jpg")
+
+
 def _real(model: SharedModel, images: tuple[str, ...] = FACES) -> RealModel:
     return RealModel(model.folder, model.proto, model.caffemodel, model.prep, images)
 
@@ -418,6 +484,7 @@ def test_real_model_ncnn_fp32_matches_opencv(key, real_runs):
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+
 
 def test_cli_convert_writes_files_ncnn_runs(tmp_path, capsys):
     """``int8conv convert --out-dir`` writes <stem>.param/.bin that ncnn runs to OpenCV's numbers."""

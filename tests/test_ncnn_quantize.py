@@ -4,6 +4,7 @@ The reference re-implements ncnn's INT8 semantics (``Convolution::forward_int8``
 input with the bottom scale, integer convolution, dequantize with ``1 / (bottom_scale * weight_scale)``
 (0 for a weight scale of 0), bias, activation, and requantize with the top scale when fused.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,6 +27,7 @@ ncnn = pytest.importorskip("ncnn")
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+
 def _conv(name, bottom, top, weight, bias, pad=1, relu=False, depthwise=False) -> NcnnLayer:
     out = weight.shape[0]
     params = {0: out, 1: weight.shape[-1], 4: pad, 5: 1, 6: int(weight.size)}
@@ -33,8 +35,14 @@ def _conv(name, bottom, top, weight, bias, pad=1, relu=False, depthwise=False) -
         params[7] = out
     if relu:
         params[9] = 1
-    return NcnnLayer("ConvolutionDepthWise" if depthwise else "Convolution", name, [bottom], [top], params,
-                     [NcnnBlob(weight.reshape(-1).astype(np.float32)), NcnnBlob(bias.astype(np.float32), False)])
+    return NcnnLayer(
+        "ConvolutionDepthWise" if depthwise else "Convolution",
+        name,
+        [bottom],
+        [top],
+        params,
+        [NcnnBlob(weight.reshape(-1).astype(np.float32)), NcnnBlob(bias.astype(np.float32), False)],
+    )
 
 
 def _input(c, h, w) -> NcnnLayer:
@@ -55,9 +63,12 @@ def _absmax_table(model: NcnnModel, activations: dict[str, float], levels: int =
 
 def _calibrated(model: NcnnModel, x: np.ndarray, tmp_path, layers=("c1", "dw", "c2")) -> CalibrationTable:
     """Weight scales plus activation scales from the bottoms' absmax in an FP32 run (minmax calibration)."""
-    peaks = {name: float(np.abs(x).max()) if model.layer(name).bottoms[0] == "data" else
-             float(np.abs(_run(model, tmp_path, "peaks", x, False, model.layer(name).bottoms[0])).max())
-             for name in layers}
+    peaks = {
+        name: float(np.abs(x).max())
+        if model.layer(name).bottoms[0] == "data"
+        else float(np.abs(_run(model, tmp_path, "peaks", x, False, model.layer(name).bottoms[0])).max())
+        for name in layers
+    }
     return _absmax_table(model, peaks)
 
 
@@ -80,8 +91,7 @@ def _cosine(a, b) -> float:
 def _int8_conv_reference(q: np.ndarray, layer: NcnnLayer, group: int = 1) -> np.ndarray:
     """Integer accumulation of an ncnn INT8 conv layer (float64 holds the int sums exactly), then dequantize."""
     units = group if layer.type == "ConvolutionDepthWise" else layer.params[0]
-    weights = layer.weights[0].data.astype(np.float64).reshape(layer.params[0], -1, layer.params[1],
-                                                                 layer.params[1])
+    weights = layer.weights[0].data.astype(np.float64).reshape(layer.params[0], -1, layer.params[1], layer.params[1])
     pad = layer.params.get(4, 0)
     acc = conv2d(q[None].astype(np.float64), weights, None, pad=(pad, pad), group=group)[0].astype(np.float64)
     w_scales = layer.weights[2].data.astype(np.float64)
@@ -96,16 +106,18 @@ def _int8_conv_reference(q: np.ndarray, layer: NcnnLayer, group: int = 1) -> np.
 def chain():
     """Input -> 3x3 conv (ReLU) -> depthwise 3x3 (ReLU) -> 1x1 conv: two requantize fusions."""
     rng = np.random.default_rng(7)
-    layers = [_input(8, 12, 12),
-              _conv("c1", "data", "a", rng.normal(size=(16, 8, 3, 3)), rng.normal(size=16) * 0.1, relu=True),
-              _conv("dw", "a", "b", rng.normal(size=(16, 1, 3, 3)), rng.normal(size=16) * 0.1, relu=True,
-                    depthwise=True),
-              _conv("c2", "b", "out", rng.normal(size=(4, 16, 1, 1)), rng.normal(size=4) * 0.1, pad=0)]
+    layers = [
+        _input(8, 12, 12),
+        _conv("c1", "data", "a", rng.normal(size=(16, 8, 3, 3)), rng.normal(size=16) * 0.1, relu=True),
+        _conv("dw", "a", "b", rng.normal(size=(16, 1, 3, 3)), rng.normal(size=16) * 0.1, relu=True, depthwise=True),
+        _conv("c2", "b", "out", rng.normal(size=(4, 16, 1, 1)), rng.normal(size=4) * 0.1, pad=0),
+    ]
     x = rng.normal(size=(8, 12, 12)).astype(np.float32)
     return NcnnModel(layers), x
 
 
 # ------------------------------------------------------------------------------------------------ unit
+
 
 def test_float_to_int8_is_ncnn_float2int8():
     values = np.array([0.49, 0.5, -0.5, 1.5, 2.5, -2.5, 126.6, 300.0, -300.0])
@@ -138,20 +150,28 @@ def test_int8_chain_matches_integer_reference(chain, tmp_path):
 
 def test_split_fusion_only_when_all_consumers_int8_at_one_scale(tmp_path):
     rng = np.random.default_rng(3)
+
     def model():
-        return NcnnModel([
-            _input(4, 8, 8),
-            _conv("c1", "data", "a", rng.normal(size=(8, 4, 3, 3)), np.zeros(8), relu=True),
-            NcnnLayer("Split", "split", ["a"], ["a_0", "a_1"], {}),
-            _conv("left", "a_0", "l", rng.normal(size=(8, 8, 1, 1)), np.zeros(8), pad=0),
-            _conv("right", "a_1", "r", rng.normal(size=(8, 8, 1, 1)), np.zeros(8), pad=0),
-            NcnnLayer("Eltwise", "sum", ["l", "r"], ["out"], {0: 1})])
+        return NcnnModel(
+            [
+                _input(4, 8, 8),
+                _conv("c1", "data", "a", rng.normal(size=(8, 4, 3, 3)), np.zeros(8), relu=True),
+                NcnnLayer("Split", "split", ["a"], ["a_0", "a_1"], {}),
+                _conv("left", "a_0", "l", rng.normal(size=(8, 8, 1, 1)), np.zeros(8), pad=0),
+                _conv("right", "a_1", "r", rng.normal(size=(8, 8, 1, 1)), np.zeros(8), pad=0),
+                NcnnLayer("Eltwise", "sum", ["l", "r"], ["out"], {0: 1}),
+            ]
+        )
+
     x = rng.normal(size=(4, 8, 8)).astype(np.float32)
     m = model()
     reference = _run(m, tmp_path, "fp32", x, int8=False)
     peak = float(_run(m, tmp_path, "fp32", x, int8=False, blob="a").max())
-    cases = {"fused": {"c1": 4.0, "left": peak, "right": peak}, "one FP32 consumer": {"c1": 4.0, "left": peak},
-             "different scales": {"c1": 4.0, "left": peak, "right": 1.1 * peak}}
+    cases = {
+        "fused": {"c1": 4.0, "left": peak, "right": peak},
+        "one FP32 consumer": {"c1": 4.0, "left": peak},
+        "different scales": {"c1": 4.0, "left": peak, "right": 1.1 * peak},
+    }
     for label, activations in cases.items():
         q = quantize_model(m, _absmax_table(m, activations), fp16_storage=False)
         assert (q.layer("c1").params[8] == 102) == (label == "fused"), label
@@ -170,7 +190,7 @@ def test_missing_weight_line_keeps_only_that_layer_fp32(chain, tmp_path, caplog)
         q = quantize_model(model, table, fp16_storage=False)
     assert "dw" in caplog.text and "stays FP32" in caplog.text
     assert int8_layers(q) == ["c1", "c2"]
-    assert q.layer("c1").params[8] == 2          # its consumer is FP32: no requantize
+    assert q.layer("c1").params[8] == 2  # its consumer is FP32: no requantize
     assert q.layer("dw").weights[0].data.dtype == np.float32
     assert _cosine(_run(q, tmp_path, "int8", x, int8=True), _run(model, tmp_path, "fp32", x, int8=False)) > 0.99
 
@@ -212,13 +232,13 @@ def test_dead_depthwise_channel_outputs_its_bias(tmp_path):
 
     forced = copy.deepcopy(model)
     _quantize_layer(forced.layers[1], table.weight_scales["dw"], table.activation_scales["dw"])
-    forced.layer("dw").weights[2].data[2] = 0.0   # what ncnn2int8 writes from the same table
+    forced.layer("dw").weights[2].data[2] = 0.0  # what ncnn2int8 writes from the same table
     assert not np.all(np.isfinite(_run(forced, tmp_path, "forced", x, int8=True)))
 
 
 def test_fp16_storage_for_fp32_layers(chain, tmp_path):
     model, x = chain
-    model.layers[3].weights[0].data[0] = 70000.0   # beyond fp16: this layer must keep fp32
+    model.layers[3].weights[0].data[0] = 70000.0  # beyond fp16: this layer must keep fp32
     table = _calibrated(model, x, tmp_path, layers=("c1",))
     q = quantize_model(model, table, fp16_storage=True)
     param, binary = _save(q, tmp_path, "mixed")
@@ -226,7 +246,7 @@ def test_fp16_storage_for_fp32_layers(chain, tmp_path):
     assert back.layer("c1").weights[0].data.dtype == np.int8
     assert back.layer("dw").weights[0].data.dtype == np.float16
     assert back.layer("c2").weights[0].data.dtype == np.float32
-    assert back.layer("dw").weights[1].data.dtype == np.float32          # bias stays raw fp32
+    assert back.layer("dw").weights[1].data.dtype == np.float32  # bias stays raw fp32
     no16 = quantize_model(model, table, fp16_storage=False)
     assert no16.layer("dw").weights[0].data.dtype == np.float32
     got = NcnnRunner(param, binary, int8=True).run({"data": x})["out"]
@@ -240,7 +260,7 @@ def test_grouped_conv_with_8_outputs_per_group_stays_fp32(tmp_path, caplog):
     """
     rng = np.random.default_rng(2)
     layer = _conv("g", "data", "out", rng.normal(size=(16, 4, 3, 3)), np.zeros(16))
-    layer.type, layer.params[7] = "ConvolutionDepthWise", 2           # group 2: 8 channels in, 8 outputs per group
+    layer.type, layer.params[7] = "ConvolutionDepthWise", 2  # group 2: 8 channels in, 8 outputs per group
     model = NcnnModel([_input(8, 10, 10), layer])
     x = rng.normal(size=(8, 10, 10)).astype(np.float32)
     table = _absmax_table(model, {"g": float(np.abs(x).max())})
@@ -282,17 +302,53 @@ def test_quantize_cli_writes_a_model_ncnn_runs(chain, tmp_path):
     param, binary = _save(model, tmp_path, "fp32")
     table_path = tmp_path / "t.table"
     from int8conv.tables.ncnn_table import write_ncnn_table
+
     write_ncnn_table(_calibrated(model, x, tmp_path), table_path)
     out_param, out_bin = tmp_path / "q.param", tmp_path / "q.bin"
-    assert cli(["-q", "quantize", "--param", str(param), "--bin", str(binary), "--table", str(table_path),
-                "--out-param", str(out_param), "--out-bin", str(out_bin)]) == 0
+    assert (
+        cli(
+            [
+                "-q",
+                "quantize",
+                "--param",
+                str(param),
+                "--bin",
+                str(binary),
+                "--table",
+                str(table_path),
+                "--out-param",
+                str(out_param),
+                "--out-bin",
+                str(out_bin),
+            ]
+        )
+        == 0
+    )
     got = NcnnRunner(out_param, out_bin, int8=True).run({"data": x})["out"]
     assert _cosine(got, NcnnRunner(param, binary, int8=False).run({"data": x})["out"]) > 0.995
-    assert cli(["-q", "quantize", "--param", str(param), "--bin", str(binary), "--table", str(tmp_path / "nope"),
-                "--out-param", str(out_param), "--out-bin", str(out_bin)]) == 2
+    assert (
+        cli(
+            [
+                "-q",
+                "quantize",
+                "--param",
+                str(param),
+                "--bin",
+                str(binary),
+                "--table",
+                str(tmp_path / "nope"),
+                "--out-param",
+                str(out_param),
+                "--out-bin",
+                str(out_bin),
+            ]
+        )
+        == 2
+    )
 
 
 # ------------------------------------------------------------------------------------------------ Winograd
+
 
 def _winograd_case(channels: int, signed: bool, levels: int, winograd: bool, tmp_path) -> float:
     """Cosine INT8/FP32 of a 3x3 stride-1 conv whose weights all share the sign pattern of its input."""
@@ -320,8 +376,8 @@ def test_int8_winograd_overflow_with_8bit_weights(tmp_path):
 
     ncnn's x86 INT8 Winograd F(4,3) transforms int8 weights (x up to 144) and inputs (x up to 100) to int16
     and accumulates their products in int32. Fed inputs that align with the weights over 128 channels,
-    8-bit weights overflow (cosine -0.66 to -0.98 against FP32 over six seeds) while the same INT8 model without Winograd, and
-    6-bit weights with it, stay exact. Non-negative (post-ReLU) inputs need 512 channels to overflow (not
+    8-bit weights overflow (cosine -0.66 to -0.98 against FP32 over six seeds) while the same INT8 model without
+    Winograd, and 6-bit weights with it, stay exact. Non-negative (post-ReLU) inputs need 512 channels to overflow (not
     run here); ordinary activations never did (see the report's real-model numbers).
     """
     assert _winograd_case(128, signed=True, levels=127, winograd=True, tmp_path=tmp_path) < 0.5
@@ -332,9 +388,15 @@ def test_int8_winograd_overflow_with_8bit_weights(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ tables that do little
 
+
 def _two_convs(rng) -> NcnnModel:
-    return NcnnModel([_input(3, 8, 8), _conv("c1", "data", "a", rng.normal(size=(4, 3, 3, 3)), np.zeros(4)),
-                      _conv("c2", "a", "out", rng.normal(size=(4, 4, 3, 3)), np.zeros(4))])
+    return NcnnModel(
+        [
+            _input(3, 8, 8),
+            _conv("c1", "data", "a", rng.normal(size=(4, 3, 3, 3)), np.zeros(4)),
+            _conv("c2", "a", "out", rng.normal(size=(4, 4, 3, 3)), np.zeros(4)),
+        ]
+    )
 
 
 def test_a_table_that_covers_no_layer_is_refused():

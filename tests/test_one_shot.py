@@ -1,4 +1,5 @@
 """`convert_tool.py --ncnn-dir OUT`: table, FP32 and INT8 ncnn models in one shot, all loaded by ncnn."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,12 +16,38 @@ def test_one_shot_writes_models_ncnn_runs(shared, tmp_path):
     base = shared / "models" / "mtcnn"
     faces = list_images(shared / "images" / "faces")
     out = tmp_path / "ncnn"
-    assert convert_tool(["--proto", str(base / "det3.prototxt"), "--model", str(base / "det3.caffemodel"),
-                         "--mean", "127.5", "--norm", "0.0078125", "--color", "rgb", "--swap-hw", "-q",
-                         "--images", str(shared / "images" / "faces"), "--max-images", "10",
-                         "--ncnn-dir", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"det3.param", "det3.bin", "det3-int8.param", "det3-int8.bin",
-                                              "det3.table"}
+    assert (
+        convert_tool(
+            [
+                "--proto",
+                str(base / "det3.prototxt"),
+                "--model",
+                str(base / "det3.caffemodel"),
+                "--mean",
+                "127.5",
+                "--norm",
+                "0.0078125",
+                "--color",
+                "rgb",
+                "--swap-hw",
+                "-q",
+                "--images",
+                str(shared / "images" / "faces"),
+                "--max-images",
+                "10",
+                "--ncnn-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert {p.name for p in out.iterdir()} == {
+        "det3.param",
+        "det3.bin",
+        "det3-int8.param",
+        "det3-int8.bin",
+        "det3.table",
+    }
     table = read_ncnn_table(out / "det3.table")
     assert "conv1" in table.activation_scales
     fp32 = NcnnRunner(out / "det3.param", out / "det3.bin", int8=False)

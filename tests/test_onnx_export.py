@@ -6,6 +6,7 @@
 * Q/DQ: the structure TensorRT requires; onnxruntime with graph optimizations off equals an independent
   numpy fake quantization of the FP32 model; output cosine >= 0.99 against FP32 on held-out images.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -40,7 +41,7 @@ def test_fp32_onnx_matches_opencv(shared, exported, key):
     model = exported(key)
     for x in inputs(shared, key, slice(0, 2)):
         got = model.run(x)
-        for name, reference in zip(model.export.outputs, model.opencv(x, model.export.outputs)):
+        for name, reference in zip(model.export.outputs, model.opencv(x, model.export.outputs), strict=True):
             assert relative_difference(reference, got[name]) < 1e-3, (key, name)
 
 
@@ -58,7 +59,7 @@ def test_pooling_rounding_at_another_input_size(shared):
     expected = net.forward([graph.producer(v).name for v in export.outputs])
     got = session(export.model).run(export.outputs, {"data": x})
     assert got[1].shape == (1, 2, 19, 26)
-    for reference, out in zip(expected, got):
+    for reference, out in zip(expected, got, strict=True):
         assert relative_difference(reference, out) < 1e-3
 
 
@@ -73,7 +74,7 @@ def test_ssd_heads_decode_to_opencv_detections(shared, exported, key):
     for x in inputs(shared, key, slice(1, 4)):
         ours = decode_head(head, model.run(x))[0, 0]
         theirs = model.opencv(x, [head.output])[0][0, 0]
-        theirs = theirs[theirs[:, 2] > 0]           # OpenCV pads to keep_top_k with zero rows
+        theirs = theirs[theirs[:, 2] > 0]  # OpenCV pads to keep_top_k with zero rows
         assert ours.shape == theirs.shape
         order_ours = np.lexsort((ours[:, 3], -ours[:, 2]))
         order_theirs = np.lexsort((theirs[:, 3], -theirs[:, 2]))
@@ -95,9 +96,12 @@ layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" relu_param { neg
 layer { name: "dw" type: "Convolution" bottom: "conv1" top: "dw"
   convolution_param { num_output: 6 group: 6 kernel_size: 3 pad: 2 dilation: 2 } }
 layer { name: "prelu" type: "PReLU" bottom: "dw" top: "dw" }
-layer { name: "pool_ave" type: "Pooling" bottom: "dw" top: "pool_ave" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
-layer { name: "pool_max" type: "Pooling" bottom: "dw" top: "pool_max" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
-layer { name: "pool_ave0" type: "Pooling" bottom: "dw" top: "pool_ave0" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "pool_ave" type: "Pooling" bottom: "dw" top: "pool_ave" pooling_param { pool: AVE kernel_size: 3
+  stride: 2 pad: 1 } }
+layer { name: "pool_max" type: "Pooling" bottom: "dw" top: "pool_max" pooling_param { pool: MAX kernel_size: 3
+  stride: 2 pad: 1 } }
+layer { name: "pool_ave0" type: "Pooling" bottom: "dw" top: "pool_ave0" pooling_param { pool: AVE kernel_size: 2
+  stride: 2 } }
 layer { name: "up" type: "Deconvolution" bottom: "pool_ave0" top: "up"
   convolution_param { num_output: 6 kernel_size: 2 stride: 2 group: 2 } }
 layer { name: "sum" type: "Eltwise" bottom: "pool_ave" bottom: "pool_max" top: "sum"
@@ -112,7 +116,8 @@ layer { name: "slice" type: "Slice" bottom: "lrn" top: "s1" top: "s2" top: "s3"
 layer { name: "sig" type: "Sigmoid" bottom: "s1" top: "s1" }
 layer { name: "tanh" type: "TanH" bottom: "s2" top: "s2" }
 layer { name: "abs" type: "AbsVal" bottom: "s3" top: "s3" }
-layer { name: "norm" type: "Normalize" bottom: "s2" top: "norm" norm_param { across_spatial: true channel_shared: true } }
+layer { name: "norm" type: "Normalize" bottom: "s2" top: "norm" norm_param { across_spatial: true channel_shared:
+  true } }
 layer { name: "norm2" type: "Normalize" bottom: "s3" top: "norm2"
   norm_param { across_spatial: false channel_shared: false } }
 layer { name: "perm" type: "Permute" bottom: "norm" top: "perm" permute_param { order: 0 order: 2 order: 3 order: 1 } }
@@ -135,10 +140,20 @@ def zoo_weights(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
         return (rng.random(shape) + 0.5).astype(np.float32)
 
     one = np.array([1.0], np.float32)
-    return {"bn0": [r(4), pos(4), np.array([2.0], np.float32)], "sc0": [pos(4), r(4)],
-            "conv1": [r(6, 4, 3, 2) * 0.5, r(6)], "bn1": [r(6), pos(6), one], "sc1": [pos(6), r(6)],
-            "dw": [r(6, 1, 3, 3), r(6)], "prelu": [r(6) * 0.3], "up": [r(6, 3, 2, 2), r(6)],
-            "norm": [pos(1)], "norm2": [pos(5)], "ip": [r(7, 5 * 7 * 5) * 0.1, r(7)], "ip2": [r(6, 7), r(6)]}
+    return {
+        "bn0": [r(4), pos(4), np.array([2.0], np.float32)],
+        "sc0": [pos(4), r(4)],
+        "conv1": [r(6, 4, 3, 2) * 0.5, r(6)],
+        "bn1": [r(6), pos(6), one],
+        "sc1": [pos(6), r(6)],
+        "dw": [r(6, 1, 3, 3), r(6)],
+        "prelu": [r(6) * 0.3],
+        "up": [r(6, 3, 2, 2), r(6)],
+        "norm": [pos(1)],
+        "norm2": [pos(5)],
+        "ip": [r(7, 5 * 7 * 5) * 0.1, r(7)],
+        "ip2": [r(6, 7), r(6)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +169,7 @@ def test_every_layer_type_matches_opencv_with_a_dynamic_batch(zoo):
     proto, caffemodel, graph = zoo
     export = export_onnx(graph, batch=-1)
     assert export.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == DYNAMIC_BATCH
-    values = [t for layer in graph.layers if layer.type != "Slice" for t in layer.tops
-              if t not in export.folded]
+    values = [t for layer in graph.layers if layer.type != "Slice" for t in layer.tops if t not in export.folded]
     model = onnx.ModelProto()
     model.CopyFrom(export.model)
     model.graph.output.extend(onnx.ValueInfoProto(name=v) for v in values if v not in export.outputs)
@@ -164,7 +178,7 @@ def test_every_layer_type_matches_opencv_with_a_dynamic_batch(zoo):
     net = cv2.dnn.readNetFromCaffe(str(proto), str(caffemodel))
     net.enableFusion(False)
     net.setInput(x)
-    for value, reference, out in zip(values, net.forward([graph.producer(v).name for v in values]), got):
+    for value, reference, out in zip(values, net.forward([graph.producer(v).name for v in values]), got, strict=True):
         assert relative_difference(reference, out) < 1e-3, value
     assert export.folded == {"conv1": "conv1_sc1", "conv1_bn1": "conv1_sc1"}
 
@@ -204,8 +218,13 @@ def test_names_are_caffe_values(exported):
 def test_batch_choices(shared, exported):
     proto, caffemodel = model_paths(shared, "lenet")
     graph = exported("lenet").graph
-    dims = {b: [d.dim_value or d.dim_param for d in export_onnx(graph, batch=b).model.graph.input[0]
-                .type.tensor_type.shape.dim] for b in (None, 1, 3, -1)}
+    dims = {
+        b: [
+            d.dim_value or d.dim_param
+            for d in export_onnx(graph, batch=b).model.graph.input[0].type.tensor_type.shape.dim
+        ]
+        for b in (None, 1, 3, -1)
+    }
     assert dims == {None: [64, 1, 28, 28], 1: [1, 1, 28, 28], 3: [3, 1, 28, 28], -1: [DYNAMIC_BATCH, 1, 28, 28]}
     batch = np.concatenate(digits(shared, slice(0, 3)))
     together = session(export_onnx(graph, batch=3).model).run(["prob"], {"data": batch})[0]
@@ -225,22 +244,33 @@ def test_unsupported_layer_is_named(tmp_path):
 
 def test_detection_output_rules():
     """CORNER decode, confidence threshold, per-class NMS at the IoU threshold, keep_top_k by score."""
-    param = caffe_pb2.DetectionOutputParameter(num_classes=3, background_label_id=0, keep_top_k=3,
-                                               confidence_threshold=0.2, code_type=caffe_pb2.PriorBoxParameter.CORNER)
+    param = caffe_pb2.DetectionOutputParameter(
+        num_classes=3,
+        background_label_id=0,
+        keep_top_k=3,
+        confidence_threshold=0.2,
+        code_type=caffe_pb2.PriorBoxParameter.CORNER,
+    )
     param.nms_param.nms_threshold = 0.5
     priors = np.array([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.6, 0.9, 0.9], [0.0, 0.0, 0.2, 0.2]])
     variances = np.full_like(priors, 0.1)
     loc = np.zeros((1, 4, 4))
-    loc[0, 3] = [1.0, 1.0, 1.0, 1.0]                 # moves prior 3 by +0.1 (variance 0.1)
-    conf = np.array([[[0.1, 0.8, 0.1],             # class 1 wins; overlaps prior 1 (IoU 0.905)
-                      [0.1, 0.7, 0.2],             # suppressed for class 1, but 0.2 is not > threshold 0.2
-                      [0.1, 0.3, 0.6],
-                      [0.1, 0.25, 0.65]]])
+    loc[0, 3] = [1.0, 1.0, 1.0, 1.0]  # moves prior 3 by +0.1 (variance 0.1)
+    conf = np.array(
+        [
+            [
+                [0.1, 0.8, 0.1],  # class 1 wins; overlaps prior 1 (IoU 0.905)
+                [0.1, 0.7, 0.2],  # suppressed for class 1, but 0.2 is not > threshold 0.2
+                [0.1, 0.3, 0.6],
+                [0.1, 0.25, 0.65],
+            ]
+        ]
+    )
     out = detection_output(loc.reshape(1, -1), conf.reshape(1, -1), np.stack([priors, variances])[None], param)[0, 0]
     # candidates: class1 {0: .8, (1 suppressed), 2: .3, 3: .25}, class2 {2: .6, 3: .65}; keep 3 best by score
-    expected = np.array([[0, 1, 0.8, 0.1, 0.1, 0.5, 0.5],
-                         [0, 2, 0.65, 0.1, 0.1, 0.3, 0.3],
-                         [0, 2, 0.6, 0.6, 0.6, 0.9, 0.9]])
+    expected = np.array(
+        [[0, 1, 0.8, 0.1, 0.1, 0.5, 0.5], [0, 2, 0.65, 0.1, 0.1, 0.3, 0.3], [0, 2, 0.6, 0.6, 0.6, 0.9, 0.9]]
+    )
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
@@ -273,14 +303,15 @@ def test_qdq_structure_is_what_tensorrt_takes(shared, exported):
         assert initializer(qdq, activation.input[1]) == np.float32(ranges[source] / 127)
         w = initializer(qdq, producers[weight.input[0]].input[0])
         w_scale = initializer(qdq, weight.input[1])
-        assert dict((a.name, a.i) for a in weight.attribute)["axis"] == 0
+        assert {a.name: a.i for a in weight.attribute}["axis"] == 0
         np.testing.assert_array_equal(w_scale, (np.abs(w.reshape(len(w), -1)).max(axis=1) / 127).astype(np.float32))
 
 
 def test_dead_channel_and_zero_range_get_positive_scales(tmp_path):
     net = """
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 5 dim: 5 } } }
-    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 3 kernel_size: 3 } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 3
+      kernel_size: 3 } }
     """
     w = np.random.default_rng(3).standard_normal((3, 2, 3, 3)).astype(np.float32)
     w[1] = 0
@@ -303,12 +334,17 @@ def single_node_reference(export_model: onnx.ModelProto, node: onnx.NodeProto, i
     """One FP32 node of the exported model evaluated by onnx's numpy reference on the given inputs."""
     names = [f"in{i}" for i in range(len(inputs))]
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(node.op_type, names, ["out"], **{a.name: onnx.helper.get_attribute_value(a)
-                                                                for a in node.attribute})],
-        "one", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
-        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+        [
+            onnx.helper.make_node(
+                node.op_type, names, ["out"], **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            )
+        ],
+        "one",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+    )
     model = onnx.helper.make_model(graph, opset_imports=list(export_model.opset_import))
-    return ReferenceEvaluator(model).run(None, dict(zip(names, inputs)))[0]
+    return ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))[0]
 
 
 @pytest.mark.parametrize("key", ["lenet", "det1", "det2", "det3", "det4", "ultraface", "yunet"])
@@ -326,12 +362,14 @@ def test_qdq_onnxruntime_equals_numpy_fake_quantization(shared, exported, key):
     probe.CopyFrom(qdq)
     probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in watched if v not in model.export.outputs)
     x = inputs(shared, key, HELD_OUT)[0]
-    seen = dict(zip(watched, session(probe, optimize=False).run(watched, {model.input: x})))
+    seen = dict(zip(watched, session(probe, optimize=False).run(watched, {model.input: x}), strict=True))
     for node in nodes:
         w = initializer(model.export.model, node.input[1])
         w_scale = (np.abs(w.reshape(len(w), -1)).max(axis=1) / 127).astype(np.float32)
-        args = [fake_quant(seen[node.input[0]], np.float32(ranges[node.input[0]] / 127), -128, 127),
-                fake_quant(w, w_scale.reshape((-1,) + (1,) * (w.ndim - 1)), -127, 127)]
+        args = [
+            fake_quant(seen[node.input[0]], np.float32(ranges[node.input[0]] / 127), -128, 127),
+            fake_quant(w, w_scale.reshape((-1,) + (1,) * (w.ndim - 1)), -127, 127),
+        ]
         args += [initializer(model.export.model, name) for name in node.input[2:]]
         expected = single_node_reference(model.export.model, node, args)
         got = seen[node.output[0]]

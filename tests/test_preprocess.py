@@ -1,4 +1,5 @@
 """Preprocessing against OpenCV's blobFromImage, plus image discovery and bad images."""
+
 from __future__ import annotations
 
 import cv2
@@ -43,8 +44,7 @@ def test_gray_and_swap_hw(image_dir):
     image = read_image(image_dir / "a.jpg")
     gray = Preprocess(size=(28, 28), norm=1 / 256, color="gray").apply(image)
     assert gray.shape == (1, 28, 28)
-    np.testing.assert_allclose(gray[0], cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (28, 28)) / 256,
-                               atol=1e-6)
+    np.testing.assert_allclose(gray[0], cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (28, 28)) / 256, atol=1e-6)
     swapped = Preprocess(size=(12, 16), swap_hw=True).apply(image)
     plain = cv2.resize(image, (12, 16)).astype(np.float32).transpose(2, 1, 0)  # HWC -> C W H
     assert swapped.shape == (3, 12, 16)
@@ -82,7 +82,7 @@ def test_bad_sources_are_clear(tmp_path):
 
 def test_letterbox_keeps_the_aspect_ratio_and_pads_bottom_right(image_dir):
     """RetinaFace's preprocessing: fit inside the input, zeros below and to the right (raw RGB, no mean)."""
-    image = read_image(image_dir / "a.jpg")                       # 40 x 50 (H x W)
+    image = read_image(image_dir / "a.jpg")  # 40 x 50 (H x W)
     prep = Preprocess(size=(32, 32), color="rgb", letterbox=True)
     fitted = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (32, 26), interpolation=cv2.INTER_LINEAR)
     expected = cv2.copyMakeBorder(fitted, 0, 6, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0))

@@ -1,4 +1,5 @@
 """The committed caffe_pb2.py is generated from the committed caffe.proto (no hand edits, no drift)."""
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,17 @@ def serialized_descriptor(source: str) -> bytes:
 
 
 def test_generated_module_matches_schema(tmp_path):
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}",
-                    str(ROOT / "int8conv" / "caffe" / "proto" / "caffe.proto")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"--python_out={tmp_path}",
+            str(ROOT / "int8conv" / "caffe" / "proto" / "caffe.proto"),
+        ],
+        check=True,
+    )
     fresh = (tmp_path / "int8conv" / "caffe" / "proto" / "caffe_pb2.py").read_text()
     committed = (ROOT / "int8conv" / "caffe" / "proto" / "caffe_pb2.py").read_text()
     assert serialized_descriptor(fresh) == serialized_descriptor(committed)

@@ -20,6 +20,7 @@ model loses as much on the same images: its worst image here is det1 0.977, det2
 ultraface 0.972, yufacedetectnet 0.952 (Q/DQ: 0.990, 0.976, 0.943, 0.972, 0.955), which is why the second
 property compares means (the worst image of two near-equal models is noise).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,8 +60,14 @@ def test_qdq_output_cosine_on_held_out_images(shared, tmp_path, key):
     listing = tmp_path / "calibration.txt"
     listing.write_text("\n".join(map(str, calibration)))
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std,
-                                      resize=zoo.prep.resize, color=zoo.prep.color, swap_hw=zoo.prep.swap_hw)
+    prep = pipeline.PreprocessOptions(
+        mean=zoo.prep.mean,
+        norm=zoo.prep.norm,
+        std=zoo.prep.std,
+        resize=zoo.prep.resize,
+        color=zoo.prep.color,
+        swap_hw=zoo.prep.swap_hw,
+    )
     options = pipeline.CalibrationOptions(images=listing, backend="opencv")
     export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
     assert not export.fp32_layers
@@ -82,7 +89,9 @@ def test_qdq_output_cosine_on_held_out_images(shared, tmp_path, key):
         ref, out = fp32.extract(feed, score.outputs), int8.extract(feed, score.outputs)
         ncnn.append(blob_cosine([ref[o] for o in score.outputs], [out[o] for o in score.outputs]))
 
-    print(f"{key}: Q/DQ worst {min(qdq):.4f} mean {np.mean(qdq):.4f}; ncnn INT8 worst {min(ncnn):.4f} "
-          f"mean {np.mean(ncnn):.4f}")
+    print(
+        f"{key}: Q/DQ worst {min(qdq):.4f} mean {np.mean(qdq):.4f}; ncnn INT8 worst {min(ncnn):.4f} "
+        f"mean {np.mean(ncnn):.4f}"
+    )
     assert min(qdq) >= BOUND.get(key, TARGET)
     assert np.mean(qdq) >= np.mean(ncnn) - NCNN_SLACK

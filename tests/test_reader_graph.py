@@ -1,4 +1,5 @@
 """Model reading and the graph IR: legacy headers, in-place chains, layer kinds, and clear errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,8 @@ layer {{ name: "prob" type: "Softmax" bottom: "ip1" top: "prob" }}
 """
 
 HEADERS = {
-    "input_layer": 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 8 dim: 8 } } }',
+    "input_layer": 'layer { name: "data" type: "Input" top: "data" '
+    "input_param { shape { dim: 1 dim: 2 dim: 8 dim: 8 } } }",
     "input_dim": 'input: "data"\ninput_dim: 1\ninput_dim: 2\ninput_dim: 8\ninput_dim: 8',
     "input_shape": 'input: "data"\ninput_shape { dim: 1 dim: 2 dim: 8 dim: 8 }',
 }
@@ -35,8 +37,11 @@ HEADERS = {
 def conv_bn_weights() -> dict[str, list[np.ndarray]]:
     return {
         "conv1": [RNG.normal(size=(4, 2, 3, 3)).astype(np.float32), RNG.normal(size=4).astype(np.float32)],
-        "bn1": [RNG.normal(size=4).astype(np.float32), RNG.uniform(0.5, 2, size=4).astype(np.float32),
-                np.array([2.0], np.float32)],
+        "bn1": [
+            RNG.normal(size=4).astype(np.float32),
+            RNG.uniform(0.5, 2, size=4).astype(np.float32),
+            np.array([2.0], np.float32),
+        ],
         "sc1": [RNG.uniform(0.5, 2, size=4).astype(np.float32), RNG.normal(size=4).astype(np.float32)],
         "ip1": [RNG.normal(size=(3, 64)).astype(np.float32), RNG.normal(size=3).astype(np.float32)],
     }
@@ -66,8 +71,7 @@ def test_fold_matches_unfolded_arithmetic(tmp_path):
     gamma, beta = weights["sc1"]
     a = gamma / np.sqrt(var / factor[0] + 1e-5)
     np.testing.assert_allclose(conv.blobs[0], weights["conv1"][0] * a[:, None, None, None], rtol=1e-5)
-    np.testing.assert_allclose(conv.blobs[1], (weights["conv1"][1] - mean / factor[0]) * a + beta, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(conv.blobs[1], (weights["conv1"][1] - mean / factor[0]) * a + beta, rtol=1e-4, atol=1e-5)
 
 
 def test_real_models_build(shared):

@@ -1,5 +1,6 @@
 """``int8conv report``: the KL curve is the one the KL method minimizes, the page renders for res10 SSD and
 open_nsfw, and its numbers are exactly ``int8conv eval``'s on the same files."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,18 @@ pytestmark = [pytest.mark.slow]
 
 RNG = np.random.default_rng(11)
 
-RES10 = ("res10_300x300_ssd", "deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel",
-         ["--mean", "104", "177", "123"])
-NSFW = ("open_nsfw_resnet50_1by2", "deploy.prototxt", "resnet_50_1by2_nsfw.caffemodel",
-        ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"])
+RES10 = (
+    "res10_300x300_ssd",
+    "deploy.prototxt",
+    "res10_300x300_ssd_iter_140000.caffemodel",
+    ["--mean", "104", "177", "123"],
+)
+NSFW = (
+    "open_nsfw_resnet50_1by2",
+    "deploy.prototxt",
+    "resnet_50_1by2_nsfw.caffemodel",
+    ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
+)
 
 
 def _histogram(values: np.ndarray) -> BlobHistogram:
@@ -35,11 +44,15 @@ def _histogram(values: np.ndarray) -> BlobHistogram:
     return hist
 
 
-@pytest.mark.parametrize("values", [
-    RNG.laplace(scale=0.5, size=200_000),                                          # long tail: KL clips
-    np.maximum(RNG.normal(size=200_000), 0) * 3.0,                                 # ReLU output, exact zeros
-    np.round(RNG.normal(size=200_000) * 20) / 8 + RNG.normal(size=200_000) * 1e-3,  # spiky, like pixel data
-], ids=["laplace", "relu", "spiky"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        RNG.laplace(scale=0.5, size=200_000),  # long tail: KL clips
+        np.maximum(RNG.normal(size=200_000), 0) * 3.0,  # ReLU output, exact zeros
+        np.round(RNG.normal(size=200_000) * 20) / 8 + RNG.normal(size=200_000) * 1e-3,  # spiky, like pixel data
+    ],
+    ids=["laplace", "relu", "spiky"],
+)
 def test_kl_curve_minimum_is_the_kl_threshold(values):
     hist = _histogram(values)
     curve = kl_divergence_curve(hist)
@@ -83,8 +96,11 @@ def _page_checks(out: Path, stem: str, graph_args: tuple[Path, Path], table_path
         assert picture is not None and picture.shape[0] > 100 and picture.shape[1] > 300, src
     table = read_ncnn_table(table_path)
     for layer in layers:
-        row = re.search(rf"<tr><td>{re.escape(layer.name)}</td><td>[^<]*</td><td>[^<]*</td><td>[^<]*</td>"
-                        rf"<td>([^<]*)</td>", page)
+        row = re.search(
+            rf"<tr><td>{re.escape(layer.name)}</td><td>[^<]*</td><td>[^<]*</td><td>[^<]*</td>"
+            rf"<td>([^<]*)</td>",
+            page,
+        )
         assert row is not None, layer.name
         assert float(row.group(1)) == pytest.approx(127.0 / table.activation_scales[layer.name], rel=1e-3)
     return page
@@ -94,22 +110,32 @@ def test_report_res10_numbers_equal_eval(shared, tmp_path):
     """The page and its JSON carry eval's report; `int8conv eval` on the report's files gives the same numbers."""
     folder, proto, model = RES10[:3]
     calib = _listing(tmp_path, "calib", sorted((shared / "images" / "voc_coco_detection").glob("*.jpg"))[:2])
-    faces = _listing(tmp_path, "eval", [shared / "images" / "faces" / "bobmtcnn_multiple-faces.jpg",
-                                        shared / "images" / "faces" / "dlib_2008_001322.jpg"])
+    faces = _listing(
+        tmp_path,
+        "eval",
+        [
+            shared / "images" / "faces" / "bobmtcnn_multiple-faces.jpg",
+            shared / "images" / "faces" / "dlib_2008_001322.jpg",
+        ],
+    )
     out = tmp_path / "report"
     common = _model(shared, RES10) + ["--backend", "opencv", "--threads", "1", "--timing-runs", "1", "-q"]
-    assert int8conv_main(["report", *common, "--images", str(calib), "--eval-images", str(faces),
-                          "--out-dir", str(out)]) == 0
+    assert (
+        int8conv_main(["report", *common, "--images", str(calib), "--eval-images", str(faces), "--out-dir", str(out)])
+        == 0
+    )
     stem = Path(model).stem
-    page = _page_checks(out, stem, (shared / "models" / folder / proto, shared / "models" / folder / model),
-                        out / f"{stem}.table")
+    page = _page_checks(
+        out, stem, (shared / "models" / folder / proto, shared / "models" / folder / model), out / f"{stem}.table"
+    )
     ours = json.loads((out / f"{stem}.json").read_text())
     assert ours["task"] == "ssd" and ours["images"] == 2
     assert ours["int8_vs_fp32"]["task"]["reference_detections"] >= 20  # 18 + 3 faces at score >= 0.5
 
     eval_json = tmp_path / "eval.json"
-    assert int8conv_main(["eval", *common, "--ncnn-dir", str(out), "--images", str(faces),
-                          "--json", str(eval_json)]) == 0
+    assert (
+        int8conv_main(["eval", *common, "--ncnn-dir", str(out), "--images", str(faces), "--json", str(eval_json)]) == 0
+    )
     theirs = json.loads(eval_json.read_text())
     timing = {"speed_ms", "speed_ratio_int8_over_fp32"}
     assert set(ours) == set(theirs)
@@ -129,12 +155,46 @@ def test_report_renders_open_nsfw_with_a_given_table(shared, tmp_path):
     table = tmp_path / "given.table"
     base = _model(shared, NSFW) + ["--backend", "opencv", "-q"]
     stats = tmp_path / "stats.npz"
-    assert int8conv_main(["calibrate", *base, "--images", str(calib), "--method", "percentile",
-                          "--output", str(table), "--save-stats", str(stats)]) == 0
+    assert (
+        int8conv_main(
+            [
+                "calibrate",
+                *base,
+                "--images",
+                str(calib),
+                "--method",
+                "percentile",
+                "--output",
+                str(table),
+                "--save-stats",
+                str(stats),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "report"
-    assert int8conv_main(["report", *base, "--load-stats", str(stats), "--table", str(table), "--eval-images",
-                          str(evaluation), "--out-dir", str(out), "--no-caffe", "--threads", "1",
-                          "--timing-runs", "1"]) == 0
+    assert (
+        int8conv_main(
+            [
+                "report",
+                *base,
+                "--load-stats",
+                str(stats),
+                "--table",
+                str(table),
+                "--eval-images",
+                str(evaluation),
+                "--out-dir",
+                str(out),
+                "--no-caffe",
+                "--threads",
+                "1",
+                "--timing-runs",
+                "1",
+            ]
+        )
+        == 0
+    )
     stem = Path(model).stem
     _page_checks(out, stem, (shared / "models" / folder / proto, shared / "models" / folder / model), table)
     report = json.loads((out / f"{stem}.json").read_text())

@@ -5,6 +5,7 @@ on real layers (depthwise, requantize fusion through Split, 6-bit Winograd, Inne
 layer's output, fed the input the INT8 net gave it, equals ncnn's within one requantization step where a
 value sits on a rounding boundary.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,15 +29,15 @@ pytest.importorskip("ncnn")
 def _minmax_table(model: NcnnModel, runner: NcnnRunner, x: np.ndarray) -> CalibrationTable:
     """Per-channel 127/absmax weight scales (31 for 3x3 stride 1) and each INT8 layer's input absmax on ``x``."""
     table = CalibrationTable()
-    layers = [layer for layer in model.layers if layer.type in ("Convolution", "ConvolutionDepthWise",
-                                                                 "InnerProduct")]
+    layers = [layer for layer in model.layers if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
     blobs = runner.extract({runner.input_names[0]: x}, sorted({layer.bottoms[0] for layer in layers}))
     for layer in layers:
         g = LayerGeometry.of(layer)
         absmax = np.abs(g.weight.reshape(g.units, -1)).max(axis=1)
         levels = 31 if (g.kernel, g.stride, g.dilation, g.group) == ((3, 3), (1, 1), (1, 1), 1) else 127
-        table.weight_scales[layer.name] = np.where(absmax > absmax.max() * DEAD_CHANNEL_RATIO,
-                                                   levels / np.maximum(absmax, 1e-30), 0.0).astype(np.float32)
+        table.weight_scales[layer.name] = np.where(
+            absmax > absmax.max() * DEAD_CHANNEL_RATIO, levels / np.maximum(absmax, 1e-30), 0.0
+        ).astype(np.float32)
         table.activation_scales[layer.name] = 127.0 / float(np.abs(blobs[layer.bottoms[0]]).max())
     return table
 
@@ -54,8 +55,10 @@ def test_simulation_equals_ncnn_runtime_on_real_layers(shared, tmp_path, key):
     write_model(int8, tmp_path / "q.param", tmp_path / "q.bin")
     runner = NcnnRunner(tmp_path / "q.param", tmp_path / "q.bin", int8=True)
     names = int8_layers(int8)
-    blobs = runner.extract({runner.input_names[0]: x},
-                           sorted({b for n in names for b in (int8.layer(n).bottoms[0], int8.layer(n).tops[0])}))
+    blobs = runner.extract(
+        {runner.input_names[0]: x},
+        sorted({b for n in names for b in (int8.layer(n).bottoms[0], int8.layer(n).tops[0])}),
+    )
     kinds = set()
     for name in names:
         layer = int8.layer(name)
@@ -82,17 +85,23 @@ def test_bias_correction_removes_the_mean_weight_rounding_error(tmp_path):
     cin, cout = 32, 8
     weight = rng.normal(size=(cout, cin, 1, 1)).astype(np.float32)
     bias = rng.normal(size=cout).astype(np.float32) * 0.1
-    conv = NcnnLayer("Convolution", "c", ["data"], ["out"], {0: cout, 1: 1, 5: 1, 6: weight.size},
-                     [NcnnBlob(weight.reshape(-1)), NcnnBlob(bias, tagged=False)])
+    conv = NcnnLayer(
+        "Convolution",
+        "c",
+        ["data"],
+        ["out"],
+        {0: cout, 1: 1, 5: 1, 6: weight.size},
+        [NcnnBlob(weight.reshape(-1)), NcnnBlob(bias, tagged=False)],
+    )
     model = NcnnModel([NcnnLayer("Input", "data", [], ["data"], {0: 16, 1: 16, 2: cin}), conv])
     inputs = [(1.0 + 0.01 * rng.normal(size=(cin, 16, 16))).astype(np.float32) for _ in range(4)]
     g = LayerGeometry.of(conv)
-    weight_scales = (7.0 / np.abs(g.weight).max(axis=1)).astype(np.float32)      # coarse: a large rounding error
+    weight_scales = (7.0 / np.abs(g.weight).max(axis=1)).astype(np.float32)  # coarse: a large rounding error
     samples = _sample(model, [g], inputs, tmp_path)["c"]
     bottom = 127.0 / 1.1
     corrected = _bias_correction(samples, bottom, weight_scales)
     dequantized = g.quantized_weight(weight_scales) / weight_scales[:, None].astype(np.float64)
-    expected_error = (dequantized - g.weight) @ np.ones(cin)                   # E[x] = 1 (up to 0.01 noise)
+    expected_error = (dequantized - g.weight) @ np.ones(cin)  # E[x] = 1 (up to 0.01 noise)
     np.testing.assert_allclose(bias - corrected, expected_error, rtol=0.05, atol=2e-3)
 
     table = CalibrationTable({"c": weight_scales}, {"c": bottom})
@@ -120,8 +129,20 @@ def test_eq_through_the_command_lines(shared, tmp_path):
 
     zoo = MODELS["det3"]
     proto, caffemodel = zoo.paths(shared)
-    args = ["--proto", str(proto), "--model", str(caffemodel), "--images", str(shared / "images" / "faces"),
-            "--max-images", "8", "--backend", "opencv", "-q", *cli_flags(zoo.prep)]
+    args = [
+        "--proto",
+        str(proto),
+        "--model",
+        str(caffemodel),
+        "--images",
+        str(shared / "images" / "faces"),
+        "--max-images",
+        "8",
+        "--backend",
+        "opencv",
+        "-q",
+        *cli_flags(zoo.prep),
+    ]
     kl_table, eq_table = tmp_path / "kl.table", tmp_path / "eq.table"
     assert int8conv_main(["calibrate", *args, "--method", "kl", "--output", str(kl_table)]) == 0
     assert int8conv_main(["calibrate", *args, "--method", "eq", "--output", str(eq_table)]) == 0
@@ -130,8 +151,12 @@ def test_eq_through_the_command_lines(shared, tmp_path):
     assert eq.activation_scales != kl.activation_scales
     # the searched thresholds never clip more than KL's (a larger threshold is a smaller scale)
     assert all(eq.activation_scales[n] <= kl.activation_scales[n] * 1.0001 for n in eq.activation_scales)
-    assert int8conv_main(["calibrate", *args, "--method", "eq", "--bias-correction",
-                          "--output", str(tmp_path / "x.table")]) == 2
+    assert (
+        int8conv_main(
+            ["calibrate", *args, "--method", "eq", "--bias-correction", "--output", str(tmp_path / "x.table")]
+        )
+        == 2
+    )
 
     out = {}
     for label, extra in (("eq", []), ("bc", ["--bias-correction"])):
@@ -139,8 +164,12 @@ def test_eq_through_the_command_lines(shared, tmp_path):
         assert convert_tool([*args, "--method", "eq", *extra, "--ncnn-dir", str(out[label])]) == 0
     plain = read_model(out["eq"] / "det3-int8.param", out["eq"] / "det3-int8.bin")
     corrected = read_model(out["bc"] / "det3-int8.param", out["bc"] / "det3-int8.bin")
-    changed = [layer.name for layer in plain.layers if layer.name in eq.activation_scales
-               and not np.array_equal(layer.weights[1].data, corrected.layer(layer.name).weights[1].data)]
+    changed = [
+        layer.name
+        for layer in plain.layers
+        if layer.name in eq.activation_scales
+        and not np.array_equal(layer.weights[1].data, corrected.layer(layer.name).weights[1].data)
+    ]
     assert changed, "bias correction changed no stored bias"
     x = zoo.prep.apply(read_image(list_images(shared / "images" / "faces")[15]))
     fp32 = NcnnRunner(out["bc"] / "det3.param", out["bc"] / "det3.bin", int8=False).run({"data": x})["prob1"]

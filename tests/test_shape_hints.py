@@ -1,4 +1,5 @@
 """Shape hints (``-23330=``) in the FP32 and INT8 .param files: right shapes, loaded by ncnn, same outputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,14 +19,26 @@ from int8conv.zoo import FORK_MODELS, MODELS, model_input
 
 TABLES = Path(__file__).resolve().parents[1] / "tables"
 #: shared model -> its shipped table (det4 has none: images cannot feed it)
-TABLE_OF = {"lenet": "lenet_mnist", "det1": "mtcnn_det1", "det2": "mtcnn_det2", "det3": "mtcnn_det3",
-            "open_nsfw": "open_nsfw_resnet50_1by2", "res10": "res10_300x300_ssd", "ultraface": "ultraface_slim320",
-            "yufacedetectnet": "yufacedetectnet_v1", "det4": None}
+TABLE_OF = {
+    "lenet": "lenet_mnist",
+    "det1": "mtcnn_det1",
+    "det2": "mtcnn_det2",
+    "det3": "mtcnn_det3",
+    "open_nsfw": "open_nsfw_resnet50_1by2",
+    "res10": "res10_300x300_ssd",
+    "ultraface": "ultraface_slim320",
+    "yufacedetectnet": "yufacedetectnet_v1",
+    "det4": None,
+}
 
 
 def _hints(model) -> dict[str, tuple[int, ...]]:
-    return {top: tuple(layer.params[SHAPE_HINTS][4 * i:4 * i + 4])
-            for layer in model.layers if SHAPE_HINTS in layer.params for i, top in enumerate(layer.tops)}
+    return {
+        top: tuple(layer.params[SHAPE_HINTS][4 * i : 4 * i + 4])
+        for layer in model.layers
+        if SHAPE_HINTS in layer.params
+        for i, top in enumerate(layer.tops)
+    }
 
 
 def _outputs_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -38,15 +51,16 @@ def _outputs_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.real_models
-@pytest.mark.parametrize("key", sorted(set(MODELS) - set(FORK_MODELS)))   # fork layers: no ncnn converter
+@pytest.mark.parametrize("key", sorted(set(MODELS) - set(FORK_MODELS)))  # fork layers: no ncnn converter
 def test_hints_are_the_runtime_shapes_and_change_no_output(shared, key, tmp_path):
     spec = MODELS[key]
     graph = load_graph(*spec.paths(shared))
     fp32 = convert_graph(graph)
     hints = _hints(fp32)
     # every layer but the data-dependent ones carries a hint, as ncnnoptimize writes them
-    assert [layer.name for layer in fp32.layers if SHAPE_HINTS not in layer.params] == \
-        [layer.name for layer in fp32.layers if layer.type in DATA_DEPENDENT]
+    assert [layer.name for layer in fp32.layers if SHAPE_HINTS not in layer.params] == [
+        layer.name for layer in fp32.layers if layer.type in DATA_DEPENDENT
+    ]
     write_model(fp32, tmp_path / "hints.param", tmp_path / "hints.bin")
     write_model(without_shape_hints(fp32), tmp_path / "plain.param", tmp_path / "plain.bin")
     text = (tmp_path / "hints.param").read_text()
@@ -69,8 +83,10 @@ def test_hints_are_the_runtime_shapes_and_change_no_output(shared, key, tmp_path
     assert _hints(int8) == hints
     write_model(int8, tmp_path / "int8.param", tmp_path / "int8.bin")
     write_model(without_shape_hints(int8), tmp_path / "int8-plain.param", tmp_path / "int8-plain.bin")
-    _outputs_agree(NcnnRunner(tmp_path / "int8-plain.param", tmp_path / "int8-plain.bin", int8=True).run(inputs),
-                   NcnnRunner(tmp_path / "int8.param", tmp_path / "int8.bin", int8=True).run(inputs))
+    _outputs_agree(
+        NcnnRunner(tmp_path / "int8-plain.param", tmp_path / "int8-plain.bin", int8=True).run(inputs),
+        NcnnRunner(tmp_path / "int8.param", tmp_path / "int8.bin", int8=True).run(inputs),
+    )
 
 
 @pytest.mark.real_models

@@ -1,4 +1,5 @@
 """Speed-aware precision: per-layer timings (measured here or given), the FP32 choice, and the CLI around it."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ TABLES = Path(__file__).resolve().parents[1] / "tables"
 def det1(shared):
     spec = MODELS["det1"]
     fp32 = convert_graph(load_graph(*spec.paths(shared)))
-    inputs = [{fp32.input_names[0]: spec.prep.apply(read_image(p))}
-              for p in list_images(shared / "images" / "faces")[:3]]
+    inputs = [
+        {fp32.input_names[0]: spec.prep.apply(read_image(p))} for p in list_images(shared / "images" / "faces")[:3]
+    ]
     return fp32, read_ncnn_table(TABLES / "mtcnn_det1.table"), inputs
 
 
@@ -95,10 +97,13 @@ def test_layer_timings_file_round_trip_and_errors(tmp_path):
     assert load_layer_timings(tmp_path / "t.json") == timings
     (tmp_path / "plain.json").write_text('{"conv1": {"fp32": 1.5, "int8": 2}}')
     assert load_layer_timings(tmp_path / "plain.json") == {"conv1": LayerTiming({1: 1.5}, {1: 2.0})}
-    for text, message in (('{"conv1": {"fp32": 1}}', "conv1.*'fp32' and 'int8'"),
-                          ('{"conv1": {"fp32": -1, "int8": 1}}', "conv1.*non-negative"),
-                          ('{"conv1": {"fp32": {"1": 1}, "int8": {"2": 1}}}', "conv1.*different thread counts"),
-                          ("[1, 2]", "JSON object"), ("{oops", "cannot read")):
+    for text, message in (
+        ('{"conv1": {"fp32": 1}}', "conv1.*'fp32' and 'int8'"),
+        ('{"conv1": {"fp32": -1, "int8": 1}}', "conv1.*non-negative"),
+        ('{"conv1": {"fp32": {"1": 1}, "int8": {"2": 1}}}', "conv1.*different thread counts"),
+        ("[1, 2]", "JSON object"),
+        ("{oops", "cannot read"),
+    ):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(Int8ConvError, match=message):
             load_layer_timings(tmp_path / "bad.json")
@@ -111,29 +116,79 @@ def test_quantize_and_eval_cli(shared, tmp_path, capsys):
     spec = MODELS["det1"]
     proto, caffemodel = spec.paths(shared)
     write_model(convert_graph(load_graph(proto, caffemodel)), tmp_path / "det1.param", tmp_path / "det1.bin")
-    (tmp_path / "t.json").write_text(json.dumps({"conv1": {"fp32": 0.1, "int8": 0.2},
-                                                 "conv2": {"fp32": 0.3, "int8": 0.1}}))
+    (tmp_path / "t.json").write_text(
+        json.dumps({"conv1": {"fp32": 0.1, "int8": 0.2}, "conv2": {"fp32": 0.3, "int8": 0.1}})
+    )
     flags = cli_flags(spec.prep)
-    assert int8conv_main(["quantize", "--param", str(tmp_path / "det1.param"), "--bin", str(tmp_path / "det1.bin"),
-                          "--table", str(TABLES / "mtcnn_det1.table"), "--out-param", str(tmp_path / "i.param"),
-                          "--out-bin", str(tmp_path / "i.bin"), "--optimize", "speed", "--min-cosine", "0.99",
-                          "--images", str(shared / "images" / "faces"), "--max-images", "2",
-                          "--layer-timings", str(tmp_path / "t.json"), "--save-layer-timings",
-                          str(tmp_path / "saved.json"), *flags]) == 0
+    assert (
+        int8conv_main(
+            [
+                "quantize",
+                "--param",
+                str(tmp_path / "det1.param"),
+                "--bin",
+                str(tmp_path / "det1.bin"),
+                "--table",
+                str(TABLES / "mtcnn_det1.table"),
+                "--out-param",
+                str(tmp_path / "i.param"),
+                "--out-bin",
+                str(tmp_path / "i.bin"),
+                "--optimize",
+                "speed",
+                "--min-cosine",
+                "0.99",
+                "--images",
+                str(shared / "images" / "faces"),
+                "--max-images",
+                "2",
+                "--layer-timings",
+                str(tmp_path / "t.json"),
+                "--save-layer-timings",
+                str(tmp_path / "saved.json"),
+                *flags,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "per-layer timings given by the user" in out
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("conv1 ")] == ["slower"]
     int8 = read_model(tmp_path / "i.param", tmp_path / "i.bin")
     assert "conv1" not in int8_layers(int8) and "conv2" in int8_layers(int8)
-    NcnnRunner(tmp_path / "i.param", tmp_path / "i.bin", int8=True)   # ncnn loads it
+    NcnnRunner(tmp_path / "i.param", tmp_path / "i.bin", int8=True)  # ncnn loads it
     assert set(load_layer_timings(tmp_path / "saved.json")) == {"conv1", "conv2"}
 
-    assert int8conv_main(["eval", "--proto", str(proto), "--model", str(caffemodel), "--param",
-                          str(tmp_path / "det1.param"), "--bin", str(tmp_path / "det1.bin"), "--int8-param",
-                          str(tmp_path / "i.param"), "--int8-bin", str(tmp_path / "i.bin"), "--images",
-                          str(shared / "images" / "faces"), "--max-images", "2", "--timing-runs", "2",
-                          "--layer-times", "--no-caffe", *flags]) == 0
+    assert (
+        int8conv_main(
+            [
+                "eval",
+                "--proto",
+                str(proto),
+                "--model",
+                str(caffemodel),
+                "--param",
+                str(tmp_path / "det1.param"),
+                "--bin",
+                str(tmp_path / "det1.bin"),
+                "--int8-param",
+                str(tmp_path / "i.param"),
+                "--int8-bin",
+                str(tmp_path / "i.bin"),
+                "--images",
+                str(shared / "images" / "faces"),
+                "--max-images",
+                "2",
+                "--timing-runs",
+                "2",
+                "--layer-times",
+                "--no-caffe",
+                *flags,
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("per-layer time of the INT8 layers"))
-    timed = {line.split()[0] for line in lines[start + 2:] if line.startswith("  ") and "does not pay" not in line}
+    timed = {line.split()[0] for line in lines[start + 2 :] if line.startswith("  ") and "does not pay" not in line}
     assert timed == set(int8_layers(int8))

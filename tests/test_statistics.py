@@ -1,4 +1,5 @@
 """Streaming histograms: exact binning, exact growth and merge, persistence and its errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,12 @@ import pytest
 from int8conv.calibration.histograms import BlobHistogram, CalibrationStatistics
 from int8conv.errors import Int8ConvError
 
-MODEL = {"prototxt": "net.prototxt", "prototxt_sha256": "aa" * 32,
-         "caffemodel": "net.caffemodel", "caffemodel_sha256": "bb" * 32}
+MODEL = {
+    "prototxt": "net.prototxt",
+    "prototxt_sha256": "aa" * 32,
+    "caffemodel": "net.caffemodel",
+    "caffemodel_sha256": "bb" * 32,
+}
 PREPROCESS = {"size": (8, 8), "mean": (104.0, 117.0, 123.0), "norm": 1.0}
 
 
@@ -20,7 +25,7 @@ def batches(seed: int, count: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for k in range(count):
-        data = rng.laplace(0.0, 0.3 * 3.0 ** k, size=(2, 4, 9, 7)).astype(np.float32)
+        data = rng.laplace(0.0, 0.3 * 3.0**k, size=(2, 4, 9, 7)).astype(np.float32)
         data[rng.random(data.shape) < 0.4] = 0.0
         out.append(data)
     return out
@@ -40,15 +45,15 @@ def assert_same(a: BlobHistogram, b: BlobHistogram) -> None:
 
 @pytest.mark.parametrize("chunk", [100, 1 << 16])
 def test_growing_histogram_equals_one_histogram_at_the_final_range(monkeypatch, chunk):
-    monkeypatch.setattr("int8conv.calibration.histograms.CHUNK", chunk)       # 100: many chunks per batch
+    monkeypatch.setattr("int8conv.calibration.histograms.CHUNK", chunk)  # 100: many chunks per batch
     data = batches(0, 4)
     hist = BlobHistogram("conv1")
     for batch in data:
         hist.update(batch)
     everything = np.concatenate([d.ravel() for d in data])
     assert hist.absmax == float(np.abs(everything).max())
-    assert hist.range_max / 2 < hist.absmax <= hist.range_max      # smallest power of two covering absmax
-    assert hist.range_max == 2.0 ** hist.exponent
+    assert hist.range_max / 2 < hist.absmax <= hist.range_max  # smallest power of two covering absmax
+    assert hist.range_max == 2.0**hist.exponent
     assert (hist.count, hist.zeros) == (everything.size, int((everything == 0).sum()))
     assert hist.signed and (hist.min, hist.max) == (float(everything.min()), float(everything.max()))
     np.testing.assert_array_equal(hist.counts, numpy_histogram(data, hist.range_max))
@@ -66,7 +71,7 @@ def test_extreme_magnitudes_are_binned_exactly(scale):
 
 def test_value_at_range_max_lands_in_last_bin_and_zeros_are_counted_apart():
     hist = BlobHistogram("x", bins=128)
-    hist.update(np.array([0.0, -0.0, 0.0, 4.0, 1.0, 2.0 ** -20], dtype=np.float32))
+    hist.update(np.array([0.0, -0.0, 0.0, 4.0, 1.0, 2.0**-20], dtype=np.float32))
     assert hist.range_max == 4.0 and hist.zeros == 3 and hist.counts.sum() == 3
     assert hist.counts[127] == 1 and hist.counts[32] == 1 and hist.counts[0] == 1
     assert not hist.signed
@@ -135,8 +140,8 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path):
     stats.images_skipped = 1
     path = tmp_path / "run.stats.npz"
     stats.save(path)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]          # no temporary file left behind
-    with np.load(path, allow_pickle=False) as npz:                      # loadable without pickle
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    with np.load(path, allow_pickle=False) as npz:  # loadable without pickle
         assert json.loads(str(npz["meta"]))["values"] == ["data", "conv1/relu", "dead"]
     loaded = CalibrationStatistics.load(path)
     assert (loaded.model, loaded.bins, loaded.images_used, loaded.images_skipped) == (MODEL, 2048, 6, 1)
@@ -158,11 +163,14 @@ def test_load_and_merge_equals_one_run_over_both_image_sets(tmp_path):
         assert_same(merged.histograms[name], hist)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.model.update(caffemodel_sha256="cc" * 32), "different models.*caffemodel_sha256"),
-    (lambda s: s.preprocess.update(norm=0.5), "different preprocessing"),
-    (lambda s: s.histograms.pop("dead"), "different values.*dead"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.model.update(caffemodel_sha256="cc" * 32), "different models.*caffemodel_sha256"),
+        (lambda s: s.preprocess.update(norm=0.5), "different preprocessing"),
+        (lambda s: s.histograms.pop("dead"), "different values.*dead"),
+    ],
+)
 def test_merge_refuses_other_models_and_names_both_files(tmp_path, change, message):
     data = batches(5, 2)
     collect(data, images=2).save(tmp_path / "a.npz")

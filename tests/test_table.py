@@ -1,4 +1,5 @@
 """Table formats: what ncnn2int8 parses, round trips, and NaN/Inf never reaching a file."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,10 @@ from int8conv.tables.ncnn_table import (
 
 
 def test_round_trip_and_layout(tmp_path):
-    table = CalibrationTable({"conv1": np.array([1.5, 0.0, 123456.789], np.float32), "fc": np.array([2.0], np.float32)},
-                             {"conv1": 0.8412, "fc": 33.3})
+    table = CalibrationTable(
+        {"conv1": np.array([1.5, 0.0, 123456.789], np.float32), "fc": np.array([2.0], np.float32)},
+        {"conv1": 0.8412, "fc": 33.3},
+    )
     path = tmp_path / "t.table"
     write_ncnn_table(table, path)
     lines = path.read_text().splitlines()

@@ -1,4 +1,5 @@
 """The shipped tables in tables/: one per shared model, each matching its model, reproducible from its command."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -72,9 +73,25 @@ def test_regenerated_table_is_byte_identical(shared, tmp_path):
 
 def test_calibrate_refuses_det4_as_the_readme_says(shared, tmp_path):
     base = shared / "models" / "mtcnn"
-    proc = subprocess.run([sys.executable, "-m", "int8conv.cli", "calibrate", "--proto", str(base / "det4.prototxt"),
-                           "--model", str(base / "det4.caffemodel"), *MAKE.MTCNN_FLAGS, "--images",
-                           str(shared / "images" / "faces"), "--output", str(tmp_path / "det4.table")],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "int8conv.cli",
+            "calibrate",
+            "--proto",
+            str(base / "det4.prototxt"),
+            "--model",
+            str(base / "det4.caffemodel"),
+            *MAKE.MTCNN_FLAGS,
+            "--images",
+            str(shared / "images" / "faces"),
+            "--output",
+            str(tmp_path / "det4.table"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "15 channels" in proc.stderr
     assert not (tmp_path / "det4.table").exists()

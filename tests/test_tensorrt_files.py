@@ -1,4 +1,5 @@
 """TensorRT calibration cache and dynamic-range files, and ``int8conv export-trt`` end to end."""
+
 from __future__ import annotations
 
 import json
@@ -38,12 +39,12 @@ def test_hex_is_tensorrts_big_endian_float32():
     """sampleINT8API's README: cache line ``fc_replaced_output: 4494305c`` is scale 1185.51, range 150559.926..."""
     assert hex_to_scale("4494305c") * 127 == 150559.92626953125
     assert scale_to_hex(150559.92626953125 / 127) == "4494305c"
-    assert scale_to_hex(1.0) == "3f800000" and scale_to_hex(2.0 ** -7) == "3c000000"
+    assert scale_to_hex(1.0) == "3f800000" and scale_to_hex(2.0**-7) == "3c000000"
 
 
 def test_hex_float_hex_round_trip_is_exact():
     rng = np.random.default_rng(0)
-    bits = rng.integers(0x00800000, 0x7f7fffff, size=20000, dtype=np.uint32)   # every positive normal float32
+    bits = rng.integers(0x00800000, 0x7F7FFFFF, size=20000, dtype=np.uint32)  # every positive normal float32
     for value in bits.view(np.float32):
         text = scale_to_hex(float(value))
         assert len(text) == 8 and int(text, 16) == value.view(np.uint32)
@@ -56,7 +57,9 @@ def test_cache_file_round_trip(tmp_path):
     path = tmp_path / "m.cache"
     write_calibration_cache(path, ranges)
     lines = path.read_text().splitlines()
-    assert lines[0] == f"TRT-{cache_version(DEFAULT_TRT_VERSION)}-EntropyCalibration2" == "TRT-101303-EntropyCalibration2"
+    assert (
+        lines[0] == f"TRT-{cache_version(DEFAULT_TRT_VERSION)}-EntropyCalibration2" == "TRT-101303-EntropyCalibration2"
+    )
     cache = read_calibration_cache(path)
     assert (cache.version, cache.algorithm) == ("101303", "EntropyCalibration2")
     assert list(cache.scales) == list(ranges)
@@ -84,9 +87,11 @@ def test_versions_and_calibrators():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
 def test_no_bad_value_reaches_a_file(tmp_path, bad):
-    for write in (lambda p: write_calibration_cache(p, {"ok": 1.0, "conv3": bad}),
-                  lambda p: write_dynamic_ranges(p, {"ok": 1.0, "conv3": bad}),
-                  lambda p: write_ranges_json(p, {"ok": 1.0, "conv3": bad}, "kl", "test")):
+    for write in (
+        lambda p: write_calibration_cache(p, {"ok": 1.0, "conv3": bad}),
+        lambda p: write_dynamic_ranges(p, {"ok": 1.0, "conv3": bad}),
+        lambda p: write_ranges_json(p, {"ok": 1.0, "conv3": bad}, "kl", "test"),
+    ):
         path = tmp_path / "out"
         with pytest.raises(Int8ConvError, match="conv3"):
             write(path)
@@ -98,7 +103,7 @@ def test_readers_name_file_and_line(tmp_path):
     cache.write_text("TRT-8601-EntropyCalibration2\ndata: 3c010a14\nconv1: zz\n")
     with pytest.raises(Int8ConvError, match=r"bad.cache:3"):
         read_calibration_cache(cache)
-    cache.write_text("TRT-8601-EntropyCalibration2\ndata: 7fc00000\n")          # NaN
+    cache.write_text("TRT-8601-EntropyCalibration2\ndata: 7fc00000\n")  # NaN
     with pytest.raises(Int8ConvError, match=r"bad.cache:2.*data"):
         read_calibration_cache(cache)
     cache.write_text("conv1: 3c010a14\n")
@@ -113,7 +118,7 @@ def test_readers_name_file_and_line(tmp_path):
 def test_dynamic_ranges_text_and_json_round_trip(tmp_path):
     ranges = {"data": 177.0, "conv4_3_norm/unit": 1.0, "x:y": 0.1 + 0.2, "fc7": 1234.5678}
     write_dynamic_ranges(tmp_path / "r.txt", ranges)
-    assert (tmp_path / "r.txt").read_text().splitlines()[0] == "data:177.0"   # sampleINT8API's tensor:amax
+    assert (tmp_path / "r.txt").read_text().splitlines()[0] == "data:177.0"  # sampleINT8API's tensor:amax
     assert read_dynamic_ranges(tmp_path / "r.txt") == ranges
     write_ranges_json(tmp_path / "r.json", ranges, "kl", "4 images")
     assert read_ranges_json(tmp_path / "r.json") == ranges
@@ -131,9 +136,16 @@ def yunet_args(shared: Path) -> list[str]:
 
 def outputs(out: Path) -> dict[str, Path]:
     stem = Path(YUNET[2]).stem
-    return {kind: out / f"{stem}{suffix}" for kind, suffix in
-            (("onnx", ".onnx"), ("qdq", ".qdq.onnx"), ("cache", ".cache"), ("txt", ".ranges.txt"),
-             ("json", ".ranges.json"))}
+    return {
+        kind: out / f"{stem}{suffix}"
+        for kind, suffix in (
+            ("onnx", ".onnx"),
+            ("qdq", ".qdq.onnx"),
+            ("cache", ".cache"),
+            ("txt", ".ranges.txt"),
+            ("json", ".ranges.json"),
+        )
+    }
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +163,9 @@ def test_export_trt_writes_every_tensor(shared, yunet_export):
     onnx.checker.check_model(model, full_check=True)
     constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Concat" and set(n.input) <= constants}
-    tensors = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output
-                                                      if o not in constants]
+    tensors = [i.name for i in model.graph.input] + [
+        o for n in model.graph.node for o in n.output if o not in constants
+    ]
     cache = read_calibration_cache(files["cache"])
     ranges = read_dynamic_ranges(files["txt"])
     assert list(cache.scales) == list(ranges) == list(read_ranges_json(files["json"])) == tensors
@@ -160,8 +173,8 @@ def test_export_trt_writes_every_tensor(shared, yunet_export):
     for name, amax in ranges.items():
         assert np.isfinite(amax) and amax > 0
         assert struct.pack(">f", cache.scales[name]) == struct.pack(">f", amax / 127)
-    assert ranges["conv3_3_norm/unit"] == 1.0      # inner tensor of Normalize: a unit vector
-    assert ranges["conv3_3_norm_mbox_loc_perm"] == ranges["conv3_3_norm_mbox_loc_new"]   # Permute keeps the range
+    assert ranges["conv3_3_norm/unit"] == 1.0  # inner tensor of Normalize: a unit vector
+    assert ranges["conv3_3_norm_mbox_loc_perm"] == ranges["conv3_3_norm_mbox_loc_new"]  # Permute keeps the range
     graph = load_graph(*(Path(a) for a in yunet_args(shared)[1:4:2]))
     assert "data" in ranges and all(v in ranges for v in graph.outputs if v not in ("detection_out",))
     qdq = onnx.load(files["qdq"])
@@ -178,17 +191,26 @@ def test_export_trt_from_saved_statistics_is_identical(shared, yunet_export, tmp
 def test_calibrate_statistics_are_not_enough_for_tensorrt(shared, tmp_path, capsys):
     """Statistics saved by 'calibrate' hold only convolution inputs: a clear error, no partial output."""
     base = yunet_args(shared) + ["--images", str(shared / "images" / "faces"), "--max-images", "2", "-q"]
-    assert int8conv_main(["calibrate", *base, "--output", str(tmp_path / "t.table"),
-                          "--save-stats", str(tmp_path / "conv.npz")]) == 0
+    assert (
+        int8conv_main(
+            ["calibrate", *base, "--output", str(tmp_path / "t.table"), "--save-stats", str(tmp_path / "conv.npz")]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     capsys.readouterr()
-    code = int8conv_main(["export-trt", *yunet_args(shared), "--load-stats", str(tmp_path / "conv.npz"),
-                          "--out-dir", str(out)])
+    code = int8conv_main(
+        ["export-trt", *yunet_args(shared), "--load-stats", str(tmp_path / "conv.npz"), "--out-dir", str(out)]
+    )
     assert code == 2 and "--save-stats FILE" in capsys.readouterr().err and not out.exists()
 
     # an ncnn table gives the convolution inputs only: amax = 127 / scale
-    assert int8conv_main(["export-trt", *yunet_args(shared), "--table", str(tmp_path / "t.table"),
-                          "--out-dir", str(out), "-q"]) == 0
+    assert (
+        int8conv_main(
+            ["export-trt", *yunet_args(shared), "--table", str(tmp_path / "t.table"), "--out-dir", str(out), "-q"]
+        )
+        == 0
+    )
     table = read_ncnn_table(tmp_path / "t.table")
     graph = load_graph(*(Path(a) for a in yunet_args(shared)[1:4:2]))
     expected = {graph.layer(name).bottoms[0]: 127 / scale for name, scale in table.activation_scales.items()}
@@ -198,23 +220,49 @@ def test_calibrate_statistics_are_not_enough_for_tensorrt(shared, tmp_path, caps
 
 def test_export_trt_options(shared, yunet_export, tmp_path):
     args = yunet_args(shared) + ["--load-stats", str(yunet_export / "s.npz"), "--out-dir", str(tmp_path), "-q"]
-    assert int8conv_main(["export-trt", *args, "--trt-version", "8.6.1", "--method", "minmax", "--batch", "-1",
-                          "--fp32-layers", "conv1_1", "conv1_2"]) == 0
+    assert (
+        int8conv_main(
+            [
+                "export-trt",
+                *args,
+                "--trt-version",
+                "8.6.1",
+                "--method",
+                "minmax",
+                "--batch",
+                "-1",
+                "--fp32-layers",
+                "conv1_1",
+                "conv1_2",
+            ]
+        )
+        == 0
+    )
     files = outputs(tmp_path)
     assert files["cache"].read_text().startswith("TRT-8601-MinMaxCalibration\n")
     qdq = onnx.load(files["qdq"])
     assert qdq.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     quantized_inputs = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
-    assert "data" not in quantized_inputs and "conv1_1_relu1_1" not in quantized_inputs   # conv1_1, conv1_2 FP32
+    assert "data" not in quantized_inputs and "conv1_1_relu1_1" not in quantized_inputs  # conv1_1, conv1_2 FP32
     assert "pool1" in quantized_inputs
     bad = int8conv_main(["export-trt", *args, "--fp32-layers", "pool1"])
     assert bad == 2
 
 
 def test_auto_fp32_keeps_the_most_harmful_layers_fp32(shared, yunet_export, tmp_path):
-    args = yunet_args(shared) + ["--load-stats", str(yunet_export / "s.npz"), "--out-dir", str(tmp_path), "-q",
-                                 "--images", str(shared / "images" / "faces"), "--auto-fp32", "0.999",
-                                 "--auto-fp32-images", "2"]
+    args = yunet_args(shared) + [
+        "--load-stats",
+        str(yunet_export / "s.npz"),
+        "--out-dir",
+        str(tmp_path),
+        "-q",
+        "--images",
+        str(shared / "images" / "faces"),
+        "--auto-fp32",
+        "0.999",
+        "--auto-fp32-images",
+        "2",
+    ]
     assert int8conv_main(["export-trt", *args]) == 0
     qdq = onnx.load(outputs(tmp_path)["qdq"])
     producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
@@ -226,7 +274,7 @@ def test_auto_fp32_keeps_the_most_harmful_layers_fp32(shared, yunet_export, tmp_
 
 def test_missing_calibration_input_fails_cleanly(shared, tmp_path):
     args = yunet_args(shared) + ["--out-dir", str(tmp_path / "out")]
-    assert int8conv_main(["export-trt", *args]) == 2                      # neither images nor statistics
+    assert int8conv_main(["export-trt", *args]) == 2  # neither images nor statistics
     assert int8conv_main(["export-trt", *args, "--images", str(tmp_path / "none")]) == 2
     assert int8conv_main(["export-trt", *args, "--table", str(tmp_path / "none.table")]) == 2
     assert not (tmp_path / "out").exists()

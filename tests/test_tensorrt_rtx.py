@@ -5,6 +5,7 @@ ONNX is parsed and built here, and every name of the cache and range files is ch
 the parsed network. This is TensorRT-RTX, not TensorRT: tests that need full TensorRT or a GPU skip with
 that reason; nothing here runs on a GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,8 +51,11 @@ def test_tensorrt_rtx_builds_the_qdq_onnx_and_knows_every_range_name(shared, exp
 
     fp32_network = ParsedNetwork(rtx, model.export.model.SerializeToString(), strongly_typed=False).tensors()
     qdq_parsed = ParsedNetwork(rtx, qdq, strongly_typed=False)
-    for names in (read_calibration_cache(tmp_path / "m.cache").scales, read_dynamic_ranges(tmp_path / "m.ranges.txt"),
-                  read_ranges_json(tmp_path / "m.ranges.json")):
+    for names in (
+        read_calibration_cache(tmp_path / "m.cache").scales,
+        read_dynamic_ranges(tmp_path / "m.ranges.txt"),
+        read_ranges_json(tmp_path / "m.ranges.json"),
+    ):
         assert set(names) <= set(fp32_network), sorted(set(names) - set(fp32_network))[:5]
         assert set(names) <= set(qdq_parsed.tensors())
     quantize_nodes = sum(n.op_type == "QuantizeLinear" for n in insert_qdq(model.export, ranges).graph.node)
@@ -68,8 +72,9 @@ def test_tensorrt_rtx_builds_the_qdq_onnx_and_knows_every_range_name(shared, exp
 def test_tensorrt_rtx_builds_a_dynamic_batch_with_a_profile(shared, exported, rtx):
     model = exported("det3")
     export = export_onnx(model.graph, batch=-1)
-    plan = build_plan(insert_qdq(export, model.ranges(shared, "kl")).SerializeToString(), "qdq",
-                      flavour="tensorrt-rtx", max_batch=4)
+    plan = build_plan(
+        insert_qdq(export, model.ranges(shared, "kl")).SerializeToString(), "qdq", flavour="tensorrt-rtx", max_batch=4
+    )
     assert len(plan) > 1000
 
 
@@ -92,8 +97,11 @@ def test_running_needs_a_gpu(shared, exported, rtx):
         pass
     else:
         pytest.skip("a GPU is present: test_full_tensorrt_on_gpu covers running")
-    plan = build_plan(insert_qdq(exported("det1").export, exported("det1").ranges(shared, "kl")).SerializeToString(),
-                      "qdq", flavour="tensorrt-rtx")
+    plan = build_plan(
+        insert_qdq(exported("det1").export, exported("det1").ranges(shared, "kl")).SerializeToString(),
+        "qdq",
+        flavour="tensorrt-rtx",
+    )
     with pytest.raises(BackendUnavailable, match="GPU|cuda"):
         EngineRunner(plan, flavour="tensorrt-rtx")
 

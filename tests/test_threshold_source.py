@@ -5,6 +5,7 @@ from the same images with the same options; each Conv/Gemm's input Q/DQ scale mu
 ``127 / scale`` divided by 127 (the head rule included), and the per-tensor ranges of the cache the largest
 threshold of the layers that read the tensor.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ from int8conv.zoo import MODELS
 #: the shared models calibrate takes from plain images (det4 reads five crops at once) and the converter
 #: handles (retinaface, yoloface, shufflenet_driver and lane need the fork layers of issue 10)
 CONVERTIBLE = ("lenet", "det1", "det2", "det3", "open_nsfw", "res10", "ultraface", "yufacedetectnet")
-KEYS = [pytest.param(k, "kl", marks=pytest.mark.slow) if k in ("open_nsfw", "res10") else (k, "kl")
-        for k in CONVERTIBLE] + [("det2", "auto"), ("yufacedetectnet", "auto")]   # auto: its chosen thresholds
+KEYS = [
+    pytest.param(k, "kl", marks=pytest.mark.slow) if k in ("open_nsfw", "res10") else (k, "kl") for k in CONVERTIBLE
+] + [("det2", "auto"), ("yufacedetectnet", "auto")]  # auto: its chosen thresholds
 
 
 def _input_scales(qdq) -> dict[str, float]:
@@ -45,8 +47,14 @@ def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key, method):
     pool = "imagenet_samples_200" if key == "open_nsfw" else "faces"
     listing.write_text("\n".join(str(p) for p in list_images(shared / "images" / pool)[:4]))
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std,
-                                      resize=zoo.prep.resize, color=zoo.prep.color, swap_hw=zoo.prep.swap_hw)
+    prep = pipeline.PreprocessOptions(
+        mean=zoo.prep.mean,
+        norm=zoo.prep.norm,
+        std=zoo.prep.std,
+        resize=zoo.prep.resize,
+        color=zoo.prep.color,
+        swap_hw=zoo.prep.swap_hw,
+    )
     options = pipeline.CalibrationOptions(images=listing, backend="opencv", method=method)
     table = pipeline.calibrate(model, prep, options).table
     export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
@@ -63,5 +71,6 @@ def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key, method):
         if layer.name in table.activation_scales:
             readers.setdefault(layer.bottoms[0], []).append(layer.name)
     for value, layers in readers.items():
-        assert export.ranges[value] == pytest.approx(max(127.0 / table.activation_scales[n] for n in layers),
-                                                     rel=1e-6), value
+        assert export.ranges[value] == pytest.approx(
+            max(127.0 / table.activation_scales[n] for n in layers), rel=1e-6
+        ), value

@@ -1,4 +1,5 @@
 """Threshold methods: the vectorized KL search equals the slow reference; every method's guarantees."""
+
 from __future__ import annotations
 
 import logging
@@ -25,12 +26,12 @@ def random_histograms() -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     bins = np.arange(2048)
     shapes = [
-        rng.poisson(5e4 * np.exp(-bins / 150.0)),                                  # ReLU-like decay
-        rng.poisson(1e3 * np.exp(-bins / 700.0)) * (rng.random(2048) > 0.3),       # gaps everywhere
-        rng.poisson(2e3 * (np.exp(-((bins - 300) / 80.0) ** 2) + 0.5 * np.exp(-((bins - 1200) / 200.0) ** 2))),
-        rng.poisson(1e5 / (1.0 + bins / 20.0) ** 2.5),                             # heavy tail, sparse end
-        np.where(bins < 600, rng.integers(50, 100, 2048), 0) + (bins == 1990),     # one far outlier
-        rng.integers(0, 4, 2048),                                                  # small noisy counts
+        rng.poisson(5e4 * np.exp(-bins / 150.0)),  # ReLU-like decay
+        rng.poisson(1e3 * np.exp(-bins / 700.0)) * (rng.random(2048) > 0.3),  # gaps everywhere
+        rng.poisson(2e3 * (np.exp(-(((bins - 300) / 80.0) ** 2)) + 0.5 * np.exp(-(((bins - 1200) / 200.0) ** 2)))),
+        rng.poisson(1e5 / (1.0 + bins / 20.0) ** 2.5),  # heavy tail, sparse end
+        np.where(bins < 600, rng.integers(50, 100, 2048), 0) + (bins == 1990),  # one far outlier
+        rng.integers(0, 4, 2048),  # small noisy counts
     ]
     return [np.asarray(s, dtype=np.int64) for s in shapes]
 
@@ -66,7 +67,7 @@ def test_vectorized_kl_equals_reference_on_real_res10_histograms(res10_statistic
         chosen = reference_kl_threshold_bin(hist.counts)
         assert threshold == pytest.approx(chosen * hist.bin_width, rel=1e-12), hist.name
         searched += np.count_nonzero(hist.counts) >= 128
-    assert searched >= 20                                   # the search itself ran, not the few-bins rule
+    assert searched >= 20  # the search itself ran, not the few-bins rule
 
 
 def test_every_method_on_real_histograms_is_finite_positive_bounded_and_deterministic(res10_statistics):
@@ -77,13 +78,13 @@ def test_every_method_on_real_histograms_is_finite_positive_bounded_and_determin
             threshold = activation_threshold(hist, method)
             assert np.isfinite(threshold) and 0 < threshold <= hist.absmax, (hist.name, method)
             assert activation_threshold(hist, method) == threshold
-    assert signed >= 20                                     # detection heads and BN/Scale outputs are signed
+    assert signed >= 20  # detection heads and BN/Scale outputs are signed
 
 
 def relu_like(zero_fraction: float, zero_value: float = 0.0, seed: int = 11) -> np.ndarray:
     rng = np.random.default_rng(seed)
     data = np.abs(rng.standard_normal(200_000)).astype(np.float32)
-    data[0] = 6.0                                          # same absmax, so the same histogram range
+    data[0] = 6.0  # same absmax, so the same histogram range
     if zero_fraction:
         spike = np.full(int(len(data) * zero_fraction / (1 - zero_fraction)), zero_value, np.float32)
         data = np.concatenate([data, spike])
@@ -103,7 +104,7 @@ def test_relu_zero_spike_does_not_move_any_threshold():
     for method in METHODS:
         assert activation_threshold(spiked, method) == activation_threshold(plain, method), method
     kl = activation_threshold(plain, "kl")
-    assert 2.0 < kl < 6.0                                   # a real clipping decision, not absmax
+    assert 2.0 < kl < 6.0  # a real clipping decision, not absmax
 
 
 def test_near_zero_spike_does_not_move_kl():
@@ -139,7 +140,7 @@ def test_few_nonempty_bins_keep_absmax():
 def test_kl_keeps_a_uniform_range_and_clips_a_lone_outlier():
     counts = np.zeros(2048, np.int64)
     counts[:1000] = 500
-    assert kl_threshold(counts, 1.0) == 1000.0              # Q == P exactly at 1000 bins: KL 0
+    assert kl_threshold(counts, 1.0) == 1000.0  # Q == P exactly at 1000 bins: KL 0
     decaying = np.round(1e5 * np.exp(-np.arange(2048) / 100.0)).astype(np.int64)
     without = kl_threshold(decaying, 1.0)
     decaying[1990] = 1
@@ -156,7 +157,8 @@ def test_minmax_percentile_and_aciq_definitions():
     assert activation_threshold(hist, "percentile", percentile=100.0) == hist.absmax
     for q in (99.0, 99.9, 99.99):
         assert activation_threshold(hist, "percentile", percentile=q) == pytest.approx(
-            np.percentile(magnitude, q, method="inverted_cdf"), abs=hist.bin_width)
+            np.percentile(magnitude, q, method="inverted_cdf"), abs=hist.bin_width
+        )
     assert activation_threshold(hist, "aciq") == pytest.approx(ACIQ_LAPLACE_8BIT * magnitude.mean(), rel=1e-9)
     assert activation_threshold(hist, "aciq") == pytest.approx(ACIQ_LAPLACE_8BIT * 0.5, rel=0.02)
 
@@ -170,7 +172,9 @@ def test_mse_equals_brute_force_search():
     for k in range(1, 2049):
         t = k * width
         clipped = centers > t
-        errors.append((t / 127) ** 2 / 12 * counts[~clipped].sum() + (counts[clipped] * (centers[clipped] - t) ** 2).sum())
+        errors.append(
+            (t / 127) ** 2 / 12 * counts[~clipped].sum() + (counts[clipped] * (centers[clipped] - t) ** 2).sum()
+        )
     expected = (int(np.argmin(errors)) + 1) * width
     assert mse_threshold(hist) == pytest.approx(expected, rel=1e-12)
     assert activation_threshold(hist, "mse") == min(expected, hist.absmax)

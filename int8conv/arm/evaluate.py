@@ -6,6 +6,7 @@ each precision (max abs difference, cosine, task metrics, per-layer cosine for I
 kernels (NEON, dot product, i8mm, ARM INT8 Winograd, fp16 storage and arithmetic) change the numbers.
 Timings under qemu are emulation timings, not device timings: they are reported only as such.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ from int8conv.ncnn.runtime import NcnnRunner
 
 log = logging.getLogger(__name__)
 
-TIMING_NOTE = ("timings under qemu emulation: the ARM code is translated instruction by instruction (INT8 ~12x and "
-               "FP32 ~100x slower than native), so they are not device timings and not a speed ratio")
+TIMING_NOTE = (
+    "timings under qemu emulation: the ARM code is translated instruction by instruction (INT8 ~12x and "
+    "FP32 ~100x slower than native), so they are not device timings and not a speed ratio"
+)
 
 
 def _inputs(config: EvalConfig, input_name: str) -> list[dict[str, np.ndarray]]:
@@ -52,8 +55,9 @@ def _inputs(config: EvalConfig, input_name: str) -> list[dict[str, np.ndarray]]:
     return inputs
 
 
-def _max_abs(blobs: list[str], reference: list[dict[str, np.ndarray]],
-             candidate: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+def _max_abs(
+    blobs: list[str], reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]
+) -> dict[str, dict[str, float]]:
     differences = {name: Difference() for name in blobs}
     for ref, out in zip(reference, candidate, strict=True):
         for name, diff in differences.items():
@@ -79,35 +83,59 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> dict:
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
     inputs = _inputs(config, fp32.input_names[0])
     x86 = {"fp32": [fp32.extract(x, blobs) for x in inputs], "int8": [int8.extract(x, blobs) for x in inputs]}
-    log.info("running %d images x 2 models on ARM kernels (%s, fp16 %s)", len(inputs), options.cpu,
-             "on" if options.fp16 else "off")
-    result = run_arm([ArmModel(config.fp32_param, config.fp32_bin, False, blobs),
-                      ArmModel(config.int8_param, config.int8_bin, True, blobs)], inputs, options)
+    log.info(
+        "running %d images x 2 models on ARM kernels (%s, fp16 %s)",
+        len(inputs),
+        options.cpu,
+        "on" if options.fp16 else "off",
+    )
+    result = run_arm(
+        [
+            ArmModel(config.fp32_param, config.fp32_bin, False, blobs),
+            ArmModel(config.int8_param, config.int8_bin, True, blobs),
+        ],
+        inputs,
+        options,
+    )
     arm = {"fp32": result.outputs[0], "int8": result.outputs[1]}
 
-    def compare(reference: list[Mapping[str, np.ndarray]], candidate: list[Mapping[str, np.ndarray]],
-                tops: dict[str, str]) -> dict:
+    def compare(
+        reference: list[Mapping[str, np.ndarray]], candidate: list[Mapping[str, np.ndarray]], tops: dict[str, str]
+    ) -> dict:
         comparison = Comparison(task, view, decode, config.iou_threshold, tops)
         for ref, out in zip(reference, candidate, strict=True):
             comparison.add(ref, out)
         return comparison.summary()
 
     return {
-        "model": str(config.fp32_param), "int8_model": str(config.int8_param), "task": task, "images": len(inputs),
-        "score_threshold": threshold, "iou_threshold": config.iou_threshold,
+        "model": str(config.fp32_param),
+        "int8_model": str(config.int8_param),
+        "task": task,
+        "images": len(inputs),
+        "score_threshold": threshold,
+        "iou_threshold": config.iou_threshold,
         "int8_layers": len(quantized),
         "arm": {"cpu": options.cpu, "fp16": options.fp16, "threads": options.threads, **result.info},
         "x86_ncnn": metadata.version("ncnn"),
-        "int8_vs_fp32": {"arm": compare(arm["fp32"], arm["int8"], int8_tops),
-                         "x86": compare(x86["fp32"], x86["int8"], int8_tops)},
-        "arm_vs_x86": {
-            "fp32": {**compare(x86["fp32"], arm["fp32"], {}), "difference": _max_abs(view.blobs, x86["fp32"],
-                                                                                     arm["fp32"])},
-            "int8": {**compare(x86["int8"], arm["int8"], int8_tops),
-                     "difference": _max_abs(view.blobs, x86["int8"], arm["int8"])},
+        "int8_vs_fp32": {
+            "arm": compare(arm["fp32"], arm["int8"], int8_tops),
+            "x86": compare(x86["fp32"], x86["int8"], int8_tops),
         },
-        "arm_ms_per_image": {"fp32": statistics.median(result.ms[0]), "int8": statistics.median(result.ms[1]),
-                             "note": TIMING_NOTE if result.info["emulated"] else "native ARM timings"},
+        "arm_vs_x86": {
+            "fp32": {
+                **compare(x86["fp32"], arm["fp32"], {}),
+                "difference": _max_abs(view.blobs, x86["fp32"], arm["fp32"]),
+            },
+            "int8": {
+                **compare(x86["int8"], arm["int8"], int8_tops),
+                "difference": _max_abs(view.blobs, x86["int8"], arm["int8"]),
+            },
+        },
+        "arm_ms_per_image": {
+            "fp32": statistics.median(result.ms[0]),
+            "int8": statistics.median(result.ms[1]),
+            "note": TIMING_NOTE if result.info["emulated"] else "native ARM timings",
+        },
     }
 
 
@@ -115,23 +143,34 @@ def format_arm_report(report: dict, worst_layers: int = 5) -> str:
     """The ARM report as text: INT8 vs FP32 on ARM next to x86, then ARM vs x86 per precision."""
     arm = report["arm"]
     where = f"qemu {arm['cpu']} (emulated)" if arm["emulated"] else "native"
-    lines = [f"model      {report['model']}",
-             f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers)",
-             f"task       {report['task']}   images {report['images']}",
-             (f"ARM        {where}, fp16 {'on' if arm['fp16'] else 'off'}, {arm['threads']} thread(s), ncnn "
-             f"{arm['ncnn']} (x86 {report['x86_ncnn']}), CPU features: {', '.join(arm['cpu_features'] or ['?'])}"),
-             "", "INT8 vs FP32 (same precision comparison as `eval`, on each architecture)"]
+    lines = [
+        f"model      {report['model']}",
+        f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers)",
+        f"task       {report['task']}   images {report['images']}",
+        (
+            f"ARM        {where}, fp16 {'on' if arm['fp16'] else 'off'}, {arm['threads']} thread(s), ncnn "
+            f"{arm['ncnn']} (x86 {report['x86_ncnn']}), CPU features: {', '.join(arm['cpu_features'] or ['?'])}"
+        ),
+        "",
+        "INT8 vs FP32 (same precision comparison as `eval`, on each architecture)",
+    ]
     for name in ("arm", "x86"):
         q = report["int8_vs_fp32"][name]
-        lines += [(f"  {name.upper():<4} output cosine mean {_fmt(q['output_cosine'])}  min "
-                  f"{_fmt(q['output_cosine_min'])}"), f"       task: {_task_text(q['task'])}"]
+        lines += [
+            (f"  {name.upper():<4} output cosine mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"),
+            f"       task: {_task_text(q['task'])}",
+        ]
     lines += ["", "ARM vs x86 (x86 is the reference)"]
     for precision in ("fp32", "int8"):
         q = report["arm_vs_x86"][precision]
         worst = max(q["difference"].items(), key=lambda kv: kv[1]["max_abs"])
-        lines += [(f"  {precision.upper():<4} output cosine mean {_fmt(q['output_cosine'], 6)}  min "
-                  f"{_fmt(q['output_cosine_min'], 6)}  max abs {worst[1]['max_abs']:.3e} ({worst[0]})"),
-                  f"       task: {_task_text(q['task'])}"]
+        lines += [
+            (
+                f"  {precision.upper():<4} output cosine mean {_fmt(q['output_cosine'], 6)}  min "
+                f"{_fmt(q['output_cosine_min'], 6)}  max abs {worst[1]['max_abs']:.3e} ({worst[0]})"
+            ),
+            f"       task: {_task_text(q['task'])}",
+        ]
         if q["layer_cosine"]:
             ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
             lines.append("       lowest per-layer cosine: " + ", ".join(f"{n} {_fmt(v, 6)}" for n, v in ranked))

@@ -7,6 +7,7 @@ it in a chroot through binfmt_misc + ``qemu-aarch64-static``, then a venv with t
 wheels, pinned to the host's ncnn version so ARM and x86 differ only in their kernels. Everything is cached under
 ``$INT8CONV_CACHE``; a second run only re-registers binfmt (lost on reboot) and checks the venv imports.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -48,8 +49,16 @@ VENV_INFO = "int8conv_venv.json"
 PIP_SYSTEM_CONFIGS = ("/etc/pip.conf", "/etc/xdg/pip")
 PIP_USER_CONFIGS = (".config/pip", ".pip")
 PASSED_ENV_PREFIXES = ("PIP_",)
-PASSED_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-              "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+PASSED_ENV = (
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+)
 
 
 @dataclass
@@ -64,11 +73,12 @@ class ArmEnvironment:
 @dataclass
 class InstallResult:
     environment: ArmEnvironment
-    built: bool          # False when everything was cached
+    built: bool  # False when everything was cached
     seconds: float
 
 
 # ---------------------------------------------------------------- host checks
+
 
 def is_arm_host() -> bool:
     return platform.machine().lower() in ARM_MACHINES
@@ -79,22 +89,29 @@ def check_host() -> None:
     if is_arm_host():
         raise BackendUnavailable(
             f"this host is already ARM ({platform.machine()}): `int8conv eval --arch arm64` runs ncnn's ARM kernels "
-            "natively with this environment's ncnn, so install-arm has nothing to build")
+            "natively with this environment's ncnn, so install-arm has nothing to build"
+        )
     if sys.platform != "linux" or not Path("/etc/debian_version").exists() or shutil.which("dpkg-query") is None:
-        raise BackendUnavailable("install-arm needs a Debian-based Linux host (it uses apt-get, debootstrap and "
-                                 f"qemu-user-static); this is {platform.system()}")
+        raise BackendUnavailable(
+            "install-arm needs a Debian-based Linux host (it uses apt-get, debootstrap and "
+            f"qemu-user-static); this is {platform.system()}"
+        )
     if os.geteuid() != 0:
-        raise BackendUnavailable("install-arm needs root: it installs qemu-user-static/debootstrap with apt-get, "
-                                 "registers qemu with binfmt_misc and runs debootstrap and chroot. Run it as root "
-                                 "(e.g. `sudo $(which int8conv) install-arm`).")
+        raise BackendUnavailable(
+            "install-arm needs root: it installs qemu-user-static/debootstrap with apt-get, "
+            "registers qemu with binfmt_misc and runs debootstrap and chroot. Run it as root "
+            "(e.g. `sudo $(which int8conv) install-arm`)."
+        )
 
 
 def host_ncnn_version() -> str:
     try:
         return metadata.version("ncnn")
     except metadata.PackageNotFoundError as exc:
-        raise BackendUnavailable("the host has no ncnn Python package; `pip install ncnn` first (the ARM venv is "
-                                 "pinned to the host's ncnn version)") from exc
+        raise BackendUnavailable(
+            "the host has no ncnn Python package; `pip install ncnn` first (the ARM venv is "
+            "pinned to the host's ncnn version)"
+        ) from exc
 
 
 def binfmt_enabled() -> bool:
@@ -111,24 +128,29 @@ def register_binfmt(log_file: Path) -> None:
     if binfmt_enabled():
         return
     if not (BINFMT_DIR / "register").exists():
-        done = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], capture_output=True,
-                              text=True, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise BackendUnavailable(
                 f"binfmt_misc cannot be mounted at {BINFMT_DIR} ({done.stderr.strip() or done.returncode}): the "
                 "kernel lacks binfmt_misc or this container may not mount it (it needs a privileged container), so "
-                "aarch64 programs cannot run under qemu here")
+                "aarch64 programs cannot run under qemu here"
+            )
     try:
         _run_logged(["update-binfmts", "--enable", BINFMT_NAME], "update-binfmts", log_file)
     except BuildFailed as exc:
         raise BackendUnavailable(f"qemu-aarch64 cannot be registered with binfmt_misc: {exc}") from exc
     if not binfmt_enabled():
-        raise BackendUnavailable(f"{BINFMT_DIR / BINFMT_NAME} is not enabled after update-binfmts; aarch64 programs "
-                                 "cannot run under qemu on this host")
+        raise BackendUnavailable(
+            f"{BINFMT_DIR / BINFMT_NAME} is not enabled after update-binfmts; aarch64 programs "
+            "cannot run under qemu on this host"
+        )
     log.info("registered %s with binfmt_misc", BINFMT_NAME)
 
 
 # ---------------------------------------------------------------- the Debian mirror apt uses
+
 
 def _sources_entries(path: Path) -> list[tuple[str, list[str], list[str]]]:
     """(uri, suites, components) of the ``deb`` entries of one .list or deb822 .sources file."""
@@ -176,11 +198,14 @@ def debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     for uri, _, components in entries:
         if uri.rstrip("/").endswith("/debian") and "main" in components:
             return uri.rstrip("/")
-    raise BackendUnavailable(f"no Debian archive found in {apt_dir}/sources.list(.d) to debootstrap arm64 "
-                             f"{SUITE} from; pass --mirror URL (a Debian mirror that carries arm64)")
+    raise BackendUnavailable(
+        f"no Debian archive found in {apt_dir}/sources.list(.d) to debootstrap arm64 "
+        f"{SUITE} from; pass --mirror URL (a Debian mirror that carries arm64)"
+    )
 
 
 # ---------------------------------------------------------------- cache layout
+
 
 def rootfs_dir(root: Path | None = None) -> Path:
     return (root or cache_root()) / f"arm64-{SUITE}-r{RECIPE}" / "rootfs"
@@ -203,6 +228,7 @@ def find_environment(root: Path | None = None, ncnn_version: str | None = None) 
 
 # ---------------------------------------------------------------- steps
 
+
 def debootstrap_first_stage(rootfs: Path, mirror: str, log_file: Path) -> None:
     """Download and unpack the arm64 packages (no arm64 code runs yet); a half-done tree is started again."""
     if (rootfs / STAGE1_DONE).exists():
@@ -212,9 +238,20 @@ def debootstrap_first_stage(rootfs: Path, mirror: str, log_file: Path) -> None:
         shutil.rmtree(rootfs)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     log.info("debootstrap (first stage) arm64 %s into %s (downloads ~100 MB)", SUITE, rootfs)
-    _run_logged(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase",
-                 f"--include={','.join(ROOTFS_PACKAGES)}", SUITE, str(rootfs), mirror],
-                "debootstrap first stage", log_file)
+    _run_logged(
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--foreign",
+            "--variant=minbase",
+            f"--include={','.join(ROOTFS_PACKAGES)}",
+            SUITE,
+            str(rootfs),
+            mirror,
+        ],
+        "debootstrap first stage",
+        log_file,
+    )
     write_text_atomic(rootfs / STAGE1_DONE, f"{mirror}\n")
 
 
@@ -239,8 +276,9 @@ def debootstrap_second_stage(rootfs: Path, log_file: Path) -> None:
         return
     log.info("debootstrap (second stage) under qemu: 5 to 15 minutes on 2 cores")
     try:
-        _run_logged(chroot_command(rootfs, ["/debootstrap/debootstrap", "--second-stage"]),
-                    "debootstrap second stage", log_file)
+        _run_logged(
+            chroot_command(rootfs, ["/debootstrap/debootstrap", "--second-stage"]), "debootstrap second stage", log_file
+        )
     except BuildFailed:
         (rootfs / STAGE1_DONE).unlink(missing_ok=True)
         raise
@@ -320,30 +358,49 @@ def create_venv(rootfs: Path, ncnn_version: str, log_file: Path) -> str:
         return python
     prepare_network(rootfs)
     env = chroot_pip_env()
-    log.info("creating %s in the rootfs and installing ncnn==%s and numpy with pip (aarch64 wheels)", venv,
-             ncnn_version)
-    _run_logged(chroot_command(rootfs, ["/usr/bin/python3", "-m", "venv", "--clear", venv]), "venv", log_file,
-                env=env)
-    _run_logged(chroot_command(rootfs, [python, "-m", "pip", "install", "--only-binary", ":all:",
-                                        f"ncnn=={ncnn_version}", "numpy"]), "pip install ncnn numpy", log_file,
-                env=env)
+    log.info(
+        "creating %s in the rootfs and installing ncnn==%s and numpy with pip (aarch64 wheels)", venv, ncnn_version
+    )
+    _run_logged(chroot_command(rootfs, ["/usr/bin/python3", "-m", "venv", "--clear", venv]), "venv", log_file, env=env)
+    _run_logged(
+        chroot_command(
+            rootfs, [python, "-m", "pip", "install", "--only-binary", ":all:", f"ncnn=={ncnn_version}", "numpy"]
+        ),
+        "pip install ncnn numpy",
+        log_file,
+        env=env,
+    )
     found = check_venv(rootfs, python, log_file)
-    write_text_atomic(info, json.dumps({"ncnn": found["ncnn"], "numpy": found["numpy"], "recipe": RECIPE,
-                                        "python": found["python"]}, indent=2) + "\n")
+    write_text_atomic(
+        info,
+        json.dumps(
+            {"ncnn": found["ncnn"], "numpy": found["numpy"], "recipe": RECIPE, "python": found["python"]}, indent=2
+        )
+        + "\n",
+    )
     return python
 
 
 def check_venv(rootfs: Path, python: str, log_file: Path) -> dict:
     """Import ncnn and numpy in the chroot and report their versions (a few seconds under qemu)."""
-    script = ("import json, platform, ncnn, numpy; print(json.dumps({'ncnn': ncnn.__version__, "
-              "'numpy': numpy.__version__, 'python': platform.python_version(), 'machine': platform.machine()}))")
-    done = subprocess.run(chroot_command(rootfs, [python, "-c", script]), capture_output=True, text=True, check=False,
-                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    script = (
+        "import json, platform, ncnn, numpy; print(json.dumps({'ncnn': ncnn.__version__, "
+        "'numpy': numpy.__version__, 'python': platform.python_version(), 'machine': platform.machine()}))"
+    )
+    done = subprocess.run(
+        chroot_command(rootfs, [python, "-c", script]),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )
     with open(log_file, "a", encoding="utf-8") as handle:
         handle.write(f"\n### venv check\n{done.stdout}{done.stderr}")
     if done.returncode != 0:
-        raise BuildFailed(f"ncnn does not import in the arm64 rootfs (exit {done.returncode}): "
-                          f"{done.stderr.strip()[-2000:]}\nlog: {log_file}")
+        raise BuildFailed(
+            f"ncnn does not import in the arm64 rootfs (exit {done.returncode}): "
+            f"{done.stderr.strip()[-2000:]}\nlog: {log_file}"
+        )
     found = json.loads(done.stdout.strip().splitlines()[-1])
     if found["machine"] != "aarch64":
         raise BuildFailed(f"the rootfs python reports machine {found['machine']!r}, not aarch64")

@@ -10,6 +10,7 @@ image ``i`` ``outputs/<m>_<i>.npz`` (key ``b<j>`` for ``blobs[j]``, the raw ncnn
 host dequantizes them), then ``result.json`` (versions, CPU features, ms per image). One line per finished image
 goes to stdout for the host's progress bar. All the logic that compares outputs stays on the host.
 """
+
 import ctypes
 import json
 import os
@@ -35,8 +36,7 @@ def cpu_features():
         hwcap, hwcap2 = getauxval(AT_HWCAP), getauxval(AT_HWCAP2)
     except (OSError, AttributeError):
         return None
-    return ([name for name, bit in HWCAP.items() if hwcap & bit] +
-            [name for name, bit in HWCAP2.items() if hwcap2 & bit])
+    return [name for name, bit in HWCAP.items() if hwcap & bit] + [name for name, bit in HWCAP2.items() if hwcap2 & bit]
 
 
 def load(job_dir, model, threads, fp16):
@@ -87,9 +87,15 @@ def main(job_dir):
             np.savez(os.path.join(job_dir, "outputs", f"{m}_{index}.npz"), **out)
             print(f"done {m} {index}", flush=True)
         milliseconds.append(times)
-    result = {"ncnn": ncnn.__version__, "numpy": np.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "cpu_features": cpu_features(), "qemu_cpu": os.environ.get("QEMU_CPU"),
-              "ms": milliseconds}
+    result = {
+        "ncnn": ncnn.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_features": cpu_features(),
+        "qemu_cpu": os.environ.get("QEMU_CPU"),
+        "ms": milliseconds,
+    }
     with open(os.path.join(job_dir, "result.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
 

@@ -4,6 +4,7 @@ The host writes the models and inputs to a job folder, ``runner.py`` runs them w
 ncnn only) and writes the raw output blobs back as ``.npz``; every comparison stays on the host. One runner
 process takes all models and images of a job, since qemu's start-up and ncnn's import take seconds there.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,11 +84,15 @@ def unavailable() -> str | None:
     if is_arm_host():
         return None
     if find_environment() is None:
-        return ("the arm64 environment is not installed (or not for this ncnn version): run `int8conv install-arm` "
-                "as root once (minutes, then cached)")
+        return (
+            "the arm64 environment is not installed (or not for this ncnn version): run `int8conv install-arm` "
+            "as root once (minutes, then cached)"
+        )
     if not binfmt_enabled():
-        return ("qemu-aarch64 is not registered with binfmt_misc (the host rebooted?): run `int8conv install-arm` "
-                "again as root (seconds: the rootfs is cached)")
+        return (
+            "qemu-aarch64 is not registered with binfmt_misc (the host rebooted?): run `int8conv install-arm` "
+            "again as root (seconds: the rootfs is cached)"
+        )
     if os.geteuid() != 0:
         return "running the ARM kernels under qemu uses chroot, which needs root; run as root"
     return None
@@ -101,12 +106,14 @@ def _target() -> _Target:
     if is_arm_host():
         return _Target([sys.executable], Path(tempfile.gettempdir()))
     environment = find_environment()
-    return _Target(chroot_command(environment.rootfs, [environment.python]), environment.rootfs / "tmp",
-                   environment.rootfs)
+    return _Target(
+        chroot_command(environment.rootfs, [environment.python]), environment.rootfs / "tmp", environment.rootfs
+    )
 
 
-def run_arm(models: Sequence[ArmModel], inputs: Sequence[Mapping[str, np.ndarray]],
-            options: ArmOptions | None = None) -> ArmResult:
+def run_arm(
+    models: Sequence[ArmModel], inputs: Sequence[Mapping[str, np.ndarray]], options: ArmOptions | None = None
+) -> ArmResult:
     """Run every model on every input (CHW float32 per input blob) on ARM kernels; one runner process."""
     options = options or ArmOptions()
     if not inputs:
@@ -118,23 +125,47 @@ def run_arm(models: Sequence[ArmModel], inputs: Sequence[Mapping[str, np.ndarray
         shutil.copy2(RUNNER, job / "runner.py")
         (job / "inputs").mkdir()
         for index, arrays in enumerate(inputs):
-            np.savez(job / "inputs" / f"{index}.npz",
-                     **{f"i{k}": np.asarray(arrays[name], dtype=np.float32) for k, name in enumerate(names)})
+            np.savez(
+                job / "inputs" / f"{index}.npz",
+                **{f"i{k}": np.asarray(arrays[name], dtype=np.float32) for k, name in enumerate(names)},
+            )
         described = []
         for m, model in enumerate(models):
             shutil.copy2(model.param, job / f"m{m}.param")
             shutil.copy2(model.bin, job / f"m{m}.bin")
-            described.append({"param": f"m{m}.param", "bin": f"m{m}.bin", "int8": model.int8,
-                              "winograd": model.winograd, "blobs": list(model.blobs)})
-        (job / "job.json").write_text(json.dumps({"threads": options.threads, "fp16": options.fp16,
-                                                  "input_names": names, "inputs": len(inputs),
-                                                  "models": described}), encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "QEMU_CPU": options.cpu, "OMP_NUM_THREADS":
-               str(options.threads)}
+            described.append(
+                {
+                    "param": f"m{m}.param",
+                    "bin": f"m{m}.bin",
+                    "int8": model.int8,
+                    "winograd": model.winograd,
+                    "blobs": list(model.blobs),
+                }
+            )
+        (job / "job.json").write_text(
+            json.dumps(
+                {
+                    "threads": options.threads,
+                    "fp16": options.fp16,
+                    "input_names": names,
+                    "inputs": len(inputs),
+                    "models": described,
+                }
+            ),
+            encoding="utf-8",
+        )
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "QEMU_CPU": options.cpu,
+            "OMP_NUM_THREADS": str(options.threads),
+        }
         _execute(target.prefix + [target.path(job / "runner.py"), target.path(job)], env, len(models) * len(inputs))
         info = json.loads((job / "result.json").read_text(encoding="utf-8"))
-        outputs = [[_read_outputs(job / "outputs" / f"{m}_{i}.npz", model) for i in range(len(inputs))]
-                   for m, model in enumerate(models)]
+        outputs = [
+            [_read_outputs(job / "outputs" / f"{m}_{i}.npz", model) for i in range(len(inputs))]
+            for m, model in enumerate(models)
+        ]
     info["emulated"] = not is_arm_host()
     return ArmResult(outputs, info.pop("ms"), info)
 
@@ -144,8 +175,9 @@ def _execute(command: list[str], env: dict[str, str], steps: int) -> None:
     log.debug("ARM runner: %s", " ".join(command))
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
-        with progress(total=steps, desc="ARM kernels (emulated)" if not is_arm_host() else "ARM kernels",
-                      unit="run") as bar:
+        with progress(
+            total=steps, desc="ARM kernels (emulated)" if not is_arm_host() else "ARM kernels", unit="run"
+        ) as bar:
             for line in process.stdout:
                 if line.startswith("done "):
                     bar.update(1)

@@ -4,6 +4,7 @@ INT8 weight scales must be computed on the weights the runtime holds, and those 
 Folding keeps every value's name: the convolution takes over the top of the last layer folded into it,
 so the value a later layer reads is the same before and after folding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,6 +19,7 @@ from int8conv.caffe.layers import batchnorm_affine, kind_of, scale_affine, types
 log = logging.getLogger(__name__)
 
 __all__ = ["batchnorm_affine", "scale_affine", "fold_batchnorm_scale"]
+
 
 def _affine(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
     """The per-channel affine a layer folds as, from its registry declaration (None: it does not fold)."""

@@ -6,6 +6,7 @@ layer ``L`` writing blob ``x`` becomes the value ``x_L``. ``Graph.blob_of`` maps
 Caffe blob name, and ``Graph.final_value`` gives the value pycaffe's ``net.blobs[name]`` shows after
 ``forward()`` (the last in-place version).
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,6 +92,7 @@ class Graph:
 
 def _included(layer: caffe_pb2.LayerParameter) -> bool:
     """Caffe's NetStateRule filter for the TEST phase (deploy)."""
+
     def meets(rule: caffe_pb2.NetStateRule) -> bool:
         return not rule.HasField("phase") or rule.phase == caffe_pb2.TEST
 
@@ -108,14 +110,16 @@ def _header_inputs(net: caffe_pb2.NetParameter, path: Path) -> dict[str, tuple[i
     if len(net.input_shape):
         if len(net.input_shape) != len(names):
             raise ModelError(f"{path}: {len(names)} 'input:' names but {len(net.input_shape)} 'input_shape' entries")
-        for name, shape in zip(names, net.input_shape):
+        for name, shape in zip(names, net.input_shape, strict=True):
             inputs[name] = tuple(int(d) for d in shape.dim)
     elif len(net.input_dim):
         if len(net.input_dim) != 4 * len(names):
-            raise ModelError(f"{path}: {len(names)} 'input:' names need {4 * len(names)} 'input_dim' values, "
-                             f"found {len(net.input_dim)}")
+            raise ModelError(
+                f"{path}: {len(names)} 'input:' names need {4 * len(names)} 'input_dim' values, "
+                f"found {len(net.input_dim)}"
+            )
         for i, name in enumerate(names):
-            inputs[name] = tuple(int(d) for d in net.input_dim[4 * i: 4 * i + 4])
+            inputs[name] = tuple(int(d) for d in net.input_dim[4 * i : 4 * i + 4])
     else:
         raise ModelError(f"{path}: 'input: {names[0]}' has no 'input_dim' or 'input_shape' to give its shape")
     return inputs
@@ -125,34 +129,65 @@ def _check_rewrite(path: Path, proto: caffe_pb2.LayerParameter, index: int, writ
     """A layer may write a blob that exists only in place (its bottom at the same index), as Caffe's AppendTop."""
     top = proto.top[index]
     if index >= len(proto.bottom) or proto.bottom[index] != top:
-        raise ModelError(f"{path}: layers '{writer.get(top, 'input')}' and '{proto.name}' both write blob '{top}' "
-                         f"(and '{proto.name}' does not read it: not in place); Caffe rejects this net (\"Top blob "
-                         "produced by multiple sources\"); rename one top")
+        raise ModelError(
+            f"{path}: layers '{writer.get(top, 'input')}' and '{proto.name}' both write blob '{top}' "
+            f"(and '{proto.name}' does not read it: not in place); Caffe rejects this net (\"Top blob "
+            'produced by multiple sources"); rename one top'
+        )
 
 
-def _layer_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray],
-                   kind: LayerKind | None) -> list[np.ndarray]:
+def _layer_weights(
+    proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray], kind: LayerKind | None
+) -> list[np.ndarray]:
     """The layer's weights in their canonical shapes, as its registry declaration (``kind``) says."""
     spec = kind.weights if kind is not None else None
     if spec is not None and spec.required and not blobs:
-        raise ModelError(f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
-                         "the caffemodel does not match the prototxt")
+        raise ModelError(
+            f"layer '{proto.name}' ({proto.type}) has no weights in the caffemodel: "
+            "the caffemodel does not match the prototxt"
+        )
     try:
         return spec.canonical(proto, blobs) if blobs and spec is not None and spec.canonical else blobs
     except ValueError as exc:
-        raise ModelError(f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
-                         f"do not fit the prototxt: {exc}") from exc
+        raise ModelError(
+            f"layer '{proto.name}' ({proto.type}): weight shapes {[b.shape for b in blobs]} "
+            f"do not fit the prototxt: {exc}"
+        ) from exc
 
 
-def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]],
-                path: Path | str = "<prototxt>") -> Graph:
+def _check_layer(path: Path, proto: caffe_pb2.LayerParameter, seen_names: set[str]) -> None:
+    """A deploy net has no training data layers and no two layers of one name."""
+    if proto.type in DATA_LAYER_TYPES:
+        raise ModelError(
+            f"{path}: layer '{proto.name}' is a '{proto.type}' training data layer; use a deploy "
+            "prototxt whose input is an 'Input' layer or an 'input:' header"
+        )
+    if proto.name in seen_names:
+        raise ModelError(f"{path}: two layers are named '{proto.name}'; layer names must be unique")
+    seen_names.add(proto.name)
+
+
+def _input_shapes(path: Path, proto: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
+    """The shapes an ``Input`` or ``MemoryData`` layer declares for its tops."""
+    from int8conv.caffe.layers.tensor import memory_data_shape
+
+    if proto.type == "MemoryData":
+        return [memory_data_shape(proto)]
+    shapes = [tuple(int(d) for d in s.dim) for s in proto.input_param.shape]
+    if not shapes:
+        raise ModelError(f"{path}: Input layer '{proto.name}' has no input_param.shape")
+    return shapes
+
+
+def build_graph(
+    net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]], path: Path | str = "<prototxt>"
+) -> Graph:
     """Resolve in-place chains, attach weights and infer shapes; inconsistencies name the layer.
 
     A fork's name for a standard type (``ConvolutionDepthwise``) becomes that type here, as its registry
     declaration says, so every later stage sees only the standard type.
     """
     from int8conv.caffe.layers import kind_of
-    from int8conv.caffe.layers.tensor import memory_data_shape
     from int8conv.caffe.shapes import infer_shapes
 
     path = Path(path)
@@ -165,17 +200,9 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
     for proto in net.layer:
         if not _included(proto):
             continue
-        if proto.type in DATA_LAYER_TYPES:
-            raise ModelError(f"{path}: layer '{proto.name}' is a '{proto.type}' training data layer; use a deploy "
-                             "prototxt whose input is an 'Input' layer or an 'input:' header")
-        if proto.name in seen_names:
-            raise ModelError(f"{path}: two layers are named '{proto.name}'; layer names must be unique")
-        seen_names.add(proto.name)
+        _check_layer(path, proto, seen_names)
         if proto.type in ("Input", "MemoryData"):
-            shapes = [tuple(int(d) for d in s.dim) for s in proto.input_param.shape] if proto.type == "Input" \
-                else [memory_data_shape(proto)]
-            if not shapes:
-                raise ModelError(f"{path}: Input layer '{proto.name}' has no input_param.shape")
+            shapes = _input_shapes(path, proto)
             for i, top in enumerate(proto.top):
                 inputs[top] = shapes[i] if i < len(shapes) else shapes[0]
                 blob_names[top] = top
@@ -184,8 +211,10 @@ def build_graph(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]
         bottoms = []
         for bottom in proto.bottom:
             if bottom not in current:
-                raise ModelError(f"{path}: layer '{proto.name}' ({proto.type}) reads blob '{bottom}', "
-                                 "which no earlier layer or input produces")
+                raise ModelError(
+                    f"{path}: layer '{proto.name}' ({proto.type}) reads blob '{bottom}', "
+                    "which no earlier layer or input produces"
+                )
             bottoms.append(current[bottom])
         in_place = len(proto.bottom) == 1 and len(proto.top) == 1 and proto.bottom[0] == proto.top[0]
         tops = []

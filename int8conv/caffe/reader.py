@@ -1,4 +1,5 @@
 """Read a Caffe deploy ``.prototxt`` and ``.caffemodel`` with protobuf alone (no pycaffe)."""
+
 from __future__ import annotations
 
 import logging
@@ -16,10 +17,12 @@ log = logging.getLogger(__name__)
 
 #: a ``layers {`` block at the start of a line: the V1 format (before 2015), with enum layer types
 V1_LAYERS = re.compile(r"^\s*layers\s*\{", re.MULTILINE)
-V1_MESSAGE = ("this is a V1 Caffe model: the V1 prototxt format (`layers { type: CONVOLUTION ... }` with enum types); "
-              "upgrade it "
-              "to the current `layer { type: \"Convolution\" }` format with Caffe's tool: "
-              "`upgrade_net_proto_text OLD.prototxt NEW.prototxt`, then run again with NEW.prototxt")
+V1_MESSAGE = (
+    "this is a V1 Caffe model: the V1 prototxt format (`layers { type: CONVOLUTION ... }` with enum types); "
+    "upgrade it "
+    'to the current `layer { type: "Convolution" }` format with Caffe\'s tool: '
+    "`upgrade_net_proto_text OLD.prototxt NEW.prototxt`, then run again with NEW.prototxt"
+)
 
 
 def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:

@@ -2,6 +2,7 @@
 
 Each type's rule lives in its ``int8conv.caffe.layers`` declaration; the rules also check weights against the prototxt.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 Shape = tuple[int, ...]
 
 
-def conv_geometry(layer: "Layer") -> dict[str, int]:
+def conv_geometry(layer: Layer) -> dict[str, int]:
     """Kernel, stride, pad and dilation of a (De)Convolution, with Caffe's defaults and 2-D overrides."""
     p = layer.param.convolution_param
 
@@ -32,12 +33,22 @@ def conv_geometry(layer: "Layer") -> dict[str, int]:
     ph, pw = pick(p.pad, "pad_h", "pad_w", 0)
     dils = list(p.dilation) or [1]
     dh, dw = int(dils[0]), int(dils[-1])
-    return {"kernel_h": kh, "kernel_w": kw, "stride_h": sh, "stride_w": sw, "pad_h": ph, "pad_w": pw,
-            "dilation_h": dh, "dilation_w": dw, "group": int(p.group), "num_output": int(p.num_output),
-            "bias_term": int(p.bias_term)}
+    return {
+        "kernel_h": kh,
+        "kernel_w": kw,
+        "stride_h": sh,
+        "stride_w": sw,
+        "pad_h": ph,
+        "pad_w": pw,
+        "dilation_h": dh,
+        "dilation_w": dw,
+        "group": int(p.group),
+        "num_output": int(p.num_output),
+        "bias_term": int(p.bias_term),
+    }
 
 
-def pool_geometry(layer: "Layer", in_shape: Shape) -> dict[str, int]:
+def pool_geometry(layer: Layer, in_shape: Shape) -> dict[str, int]:
     """Pooling kernel/stride/pad; global pooling takes the whole input plane."""
     p = layer.param.pooling_param
     if p.global_pooling:
@@ -53,8 +64,16 @@ def pool_geometry(layer: "Layer", in_shape: Shape) -> dict[str, int]:
     if p.global_pooling:
         sh = sw = 1
         ph = pw = 0
-    return {"kernel_h": int(kh), "kernel_w": int(kw), "stride_h": int(sh), "stride_w": int(sw),
-            "pad_h": int(ph), "pad_w": int(pw), "global": int(p.global_pooling), "method": int(p.pool)}
+    return {
+        "kernel_h": int(kh),
+        "kernel_w": int(kw),
+        "stride_h": int(sh),
+        "stride_w": int(sw),
+        "pad_h": int(ph),
+        "pad_w": int(pw),
+        "global": int(p.global_pooling),
+        "method": int(p.pool),
+    }
 
 
 def pool_out(size: int, k: int, s: int, pad: int) -> int:
@@ -65,16 +84,18 @@ def pool_out(size: int, k: int, s: int, pad: int) -> int:
     return out
 
 
-def check_weights(layer: "Layer", weight: Shape, bias: int | None) -> None:
+def check_weights(layer: Layer, weight: Shape, bias: int | None) -> None:
     """The caffemodel's weight and bias shapes must be what the prototxt implies."""
     if tuple(layer.blobs[0].shape) != tuple(weight):
-        raise ModelError(f"layer '{layer.name}' ({layer.type}): caffemodel weight shape {tuple(layer.blobs[0].shape)} "
-                         f"does not match the prototxt, which implies {tuple(weight)}")
-    if bias is not None:
-        if len(layer.blobs) < 2 or layer.blobs[1].size != bias:
-            found = layer.blobs[1].size if len(layer.blobs) > 1 else "no bias"
-            raise ModelError(f"layer '{layer.name}' ({layer.type}): expected a bias of {bias} values, "
-                             f"the caffemodel has {found}")
+        raise ModelError(
+            f"layer '{layer.name}' ({layer.type}): caffemodel weight shape {tuple(layer.blobs[0].shape)} "
+            f"does not match the prototxt, which implies {tuple(weight)}"
+        )
+    if bias is not None and (len(layer.blobs) < 2 or layer.blobs[1].size != bias):
+        found = layer.blobs[1].size if len(layer.blobs) > 1 else "no bias"
+        raise ModelError(
+            f"layer '{layer.name}' ({layer.type}): expected a bias of {bias} values, the caffemodel has {found}"
+        )
 
 
 def prior_box_aspect_ratios(p) -> list[float]:
@@ -93,7 +114,7 @@ def prior_box_aspect_ratios(p) -> list[float]:
     return ratios
 
 
-def infer_shapes(graph: "Graph") -> dict[str, Shape]:
+def infer_shapes(graph: Graph) -> dict[str, Shape]:
     """Shape of every value by each type's rule in the layer registry; types without one get no shape (later
     stages decide if that matters)."""
     from int8conv.caffe.layers import kind_of
@@ -104,17 +125,19 @@ def infer_shapes(graph: "Graph") -> dict[str, Shape]:
         if kind is None or kind.shape is None:
             continue
         if len(layer.bottoms) < kind.min_bottoms:
-            raise ModelError(f"layer '{layer.name}' ({layer.type}) needs {kind.min_bottoms} bottom(s), it has "
-                             f"{len(layer.bottoms)}")
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}) needs {kind.min_bottoms} bottom(s), it has {len(layer.bottoms)}"
+            )
         if any(b not in shapes for b in layer.bottoms):
             continue
         bottoms = [shapes[b] for b in layer.bottoms]
         try:
             outs = kind.shape(layer, bottoms)
         except IndexError:  # a bottom of fewer axes than the layer type reads (a prototxt with odd dims)
-            raise ModelError(f"layer '{layer.name}' ({layer.type}): its bottom shapes {bottoms} do not fit this "
-                             "layer type") from None
-        for top, shape in zip(layer.tops, outs):
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}): its bottom shapes {bottoms} do not fit this layer type"
+            ) from None
+        for top, shape in zip(layer.tops, outs, strict=True):
             shapes[top] = tuple(int(d) for d in shape)
     return shapes
 

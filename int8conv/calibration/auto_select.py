@@ -19,6 +19,7 @@ against the table of all of them), and what is chosen is only which of the share
 The chosen thresholds are an ordinary ``CalibrationResult``: the ncnn table, the TensorRT cache, the ranges
 files and the Q/DQ ONNX are all written from them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,13 @@ MIN_CHANGE = 0.02
 def validation_images(items: Sequence[T]) -> list[T]:
     """Up to MAX_VALIDATION of the calibration images, spread evenly over them (at least MIN_VALIDATION when there
     are that many)."""
-    picked = np.linspace(0, len(items) - 1, min(max(len(items) // VALIDATION_EVERY, MIN_VALIDATION), MAX_VALIDATION,
-                                                len(items))).round().astype(int)
+    picked = (
+        np.linspace(
+            0, len(items) - 1, min(max(len(items) // VALIDATION_EVERY, MIN_VALIDATION), MAX_VALIDATION, len(items))
+        )
+        .round()
+        .astype(int)
+    )
     return [items[i] for i in np.unique(picked)] if len(items) else []
 
 
@@ -75,10 +81,17 @@ def _with_threshold(table: CalibrationTable, layer: str, threshold: float) -> Ca
     return CalibrationTable(table.weight_scales, activations, set(table.fp32_layers))
 
 
-def calibrate_auto(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray],
-                   winograd_6bit: bool = True, head_method: str | None = "minmax", percentile: float = 99.99,
-                   candidates: Sequence[str] = AUTO_CANDIDATES, task: str = "auto",
-                   max_runs: int | None = None) -> CalibrationResult:
+def calibrate_auto(
+    graph: Graph,
+    stats: CalibrationStatistics,
+    inputs: Sequence[np.ndarray],
+    winograd_6bit: bool = True,
+    head_method: str | None = "minmax",
+    percentile: float = 99.99,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
+    task: str = "auto",
+    max_runs: int | None = None,
+) -> CalibrationResult:
     """The best candidate table on the validation ``inputs`` (preprocessed CHW images), refined layer by layer.
 
     ``result.scores`` holds each candidate's validation output cosine and the final one (``auto``);
@@ -92,13 +105,17 @@ def calibrate_auto(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[
     started = time.perf_counter()
     try:
         model = convert_graph(graph)
-    except ModelError as exc:   # the tables are still good for engines that run the model (TensorRT)
-        log.warning("--method auto measures the ncnn model, and this model does not convert (%s): using %s",
-                    exc, AUTO_FALLBACK)
-        return build_table(graph, stats, AUTO_FALLBACK, percentile=percentile, winograd_6bit=winograd_6bit,
-                           head_method=head_method)
-    results = {m: build_table(graph, stats, m, percentile=percentile, winograd_6bit=winograd_6bit,
-                              head_method=head_method) for m in dict.fromkeys(candidates)}
+    except ModelError as exc:  # the tables are still good for engines that run the model (TensorRT)
+        log.warning(
+            "--method auto measures the ncnn model, and this model does not convert (%s): using %s", exc, AUTO_FALLBACK
+        )
+        return build_table(
+            graph, stats, AUTO_FALLBACK, percentile=percentile, winograd_6bit=winograd_6bit, head_method=head_method
+        )
+    results = {
+        m: build_table(graph, stats, m, percentile=percentile, winograd_6bit=winograd_6bit, head_method=head_method)
+        for m in dict.fromkeys(candidates)
+    }
     budget = max_runs if max_runs is not None else run_budget(stats.images_used, len(inputs), len(results))
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
@@ -106,11 +123,13 @@ def calibrate_auto(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[
         score = OutputScorer(model, feeds, Path(tmp), task, fp16_storage=False, threads=1)
         for method in progress(list(results), desc="auto: candidates", unit="table"):
             scores[method] = score(results[method].table)
-        best = max(results, key=lambda m: (scores[m], -list(results).index(m)))   # ties: the earlier candidate
+        best = max(results, key=lambda m: (scores[m], -list(results).index(m)))  # ties: the earlier candidate
         result, current = results[best], scores[best]
         layer_methods = dict.fromkeys(result.thresholds, best)
-        spread = {name: max(r.thresholds[name] for r in results.values()) /
-                  min(r.thresholds[name] for r in results.values()) for name in result.thresholds}
+        spread = {
+            name: max(r.thresholds[name] for r in results.values()) / min(r.thresholds[name] for r in results.values())
+            for name in result.thresholds
+        }
         table, thresholds = result.table, dict(result.thresholds)
         for name in sorted(spread, key=lambda n: -spread[n]):
             if score.runs >= budget or spread[name] < 1 + MIN_CHANGE:
@@ -118,21 +137,35 @@ def calibrate_auto(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[
             tried: list[float] = []
             for method, other in results.items():
                 threshold = other.thresholds[name]
-                if score.runs >= budget or any(abs(math.log(threshold / t)) < MIN_CHANGE
-                                               for t in [thresholds[name], *tried]):
+                if score.runs >= budget or any(
+                    abs(math.log(threshold / t)) < MIN_CHANGE for t in [thresholds[name], *tried]
+                ):
                     continue
                 tried.append(threshold)
                 trial = _with_threshold(table, name, threshold)
                 cosine = score(trial)
                 if cosine > current:
-                    log.debug("auto %s: %s threshold %.5g raises the output cosine %.6f -> %.6f", name, method,
-                              threshold, current, cosine)
+                    log.debug(
+                        "auto %s: %s threshold %.5g raises the output cosine %.6f -> %.6f",
+                        name,
+                        method,
+                        threshold,
+                        current,
+                        cosine,
+                    )
                     table, current, thresholds[name], layer_methods[name] = trial, cosine, threshold, method
         runs = score.runs
     changed = sum(m != best for m in layer_methods.values())
-    log.info("auto: candidates %s; best %s, %d layer(s) refined -> output cosine %.6f on %d validation image(s), "
-             "%d ncnn runs", ", ".join(f"{m} {c:.6f}" for m, c in scores.items()), best, changed, current,
-             len(inputs), runs)
+    log.info(
+        "auto: candidates %s; best %s, %d layer(s) refined -> output cosine %.6f on %d validation image(s), "
+        "%d ncnn runs",
+        ", ".join(f"{m} {c:.6f}" for m, c in scores.items()),
+        best,
+        changed,
+        current,
+        len(inputs),
+        runs,
+    )
     table.validate()
     scores["auto"] = current
     result.table, result.thresholds, result.method = table, thresholds, "auto"

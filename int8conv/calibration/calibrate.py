@@ -1,12 +1,13 @@
 """Calibration, end to end: images -> FP32 forward -> histograms -> thresholds -> CalibrationTable."""
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -36,8 +37,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_identity(prototxt: str | Path, caffemodel: str | Path) -> dict[str, str]:
-    return {"prototxt": Path(prototxt).name, "prototxt_sha256": file_sha256(prototxt),
-            "caffemodel": Path(caffemodel).name, "caffemodel_sha256": file_sha256(caffemodel)}
+    return {
+        "prototxt": Path(prototxt).name,
+        "prototxt_sha256": file_sha256(prototxt),
+        "caffemodel": Path(caffemodel).name,
+        "caffemodel_sha256": file_sha256(caffemodel),
+    }
 
 
 def calibration_values(graph: Graph) -> list[str]:
@@ -54,9 +59,16 @@ def all_values(graph: Graph) -> list[str]:
     return list(graph.inputs) + [top for layer in graph.layers for top in layer.tops]
 
 
-def collect_statistics(graph: Graph, engine: Engine, images: Sequence[Path], prep: Preprocess,
-                       identity: dict[str, str], values: Sequence[str] | None = None,
-                       batch_size: int = 4, jobs: int = 1) -> CalibrationStatistics:
+def collect_statistics(
+    graph: Graph,
+    engine: Engine,
+    images: Sequence[Path],
+    prep: Preprocess,
+    identity: dict[str, str],
+    values: Sequence[str] | None = None,
+    batch_size: int = 4,
+    jobs: int = 1,
+) -> CalibrationStatistics:
     """One streaming pass over the images, decoding overlapped with ``jobs`` forward workers (``workers``);
     memory does not grow with the number of images."""
     values = list(values) if values is not None else calibration_values(graph)
@@ -65,15 +77,23 @@ def collect_statistics(graph: Graph, engine: Engine, images: Sequence[Path], pre
     # never grow with --batch-size
     batch_size = getattr(engine, "images_per_forward", None) or batch_size
     with progress(total=len(images), desc="calibrating", unit="img") as bar:
-        stats = stream_statistics(engine, iter_batches(images, prep, batch_size, tally), values,
-                                  lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
-                                  jobs=jobs, on_images=bar.update)
+        stats = stream_statistics(
+            engine,
+            iter_batches(images, prep, batch_size, tally),
+            values,
+            lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
+            jobs=jobs,
+            on_images=bar.update,
+        )
         bar.update(len(images) - bar.n)
     stats.images_used += tally.used
     stats.images_skipped += len(tally.skipped)
     if tally.skipped:
-        log.warning("skipped %d unreadable image(s): %s", len(tally.skipped),
-                    ", ".join(str(p) for p, _ in tally.skipped[:5]) + (" ..." if len(tally.skipped) > 5 else ""))
+        log.warning(
+            "skipped %d unreadable image(s): %s",
+            len(tally.skipped),
+            ", ".join(str(p) for p, _ in tally.skipped[:5]) + (" ..." if len(tally.skipped) > 5 else ""),
+        )
     if tally.used == 0:
         raise ImageError(f"none of the {len(images)} calibration images could be read")
     return stats
@@ -87,12 +107,12 @@ class CalibrationResult:
     thresholds: dict[str, float]
     method: str
     statistics: CalibrationStatistics
-    deploy: Graph                       # the BatchNorm-folded graph the weight scales were computed on
+    deploy: Graph  # the BatchNorm-folded graph the weight scales were computed on
     skipped_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    biases: dict[str, np.ndarray] | None = None     # bias correction: layer -> FP32 bias of its INT8 layer
-    scores: dict[str, float] = field(default_factory=dict)         # --method auto: validation output cosines
-    layer_methods: dict[str, str] = field(default_factory=dict)    # --method auto: the method of each layer
+    biases: dict[str, np.ndarray] | None = None  # bias correction: layer -> FP32 bias of its INT8 layer
+    scores: dict[str, float] = field(default_factory=dict)  # --method auto: validation output cosines
+    layer_methods: dict[str, str] = field(default_factory=dict)  # --method auto: the method of each layer
 
 
 #: Layers that only move, reshape or normalise a head's output on its way to the network outputs (registry flag).
@@ -121,8 +141,14 @@ def head_layers(graph: Graph) -> set[str]:
     return heads
 
 
-def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", percentile: float = 99.99,
-                winograd_6bit: bool = True, head_method: str | None = "minmax") -> CalibrationResult:
+def build_table(
+    graph: Graph,
+    stats: CalibrationStatistics,
+    method: str = "kl",
+    percentile: float = 99.99,
+    winograd_6bit: bool = True,
+    head_method: str | None = "minmax",
+) -> CalibrationResult:
     """Thresholds from the histograms, weight scales from the folded weights, combined per layer.
 
     Head layers (see ``head_layers``) use ``head_method`` (default minmax; None = the same as ``method``).
@@ -138,16 +164,21 @@ def build_table(graph: Graph, stats: CalibrationStatistics, method: str = "kl", 
     for layer in quantizable_layers(deploy):
         value = layer.bottoms[0]
         if value not in stats.histograms:
-            raise ImageError(f"the statistics have no histogram for blob '{graph.blob_of(value)}' "
-                             f"(input of layer '{layer.name}'): they were collected for another model")
+            raise ImageError(
+                f"the statistics have no histogram for blob '{graph.blob_of(value)}' "
+                f"(input of layer '{layer.name}'): they were collected for another model"
+            )
         layer_method = head_method if layer.name in heads else method
         key = (value, layer_method)
         if key not in cache:
             cache[key] = activation_threshold(stats.histograms[value], layer_method, percentile=percentile)
         threshold = cache[key]
         if threshold is None:
-            log.warning("layer %s: its input '%s' was zero on every calibration image; keeping it FP32",
-                        layer.name, graph.blob_of(value))
+            log.warning(
+                "layer %s: its input '%s' was zero on every calibration image; keeping it FP32",
+                layer.name,
+                graph.blob_of(value),
+            )
             skipped.append(layer.name)
             continue
         thresholds[layer.name] = threshold

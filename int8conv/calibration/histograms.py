@@ -13,6 +13,7 @@ Exact zeros are counted apart from the histogram (``zeros``). After a ReLU they 
 tensor; int8 represents 0 exactly for every threshold, so they carry no information about where to clip,
 and a spike in bin 0 would dominate the KL search. Every threshold method sees the non-zero |x| only.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,7 @@ from int8conv.errors import Int8ConvError
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
-CHUNK = 1 << 16          # elements binned at a time (fits in L2 with its index buffer)
+CHUNK = 1 << 16  # elements binned at a time (fits in L2 with its index buffer)
 FORMAT = "int8conv-statistics"
 VERSION = 1
 
@@ -58,7 +59,7 @@ def _rebin(counts: np.ndarray, shift: int) -> np.ndarray:
     group = bins if shift >= bins.bit_length() else min(1 << shift, bins)
     merged = np.zeros_like(counts)
     sums = np.add.reduceat(counts, np.arange(0, bins, group))
-    merged[:sums.size] = sums
+    merged[: sums.size] = sums
     return merged
 
 
@@ -73,12 +74,12 @@ class BlobHistogram:
         self.name = name
         self.bins = _check_bins(bins)
         self.counts = np.zeros(self.bins, dtype=np.int64)
-        self.exponent: int | None = None      # range_max = 2**exponent; None until a non-zero value arrives
-        self.count = 0                        # elements seen, zeros included
-        self.zeros = 0                        # exact zeros seen
+        self.exponent: int | None = None  # range_max = 2**exponent; None until a non-zero value arrives
+        self.count = 0  # elements seen, zeros included
+        self.zeros = 0  # exact zeros seen
         self.min = float("inf")
         self.max = float("-inf")
-        self.abs_sum = 0.0                    # sum of |x|, for ACIQ's Laplace fit
+        self.abs_sum = 0.0  # sum of |x|, for ACIQ's Laplace fit
 
     @property
     def absmax(self) -> float:
@@ -118,8 +119,10 @@ class BlobHistogram:
             data = data.astype(np.float32)
         low, high = float(data.min()), float(data.max())
         if not (np.isfinite(low) and np.isfinite(high)):
-            raise Int8ConvError(f"value '{self.name}': the FP32 forward produced NaN or Inf; check the "
-                                f"model and the preprocessing (mean/norm) before calibrating")
+            raise Int8ConvError(
+                f"value '{self.name}': the FP32 forward produced NaN or Inf; check the "
+                f"model and the preprocessing (mean/norm) before calibrating"
+            )
         zeros = data.size - int(np.count_nonzero(data))
         self.count += int(data.size)
         self.zeros += zeros
@@ -140,19 +143,19 @@ class BlobHistogram:
         index = np.empty(magnitude.size, np.intp)
         found = np.zeros(self.bins + 1, np.int64)
         for start in range(0, flat.size, CHUNK):
-            part = flat[start:start + CHUNK]
-            mag, idx = magnitude[:part.size], index[:part.size]
+            part = flat[start : start + CHUNK]
+            mag, idx = magnitude[: part.size], index[: part.size]
             np.abs(part, out=mag)
             self.abs_sum += float(mag.sum(dtype=np.float64))
             if exact_scale:
-                mag *= dtype.type(2.0 ** shift)
+                mag *= dtype.type(2.0**shift)
             else:
                 np.ldexp(mag, shift, out=mag)
             np.copyto(idx, mag, casting="unsafe")
             found += np.bincount(idx, minlength=self.bins + 1)
-        found[self.bins - 1] += found[self.bins]      # |x| == range_max belongs to the last bin
+        found[self.bins - 1] += found[self.bins]  # |x| == range_max belongs to the last bin
         found[0] -= zeros
-        self.counts += found[:self.bins]
+        self.counts += found[: self.bins]
 
     def merge(self, other: BlobHistogram) -> None:
         """Add the statistics of the same value computed on other images (exact; see the module doc)."""
@@ -167,8 +170,10 @@ class BlobHistogram:
         self.abs_sum += other.abs_sum
 
     def __repr__(self) -> str:
-        return (f"BlobHistogram({self.name!r}, count={self.count}, zeros={self.zeros}, absmax={self.absmax:g}, "
-                f"range_max={self.range_max:g}, signed={self.signed})")
+        return (
+            f"BlobHistogram({self.name!r}, count={self.count}, zeros={self.zeros}, absmax={self.absmax:g}, "
+            f"range_max={self.range_max:g}, signed={self.signed})"
+        )
 
 
 def _identity_conflict(a: Mapping[str, str], b: Mapping[str, str]) -> str | None:
@@ -187,8 +192,9 @@ class CalibrationStatistics:
     ``preprocess`` is a JSON-able description. Both must match to merge statistics of two runs.
     """
 
-    def __init__(self, model: Mapping[str, str], preprocess: Mapping, bins: int = DEFAULT_BINS,
-                 source: str | None = None) -> None:
+    def __init__(
+        self, model: Mapping[str, str], preprocess: Mapping, bins: int = DEFAULT_BINS, source: str | None = None
+    ) -> None:
         self.model = {str(k): str(v) for k, v in model.items()}
         # JSON round trip so a fresh description (tuples) compares equal to a loaded one (lists).
         self.preprocess = json.loads(json.dumps(dict(preprocess)))
@@ -228,9 +234,16 @@ class CalibrationStatistics:
         """Write an ``.npz`` (no pickled objects) atomically."""
         names = list(self.histograms)
         hists = [self.histograms[n] for n in names]
-        meta = {"format": FORMAT, "version": VERSION, "bins": self.bins, "model": self.model,
-                "preprocess": self.preprocess, "images_used": self.images_used,
-                "images_skipped": self.images_skipped, "values": names}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "bins": self.bins,
+            "model": self.model,
+            "preprocess": self.preprocess,
+            "images_used": self.images_used,
+            "images_skipped": self.images_skipped,
+            "values": names,
+        }
         arrays = {
             "meta": np.array(json.dumps(meta)),
             "counts": np.array([h.counts for h in hists], dtype=np.int64).reshape(len(hists), self.bins),
@@ -257,14 +270,25 @@ class CalibrationStatistics:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
             meta = json.loads(str(arrays["meta"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error, zlib.error,
-                NotImplementedError, RuntimeError) as exc:  # zipfile's answers to damaged headers and flags
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            zipfile.BadZipFile,
+            struct.error,
+            zlib.error,
+            NotImplementedError,
+            RuntimeError,
+        ) as exc:  # zipfile's answers to damaged headers and flags
             raise Int8ConvError(f"{path} is not a readable int8conv statistics file ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise Int8ConvError(f"{path} is not an int8conv statistics file")
         if meta.get("version") != VERSION:
-            raise Int8ConvError(f"{path}: statistics format version {meta.get('version')} is not supported "
-                                f"(this int8conv reads version {VERSION})")
+            raise Int8ConvError(
+                f"{path}: statistics format version {meta.get('version')} is not supported "
+                f"(this int8conv reads version {VERSION})"
+            )
         try:
             return cls._from_arrays(meta, arrays, str(path))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, Int8ConvError) as exc:
@@ -290,10 +314,13 @@ class CalibrationStatistics:
                 raise ValueError(f"value '{name}': non-finite min/max")
             if (h.exponent is None) != (h.count == h.zeros):
                 raise ValueError(f"value '{name}': range and non-zero count disagree")
-            if h.exponent is not None and not (max(-h.min, h.max) > 0
-                                               and h.exponent == _range_exponent(max(-h.min, h.max))):
-                raise ValueError(f"value '{name}': histogram range 2**{h.exponent} does not fit its min/max "
-                                 f"({h.min:.6g}, {h.max:.6g})")
+            if h.exponent is not None and not (
+                max(-h.min, h.max) > 0 and h.exponent == _range_exponent(max(-h.min, h.max))
+            ):
+                raise ValueError(
+                    f"value '{name}': histogram range 2**{h.exponent} does not fit its min/max "
+                    f"({h.min:.6g}, {h.max:.6g})"
+                )
             stats.histograms[name] = h
         return stats
 

@@ -12,6 +12,7 @@ The calibration search (``scale_search``) evaluates thousands of candidate scale
 positions (``patches``) instead of whole feature maps; ``simulate_layer`` runs a whole quantized ncnn layer
 and is what the tests compare with the ncnn runtime. Integer sums are held in float64 there (exact below 2**53).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +34,10 @@ class LayerGeometry:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     dilation: tuple[int, int]
-    pad: tuple[int, int, int, int]          # top, left, bottom, right
+    pad: tuple[int, int, int, int]  # top, left, bottom, right
     activation: int
     activation_params: tuple[float, ...]
-    units: int                              # how many weight scales ncnn reads (group for depthwise)
+    units: int  # how many weight scales ncnn reads (group for depthwise)
     inner_product: bool
 
     @classmethod
@@ -48,12 +49,24 @@ class LayerGeometry:
         weight = np.asarray(layer.weights[0].data, dtype=np.float64).reshape(out, -1)
         ip = layer.type == "InnerProduct"
         has_bias = int(p.get(1 if ip else 5, 0))
-        bias = (np.asarray(layer.weights[1].data, dtype=np.float64).reshape(-1) if has_bias else np.zeros(out))
+        bias = np.asarray(layer.weights[1].data, dtype=np.float64).reshape(-1) if has_bias else np.zeros(out)
         act_params = p.get(10, ())
         act_params = tuple(float(v) for v in (act_params if isinstance(act_params, (list, tuple)) else [act_params]))
         if ip:
-            return cls(layer.name, weight, bias, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), int(p.get(9, 0)),
-                       act_params, out, True)
+            return cls(
+                layer.name,
+                weight,
+                bias,
+                1,
+                (1, 1),
+                (1, 1),
+                (1, 1),
+                (0, 0, 0, 0),
+                int(p.get(9, 0)),
+                act_params,
+                out,
+                True,
+            )
         kw = int(p[1])
         kh = int(p.get(11, kw))
         sw = int(p.get(3, 1))
@@ -61,15 +74,28 @@ class LayerGeometry:
         pw = int(p.get(4, 0))
         ph = int(p.get(14, pw))
         group = int(p.get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
-        return cls(layer.name, weight, bias, group, (kh, kw), (int(p.get(13, sw)), sw), (int(p.get(12, dw)), dw),
-                   (ph, pw, int(p.get(16, ph)), int(p.get(15, pw))), int(p.get(9, 0)), act_params,
-                   scale_units(layer), False)
+        return cls(
+            layer.name,
+            weight,
+            bias,
+            group,
+            (kh, kw),
+            (int(p.get(13, sw)), sw),
+            (int(p.get(12, dw)), dw),
+            (ph, pw, int(p.get(16, ph)), int(p.get(15, pw))),
+            int(p.get(9, 0)),
+            act_params,
+            scale_units(layer),
+            False,
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         top, left, bottom, right = self.pad
-        return ((height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-                (width + left + right - dw * (kw - 1) - 1) // sw + 1)
+        return (
+            (height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+            (width + left + right - dw * (kw - 1) - 1) // sw + 1,
+        )
 
     def patches(self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The receptive fields of output positions (rows, cols) of one CHW input: (P, in_channels * kh * kw).
@@ -83,7 +109,7 @@ class LayerGeometry:
         padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (top, bottom), (left, right)))
         ys = rows[:, None, None] * sh + np.arange(kh)[None, :, None] * dh
         xs = cols[:, None, None] * sw + np.arange(kw)[None, None, :] * dw
-        taken = padded[:, ys, xs]                               # (C, P, kh, kw)
+        taken = padded[:, ys, xs]  # (C, P, kh, kw)
         return np.ascontiguousarray(taken.transpose(1, 0, 2, 3).reshape(rows.size, -1))
 
     def activate(self, y: np.ndarray) -> np.ndarray:
@@ -108,7 +134,7 @@ class LayerGeometry:
             return q @ weight.T
         p = q.shape[0]
         out = weight.shape[0]
-        qg = q.reshape(p, self.group, -1).transpose(1, 0, 2)                     # (G, P, K/G)
+        qg = q.reshape(p, self.group, -1).transpose(1, 0, 2)  # (G, P, K/G)
         wg = weight.reshape(self.group, out // self.group, -1).transpose(0, 2, 1)  # (G, K/G, out/G)
         return np.matmul(qg, wg).transpose(1, 0, 2).reshape(p, out)
 
@@ -120,15 +146,27 @@ class LayerGeometry:
         """The int8 weights ncnn stores for these per-unit scales (as floats)."""
         return round_clip((self.weight * self.per_output(weight_scales)[:, None]).astype(dtype))
 
-    def int8(self, patches: np.ndarray, bottom_scale: float, weight_scales: np.ndarray,
-             bias: np.ndarray | None = None, pre_activation: bool = False) -> np.ndarray:
+    def int8(
+        self,
+        patches: np.ndarray,
+        bottom_scale: float,
+        weight_scales: np.ndarray,
+        bias: np.ndarray | None = None,
+        pre_activation: bool = False,
+    ) -> np.ndarray:
         """The INT8 layer output at the sampled positions, computed as ncnn does (steps 1-4 above)."""
         q = quantize_input(patches, bottom_scale)
         acc = self.accumulate(q, self.quantized_weight(weight_scales, patches.dtype))
         return self.dequantize(acc, bottom_scale, weight_scales, bias, pre_activation)
 
-    def dequantize(self, acc: np.ndarray, bottom_scale: float, weight_scales: np.ndarray,
-                   bias: np.ndarray | None = None, pre_activation: bool = False) -> np.ndarray:
+    def dequantize(
+        self,
+        acc: np.ndarray,
+        bottom_scale: float,
+        weight_scales: np.ndarray,
+        bias: np.ndarray | None = None,
+        pre_activation: bool = False,
+    ) -> np.ndarray:
         scales = self.per_output(np.asarray(weight_scales, dtype=np.float64))
         dequant = np.where(scales > 0, 1.0 / (bottom_scale * np.where(scales > 0, scales, 1.0)), 0.0)
         y = acc * dequant.astype(acc.dtype) + (self.bias if bias is None else bias).astype(acc.dtype)
@@ -168,10 +206,9 @@ def simulate_layer(layer: NcnnLayer, x: np.ndarray) -> np.ndarray:
     arrays = layer.weights
     weight_scales = np.asarray(arrays[-3 if fused else -2].data, dtype=np.float64)
     bottom_scale = float(np.asarray(arrays[-2 if fused else -1].data)[0])
-    fp32_layer = NcnnLayer(layer.type, layer.name, layer.bottoms, layer.tops, dict(layer.params),
-                           list(arrays))
+    fp32_layer = NcnnLayer(layer.type, layer.name, layer.bottoms, layer.tops, dict(layer.params), list(arrays))
     geometry = LayerGeometry.of(fp32_layer)
-    int8_weight = geometry.weight                       # already int8 values: scales must not apply twice
+    int8_weight = geometry.weight  # already int8 values: scales must not apply twice
     rows, cols, (oh, ow) = all_positions(geometry, x)
     q = quantize_input(geometry.patches(x, rows, cols).astype(np.float64), bottom_scale)
     acc = geometry.accumulate(q, int8_weight)

@@ -5,12 +5,13 @@ Compatible with the original caffe-int8-convert-tools (``--mean M M M --norm N``
 letterboxing (keep the aspect ratio, pad bottom/right: RetinaFace), RGB/gray input and the H/W transpose that
 Matlab-trained models (MTCNN) expect.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -27,14 +28,14 @@ COLORS = ("bgr", "rgb", "gray")
 class Preprocess:
     """How one image becomes one network input: ``(pixel - mean) * norm / std`` per channel."""
 
-    size: tuple[int, int]                      # network input (height, width)
+    size: tuple[int, int]  # network input (height, width)
     mean: tuple[float, ...] = (0.0,)
     norm: float = 1.0
     std: tuple[float, ...] = (1.0,)
     color: str = "bgr"
-    resize: tuple[int, int] | None = None      # resize to (height, width) first, then center-crop to ``size``
+    resize: tuple[int, int] | None = None  # resize to (height, width) first, then center-crop to ``size``
     swap_hw: bool = False
-    letterbox: bool = False                    # fit inside ``size`` keeping the aspect ratio, pad bottom/right with 0
+    letterbox: bool = False  # fit inside ``size`` keeping the aspect ratio, pad bottom/right with 0
 
     def __post_init__(self) -> None:
         if self.color not in COLORS:
@@ -84,7 +85,7 @@ class Preprocess:
             rh, rw = (self.resize[1], self.resize[0]) if self.swap_hw else self.resize
             image = _resize(image, rh, rw)
             top, left = (rh - out_h) // 2, (rw - out_w) // 2
-            image = image[top:top + out_h, left:left + out_w]
+            image = image[top : top + out_h, left : left + out_w]
         elif self.letterbox:
             height, width = _letterbox_size(image.shape, self.size)
             resized = _resize(image, height, width)
@@ -164,8 +165,9 @@ class ImageTally:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def iter_batches(paths: Sequence[Path], prep: Preprocess, batch_size: int,
-                 tally: ImageTally) -> Iterator[tuple[np.ndarray, list[Path]]]:
+def iter_batches(
+    paths: Sequence[Path], prep: Preprocess, batch_size: int, tally: ImageTally
+) -> Iterator[tuple[np.ndarray, list[Path]]]:
     """Yield preprocessed batches; unreadable images are skipped with a warning and counted in ``tally``."""
     batch: list[np.ndarray] = []
     names: list[Path] = []

@@ -21,6 +21,7 @@ the samples is subtracted from the FP32 bias ncnn stores with the INT8 layer.
 Candidate thresholds are ``absmax * r`` on a geometric grid of r from KL's threshold (``floors``) to 1, refined
 around the best.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,8 @@ class LayerSamples:
 
     geometry: LayerGeometry
     fp32_patches: np.ndarray
-    target: np.ndarray                      # FP32 output (after activation)
-    target_pre: np.ndarray                  # FP32 output before the activation
+    target: np.ndarray  # FP32 output (after activation)
+    target_pre: np.ndarray  # FP32 output before the activation
     positions: list[tuple[np.ndarray, np.ndarray]]
     quantized_patches: np.ndarray | None = None
 
@@ -89,8 +90,9 @@ class LayerSamples:
         return float(np.dot(flat, self.target_flat)) / (norm * self.target_norm)
 
 
-def _positions(geometry: LayerGeometry, top: np.ndarray, count: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _positions(
+    geometry: LayerGeometry, top: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """``count`` output positions of one image: half where the FP32 output is largest, half uniform.
 
     Detection evidence sits at few positions; uniform samples alone would let the search clip it away.
@@ -111,20 +113,26 @@ def _positions(geometry: LayerGeometry, top: np.ndarray, count: int,
 
 def _search_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
     """The layers the table quantizes (both lines present), in network order."""
-    return [LayerGeometry.of(layer) for layer in model.layers if layer.type in QUANTIZABLE
-            and layer.name in table.activation_scales and layer.name in table.weight_scales]
+    return [
+        LayerGeometry.of(layer)
+        for layer in model.layers
+        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
+    ]
 
 
-def _sample(model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.ndarray], workdir: Path,
-            seed: int = 0) -> dict[str, LayerSamples]:
+def _sample(
+    model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.ndarray], workdir: Path, seed: int = 0
+) -> dict[str, LayerSamples]:
     """FP32 pass: input patches at sampled positions of every searched layer, and the FP32 output there."""
     param, binary = workdir / "fp32.param", workdir / "fp32.bin"
     write_model(model, param, binary)
     runner = NcnnRunner(param, binary, int8=False)
     ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in layers}
     wanted = sorted({blob for pair in ends.values() for blob in pair})
-    per_image = {g.name: int(np.clip(MAC_BUDGET / g.weight.size, MIN_POSITIONS, MAX_POSITIONS)) // len(inputs) + 1
-                 for g in layers}
+    per_image = {
+        g.name: int(np.clip(MAC_BUDGET / g.weight.size, MIN_POSITIONS, MAX_POSITIONS)) // len(inputs) + 1
+        for g in layers
+    }
     rng = np.random.default_rng(seed)
     patches: dict[str, list[np.ndarray]] = {g.name: [] for g in layers}
     positions: dict[str, list] = {g.name: [] for g in layers}
@@ -143,8 +151,13 @@ def _sample(model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.n
     return samples
 
 
-def _quantized_pass(model: NcnnModel, table: CalibrationTable, samples: dict[str, LayerSamples],
-                    inputs: Sequence[np.ndarray], workdir: Path) -> None:
+def _quantized_pass(
+    model: NcnnModel,
+    table: CalibrationTable,
+    samples: dict[str, LayerSamples],
+    inputs: Sequence[np.ndarray],
+    workdir: Path,
+) -> None:
     """Every searched layer's input as the INT8 net of ``table`` computes it, at the same positions."""
     param, binary = workdir / "int8.param", workdir / "int8.bin"
     write_model(quantize_model(model, table, fp16_storage=False), param, binary)
@@ -160,8 +173,9 @@ def _quantized_pass(model: NcnnModel, table: CalibrationTable, samples: dict[str
         s.quantized_patches = np.concatenate(collected[name])
 
 
-def _best_threshold(s: LayerSamples, patches: np.ndarray, absmax: float, weight_scales: np.ndarray,
-                    ratios: np.ndarray) -> float:
+def _best_threshold(
+    s: LayerSamples, patches: np.ndarray, absmax: float, weight_scales: np.ndarray, ratios: np.ndarray
+) -> float:
     """The best candidate threshold ``absmax * ratio``, then refined between its neighbours."""
     g = s.geometry
     weight = g.quantized_weight(weight_scales, patches.dtype)
@@ -180,8 +194,9 @@ def _best_threshold(s: LayerSamples, patches: np.ndarray, absmax: float, weight_
     return absmax * float(ratios[best])
 
 
-def _refine_weights(s: LayerSamples, patches: np.ndarray, bottom_scale: float, weight_scales: np.ndarray,
-                    six_bit: bool) -> np.ndarray:
+def _refine_weights(
+    s: LayerSamples, patches: np.ndarray, bottom_scale: float, weight_scales: np.ndarray, six_bit: bool
+) -> np.ndarray:
     """Per unit (output channel, or group for depthwise), the multiplier with the least squared output error."""
     g = s.geometry
     multipliers = WEIGHT_DOWN if six_bit else WEIGHT_UP
@@ -210,10 +225,17 @@ def search_images(items: Sequence[T]) -> list[T]:
     return [items[i] for i in picked] if len(items) else []
 
 
-def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str, float], fixed: Iterable[str],
-                  six_bit: Iterable[str], inputs: Sequence[np.ndarray], bias_correction: bool = False,
-                  passes: int = 2, floors: Mapping[str, float] | None = None,
-                  ) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
+def search_scales(
+    model: NcnnModel,
+    table: CalibrationTable,
+    absmax: Mapping[str, float],
+    fixed: Iterable[str],
+    six_bit: Iterable[str],
+    inputs: Sequence[np.ndarray],
+    bias_correction: bool = False,
+    passes: int = 2,
+    floors: Mapping[str, float] | None = None,
+) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
     """The searched table for the ncnn FP32 ``model`` and, with ``bias_correction``, the corrected biases.
 
     ``table`` is the starting point (weight scales; the activation scales of the ``fixed`` layers, which are
@@ -243,13 +265,14 @@ def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str
                     continue
                 if g.name not in fixed:
                     lowest = min(max(floors.get(g.name, 0.0) / absmax[g.name], COARSE_RATIOS[0]), 1.0)
-                    if round_:        # later passes: around the previous choice only
+                    if round_:  # later passes: around the previous choice only
                         ratio = 127.0 / table.activation_scales[g.name] / absmax[g.name]
                         ratios = np.clip(ratio * np.geomspace(0.7, 1.4, 5), lowest, 1.0)
                     else:
                         ratios = np.geomspace(lowest, 1.0, COARSE_RATIOS.size)
-                    table.activation_scales[g.name] = 127.0 / _best_threshold(s, patches, absmax[g.name], scales,
-                                                                              ratios)
+                    table.activation_scales[g.name] = 127.0 / _best_threshold(
+                        s, patches, absmax[g.name], scales, ratios
+                    )
                 bottom = table.activation_scales[g.name]
                 if last:
                     table.weight_scales[g.name] = _refine_weights(s, patches, bottom, scales, g.name in six_bit)
@@ -261,9 +284,14 @@ def search_scales(model: NcnnModel, table: CalibrationTable, absmax: Mapping[str
     return table, (biases if bias_correction else None)
 
 
-def calibrate_eq(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray],
-                 winograd_6bit: bool = True, head_method: str | None = "minmax",
-                 bias_correction: bool = False) -> CalibrationResult:
+def calibrate_eq(
+    graph: Graph,
+    stats: CalibrationStatistics,
+    inputs: Sequence[np.ndarray],
+    winograd_6bit: bool = True,
+    head_method: str | None = "minmax",
+    bias_correction: bool = False,
+) -> CalibrationResult:
     """``--method eq``: the histogram pass gives each input's absmax and the head thresholds, the search the rest.
 
     The search never clips more than KL would (KL's threshold is its smallest candidate): below it, the
@@ -277,17 +305,32 @@ def calibrate_eq(graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np
     started = time.perf_counter()
     result = build_table(graph, stats, "minmax", winograd_6bit=winograd_6bit, head_method=head_method)
     if not inputs:
-        raise ImageError("--method eq runs the model on calibration images: give them with --images "
-                         "(saved statistics alone are not enough)")
-    absmax = {layer.name: stats.histograms[layer.bottoms[0]].absmax for layer in quantizable_layers(result.deploy)
-              if layer.name in result.thresholds}
+        raise ImageError(
+            "--method eq runs the model on calibration images: give them with --images "
+            "(saved statistics alone are not enough)"
+        )
+    absmax = {
+        layer.name: stats.histograms[layer.bottoms[0]].absmax
+        for layer in quantizable_layers(result.deploy)
+        if layer.name in result.thresholds
+    }
     fixed = head_layers(result.deploy) if head_method else set()
-    six_bit = [layer.name for layer in quantizable_layers(result.deploy)
-               if winograd_6bit and uses_int8_winograd(layer)]
-    floors = {layer.name: activation_threshold(stats.histograms[layer.bottoms[0]], "kl") or 0.0
-              for layer in quantizable_layers(result.deploy) if layer.name in absmax}
-    table, biases = search_scales(convert_graph(graph), result.table, absmax, fixed, six_bit, inputs,
-                                  bias_correction=bias_correction, floors=floors)
+    six_bit = [layer.name for layer in quantizable_layers(result.deploy) if winograd_6bit and uses_int8_winograd(layer)]
+    floors = {
+        layer.name: activation_threshold(stats.histograms[layer.bottoms[0]], "kl") or 0.0
+        for layer in quantizable_layers(result.deploy)
+        if layer.name in absmax
+    }
+    table, biases = search_scales(
+        convert_graph(graph),
+        result.table,
+        absmax,
+        fixed,
+        six_bit,
+        inputs,
+        bias_correction=bias_correction,
+        floors=floors,
+    )
     result.table = table
     result.thresholds = {name: 127.0 / scale for name, scale in table.activation_scales.items()}
     result.method = "eq+bc" if bias_correction else "eq"

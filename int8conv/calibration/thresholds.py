@@ -9,6 +9,7 @@ Guarantee of :func:`activation_threshold`: a finite T with 0 < T <= absmax, the 
 histogram, or ``None`` for a value that was exactly zero on every calibration image (there is no scale
 to give it; the caller keeps that layer in FP32 and says so).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ KL_TIE_RELATIVE = 1e-9
 KL_TIE_ABSOLUTE = 1e-12
 
 
-def kl_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
-                   start_bin: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def kl_divergences(
+    counts: np.ndarray, num_quantized_bins: int = 128, start_bin: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) for every candidate ``i`` in ``start_bin..len(counts)`` (bins kept), all at once.
 
     TensorRT's entropy calibration: P = counts[:i] with the outliers counts[i:] added to its last bin;
@@ -67,7 +69,7 @@ def kl_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
     plogp = np.zeros_like(p)
     plogp[present] = p[present] * np.log(p[present])
     prefix_p = np.concatenate(([0.0], np.cumsum(p)))
-    suffix_p = np.concatenate((np.cumsum(p[::-1])[::-1], [0.0]))     # suffix_p[i] = sum_{j>=i} p_j
+    suffix_p = np.concatenate((np.cumsum(p[::-1])[::-1], [0.0]))  # suffix_p[i] = sum_{j>=i} p_j
     prefix_plogp = np.concatenate(([0.0], np.cumsum(plogp)))
     prefix_present = np.concatenate(([0], np.cumsum(present)))
 
@@ -83,9 +85,14 @@ def kl_divergences(counts: np.ndarray, num_quantized_bins: int = 128,
         last = p[kept - 1]
         merged_last = last + outliers
         last_mean = mass[:, -1] / np.maximum(filled[:, -1], 1)
-        divergence = (prefix_plogp[kept] - level_term + np.log(inside)
-                      + np.where(merged_last > 0, merged_last * np.log(merged_last), 0.0) - plogp[kept - 1]
-                      - np.where(outliers > 0, outliers * np.log(last_mean), 0.0))
+        divergence = (
+            prefix_plogp[kept]
+            - level_term
+            + np.log(inside)
+            + np.where(merged_last > 0, merged_last * np.log(merged_last), 0.0)
+            - plogp[kept - 1]
+            - np.where(outliers > 0, outliers * np.log(last_mean), 0.0)
+        )
     divergence = np.where((last == 0) & (outliers > 0), np.inf, divergence)
     return kept, divergence
 
@@ -96,8 +103,7 @@ def select_candidate(divergences: np.ndarray) -> int:
     return int(np.argmax(divergences <= best + KL_TIE_RELATIVE * abs(best) + KL_TIE_ABSOLUTE))
 
 
-def kl_threshold(counts: np.ndarray, bin_width: float, num_quantized_bins: int = 128,
-                 start_bin: int = 128) -> float:
+def kl_threshold(counts: np.ndarray, bin_width: float, num_quantized_bins: int = 128, start_bin: int = 128) -> float:
     """The KL-optimal clipping point ``i * bin_width`` (the upper edge of the last kept bin).
 
     The zero spike: exact zeros never reach ``counts`` (see ``statistics``), but activations such as
@@ -141,16 +147,15 @@ def mse_threshold(hist: BlobHistogram) -> float:
     and cost (center - T)^2, a bin's values taken at its center. Tail sums come from suffix sums.
     """
     counts = hist.counts.astype(np.float64)
-    centers = np.arange(counts.size) + 0.5                       # in units of bin width
-    edges = np.arange(1, counts.size + 1, dtype=np.float64)      # candidate T, in units of bin width
+    centers = np.arange(counts.size) + 0.5  # in units of bin width
+    edges = np.arange(1, counts.size + 1, dtype=np.float64)  # candidate T, in units of bin width
 
     def suffix(x: np.ndarray) -> np.ndarray:
         return np.cumsum(x[::-1])[::-1]
 
-    tail_n, tail_c, tail_c2 = (np.append(suffix(x), 0.0)[1:] for x in (counts, counts * centers,
-                                                                          counts * centers ** 2))
+    tail_n, tail_c, tail_c2 = (np.append(suffix(x), 0.0)[1:] for x in (counts, counts * centers, counts * centers**2))
     inside = np.cumsum(counts)
-    clipping = np.maximum(tail_c2 - 2 * edges * tail_c + edges ** 2 * tail_n, 0.0)
+    clipping = np.maximum(tail_c2 - 2 * edges * tail_c + edges**2 * tail_n, 0.0)
     error = (edges / 127.0) ** 2 / 12.0 * inside + clipping
     return float(edges[int(np.argmin(error))]) * hist.bin_width
 
@@ -163,8 +168,7 @@ def activation_threshold(hist: BlobHistogram, method: str, percentile: float = 9
         raise Int8ConvError(f"--percentile must be in (0, 100], not {percentile}")
     absmax = hist.absmax
     if hist.nonzero == 0:
-        log.warning("value '%s' is exactly zero on every calibration image: it gets no activation threshold",
-                    hist.name)
+        log.warning("value '%s' is exactly zero on every calibration image: it gets no activation threshold", hist.name)
         return None
     if method == "kl":
         threshold = kl_threshold(hist.counts, hist.bin_width)
@@ -178,8 +182,9 @@ def activation_threshold(hist: BlobHistogram, method: str, percentile: float = 9
         threshold = mse_threshold(hist)
     threshold = min(float(threshold), absmax)
     if not (math.isfinite(threshold) and threshold > 0):
-        raise Int8ConvError(f"value '{hist.name}': method {method} gave an unusable threshold {threshold} "
-                            f"(absmax {absmax}); use --method minmax for this model and report the issue")
-    log.debug("value %s: %s threshold %.6g (absmax %.6g, signed %s)", hist.name, method, threshold, absmax,
-              hist.signed)
+        raise Int8ConvError(
+            f"value '{hist.name}': method {method} gave an unusable threshold {threshold} "
+            f"(absmax {absmax}); use --method minmax for this model and report the issue"
+        )
+    log.debug("value %s: %s threshold %.6g (absmax %.6g, signed %s)", hist.name, method, threshold, absmax, hist.signed)
     return threshold

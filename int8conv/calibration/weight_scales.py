@@ -3,6 +3,7 @@
 The number and order of scales is what ncnn2int8 reads for the ncnn layer the Caffe layer becomes:
 ``num_output`` for Convolution and InnerProduct, ``group`` for ConvolutionDepthWise (Caffe group > 1).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,7 @@ QUANTIZABLE_TYPES = types_where("quantizable")
 #: After BatchNorm folding such a channel outputs its bias plus at most 1/1024 of what the layer's main channels
 #: output: below an 8-bit step of the per-tensor activation scale the next layer reads, so zeroing it is
 #: invisible, while 127/absmax would explode (ncnn2table writes scales up to 1.6e9 for such channels).
-DEAD_CHANNEL_RATIO = 2.0 ** -10
+DEAD_CHANNEL_RATIO = 2.0**-10
 
 
 def quantizable_layers(graph: Graph) -> list[Layer]:
@@ -30,8 +31,15 @@ def uses_int8_winograd(layer: Layer) -> bool:
     if layer.type != "Convolution":
         return False
     g = conv_geometry(layer)
-    return (g["kernel_h"], g["kernel_w"], g["stride_h"], g["stride_w"], g["dilation_h"], g["dilation_w"],
-            g["group"]) == (3, 3, 1, 1, 1, 1, 1)
+    return (
+        g["kernel_h"],
+        g["kernel_w"],
+        g["stride_h"],
+        g["stride_w"],
+        g["dilation_h"],
+        g["dilation_w"],
+        g["group"],
+    ) == (3, 3, 1, 1, 1, 1, 1)
 
 
 def weight_levels(layer: Layer, winograd_6bit: bool = True) -> int:

@@ -10,6 +10,7 @@ Memory: the queue holds at most ``jobs + 1`` preprocessed batches and each worke
 engine that computes one image at a time (``images_per_forward = 1``: ncnn) is fed, and decoded for, image by
 image (``collect_statistics``), so nothing grows with ``--batch-size``; nothing grows with the number of images.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ def _engines(engine: Engine, jobs: int) -> list[Engine]:
     return [engine] + [replica() for _ in range(jobs - 1)]
 
 
-def _produce(batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, workers: int,
-             stop: threading.Event) -> None:
+def _produce(
+    batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, workers: int, stop: threading.Event
+) -> None:
     try:
         for item in batches:
             if stop.is_set():
@@ -55,8 +57,14 @@ def _produce(batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, work
             todo.put(_DONE)
 
 
-def _work(engine: Engine, values: Sequence[str], stats: CalibrationStatistics, todo: queue.Queue,
-          done: queue.Queue, stop: threading.Event) -> None:
+def _work(
+    engine: Engine,
+    values: Sequence[str],
+    stats: CalibrationStatistics,
+    todo: queue.Queue,
+    done: queue.Queue,
+    stop: threading.Event,
+) -> None:
     step = getattr(engine, "images_per_forward", None)
     try:
         while True:
@@ -66,12 +74,12 @@ def _work(engine: Engine, values: Sequence[str], stats: CalibrationStatistics, t
             if isinstance(item, _Failure):
                 done.put(item)
                 continue
-            if stop.is_set():      # another thread failed: consume the queue up to the end marker, unworked
+            if stop.is_set():  # another thread failed: consume the queue up to the end marker, unworked
                 continue
             batch, names = item
             size = step or len(batch)
             for start in range(0, len(batch), size):
-                stats.update(engine.forward(batch[start:start + size], values))
+                stats.update(engine.forward(batch[start : start + size], values))
             done.put(len(names))
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
         done.put(_Failure(exc))
@@ -79,19 +87,31 @@ def _work(engine: Engine, values: Sequence[str], stats: CalibrationStatistics, t
         done.put(_DONE)
 
 
-def stream_statistics(engine: Engine, batches: Iterator[tuple[np.ndarray, list]], values: Sequence[str],
-                      new_statistics: Callable[[], CalibrationStatistics], jobs: int = 1,
-                      on_images: Callable[[int], None] = lambda n: None) -> CalibrationStatistics:
+def stream_statistics(
+    engine: Engine,
+    batches: Iterator[tuple[np.ndarray, list]],
+    values: Sequence[str],
+    new_statistics: Callable[[], CalibrationStatistics],
+    jobs: int = 1,
+    on_images: Callable[[int], None] = lambda n: None,
+) -> CalibrationStatistics:
     """Forward every batch and histogram ``values``; ``on_images`` is told how many images each batch held."""
     engines = _engines(engine, max(1, jobs))
     parts = [new_statistics() for _ in engines]
     todo: queue.Queue = queue.Queue(maxsize=len(engines) + 1)
     done: queue.Queue = queue.Queue()
     stop = threading.Event()
-    threads = [threading.Thread(target=_produce, args=(batches, todo, len(engines), stop), daemon=True,
-                                name="calibration-decode")]
-    threads += [threading.Thread(target=_work, args=(e, values, s, todo, done, stop), daemon=True,
-                                 name=f"calibration-worker-{i}") for i, (e, s) in enumerate(zip(engines, parts))]
+    threads = [
+        threading.Thread(
+            target=_produce, args=(batches, todo, len(engines), stop), daemon=True, name="calibration-decode"
+        )
+    ]
+    threads += [
+        threading.Thread(
+            target=_work, args=(e, values, s, todo, done, stop), daemon=True, name=f"calibration-worker-{i}"
+        )
+        for i, (e, s) in enumerate(zip(engines, parts, strict=True))
+    ]
     for thread in threads:
         thread.start()
     failure, running = None, len(engines)
@@ -104,7 +124,7 @@ def stream_statistics(engine: Engine, batches: Iterator[tuple[np.ndarray, list]]
             stop.set()
         else:
             on_images(item)
-    while threads[0].is_alive():        # every worker has ended (maybe failed): unblock the producer
+    while threads[0].is_alive():  # every worker has ended (maybe failed): unblock the producer
         with contextlib.suppress(queue.Empty):
             todo.get(timeout=0.05)
     for thread in threads:

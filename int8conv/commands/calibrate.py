@@ -1,4 +1,5 @@
 """``int8conv calibrate``: Caffe model + images -> ncnn calibration table."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("calibrate", help="compute an ncnn INT8 calibration table from images",
-                            description="Forward calibration images through the Caffe model in FP32 and write "
-                                        "the ncnn calibration table (layer-keyed, per-channel weight scales).")
+    parser = sub.add_parser(
+        "calibrate",
+        help="compute an ncnn INT8 calibration table from images",
+        description="Forward calibration images through the Caffe model in FP32 and write "
+        "the ncnn calibration table (layer-keyed, per-channel weight scales).",
+    )
     add_model_args(parser)
     add_preprocess_args(parser)
     add_calibration_args(parser)
@@ -33,38 +37,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_table_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("table")
     group.add_argument("--output", required=True, help="path to output calibration table file")
-    group.add_argument("--legacy-table", action="store_true",
-                       help="write the original caffe-int8-convert-tools format (blob-keyed, per-tensor weights)")
-    group.add_argument("--head-method", choices=("minmax", "same"), default="minmax",
-                       help="threshold of the layers that feed the network outputs directly (detection and "
-                            "classification heads): their input's full range (minmax, default) or --method")
-    group.add_argument("--weights-8bit", action="store_true",
-                       help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions get 6-bit "
-                            "scales, as ncnn's INT8 Winograd kernel needs")
-    group.add_argument("--bias-correction", action="store_true",
-                       help="with --method eq: correct each INT8 layer's FP32 bias for the mean output error of "
-                            "its quantization; the biases go into the INT8 .bin, so this needs a command that "
-                            "writes the INT8 model (convert_tool.py --ncnn-dir, report)")
+    group.add_argument(
+        "--legacy-table",
+        action="store_true",
+        help="write the original caffe-int8-convert-tools format (blob-keyed, per-tensor weights)",
+    )
+    group.add_argument(
+        "--head-method",
+        choices=("minmax", "same"),
+        default="minmax",
+        help="threshold of the layers that feed the network outputs directly (detection and "
+        "classification heads): their input's full range (minmax, default) or --method",
+    )
+    group.add_argument(
+        "--weights-8bit",
+        action="store_true",
+        help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions get 6-bit "
+        "scales, as ncnn's INT8 Winograd kernel needs",
+    )
+    group.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="with --method eq: correct each INT8 layer's FP32 bias for the mean output error of "
+        "its quantization; the biases go into the INT8 .bin, so this needs a command that "
+        "writes the INT8 model (convert_tool.py --ncnn-dir, report)",
+    )
 
 
 def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
     stats = result.statistics
-    lines = [f"table      {args.output}{' (legacy format)' if args.legacy_table else ''}",
-             f"layers     {len(result.table.weight_scales)} quantizable, {len(result.table.activation_scales)} "
-             f"with an activation scale" + (f", kept FP32: {', '.join(result.skipped_layers)}"
-                                            if result.skipped_layers else ""),
-             f"method     {result.method}",
-             f"images     {stats.images_used} used, {stats.images_skipped} skipped",
-             f"time       {result.seconds:.1f} s"]
+    lines = [
+        f"table      {args.output}{' (legacy format)' if args.legacy_table else ''}",
+        f"layers     {len(result.table.weight_scales)} quantizable, {len(result.table.activation_scales)} "
+        f"with an activation scale"
+        + (f", kept FP32: {', '.join(result.skipped_layers)}" if result.skipped_layers else ""),
+        f"method     {result.method}",
+        f"images     {stats.images_used} used, {stats.images_skipped} skipped",
+        f"time       {result.seconds:.1f} s",
+    ]
     return "\n".join(lines)
 
 
 def check_table_only(args: argparse.Namespace) -> None:
     """A table cannot hold corrected biases: refuse --bias-correction where only a table is written."""
     if getattr(args, "bias_correction", False):
-        raise Int8ConvError("--bias-correction changes the INT8 model's biases, which a calibration table cannot "
-                            "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
-                            "int8conv report)")
+        raise Int8ConvError(
+            "--bias-correction changes the INT8 model's biases, which a calibration table cannot "
+            "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
+            "int8conv report)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 """Option groups shared by subcommands, and their conversion into the pipeline's option dataclasses."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,25 +26,52 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     """How images become network inputs; defaults follow the original caffe-int8-convert-tools."""
     group = parser.add_argument_group("preprocessing: input = (pixel - mean) * norm / std")
-    group.add_argument("--mean", type=float, nargs="+", default=[0.0], metavar="M",
-                       help="mean per channel in the model's channel order (1 or 3 values; default 0)")
+    group.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        metavar="M",
+        help="mean per channel in the model's channel order (1 or 3 values; default 0)",
+    )
     group.add_argument("--norm", type=float, default=1.0, help="scale applied after mean subtraction (default 1)")
-    group.add_argument("--std", type=float, nargs="+", default=[1.0], metavar="S",
-                       help="per-channel std to divide by (1 or 3 values; default 1)")
-    group.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                       help="network input height and width (default: the prototxt input shape)")
-    group.add_argument("--resize-then-crop", type=int, nargs=2, metavar=("H", "W"),
-                       help="resize to HxW first, then center-crop to the input size (e.g. 256 256 for a 224 crop)")
+    group.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="per-channel std to divide by (1 or 3 values; default 1)",
+    )
+    group.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="network input height and width (default: the prototxt input shape)",
+    )
+    group.add_argument(
+        "--resize-then-crop",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="resize to HxW first, then center-crop to the input size (e.g. 256 256 for a 224 crop)",
+    )
     group.add_argument("--color", choices=COLORS, default="bgr", help="channel order the model expects (default bgr)")
-    group.add_argument("--swap-hw", action="store_true",
-                       help="transpose height and width (models trained through Matlab, e.g. MTCNN)")
-    group.add_argument("--letterbox", action="store_true",
-                       help="resize keeping the aspect ratio to fit the input, pad bottom/right with 0 "
-                            "(e.g. RetinaFace)")
+    group.add_argument(
+        "--swap-hw", action="store_true", help="transpose height and width (models trained through Matlab, e.g. MTCNN)"
+    )
+    group.add_argument(
+        "--letterbox",
+        action="store_true",
+        help="resize keeping the aspect ratio to fit the input, pad bottom/right with 0 (e.g. RetinaFace)",
+    )
 
 
-TASK_HELP = ("classifier, ssd (DetectionOutput), host-decoded (UltraFace scores/boxes), retinaface, yoloface "
-             "(host-decoded anchors), segmentation (a sigmoid map); default: from the model's outputs")
+TASK_HELP = (
+    "classifier, ssd (DetectionOutput), host-decoded (UltraFace scores/boxes), retinaface, yoloface "
+    "(host-decoded anchors), segmentation (a sigmoid map); default: from the model's outputs"
+)
 
 
 def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> None:
@@ -52,41 +80,73 @@ def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> No
 
     group.add_argument("--task", choices=TASKS, default="auto", help="the task INT8 is judged on: " + TASK_HELP)
     if thresholds:
-        group.add_argument("--score-threshold", type=float, default=None,
-                           help="detection score threshold (default: 0.8 for retinaface, else 0.5)")
+        group.add_argument(
+            "--score-threshold",
+            type=float,
+            default=None,
+            help="detection score threshold (default: 0.8 for retinaface, else 0.5)",
+        )
         group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
 
 
 def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool = False) -> None:
     """Calibration images, FP32 backend and statistics files."""
     group = parser.add_argument_group("calibration")
-    group.add_argument("--images", type=Path, required=images_required,
-                       help="calibration images: a directory (recursive) or a file listing image paths")
+    group.add_argument(
+        "--images",
+        type=Path,
+        required=images_required,
+        help="calibration images: a directory (recursive) or a file listing image paths",
+    )
     group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
-    group.add_argument("--batch-size", type=int, default=4,
-                       help="images per forward pass (default 4); peak memory grows with it for OpenCV and "
-                            "pycaffe, not for ncnn (one image at a time), and never with the number of images")
-    group.add_argument("--backend", choices=CALIBRATION_BACKENDS, default="auto",
-                       help="FP32 engine: ncnn (the project's own FP32 ncnn model: the least CPU time per image of "
-                            "the three, see benchmarks/bench_calibrate.py), OpenCV DNN, or pycaffe. auto (default): "
-                            "pycaffe with --gpu, else ncnn, else OpenCV when ncnn fuses a requested value away")
-    group.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
-                            "on a shared 2-core machine a second worker gave no more images/s, "
-                            "benchmarks/bench_calibrate.py); the statistics do not depend on it")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="images per forward pass (default 4); peak memory grows with it for OpenCV and "
+        "pycaffe, not for ncnn (one image at a time), and never with the number of images",
+    )
+    group.add_argument(
+        "--backend",
+        choices=CALIBRATION_BACKENDS,
+        default="auto",
+        help="FP32 engine: ncnn (the project's own FP32 ncnn model: the least CPU time per image of "
+        "the three, see benchmarks/bench_calibrate.py), OpenCV DNN, or pycaffe. auto (default): "
+        "pycaffe with --gpu, else ncnn, else OpenCV when ncnn fuses a requested value away",
+    )
+    group.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
+        "on a shared 2-core machine a second worker gave no more images/s, "
+        "benchmarks/bench_calibrate.py); the statistics do not depend on it",
+    )
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
-    group.add_argument("--method", choices=METHODS + SEARCH_METHODS + (AUTO_METHOD,), default=DEFAULT_METHOD,
-                       help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
-                            "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
-                            "for the best INT8 layer outputs on the calibration images (needs --images); auto measures "
-                            "the candidate methods' tables on held-out calibration images and keeps the best, "
-                            "layer by layer")
-    group.add_argument("--percentile", type=float, default=99.99,
-                       help="percentile of |x| for --method percentile (default 99.99)")
-    group.add_argument("--save-stats", type=Path, metavar="FILE",
-                       help="save the activation histograms, to merge with other runs later")
-    group.add_argument("--load-stats", type=Path, nargs="+", metavar="FILE",
-                       help="merge saved histograms and compute the table without forwarding images")
+    group.add_argument(
+        "--method",
+        choices=METHODS + SEARCH_METHODS + (AUTO_METHOD,),
+        default=DEFAULT_METHOD,
+        help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
+        "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
+        "for the best INT8 layer outputs on the calibration images (needs --images); auto measures "
+        "the candidate methods' tables on held-out calibration images and keeps the best, "
+        "layer by layer",
+    )
+    group.add_argument(
+        "--percentile", type=float, default=99.99, help="percentile of |x| for --method percentile (default 99.99)"
+    )
+    group.add_argument(
+        "--save-stats", type=Path, metavar="FILE", help="save the activation histograms, to merge with other runs later"
+    )
+    group.add_argument(
+        "--load-stats",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="merge saved histograms and compute the table without forwarding images",
+    )
 
 
 def model_files(args: argparse.Namespace) -> ModelFiles:
@@ -94,47 +154,79 @@ def model_files(args: argparse.Namespace) -> ModelFiles:
 
 
 def preprocess_options(args: argparse.Namespace) -> PreprocessOptions:
-    return PreprocessOptions(mean=tuple(args.mean), norm=args.norm, std=tuple(args.std),
-                             size=tuple(args.size) if args.size else None,
-                             resize=tuple(args.resize_then_crop) if args.resize_then_crop else None,
-                             color=args.color, swap_hw=args.swap_hw, letterbox=args.letterbox)
+    return PreprocessOptions(
+        mean=tuple(args.mean),
+        norm=args.norm,
+        std=tuple(args.std),
+        size=tuple(args.size) if args.size else None,
+        resize=tuple(args.resize_then_crop) if args.resize_then_crop else None,
+        color=args.color,
+        swap_hw=args.swap_hw,
+        letterbox=args.letterbox,
+    )
 
 
 def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
     """The calibration group's flags (and the table group's, where the command has it)."""
     head_method = getattr(args, "head_method", "minmax")
-    return CalibrationOptions(images=args.images, max_images=args.max_images, batch_size=args.batch_size,
-                              backend=args.backend, gpu=args.gpu, method=args.method, percentile=args.percentile,
-                              head_method=None if head_method == "same" else head_method,
-                              weights_8bit=getattr(args, "weights_8bit", False),
-                              bias_correction=getattr(args, "bias_correction", False), save_stats=args.save_stats,
-                              load_stats=tuple(args.load_stats or ()), jobs=args.jobs)
+    return CalibrationOptions(
+        images=args.images,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        gpu=args.gpu,
+        method=args.method,
+        percentile=args.percentile,
+        head_method=None if head_method == "same" else head_method,
+        weights_8bit=getattr(args, "weights_8bit", False),
+        bias_correction=getattr(args, "bias_correction", False),
+        save_stats=args.save_stats,
+        load_stats=tuple(args.load_stats or ()),
+        jobs=args.jobs,
+    )
 
 
 def eval_options(args: argparse.Namespace, images: Path, max_images: int) -> pipeline.EvalOptions:
     """The evaluation flags ``eval`` and ``report`` share."""
-    return pipeline.EvalOptions(images, max_images, args.task, args.score_threshold, args.iou_threshold,
-                                tuple(args.threads), args.timing_runs, args.backend, getattr(args, "gpu", None),
-                                not args.no_caffe, args.layer_times)
+    return pipeline.EvalOptions(
+        images,
+        max_images,
+        args.task,
+        args.score_threshold,
+        args.iou_threshold,
+        tuple(args.threads),
+        args.timing_runs,
+        args.backend,
+        getattr(args, "gpu", None),
+        not args.no_caffe,
+        args.layer_times,
+    )
 
 
 def add_layer_times_arg(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--layer-times", action="store_true",
-                       help="also time every INT8 layer alone against FP32 on the ncnn runtime (on this machine, a "
-                            "proxy for the target device) and mark those where INT8 does not pay")
+    group.add_argument(
+        "--layer-times",
+        action="store_true",
+        help="also time every INT8 layer alone against FP32 on the ncnn runtime (on this machine, a "
+        "proxy for the target device) and mark those where INT8 does not pay",
+    )
 
 
 def auto_fp32_options(args: argparse.Namespace, images: Path | None, max_images: int) -> pipeline.AutoFp32Options:
     return pipeline.AutoFp32Options(args.auto_fp32, images, max_images, args.task)
 
 
-def mixed_precision_table(args: argparse.Namespace, model: NcnnModel, table: CalibrationTable,
-                          options: pipeline.AutoFp32Options) -> CalibrationTable:
+def mixed_precision_table(
+    args: argparse.Namespace, model: NcnnModel, table: CalibrationTable, options: pipeline.AutoFp32Options
+) -> CalibrationTable:
     """``--auto-fp32``: the table with the chosen FP32 layers' activation lines removed (reported on stdout)."""
-    choice = pipeline.auto_fp32_table(model, table, preprocess_options(args), options, args.param,
-                                      fp16_storage=not args.no_fp16)
+    choice = pipeline.auto_fp32_table(
+        model, table, preprocess_options(args), options, args.param, fp16_storage=not args.no_fp16
+    )
     if not args.quiet:
         kept = ", ".join(choice.fp32_layers) if choice.fp32_layers else "none"
-        print(f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
-              f"(target {choice.target}); FP32 layers: {kept}")
+        print(
+            f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
+            f"(target {choice.target}); FP32 layers: {kept}"
+        )
     return choice.table

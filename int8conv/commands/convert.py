@@ -1,4 +1,5 @@
 """``int8conv convert``: Caffe prototxt + caffemodel -> ncnn FP32 ``.param``/``.bin``."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,20 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("convert", help="convert a Caffe model to an ncnn FP32 .param/.bin",
-                            description="Convert a Caffe deploy model to ncnn FP32 files, with BatchNorm/Scale "
-                                        "folded into convolutions and activations fused, as ncnnoptimize does. "
-                                        "Layer names are kept, so calibration tables line up.")
+    parser = sub.add_parser(
+        "convert",
+        help="convert a Caffe model to an ncnn FP32 .param/.bin",
+        description="Convert a Caffe deploy model to ncnn FP32 files, with BatchNorm/Scale "
+        "folded into convolutions and activations fused, as ncnnoptimize does. "
+        "Layer names are kept, so calibration tables line up.",
+    )
     add_model_args(parser)
     group = parser.add_argument_group("output (either --out-dir, or both --param and --bin)")
-    group.add_argument("--out-dir", type=Path, help="write OUT/<stem>.param and OUT/<stem>.bin, where <stem> is "
-                                                    "the caffemodel's file stem")
+    group.add_argument(
+        "--out-dir",
+        type=Path,
+        help="write OUT/<stem>.param and OUT/<stem>.bin, where <stem> is the caffemodel's file stem",
+    )
     group.add_argument("--param", type=Path, help="path of the .param file to write")
     group.add_argument("--bin", type=Path, help="path of the .bin file to write")
     parser.set_defaults(func=run)

@@ -1,4 +1,5 @@
 """``int8conv eval``: Caffe FP32, ncnn FP32 and ncnn INT8 on evaluation images; accuracy and speed."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,22 +36,28 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "eval", help="compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed",
+        "eval",
+        help="compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed",
         description="Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the "
-                    "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
-                    "quantized layer and at the outputs, top-1 agreement (classifiers), detection "
-                    "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median "
-                    "ms/image of FP32 and INT8.")
+        "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
+        "quantized layer and at the outputs, top-1 agreement (classifiers), detection "
+        "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median "
+        "ms/image of FP32 and INT8.",
+    )
     add_model_args(parser)
     files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
-    files.add_argument("--ncnn-dir", type=Path,
-                       help="folder written by convert_tool.py --ncnn-dir: <stem>.param/.bin and <stem>-int8.param/.bin")
+    files.add_argument(
+        "--ncnn-dir",
+        type=Path,
+        help="folder written by convert_tool.py --ncnn-dir: <stem>.param/.bin and <stem>-int8.param/.bin",
+    )
     files.add_argument("--param", type=Path, help="ncnn FP32 .param")
     files.add_argument("--bin", type=Path, help="ncnn FP32 .bin")
     files.add_argument("--int8-param", type=Path, help="ncnn INT8 .param")
     files.add_argument("--int8-bin", type=Path, help="ncnn INT8 .bin")
-    files.add_argument("--table", type=Path, help="quantize the FP32 model with this table instead of reading an "
-                                                  "INT8 pair")
+    files.add_argument(
+        "--table", type=Path, help="quantize the FP32 model with this table instead of reading an INT8 pair"
+    )
     files.add_argument("--no-fp16", action="store_true", help="with --table: FP32 layers keep fp32 weights")
     group = parser.add_argument_group("evaluation")
     group.add_argument("--images", type=Path, required=True, help="evaluation images: directory or list file")
@@ -61,22 +68,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_layer_times_arg(group)
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")
     group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
-    group.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                       help="write the report as JSON to FILE (stdout when no FILE is given)")
+    group.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write the report as JSON to FILE (stdout when no FILE is given)",
+    )
     arm = parser.add_argument_group("ARM kernels (after `int8conv install-arm`; natively on an aarch64 host)")
-    arm.add_argument("--arch", choices=("x86", "arm64"), default="x86",
-                     help="arm64: run both models on ncnn's ARM kernels under qemu and report ARM INT8 vs ARM FP32 "
-                          "and ARM vs x86 per precision (no Caffe reference; emulated timings only)")
-    arm.add_argument("--arm-cpu", choices=ARM_CPUS, default="cortex-a76",
-                     help="QEMU_CPU: cortex-a53 (ARMv8.0), cortex-a76 (ARMv8.2 + dot product, default), max")
-    arm.add_argument("--arm-fp16", choices=("on", "off"), default="on",
-                     help="ncnn's fp16 packed/storage/arithmetic on ARM (on by default, as on a phone)")
+    arm.add_argument(
+        "--arch",
+        choices=("x86", "arm64"),
+        default="x86",
+        help="arm64: run both models on ncnn's ARM kernels under qemu and report ARM INT8 vs ARM FP32 "
+        "and ARM vs x86 per precision (no Caffe reference; emulated timings only)",
+    )
+    arm.add_argument(
+        "--arm-cpu",
+        choices=ARM_CPUS,
+        default="cortex-a76",
+        help="QEMU_CPU: cortex-a53 (ARMv8.0), cortex-a76 (ARMv8.2 + dot product, default), max",
+    )
+    arm.add_argument(
+        "--arm-fp16",
+        choices=("on", "off"),
+        default="on",
+        help="ncnn's fp16 packed/storage/arithmetic on ARM (on by default, as on a phone)",
+    )
     arm.add_argument("--arm-threads", type=int, default=1, help="ncnn threads on ARM (default 1)")
     mixed = parser.add_argument_group("automatic mixed precision (with --table)")
-    mixed.add_argument("--auto-fp32", type=float, metavar="COSINE",
-                       help="keep the most sensitive layers FP32 until the output cosine reaches COSINE")
-    mixed.add_argument("--auto-fp32-images", type=Path,
-                       help="images the FP32 layers are chosen on (keep them apart from --images)")
+    mixed.add_argument(
+        "--auto-fp32",
+        type=float,
+        metavar="COSINE",
+        help="keep the most sensitive layers FP32 until the output cosine reaches COSINE",
+    )
+    mixed.add_argument(
+        "--auto-fp32-images", type=Path, help="images the FP32 layers are chosen on (keep them apart from --images)"
+    )
     mixed.add_argument("--auto-fp32-max-images", type=int, default=8, help="at most this many (default 8)")
     add_preprocess_args(parser)
     parser.set_defaults(func=run)
@@ -86,7 +115,9 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | Non
     """FP32 and INT8 file paths from --ncnn-dir or the explicit options."""
     if args.ncnn_dir is not None:
         stem = Path(args.model).stem
-        int8 = (None, None) if args.table else (args.ncnn_dir / f"{stem}-int8.param", args.ncnn_dir / f"{stem}-int8.bin")
+        int8 = (
+            (None, None) if args.table else (args.ncnn_dir / f"{stem}-int8.param", args.ncnn_dir / f"{stem}-int8.bin")
+        )
         return args.ncnn_dir / f"{stem}.param", args.ncnn_dir / f"{stem}.bin", *int8
     if args.param is None or args.bin is None:
         raise Int8ConvError("give --ncnn-dir DIR, or --param and --bin of the ncnn FP32 model")
@@ -113,11 +144,17 @@ def run(args: argparse.Namespace) -> int:
             write_model(quantize_model(model, table, fp16_storage=not args.no_fp16), int8_param, int8_bin)
         files = {"fp32_param": fp32_param, "fp32_bin": fp32_bin, "int8_param": int8_param, "int8_bin": int8_bin}
         arm = ArmOptions(args.arm_cpu, args.arm_fp16 == "on", args.arm_threads) if args.arch == "arm64" else None
-        report = pipeline.evaluate_ncnn(model_files(args), files, preprocess_options(args),
-                                        eval_options(args, args.images, args.max_images), arm=arm)
+        report = pipeline.evaluate_ncnn(
+            model_files(args),
+            files,
+            preprocess_options(args),
+            eval_options(args, args.images, args.max_images),
+            arm=arm,
+        )
     if args.table is not None:
-        report["int8_model"] = f"quantized from {args.table}" + (f" with --auto-fp32 {args.auto_fp32}"
-                                                                 if args.auto_fp32 is not None else "")
+        report["int8_model"] = f"quantized from {args.table}" + (
+            f" with --auto-fp32 {args.auto_fp32}" if args.auto_fp32 is not None else ""
+        )
     if args.json == "-":
         json.dump(finite_json(report), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -1,4 +1,5 @@
 """``int8conv export-trt``: Caffe model + calibration -> ONNX, Q/DQ ONNX, TensorRT cache and dynamic ranges."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,42 +23,76 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export-trt", help="export ONNX, Q/DQ ONNX, TensorRT calibration cache and dynamic ranges",
+        "export-trt",
+        help="export ONNX, Q/DQ ONNX, TensorRT calibration cache and dynamic ranges",
         description="Export the Caffe model to ONNX (FP32) and to a Q/DQ ONNX for TensorRT 10/11 explicit "
-                    "quantization, and write the TensorRT 8-10 calibration cache and per-tensor dynamic ranges "
-                    "(text and JSON) for every tensor of the exported network. Ranges come from calibration "
-                    "images (as 'calibrate' takes them), saved statistics (--load-stats) or an ncnn table (--table).")
+        "quantization, and write the TensorRT 8-10 calibration cache and per-tensor dynamic ranges "
+        "(text and JSON) for every tensor of the exported network. Ranges come from calibration "
+        "images (as 'calibrate' takes them), saved statistics (--load-stats) or an ncnn table (--table).",
+    )
     add_model_args(parser)
     add_preprocess_args(parser)
     add_calibration_args(parser)
     group = parser.add_argument_group("TensorRT export")
-    group.add_argument("--out-dir", required=True, type=Path,
-                       help="write OUT/<stem>.onnx, .qdq.onnx, .cache, .ranges.txt, .ranges.json "
-                            "(<stem>: the caffemodel's file stem)")
-    group.add_argument("--table", type=Path, metavar="FILE",
-                       help="take the convolution-input ranges from an ncnn table (amax = 127/scale) instead of "
-                            "statistics; the cache then covers only those tensors")
-    group.add_argument("--trt-version", default=DEFAULT_TRT_VERSION,
-                       help=f"TensorRT version for the cache header, e.g. 8.6.1, 10.13.3 or 101303 "
-                            f"(default {DEFAULT_TRT_VERSION})")
-    group.add_argument("--batch", type=int, default=1,
-                       help="batch dimension of the ONNX models: N > 0 fixes it, -1 makes it dynamic (default 1)")
-    group.add_argument("--fp32-layers", nargs="+", default=[], metavar="LAYER",
-                       help="Convolution/InnerProduct layers to leave without Q/DQ (FP32) in the Q/DQ ONNX")
-    group.add_argument("--auto-fp32", type=float, metavar="COSINE",
-                       help="keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
-                            "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE")
-    group.add_argument("--auto-fp32-images", type=int, default=4, metavar="N",
-                       help="calibration images scored by --auto-fp32 (default 4)")
+    group.add_argument(
+        "--out-dir",
+        required=True,
+        type=Path,
+        help="write OUT/<stem>.onnx, .qdq.onnx, .cache, .ranges.txt, .ranges.json (<stem>: the caffemodel's file stem)",
+    )
+    group.add_argument(
+        "--table",
+        type=Path,
+        metavar="FILE",
+        help="take the convolution-input ranges from an ncnn table (amax = 127/scale) instead of "
+        "statistics; the cache then covers only those tensors",
+    )
+    group.add_argument(
+        "--trt-version",
+        default=DEFAULT_TRT_VERSION,
+        help=f"TensorRT version for the cache header, e.g. 8.6.1, 10.13.3 or 101303 (default {DEFAULT_TRT_VERSION})",
+    )
+    group.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch dimension of the ONNX models: N > 0 fixes it, -1 makes it dynamic (default 1)",
+    )
+    group.add_argument(
+        "--fp32-layers",
+        nargs="+",
+        default=[],
+        metavar="LAYER",
+        help="Convolution/InnerProduct layers to leave without Q/DQ (FP32) in the Q/DQ ONNX",
+    )
+    group.add_argument(
+        "--auto-fp32",
+        type=float,
+        metavar="COSINE",
+        help="keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
+        "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE",
+    )
+    group.add_argument(
+        "--auto-fp32-images",
+        type=int,
+        default=4,
+        metavar="N",
+        help="calibration images scored by --auto-fp32 (default 4)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = model_files(args)
-    trt = pipeline.TrtOptions(batch=args.batch, trt_version=args.trt_version, table=args.table,
-                              fp32_layers=tuple(args.fp32_layers), auto_fp32=args.auto_fp32,
-                              auto_fp32_images=args.auto_fp32_images)
+    trt = pipeline.TrtOptions(
+        batch=args.batch,
+        trt_version=args.trt_version,
+        table=args.table,
+        fp32_layers=tuple(args.fp32_layers),
+        auto_fp32=args.auto_fp32,
+        auto_fp32_images=args.auto_fp32_images,
+    )
     export = pipeline.export_trt(model, preprocess_options(args), calibration_options(args), trt)
     paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
     if not args.quiet:
@@ -66,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"ranges {len(export.ranges)} of {len(export.onnx.activations())} tensors ({export.source})")
         lines.append(f"Q/DQ   {quantized} QuantizeLinear nodes; FP32 layers: {', '.join(export.fp32_layers) or 'none'}")
         if export.choice is not None:
-            lines.append(f"cosine all INT8 {export.choice.cosine_all_int8:.5f}, with FP32 layers "
-                         f"{export.choice.cosine:.5f} (target {export.choice.target})")
+            lines.append(
+                f"cosine all INT8 {export.choice.cosine_all_int8:.5f}, with FP32 layers "
+                f"{export.choice.cosine:.5f} (target {export.choice.target})"
+            )
         lines.append(f"time   {time.perf_counter() - started:.1f} s")
         print("\n".join(lines))
     return 0

@@ -1,4 +1,5 @@
 """``int8conv quantize``: ncnn FP32 ``.param``/``.bin`` + calibration table -> ncnn INT8 ``.param``/``.bin``."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("quantize", help="quantize an ncnn FP32 model with a calibration table (ncnn2int8)",
-                            description="Write the INT8 ncnn model for a table, as ncnn2int8 does: int8 weights and "
-                                        "scales for every Convolution/ConvolutionDepthWise/InnerProduct with both "
-                                        "table lines, requantize fusion between INT8 convolutions, fp16 storage for "
-                                        "the weights that stay FP32. Layers without an activation line stay FP32.")
+    parser = sub.add_parser(
+        "quantize",
+        help="quantize an ncnn FP32 model with a calibration table (ncnn2int8)",
+        description="Write the INT8 ncnn model for a table, as ncnn2int8 does: int8 weights and "
+        "scales for every Convolution/ConvolutionDepthWise/InnerProduct with both "
+        "table lines, requantize fusion between INT8 convolutions, fp16 storage for "
+        "the weights that stay FP32. Layers without an activation line stay FP32.",
+    )
     files = parser.add_argument_group("files")
     files.add_argument("--param", required=True, type=Path, help="ncnn FP32 .param")
     files.add_argument("--bin", required=True, type=Path, help="ncnn FP32 .bin")
@@ -42,24 +46,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic mixed precision")
-    group.add_argument("--auto-fp32", type=float, metavar="COSINE",
-                       help="keep the most sensitive layers in FP32 until the INT8 output cosine against FP32 "
-                            "reaches COSINE (e.g. 0.99), measured on --images")
+    group.add_argument(
+        "--auto-fp32",
+        type=float,
+        metavar="COSINE",
+        help="keep the most sensitive layers in FP32 until the INT8 output cosine against FP32 "
+        "reaches COSINE (e.g. 0.99), measured on --images",
+    )
     group.add_argument("--images", type=Path, help="images for --auto-fp32 (directory or list file)")
     group.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
     add_task_args(group, thresholds=False)
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
-    group.add_argument("--min-cosine", type=float, dest="auto_fp32", metavar="COSINE",
-                       help="the same as --auto-fp32 (reads better with --optimize speed)")
+    group.add_argument(
+        "--min-cosine",
+        type=float,
+        dest="auto_fp32",
+        metavar="COSINE",
+        help="the same as --auto-fp32 (reads better with --optimize speed)",
+    )
     speed = parser.add_argument_group("speed-aware precision")
-    speed.add_argument("--optimize", choices=("accuracy", "speed"), default="accuracy",
-                       help="speed: time every layer alone on the ncnn runtime, FP32 against INT8, keep FP32 where "
-                            "INT8 does not pay, then check the whole model is no slower than FP32 at 1 and 2 "
-                            "threads; with --min-cosine, the fastest choice within that output cosine. Timing on "
-                            "this machine is a proxy for the target device (see --layer-timings)")
-    speed.add_argument("--layer-timings", type=Path, metavar="JSON",
-                       help="per-layer ms measured on the target device, {layer: {fp32: ms, int8: ms}}, instead of "
-                            "timing here (the format --save-layer-timings writes)")
+    speed.add_argument(
+        "--optimize",
+        choices=("accuracy", "speed"),
+        default="accuracy",
+        help="speed: time every layer alone on the ncnn runtime, FP32 against INT8, keep FP32 where "
+        "INT8 does not pay, then check the whole model is no slower than FP32 at 1 and 2 "
+        "threads; with --min-cosine, the fastest choice within that output cosine. Timing on "
+        "this machine is a proxy for the target device (see --layer-timings)",
+    )
+    speed.add_argument(
+        "--layer-timings",
+        type=Path,
+        metavar="JSON",
+        help="per-layer ms measured on the target device, {layer: {fp32: ms, int8: ms}}, instead of "
+        "timing here (the format --save-layer-timings writes)",
+    )
     speed.add_argument("--save-layer-timings", type=Path, metavar="JSON", help="write the per-layer timings used")
 
 
@@ -67,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
     if args.optimize == "speed":
-        options = pipeline.SpeedOptions(args.auto_fp32, args.images, args.max_images, args.task, args.layer_timings,
-                                        args.save_layer_timings)
-        choice = pipeline.speed_table(model, table, preprocess_options(args), options, args.param,
-                                      fp16_storage=not args.no_fp16)
+        options = pipeline.SpeedOptions(
+            args.auto_fp32, args.images, args.max_images, args.task, args.layer_timings, args.save_layer_timings
+        )
+        choice = pipeline.speed_table(
+            model, table, preprocess_options(args), options, args.param, fp16_storage=not args.no_fp16
+        )
         table = choice.table
         if not args.quiet:
             print(format_choice(choice))
@@ -85,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         quantized = int8_layers(int8)
         fused = sum(1 for layer in int8.layers if int(layer.params.get(8, 0)) > 100)
         print(f"ncnn INT8 model: {args.out_param}, {args.out_bin}")
-        print(f"{len(quantized)} INT8 layer(s), {fused} requantize fusion(s), "
-              f"weights of FP32 layers in {'fp32' if args.no_fp16 else 'fp16'}")
+        print(
+            f"{len(quantized)} INT8 layer(s), {fused} requantize fusion(s), "
+            f"weights of FP32 layers in {'fp32' if args.no_fp16 else 'fp16'}"
+        )
     return 0

@@ -1,5 +1,6 @@
 """``int8conv report``: calibrate (or load statistics), build the ncnn FP32/INT8 pair, evaluate, and render
 one HTML page of per-layer plots: activation histogram + threshold, KL curve, weight-scale spread, cosine."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,29 +26,43 @@ log = logging.getLogger(__name__)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "report", help="HTML report of per-layer calibration plots and INT8-vs-FP32 accuracy",
+        "report",
+        help="HTML report of per-layer calibration plots and INT8-vs-FP32 accuracy",
         description="Per quantizable layer: the |x| histogram of its input with the threshold in use, the KL "
-                    "divergence over every candidate threshold, the per-channel weight-scale spread and the "
-                    "INT8-vs-FP32 cosine; plus the full 'int8conv eval' report. Writes OUT/<name>.html with "
-                    "its figures in OUT/<name>_files, the ncnn FP32/INT8 models it evaluated, and "
-                    "OUT/<name>.json (eval's --json).")
+        "divergence over every candidate threshold, the per-channel weight-scale spread and the "
+        "INT8-vs-FP32 cosine; plus the full 'int8conv eval' report. Writes OUT/<name>.html with "
+        "its figures in OUT/<name>_files, the ncnn FP32/INT8 models it evaluated, and "
+        "OUT/<name>.json (eval's --json).",
+    )
     add_model_args(parser)
     add_preprocess_args(parser)
     add_calibration_args(parser)
     group = parser.add_argument_group("table and evaluation")
-    group.add_argument("--table", type=Path,
-                       help="report on this ncnn table instead of computing one (histograms still come from "
-                            "--images or --load-stats)")
-    group.add_argument("--weights-8bit", action="store_true",
-                       help="8-bit weight scales everywhere (when the table is computed here)")
-    group.add_argument("--head-method", choices=("minmax", "same"), default="minmax",
-                       help="thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)")
-    group.add_argument("--eval-images", type=Path, required=True,
-                       help="evaluation images (ideally not the calibration ones): directory or list file")
+    group.add_argument(
+        "--table",
+        type=Path,
+        help="report on this ncnn table instead of computing one (histograms still come from --images or --load-stats)",
+    )
+    group.add_argument(
+        "--weights-8bit", action="store_true", help="8-bit weight scales everywhere (when the table is computed here)"
+    )
+    group.add_argument(
+        "--head-method",
+        choices=("minmax", "same"),
+        default="minmax",
+        help="thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)",
+    )
+    group.add_argument(
+        "--eval-images",
+        type=Path,
+        required=True,
+        help="evaluation images (ideally not the calibration ones): directory or list file",
+    )
     group.add_argument("--max-eval-images", type=int, default=0, help="use at most this many (0 = all)")
     add_task_args(group)
-    group.add_argument("--no-caffe", action="store_true",
-                       help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)")
+    group.add_argument(
+        "--no-caffe", action="store_true", help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)"
+    )
     group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
     group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
     add_layer_times_arg(group)
@@ -57,9 +72,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    page, evaluation = pipeline.report(model_files(args), preprocess_options(args), calibration_options(args),
-                           eval_options(args, args.eval_images, args.max_eval_images), args.out_dir,
-                           table=args.table, fp16_storage=not args.no_fp16)
+    page, evaluation = pipeline.report(
+        model_files(args),
+        preprocess_options(args),
+        calibration_options(args),
+        eval_options(args, args.eval_images, args.max_eval_images),
+        args.out_dir,
+        table=args.table,
+        fp16_storage=not args.no_fp16,
+    )
     if not args.quiet:
         print(format_report(evaluation))
         print(f"\nreport: {page}")

@@ -4,6 +4,7 @@ Rules are declared once here, by option string, and ``harden`` applies them to e
 ``convert_tool.py``'s), so a bad value stops argparse with exit 2 and a message naming the flag. ``check_args``
 then does the checks that need several flags at once (one path given for two files, an output over an input).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,13 @@ def _number(text: str, kind: type) -> float:
 
 def at_least(minimum: int, what: str) -> Callable[[str], int]:
     """An integer flag of ``minimum`` or more; ``what`` says what the bound means."""
+
     def check(text: str) -> int:
         value = int(_number(text, int))
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
         return value
+
     return check
 
 
@@ -47,11 +50,13 @@ device_number = at_least(0, "a device number, 0 or more")
 
 def float_flag(accept: Callable[[float], bool], rule: str) -> Callable[[str], float]:
     """A finite float flag that ``accept`` takes; ``rule`` is the message when it does not."""
+
     def check(text: str) -> float:
         value = float(_number(text, float))
         if not accept(value):
             raise argparse.ArgumentTypeError(f"{rule}, not {text}")
         return value
+
     return check
 
 
@@ -122,23 +127,44 @@ def json_output(text: str) -> str:
 
 #: numeric flags, by option string (applied to int/float options only)
 NUMERIC: dict[str, Callable[[str], object]] = {
-    "--threads": positive_int, "--timing-runs": positive_int, "--batch-size": positive_int,
-    "--max-images": count_or_all, "--max-eval-images": count_or_all, "--auto-fp32-max-images": positive_int,
-    "--auto-fp32-images": positive_int, "--size": positive_int, "--resize-then-crop": positive_int,
-    "--gpu": device_number, "--jobs": positive_int,
-    "--mean": finite_float, "--norm": positive_float, "--std": nonzero_float, "--auto-fp32": cosine_target,
-    "--score-threshold": fraction, "--iou-threshold": fraction, "--percentile": percentile,
+    "--threads": positive_int,
+    "--timing-runs": positive_int,
+    "--batch-size": positive_int,
+    "--max-images": count_or_all,
+    "--max-eval-images": count_or_all,
+    "--auto-fp32-max-images": positive_int,
+    "--auto-fp32-images": positive_int,
+    "--size": positive_int,
+    "--resize-then-crop": positive_int,
+    "--gpu": device_number,
+    "--jobs": positive_int,
+    "--mean": finite_float,
+    "--norm": positive_float,
+    "--std": nonzero_float,
+    "--auto-fp32": cosine_target,
+    "--score-threshold": fraction,
+    "--iou-threshold": fraction,
+    "--percentile": percentile,
 }
 #: path flags, by subcommand then option string (``--param`` is an output of convert, an input of quantize)
 OUTPUT_FILES = {
-    "calibrate": ("--output", "--save-stats"), "convert_tool.py": ("--output", "--save-stats"),
-    "convert": ("--param", "--bin"), "quantize": ("--out-param", "--out-bin", "--out-table"),
-    "export-trt": ("--save-stats",), "report": ("--save-stats",),
+    "calibrate": ("--output", "--save-stats"),
+    "convert_tool.py": ("--output", "--save-stats"),
+    "convert": ("--param", "--bin"),
+    "quantize": ("--out-param", "--out-bin", "--out-table"),
+    "export-trt": ("--save-stats",),
+    "report": ("--save-stats",),
 }
-OUTPUT_DIRS = {"convert": ("--out-dir",), "export-trt": ("--out-dir",), "report": ("--out-dir",),
-               "convert_tool.py": ("--ncnn-dir",)}
+OUTPUT_DIRS = {
+    "convert": ("--out-dir",),
+    "export-trt": ("--out-dir",),
+    "report": ("--out-dir",),
+    "convert_tool.py": ("--ncnn-dir",),
+}
 INPUT_FILES = ("--proto", "--model", "--table", "--load-stats")
 INPUT_PAIRS = {"quantize": ("--param", "--bin"), "eval": ("--param", "--bin", "--int8-param", "--int8-bin")}
+
+
 def harden(parser: argparse.ArgumentParser, command: str) -> None:
     """Give every option of ``command`` its checking ``type``, from the tables above."""
     outputs, dirs = OUTPUT_FILES.get(command, ()), OUTPUT_DIRS.get(command, ())
@@ -177,4 +203,3 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, comman
         if key in seen:
             raise Int8ConvError(f"{seen[key]} and {option} are the same file ({path}); give each its own path")
         seen[key] = option
-

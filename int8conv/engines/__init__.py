@@ -5,6 +5,7 @@
 Every engine takes a preprocessed float32 NCHW batch and the graph's SSA value names, and returns
 ``{value: ndarray}`` with the batch dimension first.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,10 @@ def caffe_obstacle(prototxt: str | Path) -> str | None:
     missing = [layer for layer in net.layer if layer.type not in known]
     if missing:
         more = f" (nor {len(missing) - 1} more layers)" if len(missing) > 1 else ""
-        return (f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
-                f"registry does not have{more}")
+        return (
+            f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
+            f"registry does not have{more}"
+        )
     return None
 
 
@@ -85,8 +88,15 @@ def _auto_calibration_engine(graph: Graph, values: Sequence[str] | None) -> Engi
     return engine
 
 
-def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: str | Path,
-                gpu: int | None = None, calibration: bool = False, values: Sequence[str] | None = None) -> Engine:
+def make_engine(
+    backend: str,
+    graph: Graph,
+    prototxt: str | Path,
+    caffemodel: str | Path,
+    gpu: int | None = None,
+    calibration: bool = False,
+    values: Sequence[str] | None = None,
+) -> Engine:
     """Pick the FP32 engine. ``auto`` for an FP32 reference prefers pycaffe when importable and it has every layer
     type, else OpenCV; for ``calibration`` (``values``: what it will ask for) it is pycaffe with ``gpu``, else
     ncnn, else OpenCV."""
@@ -100,6 +110,7 @@ def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: st
         if gpu is not None:
             raise BackendUnavailable("--gpu needs the pycaffe backend (--backend caffe); ncnn runs on the CPU")
         from int8conv.engines.ncnn_engine import NcnnEngine
+
         return NcnnEngine(graph)
     if backend not in BACKENDS:
         raise Int8ConvError(f"--backend must be one of {', '.join(CALIBRATION_BACKENDS)}, not '{backend}'")
@@ -116,8 +127,10 @@ def make_engine(backend: str, graph: Graph, prototxt: str | Path, caffemodel: st
         if obstacle:
             raise ModelError(f"the caffe engine cannot run this model: {obstacle}; use --backend opencv")
         from int8conv.engines.caffe_engine import CaffeEngine
+
         return CaffeEngine(graph, Path(prototxt), Path(caffemodel), gpu=gpu)
     if gpu is not None:
         raise BackendUnavailable("--gpu needs the pycaffe backend (--backend caffe); the OpenCV engine runs on the CPU")
     from int8conv.engines.opencv_engine import OpenCVEngine
+
     return OpenCVEngine(graph, Path(prototxt), Path(caffemodel))

@@ -6,6 +6,7 @@ directly against Debian's libraries, the running interpreter and Debian's Boost.
 ``import caffe`` work through a ``.pth`` file. The build is cached per (sdist, Python ABI, NumPy major, recipe),
 so a second run only re-links it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,9 +26,9 @@ import tarfile
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -44,15 +45,26 @@ SDIST_SHA256 = "c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a
 RECIPE = 1
 #: Debian bookworm packages the build needs (``--no-install-recommends`` is enough).
 DEBIAN_PACKAGES = (
-    "build-essential", "cmake", "protobuf-compiler", "libprotobuf-dev", "libboost-system-dev",
-    "libboost-thread-dev", "libboost-filesystem-dev", "libboost-regex-dev", "libboost-python-dev",
-    "libgoogle-glog-dev", "libgflags-dev", "libhdf5-dev", "libopenblas-dev",
+    "build-essential",
+    "cmake",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "libboost-system-dev",
+    "libboost-thread-dev",
+    "libboost-filesystem-dev",
+    "libboost-regex-dev",
+    "libboost-python-dev",
+    "libgoogle-glog-dev",
+    "libgflags-dev",
+    "libhdf5-dev",
+    "libopenblas-dev",
 )
 #: Modules ``import caffe`` needs once ``caffe/io.py`` imports scikit-image and SciPy lazily.
 PYTHON_MODULES = {"numpy": "numpy", "google.protobuf": "protobuf", "six": "six"}
 #: Written beside the ``caffe`` package; the engine reads it to know whether this pycaffe has CUDA.
 BUILD_INFO = "int8conv_build.json"
 PTH_NAME = "int8conv-pycaffe.pth"
+
 
 def _source_patches(boost_python: str) -> list[tuple[str, str, str]]:
     """Exact source edits: (file, text in the sdist, replacement). Each is applied once; a file matching neither
@@ -61,15 +73,28 @@ def _source_patches(boost_python: str) -> list[tuple[str, str, str]]:
         # Debian names Boost.Python after the Python version it was built for.
         ("python/CMakeLists.txt", "-lboost_python ", f"-l{boost_python} "),
         # caffe/io.py is imported by `import caffe`; only load_image/resize_image need scikit-image/SciPy.
-        ("python/caffe/io.py", "import numpy as np\nimport skimage.io\nfrom scipy.ndimage import zoom\n",
-         "import numpy as np\n"),
+        (
+            "python/caffe/io.py",
+            "import numpy as np\nimport skimage.io\nfrom scipy.ndimage import zoom\n",
+            "import numpy as np\n",
+        ),
         ("python/caffe/io.py", "datum.data = arr.tostring()", "datum.data = arr.tobytes()"),
-        ("python/caffe/io.py", "np.fromstring(datum.data, dtype=np.uint8)", "np.frombuffer(datum.data, dtype=np.uint8)"),
-        ("python/caffe/io.py", "    img = skimage.img_as_float(skimage.io.imread(filename, as_grey=not color))",
-         "    import skimage.io\n    img = skimage.img_as_float(skimage.io.imread(filename, as_gray=not color))"),
-        ("python/caffe/io.py", "    if im.shape[-1] == 1 or im.shape[-1] == 3:\n        im_min, im_max",
-         "    from scipy.ndimage import zoom\n    from skimage.transform import resize\n"
-         "    if im.shape[-1] == 1 or im.shape[-1] == 3:\n        im_min, im_max"),
+        (
+            "python/caffe/io.py",
+            "np.fromstring(datum.data, dtype=np.uint8)",
+            "np.frombuffer(datum.data, dtype=np.uint8)",
+        ),
+        (
+            "python/caffe/io.py",
+            "    img = skimage.img_as_float(skimage.io.imread(filename, as_grey=not color))",
+            "    import skimage.io\n    img = skimage.img_as_float(skimage.io.imread(filename, as_gray=not color))",
+        ),
+        (
+            "python/caffe/io.py",
+            "    if im.shape[-1] == 1 or im.shape[-1] == 3:\n        im_min, im_max",
+            "    from scipy.ndimage import zoom\n    from skimage.transform import resize\n"
+            "    if im.shape[-1] == 1 or im.shape[-1] == 3:\n        im_min, im_max",
+        ),
     ]
 
 
@@ -80,7 +105,7 @@ class InstallResult:
     build_dir: Path
     python_dir: Path
     pth_file: Path
-    built: bool          # False when a cached build was re-linked
+    built: bool  # False when a cached build was re-linked
     seconds: float
 
 
@@ -89,6 +114,7 @@ class BuildFailed(Int8ConvError):
 
 
 # ---------------------------------------------------------------- platform and prerequisites
+
 
 def python_tag() -> str:
     return f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -104,8 +130,9 @@ def multiarch() -> str:
     triplet = sysconfig.get_config_var("MULTIARCH")
     if not triplet:
         try:
-            triplet = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True,
-                                     check=True).stdout.strip()
+            triplet = subprocess.run(
+                ["gcc", "-print-multiarch"], capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             triplet = f"{platform.machine()}-linux-gnu"
     return triplet
@@ -114,15 +141,20 @@ def multiarch() -> str:
 def check_platform() -> None:
     """Refuse early, with the reason, where this recipe cannot work."""
     if sys.platform != "linux":
-        raise BackendUnavailable(f"install-caffe builds on Debian/Ubuntu Linux only; this is {platform.system()}. "
-                                 "Use --backend opencv (the default engine), or build Caffe yourself.")
+        raise BackendUnavailable(
+            f"install-caffe builds on Debian/Ubuntu Linux only; this is {platform.system()}. "
+            "Use --backend opencv (the default engine), or build Caffe yourself."
+        )
     if sys.version_info[:2] != (3, 11):
         raise BackendUnavailable(
             f"install-caffe supports Python 3.11 only (Debian bookworm's Boost.Python is built for it); this is "
-            f"Python {platform.python_version()}. Run it from a Python 3.11 environment, or use --backend opencv.")
+            f"Python {platform.python_version()}. Run it from a Python 3.11 environment, or use --backend opencv."
+        )
     if shutil.which("dpkg-query") is None or not Path("/etc/debian_version").exists():
-        raise BackendUnavailable("install-caffe needs a Debian-based system (it uses Debian's Boost.Python, glog, "
-                                 "protobuf, HDF5 and OpenBLAS packages); dpkg-query was not found.")
+        raise BackendUnavailable(
+            "install-caffe needs a Debian-based system (it uses Debian's Boost.Python, glog, "
+            "protobuf, HDF5 and OpenBLAS packages); dpkg-query was not found."
+        )
 
 
 def missing_packages(packages: Sequence[str] = DEBIAN_PACKAGES) -> list[str]:
@@ -142,8 +174,10 @@ def apt_command(packages: Sequence[str]) -> list[str]:
 def install_packages(packages: Sequence[str], log_file: Path) -> None:
     """Run apt-get (root only): what ``--install-deps`` does."""
     if os.geteuid() != 0:
-        raise BackendUnavailable("--install-deps runs apt-get and needs root; run as root, or install them first:\n"
-                                 f"  sudo {shlex.join(apt_command(packages))}")
+        raise BackendUnavailable(
+            "--install-deps runs apt-get and needs root; run as root, or install them first:\n"
+            f"  sudo {shlex.join(apt_command(packages))}"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     log.info("installing Debian packages: %s", " ".join(packages))
     _run_logged(["apt-get", "update"], "apt-get update", log_file, env=env)
@@ -165,17 +199,23 @@ def check_toolchain(install_deps: bool, log_file: Path) -> None:
         install_packages(missing, log_file)
         missing = missing_packages(packages)
     if missing:
-        raise BackendUnavailable("building pycaffe needs these Debian packages, which are not installed:\n"
-                                 f"  {shlex.join(apt_command(missing))}\n"
-                                 "(or run `int8conv install-caffe --install-deps` as root)")
+        raise BackendUnavailable(
+            "building pycaffe needs these Debian packages, which are not installed:\n"
+            f"  {shlex.join(apt_command(missing))}\n"
+            "(or run `int8conv install-caffe --install-deps` as root)"
+        )
     if not (python_include_dir() / "Python.h").exists():
-        raise BackendUnavailable(f"Python.h is missing from {python_include_dir()}: this interpreter has no "
-                                 "development headers (for a Debian system Python: apt-get install python3-dev)")
+        raise BackendUnavailable(
+            f"Python.h is missing from {python_include_dir()}: this interpreter has no "
+            "development headers (for a Debian system Python: apt-get install python3-dev)"
+        )
     library = Path("/usr/lib") / multiarch() / f"lib{boost_python_name()}.so"
     if not library.exists():
-        raise BackendUnavailable(f"{library} does not exist: Debian's Boost.Python is not built for Python "
-                                 f"{sys.version_info.major}.{sys.version_info.minor}, so pycaffe cannot be built "
-                                 "for this interpreter")
+        raise BackendUnavailable(
+            f"{library} does not exist: Debian's Boost.Python is not built for Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}, so pycaffe cannot be built "
+            "for this interpreter"
+        )
     for tool in ("cmake", "make", "g++"):
         if shutil.which(tool) is None:
             raise BackendUnavailable(f"'{tool}' is not on PATH (Debian packages: build-essential cmake)")
@@ -200,9 +240,11 @@ def check_python_modules(install_deps: bool, log_file: Path) -> None:
         _run_logged([sys.executable, "-m", "pip", "install", *missing], "pip install", log_file)
         missing = missing_python_modules()
     if missing:
-        raise BackendUnavailable("`import caffe` needs these Python packages: "
-                                 f"{shlex.join([sys.executable, '-m', 'pip', 'install', *missing])} "
-                                 "(or run `int8conv install-caffe --install-deps`)")
+        raise BackendUnavailable(
+            "`import caffe` needs these Python packages: "
+            f"{shlex.join([sys.executable, '-m', 'pip', 'install', *missing])} "
+            "(or run `int8conv install-caffe --install-deps`)"
+        )
 
 
 def cuda_toolkit() -> Path | None:
@@ -218,16 +260,20 @@ def check_cuda_request() -> None:
     """``--cuda``: say why this recipe builds CPU-only pycaffe even with a toolkit present."""
     nvcc = cuda_toolkit()
     if nvcc is None:
-        raise BackendUnavailable("--cuda: no CUDA toolkit found (nvcc is not on PATH or in /usr/local/cuda/bin); "
-                                 "run without --cuda for a CPU-only pycaffe")
+        raise BackendUnavailable(
+            "--cuda: no CUDA toolkit found (nvcc is not on PATH or in /usr/local/cuda/bin); "
+            "run without --cuda for a CPU-only pycaffe"
+        )
     raise BackendUnavailable(
         f"--cuda: a CUDA toolkit is present ({nvcc}), but brocolli-caffe {CAFFE_VERSION}'s CMake is CPU-only (it "
         "defines CPU_ONLY unconditionally and has no CUDA build rules), so this recipe cannot build a GPU pycaffe. "
         "Run without --cuda for a CPU-only build; for --gpu, install a CUDA-enabled pycaffe yourself (e.g. BVLC "
-        "Caffe built with CUDA): int8conv uses any importable pycaffe.")
+        "Caffe built with CUDA): int8conv uses any importable pycaffe."
+    )
 
 
 # ---------------------------------------------------------------- cache layout
+
 
 def cache_root() -> Path:
     """``$INT8CONV_CACHE``, else ``$XDG_CACHE_HOME/int8conv`` (``~/.cache/int8conv``)."""
@@ -262,6 +308,7 @@ def read_build_info(package_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------- steps
 
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
@@ -269,8 +316,9 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def _run_logged(command: Sequence[str], step: str, log_file: Path, cwd: Path | None = None,
-                env: dict[str, str] | None = None) -> None:
+def _run_logged(
+    command: Sequence[str], step: str, log_file: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> None:
     """Run ``command`` with its output appended to ``log_file``; a failure names the step and the log."""
     log.debug("%s: %s", step, shlex.join(command))
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -282,8 +330,10 @@ def _run_logged(command: Sequence[str], step: str, log_file: Path, cwd: Path | N
         except OSError as exc:
             raise BuildFailed(f"{step} could not start ({exc}); build log: {log_file}") from exc
     if code != 0:
-        raise BuildFailed(f"{step} failed with exit code {code}. Last lines of the build log {log_file}:\n"
-                          f"{textwrap.indent(_tail(log_file), '  ')}\nfull log: {log_file}")
+        raise BuildFailed(
+            f"{step} failed with exit code {code}. Last lines of the build log {log_file}:\n"
+            f"{textwrap.indent(_tail(log_file), '  ')}\nfull log: {log_file}"
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -299,8 +349,10 @@ def verify_sdist(path: Path) -> None:
     actual = sha256_of(path)
     if actual != SDIST_SHA256:
         path.unlink(missing_ok=True)
-        raise BuildFailed(f"{path.name}: sha256 {actual} does not match the expected {SDIST_SHA256}; "
-                          "the download was removed (a corrupted download or a changed package on the index)")
+        raise BuildFailed(
+            f"{path.name}: sha256 {actual} does not match the expected {SDIST_SHA256}; "
+            "the download was removed (a corrupted download or a changed package on the index)"
+        )
 
 
 def fetch_sdist(download_dir: Path, log_file: Path) -> Path:
@@ -313,8 +365,22 @@ def fetch_sdist(download_dir: Path, log_file: Path) -> Path:
     download_dir.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s with pip", SDIST_REQUIREMENT)
     with tempfile.TemporaryDirectory(dir=download_dir) as tmp:
-        _run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                     "--dest", tmp, SDIST_REQUIREMENT], "pip download", log_file)
+        _run_logged(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                tmp,
+                SDIST_REQUIREMENT,
+            ],
+            "pip download",
+            log_file,
+        )
         got = Path(tmp) / SDIST_NAME
         if not got.exists():
             raise BuildFailed(f"pip download did not produce {SDIST_NAME}; build log: {log_file}")
@@ -353,26 +419,43 @@ def patch_sources(source: Path) -> None:
         if new in text and (old not in text or old in new):
             continue
         if old not in text:
-            raise BuildFailed(f"{path}: expected text not found ({old.splitlines()[0]!r}); this is not the "
-                              f"brocolli-caffe {CAFFE_VERSION} source this recipe patches")
+            raise BuildFailed(
+                f"{path}: expected text not found ({old.splitlines()[0]!r}); this is not the "
+                f"brocolli-caffe {CAFFE_VERSION} source this recipe patches"
+            )
         write_text_atomic(path, text.replace(old, new, 1))
 
 
 def configure(source: Path, build: Path, log_file: Path) -> None:
     """CMake for a CPU-only pycaffe against the running interpreter and Debian's libraries."""
     lib_dir = f"/usr/lib/{multiarch()}/hdf5/serial"
-    cxx_flags = " ".join([
-        f"-I{python_include_dir()}", f"-I{np.get_include()}", "-I/usr/include/hdf5/serial",
-        f"-I{source / 'src'}", "-DWITH_PYTHON_LAYER",
-    ])
+    cxx_flags = " ".join(
+        [
+            f"-I{python_include_dir()}",
+            f"-I{np.get_include()}",
+            "-I/usr/include/hdf5/serial",
+            f"-I{source / 'src'}",
+            "-DWITH_PYTHON_LAYER",
+        ]
+    )
     build.mkdir(parents=True, exist_ok=True)
-    _run_logged([
-        "cmake", str(source), "-DCMAKE_BUILD_TYPE=Release", "-DCPU_ONLY=ON", "-DBUILD_python=ON",
-        f"-DANACONDA_HOME={sys.base_prefix}",
-        f"-DPYTHON_VERSION=python{sys.version_info.major}.{sys.version_info.minor}",
-        f"-DCMAKE_CXX_FLAGS={cxx_flags}",
-        f"-DCMAKE_SHARED_LINKER_FLAGS=-L{lib_dir}", f"-DCMAKE_EXE_LINKER_FLAGS=-L{lib_dir}",
-    ], "cmake configure", log_file, cwd=build)
+    _run_logged(
+        [
+            "cmake",
+            str(source),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DCPU_ONLY=ON",
+            "-DBUILD_python=ON",
+            f"-DANACONDA_HOME={sys.base_prefix}",
+            f"-DPYTHON_VERSION=python{sys.version_info.major}.{sys.version_info.minor}",
+            f"-DCMAKE_CXX_FLAGS={cxx_flags}",
+            f"-DCMAKE_SHARED_LINKER_FLAGS=-L{lib_dir}",
+            f"-DCMAKE_EXE_LINKER_FLAGS=-L{lib_dir}",
+        ],
+        "cmake configure",
+        log_file,
+        cwd=build,
+    )
 
 
 def compile_pycaffe(build: Path, jobs: int, log_file: Path) -> None:
@@ -411,15 +494,21 @@ def _check_script(package_parent: Path) -> str:
 def verify_import(package_parent: Path, log_file: Path) -> dict:
     """Run the check in a subprocess (with GLOG quiet) so a crash in ``_caffe.so`` cannot take us down."""
     int8conv_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, GLOG_minloglevel="2",
-               PYTHONPATH=os.pathsep.join(filter(None, [int8conv_root, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", _check_script(package_parent)], capture_output=True, text=True,
-                          env=env)
+    env = dict(
+        os.environ,
+        GLOG_minloglevel="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [int8conv_root, os.environ.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _check_script(package_parent)], capture_output=True, text=True, env=env
+    )
     with open(log_file, "a", encoding="utf-8") as handle:
         handle.write(f"\n### import check\n{done.stdout}{done.stderr}")
     if done.returncode != 0:
-        raise BuildFailed(f"the built pycaffe does not import or run (exit {done.returncode}):\n"
-                          f"{textwrap.indent(done.stderr.strip()[-3000:], '  ')}\nbuild log: {log_file}")
+        raise BuildFailed(
+            f"the built pycaffe does not import or run (exit {done.returncode}):\n"
+            f"{textwrap.indent(done.stderr.strip()[-3000:], '  ')}\nbuild log: {log_file}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -430,8 +519,10 @@ def site_packages() -> Path:
         return purelib
     if site.ENABLE_USER_SITE:
         return Path(site.getusersitepackages())
-    raise BackendUnavailable(f"cannot write to {purelib} and user site-packages are disabled; run from a "
-                             "virtual environment you own, or add the printed folder to PYTHONPATH yourself")
+    raise BackendUnavailable(
+        f"cannot write to {purelib} and user site-packages are disabled; run from a "
+        "virtual environment you own, or add the printed folder to PYTHONPATH yourself"
+    )
 
 
 def link_into_environment(package_parent: Path) -> Path:
@@ -440,8 +531,12 @@ def link_into_environment(package_parent: Path) -> Path:
     write_text_atomic(target, f"{package_parent}\n")
     spec = importlib.util.find_spec("caffe") if "caffe" not in sys.modules else None
     if spec is not None and spec.origin and Path(spec.origin).resolve().parent.parent != package_parent.resolve():
-        log.warning("another 'caffe' package is importable here (%s); check `python -c 'import caffe; "
-                    "print(caffe.__file__)'` shows %s", spec.origin, package_parent / "caffe")
+        log.warning(
+            "another 'caffe' package is importable here (%s); check `python -c 'import caffe; "
+            "print(caffe.__file__)'` shows %s",
+            spec.origin,
+            package_parent / "caffe",
+        )
     return target
 
 
@@ -451,7 +546,7 @@ class _Lock:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "w")
         try:
@@ -482,8 +577,13 @@ def _steps(build: Path, install_deps: bool, jobs: int, log_file: Path) -> Iterat
     compile_pycaffe(build / "build", jobs, log_file)
 
 
-def install_caffe(root: Path | None = None, jobs: int | None = None, cuda: bool = False,
-                  install_deps: bool = False, rebuild: bool = False) -> InstallResult:
+def install_caffe(
+    root: Path | None = None,
+    jobs: int | None = None,
+    cuda: bool = False,
+    install_deps: bool = False,
+    rebuild: bool = False,
+) -> InstallResult:
     """Build (or reuse) pycaffe and make ``import caffe`` work in this Python environment."""
     started = time.monotonic()
     check_platform()
@@ -510,11 +610,23 @@ def install_caffe(root: Path | None = None, jobs: int | None = None, cuda: bool 
         check_python_modules(install_deps, log_file)
         found = verify_import(package_parent, log_file)
         if built:
-            write_text_atomic(info_path, json.dumps({
-                "version": CAFFE_VERSION, "sdist_sha256": SDIST_SHA256, "recipe": RECIPE, "cuda": False,
-                "python": platform.python_version(), "numpy": np.__version__, "protobuf": found["protobuf"],
-                "build_seconds": round(time.monotonic() - started, 1),
-            }, indent=2) + "\n")
+            write_text_atomic(
+                info_path,
+                json.dumps(
+                    {
+                        "version": CAFFE_VERSION,
+                        "sdist_sha256": SDIST_SHA256,
+                        "recipe": RECIPE,
+                        "cuda": False,
+                        "python": platform.python_version(),
+                        "numpy": np.__version__,
+                        "protobuf": found["protobuf"],
+                        "build_seconds": round(time.monotonic() - started, 1),
+                    },
+                    indent=2,
+                )
+                + "\n",
+            )
         pth = link_into_environment(package_parent)
     log.info("pycaffe ready: %s (import caffe via %s)", found["caffe"], pth)
     return InstallResult(build, package_parent, pth, built, time.monotonic() - started)

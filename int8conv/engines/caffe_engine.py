@@ -4,15 +4,16 @@ pycaffe keeps one buffer per Caffe blob, so after ``forward()`` an in-place chai
 shows its last version. To return any version (the IR value ``x_L``), the net is run in segments
 (``ForwardFromTo``) and each requested blob is copied right after the layer that wrote that version.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
 
 import numpy as np
 
@@ -72,8 +73,10 @@ class CaffeEngine:
             if gpu < 0:
                 raise BackendUnavailable(f"--gpu must be a device number >= 0, not {gpu}")
             if not caffe_has_cuda(caffe):
-                raise BackendUnavailable(f"--gpu {gpu}: this pycaffe ({caffe.__file__}) is built CPU-only "
-                                         "(int8conv install-caffe builds CPU-only); drop --gpu to run on the CPU")
+                raise BackendUnavailable(
+                    f"--gpu {gpu}: this pycaffe ({caffe.__file__}) is built CPU-only "
+                    "(int8conv install-caffe builds CPU-only); drop --gpu to run on the CPU"
+                )
             caffe.set_mode_gpu()
             caffe.set_device(gpu)
             log.info("pycaffe on GPU %d", gpu)
@@ -93,8 +96,9 @@ class CaffeEngine:
         self._layer_index = {name: i for i, name in enumerate(self._net._layer_names)}
         missing = [layer.name for layer in graph.layers if layer.name not in self._layer_index]
         if missing:
-            raise ModelError(f"{prototxt}: pycaffe's net has no layer(s) {', '.join(missing)}; the graph and the "
-                             "net disagree")
+            raise ModelError(
+                f"{prototxt}: pycaffe's net has no layer(s) {', '.join(missing)}; the graph and the net disagree"
+            )
         if len(graph.inputs) != 1:
             raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
         self._input = next(iter(graph.inputs))
@@ -113,8 +117,10 @@ class CaffeEngine:
         last one (a calibration pass never runs DetectionOutput and the like)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != len(self.graph.inputs[self._input]):
-            raise ModelError(f"input batch has shape {batch.shape}; '{self._input}' of '{self.graph.name}' "
-                             f"is {self.graph.inputs[self._input]}")
+            raise ModelError(
+                f"input batch has shape {batch.shape}; '{self._input}' of '{self.graph.name}' "
+                f"is {self.graph.inputs[self._input]}"
+            )
         result: dict[str, np.ndarray] = {}
         stops: dict[int, list[str]] = {}
         for value in values:

@@ -13,6 +13,7 @@ is extracted under its own name. What the converter removes is handled here:
 ncnn runs one image at a time and releases the GIL while it computes, so ``replica()`` engines on the same
 files run in parallel threads (``--jobs``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from int8conv.caffe.shapes import infer_shapes
 from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
+
 
 def _identity(layer) -> bool:
     """A Caffe layer the converter removes because it passes its bottom through unchanged."""
@@ -62,7 +64,7 @@ class _Network:
         self.param, self.bin = Path(self.folder.name) / "fp32.param", Path(self.folder.name) / "fp32.bin"
         self.param.write_text(param_text(model), encoding="utf-8")
         self.bin.write_bytes(bin_bytes(model))
-        self.order = {blob: i for i, blob in enumerate(model.blob_names)}   # first appearance = execution order
+        self.order = {blob: i for i, blob in enumerate(model.blob_names)}  # first appearance = execution order
         self.blobs = set(self.order)
         self.input = model.input_names[0]
         self.equal = _equal_values(graph)
@@ -81,7 +83,7 @@ class NcnnEngine:
             raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
         self.graph, self.threads = graph, threads
         self._networks: dict[tuple[int, ...], _Network] = {}
-        self._converting = threading.Lock()          # replicas share the networks: convert each size once
+        self._converting = threading.Lock()  # replicas share the networks: convert each size once
         self._runners: dict[tuple[int, ...], object] = {}
 
     def replica(self) -> NcnnEngine:
@@ -114,9 +116,11 @@ class NcnnEngine:
             else:
                 found[value] = blob
         if hidden:
-            raise ModelError(f"the ncnn engine cannot observe {len(hidden)} value(s) of '{self.graph.name}' that "
-                             f"the ncnn model fuses into a convolution ({', '.join(hidden[:5])}"
-                             f"{' ...' if len(hidden) > 5 else ''}); use --backend opencv or caffe")
+            raise ModelError(
+                f"the ncnn engine cannot observe {len(hidden)} value(s) of '{self.graph.name}' that "
+                f"the ncnn model fuses into a convolution ({', '.join(hidden[:5])}"
+                f"{' ...' if len(hidden) > 5 else ''}); use --backend opencv or caffe"
+            )
         return found
 
     def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ names of depthwise convolution become ``Convolution`` with one group per output 
 (nearest neighbour, ``upsample_param { scale }``) runs as a Python layer registered with ``cv2.dnn_registerLayer``.
 A type OpenCV still cannot create is a ``ModelError`` naming the layer and this engine.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,10 @@ def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
     """
     for layer in graph.layers:
         if layer.type == "Upsample" and len(layer.bottoms) != 1:
-            raise ModelError(f"{prototxt}: layer '{layer.name}' (Upsample) has {len(layer.bottoms)} bottoms; the "
-                             "OpenCV engine runs the nearest-neighbour Upsample of one bottom only (not unpooling)")
+            raise ModelError(
+                f"{prototxt}: layer '{layer.name}' (Upsample) has {len(layer.bottoms)} bottoms; the "
+                "OpenCV engine runs the nearest-neighbour Upsample of one bottom only (not unpooling)"
+            )
     net = read_prototxt(prototxt)
     renamed = []
     for layer in net.layer:
@@ -89,9 +92,11 @@ def opencv_error(prototxt: Path | str, exc: Exception) -> ModelError:
 
     found = _CANNOT_CREATE.search(str(exc))
     if found:
-        return ModelError(f"{prototxt}: layer '{found.group(1)}' has type '{found.group(2)}', which the opencv "
-                          f"engine (OpenCV {cv2.__version__} DNN) does not have; try --backend caffe if pycaffe has "
-                          "it")
+        return ModelError(
+            f"{prototxt}: layer '{found.group(1)}' has type '{found.group(2)}', which the opencv "
+            f"engine (OpenCV {cv2.__version__} DNN) does not have; try --backend caffe if pycaffe has "
+            "it"
+        )
     return ModelError(f"{prototxt}: OpenCV cannot run this model: {str(exc).strip()}")
 
 
@@ -122,8 +127,9 @@ class OpenCVEngine:
     def _read_net(self):
         if self._rewritten is None:
             return self._cv2.dnn.readNetFromCaffe(self.prototxt, self.caffemodel)
-        return self._cv2.dnn.readNetFromCaffe(np.frombuffer(self._rewritten.encode("utf-8"), np.uint8),
-                                              np.fromfile(self.caffemodel, np.uint8))
+        return self._cv2.dnn.readNetFromCaffe(
+            np.frombuffer(self._rewritten.encode("utf-8"), np.uint8), np.fromfile(self.caffemodel, np.uint8)
+        )
 
     def _net_for(self, shape: tuple[int, ...]):
         if self._net is None or self._spatial != shape[2:]:

@@ -6,11 +6,12 @@ boxes (Caffe ``1x1xNx7`` or ncnn ``Nx6``), and host-decoded detectors such as Ul
 Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB). INT8 quality is measured as precision and recall of the
 INT8 detections against the FP32 detections of the same image (same class, IoU >= 0.5).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -32,11 +33,15 @@ class Detections:
     labels: np.ndarray
     landmarks: np.ndarray | None = None
 
-    def above(self, threshold: float) -> "Detections":
+    def above(self, threshold: float) -> Detections:
         """Only the detections scoring at least ``threshold``."""
         keep = self.scores >= threshold
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep],
-                          None if self.landmarks is None else self.landmarks[keep])
+        return Detections(
+            self.boxes[keep],
+            self.scores[keep],
+            self.labels[keep],
+            None if self.landmarks is None else self.landmarks[keep],
+        )
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -57,7 +62,7 @@ def from_detection_output(output: np.ndarray) -> Detections:
     width = array.shape[-1]
     if width not in (6, 7):
         raise ValueError(f"a DetectionOutput blob has 6 or 7 values per row, this one has shape {array.shape}")
-    rows = array.reshape(-1, width)[:, width - 6:]
+    rows = array.reshape(-1, width)[:, width - 6 :]
     rows = rows[rows[:, 0] >= 0]
     return Detections(rows[:, 2:6].copy(), rows[:, 1].copy(), rows[:, 0].astype(np.int64))
 
@@ -74,8 +79,14 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int = 200,
-        score_threshold: float = -math.inf, eta: float = 1.0) -> np.ndarray:
+def nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float,
+    top_k: int = 200,
+    score_threshold: float = -math.inf,
+    eta: float = 1.0,
+) -> np.ndarray:
     """Caffe's ApplyNMSFast: indices kept, best score first (stable on ties).
 
     Boxes scoring above ``score_threshold`` are sorted, the ``top_k`` best (all for -1) considered, and each is
@@ -96,28 +107,42 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, top_k: int 
     return order[np.asarray(kept, dtype=np.int64)]
 
 
-def ultraface_priors(width: int, height: int, min_boxes: Sequence[Sequence[float]] = ULTRAFACE_MIN_BOXES,
-                     strides: Sequence[float] = ULTRAFACE_STRIDES) -> np.ndarray:
+def ultraface_priors(
+    width: int,
+    height: int,
+    min_boxes: Sequence[Sequence[float]] = ULTRAFACE_MIN_BOXES,
+    strides: Sequence[float] = ULTRAFACE_STRIDES,
+) -> np.ndarray:
     """Prior boxes (cx, cy, w, h), normalized, in the order the network's outputs use.
 
     Per level: rows of the feature map, then columns, then the level's box sizes; centers sit at cell middles
     of a ``ceil(size / stride)`` grid and everything is clipped to [0, 1].
     """
     levels = []
-    for sizes, stride in zip(min_boxes, strides):
+    for sizes, stride in zip(min_boxes, strides, strict=True):
         cols, rows = math.ceil(width / stride), math.ceil(height / stride)
-        cy, cx, size = np.meshgrid((np.arange(rows) + 0.5) * stride / height,
-                                   (np.arange(cols) + 0.5) * stride / width,
-                                   np.asarray(sizes, dtype=np.float64), indexing="ij")
+        cy, cx, size = np.meshgrid(
+            (np.arange(rows) + 0.5) * stride / height,
+            (np.arange(cols) + 0.5) * stride / width,
+            np.asarray(sizes, dtype=np.float64),
+            indexing="ij",
+        )
         levels.append(np.stack([cx, cy, size / width, size / height], axis=-1).reshape(-1, 4))
     return np.clip(np.concatenate(levels), 0.0, 1.0)
 
 
-def decode_ultraface(scores: np.ndarray, boxes: np.ndarray, priors: np.ndarray, threshold: float,
-                     iou_threshold: float = ULTRAFACE_NMS_IOU,
-                     center_variance: float = ULTRAFACE_CENTER_VARIANCE,
-                     size_variance: float = ULTRAFACE_SIZE_VARIANCE) -> Detections:
-    """Raw ``scores`` (P, classes) and ``boxes`` (P, 4) regressions -> per-class NMS'd detections (class 0 is background)."""
+def decode_ultraface(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    priors: np.ndarray,
+    threshold: float,
+    iou_threshold: float = ULTRAFACE_NMS_IOU,
+    center_variance: float = ULTRAFACE_CENTER_VARIANCE,
+    size_variance: float = ULTRAFACE_SIZE_VARIANCE,
+) -> Detections:
+    """Raw ``scores`` (P, classes) and ``boxes`` (P, 4) regressions -> per-class NMS'd detections.
+
+    Class 0 is the background."""
     scores = np.asarray(scores, dtype=np.float64).reshape(priors.shape[0], -1)
     loc = np.asarray(boxes, dtype=np.float64).reshape(priors.shape[0], 4)
     centers = loc[:, :2] * center_variance * priors[:, 2:] + priors[:, :2]
@@ -131,9 +156,11 @@ def decode_ultraface(scores: np.ndarray, boxes: np.ndarray, priors: np.ndarray, 
         found.append((class_boxes[kept], class_scores[kept], np.full(kept.size, label, dtype=np.int64)))
     if not found:
         return empty_detections()
-    return Detections(np.concatenate([f[0] for f in found]).astype(np.float32),
-                      np.concatenate([f[1] for f in found]).astype(np.float32),
-                      np.concatenate([f[2] for f in found]))
+    return Detections(
+        np.concatenate([f[0] for f in found]).astype(np.float32),
+        np.concatenate([f[1] for f in found]).astype(np.float32),
+        np.concatenate([f[2] for f in found]),
+    )
 
 
 @dataclass

@@ -13,13 +13,14 @@ The numbers that decide whether an INT8 deployment is usable:
 For detectors the "output" cosine is taken on what feeds the box decoding, without the background class
 (see ``OutputView``), since the decoded boxes of two nets cannot be compared element by element.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -63,11 +64,16 @@ def detect_task(model: NcnnModel) -> str:
     if is_retinaface(outputs):
         return "retinaface"
     producers = [model.producer(name) for name in outputs]
-    if len(outputs) > 1 and all(p is not None and p.type == "Convolution" and int(p.params.get(0, 0)) == 18
-                                and not int(p.params.get(9, 0)) for p in producers):
+    if len(outputs) > 1 and all(
+        p is not None and p.type == "Convolution" and int(p.params.get(0, 0)) == 18 and not int(p.params.get(9, 0))
+        for p in producers
+    ):
         return "yoloface"
-    if len(outputs) == 1 and producers[0] is not None and (
-            producers[0].type == "Sigmoid" or int(producers[0].params.get(9, 0)) == SIGMOID_ACTIVATION):
+    if (
+        len(outputs) == 1
+        and producers[0] is not None
+        and (producers[0].type == "Sigmoid" or int(producers[0].params.get(9, 0)) == SIGMOID_ACTIVATION)
+    ):
         return "segmentation"
     return "classifier"
 
@@ -79,8 +85,7 @@ def _is_prior(model: NcnnModel, blob: str) -> bool:
         return False
     if producer.type == "PriorBox":
         return True
-    return producer.type in VALUE_PRESERVING and all(
-        _is_prior(model, b) for b in producer.bottoms)
+    return producer.type in VALUE_PRESERVING and all(_is_prior(model, b) for b in producer.bottoms)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class OutputView:
                 classes = self.class_scores[blob] or array.shape[-1]
                 array = array.reshape(-1, classes)[:, 1:]
             if blob in self.background_channels:
-                array = array.reshape(array.shape[-3], -1)[self.background_channels[blob]:]
+                array = array.reshape(array.shape[-3], -1)[self.background_channels[blob] :]
             parts.append(array.reshape(-1))
         return parts
 
@@ -130,8 +135,9 @@ def output_view(model: NcnnModel, task: str) -> OutputView:
         return OutputView(["boxes", "scores"], {"scores": None})
     if task == "retinaface":
         names = [retinaface_outputs(stride) for stride in (32, 16, 8)]
-        return OutputView([name for triple in names for name in triple],
-                          background_channels={scores: 2 for scores, _, _ in names})
+        return OutputView(
+            [name for triple in names for name in triple], background_channels={scores: 2 for scores, _, _ in names}
+        )
     return OutputView(list(model.output_names))
 
 
@@ -141,11 +147,14 @@ def resolve_task(model: NcnnModel, task: str) -> str:
         raise ModelError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
     task = detect_task(model) if task == "auto" else task
     if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
-        raise ModelError(f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs "
-                         f"{model.output_names}")
+        raise ModelError(
+            f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs {model.output_names}"
+        )
     if task == "retinaface" and not is_retinaface(model.output_names):
-        raise ModelError(f"--task retinaface needs the outputs {', '.join(retinaface_outputs(8))} (and strides 16, "
-                         f"32); this model outputs {model.output_names}")
+        raise ModelError(
+            f"--task retinaface needs the outputs {', '.join(retinaface_outputs(8))} (and strides 16, "
+            f"32); this model outputs {model.output_names}"
+        )
     if task == "segmentation" and len(model.output_names) != 1:
         raise ModelError(f"--task segmentation compares one output map; this model has {model.output_names}")
     return task
@@ -222,13 +231,20 @@ class TaskMetric:
 
     def summary(self) -> dict[str, float]:
         if self.task == "classifier":
-            return {"top1_agreement": self.top1_agree / self.images if self.images else math.nan,
-                    "mean_abs_prob_diff": self.prob_diff.mean}
+            return {
+                "top1_agreement": self.top1_agree / self.images if self.images else math.nan,
+                "mean_abs_prob_diff": self.prob_diff.mean,
+            }
         if self.task == "segmentation":
             return {"map_iou": self.map_iou.mean, "map_iou_min": self.map_iou.low, "map_threshold": MAP_THRESHOLD}
-        return {"precision": self.matches.precision, "recall": self.matches.recall,
-                "mean_iou": self.matches.mean_iou, "reference_detections": self.matches.reference,
-                "candidate_detections": self.matches.candidate, "matched": self.matches.matched}
+        return {
+            "precision": self.matches.precision,
+            "recall": self.matches.recall,
+            "mean_iou": self.matches.mean_iou,
+            "reference_detections": self.matches.reference,
+            "candidate_detections": self.matches.candidate,
+            "matched": self.matches.matched,
+        }
 
 
 @dataclass
@@ -243,14 +259,15 @@ class EvalConfig:
     images: Sequence[Path]
     caffe_forward: Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]] | None = None
     task: str = "auto"
-    score_threshold: float | None = None     # None: the task's default (``score_threshold``)
+    score_threshold: float | None = None  # None: the task's default (``score_threshold``)
     iou_threshold: float = 0.5
     threads: Sequence[int] = (1, 2)
     timing_runs: int = 10
 
 
-def task_outputs(task: str, model: NcnnModel, size: tuple[int, int],
-                 threshold: float) -> Callable[[dict[str, np.ndarray]], Detections | np.ndarray]:
+def task_outputs(
+    task: str, model: NcnnModel, size: tuple[int, int], threshold: float
+) -> Callable[[dict[str, np.ndarray]], Detections | np.ndarray]:
     """What the task metric compares, from one image's outputs: detections (thresholded), or the output
     vector (classifier) or map (segmentation)."""
     if task == "ssd":
@@ -308,20 +325,33 @@ class Comparison:
         return decoded
 
     def summary(self) -> dict:
-        return {"output_blobs": self.view.blobs, "output_cosine": self.output.mean,
-                "output_cosine_min": self.output.low, "task": self.metric.summary(),
-                "layer_cosine": {name: running.mean for name, running in self.layers.items()}}
+        return {
+            "output_blobs": self.view.blobs,
+            "output_cosine": self.output.mean,
+            "output_cosine_min": self.output.low,
+            "task": self.metric.summary(),
+            "layer_cosine": {name: running.mean for name, running in self.layers.items()},
+        }
 
 
-def _compare_with_caffe(differences: dict[str, Difference], caffe: dict[str, np.ndarray],
-                        ncnn: dict[str, np.ndarray], model: NcnnModel, task: str, score_threshold: float) -> None:
+def _compare_with_caffe(
+    differences: dict[str, Difference],
+    caffe: dict[str, np.ndarray],
+    ncnn: dict[str, np.ndarray],
+    model: NcnnModel,
+    task: str,
+    score_threshold: float,
+) -> None:
     """Add one image's ncnn FP32 vs Caffe differences, output by output."""
     for name, diff in differences.items():
         if name not in caffe:
             diff.note = "not an output of the Caffe net"
         elif task == "ssd" and model.producer(name).type == "DetectionOutput":
-            _detection_difference(diff, from_detection_output(caffe[name]).above(score_threshold),
-                                  from_detection_output(ncnn[name]).above(score_threshold))
+            _detection_difference(
+                diff,
+                from_detection_output(caffe[name]).above(score_threshold),
+                from_detection_output(ncnn[name]).above(score_threshold),
+            )
         else:
             diff.add(caffe[name], ncnn[name])
 
@@ -380,14 +410,28 @@ def evaluate(config: EvalConfig) -> dict:
 
     pairs = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
     speed = time_models(pairs, first_input, threads=config.threads, runs=config.timing_runs)
-    quantizable = [layer.name for layer in int8_model.layers
-                   if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")]
+    quantizable = [
+        layer.name
+        for layer in int8_model.layers
+        if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")
+    ]
     report = {
-        "model": str(config.fp32_param), "int8_model": str(config.int8_param), "task": task, "images": used,
-        "score_threshold": threshold, "iou_threshold": config.iou_threshold,
-        "int8_layers": len(quantized), "fp32_layers": [n for n in quantizable if n not in quantized],
-        "fp32_vs_caffe": ({name: {"max_abs": d.max_abs, "max_rel": d.max_rel, **({"note": d.note} if d.note else {})}
-                           for name, d in vs_caffe.items()} if config.caffe_forward is not None else None),
+        "model": str(config.fp32_param),
+        "int8_model": str(config.int8_param),
+        "task": task,
+        "images": used,
+        "score_threshold": threshold,
+        "iou_threshold": config.iou_threshold,
+        "int8_layers": len(quantized),
+        "fp32_layers": [n for n in quantizable if n not in quantized],
+        "fp32_vs_caffe": (
+            {
+                name: {"max_abs": d.max_abs, "max_rel": d.max_rel, **({"note": d.note} if d.note else {})}
+                for name, d in vs_caffe.items()
+            }
+            if config.caffe_forward is not None
+            else None
+        ),
         "fp32_vs_caffe_task": caffe_metric.summary() if config.caffe_forward is not None else None,
         "int8_vs_fp32": {
             **quality.summary(),
@@ -402,13 +446,24 @@ def evaluate(config: EvalConfig) -> dict:
 
 def winograd_int8_layers(model: NcnnModel) -> list[str]:
     """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1)."""
+
     def geometry(layer):
         p = layer.params
         kernel_w, stride_w, dilation_w = int(p.get(1, 0)), int(p.get(3, 1)), int(p.get(2, 1))
-        return (kernel_w, int(p.get(11, kernel_w)), stride_w, int(p.get(13, stride_w)), dilation_w,
-                int(p.get(12, dilation_w)))
-    return [layer.name for layer in model.layers
-            if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1)]
+        return (
+            kernel_w,
+            int(p.get(11, kernel_w)),
+            stride_w,
+            int(p.get(13, stride_w)),
+            dilation_w,
+            int(p.get(12, dilation_w)),
+        )
+
+    return [
+        layer.name
+        for layer in model.layers
+        if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1)
+    ]
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -417,46 +472,62 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 def format_report(report: dict, worst_layers: int = 10) -> str:
     """The report as aligned text tables."""
-    lines = [f"model      {report['model']}", f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers"
-             + (f", FP32: {', '.join(report['fp32_layers'])})" if report["fp32_layers"] else ")"),
-             f"task       {report['task']}   images {report['images']}"]
+    lines = [
+        f"model      {report['model']}",
+        f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers"
+        + (f", FP32: {', '.join(report['fp32_layers'])})" if report["fp32_layers"] else ")"),
+        f"task       {report['task']}   images {report['images']}",
+    ]
     if report["fp32_vs_caffe"] is not None:
         lines += ["", "ncnn FP32 vs Caffe FP32", f"  {'output':<28} {'max abs':>12} {'max rel':>12}"]
         for name, d in report["fp32_vs_caffe"].items():
             lines.append(f"  {name:<28} {d['max_abs']:>12.3e} {d['max_rel']:>12.3e}  {d.get('note', '')}".rstrip())
         lines.append("  task: " + _task_text(report["fp32_vs_caffe_task"]))
     q = report["int8_vs_fp32"]
-    lines += ["", "ncnn INT8 vs ncnn FP32",
-              f"  output cosine   mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"
-              f"  ({', '.join(q['output_blobs'])})",
-              "  task: " + _task_text(q["task"])]
+    lines += [
+        "",
+        "ncnn INT8 vs ncnn FP32",
+        f"  output cosine   mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"
+        f"  ({', '.join(q['output_blobs'])})",
+        "  task: " + _task_text(q["task"]),
+    ]
     if q["winograd_layers"]:
-        lines.append(f"  INT8 Winograd vs direct convolution: output cosine min {q['winograd_vs_direct_cosine_min']:.6f} "
-                     f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow, use "
-                     "6-bit weights)")
+        lines.append(
+            f"  INT8 Winograd vs direct convolution: output cosine min {q['winograd_vs_direct_cosine_min']:.6f} "
+            f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow, use "
+            "6-bit weights)"
+        )
     if q["layer_cosine"]:
         ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
         lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q['layer_cosine'])}):")
         lines += [f"    {name:<32} {_fmt(value)}" for name, value in ranked]
     lines += ["", f"speed (median ms/image)  {'threads':>7} {'FP32':>9} {'INT8':>9} {'INT8/FP32':>10}"]
     for threads, ratio in report["speed_ratio_int8_over_fp32"].items():
-        lines.append(f"{'':<24} {threads:>7} {report['speed_ms']['fp32'][threads]:>9.2f} "
-                     f"{report['speed_ms']['int8'][threads]:>9.2f} {ratio:>10.3f}")
+        lines.append(
+            f"{'':<24} {threads:>7} {report['speed_ms']['fp32'][threads]:>9.2f} "
+            f"{report['speed_ms']['int8'][threads]:>9.2f} {ratio:>10.3f}"
+        )
     if "layer_ms" in report:
         from int8conv.evaluation.speed import format_layer_times
+
         lines += ["", format_layer_times(report["layer_ms"])]
     return "\n".join(lines)
 
 
 def _task_text(metric: dict) -> str:
     if "top1_agreement" in metric:
-        return f"top-1 agreement {_fmt(metric['top1_agreement'])}, mean |prob diff| {_fmt(metric['mean_abs_prob_diff'], 5)}"
+        agreement, diff = _fmt(metric["top1_agreement"]), _fmt(metric["mean_abs_prob_diff"], 5)
+        return f"top-1 agreement {agreement}, mean |prob diff| {diff}"
     if "map_iou" in metric:
-        return (f"IoU of the maps > {metric['map_threshold']}: mean {_fmt(metric['map_iou'])}, "
-                f"min {_fmt(metric['map_iou_min'])}")
-    return (f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
-            f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
-            f"reference / {metric['candidate_detections']} candidate detections)")
+        return (
+            f"IoU of the maps > {metric['map_threshold']}: mean {_fmt(metric['map_iou'])}, "
+            f"min {_fmt(metric['map_iou_min'])}"
+        )
+    return (
+        f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
+        f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
+        f"reference / {metric['candidate_detections']} candidate detections)"
+    )
 
 
 def finite_json(value):

@@ -5,11 +5,12 @@ different layers then do not mask each other, as they would when dropping one la
 Layers go to FP32 most harmful first; the shortest such prefix that reaches the target is found by doubling,
 then bisecting, the prefix length (about 2 log2(n) more runs after the n sensitivity runs).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from int8conv.errors import Int8ConvError
 from int8conv.progress import progress
@@ -66,6 +67,12 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
                 low = middle
     else:  # out of reach (fp16 storage or the FP32 parts alone cost that much): keep the best prefix measured
         high = min(results, key=lambda count: (-results[count], count))
-        log.warning("output cosine %g is out of reach (%.6f with every layer FP32); keeping the best measured "
-                    "choice: %d layer(s) FP32, cosine %.6f", target, results[len(ranked)], high, results[high])
+        log.warning(
+            "output cosine %g is out of reach (%.6f with every layer FP32); keeping the best measured "
+            "choice: %d layer(s) FP32, cosine %.6f",
+            target,
+            results[len(ranked)],
+            high,
+            results[high],
+        )
     return Fp32Choice(ranked[:high], full, results[high], target, sensitivity)

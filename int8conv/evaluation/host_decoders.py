@@ -10,6 +10,7 @@
 Both return ``Detections`` normalized to the network input, class 1 = face, after the one NMS of
 ``detection.nms``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +36,11 @@ YOLO_NMS_IOU = 0.45
 
 def retinaface_outputs(stride: int) -> tuple[str, str, str]:
     """The score, box and landmark output names of one RetinaFace stride."""
-    return (f"face_rpn_cls_prob_reshape_stride{stride}", f"face_rpn_bbox_pred_stride{stride}",
-            f"face_rpn_landmark_pred_stride{stride}")
+    return (
+        f"face_rpn_cls_prob_reshape_stride{stride}",
+        f"face_rpn_bbox_pred_stride{stride}",
+        f"face_rpn_landmark_pred_stride{stride}",
+    )
 
 
 def is_retinaface(output_names: Sequence[str]) -> bool:
@@ -49,13 +53,19 @@ def _retinaface_anchors(rows: int, cols: int, stride: int) -> tuple[np.ndarray, 
     outputs' channels are read after an NCHW -> NHWC transpose."""
     sides = RETINAFACE_BASE_SIZE * np.asarray(RETINAFACE_SCALES[stride])
     centre = (RETINAFACE_BASE_SIZE - 1) / 2
-    cy, cx, side = np.meshgrid(np.arange(rows) * stride + centre, np.arange(cols) * stride + centre, sides,
-                               indexing="ij")
+    cy, cx, side = np.meshgrid(
+        np.arange(rows) * stride + centre, np.arange(cols) * stride + centre, sides, indexing="ij"
+    )
     return np.stack([cx, cy], axis=-1).reshape(-1, 2), side.reshape(-1)
 
 
-def decode_retinaface(outputs: Mapping[str, np.ndarray], width: int, height: int,
-                      threshold: float = RETINAFACE_SCORE, iou_threshold: float = RETINAFACE_NMS_IOU) -> Detections:
+def decode_retinaface(
+    outputs: Mapping[str, np.ndarray],
+    width: int,
+    height: int,
+    threshold: float = RETINAFACE_SCORE,
+    iou_threshold: float = RETINAFACE_NMS_IOU,
+) -> Detections:
     """Faces with 5 landmarks each: centre = anchor centre + (dx, dy) * side, size = exp(dw, dh) * side
     (insightface's ``bbox_pred`` with ``+1`` pixel widths), landmarks = anchor centre + delta * side."""
     boxes, scores, points = [], [], []
@@ -77,8 +87,9 @@ def decode_retinaface(outputs: Mapping[str, np.ndarray], width: int, height: int
         boxes.append(np.concatenate([centre - half, centre + half], axis=1))
         points.append(centres[:, None, :] + marks[keep] * sides[:, :, None])
         scores.append(face[keep])
-    return _suppressed(np.concatenate(boxes), np.concatenate(scores), width, height, iou_threshold,
-                       np.concatenate(points))
+    return _suppressed(
+        np.concatenate(boxes), np.concatenate(scores), width, height, iou_threshold, np.concatenate(points)
+    )
 
 
 @dataclass(frozen=True)
@@ -89,16 +100,21 @@ class YoloHeads:
     classes: int = 1
 
 
-def yoloface_heads(shapes: Mapping[str, Sequence[int]], height: int,
-                   anchors: Sequence[tuple[float, float]] = YOLOFACE_ANCHORS,
-                   masks: Mapping[int, Sequence[int]] = YOLOFACE_MASKS) -> YoloHeads:
+def yoloface_heads(
+    shapes: Mapping[str, Sequence[int]],
+    height: int,
+    anchors: Sequence[tuple[float, float]] = YOLOFACE_ANCHORS,
+    masks: Mapping[int, Sequence[int]] = YOLOFACE_MASKS,
+) -> YoloHeads:
     """The heads by stride (input height / map height), each with its masked anchors."""
     found = {}
     for name, shape in shapes.items():
         stride = round(height / shape[-2])
         if stride not in masks:
-            raise ValueError(f"output '{name}' of shape {tuple(shape)} has stride {stride}; the YOLO heads have "
-                             f"strides {', '.join(map(str, sorted(masks)))}")
+            raise ValueError(
+                f"output '{name}' of shape {tuple(shape)} has stride {stride}; the YOLO heads have "
+                f"strides {', '.join(map(str, sorted(masks)))}"
+            )
         found[name] = tuple(anchors[i] for i in masks[stride])
     channels = {int(shape[-3]) for shape in shapes.values()}
     per_anchor = channels.pop() // len(next(iter(masks.values())))
@@ -109,8 +125,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def decode_yolo(outputs: Mapping[str, np.ndarray], heads: YoloHeads, width: int, height: int,
-                threshold: float = YOLO_SCORE, iou_threshold: float = YOLO_NMS_IOU) -> Detections:
+def decode_yolo(
+    outputs: Mapping[str, np.ndarray],
+    heads: YoloHeads,
+    width: int,
+    height: int,
+    threshold: float = YOLO_SCORE,
+    iou_threshold: float = YOLO_NMS_IOU,
+) -> Detections:
     """darknet: centre = (sigmoid(x, y) + cell) / grid, size = anchor * exp(w, h) / input size,
     score = sigmoid(objectness) * sigmoid(class) > threshold; NMS per class over all heads."""
     boxes, scores, labels = [], [], []
@@ -124,30 +146,48 @@ def decode_yolo(outputs: Mapping[str, np.ndarray], heads: YoloHeads, width: int,
         centre_y = (_sigmoid(head[:, 1]) + cy) / rows
         box_w = size[:, 0] * np.exp(head[:, 2]) / width
         box_h = size[:, 1] * np.exp(head[:, 3]) / height
-        corners = np.stack([centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2,
-                            centre_y + box_h / 2], axis=-1).reshape(-1, 4)
+        corners = np.stack(
+            [centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2, centre_y + box_h / 2], axis=-1
+        ).reshape(-1, 4)
         class_scores = (_sigmoid(head[:, 4:5]) * _sigmoid(head[:, 5:])).transpose(0, 2, 3, 1).reshape(-1, heads.classes)
         cell, label = np.nonzero(class_scores > threshold)
         boxes.append(corners[cell] * [width, height, width, height])
         scores.append(class_scores[cell, label])
         labels.append(label + 1)
     all_boxes, all_scores, all_labels = np.concatenate(boxes), np.concatenate(scores), np.concatenate(labels)
-    found = [_suppressed(all_boxes[all_labels == label], all_scores[all_labels == label], width, height,
-                         iou_threshold, label=label) for label in np.unique(all_labels)]
+    found = [
+        _suppressed(
+            all_boxes[all_labels == label], all_scores[all_labels == label], width, height, iou_threshold, label=label
+        )
+        for label in np.unique(all_labels)
+    ]
     if not found:
         return empty_detections()
-    return Detections(np.concatenate([f.boxes for f in found]), np.concatenate([f.scores for f in found]),
-                      np.concatenate([f.labels for f in found]))
+    return Detections(
+        np.concatenate([f.boxes for f in found]),
+        np.concatenate([f.scores for f in found]),
+        np.concatenate([f.labels for f in found]),
+    )
 
 
-def _suppressed(boxes: np.ndarray, scores: np.ndarray, width: int, height: int, iou_threshold: float,
-                points: np.ndarray | None = None, label: int = 1) -> Detections:
+def _suppressed(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    width: int,
+    height: int,
+    iou_threshold: float,
+    points: np.ndarray | None = None,
+    label: int = 1,
+) -> Detections:
     """NMS over pixel boxes (all candidates, no top-k), then normalized to the input size."""
     kept = nms(boxes, scores, iou_threshold, top_k=-1)
     scale = np.asarray([width, height, width, height], dtype=np.float64)
-    return Detections((boxes[kept] / scale).astype(np.float32), scores[kept].astype(np.float32),
-                      np.full(kept.size, label, dtype=np.int64),
-                      None if points is None else (points[kept] / scale[:2]).astype(np.float32))
+    return Detections(
+        (boxes[kept] / scale).astype(np.float32),
+        scores[kept].astype(np.float32),
+        np.full(kept.size, label, dtype=np.int64),
+        None if points is None else (points[kept] / scale[:2]).astype(np.float32),
+    )
 
 
 #: The host-decoded detector tasks: UltraFace (``scores``/``boxes`` against host priors), RetinaFace, YOLO face.
@@ -156,8 +196,9 @@ HOST_TASKS = ("host-decoded", "retinaface", "yoloface")
 DEFAULT_SCORES = {"retinaface": RETINAFACE_SCORE}
 
 
-def make_host_decoder(task: str, output_names: Sequence[str], height: int, width: int,
-                      threshold: float) -> Callable[[Mapping[str, np.ndarray]], Detections]:
+def make_host_decoder(
+    task: str, output_names: Sequence[str], height: int, width: int, threshold: float
+) -> Callable[[Mapping[str, np.ndarray]], Detections]:
     """One image's outputs (no batch axis) -> its detections, for one of ``HOST_TASKS``."""
     if task == "host-decoded":
         priors = ultraface_priors(width, height)
@@ -166,6 +207,7 @@ def make_host_decoder(task: str, output_names: Sequence[str], height: int, width
         return lambda outputs: decode_retinaface(outputs, width, height, threshold)
     if task == "yoloface":
         names = list(output_names)
-        return lambda outputs: decode_yolo(outputs, yoloface_heads({n: outputs[n].shape for n in names}, height),
-                                           width, height, threshold)
+        return lambda outputs: decode_yolo(
+            outputs, yoloface_heads({n: outputs[n].shape for n in names}, height), width, height, threshold
+        )
     raise ValueError(f"no host decoder for task '{task}' (host tasks: {', '.join(HOST_TASKS)})")

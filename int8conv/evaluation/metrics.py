@@ -4,9 +4,10 @@ One rule for "the output cosine" of a model with several output blobs: the LOWES
 regressions outweigh class scores in norm, so one cosine over their concatenation would hide lost objects),
 and over a set of images the lowest again: a mean would let a few good images hide a bad one.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

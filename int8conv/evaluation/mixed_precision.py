@@ -2,13 +2,14 @@
 
 A layer is kept in FP32 by omitting its activation line, which is how ncnn2int8 falls back safely.
 """
+
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -34,16 +35,25 @@ class MixedPrecision(Fp32Choice):
 def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> CalibrationTable:
     """The table with the activation lines of ``fp32_layers`` removed (weight lines kept, as ncnn expects)."""
     drop = set(fp32_layers)
-    return CalibrationTable(dict(table.weight_scales),
-                            {k: v for k, v in table.activation_scales.items() if k not in drop},
-                            table.fp32_layers | drop)
+    return CalibrationTable(
+        dict(table.weight_scales),
+        {k: v for k, v in table.activation_scales.items() if k not in drop},
+        table.fp32_layers | drop,
+    )
 
 
 class OutputScorer:
     """The output cosine (``metrics.output_cosine``) of an INT8 variant against the FP32 model, on fixed inputs."""
 
-    def __init__(self, model: NcnnModel, inputs: Sequence[dict[str, np.ndarray]], workdir: Path,
-                 task: str, fp16_storage: bool, threads: int) -> None:
+    def __init__(
+        self,
+        model: NcnnModel,
+        inputs: Sequence[dict[str, np.ndarray]],
+        workdir: Path,
+        task: str,
+        fp16_storage: bool,
+        threads: int,
+    ) -> None:
         self.model, self.inputs, self.workdir = model, list(inputs), workdir
         self.fp16_storage, self.threads = fp16_storage, threads
         self.view = output_view(model, resolve_task(model, task))
@@ -64,17 +74,33 @@ class OutputScorer:
         return output_cosine([self.view.parts(ref) for ref in self.reference], candidate)
 
 
-def auto_fp32(model: NcnnModel, table: CalibrationTable, inputs: Sequence[dict[str, np.ndarray]], target: float,
-              task: str = "auto", fp16_storage: bool = True, threads: int = 1) -> MixedPrecision:
+def auto_fp32(
+    model: NcnnModel,
+    table: CalibrationTable,
+    inputs: Sequence[dict[str, np.ndarray]],
+    target: float,
+    task: str = "auto",
+    fp16_storage: bool = True,
+    threads: int = 1,
+) -> MixedPrecision:
     """Choose the FP32 layers so that the output cosine (``metrics.output_cosine``: worst image) reaches ``target``.
 
     The output cosine is ``evaluate.OutputView``'s (detectors: without the background class).
     """
-    candidates = [layer.name for layer in model.layers if layer.type in QUANTIZABLE
-                  and layer.name in table.activation_scales and layer.name in table.weight_scales]
+    candidates = [
+        layer.name
+        for layer in model.layers
+        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
+    ]
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
         score = OutputScorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)
         log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, len(choice.fp32_layers))
-    return MixedPrecision(choice.fp32_layers, choice.cosine_all_int8, choice.cosine, target, choice.sensitivity,
-                          without_activations(table, choice.fp32_layers))
+    return MixedPrecision(
+        choice.fp32_layers,
+        choice.cosine_all_int8,
+        choice.cosine,
+        target,
+        choice.sensitivity,
+        without_activations(table, choice.fp32_layers),
+    )

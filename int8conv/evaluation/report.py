@@ -7,6 +7,7 @@ per-channel weight scales, and its INT8-vs-FP32 cosine. One HTML page per model,
 The accuracy numbers are not computed here: they are ``evaluate.evaluate``'s report, the one ``int8conv eval``
 prints, rendered with ``evaluate.format_report``, so the page and ``eval`` can never disagree.
 """
+
 from __future__ import annotations
 
 import html
@@ -14,9 +15,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -94,13 +95,13 @@ class LayerReport:
 
     name: str
     type: str
-    blob: str                         # the Caffe blob the layer reads
+    blob: str  # the Caffe blob the layer reads
     histogram: BlobHistogram
-    threshold: float | None           # the clipping point in use (127 / table scale); None = stays FP32
+    threshold: float | None  # the clipping point in use (127 / table scale); None = stays FP32
     kl: KlCurve | None
     weight_scales: np.ndarray
-    weight_levels: int                # 127 (8-bit), 31 (6-bit Winograd weights), as the table's scales show
-    cosine: float | None              # INT8 vs FP32, from the evaluation; None when not INT8 there
+    weight_levels: int  # 127 (8-bit), 31 (6-bit Winograd weights), as the table's scales show
+    cosine: float | None  # INT8 vs FP32, from the evaluation; None when not INT8 there
 
     @property
     def clipped_fraction(self) -> float:
@@ -124,8 +125,9 @@ def _levels(layer, scales: np.ndarray) -> int:
     return int(round(float(np.median(scales[live] * absmax[live]))))
 
 
-def layer_reports(graph: Graph, stats: CalibrationStatistics, table: CalibrationTable,
-                  evaluation: dict | None, deploy: Graph) -> list[LayerReport]:
+def layer_reports(
+    graph: Graph, stats: CalibrationStatistics, table: CalibrationTable, evaluation: dict | None, deploy: Graph
+) -> list[LayerReport]:
     """One entry per quantizable layer of the BatchNorm-folded ``deploy`` graph, in execution order."""
     cosines = evaluation["int8_vs_fp32"]["layer_cosine"] if evaluation else {}
     reports = []
@@ -137,10 +139,19 @@ def layer_reports(graph: Graph, stats: CalibrationStatistics, table: Calibration
             continue
         scale = table.activation_scales.get(layer.name)
         scales = np.asarray(table.weight_scales.get(layer.name, np.zeros(0)), dtype=np.float64).reshape(-1)
-        reports.append(LayerReport(
-            name=layer.name, type=layer.type, blob=graph.blob_of(value), histogram=hist,
-            threshold=127.0 / scale if scale else None, kl=kl_divergence_curve(hist), weight_scales=scales,
-            weight_levels=_levels(layer, scales), cosine=cosines.get(layer.name)))
+        reports.append(
+            LayerReport(
+                name=layer.name,
+                type=layer.type,
+                blob=graph.blob_of(value),
+                histogram=hist,
+                threshold=127.0 / scale if scale else None,
+                kl=kl_divergence_curve(hist),
+                weight_scales=scales,
+                weight_levels=_levels(layer, scales),
+                cosine=cosines.get(layer.name),
+            )
+        )
     return reports
 
 
@@ -154,17 +165,25 @@ def plot_layer(layer: LayerReport, path: Path) -> None:
     fig, (ax_hist, ax_kl, ax_w) = plt.subplots(1, 3, figsize=(15, 3.6))
     hist = layer.histogram
     if hist.nonzero:
-        used = int(np.flatnonzero(hist.counts)[-1]) + 1        # bins above max |x| are empty
+        used = int(np.flatnonzero(hist.counts)[-1]) + 1  # bins above max |x| are empty
         edges = np.arange(used + 1) * hist.bin_width
         # a filled step outline as one polygon: Axes.stairs is 10x slower on 2048 bins
-        ax_hist.fill_between(np.repeat(edges, 2)[1:-1], np.repeat(np.maximum(hist.counts[:used], 0.8), 2), 0.8,
-                             color="#7799cc", linewidth=0)
+        ax_hist.fill_between(
+            np.repeat(edges, 2)[1:-1],
+            np.repeat(np.maximum(hist.counts[:used], 0.8), 2),
+            0.8,
+            color="#7799cc",
+            linewidth=0,
+        )
         _plain_log_y(ax_hist, np.array([0.8, float(hist.counts.max())]))
         ax_hist.set_xlim(0, hist.absmax * 1.02)
     ax_hist.axvline(hist.absmax, color="gray", linestyle=":", label=f"max |x| {hist.absmax:.4g}")
     if layer.threshold is not None:
-        ax_hist.axvline(layer.threshold, color="crimson",
-                        label=f"threshold {layer.threshold:.4g} ({layer.clipped_fraction:.2%} clipped)")
+        ax_hist.axvline(
+            layer.threshold,
+            color="crimson",
+            label=f"threshold {layer.threshold:.4g} ({layer.clipped_fraction:.2%} clipped)",
+        )
     ax_hist.set_title(f"input '{layer.blob}': |x|, {hist.zeros / max(hist.count, 1):.0%} exact zeros", fontsize=9)
     ax_hist.set_xlabel("|x|")
     ax_hist.set_ylabel("count")
@@ -179,8 +198,15 @@ def plot_layer(layer: LayerReport, path: Path) -> None:
         _plain_log_y(ax_kl, layer.kl.divergences)
         ax_kl.legend(fontsize=7)
     else:
-        ax_kl.text(0.5, 0.5, "fewer than 128 non-empty bins:\nKL does not clip this input",
-                   ha="center", va="center", transform=ax_kl.transAxes, fontsize=9)
+        ax_kl.text(
+            0.5,
+            0.5,
+            "fewer than 128 non-empty bins:\nKL does not clip this input",
+            ha="center",
+            va="center",
+            transform=ax_kl.transAxes,
+            fontsize=9,
+        )
     ax_kl.set_title("KL(P||Q) per candidate threshold", fontsize=9)
     ax_kl.set_xlabel("threshold")
 
@@ -193,12 +219,17 @@ def plot_layer(layer: LayerReport, path: Path) -> None:
         ax_w.legend(fontsize=7)
     dead = int(np.count_nonzero(scales == 0))
     spread = live.max() / live.min() if live.size else math.nan
-    ax_w.set_title(f"weight scales ({layer.weight_levels} levels): {scales.size} channels, spread {spread:.3g}x"
-                   + (f", {dead} dead" if dead else ""), fontsize=9)
+    ax_w.set_title(
+        f"weight scales ({layer.weight_levels} levels): {scales.size} channels, spread {spread:.3g}x"
+        + (f", {dead} dead" if dead else ""),
+        fontsize=9,
+    )
     ax_w.set_xlabel("channel (sorted)")
     cos = f"cosine INT8/FP32 {layer.cosine:.5f}" if layer.cosine is not None else "FP32 (not quantized)"
     fig.suptitle(f"{layer.name} ({layer.type}): {cos}", fontsize=11)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.15, top=0.83, wspace=0.2)  # tight_layout doubled the drawing time
+    fig.subplots_adjust(
+        left=0.05, right=0.99, bottom=0.15, top=0.83, wspace=0.2
+    )  # tight_layout doubled the drawing time
     _save(fig, path)
 
 
@@ -211,14 +242,14 @@ def plot_cosines(layers: Sequence[LayerReport], path: Path) -> None:
         values = np.array([layer.cosine for layer in shown])
         colors = np.where(values < 0.99, "crimson", np.where(values < 0.999, "darkorange", "#4a7"))
         y = np.arange(len(shown))
-        loss = np.maximum(1.0 - values, 1e-7)   # log axis: an exact 1.0 still gets a visible stub
+        loss = np.maximum(1.0 - values, 1e-7)  # log axis: an exact 1.0 still gets a visible stub
         ax.barh(y, loss, color=colors)
         ax.set_yticks(y, [layer.name for layer in shown], fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlim(right=float(loss.max()) * 4)  # room for the value labels
         ax.set_xlabel("1 - cosine (INT8 vs FP32 on the layer's output; shorter is better)")
-        for yy, value, width in zip(y, values, loss):
+        for yy, value, width in zip(y, values, loss, strict=True):
             ax.text(width, yy, f" {value:.5f}", va="center", fontsize=6)
     ax.set_title("per-layer cosine similarity, INT8 vs FP32")
     fig.tight_layout()
@@ -233,11 +264,17 @@ def _save(fig, path: Path) -> None:
 
 def _row(layer: LayerReport) -> str:
     live = layer.weight_scales[layer.weight_scales > 0]
-    cells = [layer.name, layer.type, layer.blob, f"{layer.histogram.absmax:.4g}",
-             "FP32" if layer.threshold is None else f"{layer.threshold:.4g}",
-             "" if layer.threshold is None else f"{layer.threshold / layer.histogram.absmax:.3f}",
-             f"{layer.clipped_fraction:.3%}", f"{live.max() / live.min():.3g}" if live.size else "",
-             "" if layer.cosine is None else f"{layer.cosine:.5f}"]
+    cells = [
+        layer.name,
+        layer.type,
+        layer.blob,
+        f"{layer.histogram.absmax:.4g}",
+        "FP32" if layer.threshold is None else f"{layer.threshold:.4g}",
+        "" if layer.threshold is None else f"{layer.threshold / layer.histogram.absmax:.3f}",
+        f"{layer.clipped_fraction:.3%}",
+        f"{live.max() / live.min():.3g}" if live.size else "",
+        "" if layer.cosine is None else f"{layer.cosine:.5f}",
+    ]
     return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
 
@@ -262,8 +299,9 @@ td:first-child,td:nth-child(2),td:nth-child(3){{text-align:left}} img{{max-width
 """
 
 
-def write_report(out_dir: Path, name: str, layers: Sequence[LayerReport], evaluation: dict | None,
-                 evaluation_text: str, intro: str) -> Path:
+def write_report(
+    out_dir: Path, name: str, layers: Sequence[LayerReport], evaluation: dict | None, evaluation_text: str, intro: str
+) -> Path:
     """Render every figure and the page ``out_dir/<name>.html`` (figures in ``out_dir/<name>_files``)."""
     out_dir = Path(out_dir)
     figures_dir = out_dir / f"{name}_files"
@@ -273,11 +311,18 @@ def write_report(out_dir: Path, name: str, layers: Sequence[LayerReport], evalua
     for index, layer in enumerate(progress(layers, desc="plotting", unit="layer")):
         png = figures_dir / f"{index:03d}_{_safe(layer.name)}.png"
         plot_layer(layer, png)
-        blocks.append(f'<h3 id="{html.escape(_safe(layer.name))}">{html.escape(layer.name)}</h3>\n'
-                      f'<img src="{figures_dir.name}/{png.name}" alt="{html.escape(layer.name)}">')
-    page = PAGE.format(title=html.escape(f"INT8 calibration report: {name}"), intro=intro,
-                       evaluation=html.escape(evaluation_text), cosines=f"{figures_dir.name}/cosines.png",
-                       rows="\n".join(_row(layer) for layer in layers), figures="\n".join(blocks))
+        blocks.append(
+            f'<h3 id="{html.escape(_safe(layer.name))}">{html.escape(layer.name)}</h3>\n'
+            f'<img src="{figures_dir.name}/{png.name}" alt="{html.escape(layer.name)}">'
+        )
+    page = PAGE.format(
+        title=html.escape(f"INT8 calibration report: {name}"),
+        intro=intro,
+        evaluation=html.escape(evaluation_text),
+        cosines=f"{figures_dir.name}/cosines.png",
+        rows="\n".join(_row(layer) for layer in layers),
+        figures="\n".join(blocks),
+    )
     path = out_dir / f"{name}.html"
     write_text_atomic(path, page)
     if evaluation is not None:

@@ -14,6 +14,7 @@ other cache sizes). Per-layer timings measured on the device can be given instea
 a JSON ``{"layer": {"fp32": ms, "int8": ms}, ...}`` (or ``{"1": ms, "2": ms}`` per thread count in place of a
 number), the format ``save_layer_timings`` writes. They then decide alone (no whole-model check here).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,10 @@ from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
 
-PROXY_NOTE = ("timed on this machine, a proxy for the target device: pass --layer-timings with timings measured "
-              "there for a decision that holds on it")
+PROXY_NOTE = (
+    "timed on this machine, a proxy for the target device: pass --layer-timings with timings measured "
+    "there for a decision that holds on it"
+)
 
 
 @dataclass
@@ -69,11 +72,11 @@ class SpeedChoice:
 
     table: CalibrationTable
     timings: dict[str, LayerTiming]
-    slow_layers: list[str]                       # FP32 because INT8 does not pay alone
-    accuracy_layers: list[str] = field(default_factory=list)   # FP32 for the cosine target
-    model_layers: list[str] = field(default_factory=list)      # FP32 because the whole model was still slower
+    slow_layers: list[str]  # FP32 because INT8 does not pay alone
+    accuracy_layers: list[str] = field(default_factory=list)  # FP32 for the cosine target
+    model_layers: list[str] = field(default_factory=list)  # FP32 because the whole model was still slower
     cosine: float | None = None
-    model_ms: dict[str, dict[int, float]] = field(default_factory=dict)   # "fp32"/"int8" -> threads -> ms
+    model_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # "fp32"/"int8" -> threads -> ms
     source: str = PROXY_NOTE
 
     @property
@@ -83,13 +86,14 @@ class SpeedChoice:
 
 # --------------------------------------------------------------------------------------------------- per layer
 
+
 def _bottom_shape(model: NcnnModel, blob: str) -> list[int] | None:
     """``[dims, w, h, c]`` of ``blob`` from its producer's shape hint."""
     producer = model.producer(blob)
     if producer is None or SHAPE_HINTS not in producer.params:
         return None
     index = producer.tops.index(blob)
-    return [int(v) for v in producer.params[SHAPE_HINTS][4 * index:4 * index + 4]]
+    return [int(v) for v in producer.params[SHAPE_HINTS][4 * index : 4 * index + 4]]
 
 
 def _alone(model: NcnnModel, layer: NcnnLayer) -> tuple[NcnnModel, np.ndarray] | None:
@@ -116,12 +120,13 @@ def _quiet_writes():
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
-def time_layers(model: NcnnModel, table: CalibrationTable, threads: Sequence[int] = (1,),
-                runs: int = 15) -> dict[str, LayerTiming]:
+def time_layers(
+    model: NcnnModel, table: CalibrationTable, threads: Sequence[int] = (1,), runs: int = 15
+) -> dict[str, LayerTiming]:
     """Median ms of every layer the table quantizes, alone, FP32 and INT8, runs interleaved.
 
     One thread by default: a layer of tens of microseconds timed on 2 threads measures the threads' wake-up and
@@ -129,8 +134,11 @@ def time_layers(model: NcnnModel, table: CalibrationTable, threads: Sequence[int
     thread count afterwards."""
     if not has_shape_hints(model):
         model = add_shape_hints(copy.deepcopy(model))
-    layers = [layer for layer in model.layers if layer.type in QUANTIZABLE and layer.name in table.activation_scales
-              and layer.name in table.weight_scales]
+    layers = [
+        layer
+        for layer in model.layers
+        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
+    ]
     timings: dict[str, LayerTiming] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-layer-timing-") as tmp, _quiet_writes():
         for layer in progress(layers, desc="timing layers", unit="layer"):
@@ -139,8 +147,9 @@ def time_layers(model: NcnnModel, table: CalibrationTable, threads: Sequence[int
                 log.info("layer %s is not timed: its input shape is unknown", layer.name)
                 continue
             fp32, array = alone
-            single = CalibrationTable({layer.name: table.weight_scales[layer.name]},
-                                      {layer.name: table.activation_scales[layer.name]})
+            single = CalibrationTable(
+                {layer.name: table.weight_scales[layer.name]}, {layer.name: table.activation_scales[layer.name]}
+            )
             int8 = quantize_model(fp32, single, fp16_storage=False)
             if not int8_layers(int8):
                 continue
@@ -155,8 +164,13 @@ def time_layers(model: NcnnModel, table: CalibrationTable, threads: Sequence[int
 
 
 def save_layer_timings(timings: Mapping[str, LayerTiming], path: str | Path) -> None:
-    data = {name: {"fp32": {str(t): v for t, v in timing.fp32_ms.items()},
-                   "int8": {str(t): v for t, v in timing.int8_ms.items()}} for name, timing in timings.items()}
+    data = {
+        name: {
+            "fp32": {str(t): v for t, v in timing.fp32_ms.items()},
+            "int8": {str(t): v for t, v in timing.int8_ms.items()},
+        }
+        for name, timing in timings.items()
+    }
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
@@ -207,10 +221,19 @@ def table_of(int8: NcnnModel) -> CalibrationTable:
 MIN_TIMED_MS = 300.0
 
 
-def _time_model(fp32: NcnnModel, table: CalibrationTable, inputs: Mapping[str, np.ndarray], threads: Sequence[int],
-                runs: int, fp16_storage: bool, workdir: Path) -> dict[str, dict[int, float]]:
-    pairs = {"fp32": (workdir / "fp32.param", workdir / "fp32.bin", False),
-             "int8": (workdir / "int8.param", workdir / "int8.bin", True)}
+def _time_model(
+    fp32: NcnnModel,
+    table: CalibrationTable,
+    inputs: Mapping[str, np.ndarray],
+    threads: Sequence[int],
+    runs: int,
+    fp16_storage: bool,
+    workdir: Path,
+) -> dict[str, dict[int, float]]:
+    pairs = {
+        "fp32": (workdir / "fp32.param", workdir / "fp32.bin", False),
+        "int8": (workdir / "int8.param", workdir / "int8.bin", True),
+    }
     if not pairs["fp32"][0].is_file():
         write_model(fp32, pairs["fp32"][0], pairs["fp32"][1])
     write_model(quantize_model(fp32, table, fp16_storage), pairs["int8"][0], pairs["int8"][1])
@@ -221,10 +244,18 @@ def _time_model(fp32: NcnnModel, table: CalibrationTable, inputs: Mapping[str, n
     return ms
 
 
-def optimize_speed(model: NcnnModel, table: CalibrationTable, inputs: Sequence[Mapping[str, np.ndarray]],
-                   min_cosine: float | None = None, timings: Mapping[str, LayerTiming] | None = None,
-                   threads: Sequence[int] = (1, 2), layer_threads: Sequence[int] = (1,), runs: int = 15,
-                   task: str = "auto", fp16_storage: bool = True) -> SpeedChoice:
+def optimize_speed(
+    model: NcnnModel,
+    table: CalibrationTable,
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    min_cosine: float | None = None,
+    timings: Mapping[str, LayerTiming] | None = None,
+    threads: Sequence[int] = (1, 2),
+    layer_threads: Sequence[int] = (1,),
+    runs: int = 15,
+    task: str = "auto",
+    fp16_storage: bool = True,
+) -> SpeedChoice:
     """The fastest table within ``min_cosine`` (None: speed only) on ``inputs`` (see the module doc); layers are
     timed at ``layer_threads``, the whole model is checked at ``threads``."""
     started = time.perf_counter()
@@ -236,8 +267,12 @@ def optimize_speed(model: NcnnModel, table: CalibrationTable, inputs: Sequence[M
         source = "per-layer timings given by the user"
     quantized = [name for name in table.activation_scales if name in table.weight_scales]
     slow = [name for name in quantized if name in timings and not timings[name].pays]
-    log.info("speed: INT8 does not pay alone for %d of %d layer(s)%s", len(slow), len(quantized),
-             f": {', '.join(slow)}" if slow else "")
+    log.info(
+        "speed: INT8 does not pay alone for %d of %d layer(s)%s",
+        len(slow),
+        len(quantized),
+        f": {', '.join(slow)}" if slow else "",
+    )
     choice = SpeedChoice(without_activations(table, slow), dict(timings), slow, source=source)
     if min_cosine is not None:
         accuracy = auto_fp32(model, choice.table, inputs, min_cosine, task=task, fp16_storage=fp16_storage)
@@ -246,11 +281,15 @@ def optimize_speed(model: NcnnModel, table: CalibrationTable, inputs: Sequence[M
         choice.model_ms = _time_model(model, choice.table, inputs[0], threads, runs, fp16_storage, Path(tmp))
         # timings from the target device decide alone: this machine's whole-model time says nothing about it
         while given is None and not _no_slower(choice.model_ms) and choice.table.activation_scales:
-            remaining = sorted(choice.table.activation_scales,
-                               key=lambda name: timings[name].gain_ms if name in timings else math.inf)
-            moved = remaining[:max(1, len(remaining) // 4)]
-            log.info("speed: the INT8 model is still slower than FP32 (%s); FP32 for %s",
-                     _ratios(choice.model_ms), ", ".join(moved))
+            remaining = sorted(
+                choice.table.activation_scales, key=lambda name: timings[name].gain_ms if name in timings else math.inf
+            )
+            moved = remaining[: max(1, len(remaining) // 4)]
+            log.info(
+                "speed: the INT8 model is still slower than FP32 (%s); FP32 for %s",
+                _ratios(choice.model_ms),
+                ", ".join(moved),
+            )
             choice.model_layers += moved
             choice.table = without_activations(choice.table, moved)
             choice.model_ms = _time_model(model, choice.table, inputs[0], threads, runs, fp16_storage, Path(tmp))
@@ -261,9 +300,15 @@ def optimize_speed(model: NcnnModel, table: CalibrationTable, inputs: Sequence[M
             if again.fp32_layers:
                 choice.accuracy_layers += again.fp32_layers
                 choice.model_ms = _time_model(model, choice.table, inputs[0], threads, runs, fp16_storage, Path(tmp))
-    log.info("speed: %d layer(s) FP32 (%d slow in INT8, %d for accuracy, %d for the whole model), INT8/FP32 %s, "
-             "%.1f s", len(choice.fp32_layers), len(slow), len(choice.accuracy_layers), len(choice.model_layers),
-             _ratios(choice.model_ms), time.perf_counter() - started)
+    log.info(
+        "speed: %d layer(s) FP32 (%d slow in INT8, %d for accuracy, %d for the whole model), INT8/FP32 %s, %.1f s",
+        len(choice.fp32_layers),
+        len(slow),
+        len(choice.accuracy_layers),
+        len(choice.model_layers),
+        _ratios(choice.model_ms),
+        time.perf_counter() - started,
+    )
     return choice
 
 
@@ -278,9 +323,11 @@ def _ratios(model_ms: Mapping[str, Mapping[int, float]]) -> str:
 def format_choice(choice: SpeedChoice) -> str:
     """The per-layer timings and the decision, for the quantize summary and eval's report."""
     threads = sorted({t for timing in choice.timings.values() for t in timing.fp32_ms})
-    reasons = {**dict.fromkeys(choice.slow_layers, "FP32: INT8 slower"),
-               **dict.fromkeys(choice.accuracy_layers, "FP32: accuracy"),
-               **dict.fromkeys(choice.model_layers, "FP32: whole model")}
+    reasons = {
+        **dict.fromkeys(choice.slow_layers, "FP32: INT8 slower"),
+        **dict.fromkeys(choice.accuracy_layers, "FP32: accuracy"),
+        **dict.fromkeys(choice.model_layers, "FP32: whole model"),
+    }
     head = "".join(f" {'FP32 ms/' + str(t):>10} {'INT8 ms/' + str(t):>10}" for t in threads)
     lines = [f"per-layer time ({choice.source})", f"{'layer':<32}{head}  choice"]
     for name, timing in choice.timings.items():
@@ -293,15 +340,18 @@ def format_choice(choice: SpeedChoice) -> str:
     return "\n".join(lines)
 
 
-def add_layer_times(report: dict, fp32_param: Path, fp32_bin: Path, int8_param: Path, int8_bin: Path,
-                    runs: int = 15) -> None:
+def add_layer_times(
+    report: dict, fp32_param: Path, fp32_bin: Path, int8_param: Path, int8_bin: Path, runs: int = 15
+) -> None:
     """``eval``/``report --layer-times``: every INT8 layer of the INT8 model timed alone against its FP32 self
     (the scales come from the INT8 files), into ``report["layer_ms"]``."""
     from int8conv.ncnn.model import read_model
 
     timings = time_layers(read_model(fp32_param, fp32_bin), table_of(read_model(int8_param, int8_bin)), runs=runs)
-    report["layer_ms"] = {"source": PROXY_NOTE,
-                          "layers": {n: {"fp32": t.fp32_ms, "int8": t.int8_ms} for n, t in timings.items()}}
+    report["layer_ms"] = {
+        "source": PROXY_NOTE,
+        "layers": {n: {"fp32": t.fp32_ms, "int8": t.int8_ms} for n, t in timings.items()},
+    }
 
 
 def format_layer_times(layer_ms: dict) -> str:
@@ -314,6 +364,8 @@ def format_layer_times(layer_ms: dict) -> str:
     for name, entry in layers.items():
         cells = "".join(f" {entry['fp32'][t]:>10.3f} {entry['int8'][t]:>10.3f}" for t in threads)
         lines.append(f"  {name:<32}{cells}{'  INT8 slower' if name in slow else ''}")
-    lines.append(f"  INT8 does not pay for {len(slow)} of {len(layers)} layer(s)"
-                 + ("; int8conv quantize --optimize speed keeps them FP32" if slow else ""))
+    lines.append(
+        f"  INT8 does not pay for {len(slow)} of {len(layers)} layer(s)"
+        + ("; int8conv quantize --optimize speed keeps them FP32" if slow else "")
+    )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ Steps, each on plain data:
 ncnn drops the batch axis: a Caffe blob (N, C, H, W) is an ncnn Mat (c, h, w), so Caffe axis ``a`` is ncnn axis
 ``a - 1`` and shapes are written without N.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,10 @@ class _Context:
 
     def shape(self, layer: Layer, value: str) -> Shape:
         if value not in self.graph.shapes:
-            raise ModelError(f"layer '{layer.name}' ({layer.type}): the shape of '{value}' is unknown, "
-                             "so it cannot be converted to ncnn")
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}): the shape of '{value}' is unknown, "
+                "so it cannot be converted to ncnn"
+            )
         return self.graph.shapes[value]
 
     def ncnn_axis(self, layer: Layer, axis: int, ndim: int) -> int:
@@ -62,6 +65,7 @@ class _Context:
 
 
 # --------------------------------------------------------------------------------------------------- graph passes
+
 
 def _rename_bottoms(layers: list[NcnnLayer], old: str, new: str) -> None:
     for layer in layers:
@@ -159,8 +163,12 @@ def _vector_convolutions_to_inner_product(layers: list[NcnnLayer]) -> None:
     """A 1x1 Convolution reading a global Pooling or InnerProduct output (a 1-D Mat in ncnn) becomes an
     InnerProduct with the same name and weights: ncnn's 1-D convolution path is deprecated (ncnnoptimize's
     replace_convolution_with_innerproduct_after_global_pooling / _after_innerproduct)."""
-    vectors = {top for layer in layers for top in layer.tops
-               if layer.type == "InnerProduct" or (layer.type == "Pooling" and int(layer.params.get(4, 0)))}
+    vectors = {
+        top
+        for layer in layers
+        for top in layer.tops
+        if layer.type == "InnerProduct" or (layer.type == "Pooling" and int(layer.params.get(4, 0)))
+    }
     for i, layer in enumerate(layers):
         p = layer.params
         if layer.type != "Convolution" or len(layer.bottoms) != 1 or layer.bottoms[0] not in vectors:
@@ -202,8 +210,11 @@ def _insert_splits(layers: list[NcnnLayer]) -> list[NcnnLayer]:
         result.append(layer)
         for top in layer.tops:
             if refs.get(top, 0) > 1:
-                result.append(NcnnLayer("Split", f"splitncnn_{count}", [top],
-                                        [f"{top}_splitncnn_{k}" for k in range(refs[top])], {}))
+                result.append(
+                    NcnnLayer(
+                        "Split", f"splitncnn_{count}", [top], [f"{top}_splitncnn_{k}" for k in range(refs[top])], {}
+                    )
+                )
                 count += 1
     return result
 
@@ -217,8 +228,10 @@ def convert_graph(graph: Graph) -> NcnnModel:
         kind = kind_of(layer.type)
         if kind is None:
             supported = sorted(name for name, k in REGISTRY.items() if not isinstance(k.ncnn, Decline))
-            raise ModelError(f"layer '{layer.name}' has type '{layer.type}', which the ncnn converter does not "
-                             f"support (supported: {', '.join(supported)})")
+            raise ModelError(
+                f"layer '{layer.name}' has type '{layer.type}', which the ncnn converter does not "
+                f"support (supported: {', '.join(supported)})"
+            )
         if isinstance(kind.ncnn, Decline):
             raise declined("ncnn converter", layer, kind.ncnn)
         layers.extend(kind.ncnn(layer, ctx))

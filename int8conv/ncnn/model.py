@@ -13,14 +13,15 @@ Formats (from ncnn's ``net.cpp``, ``paramdict.cpp`` and ``modelbin.cpp``):
 - ``.bin``: the arrays of every layer in order. A weight array (``ModelBin::load(w, 0)``) starts with a 4-byte
   storage tag and is padded to 4 bytes; the others (``load(w, 1)``: biases, scales, BatchNorm data) are raw fp32.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
 
 import numpy as np
 
@@ -42,8 +43,8 @@ ARRAY_KEY_BASE = 23300
 #: Param id of the shape hints (``-23330=``, see ``shape_hints``); written first, as ncnnoptimize does.
 SHAPE_HINTS = 30
 
-ParamValue = Union[int, float, list[int], list[float]]
-PathLike = Union[str, os.PathLike]
+ParamValue = int | float | list[int] | list[float]
+PathLike = str | os.PathLike
 
 
 @dataclass
@@ -116,6 +117,7 @@ class NcnnModel:
 
 
 # --------------------------------------------------------------------------------------------------- .param text
+
 
 def format_float(value: float) -> str:
     """The shortest text that ncnn parses back to the same float32, always with a '.' or 'e'."""
@@ -195,11 +197,11 @@ def parse_param(text: str, path: PathLike = "<param>") -> list[NcnnLayer]:
             kind, name, n_bottom, n_top = tokens[0], tokens[1], int(tokens[2]), int(tokens[3])
         except (IndexError, ValueError):
             raise ModelError(f"{where}: expected 'Type Name bottom_count top_count ...'") from None
-        blobs = tokens[4:4 + n_bottom + n_top]
+        blobs = tokens[4 : 4 + n_bottom + n_top]
         if len(blobs) != n_bottom + n_top:
             raise ModelError(f"{where}: layer '{name}' lists fewer blobs than its counts")
         params: dict[int, ParamValue] = {}
-        for token in tokens[4 + n_bottom + n_top:]:
+        for token in tokens[4 + n_bottom + n_top :]:
             key_text, sep, value = token.partition("=")
             try:
                 key = int(key_text)
@@ -264,11 +266,11 @@ WEIGHT_LAYOUTS: dict[str, Callable[[NcnnLayer], list[ArraySpec]]] = {
     "Deconvolution": _conv_arrays,
     "DeconvolutionDepthWise": _conv_arrays,
     "InnerProduct": _inner_product_arrays,
-    "BatchNorm": lambda l: [(int(l.params.get(0, 0)), False)] * 4,
+    "BatchNorm": lambda layer: [(int(layer.params.get(0, 0)), False)] * 4,
     "Scale": _scale_arrays,
-    "PReLU": lambda l: [(int(l.params.get(0, 0)), False)],
-    "Normalize": lambda l: [(int(l.params.get(3, 0)), False)],
-    "Bias": lambda l: [(int(l.params.get(0, 0)), False)],
+    "PReLU": lambda layer: [(int(layer.params.get(0, 0)), False)],
+    "Normalize": lambda layer: [(int(layer.params.get(3, 0)), False)],
+    "Bias": lambda layer: [(int(layer.params.get(0, 0)), False)],
 }
 
 
@@ -302,8 +304,10 @@ def bin_bytes(model: NcnnModel) -> bytes:
         expected = layout(layer) if layout else []
         found = [(int(np.asarray(b.data).size), b.tagged) for b in layer.weights]
         if found != expected:
-            raise ModelError(f"ncnn layer '{layer.name}' ({layer.type}): weight arrays (size, tagged) {found} "
-                             f"do not match what ncnn loads for its params: {expected}")
+            raise ModelError(
+                f"ncnn layer '{layer.name}' ({layer.type}): weight arrays (size, tagged) {found} "
+                f"do not match what ncnn loads for its params: {expected}"
+            )
         chunks += [blob_bytes(b, f"ncnn layer '{layer.name}'") for b in layer.weights]
     return b"".join(chunks)
 
@@ -317,7 +321,7 @@ class _BinReader:
     def take(self, nbytes: int, layer: NcnnLayer) -> bytes:
         if self.pos + nbytes > len(self.data):
             raise ModelError(f"{self.path}: file ends inside the weights of layer '{layer.name}' ({layer.type})")
-        chunk = self.data[self.pos:self.pos + nbytes]
+        chunk = self.data[self.pos : self.pos + nbytes]
         self.pos += nbytes
         return chunk
 
@@ -328,7 +332,7 @@ class _BinReader:
         tag = int(np.frombuffer(head, "<u4")[0])
         if tag == TAG_FP16:
             raw = self.take(count * 2 + (-count * 2 % 4), layer)
-            return NcnnBlob(np.frombuffer(raw[:count * 2], "<f2").astype(np.float16), True)
+            return NcnnBlob(np.frombuffer(raw[: count * 2], "<f2").astype(np.float16), True)
         if tag == TAG_INT8:
             raw = self.take(count + (-count % 4), layer)
             return NcnnBlob(np.frombuffer(raw[:count], np.int8).copy(), True)
@@ -347,11 +351,14 @@ def parse_bin(layers: list[NcnnLayer], data: bytes, path: PathLike = "<bin>") ->
         layout = WEIGHT_LAYOUTS.get(layer.type)
         layer.weights = [reader.array(n, tagged, layer) for n, tagged in (layout(layer) if layout else [])]
     if reader.pos != len(data):
-        raise ModelError(f"{path}: {len(data) - reader.pos} bytes left after the last layer's weights; "
-                         "the .bin does not belong to this .param (or holds a layer type this reader does not know)")
+        raise ModelError(
+            f"{path}: {len(data) - reader.pos} bytes left after the last layer's weights; "
+            "the .bin does not belong to this .param (or holds a layer type this reader does not know)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- files
+
 
 def write_model(model: NcnnModel, param_path: PathLike, bin_path: PathLike) -> None:
     """Write ``model`` atomically as ``param_path`` + ``bin_path``."""
@@ -370,8 +377,9 @@ def read_model(param_path: PathLike, bin_path: PathLike) -> NcnnModel:
     except OSError as exc:
         raise ModelError(f"{exc.filename}: cannot read ncnn model: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise ModelError(f"{param_path}: not an ncnn .param file (not text: byte {exc.start} is not UTF-8; "
-                         "is it the .bin?)") from exc
+        raise ModelError(
+            f"{param_path}: not an ncnn .param file (not text: byte {exc.start} is not UTF-8; is it the .bin?)"
+        ) from exc
     layers = parse_param(text, param_path)
     parse_bin(layers, data, bin_path)
     return NcnnModel(layers)

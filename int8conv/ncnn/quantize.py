@@ -28,6 +28,7 @@ NaN for the channel (measured with the PyPI runtime on the ShuffleNet of ../shar
 layer therefore stores its smallest live scale for a dead channel instead; its int8 weights stay 0 (they are below
 1/1024 of the layer's largest), so it still outputs its bias.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,19 +84,24 @@ def runtime_int8_defect(layer: NcnnLayer) -> str | None:
     channels = int(layer.params.get(6, 0)) // max(kernel * num_output, 1) * group
     if channels == group == num_output:
         return None
-    return (f"grouped (not depthwise) convolution, {num_output // group} outputs per group: ncnn's x86 INT8 group "
-            "path with the packing layout returns wrong results for it")
+    return (
+        f"grouped (not depthwise) convolution, {num_output // group} outputs per group: ncnn's x86 INT8 group "
+        "path with the packing layout returns wrong results for it"
+    )
 
 
-def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float,
-                    bias: np.ndarray | None = None) -> None:
+def _quantize_layer(
+    layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float, bias: np.ndarray | None = None
+) -> None:
     """Rewrite one layer in place: int8 weights, bias kept (or replaced by ``bias``), scales appended."""
     units = scale_units(layer)
     scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
     if scales.size != units:
         kind = "group" if layer.type == "ConvolutionDepthWise" else "num_output"
-        raise ModelError(f"layer '{layer.name}' ({layer.type}): the table has {scales.size} weight scales, "
-                         f"ncnn reads {units} ({kind}); the table was made for another model")
+        raise ModelError(
+            f"layer '{layer.name}' ({layer.type}): the table has {scales.size} weight scales, "
+            f"ncnn reads {units} ({kind}); the table was made for another model"
+        )
     if not np.all(np.isfinite(scales)) or np.any(scales < 0):
         raise ModelError(f"layer '{layer.name}': weight scales must be finite and >= 0")
     if not (math.isfinite(bottom_scale) and bottom_scale > 0):
@@ -108,8 +114,11 @@ def _quantize_layer(layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: f
         _replace_bias(layer, np.asarray(bias, dtype=np.float32).reshape(-1))
     if layer.type == "ConvolutionDepthWise" and np.any(scales == 0) and np.any(scales > 0):
         scales = np.where(scales == 0, scales[scales > 0].min(), scales).astype(np.float32)
-    layer.weights = ([NcnnBlob(quantized, tagged=True)] + layer.weights[1:]
-                     + [NcnnBlob(scales, tagged=False), NcnnBlob(np.array([bottom_scale], np.float32), tagged=False)])
+    layer.weights = (
+        [NcnnBlob(quantized, tagged=True)]
+        + layer.weights[1:]
+        + [NcnnBlob(scales, tagged=False), NcnnBlob(np.array([bottom_scale], np.float32), tagged=False)]
+    )
     layer.params[8] = SCALE_TERM[layer.type]
 
 
@@ -121,8 +130,12 @@ def _uncovered_layers(model: NcnnModel, table: CalibrationTable) -> list[str]:
         if layer.type not in QUANTIZABLE or layer.name in table.activation_scales or layer.name in table.fp32_layers:
             continue
         if layer.name in table.weight_scales:
-            log.warning("layer '%s' (%s) has a weight line but no activation line ('%s <scale>'): it stays FP32",
-                        layer.name, layer.type, layer.name)
+            log.warning(
+                "layer '%s' (%s) has a weight line but no activation line ('%s <scale>'): it stays FP32",
+                layer.name,
+                layer.type,
+                layer.name,
+            )
         else:
             uncovered.append(layer.name)
     return uncovered
@@ -137,8 +150,14 @@ def _warn_dead_scales(layer: NcnnLayer, weight_scales: np.ndarray) -> None:
     live = np.abs(layer.weights[0].data.astype(np.float32).reshape(units, -1)).max(axis=1) > 0
     wrong = np.flatnonzero((scales == 0) & live)
     if wrong.size:
-        log.warning("layer '%s' (%s): weight scale 0 on %d channel(s) that have weights (e.g. channel %d): in INT8 "
-                    "they output only their bias", layer.name, layer.type, wrong.size, int(wrong[0]))
+        log.warning(
+            "layer '%s' (%s): weight scale 0 on %d channel(s) that have weights (e.g. channel %d): in INT8 "
+            "they output only their bias",
+            layer.name,
+            layer.type,
+            wrong.size,
+            int(wrong[0]),
+        )
 
 
 def _replace_bias(layer: NcnnLayer, bias: np.ndarray) -> None:
@@ -146,8 +165,9 @@ def _replace_bias(layer: NcnnLayer, bias: np.ndarray) -> None:
     InnerProduct, 5= for convolutions)."""
     term = 1 if layer.type == "InnerProduct" else 5
     if bias.size != int(layer.params.get(0, 0)) or not np.all(np.isfinite(bias)):
-        raise ModelError(f"layer '{layer.name}': a corrected bias needs {layer.params.get(0, 0)} finite values, "
-                         f"got {bias.size}")
+        raise ModelError(
+            f"layer '{layer.name}': a corrected bias needs {layer.params.get(0, 0)} finite values, got {bias.size}"
+        )
     if int(layer.params.get(term, 0)):
         layer.weights[1] = NcnnBlob(bias, tagged=False)
     else:
@@ -181,8 +201,11 @@ def _fuse_target(model: NcnnModel, layer: NcnnLayer) -> NcnnLayer | None:
             return None
         targets.append(readers[0])
     if len({_bottom_scale(t) for t in targets}) != 1:
-        log.info("not fusing requantize after %s: the convolutions after split %s use different bottom scales",
-                 layer.name, nxt.name)
+        log.info(
+            "not fusing requantize after %s: the convolutions after split %s use different bottom scales",
+            layer.name,
+            nxt.name,
+        )
         return None
     return targets[0]
 
@@ -216,29 +239,29 @@ def _store_fp16(layer: NcnnLayer) -> None:
         blob.data = blob.data.astype(np.float16)
 
 
-def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True,
-                   biases: dict[str, np.ndarray] | None = None) -> NcnnModel:
-    """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization.
+def _some(names: list[str], most: int = 10) -> str:
+    """The first ``most`` names of a list, for a log line."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
 
-    ``biases`` (layer -> FP32 bias, from bias correction) replaces the stored bias of those INT8 layers.
+
+def _quantize_layers(
+    model: NcnnModel, table: CalibrationTable, biases: dict[str, np.ndarray]
+) -> tuple[list[str], list[str]]:
+    """Quantize, in place, every layer with both table lines that the runtime computes right in INT8.
+
+    Returns the layers quantized and the layers the table covers.
     """
-    table.validate()
-    result = copy.deepcopy(model)
-    if not has_shape_hints(result):
-        add_shape_hints(result)     # a model from caffe2ncnn: the INT8 file gets the hints all the same
-    names = {layer.name for layer in result.layers}
-    unknown = sorted((set(table.activation_scales) | set(table.weight_scales)) - names)
-    if unknown:
-        log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown),
-                    ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
     quantized, covered = [], []
-    uncovered = _uncovered_layers(result, table)
-    for layer in result.layers:
+    for layer in model.layers:
         if layer.type not in QUANTIZABLE or layer.name not in table.activation_scales:
             continue
         if layer.name not in table.weight_scales:
-            log.warning("layer '%s' (%s) has an activation line but no weight line (%s_param_0): it stays FP32",
-                        layer.name, layer.type, layer.name)
+            log.warning(
+                "layer '%s' (%s) has an activation line but no weight line (%s_param_0): it stays FP32",
+                layer.name,
+                layer.type,
+                layer.name,
+            )
             continue
         covered.append(layer.name)
         if layer.weights[0].data.dtype == np.int8:
@@ -248,22 +271,48 @@ def quantize_model(model: NcnnModel, table: CalibrationTable, fp16_storage: bool
             log.warning("layer '%s' stays FP32: %s", layer.name, defect)
             continue
         _warn_dead_scales(layer, table.weight_scales[layer.name])
-        _quantize_layer(layer, table.weight_scales[layer.name], table.activation_scales[layer.name],
-                        (biases or {}).get(layer.name))
+        _quantize_layer(
+            layer, table.weight_scales[layer.name], table.activation_scales[layer.name], biases.get(layer.name)
+        )
         quantized.append(layer.name)
+    return quantized, covered
+
+
+def quantize_model(
+    model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True, biases: dict[str, np.ndarray] | None = None
+) -> NcnnModel:
+    """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization.
+
+    ``biases`` (layer -> FP32 bias, from bias correction) replaces the stored bias of those INT8 layers.
+    """
+    table.validate()
+    result = copy.deepcopy(model)
+    if not has_shape_hints(result):
+        add_shape_hints(result)  # a model from caffe2ncnn: the INT8 file gets the hints all the same
+    unknown = sorted((set(table.activation_scales) | set(table.weight_scales)) - {ly.name for ly in result.layers})
+    if unknown:
+        log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown), _some(unknown))
+    uncovered = _uncovered_layers(result, table)
+    quantized, covered = _quantize_layers(result, table, biases or {})
     if not covered and not table.fp32_layers:
-        raise ModelError(f"the table quantizes no layer of this model ({len(table.weight_scales)} weight and "
-                         f"{len(table.activation_scales)} activation line(s); a layer needs both): the INT8 model "
-                         "would be the FP32 one; check that the table belongs to this model")
+        raise ModelError(
+            f"the table quantizes no layer of this model ({len(table.weight_scales)} weight and "
+            f"{len(table.activation_scales)} activation line(s); a layer needs both): the INT8 model "
+            "would be the FP32 one; check that the table belongs to this model"
+        )
     if uncovered and covered:
-        log.warning("%d quantizable layer(s) have no line in the table and stay FP32: %s", len(uncovered),
-                    ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else ""))
+        log.warning(
+            "%d quantizable layer(s) have no line in the table and stay FP32: %s", len(uncovered), _some(uncovered)
+        )
     fused = _fuse_requantize(result)
     if fp16_storage:
         for layer in result.layers:
             if not is_int8(layer):
                 _store_fp16(layer)
-    log.info("quantized %d layer(s) to INT8, %d requantize fusion(s); %d quantizable layer(s) stay FP32",
-             len(quantized), len(fused),
-             sum(1 for layer in result.layers if layer.type in QUANTIZABLE and not is_int8(layer)))
+    log.info(
+        "quantized %d layer(s) to INT8, %d requantize fusion(s); %d quantizable layer(s) stay FP32",
+        len(quantized),
+        len(fused),
+        sum(1 for layer in result.layers if layer.type in QUANTIZABLE and not is_int8(layer)),
+    )
     return result

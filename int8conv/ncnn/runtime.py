@@ -5,13 +5,14 @@ ncnn itself and their outputs compared with Caffe's. fp16/bf16 storage and arith
 match Caffe's float results to 1e-3 and INT8 runs differ from them by quantization only; INT8 runs turn
 ``use_int8_inference`` on (on x86 fp16 storage changed no timing measured here).
 """
+
 from __future__ import annotations
 
 import logging
 import statistics
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -36,8 +37,9 @@ class NcnnRunner:
     shows whether its 3x3 stride-1 layers overflow in the INT8 Winograd kernel's int32 accumulators.
     """
 
-    def __init__(self, param: str | Path, bin_path: str | Path, int8: bool, threads: int = 1,
-                 winograd: bool = True) -> None:
+    def __init__(
+        self, param: str | Path, bin_path: str | Path, int8: bool, threads: int = 1, winograd: bool = True
+    ) -> None:
         ncnn = _ncnn()
         self.param = Path(param)
         self.bin = Path(bin_path)
@@ -46,26 +48,31 @@ class NcnnRunner:
         opt = self.net.opt
         opt.num_threads = threads
         opt.use_int8_inference = int8
-        for flag in ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage",
-                     "use_bf16_packed"):
+        for flag in (
+            "use_fp16_storage",
+            "use_fp16_packed",
+            "use_fp16_arithmetic",
+            "use_bf16_storage",
+            "use_bf16_packed",
+        ):
             setattr(opt, flag, False)
         opt.use_vulkan_compute = False
         opt.use_winograd_convolution = winograd
         if self.net.load_param(str(self.param)) != 0:
             raise ModelError(f"{self.param}: ncnn could not parse this .param file")
         if self.net.load_model(str(self.bin)) != 0:
-            raise ModelError(f"{self.bin}: ncnn could not load the weights (the .bin does not match "
-                             f"{self.param.name})")
+            raise ModelError(f"{self.bin}: ncnn could not load the weights (the .bin does not match {self.param.name})")
         self.input_names: list[str] = list(self.net.input_names())
         self.output_names: list[str] = list(self.net.output_names())
-        self._scales: dict[str, float] | None = None   # read from the files when an int8 blob is extracted
+        self._scales: dict[str, float] | None = None  # read from the files when an int8 blob is extracted
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The network outputs for one image (inputs are CHW float32, without the batch axis)."""
         return self.extract(inputs, self.output_names)
 
-    def extract(self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str],
-                light: bool | None = None) -> dict[str, np.ndarray]:
+    def extract(
+        self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str], light: bool | None = None
+    ) -> dict[str, np.ndarray]:
         """Any blobs of the network for one image, as float32 arrays in ncnn's (C, H, W) layout.
 
         A blob that a requantizing INT8 convolution wrote as int8 is dequantized with that layer's top
@@ -134,14 +141,19 @@ def requantized_scales(param: Path, bin_path: Path) -> dict[str, float]:
         term = layer.params.get(8, 0)
         if layer.type in ("Convolution", "ConvolutionDepthWise") and isinstance(term, int) and term > 100:
             scales[layer.tops[0]] = float(np.asarray(layer.weights[-1].data, dtype=np.float32).reshape(-1)[0])
-        elif layer.type == "Split" and layer.bottoms[0] in scales:     # a Split passes the int8 blob on
+        elif layer.type == "Split" and layer.bottoms[0] in scales:  # a Split passes the int8 blob on
             scales.update(dict.fromkeys(layer.tops, scales[layer.bottoms[0]]))
     return scales
 
 
-def time_models(pairs: Mapping[str, tuple[Path, Path, bool]], inputs: Mapping[str, np.ndarray],
-                threads: Iterable[int] = (1, 2), runs: int = 10, warmup: int = 2,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[int, float]]:
+def time_models(
+    pairs: Mapping[str, tuple[Path, Path, bool]],
+    inputs: Mapping[str, np.ndarray],
+    threads: Iterable[int] = (1, 2),
+    runs: int = 10,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict[int, float]]:
     """Median ms per image of several models side by side, interleaved so that machine load hits all alike.
 
     ``pairs`` maps a label to (param, bin, int8). Returns ``{label: {threads: ms}}``. ``clock`` may be

@@ -10,6 +10,7 @@ The shapes come from the ncnn runtime itself, as ``ncnnoptimize``'s ``shape_infe
 of a zero input with every blob extracted. Layers whose output size depends on the data (DetectionOutput) and
 4-D Mats (the hint format holds at most 3 dimensions) get no hint, as in ``ncnnoptimize``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,6 +76,7 @@ def add_shape_hints(model: NcnnModel) -> NcnnModel:
         if layer.type in DATA_DEPENDENT or any(s is None or not 1 <= s[0] <= 3 for s in tops):
             continue
         layer.params[SHAPE_HINTS] = [int(v) for s in tops for v in s]
-    log.debug("shape hints on %d of %d layers", sum(SHAPE_HINTS in layer.params for layer in model.layers),
-              len(model.layers))
+    log.debug(
+        "shape hints on %d of %d layers", sum(SHAPE_HINTS in layer.params for layer in model.layers), len(model.layers)
+    )
     return model

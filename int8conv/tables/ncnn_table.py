@@ -5,6 +5,7 @@ then ``<layer> s`` (the scale of that layer's bottom blob), keyed by layer NAME.
 Legacy (the original caffe-int8-convert-tools, ncnn before 2018-08): per-tensor weight scales and activation
 scales keyed by BLOB name.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,10 @@ def _fmt(value: float) -> str:
 def format_ncnn_table(table: CalibrationTable) -> str:
     """The table text, weight lines first, as ncnn2table writes it."""
     table.validate()
-    lines = [f"{name}_param_0 " + " ".join(_fmt(s) for s in np.asarray(scales).reshape(-1))
-             for name, scales in table.weight_scales.items()]
+    lines = [
+        f"{name}_param_0 " + " ".join(_fmt(s) for s in np.asarray(scales).reshape(-1))
+        for name, scales in table.weight_scales.items()
+    ]
     lines += [f"{name} {_fmt(scale)}" for name, scale in table.activation_scales.items()]
     return "\n".join(lines) + "\n"
 
@@ -82,12 +85,16 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
         weight_line = "_param_" in key
         layer = key.rsplit("_param_", 1)[0] + "_param_" if weight_line else key  # conv_param_0, conv_param_1: one
         if layer in first_line:
-            raise Int8ConvError(f"{path}:{number}: '{key}' appears again (first on line {first_line[layer]}); "
-                                "which scale is meant is unclear: keep one line per key")
+            raise Int8ConvError(
+                f"{path}:{number}: '{key}' appears again (first on line {first_line[layer]}); "
+                "which scale is meant is unclear: keep one line per key"
+            )
         first_line[layer] = number
         if np.any(values < 0) if weight_line else values[0] <= 0:
-            raise Int8ConvError(f"{path}:{number}: '{key}' has a scale {'< 0' if weight_line else '<= 0'} "
-                                f"(weight scales are >= 0, 0 = dead channel; activation scales > 0)")
+            raise Int8ConvError(
+                f"{path}:{number}: '{key}' has a scale {'< 0' if weight_line else '<= 0'} "
+                f"(weight scales are >= 0, 0 = dead channel; activation scales > 0)"
+            )
         if weight_line:
             table.weight_scales[key.rsplit("_param_", 1)[0]] = values.astype(np.float32)
         else:

@@ -7,6 +7,7 @@ float32; the sampleINT8API text file stores ``name:amax``, applied as ``set_dyna
 
 The ranges themselves are computed in :mod:`int8conv.tensorrt.ranges`.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
@@ -71,8 +72,9 @@ def hex_to_scale(text: str) -> float:
 
 def check_amax(name: str, amax: float) -> float:
     if not (math.isfinite(amax) and amax > 0):
-        raise Int8ConvError(f"tensor '{name}': range {amax} is not finite and positive; NaN, Inf and 0 never "
-                            "reach a TensorRT file")
+        raise Int8ConvError(
+            f"tensor '{name}': range {amax} is not finite and positive; NaN, Inf and 0 never reach a TensorRT file"
+        )
     return float(amax)
 
 
@@ -97,8 +99,9 @@ class CalibrationCache:
         return {name: scale * LEVELS for name, scale in self.scales.items()}
 
 
-def format_calibration_cache(ranges: Mapping[str, float], version: str = DEFAULT_TRT_VERSION,
-                             algorithm: str = "EntropyCalibration2") -> str:
+def format_calibration_cache(
+    ranges: Mapping[str, float], version: str = DEFAULT_TRT_VERSION, algorithm: str = "EntropyCalibration2"
+) -> str:
     """The cache text: ``TRT-<version>-<algorithm>`` then ``name: <hex of amax/127>`` per tensor."""
     if algorithm not in ALGORITHMS:
         raise Int8ConvError(f"unknown calibrator '{algorithm}'; choose one of {', '.join(ALGORITHMS)}")
@@ -111,8 +114,12 @@ def format_calibration_cache(ranges: Mapping[str, float], version: str = DEFAULT
     return "\n".join(lines) + "\n"
 
 
-def write_calibration_cache(path: str | Path, ranges: Mapping[str, float], version: str = DEFAULT_TRT_VERSION,
-                            algorithm: str = "EntropyCalibration2") -> None:
+def write_calibration_cache(
+    path: str | Path,
+    ranges: Mapping[str, float],
+    version: str = DEFAULT_TRT_VERSION,
+    algorithm: str = "EntropyCalibration2",
+) -> None:
     write_text_atomic(path, format_calibration_cache(ranges, version, algorithm))
 
 
@@ -167,16 +174,22 @@ def read_dynamic_ranges(path: str | Path) -> dict[str, float]:
         except ValueError:
             amax = float("nan")
         if not sep or not name or not (math.isfinite(amax) and amax > 0):
-            raise Int8ConvError(f"{path}:{number}: expected 'tensor:amax' with a finite positive amax, "
-                                f"got '{line.strip()}'")
+            raise Int8ConvError(
+                f"{path}:{number}: expected 'tensor:amax' with a finite positive amax, got '{line.strip()}'"
+            )
         ranges[name] = amax
     return ranges
 
 
 def format_ranges_json(ranges: Mapping[str, float], method: str, source: str) -> str:
     """``{"method", "source", "ranges": {name: amax}}``; TensorRT applies each as ``(-amax, amax)``."""
-    body = {"format": "int8conv-tensorrt-ranges", "version": 1, "method": method, "source": source,
-            "ranges": {_check_name(n): check_amax(n, a) for n, a in ranges.items()}}
+    body = {
+        "format": "int8conv-tensorrt-ranges",
+        "version": 1,
+        "method": method,
+        "source": source,
+        "ranges": {_check_name(n): check_amax(n, a) for n, a in ranges.items()},
+    }
     return json.dumps(body, indent=1) + "\n"
 
 

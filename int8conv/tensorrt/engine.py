@@ -12,13 +12,14 @@ Parsing and building run on the CPU with TensorRT-RTX (the acceptance test of th
 with full TensorRT and running any engine need the ``tensorrt`` package and a CUDA GPU. When one of
 them is missing, :class:`~int8conv.errors.BackendUnavailable` says which.
 """
+
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
 
 import numpy as np
 
@@ -39,11 +40,13 @@ def import_tensorrt(flavour: str = "tensorrt") -> ModuleType:
     try:
         return importlib.import_module(PACKAGES[flavour])
     except ImportError as exc:
-        hint = ("install TensorRT from NVIDIA (pip install tensorrt --extra-index-url https://pypi.nvidia.com, "
-                "or the TensorRT tar/deb packages); it needs a CUDA GPU to build and run engines"
-                if flavour == "tensorrt" else "pip install tensorrt-rtx-cu12")
-        raise BackendUnavailable(f"the Python package '{PACKAGES[flavour]}' is not importable ({exc}): {hint}") \
-            from exc
+        hint = (
+            "install TensorRT from NVIDIA (pip install tensorrt --extra-index-url https://pypi.nvidia.com, "
+            "or the TensorRT tar/deb packages); it needs a CUDA GPU to build and run engines"
+            if flavour == "tensorrt"
+            else "pip install tensorrt-rtx-cu12"
+        )
+        raise BackendUnavailable(f"the Python package '{PACKAGES[flavour]}' is not importable ({exc}): {hint}") from exc
 
 
 def version_of(trt: ModuleType) -> tuple[int, int]:
@@ -119,13 +122,18 @@ class ParsedNetwork:
 
 def _cache_calibrator(trt: ModuleType, cache_text: bytes, algorithm: str):
     """A calibrator that never calibrates: it hands TensorRT the cache (the header picks the class)."""
-    base = {"EntropyCalibration2": "IInt8EntropyCalibrator2", "MinMaxCalibration": "IInt8MinMaxCalibrator",
-            "EntropyCalibration": "IInt8EntropyCalibrator",
-            "LegacyCalibration": "IInt8LegacyCalibrator"}.get(algorithm)
+    base = {
+        "EntropyCalibration2": "IInt8EntropyCalibrator2",
+        "MinMaxCalibration": "IInt8MinMaxCalibrator",
+        "EntropyCalibration": "IInt8EntropyCalibrator",
+        "LegacyCalibration": "IInt8LegacyCalibrator",
+    }.get(algorithm)
     parent = getattr(trt, base or "", None)
     if parent is None:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} has no {base or algorithm} calibrator: calibration "
-                                 "caches need TensorRT 8-10; use the Q/DQ ONNX with TensorRT 11")
+        raise BackendUnavailable(
+            f"TensorRT {trt.__version__} has no {base or algorithm} calibrator: calibration "
+            "caches need TensorRT 8-10; use the Q/DQ ONNX with TensorRT 11"
+        )
 
     class CacheCalibrator(parent):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -146,9 +154,15 @@ def _cache_calibrator(trt: ModuleType, cache_text: bytes, algorithm: str):
     return CacheCalibrator()
 
 
-def build_plan(onnx_model: bytes | str | Path, mode: str = "qdq", *, flavour: str = "tensorrt",
-               cache: str | Path | None = None, ranges: Mapping[str, float] | None = None,
-               max_batch: int = 1) -> bytes:
+def build_plan(
+    onnx_model: bytes | str | Path,
+    mode: str = "qdq",
+    *,
+    flavour: str = "tensorrt",
+    cache: str | Path | None = None,
+    ranges: Mapping[str, float] | None = None,
+    max_batch: int = 1,
+) -> bytes:
     """A serialized engine (plan) for the ONNX model; ``mode`` says where the INT8 ranges come from.
 
     TensorRT-RTX builds on the CPU; full TensorRT needs a GPU at build time.
@@ -167,8 +181,10 @@ def build_plan(onnx_model: bytes | str | Path, mode: str = "qdq", *, flavour: st
             config.set_flag(int8)
     else:
         if int8 is None:
-            raise BackendUnavailable(f"{trt.__name__} {trt.__version__} has no implicit INT8 (BuilderFlag.INT8): "
-                                     f"'{mode}' needs TensorRT 8-10; use the Q/DQ ONNX (mode qdq)")
+            raise BackendUnavailable(
+                f"{trt.__name__} {trt.__version__} has no implicit INT8 (BuilderFlag.INT8): "
+                f"'{mode}' needs TensorRT 8-10; use the Q/DQ ONNX (mode qdq)"
+            )
         config.set_flag(int8)
         if mode == "cache":
             if cache is None:
@@ -198,8 +214,10 @@ def _cudart():
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise BackendUnavailable("cuda-python is not installed (pip install cuda-python): int8conv uses it to find the "
-                             "GPU and to move data to and from it")
+    raise BackendUnavailable(
+        "cuda-python is not installed (pip install cuda-python): int8conv uses it to find the "
+        "GPU and to move data to and from it"
+    )
 
 
 def _check(result):
@@ -248,8 +266,11 @@ class EngineRunner:
                 self.context.set_input_shape(name, array.shape)
                 pointer = _check(cudart.cudaMalloc(array.nbytes))
                 buffers.append(pointer)
-                _check(cudart.cudaMemcpy(pointer, array.ctypes.data, array.nbytes,
-                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+                _check(
+                    cudart.cudaMemcpy(
+                        pointer, array.ctypes.data, array.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+                    )
+                )
                 self.context.set_tensor_address(name, pointer)
             results = {}
             for name in self.outputs:
@@ -262,10 +283,13 @@ class EngineRunner:
             if not self.context.execute_async_v3(int(stream)):
                 raise ModelError("TensorRT failed to execute the engine")
             _check(cudart.cudaStreamSynchronize(stream))
-            for name, pointer in zip(self.outputs, buffers[len(self.inputs):]):
+            for name, pointer in zip(self.outputs, buffers[len(self.inputs) :], strict=True):
                 out = results[name]
-                _check(cudart.cudaMemcpy(out.ctypes.data, pointer, out.nbytes,
-                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+                _check(
+                    cudart.cudaMemcpy(
+                        out.ctypes.data, pointer, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+                    )
+                )
             return results
         finally:
             for pointer in buffers:

@@ -8,6 +8,7 @@ first (as TensorRT and ncnn do): the convolution's output takes the name of the 
 folded values are listed in ``OnnxExport.folded``. DetectionOutput is not exported: its three inputs
 become graph outputs and :mod:`int8conv.tensorrt.ssd_host` decodes them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -133,18 +134,24 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
     graph_proto = helper.make_graph(
-        b.nodes, graph.name,
+        b.nodes,
+        graph.name,
         [value_info(name, shape) for name, shape in graph.inputs.items()],
-        [value_info(name, graph.shapes[name]) for name in outputs], b.inits)
-    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="int8conv")
+        [value_info(name, graph.shapes[name]) for name in outputs],
+        b.inits,
+    )
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="int8conv")
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model, full_check=True)
     present = set(graph.inputs) | produced
     dropped = {head.output for head in heads}
-    folded = {v: _folded_into(original, v, present) for layer in original.layers for v in layer.tops
-              if v not in present and v not in dropped}
+    folded = {
+        v: _folded_into(original, v, present)
+        for layer in original.layers
+        for v in layer.tops
+        if v not in present and v not in dropped
+    }
     return OnnxExport(model, outputs, b.derived, folded, b.constants, heads)
 
 

@@ -6,10 +6,11 @@ scales, activations per tensor on the inputs of Conv/Gemm, weights per output ch
 Q/DQ on the float initializer, and never an int8 tensor fed straight into a Conv. TensorRT moves and
 fuses the pairs itself; placing them on the inputs of the weighted layers is NVIDIA's recommended recipe.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -43,8 +44,12 @@ def quantized_layers(export: OnnxExport) -> list[str]:
     return [node.name for node in export.model.graph.node if node.op_type in QUANTIZED_OPS]
 
 
-def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Iterable[str] = (),
-               layer_ranges: Mapping[str, float] | None = None) -> onnx.ModelProto:
+def insert_qdq(
+    export: OnnxExport,
+    ranges: Mapping[str, float],
+    fp32_layers: Iterable[str] = (),
+    layer_ranges: Mapping[str, float] | None = None,
+) -> onnx.ModelProto:
     """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
 
     ``ranges`` is ``{tensor: amax}`` (see :func:`int8conv.tensorrt.ranges.tensor_ranges`); ``layer_ranges``
@@ -57,8 +62,10 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     keep_fp32 = set(fp32_layers)
     unknown = keep_fp32 - set(quantized_layers(export))
     if unknown:
-        raise ModelError(f"--fp32-layers names {', '.join(sorted(unknown))}, which are not Convolution or "
-                         "InnerProduct layers of the model")
+        raise ModelError(
+            f"--fp32-layers names {', '.join(sorted(unknown))}, which are not Convolution or "
+            "InnerProduct layers of the model"
+        )
     model = onnx.ModelProto()
     model.CopyFrom(export.model)
     graph = model.graph
@@ -67,8 +74,11 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
     new_inits: list[onnx.TensorProto] = []
     dequantized: dict[tuple[str, float], str] = {}
     unquantized: list[str] = []
-    taken = {init.name for init in graph.initializer} | {v.name for v in graph.input} | \
-        {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
+    taken = (
+        {init.name for init in graph.initializer}
+        | {v.name for v in graph.input}
+        | {name for node in graph.node for name in list(node.input) + list(node.output) + [node.name]}
+    )
 
     def fresh(name: str) -> str:
         """``name``, or ``name_<k>`` when the model already uses it (a Caffe value may be called anything)."""
@@ -86,10 +96,24 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
         new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), zero_name))
         attrs = {} if axis is None else {"axis": axis}
         quantized, out = fresh(f"{tensor}/quantized"), fresh(f"{tensor}/dequantized")
-        nodes.append(helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized],
-                                      name=fresh(f"{tensor}/QuantizeLinear"), **attrs))
-        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [out],
-                                      name=fresh(f"{tensor}/DequantizeLinear"), **attrs))
+        nodes.append(
+            helper.make_node(
+                "QuantizeLinear",
+                [tensor, scale_name, zero_name],
+                [quantized],
+                name=fresh(f"{tensor}/QuantizeLinear"),
+                **attrs,
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [quantized, scale_name, zero_name],
+                [out],
+                name=fresh(f"{tensor}/DequantizeLinear"),
+                **attrs,
+            )
+        )
         return out
 
     for node in graph.node:
@@ -116,8 +140,11 @@ def insert_qdq(export: OnnxExport, ranges: Mapping[str, float], fp32_layers: Ite
         node.input[1] = pair(weight, quantization_scale(weight_amax(w)), 0)
         nodes.append(node)
     if unquantized:
-        log.warning("no range for the input of %d layer(s), kept FP32 in the Q/DQ model: %s", len(unquantized),
-                    ", ".join(unquantized))
+        log.warning(
+            "no range for the input of %d layer(s), kept FP32 in the Q/DQ model: %s",
+            len(unquantized),
+            ", ".join(unquantized),
+        )
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
@@ -151,17 +178,27 @@ class OutputCosine:
         return output_cosine(self.reference, self.outputs_of(model))
 
 
-def choose_fp32_layers(export: OnnxExport, ranges: Mapping[str, float], feeds: Sequence[Mapping[str, np.ndarray]],
-                       target: float, layer_ranges: Mapping[str, float] | None = None) -> Fp32Choice:
+def choose_fp32_layers(
+    export: OnnxExport,
+    ranges: Mapping[str, float],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    target: float,
+    layer_ranges: Mapping[str, float] | None = None,
+) -> Fp32Choice:
     """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
 
     Scored by ``metrics.output_cosine`` over ``feeds`` (DetectionOutput inputs for SSD models, priors
     excluded); the search is ``fp32_search.search_fp32_layers``.
     """
     score = OutputCosine(export, feeds)
-    choice = search_fp32_layers(quantized_layers(export),
-                                lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges)), target)
-    log.info("Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
-             len(choice.fp32_layers), choice.cosine, choice.cosine_all_int8, target)
+    choice = search_fp32_layers(
+        quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges)), target
+    )
+    log.info(
+        "Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
+        len(choice.fp32_layers),
+        choice.cosine,
+        choice.cosine_all_int8,
+        target,
+    )
     return choice
-

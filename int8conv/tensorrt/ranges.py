@@ -2,11 +2,12 @@
 
 The file formats that carry them are in :mod:`int8conv.tables.tensorrt_files`.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import CalibrationStatistics
@@ -50,8 +51,10 @@ def table_ranges(table: CalibrationTable, graph: Graph) -> dict[str, float]:
     ranges: dict[str, float] = {}
     for name, amax in layer_input_ranges(table).items():
         if name not in layers:
-            raise Int8ConvError(f"the calibration table names layer '{name}', which is not a Convolution or "
-                                f"InnerProduct of network '{graph.name}'")
+            raise Int8ConvError(
+                f"the calibration table names layer '{name}', which is not a Convolution or "
+                f"InnerProduct of network '{graph.name}'"
+            )
         value = layers[name].bottoms[0]
         ranges[value] = max(amax, ranges.get(value, 0.0))
     return ranges
@@ -63,6 +66,7 @@ def tensor_ranges(export: OnnxExport, values: Mapping[str, float]) -> dict[str, 
     Constant tensors (PriorBox) get none: TensorRT computes them at build time. A tensor with neither a
     value range nor a derivation is left out, and TensorRT keeps its layer in higher precision.
     """
+
     def amax_of(name: str, depth: int = 0) -> float | None:
         if name in values:
             return float(values[name])
@@ -83,6 +87,9 @@ def tensor_ranges(export: OnnxExport, values: Mapping[str, float]) -> dict[str, 
             continue
         ranges[name] = check_amax(name, max(amax, MIN_AMAX) if math.isfinite(amax) else amax)
     if missing:
-        log.info("no range for %d tensor(s) (TensorRT keeps them in higher precision): %s", len(missing),
-                 ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        log.info(
+            "no range for %d tensor(s) (TensorRT keeps them in higher precision): %s",
+            len(missing),
+            ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+        )
     return ranges

@@ -6,6 +6,7 @@ they are computed here and embedded in the ONNX; decoding and per-class NMS also
 exported heads (``loc``, ``conf``, ``priors``), giving the same ``[image, label, score, x1, y1, x2, y2]``
 rows as Caffe's and OpenCV's DetectionOutput.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, 
     if not len(p.min_size):
         raise ModelError(f"layer '{layer.name}' (PriorBox) has no min_size")
     if len(p.max_size) and len(p.max_size) != len(p.min_size):
-        raise ModelError(f"layer '{layer.name}' (PriorBox): {len(p.max_size)} max_size for "
-                         f"{len(p.min_size)} min_size values")
+        raise ModelError(
+            f"layer '{layer.name}' (PriorBox): {len(p.max_size)} max_size for {len(p.min_size)} min_size values"
+        )
     if len(p.variance) not in (0, 1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): {len(p.variance)} variances; Caffe needs 1 or 4")
     fh, fw = feature_hw
@@ -63,14 +65,17 @@ def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, 
         for r in prior_box_aspect_ratios(p)[1:]:
             sizes.append((float(min_size) * math.sqrt(r), float(min_size) / math.sqrt(r)))
     wh = np.asarray(sizes, dtype=np.float32)
-    cy, cx = np.meshgrid((np.arange(fh, dtype=np.float32) + np.float32(p.offset)) * np.float32(step_h),
-                         (np.arange(fw, dtype=np.float32) + np.float32(p.offset)) * np.float32(step_w),
-                         indexing="ij")
+    cy, cx = np.meshgrid(
+        (np.arange(fh, dtype=np.float32) + np.float32(p.offset)) * np.float32(step_h),
+        (np.arange(fw, dtype=np.float32) + np.float32(p.offset)) * np.float32(step_w),
+        indexing="ij",
+    )
     cx = cx[:, :, None]
     cy = cy[:, :, None]
     half_w, half_h = wh[:, 0] / 2, wh[:, 1] / 2
-    boxes = np.stack([(cx - half_w) / img_w, (cy - half_h) / img_h,
-                      (cx + half_w) / img_w, (cy + half_h) / img_h], axis=-1).astype(np.float32)
+    boxes = np.stack(
+        [(cx - half_w) / img_w, (cy - half_h) / img_h, (cx + half_w) / img_w, (cy + half_h) / img_h], axis=-1
+    ).astype(np.float32)
     if p.clip:
         boxes = np.clip(boxes, 0.0, 1.0)
     boxes = boxes.reshape(-1)
@@ -98,14 +103,17 @@ def ssd_heads(graph: Graph) -> list[SsdHead]:
         if layer.type != "DetectionOutput":
             continue
         if len(layer.bottoms) != 3:
-            raise ModelError(f"layer '{layer.name}' (DetectionOutput) has {len(layer.bottoms)} bottoms; "
-                             "only the loc/conf/priors form is supported")
+            raise ModelError(
+                f"layer '{layer.name}' (DetectionOutput) has {len(layer.bottoms)} bottoms; "
+                "only the loc/conf/priors form is supported"
+            )
         heads.append(SsdHead(layer.name, *layer.bottoms, layer.tops[0], layer.param.detection_output_param))
     return heads
 
 
-def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, code_type: int,
-                 variance_encoded_in_target: bool = False) -> np.ndarray:
+def decode_boxes(
+    loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, code_type: int, variance_encoded_in_target: bool = False
+) -> np.ndarray:
     """Caffe's DecodeBBox for ``[P, 4]`` arrays of normalized corner priors."""
     var = np.ones_like(variances) if variance_encoded_in_target else variances
     if code_type == CORNER:
@@ -125,8 +133,9 @@ def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray, cod
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
 
 
-def detection_output(loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
-                     param: caffe_pb2.DetectionOutputParameter) -> np.ndarray:
+def detection_output(
+    loc: np.ndarray, conf: np.ndarray, priors: np.ndarray, param: caffe_pb2.DetectionOutputParameter
+) -> np.ndarray:
     """Detections ``[1, 1, K, 7]`` (image, label, score, x1, y1, x2, y2) from a batch of SSD heads.
 
     ``loc`` is ``[N, P*4*L]`` (L = 1 with share_location, else num_classes), ``conf`` ``[N, P*C]``
@@ -146,8 +155,10 @@ def detection_output(loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
     rows = []
     for n in range(batch):
         picked: list[tuple[int, np.ndarray, np.ndarray]] = []
-        decoded = [decode_boxes(loc[n, :, c], priors[0], priors[1], param.code_type,
-                                param.variance_encoded_in_target) for c in range(num_loc)]
+        decoded = [
+            decode_boxes(loc[n, :, c], priors[0], priors[1], param.code_type, param.variance_encoded_in_target)
+            for c in range(num_loc)
+        ]
         for label in range(num_classes):
             if label == param.background_label_id:
                 continue
@@ -155,12 +166,15 @@ def detection_output(loc: np.ndarray, conf: np.ndarray, priors: np.ndarray,
             scores = conf[n, :, label]
             keep = nms(boxes, scores, nms_param.nms_threshold, top_k, param.confidence_threshold, nms_param.eta)
             picked.append((label, scores[keep], boxes[keep]))
-        labels = np.concatenate([np.full(s.size, lab, dtype=np.float32) for lab, s, _ in picked]) \
-            if picked else np.zeros(0, np.float32)
+        labels = (
+            np.concatenate([np.full(s.size, lab, dtype=np.float32) for lab, s, _ in picked])
+            if picked
+            else np.zeros(0, np.float32)
+        )
         scores = np.concatenate([s for _, s, _ in picked]) if picked else np.zeros(0, np.float32)
         boxes = np.concatenate([b for _, _, b in picked]) if picked else np.zeros((0, 4), np.float32)
         if param.keep_top_k > -1 and scores.size > param.keep_top_k:
-            best = np.argsort(-scores, kind="stable")[:param.keep_top_k]
+            best = np.argsort(-scores, kind="stable")[: param.keep_top_k]
             best = best[np.lexsort((-scores[best], labels[best]))]  # Caffe writes by label, then score
             labels, scores, boxes = labels[best], scores[best], boxes[best]
         rows.append(np.column_stack([np.full(scores.size, n, np.float32), labels, scores, boxes]))

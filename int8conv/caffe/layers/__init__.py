@@ -4,6 +4,7 @@ One module per family declares its types (see ``base.LayerKind``); importing thi
 Adding a type means adding its declaration to a family module (or a new module imported here) and its test in
 ``tests/test_layers.py``; docs/layers.md is generated from this registry by ``scripts/make_layer_docs.py``.
 """
+
 from __future__ import annotations
 
 from int8conv.caffe.layers import (  # noqa: F401  (each module registers its kinds)
@@ -21,8 +22,7 @@ from int8conv.caffe.layers import (  # noqa: F401  (each module registers its ki
 from int8conv.caffe.layers.base import REGISTRY, Decline, LayerKind, declined
 from int8conv.caffe.layers.normalization import batchnorm_affine, scale_affine
 
-__all__ = ["REGISTRY", "Decline", "LayerKind", "declined", "batchnorm_affine", "scale_affine", "kind_of",
-           "types_where"]
+__all__ = ["REGISTRY", "Decline", "LayerKind", "declined", "batchnorm_affine", "scale_affine", "kind_of", "types_where"]
 
 
 def kind_of(layer_type: str) -> LayerKind | None:

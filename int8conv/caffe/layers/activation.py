@@ -1,4 +1,5 @@
 """Element-wise activations and Softmax."""
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ FAMILY = "activation"
 
 def _ncnn(kind: str, layer: Layer, params: dict) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnLayer
+
     return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params)]
 
 
@@ -44,8 +46,11 @@ def prelu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnBlob, NcnnLayer
 
     slopes = layer.blobs[0].reshape(-1)
-    return [NcnnLayer("PReLU", layer.name, layer.bottoms, layer.tops, {0: int(slopes.size)},
-                      [NcnnBlob(f32(slopes), tagged=False)])]
+    return [
+        NcnnLayer(
+            "PReLU", layer.name, layer.bottoms, layer.tops, {0: int(slopes.size)}, [NcnnBlob(f32(slopes), tagged=False)]
+        )
+    ]
 
 
 def _base_scale_shift(p) -> dict:
@@ -81,6 +86,7 @@ def softmax_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
 # --------------------------------------------------------------------------------------------------- ONNX
 
+
 def relu_onnx(b, layer: Layer) -> None:
     slope = layer.param.relu_param.negative_slope
     if slope:
@@ -90,8 +96,12 @@ def relu_onnx(b, layer: Layer) -> None:
 
 
 def relu6_onnx(b, layer: Layer) -> None:
-    b.node("Clip", [layer.bottoms[0], b.init(f"{layer.name}/min", np.float32(0)),
-                    b.init(f"{layer.name}/max", np.float32(6))], [layer.tops[0]], layer.name)
+    b.node(
+        "Clip",
+        [layer.bottoms[0], b.init(f"{layer.name}/min", np.float32(0)), b.init(f"{layer.name}/max", np.float32(6))],
+        [layer.tops[0]],
+        layer.name,
+    )
 
 
 def prelu_onnx(b, layer: Layer) -> None:
@@ -136,8 +146,12 @@ def log_onnx(b, layer: Layer) -> None:
         return
     natural = f"{layer.name}/ln"
     b.node("Log", [x], [natural], natural)
-    b.node("Mul", [natural, b.init(f"{layer.name}/inv_ln_base", np.float32(1.0 / math.log(p.base)))],
-           [layer.tops[0]], layer.name)
+    b.node(
+        "Mul",
+        [natural, b.init(f"{layer.name}/inv_ln_base", np.float32(1.0 / math.log(p.base)))],
+        [layer.tops[0]],
+        layer.name,
+    )
 
 
 def power_onnx(b, layer: Layer) -> None:
@@ -153,8 +167,12 @@ def power_onnx(b, layer: Layer) -> None:
 def threshold_onnx(b, layer: Layer) -> None:
     """Caffe: 1 where x > threshold, else 0."""
     above = f"{layer.name}/above"
-    b.node("Greater", [layer.bottoms[0], b.init(f"{above}/threshold",
-                                                np.float32(layer.param.threshold_param.threshold))], [above], above)
+    b.node(
+        "Greater",
+        [layer.bottoms[0], b.init(f"{above}/threshold", np.float32(layer.param.threshold_param.threshold))],
+        [above],
+        above,
+    )
     b.node("Cast", [above], [layer.tops[0]], layer.name, to=1)
 
 
@@ -165,8 +183,7 @@ def softmax_onnx(b, layer: Layer) -> None:
 register(LayerKind("ReLU", FAMILY, same_shape, relu_ncnn, relu_onnx, notes="negative_slope: leaky ReLU"))
 register(LayerKind("ReLU6", FAMILY, same_shape, relu6_ncnn, relu6_onnx, notes="ncnn Clip 0..6"))
 register(LayerKind("PReLU", FAMILY, _per_channel_check, prelu_ncnn, prelu_onnx, Weights(canonical=flat_weights)))
-register(LayerKind("Sigmoid", FAMILY, same_shape, ncnn_plain("Sigmoid"), onnx_unary("Sigmoid"),
-                   head_passthrough=True))
+register(LayerKind("Sigmoid", FAMILY, same_shape, ncnn_plain("Sigmoid"), onnx_unary("Sigmoid"), head_passthrough=True))
 register(LayerKind("TanH", FAMILY, same_shape, ncnn_plain("TanH"), onnx_unary("Tanh")))
 register(LayerKind("AbsVal", FAMILY, same_shape, ncnn_plain("AbsVal"), onnx_unary("Abs")))
 register(LayerKind("BNLL", FAMILY, same_shape, ncnn_plain("BNLL"), onnx_unary("Softplus")))
@@ -175,12 +192,22 @@ register(LayerKind("Exp", FAMILY, same_shape, exp_ncnn, exp_onnx))
 register(LayerKind("Log", FAMILY, same_shape, log_ncnn, log_onnx))
 register(LayerKind("Power", FAMILY, same_shape, power_ncnn, power_onnx))
 register(LayerKind("Threshold", FAMILY, same_shape, threshold_ncnn, threshold_onnx))
+
+
 def hardswish_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """x * relu6(x + 3) / 6: ncnn's HardSwish with alpha 1/6 and beta 1/2 (its default alpha is 0.2)."""
     return _ncnn("HardSwish", layer, {0: 1.0 / 6.0, 1: 0.5})
 
 
-register(LayerKind("HardSwish", FAMILY, same_shape, hardswish_ncnn, onnx_unary("HardSwish"),
-                   opencv=Decline("OpenCV's Caffe importer has no HardSwish layer"),
-                   notes="MobileNetV3's x * relu6(x + 3) / 6 (brocolli-caffe)"))
+register(
+    LayerKind(
+        "HardSwish",
+        FAMILY,
+        same_shape,
+        hardswish_ncnn,
+        onnx_unary("HardSwish"),
+        opencv=Decline("OpenCV's Caffe importer has no HardSwish layer"),
+        notes="MobileNetV3's x * relu6(x + 3) / 6 (brocolli-caffe)",
+    )
+)
 register(LayerKind("Softmax", FAMILY, same_shape, softmax_ncnn, softmax_onnx, head_passthrough=True))

@@ -4,6 +4,7 @@ A kind is declared once, in the module of its family, with ``register``. Each wr
 engine (OpenCV, pycaffe) either handles the type or declines it with a ``Decline`` that says why; nothing is
 left unsaid, and ``tests/test_layers.py`` fails on a type that a writer neither handles nor declines.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -98,11 +99,13 @@ def register(kind: LayerKind) -> LayerKind:
 
 def declined(what: str, layer: Layer, decline: Decline) -> ModelError:
     """The error a writer raises for a type it declines: layer, type, writer and reason."""
-    return ModelError(f"layer '{layer.name}' has type '{layer.type}', which the {what} does not support: "
-                      f"{decline.reason}")
+    return ModelError(
+        f"layer '{layer.name}' has type '{layer.type}', which the {what} does not support: {decline.reason}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- shared helpers
+
 
 def axis_index(axis: int, ndim: int) -> int:
     """A Caffe axis (negative counts from the end) as a non-negative index."""
@@ -140,14 +143,19 @@ def flat_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> li
 
 def ncnn_plain(kind: str) -> NcnnEmitter:
     """An ncnn layer of type ``kind`` with no parameters and no weights."""
+
     def emit(layer: Layer, ctx) -> list[NcnnLayer]:
         from int8conv.ncnn.model import NcnnLayer
+
         return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, {})]
+
     return emit
 
 
 def onnx_unary(op: str) -> OnnxEmitter:
     """An ONNX node ``op`` with one input and one output, no attributes."""
+
     def emit(b, layer: Layer) -> None:
         b.node(op, [layer.bottoms[0]], [layer.tops[0]], layer.name)
+
     return emit

@@ -1,4 +1,5 @@
 """Convolution, Deconvolution, and the fork type names for depthwise convolution."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -62,10 +63,19 @@ def conv_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         cin, out_g, kh, kw = weight.shape
         weight = weight.reshape(g["group"], cin // g["group"], out_g, kh, kw).transpose(0, 2, 1, 3, 4)
     kind = ("Deconvolution" if deconv else "Convolution") + ("DepthWise" if g["group"] > 1 else "")
-    params: dict[int, ParamValue] = {0: g["num_output"], 1: g["kernel_w"], 2: g["dilation_w"], 3: g["stride_w"],
-                                     4: g["pad_w"]}
-    for key, h_name, w_name in ((11, "kernel_h", "kernel_w"), (12, "dilation_h", "dilation_w"),
-                                (13, "stride_h", "stride_w"), (14, "pad_h", "pad_w")):
+    params: dict[int, ParamValue] = {
+        0: g["num_output"],
+        1: g["kernel_w"],
+        2: g["dilation_w"],
+        3: g["stride_w"],
+        4: g["pad_w"],
+    }
+    for key, h_name, w_name in (
+        (11, "kernel_h", "kernel_w"),
+        (12, "dilation_h", "dilation_w"),
+        (13, "stride_h", "stride_w"),
+        (14, "pad_h", "pad_w"),
+    ):
         if g[h_name] != g[w_name]:
             params[key] = g[h_name]
     has_bias = len(layer.blobs) > 1
@@ -84,10 +94,17 @@ def conv_onnx(b, layer: Layer) -> None:
     if len(layer.blobs) > 1 and (g["bias_term"] or layer.type == "Convolution"):
         inputs.append(b.init(f"{layer.name}/bias", layer.blobs[1].reshape(-1)))
     op = "Conv" if layer.type == "Convolution" else "ConvTranspose"
-    b.node(op, inputs, [layer.tops[0]], layer.name,
-           kernel_shape=[g["kernel_h"], g["kernel_w"]], strides=[g["stride_h"], g["stride_w"]],
-           pads=[g["pad_h"], g["pad_w"], g["pad_h"], g["pad_w"]],
-           dilations=[g["dilation_h"], g["dilation_w"]], group=g["group"])
+    b.node(
+        op,
+        inputs,
+        [layer.tops[0]],
+        layer.name,
+        kernel_shape=[g["kernel_h"], g["kernel_w"]],
+        strides=[g["stride_h"], g["stride_w"]],
+        pads=[g["pad_h"], g["pad_w"], g["pad_h"], g["pad_w"]],
+        dilations=[g["dilation_h"], g["dilation_w"]],
+        group=g["group"],
+    )
 
 
 def depthwise_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> None:
@@ -96,23 +113,54 @@ def depthwise_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -
     param.convolution_param.group = param.convolution_param.num_output
 
 
-register(LayerKind(
-    "Convolution", FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights), folds_into=True,
-    quantizable=True,
-    notes="group > 1 becomes ncnn ConvolutionDepthWise; a grouped (not depthwise) one stays FP32 in ncnn INT8 models "
-          "(ncnn's x86 INT8 group path with the packing layout returns garbage for it)"))
-register(LayerKind(
-    "Deconvolution", FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights),
-    quantizable=Decline("ncnn2int8 does not quantize it and ncnn's Deconvolution/DeconvolutionDepthWise have no "
-                        "int8_scale_term: the runtime computes them in FP32"),
-    notes="group > 1 becomes ncnn DeconvolutionDepthWise"))
+register(
+    LayerKind(
+        "Convolution",
+        FAMILY,
+        conv_shape,
+        conv_ncnn,
+        conv_onnx,
+        Weights(canonical=conv_weights),
+        folds_into=True,
+        quantizable=True,
+        notes="group > 1 becomes ncnn ConvolutionDepthWise; a grouped (not depthwise) one stays FP32 in ncnn INT8 "
+        "models (ncnn's x86 INT8 group path with the packing layout returns garbage for it)",
+    )
+)
+register(
+    LayerKind(
+        "Deconvolution",
+        FAMILY,
+        conv_shape,
+        conv_ncnn,
+        conv_onnx,
+        Weights(canonical=conv_weights),
+        quantizable=Decline(
+            "ncnn2int8 does not quantize it and ncnn's Deconvolution/DeconvolutionDepthWise have no "
+            "int8_scale_term: the runtime computes them in FP32"
+        ),
+        notes="group > 1 becomes ncnn DeconvolutionDepthWise",
+    )
+)
 #: Fork type names of depthwise convolution (ConvolutionDepthwise: caffe-adas and ShuffleNet ports;
 #: DepthwiseConvolution: MobileNet-YOLO).
 DEPTHWISE_FORK_TYPES = ("ConvolutionDepthwise", "DepthwiseConvolution")
 _FORK_DEPTHWISE = Decline("a Caffe-fork type name: BVLC pycaffe does not know it")
 for _name in DEPTHWISE_FORK_TYPES:
-    register(LayerKind(
-        _name, FAMILY, conv_shape, conv_ncnn, conv_onnx, Weights(canonical=conv_weights), alias_of="Convolution",
-        rename=depthwise_rename, folds_into=True, quantizable=True, caffe=_FORK_DEPTHWISE,
-        notes="a fork's depthwise convolution: read as Convolution with group = num_output (the OpenCV engine "
-              "renames it so too)"))
+    register(
+        LayerKind(
+            _name,
+            FAMILY,
+            conv_shape,
+            conv_ncnn,
+            conv_onnx,
+            Weights(canonical=conv_weights),
+            alias_of="Convolution",
+            rename=depthwise_rename,
+            folds_into=True,
+            quantizable=True,
+            caffe=_FORK_DEPTHWISE,
+            notes="a fork's depthwise convolution: read as Convolution with group = num_output (the OpenCV engine "
+            "renames it so too)",
+        )
+    )

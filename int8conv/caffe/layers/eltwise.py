@@ -1,4 +1,5 @@
 """Element-wise combinations of several blobs: Eltwise (SUM with coefficients, PROD, MAX) and the fork's Axpy."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -28,11 +29,13 @@ def eltwise_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     params: dict[int, ParamValue] = {0: int(p.operation)}
     if len(p.coeff):
         if p.operation != caffe_pb2.EltwiseParameter.SUM:
-            raise ModelError(f"layer '{layer.name}' (Eltwise): coefficients apply to SUM only (Caffe rejects them "
-                             "for PROD and MAX)")
+            raise ModelError(
+                f"layer '{layer.name}' (Eltwise): coefficients apply to SUM only (Caffe rejects them for PROD and MAX)"
+            )
         if len(p.coeff) != len(layer.bottoms):
-            raise ModelError(f"layer '{layer.name}' (Eltwise): {len(p.coeff)} coefficients for "
-                             f"{len(layer.bottoms)} bottoms")
+            raise ModelError(
+                f"layer '{layer.name}' (Eltwise): {len(p.coeff)} coefficients for {len(layer.bottoms)} bottoms"
+            )
         params[1] = [float(c) for c in p.coeff]
     return [NcnnLayer("Eltwise", layer.name, layer.bottoms, layer.tops, params)]
 
@@ -63,10 +66,15 @@ def eltwise_onnx(b, layer: Layer) -> None:
 
 def axpy_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Axpy (SENet forks): ``a * x + y`` with a of (N, C, 1, 1) and x, y of (N, C, H, W)."""
-    if len(shapes) != 3 or shapes[1] != shapes[2] or tuple(shapes[0][:2]) != tuple(shapes[1][:2]) \
-            or any(d != 1 for d in shapes[0][2:]):
-        raise ModelError(f"layer '{layer.name}' (Axpy): needs bottoms a (N, C, 1, 1), x and y (N, C, H, W), "
-                         f"got {shapes}")
+    if (
+        len(shapes) != 3
+        or shapes[1] != shapes[2]
+        or tuple(shapes[0][:2]) != tuple(shapes[1][:2])
+        or any(d != 1 for d in shapes[0][2:])
+    ):
+        raise ModelError(
+            f"layer '{layer.name}' (Axpy): needs bottoms a (N, C, 1, 1), x and y (N, C, H, W), got {shapes}"
+        )
     return [shapes[1]]
 
 
@@ -74,8 +82,10 @@ def axpy_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn has no Axpy: a two-bottom Scale (x by a, per channel) and an Eltwise SUM with y."""
     a, x, y = layer.bottoms
     scaled = f"{layer.name}_ax"
-    return [NcnnLayer("Scale", f"{layer.name}_scale", [x, a], [scaled], {0: -233, 1: 0}),
-            NcnnLayer("Eltwise", layer.name, [scaled, y], layer.tops, {0: 1})]
+    return [
+        NcnnLayer("Scale", f"{layer.name}_scale", [x, a], [scaled], {0: -233, 1: 0}),
+        NcnnLayer("Eltwise", layer.name, [scaled, y], layer.tops, {0: 1}),
+    ]
 
 
 def axpy_onnx(b, layer: Layer) -> None:
@@ -85,9 +95,25 @@ def axpy_onnx(b, layer: Layer) -> None:
     b.node("Add", [scaled, y], [layer.tops[0]], layer.name)
 
 
-register(LayerKind("Eltwise", FAMILY, eltwise_shape, eltwise_ncnn, eltwise_onnx,
-                   notes="coefficients apply to SUM only: Caffe rejects them for PROD and MAX, and so do both "
-                         "writers"))
-register(LayerKind("Axpy", FAMILY, axpy_shape, axpy_ncnn, axpy_onnx, min_bottoms=3,
-                   caffe=Decline("a Caffe-fork layer: BVLC pycaffe has none"),
-                   opencv=Decline("OpenCV's Caffe importer has no Axpy layer")))
+register(
+    LayerKind(
+        "Eltwise",
+        FAMILY,
+        eltwise_shape,
+        eltwise_ncnn,
+        eltwise_onnx,
+        notes="coefficients apply to SUM only: Caffe rejects them for PROD and MAX, and so do both writers",
+    )
+)
+register(
+    LayerKind(
+        "Axpy",
+        FAMILY,
+        axpy_shape,
+        axpy_ncnn,
+        axpy_onnx,
+        min_bottoms=3,
+        caffe=Decline("a Caffe-fork layer: BVLC pycaffe has none"),
+        opencv=Decline("OpenCV's Caffe importer has no Axpy layer"),
+    )
+)

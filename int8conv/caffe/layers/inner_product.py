@@ -1,4 +1,5 @@
 """InnerProduct (fully connected) and Embed (a lookup table)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -55,8 +56,9 @@ def inner_product_onnx(b, layer: Layer) -> None:
     axis = layer.param.inner_product_param.axis
     axis = axis + rank if axis < 0 else axis
     if axis != 1:
-        raise ModelError(f"layer '{layer.name}' (InnerProduct): axis {axis} is not supported by the ONNX "
-                         "export (only axis 1)")
+        raise ModelError(
+            f"layer '{layer.name}' (InnerProduct): axis {axis} is not supported by the ONNX export (only axis 1)"
+        )
     if rank != 2:
         flat = f"{layer.name}/flatten"
         b.node("Flatten", [x], [flat], flat, axis=1)
@@ -82,13 +84,35 @@ def embed_onnx(b, layer: Layer) -> None:
     b.node("Gather", [b.init(f"{layer.name}/weight", layer.blobs[0]), index], [out], layer.name, axis=0)
     if len(layer.blobs) > 1:
         b.derive(out, layer.tops[0])
-        b.node("Add", [out, b.init(f"{layer.name}/bias", layer.blobs[1].reshape(-1))], [layer.tops[0]],
-               f"{layer.name}/bias_add")
+        b.node(
+            "Add",
+            [out, b.init(f"{layer.name}/bias", layer.blobs[1].reshape(-1))],
+            [layer.tops[0]],
+            f"{layer.name}/bias_add",
+        )
 
 
-register(LayerKind("InnerProduct", FAMILY, inner_product_shape, inner_product_ncnn, inner_product_onnx,
-                   Weights(canonical=inner_product_weights), folds_into=True, quantizable=True))
-register(LayerKind("Embed", FAMILY, embed_shape, Decline("ncnn's Embed reads int32 word indices, and the ncnn inputs "
-                                                          "int8conv feeds are float32"), embed_onnx, Weights(),
-                   quantizable=Decline("its input is an index, not an activation; the table stays FP32"),
-                   opencv=Decline("OpenCV's Caffe importer has no Embed layer")))
+register(
+    LayerKind(
+        "InnerProduct",
+        FAMILY,
+        inner_product_shape,
+        inner_product_ncnn,
+        inner_product_onnx,
+        Weights(canonical=inner_product_weights),
+        folds_into=True,
+        quantizable=True,
+    )
+)
+register(
+    LayerKind(
+        "Embed",
+        FAMILY,
+        embed_shape,
+        Decline("ncnn's Embed reads int32 word indices, and the ncnn inputs int8conv feeds are float32"),
+        embed_onnx,
+        Weights(),
+        quantizable=Decline("its input is an index, not an activation; the table stays FP32"),
+        opencv=Decline("OpenCV's Caffe importer has no Embed layer"),
+    )
+)

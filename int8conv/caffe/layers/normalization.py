@@ -1,4 +1,5 @@
 """Per-channel affine and normalisation layers: BatchNorm, BN, Scale, Bias, Normalize, LRN, MVN."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ FAMILY = "normalization"
 
 # --------------------------------------------------------------------------------------------------- affine
 
+
 def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
     mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
@@ -42,8 +44,11 @@ def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
 def scale_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """Caffe Scale (one bottom) as ``y = a*x + b`` per channel."""
     a = layer.blobs[0].astype(np.float64)
-    b = layer.blobs[1].astype(np.float64) if layer.param.scale_param.bias_term and len(layer.blobs) > 1 \
+    b = (
+        layer.blobs[1].astype(np.float64)
+        if layer.param.scale_param.bias_term and len(layer.blobs) > 1
         else np.zeros_like(a)
+    )
     return a, b
 
 
@@ -60,16 +65,22 @@ def _per_channel_check(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     channels = shapes[0][1] if len(shapes[0]) > 1 else 1
     if layer.type == "BatchNorm":
         if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
-            raise ModelError(f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
-                             f"moving-average factor, found {[b.shape for b in layer.blobs]}")
+            raise ModelError(
+                f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
+                f"moving-average factor, found {[b.shape for b in layer.blobs]}"
+            )
     elif layer.type in ("Scale", "Bias") and len(layer.bottoms) == 1:
         if not layer.blobs:
             raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
-        want = int(np.prod(shapes[0][1:2])) if layer.type == "Bias" or \
-            layer.param.scale_param.num_axes == 1 else layer.blobs[0].size
+        want = (
+            int(np.prod(shapes[0][1:2]))
+            if layer.type == "Bias" or layer.param.scale_param.num_axes == 1
+            else layer.blobs[0].size
+        )
         if layer.blobs[0].size not in (want, 1):
-            raise ModelError(f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for "
-                             f"{channels} channels")
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels"
+            )
     elif layer.type == "PReLU":
         if layer.blobs[0].size not in (channels, 1):
             raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
@@ -86,15 +97,18 @@ def _broadcast_shape(layer: Layer, shapes: list[Shape]) -> list[int]:
     """
     first, second = shapes[0], list(shapes[1])
     axis = axis_index(layer.param.scale_param.axis, len(first))
-    while len(second) > 1 and second[-1] == 1 and tuple(first[axis:axis + len(second)]) != tuple(second):
+    while len(second) > 1 and second[-1] == 1 and tuple(first[axis : axis + len(second)]) != tuple(second):
         second.pop()
-    if tuple(first[axis:axis + len(second)]) != tuple(second):
-        raise ModelError(f"layer '{layer.name}' (Scale): the second bottom {shapes[1]} does not match axes "
-                         f"{axis}..{axis + len(second) - 1} of the first {first}")
+    if tuple(first[axis : axis + len(second)]) != tuple(second):
+        raise ModelError(
+            f"layer '{layer.name}' (Scale): the second bottom {shapes[1]} does not match axes "
+            f"{axis}..{axis + len(second) - 1} of the first {first}"
+        )
     return [1] * axis + list(second) + [1] * (len(first) - axis - len(second))
 
 
 # --------------------------------------------------------------------------------------------------- ncnn
+
 
 def batchnorm_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """As caffe2ncnn: slope 1, mean/s, var/s + eps, bias 0 (s = Caffe's moving-average factor), eps folded in."""
@@ -105,8 +119,16 @@ def batchnorm_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     s = 0.0 if s == 0 else 1.0 / s
     channels = mean.size
     arrays = [np.ones(channels), mean * s, var * s + layer.param.batch_norm_param.eps, np.zeros(channels)]
-    return [NcnnLayer("BatchNorm", layer.name, layer.bottoms, layer.tops, {0: channels},
-                      [NcnnBlob(f32(a), tagged=False) for a in arrays])]
+    return [
+        NcnnLayer(
+            "BatchNorm",
+            layer.name,
+            layer.bottoms,
+            layer.tops,
+            {0: channels},
+            [NcnnBlob(f32(a), tagged=False) for a in arrays],
+        )
+    ]
 
 
 def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
@@ -117,8 +139,12 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(layer.bottoms) == 2:
         first, second = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.bottoms[1])
         per_channel = _broadcast_shape(layer, [first, second])
-        if len(first) != 4 or [d for i, d in enumerate(per_channel) if i != 1 and d != 1] not in ([], [first[0]]) \
-                or per_channel[1] != first[1] or first[0] != 1:
+        if (
+            len(first) != 4
+            or [d for i, d in enumerate(per_channel) if i != 1 and d != 1] not in ([], [first[0]])
+            or per_channel[1] != first[1]
+            or first[0] != 1
+        ):
             raise unsupported(layer, f"a two-bottom Scale of {first} by {second} (ncnn multiplies per channel)")
         if p.bias_term:
             raise unsupported(layer, "a two-bottom Scale with a bias")
@@ -126,8 +152,10 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
             return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
         # ncnn reads the scale blob as contiguous floats: a (C, 1, 1) Mat is padded per channel, so flatten it
         flat = f"{layer.bottoms[1]}_{layer.name}_flat"
-        return [NcnnLayer("Reshape", f"{layer.name}_flat", [layer.bottoms[1]], [flat], {0: first[1]}),
-                NcnnLayer("Scale", layer.name, [layer.bottoms[0], flat], layer.tops, {0: -233, 1: 0})]
+        return [
+            NcnnLayer("Reshape", f"{layer.name}_flat", [layer.bottoms[1]], [flat], {0: first[1]}),
+            NcnnLayer("Scale", layer.name, [layer.bottoms[0], flat], layer.tops, {0: -233, 1: 0}),
+        ]
     channels = ctx.shape(layer, layer.bottoms[0])[1]
     scale = layer.blobs[0].reshape(-1)
     if p.axis not in (1, -len(ctx.shape(layer, layer.bottoms[0])) + 1) or scale.size not in (1, channels):
@@ -136,8 +164,16 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     arrays = [np.broadcast_to(scale, (channels,))]
     if has_bias:
         arrays.append(np.broadcast_to(layer.blobs[1].reshape(-1), (channels,)))
-    return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: channels, 1: int(has_bias)},
-                      [NcnnBlob(f32(a), tagged=False) for a in arrays])]
+    return [
+        NcnnLayer(
+            "Scale",
+            layer.name,
+            layer.bottoms,
+            layer.tops,
+            {0: channels, 1: int(has_bias)},
+            [NcnnBlob(f32(a), tagged=False) for a in arrays],
+        )
+    ]
 
 
 def bias_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
@@ -156,8 +192,7 @@ def normalize_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.norm_param
     scale = layer.blobs[0].reshape(-1)
     params = {0: int(p.across_spatial), 1: int(p.channel_shared), 2: float(p.eps), 3: int(scale.size)}
-    return [NcnnLayer("Normalize", layer.name, layer.bottoms, layer.tops, params,
-                      [NcnnBlob(f32(scale), tagged=False)])]
+    return [NcnnLayer("Normalize", layer.name, layer.bottoms, layer.tops, params, [NcnnBlob(f32(scale), tagged=False)])]
 
 
 def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
@@ -166,8 +201,13 @@ def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
     p = layer.param.lrn_param
     across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
-    params = {0: int(p.norm_region), 1: int(p.local_size), 2: float(p.alpha), 3: float(p.beta),
-              4: float(p.k) if across else 1.0}
+    params = {
+        0: int(p.norm_region),
+        1: int(p.local_size),
+        2: float(p.alpha),
+        3: float(p.beta),
+        4: float(p.k) if across else 1.0,
+    }
     return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
 
 
@@ -175,11 +215,19 @@ def mvn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     from int8conv.ncnn.model import NcnnLayer
 
     p = layer.param.mvn_param
-    return [NcnnLayer("MVN", layer.name, layer.bottoms, layer.tops,
-                      {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)})]
+    return [
+        NcnnLayer(
+            "MVN",
+            layer.name,
+            layer.bottoms,
+            layer.tops,
+            {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)},
+        )
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- ONNX
+
 
 def affine_onnx(b, layer: Layer) -> None:
     """BatchNorm or single-bottom Scale that was not folded: a BatchNormalization with mean 0, var 1;
@@ -197,8 +245,10 @@ def affine_onnx(b, layer: Layer) -> None:
     a, c = batchnorm_affine(layer) if layer.type == "BatchNorm" else scale_affine(layer)
     channels = b.shape(layer.bottoms[0])[1]
     a, c = (np.broadcast_to(v.reshape(-1), (channels,)) for v in (a, c))
-    names = [b.init(f"{layer.name}/{k}", v) for k, v in
-             (("scale", a), ("bias", c), ("mean", np.zeros(channels)), ("var", np.ones(channels)))]
+    names = [
+        b.init(f"{layer.name}/{k}", v)
+        for k, v in (("scale", a), ("bias", c), ("mean", np.zeros(channels)), ("var", np.ones(channels)))
+    ]
     b.node("BatchNormalization", [layer.bottoms[0]] + names, [layer.tops[0]], layer.name, epsilon=0.0)
 
 
@@ -240,8 +290,16 @@ def lrn_onnx(b, layer: Layer) -> None:
     p = layer.param.lrn_param
     if p.norm_region != p.ACROSS_CHANNELS:
         raise ModelError(f"layer '{layer.name}' (LRN): WITHIN_CHANNEL has no ONNX operator")
-    b.node("LRN", [layer.bottoms[0]], [layer.tops[0]], layer.name, size=int(p.local_size),
-           alpha=float(p.alpha), beta=float(p.beta), bias=float(p.k))
+    b.node(
+        "LRN",
+        [layer.bottoms[0]],
+        [layer.tops[0]],
+        layer.name,
+        size=int(p.local_size),
+        alpha=float(p.alpha),
+        beta=float(p.beta),
+        bias=float(p.k),
+    )
 
 
 def mvn_onnx(b, layer: Layer) -> None:
@@ -271,20 +329,57 @@ def bn_rename(param: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> None:
 
 
 _NOT_FOLDED_TWO_BOTTOMS = "only a one-bottom per-channel Scale folds"
-register(LayerKind("BatchNorm", FAMILY, _per_channel_check, batchnorm_ncnn, affine_onnx,
-                   Weights(canonical=flat_weights), affine=batchnorm_affine))
-register(LayerKind("Scale", FAMILY, _per_channel_check, scale_ncnn, affine_onnx,
-                   Weights(required=False, canonical=flat_weights), affine=_scale_folds,
-                   notes="with a second bottom (SE channel attention) it multiplies by that blob, broadcast at "
-                         "Caffe's axis; " + _NOT_FOLDED_TWO_BOTTOMS))
-register(LayerKind("BN", FAMILY, _per_channel_check, scale_ncnn, affine_onnx, Weights(canonical=flat_weights),
-                   alias_of="Scale", rename=bn_rename, affine=_scale_folds,
-                   caffe=Decline("a Caffe-fork layer (SegNet's BN): BVLC pycaffe has none"),
-                   opencv=Decline("OpenCV's Caffe importer has no BN layer"),
-                   notes="read as Scale with a bias, as caffe2ncnn does"))
-register(LayerKind("Bias", FAMILY, _per_channel_check, bias_ncnn, bias_onnx, Weights(canonical=flat_weights),
-                   opencv=Decline("OpenCV's Caffe importer has no Bias layer")))
-register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx,
-                   Weights(canonical=flat_weights)))
+register(
+    LayerKind(
+        "BatchNorm",
+        FAMILY,
+        _per_channel_check,
+        batchnorm_ncnn,
+        affine_onnx,
+        Weights(canonical=flat_weights),
+        affine=batchnorm_affine,
+    )
+)
+register(
+    LayerKind(
+        "Scale",
+        FAMILY,
+        _per_channel_check,
+        scale_ncnn,
+        affine_onnx,
+        Weights(required=False, canonical=flat_weights),
+        affine=_scale_folds,
+        notes="with a second bottom (SE channel attention) it multiplies by that blob, broadcast at "
+        "Caffe's axis; " + _NOT_FOLDED_TWO_BOTTOMS,
+    )
+)
+register(
+    LayerKind(
+        "BN",
+        FAMILY,
+        _per_channel_check,
+        scale_ncnn,
+        affine_onnx,
+        Weights(canonical=flat_weights),
+        alias_of="Scale",
+        rename=bn_rename,
+        affine=_scale_folds,
+        caffe=Decline("a Caffe-fork layer (SegNet's BN): BVLC pycaffe has none"),
+        opencv=Decline("OpenCV's Caffe importer has no BN layer"),
+        notes="read as Scale with a bias, as caffe2ncnn does",
+    )
+)
+register(
+    LayerKind(
+        "Bias",
+        FAMILY,
+        _per_channel_check,
+        bias_ncnn,
+        bias_onnx,
+        Weights(canonical=flat_weights),
+        opencv=Decline("OpenCV's Caffe importer has no Bias layer"),
+    )
+)
+register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx, Weights(canonical=flat_weights)))
 register(LayerKind("LRN", FAMILY, same_shape, lrn_ncnn, lrn_onnx))
 register(LayerKind("MVN", FAMILY, same_shape, mvn_ncnn, mvn_onnx))

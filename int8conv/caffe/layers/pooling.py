@@ -1,4 +1,5 @@
 """Pooling (MAX and AVE, global or windowed) with Caffe's rounding."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,8 +23,14 @@ def pooling_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     g = pool_geometry(layer, shapes[0])
     if g["global"]:
         return [(n, c, 1, 1)]
-    return [(n, c, pool_out(h, g["kernel_h"], g["stride_h"], g["pad_h"]),
-             pool_out(w, g["kernel_w"], g["stride_w"], g["pad_w"]))]
+    return [
+        (
+            n,
+            c,
+            pool_out(h, g["kernel_h"], g["stride_h"], g["pad_h"]),
+            pool_out(w, g["kernel_w"], g["stride_w"], g["pad_w"]),
+        )
+    ]
 
 
 def _pool_out_full(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
@@ -59,8 +66,9 @@ def pooling_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         (out_h, tail_h), (out_w, tail_w) = _pool_out_full(h, kh, sh, ph), _pool_out_full(w, kw, sw, pw)
         if tail_h or tail_w or (out_h, out_w) != tuple(ctx.shape(layer, layer.tops[0])[2:]):
             padded = f"{layer.bottoms[0]}_{layer.name}_pad"
-            prefix.append(NcnnLayer("Padding", f"{layer.name}_pad", bottoms, [padded],
-                                    {0: ph, 1: ph, 2: pw, 3: pw, 4: 0, 5: 0.0}))
+            prefix.append(
+                NcnnLayer("Padding", f"{layer.name}_pad", bottoms, [padded], {0: ph, 1: ph, 2: pw, 3: pw, 4: 0, 5: 0.0})
+            )
             bottoms, h, w, ph, pw = [padded], h + 2 * ph, w + 2 * pw, 0, 0
     params: dict[int, ParamValue] = {0: method, 1: kw, 2: sw, 3: pw}
     if kh != kw:
@@ -102,23 +110,61 @@ def pooling_onnx(b, layer: Layer) -> None:
     kernel = [g["kernel_h"], g["kernel_w"]]
     strides = [g["stride_h"], g["stride_w"]]
     pads = [g["pad_h"], g["pad_w"]]
-    extra = [max((o - 1) * s + k - (size + 2 * p), 0)
-             for o, s, k, size, p in zip(out[2:], strides, kernel, shape[2:], pads, strict=True)]
+    extra = [
+        max((o - 1) * s + k - (size + 2 * p), 0)
+        for o, s, k, size, p in zip(out[2:], strides, kernel, shape[2:], pads, strict=True)
+    ]
     if not ave:
-        b.node("MaxPool", [x], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides,
-                  pads=pads + [p + e for p, e in zip(pads, extra, strict=True)])
+        b.node(
+            "MaxPool",
+            [x],
+            [layer.tops[0]],
+            layer.name,
+            kernel_shape=kernel,
+            strides=strides,
+            pads=pads + [p + e for p, e in zip(pads, extra, strict=True)],
+        )
         return
     if any(pads) and any(extra):
         padded = f"{layer.name}/pad"
-        b.node("Pad", [x, b.init(f"{padded}/pads", [0, 0, pads[0], pads[1], 0, 0, pads[0], pads[1]],
-                                       np.int64)], [padded], padded, mode="constant")
+        b.node(
+            "Pad",
+            [x, b.init(f"{padded}/pads", [0, 0, pads[0], pads[1], 0, 0, pads[0], pads[1]], np.int64)],
+            [padded],
+            padded,
+            mode="constant",
+        )
         b.derive(padded, x)
-        b.node("AveragePool", [padded], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides,
-                  pads=[0, 0] + extra, count_include_pad=0)
+        b.node(
+            "AveragePool",
+            [padded],
+            [layer.tops[0]],
+            layer.name,
+            kernel_shape=kernel,
+            strides=strides,
+            pads=[0, 0] + extra,
+            count_include_pad=0,
+        )
         return
-    b.node("AveragePool", [x], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides,
-              pads=pads + [p + e for p, e in zip(pads, extra, strict=True)], count_include_pad=int(any(pads)))
+    b.node(
+        "AveragePool",
+        [x],
+        [layer.tops[0]],
+        layer.name,
+        kernel_shape=kernel,
+        strides=strides,
+        pads=pads + [p + e for p, e in zip(pads, extra, strict=True)],
+        count_include_pad=int(any(pads)),
+    )
 
 
-register(LayerKind("Pooling", FAMILY, pooling_shape, pooling_ncnn, pooling_onnx,
-                   notes="STOCHASTIC pooling is declined by both writers"))
+register(
+    LayerKind(
+        "Pooling",
+        FAMILY,
+        pooling_shape,
+        pooling_ncnn,
+        pooling_onnx,
+        notes="STOCHASTIC pooling is declined by both writers",
+    )
+)

@@ -1,4 +1,5 @@
 """Spatial resizing: the forks' Upsample (nearest, integer scale) and Interp (PSPNet's bilinear, corners aligned)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -32,9 +33,15 @@ def upsample_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 def upsample_onnx(b, layer: Layer) -> None:
     """Resize, nearest, asymmetric coordinates with floor: output (y, x) reads input (y // s, x // s)."""
     scale = float(layer.param.upsample_param.scale)
-    b.node("Resize", [layer.bottoms[0], "", b.init(f"{layer.name}/scales", [1.0, 1.0, scale, scale])],
-           [layer.tops[0]], layer.name, mode="nearest", coordinate_transformation_mode="asymmetric",
-           nearest_mode="floor")
+    b.node(
+        "Resize",
+        [layer.bottoms[0], "", b.init(f"{layer.name}/scales", [1.0, 1.0, scale, scale])],
+        [layer.tops[0]],
+        layer.name,
+        mode="nearest",
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="floor",
+    )
 
 
 def _interp_size(layer: Layer, h: int, w: int) -> tuple[int, int]:
@@ -66,14 +73,37 @@ def interp_onnx(b, layer: Layer) -> None:
     out = b.shape(layer.tops[0])
     sizes = b.keeps_batch_shape(out)
     sizes[0] = b.shape(layer.bottoms[0])[0]
-    b.node("Resize", [layer.bottoms[0], "", "", b.init(f"{layer.name}/sizes", sizes, np.int64)], [layer.tops[0]],
-           layer.name, mode="linear", coordinate_transformation_mode="align_corners")
+    b.node(
+        "Resize",
+        [layer.bottoms[0], "", "", b.init(f"{layer.name}/sizes", sizes, np.int64)],
+        [layer.tops[0]],
+        layer.name,
+        mode="linear",
+        coordinate_transformation_mode="align_corners",
+    )
 
 
-register(LayerKind("Upsample", FAMILY, upsample_shape, upsample_ncnn, upsample_onnx, value_preserving=True,
-                   head_passthrough=True,
-                   notes="a Caffe-fork layer (YOLOv3 ports): nearest neighbour by an integer scale; the OpenCV engine "
-                         "runs it as a Python layer (cv2.dnn_registerLayer)"))
-register(LayerKind("Interp", FAMILY, interp_shape, interp_ncnn, interp_onnx,
-                   caffe=Decline("a Caffe-fork layer (PSPNet): BVLC pycaffe has none"),
-                   notes="bilinear with aligned corners; pad_beg/pad_end are declined"))
+register(
+    LayerKind(
+        "Upsample",
+        FAMILY,
+        upsample_shape,
+        upsample_ncnn,
+        upsample_onnx,
+        value_preserving=True,
+        head_passthrough=True,
+        notes="a Caffe-fork layer (YOLOv3 ports): nearest neighbour by an integer scale; the OpenCV engine "
+        "runs it as a Python layer (cv2.dnn_registerLayer)",
+    )
+)
+register(
+    LayerKind(
+        "Interp",
+        FAMILY,
+        interp_shape,
+        interp_ncnn,
+        interp_onnx,
+        caffe=Decline("a Caffe-fork layer (PSPNet): BVLC pycaffe has none"),
+        notes="bilinear with aligned corners; pad_beg/pad_end are declined",
+    )
+)

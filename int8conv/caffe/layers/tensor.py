@@ -2,6 +2,7 @@
 
 Input, Concat, Slice, Split, Flatten, Reshape, Permute, Crop, ShuffleChannel, Reorg, Dropout, Silence, MemoryData.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ def _copies(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 # --------------------------------------------------------------------------------------------------- Concat, Slice
+
 
 def concat_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.concat_param
@@ -92,25 +94,30 @@ def slice_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         slices = [b - a for a, b in zip([0] + points[:-1], points, strict=True)] + [-233]
     else:
         slices = [-233] * len(layer.tops)
-    return [NcnnLayer("Slice", layer.name, layer.bottoms, layer.tops,
-                      {0: slices, 1: ctx.ncnn_axis(layer, axis, ndim)})]
+    return [NcnnLayer("Slice", layer.name, layer.bottoms, layer.tops, {0: slices, 1: ctx.ncnn_axis(layer, axis, ndim)})]
 
 
 def slice_onnx(b, layer: Layer) -> None:
     p = layer.param.slice_param
     axis = int(p.slice_dim if p.HasField("slice_dim") else p.axis)
     sizes = [b.shape(top)[axis if axis >= 0 else axis + len(b.shape(top))] for top in layer.tops]
-    b.node("Split", [layer.bottoms[0], b.init(f"{layer.name}/split", sizes, np.int64)],
-           list(layer.tops), layer.name, axis=axis)
+    b.node(
+        "Split",
+        [layer.bottoms[0], b.init(f"{layer.name}/split", sizes, np.int64)],
+        list(layer.tops),
+        layer.name,
+        axis=axis,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- reshapes
+
 
 def flatten_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.flatten_param
     nd = len(shapes[0])
     a, e = axis_index(p.axis, nd), axis_index(p.end_axis, nd)
-    return [tuple(shapes[0][:a]) + (int(np.prod(shapes[0][a:e + 1])),) + tuple(shapes[0][e + 1:])]
+    return [tuple(shapes[0][:a]) + (int(np.prod(shapes[0][a : e + 1])),) + tuple(shapes[0][e + 1 :])]
 
 
 def reshape_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
@@ -159,8 +166,11 @@ def flatten_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 def reshape_onnx(b, layer: Layer) -> None:
     """Flatten and Reshape: the target shape from shape inference, the batch dimension copied."""
     target = b.shape(layer.tops[0])
-    if layer.type == "Flatten" and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1) \
-            and layer.param.flatten_param.axis in (1, -len(b.shape(layer.bottoms[0])) + 1):
+    if (
+        layer.type == "Flatten"
+        and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1)
+        and layer.param.flatten_param.axis in (1, -len(b.shape(layer.bottoms[0])) + 1)
+    ):
         b.node("Flatten", [layer.bottoms[0]], [layer.tops[0]], layer.name, axis=1)
         return
     source = b.shape(layer.bottoms[0])
@@ -192,6 +202,7 @@ def permute_onnx(b, layer: Layer) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- Crop
+
 
 def _crop_offsets(layer: Layer, ndim: int) -> list[int]:
     """Caffe's offset per axis: 0 before ``axis``; one value for all cropped axes, or one each."""
@@ -230,24 +241,37 @@ def crop_onnx(b, layer: Layer) -> None:
     axes = [i for i in range(len(out)) if i > 0]
     starts = [offsets[i] for i in axes]
     ends = [offsets[i] + out[i] for i in axes]
-    b.node("Slice", [layer.bottoms[0], b.init(f"{layer.name}/starts", starts, np.int64),
-                     b.init(f"{layer.name}/ends", ends, np.int64), b.init(f"{layer.name}/axes", axes, np.int64)],
-           [layer.tops[0]], layer.name)
+    b.node(
+        "Slice",
+        [
+            layer.bottoms[0],
+            b.init(f"{layer.name}/starts", starts, np.int64),
+            b.init(f"{layer.name}/ends", ends, np.int64),
+            b.init(f"{layer.name}/axes", axes, np.int64),
+        ],
+        [layer.tops[0]],
+        layer.name,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- channel moves
 
+
 def shuffle_channel_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     group = int(layer.param.shuffle_channel_param.group)
     if group < 1 or shapes[0][1] % group:
-        raise ModelError(f"layer '{layer.name}' (ShuffleChannel): {shapes[0][1]} channels do not divide into "
-                         f"group {group}")
+        raise ModelError(
+            f"layer '{layer.name}' (ShuffleChannel): {shapes[0][1]} channels do not divide into group {group}"
+        )
     return [shapes[0]]
 
 
 def shuffle_channel_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return [NcnnLayer("ShuffleChannel", layer.name, layer.bottoms, layer.tops,
-                      {0: int(layer.param.shuffle_channel_param.group)})]
+    return [
+        NcnnLayer(
+            "ShuffleChannel", layer.name, layer.bottoms, layer.tops, {0: int(layer.param.shuffle_channel_param.group)}
+        )
+    ]
 
 
 def shuffle_channel_onnx(b, layer: Layer) -> None:
@@ -255,8 +279,12 @@ def shuffle_channel_onnx(b, layer: Layer) -> None:
     n, c, h, w = b.shape(layer.bottoms[0])
     group = int(layer.param.shuffle_channel_param.group)
     grouped, swapped = f"{layer.name}/grouped", f"{layer.name}/swapped"
-    b.node("Reshape", [layer.bottoms[0], b.init(f"{grouped}/shape", [0, group, c // group, h, w], np.int64)],
-           [grouped], grouped)
+    b.node(
+        "Reshape",
+        [layer.bottoms[0], b.init(f"{grouped}/shape", [0, group, c // group, h, w], np.int64)],
+        [grouped],
+        grouped,
+    )
     b.node("Transpose", [grouped], [swapped], swapped, perm=[0, 2, 1, 3, 4])
     b.node("Reshape", [swapped, b.init(f"{layer.name}/shape", [0, c, h, w], np.int64)], [layer.tops[0]], layer.name)
     b.derive(grouped, layer.bottoms[0])
@@ -282,16 +310,22 @@ def reorg_onnx(b, layer: Layer) -> None:
     n, c, h, w = b.shape(layer.bottoms[0])
     s = int(layer.param.reorg_param.stride)
     split, moved = f"{layer.name}/split", f"{layer.name}/moved"
-    b.node("Reshape", [layer.bottoms[0], b.init(f"{split}/shape", [0, c, h // s, s, w // s, s], np.int64)],
-           [split], split)
+    b.node(
+        "Reshape", [layer.bottoms[0], b.init(f"{split}/shape", [0, c, h // s, s, w // s, s], np.int64)], [split], split
+    )
     b.node("Transpose", [split], [moved], moved, perm=[0, 1, 3, 5, 2, 4])
-    b.node("Reshape", [moved, b.init(f"{layer.name}/shape", [0, c * s * s, h // s, w // s], np.int64)],
-           [layer.tops[0]], layer.name)
+    b.node(
+        "Reshape",
+        [moved, b.init(f"{layer.name}/shape", [0, c * s * s, h // s, w // s], np.int64)],
+        [layer.tops[0]],
+        layer.name,
+    )
     b.derive(split, layer.bottoms[0])
     b.derive(moved, layer.bottoms[0])
 
 
 # --------------------------------------------------------------------------------------------------- no-ops
+
 
 def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Identity at test time (removed later), unless ``scale_train: false``, where Caffe scales by 1 - ratio."""
@@ -328,31 +362,108 @@ def memory_data_shape(param) -> tuple[int, ...]:
     return int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width)
 
 
-register(LayerKind("Input", FAMILY, None, _graph_input_ncnn, _graph_input_onnx,
-                   notes="becomes the graph's input (and ncnn's Input layer)"))
-register(LayerKind("MemoryData", FAMILY, None, _graph_input_ncnn, _graph_input_onnx,
-                   opencv=Decline("OpenCV's Caffe importer has no MemoryData layer"),
-                   notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn"))
-register(LayerKind("Concat", FAMILY, concat_shape, concat_ncnn, concat_onnx, value_preserving=True,
-                   head_passthrough=True))
+register(
+    LayerKind(
+        "Input",
+        FAMILY,
+        None,
+        _graph_input_ncnn,
+        _graph_input_onnx,
+        notes="becomes the graph's input (and ncnn's Input layer)",
+    )
+)
+register(
+    LayerKind(
+        "MemoryData",
+        FAMILY,
+        None,
+        _graph_input_ncnn,
+        _graph_input_onnx,
+        opencv=Decline("OpenCV's Caffe importer has no MemoryData layer"),
+        notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn",
+    )
+)
+register(
+    LayerKind("Concat", FAMILY, concat_shape, concat_ncnn, concat_onnx, value_preserving=True, head_passthrough=True)
+)
 register(LayerKind("Slice", FAMILY, slice_shape, slice_ncnn, slice_onnx, value_preserving=True))
-register(LayerKind("Split", FAMILY, _copies, ncnn_plain("Split"), _onnx_identity, value_preserving=True,
-                   head_passthrough=True,
-                   notes="removed; ncnn Splits are re-inserted where a blob has several readers"))
-register(LayerKind("Flatten", FAMILY, flatten_shape, flatten_ncnn, reshape_onnx, value_preserving=True,
-                   head_passthrough=True))
-register(LayerKind("Reshape", FAMILY, reshape_shape, reshape_ncnn, reshape_onnx, value_preserving=True,
-                   head_passthrough=True))
-register(LayerKind("Permute", FAMILY, permute_shape, permute_ncnn, permute_onnx, value_preserving=True,
-                   head_passthrough=True, notes="the batch axis must stay first"))
+register(
+    LayerKind(
+        "Split",
+        FAMILY,
+        _copies,
+        ncnn_plain("Split"),
+        _onnx_identity,
+        value_preserving=True,
+        head_passthrough=True,
+        notes="removed; ncnn Splits are re-inserted where a blob has several readers",
+    )
+)
+register(
+    LayerKind(
+        "Flatten", FAMILY, flatten_shape, flatten_ncnn, reshape_onnx, value_preserving=True, head_passthrough=True
+    )
+)
+register(
+    LayerKind(
+        "Reshape", FAMILY, reshape_shape, reshape_ncnn, reshape_onnx, value_preserving=True, head_passthrough=True
+    )
+)
+register(
+    LayerKind(
+        "Permute",
+        FAMILY,
+        permute_shape,
+        permute_ncnn,
+        permute_onnx,
+        value_preserving=True,
+        head_passthrough=True,
+        notes="the batch axis must stay first",
+    )
+)
 register(LayerKind("Crop", FAMILY, crop_shape, crop_ncnn, crop_onnx, min_bottoms=2, value_preserving=True))
-register(LayerKind("ShuffleChannel", FAMILY, shuffle_channel_shape, shuffle_channel_ncnn, shuffle_channel_onnx,
-                   value_preserving=True, caffe=Decline("a Caffe-fork layer (ShuffleNet): BVLC pycaffe has none")))
-register(LayerKind("Reorg", FAMILY, reorg_shape, reorg_ncnn, reorg_onnx, value_preserving=True,
-                   caffe=Decline("a Caffe-fork layer (YOLOv2): BVLC pycaffe has none"),
-                   opencv=Decline("OpenCV's Caffe importer has no Reorg layer (its Darknet importer has one)"),
-                   notes="ncnn's channel order (space-to-depth, channel-major)"))
-register(LayerKind("Dropout", FAMILY, same_shape, dropout_ncnn, _onnx_identity, value_preserving=True,
-                   notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)"))
-register(LayerKind("Silence", FAMILY, silence_shape, nothing_ncnn, nothing_onnx,
-                   opencv=Decline("OpenCV's Caffe importer has no Silence layer")))
+register(
+    LayerKind(
+        "ShuffleChannel",
+        FAMILY,
+        shuffle_channel_shape,
+        shuffle_channel_ncnn,
+        shuffle_channel_onnx,
+        value_preserving=True,
+        caffe=Decline("a Caffe-fork layer (ShuffleNet): BVLC pycaffe has none"),
+    )
+)
+register(
+    LayerKind(
+        "Reorg",
+        FAMILY,
+        reorg_shape,
+        reorg_ncnn,
+        reorg_onnx,
+        value_preserving=True,
+        caffe=Decline("a Caffe-fork layer (YOLOv2): BVLC pycaffe has none"),
+        opencv=Decline("OpenCV's Caffe importer has no Reorg layer (its Darknet importer has one)"),
+        notes="ncnn's channel order (space-to-depth, channel-major)",
+    )
+)
+register(
+    LayerKind(
+        "Dropout",
+        FAMILY,
+        same_shape,
+        dropout_ncnn,
+        _onnx_identity,
+        value_preserving=True,
+        notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)",
+    )
+)
+register(
+    LayerKind(
+        "Silence",
+        FAMILY,
+        silence_shape,
+        nothing_ncnn,
+        nothing_onnx,
+        opencv=Decline("OpenCV's Caffe importer has no Silence layer"),
+    )
+)
