@@ -14,14 +14,7 @@ from int8conv import pipeline
 from int8conv.cli import run
 from int8conv.commands.calibrate import add_table_args, summary
 from int8conv.commands.calibrate import run as run_calibrate
-from int8conv.commands.common import (
-    add_calibration_args,
-    add_model_args,
-    add_preprocess_args,
-    calibration_options,
-    model_files,
-    preprocess_options,
-)
+from int8conv.commands.common import add_calibration_inputs, calibration_inputs
 from int8conv.commands.validate import harden
 from int8conv.errors import Int8ConvError
 
@@ -33,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    add_model_args(parser)
-    add_preprocess_args(parser)
-    add_calibration_args(parser, images_required=False)
+    add_calibration_inputs(parser)
     add_table_args(parser)
     for action in parser._actions:
         if action.dest == "output":
@@ -70,8 +61,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
-    model = model_files(args)
-    build = pipeline.build_ncnn(model, preprocess_options(args), calibration_options(args))
+    model, prep, calibration = calibration_inputs(args)
+    build = pipeline.build_ncnn(model, prep, calibration)
     paths = pipeline.write_ncnn_build(build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table)
     args.output = str(paths["table"])
     if not args.quiet:

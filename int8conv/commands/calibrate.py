@@ -7,14 +7,7 @@ import logging
 
 from int8conv import pipeline
 from int8conv.calibration.calibrate import CalibrationResult
-from int8conv.commands.common import (
-    add_calibration_args,
-    add_model_args,
-    add_preprocess_args,
-    calibration_options,
-    model_files,
-    preprocess_options,
-)
+from int8conv.commands.common import add_calibration_inputs, calibration_inputs
 from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
@@ -27,9 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Forward calibration images through the Caffe model in FP32 and write "
         "the ncnn calibration table (layer-keyed, per-channel weight scales).",
     )
-    add_model_args(parser)
-    add_preprocess_args(parser)
-    add_calibration_args(parser)
+    add_calibration_inputs(parser)
     add_table_args(parser)
     parser.set_defaults(func=run)
 
@@ -90,7 +81,7 @@ def check_table_only(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_table_only(args)
-    result = pipeline.calibrate(model_files(args), preprocess_options(args), calibration_options(args))
+    result = pipeline.calibrate(*calibration_inputs(args))
     pipeline.write_table(result, args.output, legacy=args.legacy_table)
     if not args.quiet:
         print(summary(args, result))

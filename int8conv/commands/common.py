@@ -89,14 +89,11 @@ def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> No
         group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
 
 
-def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool = False) -> None:
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     """Calibration images, FP32 backend and statistics files."""
     group = parser.add_argument_group("calibration")
     group.add_argument(
-        "--images",
-        type=Path,
-        required=images_required,
-        help="calibration images: a directory (recursive) or a file listing image paths",
+        "--images", type=Path, help="calibration images: a directory (recursive) or a file listing image paths"
     )
     group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
     group.add_argument(
@@ -147,6 +144,18 @@ def add_calibration_args(parser: argparse.ArgumentParser, images_required: bool 
         metavar="FILE",
         help="merge saved histograms and compute the table without forwarding images",
     )
+
+
+def add_calibration_inputs(parser: argparse.ArgumentParser) -> None:
+    """The model, preprocessing and calibration groups: what every command that calibrates takes."""
+    add_model_args(parser)
+    add_preprocess_args(parser)
+    add_calibration_args(parser)
+
+
+def calibration_inputs(args: argparse.Namespace) -> tuple[ModelFiles, PreprocessOptions, CalibrationOptions]:
+    """The options ``add_calibration_inputs`` parsed, as the pipeline takes them."""
+    return model_files(args), preprocess_options(args), calibration_options(args)
 
 
 def model_files(args: argparse.Namespace) -> ModelFiles:

@@ -8,14 +8,7 @@ import time
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import (
-    add_calibration_args,
-    add_model_args,
-    add_preprocess_args,
-    calibration_options,
-    model_files,
-    preprocess_options,
-)
+from int8conv.commands.common import add_calibration_inputs, calibration_inputs
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
 log = logging.getLogger(__name__)
@@ -30,9 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(text and JSON) for every tensor of the exported network. Ranges come from calibration "
         "images (as 'calibrate' takes them), saved statistics (--load-stats) or an ncnn table (--table).",
     )
-    add_model_args(parser)
-    add_preprocess_args(parser)
-    add_calibration_args(parser)
+    add_calibration_inputs(parser)
     group = parser.add_argument_group("TensorRT export")
     group.add_argument(
         "--out-dir",
@@ -84,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    model = model_files(args)
+    model, prep, calibration = calibration_inputs(args)
     trt = pipeline.TrtOptions(
         batch=args.batch,
         trt_version=args.trt_version,
@@ -93,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         auto_fp32=args.auto_fp32,
         auto_fp32_images=args.auto_fp32_images,
     )
-    export = pipeline.export_trt(model, preprocess_options(args), calibration_options(args), trt)
+    export = pipeline.export_trt(model, prep, calibration, trt)
     paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
     if not args.quiet:
         quantized = sum(1 for n in export.qdq.graph.node if n.op_type == "QuantizeLinear")

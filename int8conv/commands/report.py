@@ -9,15 +9,11 @@ from pathlib import Path
 
 from int8conv import pipeline
 from int8conv.commands.common import (
-    add_calibration_args,
+    add_calibration_inputs,
     add_layer_times_arg,
-    add_model_args,
-    add_preprocess_args,
     add_task_args,
-    calibration_options,
+    calibration_inputs,
     eval_options,
-    model_files,
-    preprocess_options,
 )
 from int8conv.evaluation.evaluate import format_report
 
@@ -34,9 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "its figures in OUT/<name>_files, the ncnn FP32/INT8 models it evaluated, and "
         "OUT/<name>.json (eval's --json).",
     )
-    add_model_args(parser)
-    add_preprocess_args(parser)
-    add_calibration_args(parser)
+    add_calibration_inputs(parser)
     group = parser.add_argument_group("table and evaluation")
     group.add_argument(
         "--table",
@@ -73,9 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     page, evaluation = pipeline.report(
-        model_files(args),
-        preprocess_options(args),
-        calibration_options(args),
+        *calibration_inputs(args),
         eval_options(args, args.eval_images, args.max_eval_images),
         args.out_dir,
         table=args.table,

@@ -114,47 +114,31 @@ def pooling_onnx(b, layer: Layer) -> None:
         max((o - 1) * s + k - (size + 2 * p), 0)
         for o, s, k, size, p in zip(out[2:], strides, kernel, shape[2:], pads, strict=True)
     ]
+    tail_pads = pads + [p + e for p, e in zip(pads, extra, strict=True)]
     if not ave:
-        b.node(
-            "MaxPool",
-            [x],
-            [layer.tops[0]],
-            layer.name,
-            kernel_shape=kernel,
-            strides=strides,
-            pads=pads + [p + e for p, e in zip(pads, extra, strict=True)],
-        )
+        b.node("MaxPool", [x], [layer.tops[0]], layer.name, kernel_shape=kernel, strides=strides, pads=tail_pads)
         return
-    if any(pads) and any(extra):
-        padded = f"{layer.name}/pad"
+    source, node_pads, include_pad = x, tail_pads, int(any(pads))
+    if any(pads) and any(extra):  # Caffe counts the padding but not the tail: pad explicitly, count nothing
+        source = f"{layer.name}/pad"
         b.node(
             "Pad",
-            [x, b.init(f"{padded}/pads", [0, 0, pads[0], pads[1], 0, 0, pads[0], pads[1]], np.int64)],
-            [padded],
-            padded,
+            [x, b.init(f"{source}/pads", [0, 0, pads[0], pads[1], 0, 0, pads[0], pads[1]], np.int64)],
+            [source],
+            source,
             mode="constant",
         )
-        b.derive(padded, x)
-        b.node(
-            "AveragePool",
-            [padded],
-            [layer.tops[0]],
-            layer.name,
-            kernel_shape=kernel,
-            strides=strides,
-            pads=[0, 0] + extra,
-            count_include_pad=0,
-        )
-        return
+        b.derive(source, x)
+        node_pads, include_pad = [0, 0] + extra, 0
     b.node(
         "AveragePool",
-        [x],
+        [source],
         [layer.tops[0]],
         layer.name,
         kernel_shape=kernel,
         strides=strides,
-        pads=pads + [p + e for p, e in zip(pads, extra, strict=True)],
-        count_include_pad=int(any(pads)),
+        pads=node_pads,
+        count_include_pad=include_pad,
     )
 
 
