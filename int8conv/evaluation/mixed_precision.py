@@ -66,8 +66,14 @@ class OutputScorer:
 
     def __call__(self, table: CalibrationTable) -> float:
         param, binary = self.workdir / "int8.param", self.workdir / "int8.bin"
-        with scratch_files():
-            write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
+        quantize_log = logging.getLogger("int8conv.ncnn.quantize")
+        level = quantize_log.level
+        quantize_log.setLevel(logging.ERROR)  # the final quantization says it once; variants would repeat it
+        try:
+            with scratch_files():
+                write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
+        finally:
+            quantize_log.setLevel(level)
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
         candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
