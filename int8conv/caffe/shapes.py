@@ -137,6 +137,11 @@ def infer_shapes(graph: Graph) -> dict[str, Shape]:
             raise ModelError(
                 f"layer '{layer.name}' ({layer.type}): its bottom shapes {bottoms} do not fit this layer type"
             ) from None
+        if len(outs) != len(layer.tops):
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}) has {len(layer.tops)} top(s), but its bottoms and parameters "
+                f"give {len(outs)} output(s)"
+            )
         for top, shape in zip(layer.tops, outs, strict=True):
             shapes[top] = tuple(int(d) for d in shape)
     return shapes
