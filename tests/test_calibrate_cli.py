@@ -47,7 +47,9 @@ def model_args(shared: Path, key: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("key", sorted(MODELS))
+@pytest.mark.parametrize(
+    "key", [pytest.param(k, marks=pytest.mark.slow) if k == "open_nsfw" else k for k in sorted(MODELS)]
+)
 def test_table_covers_every_layer_and_is_deterministic(shared, tmp_path, key):
     args = model_args(shared, key) + ["--max-images", "6", "--backend", "opencv", "-q"]
     first, second = tmp_path / "a.table", tmp_path / "b.table"

@@ -363,7 +363,7 @@ def test_retinaface_output_view_drops_the_background_channels(shared, forwards):
 # ---------------------------------------------------------------- calibration
 
 
-@pytest.mark.parametrize("key", FORK_MODELS)
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k == "lane" else k for k in FORK_MODELS])
 def test_calibrate_writes_a_sane_table(shared, key, tmp_path):
     """``int8conv calibrate`` on 8 images: a weight line for every quantizable layer of the folded graph, an
     activation scale for each whose input was not all zero, all finite and positive."""

@@ -372,6 +372,7 @@ TARGETS = {
 
 
 @pytest.mark.real_models
+@pytest.mark.slow
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_reader_fuzz(target, shared):
     """Only success or Int8ConvError; a crash (signal) or a hang (timeout) of the child fails too."""

@@ -53,6 +53,7 @@ def _split(shared, key) -> tuple[list, list]:
     return calibration, judged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", KEYS)
 def test_qdq_output_cosine_on_held_out_images(shared, tmp_path, key):
     zoo = MODELS[key]
