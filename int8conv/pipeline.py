@@ -110,6 +110,19 @@ class PreprocessOptions:
     swap_hw: bool = False
     letterbox: bool = False
 
+    @classmethod
+    def like(cls, prep: Preprocess) -> PreprocessOptions:
+        """The options that give ``prep`` on its model (the size is left to the model's input)."""
+        return cls(
+            mean=prep.mean,
+            norm=prep.norm,
+            std=prep.std,
+            resize=prep.resize,
+            color=prep.color,
+            swap_hw=prep.swap_hw,
+            letterbox=prep.letterbox,
+        )
+
     def with_size(self, size: tuple[int, int]) -> Preprocess:
         return Preprocess(
             size=self.size or size,

@@ -40,7 +40,7 @@ def yunet(shared, tmp_path_factory):
     paths = list_images(shared / "images" / "faces")[:8]
     listing.write_text("\n".join(map(str, paths)))
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(mean=zoo.prep.mean, norm=zoo.prep.norm, std=zoo.prep.std, color=zoo.prep.color)
+    prep = pipeline.PreprocessOptions.like(zoo.prep)
     options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="auto")
     result = pipeline.calibrate(model, prep, options)
     graph = model.load()

@@ -29,14 +29,7 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
     faces = list_images(shared / "images" / "faces") + list_images(shared / "images" / "voc_coco_detection")
     calibration, judged = _listing(tmp_path, "calib.txt", faces[0::2]), faces[1::2]
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(
-        mean=zoo.prep.mean,
-        norm=zoo.prep.norm,
-        std=zoo.prep.std,
-        resize=zoo.prep.resize,
-        color=zoo.prep.color,
-        swap_hw=zoo.prep.swap_hw,
-    )
+    prep = pipeline.PreprocessOptions.like(zoo.prep)
     metrics = {}
     for backend in ("opencv", "caffe"):
         options = pipeline.CalibrationOptions(images=calibration, backend=backend)

@@ -61,14 +61,7 @@ def test_qdq_output_cosine_on_held_out_images(shared, tmp_path, key):
     listing = tmp_path / "calibration.txt"
     listing.write_text("\n".join(map(str, calibration)))
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(
-        mean=zoo.prep.mean,
-        norm=zoo.prep.norm,
-        std=zoo.prep.std,
-        resize=zoo.prep.resize,
-        color=zoo.prep.color,
-        swap_hw=zoo.prep.swap_hw,
-    )
+    prep = pipeline.PreprocessOptions.like(zoo.prep)
     options = pipeline.CalibrationOptions(images=listing, backend="opencv")
     export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
     assert not export.fp32_layers

@@ -47,14 +47,7 @@ def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key, method):
     pool = "imagenet_samples_200" if key == "open_nsfw" else "faces"
     listing.write_text("\n".join(str(p) for p in list_images(shared / "images" / pool)[:4]))
     model = pipeline.ModelFiles(*zoo.paths(shared))
-    prep = pipeline.PreprocessOptions(
-        mean=zoo.prep.mean,
-        norm=zoo.prep.norm,
-        std=zoo.prep.std,
-        resize=zoo.prep.resize,
-        color=zoo.prep.color,
-        swap_hw=zoo.prep.swap_hw,
-    )
+    prep = pipeline.PreprocessOptions.like(zoo.prep)
     options = pipeline.CalibrationOptions(images=listing, backend="opencv", method=method)
     table = pipeline.calibrate(model, prep, options).table
     export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
