@@ -160,6 +160,7 @@ class OutputSet:
 COMMITTED: list[Path] = []
 
 _CURRENT: contextvars.ContextVar[OutputSet | None] = contextvars.ContextVar("int8conv_output_set", default=None)
+_SCRATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("int8conv_scratch", default=False)
 
 
 @contextlib.contextmanager
@@ -200,13 +201,19 @@ def output_set() -> Iterator[OutputSet]:
 def scratch_files() -> Iterator[None]:
     """Writes inside are scratch (a search's temporary models): they land at once, outside the current output set,
     and are not named among the files this process wrote."""
-    token = _CURRENT.set(None)
+    token, scratch = _CURRENT.set(None), _SCRATCH.set(True)
     landed = len(COMMITTED)
     try:
         yield
     finally:
         _CURRENT.reset(token)
+        _SCRATCH.reset(scratch)
         del COMMITTED[landed:]
+
+
+def in_scratch() -> bool:
+    """Whether the writes now are scratch (``scratch_files``): not worth telling the user about."""
+    return _SCRATCH.get()
 
 
 @contextlib.contextmanager

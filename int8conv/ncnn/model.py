@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from int8conv.atomic import output_set, write_bytes_atomic, write_text_atomic
+from int8conv.atomic import in_scratch, output_set, write_bytes_atomic, write_text_atomic
 from int8conv.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,8 @@ def write_model(model: NcnnModel, param_path: PathLike, bin_path: PathLike) -> N
     with output_set():  # the pair lands together (with the caller's set, if any)
         write_bytes_atomic(bin_path, data)
         write_text_atomic(param_path, text)
-    log.info("wrote %s (%d layers) and %s (%d bytes)", param_path, len(model.layers), bin_path, len(data))
+    level = logging.DEBUG if in_scratch() else logging.INFO  # a search's temporary models are no news
+    log.log(level, "wrote %s (%d layers) and %s (%d bytes)", param_path, len(model.layers), bin_path, len(data))
 
 
 def read_model(param_path: PathLike, bin_path: PathLike) -> NcnnModel:
