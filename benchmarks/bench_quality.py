@@ -8,8 +8,10 @@ method; the calibration time of a method is that pass plus its own table time (f
 ``auto``: plus its ncnn runs on some of the calibration images).
 Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
-top-1 agreement and mean output cosine. No layer is kept FP32. ``--qdq`` adds the Q/DQ ONNX of the default
-method under onnxruntime (worst per-image output cosine against the FP32 ONNX).
+top-1 agreement and mean output cosine (a net without a class output, MTCNN det4's landmark regressions: the
+cosine alone). No layer is kept FP32. The last column is the metric's noise floor: FP32 against FP32 on the
+judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq`` adds the Q/DQ ONNX of
+the default method under onnxruntime (worst per-image output cosine against the FP32 ONNX).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from int8conv.zoo import MODELS, model_input  # noqa: E402
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
 IOU_THRESHOLD = 0.5
 DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc", "auto")
+#: the column of FP32 against itself on inputs one pixel level off (``NoisyInput``)
+NOISE_FLOOR = "fp32 +-1 level"
 
 
 @dataclass
@@ -92,11 +96,33 @@ def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep, value
     return stats
 
 
-def class_output(model) -> str:
-    """The output a classifier's top-1 is read from: a Softmax output when there is one (MTCNN's ``prob1``;
-    its other outputs are box regressions), else the first output."""
+def class_output(model) -> str | None:
+    """The output a classifier's top-1 is read from: a Softmax output (MTCNN's ``prob1``; its other outputs are
+    box regressions), else the only output; None for a pure regression net (MTCNN det4: five landmark-offset
+    pairs, whose argmax means nothing), which is judged by its output cosine alone."""
     softmax = [name for name in model.output_names if model.producer(name).type == "Softmax"]
-    return (softmax or model.output_names)[0]
+    if softmax:
+        return softmax[0]
+    return model.output_names[0] if len(model.output_names) == 1 else None
+
+
+class NoisyInput:
+    """The FP32 runner on its input plus a random one-pixel-level step (-1, 0 or +1 per value): the judged
+    metric's noise floor, what an invisible change of the image does to FP32's own detections."""
+
+    def __init__(self, runner: NcnnRunner, step: np.ndarray, seed: int = 0) -> None:
+        self.runner, self.step, self.rng = runner, step, np.random.default_rng(seed)
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+
+    def extract(self, feed: dict, wanted: list[str]) -> dict:
+        ((name, x),) = feed.items()
+        noise = self.rng.integers(-1, 2, size=x.shape) * self.step.reshape(-1, *([1] * (x.ndim - 1)))
+        return self.runner.extract({name: (x + noise).astype(np.float32)}, wanted)
+
+
+def pixel_step(prep, channels: int) -> np.ndarray:
+    """One pixel level in network-input units per channel: ``norm / std``."""
+    return np.resize(np.float32(prep.norm) / np.asarray(prep.std, np.float32), channels).astype(np.float32)
 
 
 def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], prep) -> dict:
@@ -112,10 +138,12 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
         ref, out = fp32.extract(feed, wanted), int8.extract(feed, wanted)
         out_cos.add(view.cosine(ref, out))
         if task == "classifier":
-            update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
+            if top1 is not None:
+                update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
         else:
             update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
-    return {"task": task, **metric.summary(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
+    summary = metric.summary() if task != "classifier" or top1 is not None else {"top1_agreement": None}
+    return {"task": task, **summary, "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 
 def table_for(method: str, graph, stats, calib_inputs) -> tuple:
@@ -151,7 +179,9 @@ def bench_model(
     fp32_param, fp32_bin = workdir / f"{name}.param", workdir / f"{name}.bin"
     write_model(ncnn_model, fp32_param, fp32_bin)
     fp32 = NcnnRunner(fp32_param, fp32_bin, int8=False)
-    cells = {}
+    cells = {
+        NOISE_FLOOR: Cell(judge(fp32, NoisyInput(fp32, pixel_step(prep, channels)), ncnn_model, judged_inputs, prep))
+    }
     for method in methods:
         cell = Cell()
         try:
@@ -213,7 +243,7 @@ def score(cell: Cell) -> tuple[float, float]:
         return (-1.0, -1.0)
     m = cell.metric
     if m["task"] == "classifier":
-        return (round(m["top1_agreement"], 6), round(m["cosine"], 4))
+        return (round(m["top1_agreement"] or 0.0, 6), round(m["cosine"], 4))
     low, high = sorted((m["precision"], m["recall"]))
     return (round(low, 6), round(high, 6))
 
@@ -224,7 +254,7 @@ def meets_targets(cell: Cell) -> bool:
         return False
     m = cell.metric
     if m["task"] == "classifier":
-        return m["top1_agreement"] >= 0.99 and m["cosine"] >= 0.995
+        return (m["top1_agreement"] is None or m["top1_agreement"] >= 0.99) and m["cosine"] >= 0.995
     return min(m["precision"], m["recall"]) >= 0.97
 
 
@@ -243,7 +273,8 @@ def cell_text(cell: Cell) -> str:
         return "error"
     m = cell.metric
     if m["task"] == "classifier":
-        return f"{m['top1_agreement']:.3f}/{m['cosine']:.4f} {cell.seconds:5.1f}s"
+        agreement = "-" if m["top1_agreement"] is None else f"{m['top1_agreement']:.3f}"
+        return f"{agreement}/{m['cosine']:.4f} {cell.seconds:5.1f}s"
     return f"{m['precision']:.3f}/{m['recall']:.3f} {cell.seconds:5.1f}s"
 
 
@@ -261,7 +292,8 @@ def main() -> None:
     print(f"calibration images {len(images[0])}, judged images {len(images[1])} (disjoint)")
     print("cells: detectors precision/recall, classifiers top-1 agreement/mean output cosine; calibration seconds")
     width = 22
-    print(f"{'model':<16}" + "".join(f"{m:>{width}}" for m in args.methods))
+    columns = [*args.methods, NOISE_FLOOR]
+    print(f"{'model':<16}" + "".join(f"{m:>{width}}" for m in columns))
     results: dict[str, dict[str, Cell]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for name in args.models:
@@ -271,7 +303,7 @@ def main() -> None:
                 print(f"{name:<16} not yet convertible: {str(exc)[:100]}")
                 continue
             results[name] = cells
-            print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in args.methods), flush=True)
+            print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in columns), flush=True)
             for method, cell in cells.items():
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")

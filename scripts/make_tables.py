@@ -342,10 +342,11 @@ One table per model in `../shared/models`, named after the model's folder (MTCNN
 today's `ncnn2int8` reads: `<layer>_param_0` per-channel weight scales and `<layer>` input scales, keyed by layer
 name, for the ncnn models `int8conv convert` writes (BatchNorm/Scale folded, as `ncnnoptimize` leaves them).
 Default pipeline (`int8conv calibrate` with no method flags): `--method auto`, the thresholds of MSE, KL, ACIQ or
-percentile whose ncnn INT8 model gives the best output cosine against FP32 on 12 of the calibration images, refined
-layer by layer; the head layers that feed the outputs directly keep their input's full range (`--head-method
-minmax`); 6-bit weights for 3x3 stride-1 convolutions (ncnn's
-INT8 Winograd), 8-bit elsewhere. Where a table departs from it, its section below says why, with the numbers.
+percentile whose ncnn INT8 model gives the best output cosine against FP32 on 12 of the calibration images; the
+head layers that feed the outputs directly keep their input's full range (`--head-method minmax`); for 3x3
+stride-1 convolutions (ncnn's INT8 Winograd) the most weight levels that cannot overflow it (8-bit up to 25 input
+channels, 6-bit from 105), 8-bit elsewhere. Where a table departs from it, its section below says why, with the
+numbers.
 
 Every table was made by `python scripts/make_tables.py`, which runs the commands below as written (`$WORK` is a
 scratch folder; `../shared` is `$INT8CONV_SHARED` when set) and wrote this file. `tests/test_tables.py` runs the

@@ -19,6 +19,7 @@ from int8conv.arm import install
 from int8conv.arm import runtime as arm_runtime
 from int8conv.arm.evaluate import format_arm_report
 from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
+from int8conv.calibration.weight_scales import winograd_levels
 from int8conv.cli import main as cli
 from int8conv.errors import BackendUnavailable
 from int8conv.evaluation.metrics import cosine
@@ -26,7 +27,7 @@ from int8conv.ncnn.model import NcnnModel
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.zoo import MODELS, cli_flags
-from tests.test_ncnn_quantize import _absmax_table, _conv, _input, _save
+from tests.test_ncnn_quantize import _absmax_table, _conv, _input, _save, winograd_worst_case
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +130,22 @@ def test_int8_winograd_on_arm_needs_6bit_weights_without_dot_product(arm, tmp_pa
     )
     assert found["cortex-a53"][0] < 0.5 and found["cortex-a53"][0] == pytest.approx(x86_8bit, abs=1e-6)
     assert found["cortex-a76"][0] > 0.9999
+
+
+@pytest.mark.arm
+def test_winograd_weight_levels_hold_on_arm(arm, tmp_path):
+    """``weight_scales.winograd_levels`` on ARMv8.0 (cortex-a53, ncnn's ARM INT8 Winograd): the worst-case input of
+    test_ncnn_quantize stays exact at the bound and overflows one level above it, as on x86."""
+    found = {}
+    for channels in (26, 64):
+        levels = winograd_levels(channels)
+        built = [winograd_worst_case(channels, n, tmp_path) for n in (levels, levels + 1)]
+        models = [ArmModel(param, binary, True, ["out"], winograd=True) for param, binary, _, _ in built]
+        _, _, x, reference = built[0]
+        outputs = run_arm(models, [{"data": x}], ArmOptions("cortex-a53", fp16=False)).outputs
+        found[channels] = [cosine(out[0]["out"], reference) for out in outputs]
+    print("ARM worst-case cosine per channels [at the bound, one level above]:", found)
+    assert all(at > 0.9999 and above < 0.5 for at, above in found.values())
 
 
 # ------------------------------------------------------------------------------------------------ eval --arch arm64

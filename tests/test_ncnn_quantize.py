@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import pytest
 
+from int8conv.calibration.weight_scales import winograd_levels
 from int8conv.cli import main as cli
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
@@ -374,8 +375,9 @@ def _winograd_case(channels: int, signed: bool, levels: int, winograd: bool, tmp
 def test_int8_winograd_overflow_with_8bit_weights(tmp_path):
     """Why ncnn2table uses 6-bit (31/absmax) scales for 3x3 stride-1 convolutions, measured on the runtime.
 
-    ncnn's x86 INT8 Winograd F(4,3) transforms int8 weights (x up to 144) and inputs (x up to 100) to int16
-    and accumulates their products in int32. Fed inputs that align with the weights over 128 channels,
+    ncnn's x86 INT8 Winograd F(4,3) computes 576 x the int32 sum of int8 products (its weights are scaled by 24
+    in each direction), which must fit in int32 (``weight_scales.winograd_levels``). Fed inputs that align with
+    the weights over 128 channels,
     8-bit weights overflow (cosine -0.66 to -0.98 against FP32 over six seeds) while the same INT8 model without
     Winograd, and 6-bit weights with it, stay exact. Non-negative (post-ReLU) inputs need 512 channels to overflow (not
     run here); ordinary activations never did (see the report's real-model numbers).
@@ -384,6 +386,37 @@ def test_int8_winograd_overflow_with_8bit_weights(tmp_path):
     assert _winograd_case(128, signed=True, levels=127, winograd=False, tmp_path=tmp_path) > 0.9999
     assert _winograd_case(128, signed=True, levels=31, winograd=True, tmp_path=tmp_path) > 0.999
     assert _winograd_case(128, signed=False, levels=127, winograd=True, tmp_path=tmp_path) > 0.9999
+
+
+def winograd_worst_case(channels: int, levels: int, tmp_path) -> tuple:
+    """A 3x3 stride-1 convolution on its worst case: every int8 input 127 and every int8 weight ``levels``, so
+    each output is channels x 9 x 127 x levels (576 times that inside ncnn's INT8 Winograd kernel).
+
+    Returns the INT8 model's files, the input and the FP32 model's output.
+    """
+    weight = np.ones((16, channels, 3, 3), np.float32)
+    x = np.ones((channels, 12, 12), np.float32)
+    x[:, 0, 0] = 0.5  # one window off the worst case, so that the outputs are not all equal
+    model = NcnnModel([_input(channels, 12, 12), _conv("c", "data", "out", weight, np.zeros(16), pad=0)])
+    reference = _run(model, tmp_path, "fp32", x, int8=False)
+    q = quantize_model(model, _absmax_table(model, {"c": 1.0}, levels=levels), fp16_storage=False)
+    return (*_save(q, tmp_path, f"int8-{channels}-{levels}"), x, reference)
+
+
+def _worst_case_cosine(channels: int, levels: int, tmp_path) -> float:
+    param, binary, x, reference = winograd_worst_case(channels, levels, tmp_path)
+    return _cosine(NcnnRunner(param, binary, int8=True).extract({"data": x}, ["out"])["out"], reference)
+
+
+def test_winograd_weight_levels_are_the_most_that_cannot_overflow(tmp_path):
+    """``weight_scales.winograd_levels`` is the runtime's bound, not a guess: on the worst-case input, one level
+    above it overflows (26 channels at 8-bit: 26 x 9 x 127 x 127 x 576 > 2^31), and the bound stays exact."""
+    assert [winograd_levels(c) for c in (25, 26, 64, 105, 512)] == [127, 125, 50, 31, 31]
+    assert _worst_case_cosine(26, 127, tmp_path) < 0.5
+    for channels in (26, 64, 105):
+        levels = winograd_levels(channels)
+        assert _worst_case_cosine(channels, levels, tmp_path) > 0.9999
+        assert _worst_case_cosine(channels, levels + 1, tmp_path) < 0.5
 
 
 # ------------------------------------------------------------------------------------------------ tables that do little

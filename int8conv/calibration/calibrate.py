@@ -112,7 +112,6 @@ class CalibrationResult:
     seconds: float = 0.0
     biases: dict[str, np.ndarray] | None = None  # bias correction: layer -> FP32 bias of its INT8 layer
     scores: dict[str, float] = field(default_factory=dict)  # --method auto: validation output cosines
-    layer_methods: dict[str, str] = field(default_factory=dict)  # --method auto: the method of each layer
 
 
 #: Layers that only move, reshape or normalise a head's output on its way to the network outputs (registry flag).

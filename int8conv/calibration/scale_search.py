@@ -60,8 +60,8 @@ SEARCH_IMAGES = 8
 #: share of each image's sampled positions taken where the FP32 output is largest (the rest: uniform)
 SALIENT_SHARE = 0.5
 COARSE_RATIOS = np.geomspace(1 / 64, 1.0, 9)
-#: weight-scale multipliers tried per output channel: above 1 clips the largest weights (8-bit layers); 6-bit
-#: (Winograd) layers only go down, so no int8 weight exceeds the 6-bit bound the Winograd kernel needs
+#: weight-scale multipliers tried per output channel: above 1 clips the largest weights (8-bit layers); Winograd
+#: layers only go down, so no int8 weight exceeds the bound the Winograd kernel needs (``winograd_levels``)
 WEIGHT_UP = np.linspace(1.0, 1.2, 5)
 WEIGHT_DOWN = np.linspace(0.92, 1.0, 5)
 
@@ -240,8 +240,8 @@ def search_scales(
 
     ``table`` is the starting point (weight scales; the activation scales of the ``fixed`` layers, which are
     kept); ``absmax`` the largest |input| per layer (the top candidate); ``six_bit`` the layers whose weights
-    must stay 6-bit; ``inputs`` preprocessed calibration images (up to SEARCH_IMAGES of them are used);
-    ``floors`` the smallest threshold allowed per layer.
+    must stay within their Winograd bound; ``inputs`` preprocessed calibration images (up to SEARCH_IMAGES of
+    them are used); ``floors`` the smallest threshold allowed per layer.
     """
     floors = floors or {}
     started = time.perf_counter()

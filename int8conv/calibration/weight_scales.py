@@ -42,9 +42,28 @@ def uses_int8_winograd(layer: Layer) -> bool:
     ) == (3, 3, 1, 1, 1, 1, 1)
 
 
+#: ncnn's INT8 Winograd F(4,3) (x86 and ARM) scales its weights by 24 in each direction of the 3x3 kernel, so a
+#: layer's int32 result is 576 x the direct convolution's sum of int8 products before it divides. Integer wrap-around
+#: in between cancels out; only that final value must fit in int32. With inputs up to 127 and weights up to L over
+#: ``channels`` x 9 taps, L <= WINOGRAD_LEVEL_BUDGET / channels cannot overflow on any input.
+WINOGRAD_LEVEL_BUDGET = (2**31 - 1) // (576 * 9 * 127)
+#: the bound ncnn2table uses for every Winograd layer (6-bit); kept where the safe bound would be lower: wide
+#: layers would lose too much, and worst-case aligned inputs are not what real activations look like
+NCNN_WINOGRAD_LEVELS = 31
+
+
+def winograd_levels(channels: int) -> int:
+    """The weight levels of a Winograd layer with ``channels`` inputs: the most that cannot overflow (8-bit up to
+    25 channels), never below ncnn's 6-bit."""
+    return int(min(127, max(NCNN_WINOGRAD_LEVELS, WINOGRAD_LEVEL_BUDGET // max(channels, 1))))
+
+
 def weight_levels(layer: Layer, winograd_6bit: bool = True) -> int:
-    """127 levels, or 31 (6-bit) where ncnn's INT8 Winograd kernel could overflow with 8-bit weights."""
-    return 31 if winograd_6bit and uses_int8_winograd(layer) else 127
+    """127 levels (8-bit), or for ncnn's INT8 Winograd layers ``winograd_levels`` of their input channels (from
+    8-bit for narrow layers down to ncnn2table's 6-bit from 105 channels on)."""
+    if winograd_6bit and uses_int8_winograd(layer):
+        return winograd_levels(int(layer.blobs[0].shape[1]))
+    return 127
 
 
 def layer_weight_scales(layer: Layer, winograd_6bit: bool = True) -> np.ndarray:

@@ -43,8 +43,8 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weights-8bit",
         action="store_true",
-        help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions get 6-bit "
-        "scales, as ncnn's INT8 Winograd kernel needs",
+        help="8-bit weight scales everywhere; by default 3x3 stride-1 convolutions (ncnn's INT8 Winograd kernel) "
+        "get the most levels that cannot overflow it: 8-bit up to 25 input channels, 6-bit from 105",
     )
     group.add_argument(
         "--bias-correction",

@@ -128,8 +128,7 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
         help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
         "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
         "for the best INT8 layer outputs on the calibration images (needs --images); auto measures "
-        "the candidate methods' tables on held-out calibration images and keeps the best, "
-        "layer by layer",
+        "the candidate methods' tables on some of the calibration images and keeps the best",
     )
     group.add_argument(
         "--percentile", type=float, default=99.99, help="percentile of |x| for --method percentile (default 99.99)"

@@ -494,8 +494,8 @@ def format_report(report: dict, worst_layers: int = 10) -> str:
     if q["winograd_layers"]:
         lines.append(
             f"  INT8 Winograd vs direct convolution: output cosine min {q['winograd_vs_direct_cosine_min']:.6f} "
-            f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow, use "
-            "6-bit weights)"
+            f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow: "
+            "keep the default Winograd weight bound)"
         )
     if q["layer_cosine"]:
         ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]

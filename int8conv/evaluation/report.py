@@ -100,7 +100,7 @@ class LayerReport:
     threshold: float | None  # the clipping point in use (127 / table scale); None = stays FP32
     kl: KlCurve | None
     weight_scales: np.ndarray
-    weight_levels: int  # 127 (8-bit), 31 (6-bit Winograd weights), as the table's scales show
+    weight_levels: int  # 127 (8-bit), 31-125 (Winograd weight bound), as the table's scales show
     cosine: float | None  # INT8 vs FP32, from the evaluation; None when not INT8 there
 
     @property
@@ -113,7 +113,8 @@ class LayerReport:
 
 
 def _levels(layer, scales: np.ndarray) -> int:
-    """The weight levels a table used for a layer (127 for 8-bit, 31 for 6-bit), read back from its scales.
+    """The weight levels a table used for a layer (127 for 8-bit, fewer under the Winograd bound), read back from
+    its scales.
 
     A table may come from anywhere (ncnn2table, an older run), so scale x per-channel |w| max is measured
     rather than assumed.
