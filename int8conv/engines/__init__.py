@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.layers import Decline, kind_of
 from int8conv.engines.caffe_engine import import_caffe  # sets GLOG_minloglevel before _caffe.so loads
 from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 
@@ -70,6 +71,10 @@ def caffe_obstacle(prototxt: str | Path) -> str | None:
             f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
             f"registry does not have{more}"
         )
+    for layer in net.layer:  # registered, yet it aborts the process on the CPU (PSROIPooling)
+        kind = kind_of(layer.type)
+        if kind is not None and isinstance(kind.caffe, Decline):
+            return f"{prototxt}: layer '{layer.name}' has type '{layer.type}': {kind.caffe.reason}"
     return None
 
 
