@@ -872,3 +872,70 @@ def test_layer_docs_are_generated_from_the_registry():
     spec.loader.exec_module(module)
     assert (root / "docs" / "layers.md").read_text() == module.render()
     assert all(f"| `{name}` |" in module.render() for name in REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+
+def _images(tmp_path: Path, count: int = 3) -> list[Path]:
+    import cv2
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(count):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 255, size=(8, 8, 3)).astype(np.uint8))
+    return paths
+
+
+def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
+    """The YOLO outputs are not quantizable and neither OpenCV nor pycaffe runs them: auto calibrates on the ncnn
+    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does."""
+    from int8conv.calibration.calibrate import build_table, collect_statistics
+    from int8conv.calibration.preprocess import Preprocess
+
+    text = """
+    input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
+    layer { name: "yolo" type: "Yolov3DetectionOutput" bottom: "conv" top: "out"
+            yolov3_detection_output_param { num_classes: 2 num_box: 1 confidence_threshold: 0.3
+            biases: 2 biases: 3 mask: 0 anchors_scale: 8 } }
+    """
+    rng = np.random.default_rng(8)
+    weights = {"conv": [rng.normal(0, 0.05, (7, 3, 3, 3)).astype(np.float32), np.zeros(7, np.float32)]}
+    proto, model = write_caffe_model(tmp_path, text, weights)
+    graph = load_graph(proto, model)
+    engine = make_engine("auto", graph, proto, model, calibration=True)
+    assert engine.name == "ncnn"
+    stats = collect_statistics(graph, engine, _images(tmp_path), Preprocess(size=(8, 8)), {"caffemodel_sha256": "x"})
+    result = build_table(graph, stats, "kl")
+    assert set(result.table.activation_scales) == {"conv"}
+    fp32 = convert_graph(graph)
+    int8 = quantize_model(fp32, result.table, fp16_storage=False)
+    assert int8_layers(int8) == ["conv"]
+    x = rng.normal(0, 20, (3, 8, 8)).astype(np.float32)
+    outputs = {}
+    for name, m in (("fp32", fp32), ("int8", int8)):
+        write_model(m, tmp_path / f"{name}.param", tmp_path / f"{name}.bin")
+        outputs[name] = NcnnRunner(tmp_path / f"{name}.param", tmp_path / f"{name}.bin", int8=name == "int8").run(
+            {"data": x}
+        )["out"]
+    assert outputs["int8"].shape[1] == outputs["fp32"].shape[1] == 6
+
+
+@pytest.mark.parametrize("backend", ["auto", "ncnn", "opencv"])
+def test_a_second_roi_input_is_declined_by_layer_and_engine(tmp_path, backend):
+    """Calibration feeds images to one input: a ROIPooling's ROI input is named with the layer and the engine."""
+    text = 'input: "data" input_shape { dim: 1 dim: 4 dim: 8 dim: 8 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+    proto, model = write_caffe_model(
+        tmp_path, text + _roi("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 }"), {}
+    )
+    graph = load_graph(proto, model)
+    engine = "opencv" if backend == "auto" else backend
+    with pytest.raises(
+        ModelError, match=rf"the {engine} engine feeds images to one, and rois \(read by 'l' \(ROIPooling\)\)"
+    ):
+        make_engine(backend, graph, proto, model, calibration=True).forward(
+            np.zeros((1, 4, 8, 8), np.float32), calibration_values(graph)
+        )

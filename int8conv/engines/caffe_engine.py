@@ -99,9 +99,7 @@ class CaffeEngine:
             raise ModelError(
                 f"{prototxt}: pycaffe's net has no layer(s) {', '.join(missing)}; the graph and the net disagree"
             )
-        if len(graph.inputs) != 1:
-            raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
-        self._input = next(iter(graph.inputs))
+        self._input = graph.image_input(self.name)
         # value -> index (in pycaffe's net) of the layer that wrote it: its blob holds it right after that layer
         self._producer = {top: self._layer_index[layer.name] for layer in graph.layers for top in layer.tops}
 

@@ -145,10 +145,8 @@ class OpenCVEngine:
 
     def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:
         """Values produced by layers come from ``forwardAndRetrieve``; network inputs are returned as given."""
+        image = self.graph.image_input(self.name)
         net = self._net_for(batch.shape)
-        inputs = list(self.graph.inputs)
-        if len(inputs) != 1:
-            raise ModelError(f"network '{self.graph.name}' has {len(inputs)} inputs; calibration supports one")
         result: dict[str, np.ndarray] = {}
         wanted_layers: list[str] = []
         for value in values:
@@ -168,7 +166,7 @@ class OpenCVEngine:
         single = [name for name in wanted_layers if name not in multi]
         by_layer: dict[str, list] = {}
         for group in ([single] if single else []) + [[name] for name in sorted(multi)]:
-            net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
+            net.setInput(np.ascontiguousarray(batch, dtype=np.float32), image)
             try:
                 by_layer.update(zip(group, net.forwardAndRetrieve(group), strict=True))
             except self._cv2.error as exc:
