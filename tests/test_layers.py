@@ -939,3 +939,56 @@ def test_a_second_roi_input_is_declined_by_layer_and_engine(tmp_path, backend):
         make_engine(backend, graph, proto, model, calibration=True).forward(
             np.zeros((1, 4, 8, 8), np.float32), calibration_values(graph)
         )
+
+
+# --------------------------------------------------------------------------------------------------- PriorBox clip
+
+#: A PriorBox without ``clip``: its 3-pixel boxes on a 4x4 image reach past the image border.
+PRIOR_BOX_NO_CLIP = """
+input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }
+layer { name: "l" type: "PriorBox" bottom: "data" bottom: "data" top: "out"
+        prior_box_param { min_size: 3 variance: 0.1 } }
+"""
+
+
+def _unclipped_priors() -> np.ndarray:
+    """SSD's priors for min_size 3 at step 1 on a 4x4 image, corners not clipped to [0, 1], then the variances."""
+    centres = (np.arange(4) + 0.5) / 4
+    half = 1.5 / 4
+    boxes = [[cx - half, cy - half, cx + half, cy + half] for cy in centres for cx in centres]
+    flat = np.array(boxes).reshape(-1)
+    return np.stack([flat, np.full_like(flat, 0.1)])[None].astype(np.float32)
+
+
+def test_prior_box_clip_defaults_to_false_as_in_ssd_caffe(tmp_path, ort_cache):
+    """SSD's caffe.proto (weiliu89/caffe, ssd branch, ``clip = 5 [default = false]`` since its 2016 "change default
+    value") and caffe2ncnn (``has_clip() ? clip() : 0``) leave priors unclipped when ``clip`` is not given: so do
+    the ncnn model, the ONNX constant and OpenCV (the pycaffe engine: below)."""
+    import onnxruntime as ort
+
+    proto, model = write_caffe_model(tmp_path, PRIOR_BOX_NO_CLIP, {})
+    graph = load_graph(proto, model)
+    want = _unclipped_priors()
+    assert want.min() < 0 and want.max() > 1  # clipping would change the output
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    fp32 = convert_graph(graph)
+    assert fp32.layer("l").params[8] == 0
+    write_model(fp32, tmp_path / "m.param", tmp_path / "m.bin")
+    got = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x[0]})["out"]
+    session = ort.InferenceSession(export_onnx(graph).model.SerializeToString(), providers=["CPUExecutionProvider"])
+    by_opencv = make_engine("opencv", graph, proto, model).forward(x, ["out"])["out"]
+    for output in (got, session.run(["out"], {"data": x})[0], by_opencv):
+        assert relative(output, want) <= REL_BOUND
+
+
+@pytest.mark.pycaffe
+def test_the_caffe_engine_keeps_ssd_caffe_s_clip_default(tmp_path, caffe):
+    """The brocolli-caffe pycaffe keeps SSD's first default (``clip`` true); the caffe engine states ``clip: false``
+    for a PriorBox that does not say, so its priors are SSD's (and the other engines')."""
+    from caffe.proto import caffe_pb2 as pycaffe_pb2
+
+    assert pycaffe_pb2.PriorBoxParameter().clip  # the fork's default, which the engine must not apply
+    proto, model = write_caffe_model(tmp_path, PRIOR_BOX_NO_CLIP, {})
+    graph = load_graph(proto, model)
+    got = make_engine("caffe", graph, proto, model).forward(np.zeros((1, 2, 4, 4), np.float32), ["out"])["out"]
+    assert relative(got, _unclipped_priors()) <= REL_BOUND

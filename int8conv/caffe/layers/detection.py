@@ -78,6 +78,18 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return [NcnnLayer("PriorBox", layer.name, layer.bottoms, layer.tops, params)]
 
 
+def state_prior_box_clip(net) -> list[str]:
+    """Write SSD Caffe's ``clip`` default (false: weiliu89/caffe's ssd branch since 2016, as caffe2ncnn reads it)
+    into every PriorBox of ``net`` (a NetParameter of any Caffe schema) that leaves it out; OpenCV and the
+    brocolli-caffe pycaffe keep SSD's first default, true. Returns the layers it changed."""
+    stated = []
+    for layer in net.layer:
+        if layer.type == "PriorBox" and not layer.prior_box_param.HasField("clip"):
+            layer.prior_box_param.clip = False
+            stated.append(layer.name)
+    return stated
+
+
 def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.detection_output_param
     nms = p.nms_param
