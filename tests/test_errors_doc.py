@@ -118,7 +118,7 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
         == 0
     )
     text = proto.read_text()
-    for kind in ("Foo", "Python", "Interp", "LSTM"):
+    for kind in ("Foo", "Python", "Interp"):
         (work / f"lenet_{kind}.prototxt").write_text(_with_layer(text, kind))
     det1_text = (det1 / "det1.prototxt").read_text()
     dup = re.sub(r'(name: "conv4-2".*?top: )"conv4-2"', r'\1"conv4-1"', det1_text, count=1, flags=re.DOTALL)

@@ -150,7 +150,7 @@ class Case:
     numpy: Callable[[np.ndarray, dict[str, list[np.ndarray]]], np.ndarray] | None = None
     renamed: dict[str, str] = field(default_factory=dict)  # prototxt edits the reference engine needs
     engine: str | None = None  # the reference engine, when not the default choice
-    rois: np.ndarray | None = None  # a second input "rois" (Caffe's (R, 5) ROI blob) with this value
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # more inputs by name (a ROI blob, LSTM's cont)
 
 
 def _w(*shapes: tuple[int, ...], name: str = "l") -> Weights:
@@ -510,22 +510,38 @@ CASES = [
         "ROIPooling",
         _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
         shape=(1, 4, 10, 10),
-        rois=np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32),  # rounded: a 5x7 ROI (see ROIPooling's notes)
+        extra={"rois": np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32)},  # rounded: 5x7 (ROIPooling's notes)
     ),
     Case(
         "psroi_pooling",
         "PSROIPooling",
         _roi("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }"),
         shape=(1, 8, 8, 8),
-        rois=ROIS,
+        extra={"rois": ROIS},
     ),
     Case(
         "roi_align",
         "ROIAlign",
         _roi("ROIAlign", "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
         shape=(1, 4, 8, 8),
-        rois=ROIS,
+        extra={"rois": ROIS},
         numpy=_roi_align,
+    ),
+    Case(
+        "lstm",
+        "LSTM",
+        'layer { name: "l" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 3 } }',
+        shape=(5, 1, 4),
+        weights=_w((12, 4), (12,), (12, 3)),
+        extra={"cont": np.array([[0.0], [1.0], [1.0], [1.0], [1.0]], np.float32)},  # one sequence of 5 steps
+    ),
+    Case(
+        "lstm_streams",
+        "LSTM",
+        'layer { name: "l" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 2 } }',
+        shape=(3, 2, 2, 2),  # 2 streams of 3 steps, each step a 2x2 input (flattened to 4)
+        weights=_w((8, 4), (8,), (8, 2)),
+        extra={"cont": np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], np.float32)},
     ),
     Case(
         "yolo_v2",
@@ -576,7 +592,7 @@ class Built:
     graph: Graph
     weights: dict[str, list[np.ndarray]]
     batch: np.ndarray
-    feeds: dict[str, np.ndarray]  # every network input (data, and rois for the ROI layers), batch axis first
+    feeds: dict[str, np.ndarray]  # every network input (data, then the case's extra ones), batch axis first
     reference: dict[str, np.ndarray]
     reference_by: str
     directory: Path
@@ -608,15 +624,15 @@ def _engine_for(prototxt: Path) -> str | None:
 def build(case: Case, directory: Path) -> Built:
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
     header = f'input: "data" input_shape {{ {" ".join(f"dim: {d}" for d in case.shape)} }}\n'
-    if case.rois is not None:
-        header += f'input: "rois" input_shape {{ {" ".join(f"dim: {d}" for d in case.rois.shape)} }}\n'
+    for name, array in case.extra.items():
+        header += f'input: "{name}" input_shape {{ {" ".join(f"dim: {d}" for d in array.shape)} }}\n'
     weights = case.weights(rng)
     proto, model = write_caffe_model(directory, header + case.layers, weights)
     graph = load_graph(proto, model)
     batch = rng.normal(0, 1, case.shape).astype(np.float32)
     if case.positive:
         batch = np.abs(batch) + 0.1
-    feeds = {"data": batch} if case.rois is None else {"data": batch, "rois": case.rois}
+    feeds = {"data": batch, **case.extra}
     outputs = graph.outputs
     ref_proto = proto
     if case.renamed:
@@ -631,12 +647,24 @@ def build(case: Case, directory: Path) -> Built:
             pytest.fail(f"{case.id}: neither pycaffe nor OpenCV run {case.type}, and the case has no numpy reference")
         reference = {outputs[0]: case.numpy(batch.astype(np.float64), weights).astype(np.float32)}
         by = "numpy"
-    elif case.rois is not None:  # the engines feed one input: a two-input net runs on OpenCV's DNN directly
-        assert by == "opencv", by
-        reference = {outputs[0]: _opencv_forward(ref_proto, model, feeds)}
+    elif case.extra:  # the engines feed one input: a two-input net runs on OpenCV's DNN or pycaffe directly
+        forward = _opencv_forward if by == "opencv" else _pycaffe_forward
+        reference = {outputs[0]: forward(ref_proto, model, feeds)}
     else:
         reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
     return Built(case, graph, weights, batch, feeds, reference, by, directory)
+
+
+def _pycaffe_forward(prototxt: Path, caffemodel: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The last layer's output of pycaffe on the Caffe model, given every input by name."""
+    from int8conv.engines.caffe_engine import import_caffe
+
+    caffe = import_caffe()
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
+    for name, array in feeds.items():
+        net.blobs[name].data[...] = array
+    return net.forward()[net.outputs[-1]].copy()
 
 
 def _opencv_forward(prototxt: Path, caffemodel: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:

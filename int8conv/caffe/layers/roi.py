@@ -3,7 +3,8 @@
 Each reads a feature map and Caffe's ROI blob ``(R, 5)``, rows ``[batch index, x1, y1, x2, y2]`` in image pixels,
 and pools every ROI to ``(R, C, pooled_h, pooled_w)``. ncnn's layers pool one ROI per run and read it as
 ``[x1, y1, x2, y2]``: the ncnn emitters crop the batch index off (as the image's single batch, it must be 0) and
-decline more than one ROI. The parameter ids are caffe2ncnn's.
+decline more than one ROI. The parameter ids are caffe2ncnn's. Calibration feeds images to one input: a net that
+takes its ROIs as a second input is declined by name (``Graph.image_input``).
 """
 
 from __future__ import annotations
