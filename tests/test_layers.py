@@ -1020,3 +1020,24 @@ def test_the_caffe_engine_keeps_ssd_caffe_s_clip_default(tmp_path, caffe):
     graph = load_graph(proto, model)
     got = make_engine("caffe", graph, proto, model).forward(np.zeros((1, 2, 4, 4), np.float32), ["out"])["out"]
     assert relative(got, _unclipped_priors()) <= REL_BOUND
+
+
+def test_ncnn_roi_pooling_bins_start_early_at_exact_multiples(tmp_path):
+    """ROIPooling's note, measured: with the rounded ROI a multiple of the pooled size (6x6 into 3x2, bins of exactly
+    2 rows and 3 columns), ncnn's runtime starts every bin but the first one row and one column early (its bin size
+    comes out just below 2 and 3), where Caffe's bins are disjoint. On a map that falls from the top-left corner
+    each bin's maximum is its first cell, which shows where it starts. When this fails, ncnn pools Caffe's bins:
+    drop the note."""
+    text = 'input: "data" input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+    proto, model = write_caffe_model(
+        tmp_path, text + _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 }"), {}
+    )
+    fp32 = convert_graph(load_graph(proto, model))
+    write_model(fp32, tmp_path / "m.param", tmp_path / "m.bin")
+    x = (63.0 - np.arange(64, dtype=np.float32)).reshape(1, 8, 8)
+    rois = np.array([0, 1, 2, 6, 7], np.float32)  # columns 1..6, rows 2..7
+    got = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x, "rois": rois})["out"][0]
+    caffe_starts = [[x[0, 2 + 2 * i, 1 + 3 * j] for j in range(2)] for i in range(3)]
+    ncnn_starts = [[x[0, 2 + max(2 * i - 1, 0), 1 + max(3 * j - 1, 0)] for j in range(2)] for i in range(3)]
+    np.testing.assert_array_equal(got, ncnn_starts)
+    assert not np.array_equal(got, caffe_starts)
