@@ -30,6 +30,11 @@ def detection_output_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [(1, 1, keep if keep > 0 else -1, 7)]
 
 
+def yolo_output_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """MobileNet-YOLO's Caffe layers write (1, 1, detections, 7); how many depends on the data."""
+    return [(1, 1, -1, 7)]
+
+
 def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Caffe's aspect ratio list (1 first, duplicates dropped, 1/r after r when flipping) written out in full,
     so ncnn's own flipping (which does not drop duplicates) stays off."""
@@ -237,7 +242,7 @@ register(
     LayerKind(
         "YoloDetectionOutput",
         FAMILY,
-        detection_output_shape,
+        yolo_output_shape,
         yolo_ncnn,
         _YOLO_ONNX,
         caffe=_YOLO_FORK,
@@ -249,7 +254,7 @@ register(
     LayerKind(
         "Yolov3DetectionOutput",
         FAMILY,
-        detection_output_shape,
+        yolo_output_shape,
         yolov3_ncnn,
         _YOLO_ONNX,
         caffe=_YOLO_FORK,
