@@ -928,7 +928,7 @@ def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
             convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
     layer { name: "yolo" type: "Yolov3DetectionOutput" bottom: "conv" top: "out"
             yolov3_detection_output_param { num_classes: 2 num_box: 1 confidence_threshold: 0.3
-            biases: 2 biases: 3 mask: 0 anchors_scale: 8 } }
+            biases: 2 biases: 3 mask: 0 anchors_scale: 8 mask_group_num: 1 } }
     """
     rng = np.random.default_rng(8)
     weights = {"conv": [rng.normal(0, 0.05, (7, 3, 3, 3)).astype(np.float32), np.zeros(7, np.float32)]}
@@ -1041,3 +1041,16 @@ def test_ncnn_roi_pooling_bins_start_early_at_exact_multiples(tmp_path):
     ncnn_starts = [[x[0, 2 + max(2 * i - 1, 0), 1 + max(3 * j - 1, 0)] for j in range(2)] for i in range(3)]
     np.testing.assert_array_equal(got, ncnn_starts)
     assert not np.array_equal(got, caffe_starts)
+
+
+def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
+    """Caffe offsets the mask by len(mask) / mask_group_num per bottom and ncnn by num_box: a layer where they
+    differ (here mask_group_num left at 2 for one bottom, which Caffe's own check rejects) is an error naming it."""
+    text = """
+    input: "data" input_shape { dim: 1 dim: 7 dim: 4 dim: 4 }
+    layer { name: "yolo" type: "Yolov3DetectionOutput" bottom: "data" top: "out"
+            yolov3_detection_output_param { num_classes: 2 num_box: 1 biases: 2 biases: 3 mask: 0 anchors_scale: 8 } }
+    """
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    with pytest.raises(ModelError, match=r"layer 'yolo' \(Yolov3DetectionOutput\): 1 bottoms need mask_group_num 1"):
+        convert_graph(graph)

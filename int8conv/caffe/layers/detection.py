@@ -174,10 +174,14 @@ def yolov3_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.yolov3_detection_output_param
     num_classes, num_box = int(p.num_classes), int(p.num_box)
     _yolo_checks(layer, ctx, num_classes, num_box, len(p.biases))
-    if len(p.mask) < num_box * len(layer.bottoms) or len(p.anchors_scale) < len(layer.bottoms):
+    bottoms = len(layer.bottoms)
+    if p.mask_group_num != bottoms or len(p.mask) != num_box * bottoms or len(p.anchors_scale) < bottoms:
+        # Caffe checks mask_group_num == bottoms and offsets the mask by len(mask) / mask_group_num per bottom,
+        # ncnn by num_box: they agree when each bottom has num_box mask entries
         raise ModelError(
-            f"layer '{layer.name}' (Yolov3DetectionOutput): {len(layer.bottoms)} bottoms need "
-            f"{num_box * len(layer.bottoms)} mask entries and {len(layer.bottoms)} anchors_scale entries"
+            f"layer '{layer.name}' (Yolov3DetectionOutput): {bottoms} bottoms need mask_group_num {bottoms}, "
+            f"{num_box * bottoms} mask entries and {bottoms} anchors_scale entries (it has {p.mask_group_num}, "
+            f"{len(p.mask)}, {len(p.anchors_scale)})"
         )
     if max(p.mask) >= len(p.biases) // 2:
         raise ModelError(f"layer '{layer.name}' (Yolov3DetectionOutput): mask {max(p.mask)} has no bias pair")
