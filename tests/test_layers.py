@@ -1054,3 +1054,14 @@ def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
     graph = load_graph(*write_caffe_model(tmp_path, text, {}))
     with pytest.raises(ModelError, match=r"layer 'yolo' \(Yolov3DetectionOutput\): 1 bottoms need mask_group_num 1"):
         convert_graph(graph)
+
+
+def test_lstm_weights_that_do_not_fit_its_input_are_named(tmp_path):
+    text = """
+    input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
+    input: "cont" input_shape { dim: 3 dim: 1 }
+    layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 2 } }
+    """
+    weights = [np.zeros((8, 5), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
+    with pytest.raises(ModelError, match=r"layer 'rnn' \(LSTM\): weights of shapes \[\(8, 5\), \(8,\), \(8, 2\)\]"):
+        load_graph(*write_caffe_model(tmp_path, text, {"rnn": weights}))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import Decline, LayerKind, Shape, Weights, register, unsupported
+from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
@@ -28,7 +29,15 @@ def lstm_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
         raise unsupported(layer, f"x of shape {tuple(x)} with cont of shape {tuple(cont)} (Caffe: (T, N, ...), (T, N))")
     if len(shapes) > 2 or layer.param.recurrent_param.expose_hidden:
         raise unsupported(layer, "a static input or exposed hidden state", "shape inference")
-    return [(x[0], x[1], int(layer.param.recurrent_param.num_output))]
+    hidden, inputs = int(layer.param.recurrent_param.num_output), int(np.prod(x[2:]))
+    want = [(4 * hidden, inputs), (4 * hidden,), (4 * hidden, hidden)]
+    got = [tuple(w.shape) for w in layer.blobs]
+    if hidden <= 0 or got != want:
+        raise ModelError(
+            f"layer '{layer.name}' (LSTM): weights of shapes {got}; num_output {hidden} on inputs of {inputs} "
+            f"values needs W_xc, b_c, W_hc of shapes {want}"
+        )
+    return [(x[0], x[1], hidden)]
 
 
 def lstm_onnx(b, layer: Layer) -> None:
