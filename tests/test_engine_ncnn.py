@@ -76,12 +76,12 @@ def test_fork_layer_models_calibrate_on_ncnn(shared, key):
 
 def test_a_declined_layer_is_named_and_auto_uses_opencv(tmp_path):
     text = """
-    input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }
-    layer { name: "rnn" type: "LSTM" bottom: "data" top: "rnn" }
+    input: "data" input_shape { dim: 2 dim: 3 }
+    layer { name: "emb" type: "Embed" bottom: "data" top: "emb" embed_param { num_output: 4 input_dim: 5 } }
     """
-    proto, model = write_caffe_model(tmp_path, text, {})
+    proto, model = write_caffe_model(tmp_path, text, {"emb": [np.zeros((5, 4), np.float32), np.zeros(4, np.float32)]})
     graph = load_graph(proto, model)
-    with pytest.raises(ModelError, match=r"layer 'rnn' has type 'LSTM', which the ncnn converter does not"):
+    with pytest.raises(ModelError, match=r"layer 'emb' has type 'Embed', which the ncnn converter does not"):
         NcnnEngine(graph).blob_names(calibration_values(graph))
     assert make_engine("auto", graph, proto, model, calibration=True).name == "opencv"
 

@@ -86,6 +86,17 @@ def _with_layer(prototxt: str, layer_type: str) -> str:
     return prototxt.replace(anchor, extra + anchor, 1)
 
 
+def _with_roi_input(prototxt: str) -> str:
+    """LeNet with a second input, the ROIs of a ROIPooling on conv1."""
+    anchor = 'layer {\n  name: "pool1"'
+    extra = (
+        'layer {\n  name: "rois"\n  type: "Input"\n  top: "rois"\n  input_param { shape: { dim: 1 dim: 5 } }\n}\n'
+        'layer {\n  name: "odd"\n  type: "ROIPooling"\n  bottom: "conv1"\n  bottom: "rois"\n  top: "odd"\n'
+        "  roi_pooling_param { pooled_h: 2 pooled_w: 2 }\n}\n"
+    )
+    return prototxt.replace(anchor, extra + anchor, 1)
+
+
 def make_work(shared: Path, work: Path) -> dict[str, str]:
     """The files the rows use, and the placeholder values."""
     from int8conv.calibration.histograms import CalibrationStatistics
@@ -118,8 +129,9 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
         == 0
     )
     text = proto.read_text()
-    for kind in ("Foo", "Python", "Interp", "LSTM"):
+    for kind in ("Foo", "Python", "Interp"):
         (work / f"lenet_{kind}.prototxt").write_text(_with_layer(text, kind))
+    (work / "lenet_rois.prototxt").write_text(_with_roi_input(text))
     det1_text = (det1 / "det1.prototxt").read_text()
     dup = re.sub(r'(name: "conv4-2".*?top: )"conv4-2"', r'\1"conv4-1"', det1_text, count=1, flags=re.DOTALL)
     assert dup != det1_text

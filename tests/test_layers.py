@@ -106,12 +106,30 @@ def test_every_writer_handles_or_declines(name):
         assert kind.alias_of in REGISTRY and kind.rename is not None, name
 
 
+#: Types pycaffe registers but cannot run on the CPU: declined for the caffe engine all the same.
+NO_CPU_FORWARD = {"PSROIPooling"}
+
+
 @pytest.mark.pycaffe
-def test_pycaffe_declarations_are_true(caffe):
-    """A type declared as run by pycaffe is in its layer registry, and a declined one is not."""
+def test_pycaffe_declarations_are_true(caffe, tmp_path):
+    """A type declared as run by pycaffe is in its layer registry, and a declined one is not (unless it has no CPU
+    forward, which the engine's model check names before pycaffe could abort on it)."""
+    from int8conv.engines import caffe_obstacle
+
     known = set(caffe.layer_type_list())
-    wrong = [name for name, kind in REGISTRY.items() if (kind.caffe is True) != (name in known)]
+    wrong = [
+        name
+        for name, kind in REGISTRY.items()
+        if (kind.caffe is True) != (name in known) and name not in NO_CPU_FORWARD
+    ]
     assert not wrong
+    assert known >= NO_CPU_FORWARD and all(isinstance(REGISTRY[name].caffe, Decline) for name in NO_CPU_FORWARD)
+    proto = tmp_path / "psroi.prototxt"
+    proto.write_text(
+        'input: "data" input_shape { dim: 1 dim: 8 dim: 4 dim: 4 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+        + _roi("PSROIPooling", "psroi_pooling_param { spatial_scale: 1 output_dim: 2 group_size: 2 }")
+    )
+    assert "layer 'l' has type 'PSROIPooling': pycaffe's PSROIPooling" in caffe_obstacle(proto)
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -132,6 +150,7 @@ class Case:
     numpy: Callable[[np.ndarray, dict[str, list[np.ndarray]]], np.ndarray] | None = None
     renamed: dict[str, str] = field(default_factory=dict)  # prototxt edits the reference engine needs
     engine: str | None = None  # the reference engine, when not the default choice
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # more inputs by name (a ROI blob, LSTM's cont)
 
 
 def _w(*shapes: tuple[int, ...], name: str = "l") -> Weights:
@@ -144,6 +163,10 @@ def _conv(kind: str, params: str) -> str:
 
 def _one(kind: str, params: str = "") -> str:
     return f'layer {{ name: "l" type: "{kind}" bottom: "data" top: "out" {params} }}'
+
+
+def _roi(kind: str, params: str) -> str:
+    return f'layer {{ name: "l" type: "{kind}" bottom: "data" bottom: "rois" top: "out" {params} }}'
 
 
 def _bn_fork(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -163,6 +186,117 @@ def _reorg(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
 
 def _upsample(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
     return x.repeat(2, axis=2).repeat(2, axis=3)
+
+
+#: One ROI [batch, x1, y1, x2, y2] in image pixels; at spatial_scale 0.5 it lies inside the 8x8 feature maps.
+ROIS = np.array([[0.0, 2.2, 3.1, 11.6, 13.4]], np.float32)
+
+
+def _bilinear(plane: np.ndarray, y: float, x: float) -> np.ndarray:
+    """Mask R-CNN's bilinear sample of ``(C, H, W)`` at (y, x): zero outside [-1, H] x [-1, W], edges clamped."""
+    _, h, w = plane.shape
+    if y < -1 or y > h or x < -1 or x > w:
+        return np.zeros(plane.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = min(int(y), h - 1), min(int(x), w - 1)
+    y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+    y, x = min(y, float(y0)) if y0 == h - 1 else y, min(x, float(x0)) if x0 == w - 1 else x
+    ly, lx = y - y0, x - x0
+    return (
+        plane[:, y0, x0] * (1 - ly) * (1 - lx)
+        + plane[:, y0, x1] * (1 - ly) * lx
+        + plane[:, y1, x0] * ly * (1 - lx)
+        + plane[:, y1, x1] * ly * lx
+    )
+
+
+def _roi_align(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Mask R-CNN's ROIAlign (Caffe2's RoIAlign, not aligned): each of the 3x2 bins averages a grid of
+    ceil(bin size) bilinear samples; the ROI is at least 1x1; no rounding anywhere. Spatial scale 0.5."""
+    x1, y1, x2, y2 = (float(v) * 0.5 for v in ROIS[0, 1:])
+    pooled_h, pooled_w = 3, 2
+    bin_h, bin_w = max(y2 - y1, 1.0) / pooled_h, max(x2 - x1, 1.0) / pooled_w
+    grid_h, grid_w = int(np.ceil(bin_h)), int(np.ceil(bin_w))
+    out = np.zeros((1, x.shape[1], pooled_h, pooled_w))
+    for i in range(pooled_h):
+        for j in range(pooled_w):
+            samples = [
+                _bilinear(
+                    x[0], y1 + i * bin_h + (gy + 0.5) * bin_h / grid_h, x1 + j * bin_w + (gx + 0.5) * bin_w / grid_w
+                )
+                for gy in range(grid_h)
+                for gx in range(grid_w)
+            ]
+            out[0, :, i, j] = np.mean(samples, axis=0)
+    return out
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _nms_rows(candidates: list[tuple[float, int, float, float, float, float]], threshold: float) -> np.ndarray:
+    """Class-agnostic greedy NMS in descending score (a box overlapping a kept one by IoU > threshold goes), as
+    rows [label + 1, score, x1, y1, x2, y2]."""
+    kept: list[tuple[float, int, float, float, float, float]] = []
+    for box in sorted(candidates, key=lambda c: -c[0]):
+        _, _, ax1, ay1, ax2, ay2 = box
+        overlaps = []
+        for _, _, bx1, by1, bx2, by2 in kept:
+            inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+            overlaps.append(inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter))
+        if all(o <= threshold for o in overlaps):
+            kept.append(box)
+    return np.array([[label + 1, score, x1, y1, x2, y2] for score, label, x1, y1, x2, y2 in kept])
+
+
+def _yolo_boxes(
+    t: np.ndarray, scores: np.ndarray, anchor: tuple[float, float], size: tuple[float, float], threshold: float
+) -> list[tuple[float, int, float, float, float, float]]:
+    """Darknet's box of each cell: centre (col + sigmoid(tx)) / w, size e^tw * anchor / size; the cell's best
+    class when its score reaches the threshold."""
+    h, w = t.shape[1:]
+    rows, cols = np.mgrid[0:h, 0:w]
+    cx, cy = (cols + _sigmoid(t[0])) / w, (rows + _sigmoid(t[1])) / h
+    bw, bh = np.exp(t[2]) * anchor[0] / size[0], np.exp(t[3]) * anchor[1] / size[1]
+    label, score = scores.argmax(axis=0), scores.max(axis=0)
+    return [
+        (
+            float(score[i, j]),
+            int(label[i, j]),
+            cx[i, j] - bw[i, j] / 2,
+            cy[i, j] - bh[i, j] / 2,
+            cx[i, j] + bw[i, j] / 2,
+            cy[i, j] + bh[i, j] / 2,
+        )
+        for i, j in zip(*np.nonzero(score >= threshold), strict=True)
+    ]
+
+
+YOLO_BIASES = (1.5, 2.0, 3.0, 2.5)
+
+
+def _yolo_v2(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """YOLOv2's region output (darknet): 2 anchors, 3 classes; score sigmoid(objectness) * softmax(class)."""
+    h, w = x.shape[2:]
+    boxes = []
+    for a in range(2):
+        t = x[0, a * 8 : (a + 1) * 8]
+        classes = np.exp(t[5:] - t[5:].max(axis=0))
+        scores = _sigmoid(t[4]) * classes / classes.sum(axis=0)
+        boxes += _yolo_boxes(t, scores, YOLO_BIASES[2 * a : 2 * a + 2], (w, h), 0.3)
+    return _nms_rows(boxes, 0.45)
+
+
+def _yolo_v3(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """YOLOv3's output (darknet, MobileNet-YOLO's Caffe layer): a 4x4 map and its 2x2 max pool, 1 anchor each
+    (mask 1 then 0), anchors over the input size 16 * map size; score sigmoid(objectness) * sigmoid(class)."""
+    pooled = x.reshape(1, 7, 2, 2, 2, 2).max(axis=(3, 5))
+    boxes = []
+    for t, anchor in ((x[0], YOLO_BIASES[2:]), (pooled[0], YOLO_BIASES[:2])):
+        h, w = t.shape[1:]
+        boxes += _yolo_boxes(t, _sigmoid(t[4]) * _sigmoid(t[5:]), anchor, (16 * w, 16 * h), 0.3)
+    return _nms_rows(boxes, 0.45)
 
 
 CONV_W = _w((6, 4, 3, 3), (6,))
@@ -371,6 +505,69 @@ CASES = [
         layer { name: "l" type: "PriorBox" bottom: "a" bottom: "data" top: "out"
                 prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }""",
     ),
+    Case(
+        "roi_pooling",
+        "ROIPooling",
+        _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
+        shape=(1, 4, 10, 10),
+        extra={"rois": np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32)},  # rounded: 5x7 (ROIPooling's notes)
+    ),
+    Case(
+        "psroi_pooling",
+        "PSROIPooling",
+        _roi("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }"),
+        shape=(1, 8, 8, 8),
+        extra={"rois": ROIS},
+    ),
+    Case(
+        "roi_align",
+        "ROIAlign",
+        _roi("ROIAlign", "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
+        shape=(1, 4, 8, 8),
+        extra={"rois": ROIS},
+        numpy=_roi_align,
+    ),
+    Case(
+        "lstm",
+        "LSTM",
+        'layer { name: "l" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 3 } }',
+        shape=(5, 1, 4),
+        weights=_w((12, 4), (12,), (12, 3)),
+        extra={"cont": np.array([[0.0], [1.0], [1.0], [1.0], [1.0]], np.float32)},  # one sequence of 5 steps
+    ),
+    Case(
+        "lstm_streams",
+        "LSTM",
+        'layer { name: "l" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 2 } }',
+        shape=(3, 2, 2, 2),  # 2 streams of 3 steps, each step a 2x2 input (flattened to 4)
+        weights=_w((8, 4), (8,), (8, 2)),
+        extra={"cont": np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], np.float32)},
+    ),
+    Case(
+        "yolo_v2",
+        "YoloDetectionOutput",
+        _one(
+            "YoloDetectionOutput",
+            "yolo_detection_output_param { num_classes: 3 num_box: 2 confidence_threshold: 0.3 nms_threshold: 0.45 "
+            + " ".join(f"biases: {v}" for v in YOLO_BIASES)
+            + " }",
+        ),
+        shape=(1, 16, 4, 4),
+        numpy=_yolo_v2,
+    ),
+    Case(
+        "yolo_v3",
+        "Yolov3DetectionOutput",
+        """
+        layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "l" type: "Yolov3DetectionOutput" bottom: "data" bottom: "p" top: "out"
+                yolov3_detection_output_param { num_classes: 2 num_box: 1 confidence_threshold: 0.3 nms_threshold: 0.45
+                """
+        + " ".join(f"biases: {v}" for v in YOLO_BIASES)
+        + " mask: 1 mask: 0 anchors_scale: 16 anchors_scale: 16 mask_group_num: 2 } }",
+        shape=(1, 7, 4, 4),
+        numpy=_yolo_v3,
+    ),
 ]
 #: Types whose synthetic case is elsewhere: DetectionOutput on the real SSDs (test_evaluate, test_caffe_backend);
 #: Input everywhere; MemoryData below; Embed (an index input) below.
@@ -395,6 +592,7 @@ class Built:
     graph: Graph
     weights: dict[str, list[np.ndarray]]
     batch: np.ndarray
+    feeds: dict[str, np.ndarray]  # every network input (data, then the case's extra ones), batch axis first
     reference: dict[str, np.ndarray]
     reference_by: str
     directory: Path
@@ -426,12 +624,15 @@ def _engine_for(prototxt: Path) -> str | None:
 def build(case: Case, directory: Path) -> Built:
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
     header = f'input: "data" input_shape {{ {" ".join(f"dim: {d}" for d in case.shape)} }}\n'
+    for name, array in case.extra.items():
+        header += f'input: "{name}" input_shape {{ {" ".join(f"dim: {d}" for d in array.shape)} }}\n'
     weights = case.weights(rng)
     proto, model = write_caffe_model(directory, header + case.layers, weights)
     graph = load_graph(proto, model)
     batch = rng.normal(0, 1, case.shape).astype(np.float32)
     if case.positive:
         batch = np.abs(batch) + 0.1
+    feeds = {"data": batch, **case.extra}
     outputs = graph.outputs
     ref_proto = proto
     if case.renamed:
@@ -446,9 +647,34 @@ def build(case: Case, directory: Path) -> Built:
             pytest.fail(f"{case.id}: neither pycaffe nor OpenCV run {case.type}, and the case has no numpy reference")
         reference = {outputs[0]: case.numpy(batch.astype(np.float64), weights).astype(np.float32)}
         by = "numpy"
+    elif case.extra:  # the engines feed one input: a two-input net runs on OpenCV's DNN or pycaffe directly
+        forward = _opencv_forward if by == "opencv" else _pycaffe_forward
+        reference = {outputs[0]: forward(ref_proto, model, feeds)}
     else:
         reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
-    return Built(case, graph, weights, batch, reference, by, directory)
+    return Built(case, graph, weights, batch, feeds, reference, by, directory)
+
+
+def _pycaffe_forward(prototxt: Path, caffemodel: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The last layer's output of pycaffe on the Caffe model, given every input by name."""
+    from int8conv.engines.caffe_engine import import_caffe
+
+    caffe = import_caffe()
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(prototxt), caffe.TEST, weights=str(caffemodel))
+    for name, array in feeds.items():
+        net.blobs[name].data[...] = array
+    return net.forward()[net.outputs[-1]].copy()
+
+
+def _opencv_forward(prototxt: Path, caffemodel: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The last layer's output of OpenCV's DNN on the Caffe model, given every input by name."""
+    import cv2
+
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    for name, array in feeds.items():
+        net.setInput(array, name)
+    return net.forward()
 
 
 def relative(got: np.ndarray, want: np.ndarray) -> float:
@@ -467,7 +693,7 @@ def run_ncnn(built: Built, model, name: str, int8: bool) -> dict[str, np.ndarray
     param, bin_path = built.directory / f"{name}.param", built.directory / f"{name}.bin"
     write_model(model, param, bin_path)
     runner = NcnnRunner(param, bin_path, int8=int8)
-    return runner.run({runner.input_names[0]: built.batch[0]})
+    return runner.run({name: array[0] for name, array in built.feeds.items()})
 
 
 _BUILT: dict[str, Built] = {}
@@ -512,7 +738,7 @@ def test_onnx_matches_the_reference(built, ort_cache):
     export = export_onnx(built.graph)
     session = ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = list(built.reference)
-    got = dict(zip(names, session.run(names, {export.inputs[0]: built.batch}), strict=True))
+    got = dict(zip(names, session.run(names, built.feeds), strict=True))
     for value, want in built.reference.items():
         assert relative(got[value], want) <= REL_BOUND, (value, built.reference_by)
 
@@ -674,3 +900,168 @@ def test_layer_docs_are_generated_from_the_registry():
     spec.loader.exec_module(module)
     assert (root / "docs" / "layers.md").read_text() == module.render()
     assert all(f"| `{name}` |" in module.render() for name in REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+
+def _images(tmp_path: Path, count: int = 3) -> list[Path]:
+    import cv2
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(count):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 255, size=(8, 8, 3)).astype(np.uint8))
+    return paths
+
+
+def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
+    """The YOLO outputs are not quantizable and neither OpenCV nor pycaffe runs them: auto calibrates on the ncnn
+    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does."""
+    from int8conv.calibration.calibrate import build_table, collect_statistics
+    from int8conv.calibration.preprocess import Preprocess
+
+    text = """
+    input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
+    layer { name: "yolo" type: "Yolov3DetectionOutput" bottom: "conv" top: "out"
+            yolov3_detection_output_param { num_classes: 2 num_box: 1 confidence_threshold: 0.3
+            biases: 2 biases: 3 mask: 0 anchors_scale: 8 mask_group_num: 1 } }
+    """
+    rng = np.random.default_rng(8)
+    weights = {"conv": [rng.normal(0, 0.05, (7, 3, 3, 3)).astype(np.float32), np.zeros(7, np.float32)]}
+    proto, model = write_caffe_model(tmp_path, text, weights)
+    graph = load_graph(proto, model)
+    engine = make_engine("auto", graph, proto, model, calibration=True)
+    assert engine.name == "ncnn"
+    stats = collect_statistics(graph, engine, _images(tmp_path), Preprocess(size=(8, 8)), {"caffemodel_sha256": "x"})
+    result = build_table(graph, stats, "kl")
+    assert set(result.table.activation_scales) == {"conv"}
+    fp32 = convert_graph(graph)
+    int8 = quantize_model(fp32, result.table, fp16_storage=False)
+    assert int8_layers(int8) == ["conv"]
+    x = rng.normal(0, 20, (3, 8, 8)).astype(np.float32)
+    outputs = {}
+    for name, m in (("fp32", fp32), ("int8", int8)):
+        write_model(m, tmp_path / f"{name}.param", tmp_path / f"{name}.bin")
+        outputs[name] = NcnnRunner(tmp_path / f"{name}.param", tmp_path / f"{name}.bin", int8=name == "int8").run(
+            {"data": x}
+        )["out"]
+    assert outputs["int8"].shape[1] == outputs["fp32"].shape[1] == 6
+
+
+@pytest.mark.parametrize("backend", ["auto", "ncnn", "opencv"])
+def test_a_second_roi_input_is_declined_by_layer_and_engine(tmp_path, backend):
+    """Calibration feeds images to one input: a ROIPooling's ROI input is named with the layer and the engine."""
+    text = 'input: "data" input_shape { dim: 1 dim: 4 dim: 8 dim: 8 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+    proto, model = write_caffe_model(
+        tmp_path, text + _roi("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 }"), {}
+    )
+    graph = load_graph(proto, model)
+    engine = "opencv" if backend == "auto" else backend
+    with pytest.raises(
+        ModelError, match=rf"the {engine} engine feeds images to one, and rois \(read by 'l' \(ROIPooling\)\)"
+    ):
+        make_engine(backend, graph, proto, model, calibration=True).forward(
+            np.zeros((1, 4, 8, 8), np.float32), calibration_values(graph)
+        )
+
+
+# --------------------------------------------------------------------------------------------------- PriorBox clip
+
+#: A PriorBox without ``clip``: its 3-pixel boxes on a 4x4 image reach past the image border.
+PRIOR_BOX_NO_CLIP = """
+input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }
+layer { name: "l" type: "PriorBox" bottom: "data" bottom: "data" top: "out"
+        prior_box_param { min_size: 3 variance: 0.1 } }
+"""
+
+
+def _unclipped_priors() -> np.ndarray:
+    """SSD's priors for min_size 3 at step 1 on a 4x4 image, corners not clipped to [0, 1], then the variances."""
+    centres = (np.arange(4) + 0.5) / 4
+    half = 1.5 / 4
+    boxes = [[cx - half, cy - half, cx + half, cy + half] for cy in centres for cx in centres]
+    flat = np.array(boxes).reshape(-1)
+    return np.stack([flat, np.full_like(flat, 0.1)])[None].astype(np.float32)
+
+
+def test_prior_box_clip_defaults_to_false_as_in_ssd_caffe(tmp_path, ort_cache):
+    """SSD's caffe.proto (weiliu89/caffe, ssd branch, ``clip = 5 [default = false]`` since its 2016 "change default
+    value") and caffe2ncnn (``has_clip() ? clip() : 0``) leave priors unclipped when ``clip`` is not given: so do
+    the ncnn model, the ONNX constant and OpenCV (the pycaffe engine: below)."""
+    import onnxruntime as ort
+
+    proto, model = write_caffe_model(tmp_path, PRIOR_BOX_NO_CLIP, {})
+    graph = load_graph(proto, model)
+    want = _unclipped_priors()
+    assert want.min() < 0 and want.max() > 1  # clipping would change the output
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    fp32 = convert_graph(graph)
+    assert fp32.layer("l").params[8] == 0
+    write_model(fp32, tmp_path / "m.param", tmp_path / "m.bin")
+    got = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x[0]})["out"]
+    session = ort.InferenceSession(export_onnx(graph).model.SerializeToString(), providers=["CPUExecutionProvider"])
+    by_opencv = make_engine("opencv", graph, proto, model).forward(x, ["out"])["out"]
+    for output in (got, session.run(["out"], {"data": x})[0], by_opencv):
+        assert relative(output, want) <= REL_BOUND
+
+
+@pytest.mark.pycaffe
+def test_the_caffe_engine_keeps_ssd_caffe_s_clip_default(tmp_path, caffe):
+    """The brocolli-caffe pycaffe keeps SSD's first default (``clip`` true); the caffe engine states ``clip: false``
+    for a PriorBox that does not say, so its priors are SSD's (and the other engines')."""
+    from caffe.proto import caffe_pb2 as pycaffe_pb2
+
+    assert pycaffe_pb2.PriorBoxParameter().clip  # the fork's default, which the engine must not apply
+    proto, model = write_caffe_model(tmp_path, PRIOR_BOX_NO_CLIP, {})
+    graph = load_graph(proto, model)
+    got = make_engine("caffe", graph, proto, model).forward(np.zeros((1, 2, 4, 4), np.float32), ["out"])["out"]
+    assert relative(got, _unclipped_priors()) <= REL_BOUND
+
+
+def test_ncnn_roi_pooling_bins_start_early_at_exact_multiples(tmp_path):
+    """ROIPooling's note, measured: with the rounded ROI a multiple of the pooled size (6x6 into 3x2, bins of exactly
+    2 rows and 3 columns), ncnn's runtime starts every bin but the first one row and one column early (its bin size
+    comes out just below 2 and 3), where Caffe's bins are disjoint. On a map that falls from the top-left corner
+    each bin's maximum is its first cell, which shows where it starts. When this fails, ncnn pools Caffe's bins:
+    drop the note."""
+    text = 'input: "data" input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }\ninput: "rois" input_shape { dim: 1 dim: 5 }\n'
+    proto, model = write_caffe_model(
+        tmp_path, text + _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 }"), {}
+    )
+    fp32 = convert_graph(load_graph(proto, model))
+    write_model(fp32, tmp_path / "m.param", tmp_path / "m.bin")
+    x = (63.0 - np.arange(64, dtype=np.float32)).reshape(1, 8, 8)
+    rois = np.array([0, 1, 2, 6, 7], np.float32)  # columns 1..6, rows 2..7
+    got = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x, "rois": rois})["out"][0]
+    caffe_starts = [[x[0, 2 + 2 * i, 1 + 3 * j] for j in range(2)] for i in range(3)]
+    ncnn_starts = [[x[0, 2 + max(2 * i - 1, 0), 1 + max(3 * j - 1, 0)] for j in range(2)] for i in range(3)]
+    np.testing.assert_array_equal(got, ncnn_starts)
+    assert not np.array_equal(got, caffe_starts)
+
+
+def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
+    """Caffe offsets the mask by len(mask) / mask_group_num per bottom and ncnn by num_box: a layer where they
+    differ (here mask_group_num left at 2 for one bottom, which Caffe's own check rejects) is an error naming it."""
+    text = """
+    input: "data" input_shape { dim: 1 dim: 7 dim: 4 dim: 4 }
+    layer { name: "yolo" type: "Yolov3DetectionOutput" bottom: "data" top: "out"
+            yolov3_detection_output_param { num_classes: 2 num_box: 1 biases: 2 biases: 3 mask: 0 anchors_scale: 8 } }
+    """
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    with pytest.raises(ModelError, match=r"layer 'yolo' \(Yolov3DetectionOutput\): 1 bottoms need mask_group_num 1"):
+        convert_graph(graph)
+
+
+def test_lstm_weights_that_do_not_fit_its_input_are_named(tmp_path):
+    text = """
+    input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
+    input: "cont" input_shape { dim: 3 dim: 1 }
+    layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 2 } }
+    """
+    weights = [np.zeros((8, 5), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
+    with pytest.raises(ModelError, match=r"layer 'rnn' \(LSTM\): weights of shapes \[\(8, 5\), \(8,\), \(8, 2\)\]"):
+        load_graph(*write_caffe_model(tmp_path, text, {"rnn": weights}))

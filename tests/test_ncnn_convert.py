@@ -380,12 +380,14 @@ def test_unsupported_layer_names_layer_and_type(tmp_path):
 
 def test_declined_layer_names_the_reason(tmp_path):
     text = """
-    input: "data" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 4
-    layer { name: "rnn" type: "LSTM" bottom: "data" top: "rnn" }
+    input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
+    input: "cont" input_shape { dim: 3 dim: 1 }
+    layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "rnn" recurrent_param { num_output: 2 } }
     """
-    proto, caffemodel = write_caffe_model(tmp_path, text, {}, name="rnn")
+    weights = [np.zeros((8, 4), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
+    proto, caffemodel = write_caffe_model(tmp_path, text, {"rnn": weights}, name="rnn")
     with pytest.raises(
-        ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: not written yet"
+        ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: Caffe's LSTM steps"
     ):
         convert_graph(load_graph(proto, caffemodel))
 

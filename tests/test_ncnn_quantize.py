@@ -453,6 +453,18 @@ def test_missing_activation_lines_and_dead_scales_on_live_channels_warn_per_laye
     assert "layer 'c1' (Convolution): weight scale 0 on 1 channel(s) that have weights (e.g. channel 2)" in caplog.text
 
 
+def test_dead_scales_on_negligible_weights_do_not_warn(caplog):
+    """Channels whose weights are negligible (the lane net's BatchNorm-folded 1e-36) are dead by the weight-scale
+    rule: their scale 0 is what calibrate writes, and quantizing with it says nothing."""
+    model = _two_convs(np.random.default_rng(6))
+    model.layer("c1").weights[0].data.reshape(4, -1)[2] = 1e-36
+    table = _absmax_table(model, {"c1": 1.0, "c2": 1.0})
+    table.weight_scales["c1"][2] = 0.0
+    with caplog.at_level(logging.WARNING):
+        quantize_model(model, table)
+    assert "weight scale 0" not in caplog.text
+
+
 def test_layers_kept_fp32_on_purpose_do_not_warn(caplog):
     from int8conv.evaluation.mixed_precision import without_activations
 

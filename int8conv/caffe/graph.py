@@ -83,6 +83,18 @@ class Graph:
             raise ModelError(f"blob '{blob}' is not produced by any layer of network '{self.name}'")
         return found
 
+    def image_input(self, engine: str) -> str:
+        """The one input an FP32 engine feeds images to; a network with more (the ROIs of a ROIPooling, say) is a
+        ModelError naming the layers that read the others and the engine."""
+        if len(self.inputs) == 1:
+            return next(iter(self.inputs))
+        others = list(self.inputs)[1:]
+        readers = ", ".join(f"'{layer.name}' ({layer.type})" for v in others for layer in self.consumers(v))
+        raise ModelError(
+            f"network '{self.name}' has {len(self.inputs)} inputs ({', '.join(self.inputs)}); the {engine} engine "
+            f"feeds images to one, and {', '.join(others)} (read by {readers or 'no layer'}) would have no value"
+        )
+
     @property
     def outputs(self) -> list[str]:
         """Values no layer reads: the network's outputs."""

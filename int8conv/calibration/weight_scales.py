@@ -66,6 +66,12 @@ def weight_levels(layer: Layer, winograd_6bit: bool = True) -> int:
     return 127
 
 
+def dead_channels(absmax: np.ndarray) -> np.ndarray:
+    """Which channels (their |w| max per channel given) count as dead: at most DEAD_CHANNEL_RATIO of the max."""
+    absmax = np.asarray(absmax, dtype=np.float64)
+    return absmax <= absmax.max() * DEAD_CHANNEL_RATIO
+
+
 def layer_weight_scales(layer: Layer, winograd_6bit: bool = True) -> np.ndarray:
     """Scales ``levels / absmax`` per output channel (per group when grouped); 0 for a dead channel."""
     weight = layer.blobs[0]
@@ -75,7 +81,7 @@ def layer_weight_scales(layer: Layer, winograd_6bit: bool = True) -> np.ndarray:
     units = groups if groups > 1 else weight.shape[0]
     absmax = np.abs(weight.reshape(units, -1)).max(axis=1).astype(np.float64)
     levels = weight_levels(layer, winograd_6bit)
-    dead = absmax <= absmax.max() * DEAD_CHANNEL_RATIO
+    dead = dead_channels(absmax)
     scales = np.zeros(units, dtype=np.float64)
     scales[~dead] = levels / absmax[~dead]
     return scales.astype(np.float32)

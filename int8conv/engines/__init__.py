@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.layers import Decline, kind_of
 from int8conv.engines.caffe_engine import import_caffe  # sets GLOG_minloglevel before _caffe.so loads
 from int8conv.errors import BackendUnavailable, Int8ConvError, ModelError
 
@@ -45,12 +46,13 @@ def caffe_importable() -> bool:
     return True
 
 
-def caffe_obstacle(prototxt: str | Path) -> str | None:
+def caffe_obstacle(prototxt: str | Path, gpu: bool = False) -> str | None:
     """Why pycaffe cannot run this model (naming the layer), or None when it can.
 
     pycaffe aborts the whole process (a glog CHECK) on a layer type its registry lacks and on a prototxt its
     schema cannot read, so the prototxt is checked first with pycaffe's own schema, fork type names as spelled.
     The caffemodel needs no check: the caffe engine hands pycaffe its weights only (``reader.weights_only``).
+    A registered type the registry declines for pycaffe (PSROIPooling: no CPU forward) is an obstacle unless ``gpu``.
     """
     from google.protobuf import text_format
 
@@ -70,6 +72,10 @@ def caffe_obstacle(prototxt: str | Path) -> str | None:
             f"{prototxt}: layer '{missing[0].name}' has type '{missing[0].type}', which pycaffe's layer "
             f"registry does not have{more}"
         )
+    for layer in [] if gpu else net.layer:  # registered, yet it aborts the process on the CPU (PSROIPooling)
+        kind = kind_of(layer.type)
+        if kind is not None and isinstance(kind.caffe, Decline):
+            return f"{prototxt}: layer '{layer.name}' has type '{layer.type}': {kind.caffe.reason}"
     return None
 
 
@@ -114,7 +120,7 @@ def make_engine(
         return NcnnEngine(graph)
     if backend not in BACKENDS:
         raise Int8ConvError(f"--backend must be one of {', '.join(CALIBRATION_BACKENDS)}, not '{backend}'")
-    obstacle = caffe_obstacle(prototxt) if backend != "opencv" and caffe_importable() else None
+    obstacle = caffe_obstacle(prototxt, gpu is not None) if backend != "opencv" and caffe_importable() else None
     if backend == "auto":
         if not caffe_importable():
             backend, why = "opencv", "OpenCV DNN (pycaffe not importable)"

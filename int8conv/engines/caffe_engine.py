@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from int8conv.caffe.graph import Graph
+from int8conv.caffe.layers.detection import state_prior_box_clip
 from int8conv.caffe.reader import read_caffemodel, weights_only
 from int8conv.errors import BackendUnavailable, ModelError
 
@@ -58,6 +59,24 @@ def caffe_has_cuda(caffe: ModuleType) -> bool:
     return "libcudart" in linked
 
 
+def _with_ssd_defaults(prototxt: Path, directory: Path) -> Path:
+    """The prototxt, or a copy in ``directory`` read with pycaffe's own schema that states SSD Caffe's PriorBox
+    ``clip`` default (this fork's pycaffe defaults to true, SSD's and caffe2ncnn's is false)."""
+    from caffe.proto import caffe_pb2 as pycaffe_pb2
+    from google.protobuf import text_format
+
+    net = pycaffe_pb2.NetParameter()
+    try:
+        text_format.Parse(prototxt.read_text(encoding="utf-8"), net)
+    except (text_format.ParseError, UnicodeDecodeError):
+        return prototxt  # pycaffe reports it itself (caffe_obstacle checked the schema first)
+    if not state_prior_box_clip(net):
+        return prototxt
+    stated = directory / prototxt.name
+    stated.write_text(text_format.MessageToString(net), encoding="utf-8")
+    return stated
+
+
 class CaffeEngine:
     """Forward with pycaffe; returns any graph value, in-place intermediate versions included.
 
@@ -89,8 +108,9 @@ class CaffeEngine:
         with tempfile.TemporaryDirectory(prefix="int8conv-weights-") as tmp:
             weights = Path(tmp) / "weights.caffemodel"
             weights.write_bytes(weights_only(read_caffemodel(caffemodel)).SerializeToString())
+            net_file = _with_ssd_defaults(Path(prototxt), Path(tmp))
             try:
-                self._net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+                self._net = caffe.Net(str(net_file), caffe.TEST, weights=str(weights))
             except Exception as exc:  # noqa: BLE001 - pycaffe raises bare RuntimeError/ValueError
                 raise ModelError(f"{prototxt}: pycaffe cannot load this model with {caffemodel}: {exc}") from exc
         self._layer_index = {name: i for i, name in enumerate(self._net._layer_names)}
@@ -99,9 +119,7 @@ class CaffeEngine:
             raise ModelError(
                 f"{prototxt}: pycaffe's net has no layer(s) {', '.join(missing)}; the graph and the net disagree"
             )
-        if len(graph.inputs) != 1:
-            raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
-        self._input = next(iter(graph.inputs))
+        self._input = graph.image_input(self.name)
         # value -> index (in pycaffe's net) of the layer that wrote it: its blob holds it right after that layer
         self._producer = {top: self._layer_index[layer.name] for layer in graph.layers for top in layer.tops}
 

@@ -79,8 +79,7 @@ class NcnnEngine:
     images_per_forward = 1
 
     def __init__(self, graph: Graph, threads: int = 1) -> None:
-        if len(graph.inputs) != 1:
-            raise ModelError(f"network '{graph.name}' has {len(graph.inputs)} inputs; calibration supports one")
+        graph.image_input(self.name)
         self.graph, self.threads = graph, threads
         self._networks: dict[tuple[int, ...], _Network] = {}
         self._converting = threading.Lock()  # replicas share the networks: convert each size once

@@ -18,6 +18,7 @@ from google.protobuf import text_format
 
 from int8conv.caffe.graph import Graph
 from int8conv.caffe.layers.convolution import DEPTHWISE_FORK_TYPES
+from int8conv.caffe.layers.detection import state_prior_box_clip
 from int8conv.caffe.reader import read_prototxt
 from int8conv.errors import ModelError
 
@@ -64,7 +65,8 @@ def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
     """The prototxt text OpenCV should read, or None when the file can be read as it is.
 
     Depthwise fork types become ``Convolution`` with ``group = num_output`` (their prototxts may leave
-    ``group`` out); ``Upsample`` layers must have one bottom (the two-bottom unpooling variant is another layer).
+    ``group`` out); ``Upsample`` layers must have one bottom (the two-bottom unpooling variant is another layer);
+    a PriorBox without ``clip`` gets SSD Caffe's default stated (OpenCV's own default clips).
     """
     for layer in graph.layers:
         if layer.type == "Upsample" and len(layer.bottoms) != 1:
@@ -80,9 +82,11 @@ def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
             layer.type = "Convolution"
             if layer.convolution_param.group <= 1:
                 layer.convolution_param.group = layer.convolution_param.num_output
-    if not renamed:
+    stated = state_prior_box_clip(net)
+    if not renamed and not stated:
         return None
-    log.debug("OpenCV engine: depthwise fork layers run as Convolution: %s", ", ".join(renamed))
+    if renamed:
+        log.debug("OpenCV engine: depthwise fork layers run as Convolution: %s", ", ".join(renamed))
     return text_format.MessageToString(net)
 
 
@@ -145,10 +149,8 @@ class OpenCVEngine:
 
     def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:
         """Values produced by layers come from ``forwardAndRetrieve``; network inputs are returned as given."""
+        image = self.graph.image_input(self.name)
         net = self._net_for(batch.shape)
-        inputs = list(self.graph.inputs)
-        if len(inputs) != 1:
-            raise ModelError(f"network '{self.graph.name}' has {len(inputs)} inputs; calibration supports one")
         result: dict[str, np.ndarray] = {}
         wanted_layers: list[str] = []
         for value in values:
@@ -168,7 +170,7 @@ class OpenCVEngine:
         single = [name for name in wanted_layers if name not in multi]
         by_layer: dict[str, list] = {}
         for group in ([single] if single else []) + [[name] for name in sorted(multi)]:
-            net.setInput(np.ascontiguousarray(batch, dtype=np.float32), inputs[0])
+            net.setInput(np.ascontiguousarray(batch, dtype=np.float32), image)
             try:
                 by_layer.update(zip(group, net.forwardAndRetrieve(group), strict=True))
             except self._cv2.error as exc:

@@ -142,12 +142,15 @@ def _uncovered_layers(model: NcnnModel, table: CalibrationTable) -> list[str]:
 
 
 def _warn_dead_scales(layer: NcnnLayer, weight_scales: np.ndarray) -> None:
-    """A weight scale of 0 is meant for a dead channel; on a channel with weights it silences that channel."""
+    """A weight scale of 0 is meant for a dead channel (as ``weight_scales`` counts them: negligible weights);
+    on a live channel it silences that channel."""
+    from int8conv.calibration.weight_scales import dead_channels
+
     scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
     units = scale_units(layer)
     if scales.size != units or not np.any(scales == 0):
         return  # a size mismatch is _quantize_layer's error
-    live = np.abs(layer.weights[0].data.astype(np.float32).reshape(units, -1)).max(axis=1) > 0
+    live = ~dead_channels(np.abs(layer.weights[0].data.astype(np.float32).reshape(units, -1)).max(axis=1))
     wrong = np.flatnonzero((scales == 0) & live)
     if wrong.size:
         log.warning(

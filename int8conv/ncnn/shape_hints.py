@@ -26,7 +26,7 @@ from int8conv.ncnn.model import SHAPE_HINTS, NcnnModel, bin_bytes, param_text
 log = logging.getLogger(__name__)
 
 #: Layers whose top shape depends on the input values.
-DATA_DEPENDENT = {"DetectionOutput"}
+DATA_DEPENDENT = {"DetectionOutput", "YoloDetectionOutput", "Yolov3DetectionOutput"}
 
 
 def has_shape_hints(model: NcnnModel) -> bool:

@@ -17,6 +17,7 @@ from int8conv.caffe.layers import (  # noqa: F401  (each module registers its ki
     pooling,
     recurrent,
     resize,
+    roi,
     tensor,
 )
 from int8conv.caffe.layers.base import REGISTRY, Decline, LayerKind, declined

@@ -1,4 +1,4 @@
-"""Detection layers: SSD's PriorBox and DetectionOutput, the YOLO outputs and the ROI poolings."""
+"""Detection layers: SSD's PriorBox and DetectionOutput, and the YOLO detection outputs of MobileNet-YOLO."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def prior_box_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 def detection_output_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     keep = layer.param.detection_output_param.keep_top_k
     return [(1, 1, keep if keep > 0 else -1, 7)]
+
+
+def yolo_output_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """MobileNet-YOLO's Caffe layers write (1, 1, detections, 7); how many depends on the data."""
+    return [(1, 1, -1, 7)]
 
 
 def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
@@ -78,6 +83,18 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return [NcnnLayer("PriorBox", layer.name, layer.bottoms, layer.tops, params)]
 
 
+def state_prior_box_clip(net) -> list[str]:
+    """Write SSD Caffe's ``clip`` default (false: weiliu89/caffe's ssd branch since 2016, as caffe2ncnn reads it)
+    into every PriorBox of ``net`` (a NetParameter of any Caffe schema) that leaves it out; OpenCV and the
+    brocolli-caffe pycaffe keep SSD's first default, true. Returns the layers it changed."""
+    stated = []
+    for layer in net.layer:
+        if layer.type == "PriorBox" and not layer.prior_box_param.HasField("clip"):
+            layer.prior_box_param.clip = False
+            stated.append(layer.name)
+    return stated
+
+
 def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.detection_output_param
     nms = p.nms_param
@@ -106,6 +123,85 @@ def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return [NcnnLayer("DetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
 
 
+def _yolo_checks(layer: Layer, ctx, num_classes: int, num_box: int, biases: int) -> None:
+    """Each bottom holds num_box boxes of (x, y, w, h, objectness, classes); anchors come as (w, h) pairs."""
+    for bottom in layer.bottoms:
+        channels = ctx.shape(layer, bottom)[1]
+        if channels != num_box * (5 + num_classes):
+            raise ModelError(
+                f"layer '{layer.name}' ({layer.type}): bottom '{bottom}' has {channels} channels, not "
+                f"num_box * (5 + num_classes) = {num_box * (5 + num_classes)}"
+            )
+    if biases < 2 * num_box:
+        raise ModelError(f"layer '{layer.name}' ({layer.type}): {biases} biases for {num_box} anchor boxes")
+
+
+def yolo_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    """caffe2ncnn's parameters: 0=num_classes 1=num_box 2=confidence_threshold 3=nms_threshold 4=biases."""
+    p = layer.param.yolo_detection_output_param
+    _yolo_checks(layer, ctx, int(p.num_classes), int(p.num_box), len(p.biases))
+    params: dict[int, ParamValue] = {
+        0: int(p.num_classes),
+        1: int(p.num_box),
+        2: float(p.confidence_threshold),
+        3: float(p.nms_threshold),
+        4: [float(v) for v in p.biases],
+    }
+    return [NcnnLayer("YoloDetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
+
+
+def _yolov3_scored(layer: Layer, index: int, bottom: str, num_classes: int, num_box: int) -> list[NcnnLayer]:
+    """ncnn's Yolov3DetectionOutput scores a cell 1 / (1 + e^-obj (1 + e^-cls)) where Caffe (and darknet) have
+    sigmoid(obj) * sigmoid(cls) = 1 / (1 + e^-obj + e^-cls + e^-obj e^-cls). Lowering every class logit by
+    softplus(obj) = log(1 + e^obj) makes ncnn's formula give Caffe's score, and keeps each cell's best class."""
+    base, name = f"{bottom}_{layer.name}", f"{layer.name}_{index}"
+    parts = [f"{base}_{a}_{tag}" for a in range(num_box) for tag in ("xywh", "obj", "cls")]
+    layers = [NcnnLayer("Slice", f"{name}_slice", [bottom], parts, {0: [4, 1, num_classes] * num_box, 1: 0})]
+    joined = []
+    for a in range(num_box):
+        xywh, obj, cls = parts[3 * a : 3 * a + 3]
+        softplus, shifted = f"{base}_{a}_softplus", f"{base}_{a}_shifted"
+        layers.append(NcnnLayer("Softplus", f"{name}_{a}_softplus", [obj], [softplus], {}))
+        layers.append(NcnnLayer("BinaryOp", f"{name}_{a}_shift", [cls, softplus], [shifted], {0: 1}))  # cls - sp
+        joined += [xywh, obj, shifted]
+    layers.append(NcnnLayer("Concat", f"{name}_join", joined, [f"{base}_scored"], {0: 0}))
+    return layers
+
+
+def yolov3_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    """caffe2ncnn's parameters (0=num_classes 1=num_box 2=confidence_threshold 3=nms_threshold 4=biases 5=mask
+    6=anchors_scale 7=mask_group_num), on inputs whose class logits are corrected (``_yolov3_scored``)."""
+    p = layer.param.yolov3_detection_output_param
+    num_classes, num_box = int(p.num_classes), int(p.num_box)
+    _yolo_checks(layer, ctx, num_classes, num_box, len(p.biases))
+    bottoms = len(layer.bottoms)
+    if p.mask_group_num != bottoms or len(p.mask) != num_box * bottoms or len(p.anchors_scale) < bottoms:
+        # Caffe checks mask_group_num == bottoms and offsets the mask by len(mask) / mask_group_num per bottom,
+        # ncnn by num_box: they agree when each bottom has num_box mask entries
+        raise ModelError(
+            f"layer '{layer.name}' (Yolov3DetectionOutput): {bottoms} bottoms need mask_group_num {bottoms}, "
+            f"{num_box * bottoms} mask entries and {bottoms} anchors_scale entries (it has {p.mask_group_num}, "
+            f"{len(p.mask)}, {len(p.anchors_scale)})"
+        )
+    if max(p.mask) >= len(p.biases) // 2:
+        raise ModelError(f"layer '{layer.name}' (Yolov3DetectionOutput): mask {max(p.mask)} has no bias pair")
+    layers: list[NcnnLayer] = []
+    for index, bottom in enumerate(layer.bottoms):
+        layers += _yolov3_scored(layer, index, bottom, num_classes, num_box)
+    params: dict[int, ParamValue] = {
+        0: num_classes,
+        1: num_box,
+        2: float(p.confidence_threshold),
+        3: float(p.nms_threshold),
+        4: [float(v) for v in p.biases],
+        5: [float(v) for v in p.mask],
+        6: [float(v) for v in p.anchors_scale],
+        7: int(p.mask_group_num),
+    }
+    scored = [f"{b}_{layer.name}_scored" for b in layer.bottoms]
+    return layers + [NcnnLayer("Yolov3DetectionOutput", layer.name, scored, layer.tops, params)]
+
+
 def prior_box_onnx(b, layer: Layer) -> None:
     """PriorBox depends only on shapes: a constant computed on the host."""
     from int8conv.tensorrt.ssd_host import prior_boxes
@@ -119,7 +215,6 @@ _HOST_DECODED = (
     "NMS-based post-processing has no opset-17 mapping TensorRT runs; the export stops at its inputs "
     "and the host decodes them"
 )
-_NOT_WRITTEN = "not written yet in int8conv (no test model uses it)"
 register(
     LayerKind(
         "PriorBox",
@@ -141,11 +236,33 @@ register(
         notes="ncnn: share_location, background 0, CENTER_SIZE, plain NMS only",
     )
 )
-_NOT_WRITTEN_NCNN = Decline(_NOT_WRITTEN)
-_FORK = Decline("a Caffe-fork layer: BVLC pycaffe has none")
-_UNCHECKED = Decline("not checked: int8conv has no emitter for it")
-for _name in ("YoloDetectionOutput", "Yolov3DetectionOutput"):
-    register(LayerKind(_name, FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_HOST_DECODED), caffe=_FORK, opencv=_UNCHECKED))
-for _name in ("ROIPooling", "ROIAlign"):
-    register(LayerKind(_name, FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_NOT_WRITTEN), caffe=_FORK, opencv=_UNCHECKED))
-register(LayerKind("PSROIPooling", FAMILY, None, _NOT_WRITTEN_NCNN, Decline(_NOT_WRITTEN), opencv=_UNCHECKED))
+_YOLO_ONNX = Decline(
+    "NMS-based post-processing has no opset-17 mapping TensorRT runs; export the network without it and decode "
+    "its inputs on the host (int8conv.evaluation.host_decoders has darknet's YOLO heads)"
+)
+_YOLO_FORK = Decline("a Caffe-fork layer (MobileNet-YOLO's): the BVLC-based pycaffe has none")
+_YOLO_OPENCV = Decline("OpenCV's Caffe importer has no YOLO detection output layers")
+register(
+    LayerKind(
+        "YoloDetectionOutput",
+        FAMILY,
+        yolo_output_shape,
+        yolo_ncnn,
+        _YOLO_ONNX,
+        caffe=_YOLO_FORK,
+        opencv=_YOLO_OPENCV,
+        notes="ncnn: rows [label, score, x1, y1, x2, y2] (Caffe's without the image id)",
+    )
+)
+register(
+    LayerKind(
+        "Yolov3DetectionOutput",
+        FAMILY,
+        yolo_output_shape,
+        yolov3_ncnn,
+        _YOLO_ONNX,
+        caffe=_YOLO_FORK,
+        opencv=_YOLO_OPENCV,
+        notes="ncnn: class logits shifted by softplus(objectness) so ncnn's score is sigmoid(obj) * sigmoid(class)",
+    )
+)
