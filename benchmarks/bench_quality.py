@@ -244,6 +244,8 @@ def score(cell: Cell) -> tuple[float, float]:
     m = cell.metric
     if m["task"] == "classifier":
         return (round(m["top1_agreement"] or 0.0, 6), round(m["cosine"], 4))
+    if m["task"] == "segmentation":
+        return (round(m["map_iou"], 6), round(m["cosine"], 4))
     low, high = sorted((m["precision"], m["recall"]))
     return (round(low, 6), round(high, 6))
 
@@ -255,6 +257,8 @@ def meets_targets(cell: Cell) -> bool:
     m = cell.metric
     if m["task"] == "classifier":
         return (m["top1_agreement"] is None or m["top1_agreement"] >= 0.99) and m["cosine"] >= 0.995
+    if m["task"] == "segmentation":  # issue 11 sets no target for maps
+        return False
     return min(m["precision"], m["recall"]) >= 0.97
 
 
@@ -275,6 +279,8 @@ def cell_text(cell: Cell) -> str:
     if m["task"] == "classifier":
         agreement = "-" if m["top1_agreement"] is None else f"{m['top1_agreement']:.3f}"
         return f"{agreement}/{m['cosine']:.4f} {cell.seconds:5.1f}s"
+    if m["task"] == "segmentation":
+        return f"IoU {m['map_iou']:.3f}/{m['cosine']:.3f} {cell.seconds:5.1f}s"
     return f"{m['precision']:.3f}/{m['recall']:.3f} {cell.seconds:5.1f}s"
 
 
@@ -317,7 +323,8 @@ def main() -> None:
     if results:
         count = wins(results, args.methods)
         met = {m: sum(meets_targets(cells[m]) for cells in results.values()) for m in args.methods}
-        print(f"{'targets met':<16}" + "".join(f"{met[m]:>{width}}" for m in args.methods))
+        targeted = sum(cells[args.methods[0]].metric.get("task") != "segmentation" for cells in results.values())
+        print(f"{f'targets met /{targeted}':<16}" + "".join(f"{met[m]:>{width}}" for m in args.methods))
         print(f"{'best on':<16}" + "".join(f"{count[m]:>{width}}" for m in args.methods))
         if "kl" in args.methods:
             total = {m: sum(cells[m].seconds for cells in results.values()) for m in args.methods}
