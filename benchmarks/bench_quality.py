@@ -115,7 +115,7 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
             update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
         else:
             update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
-    return {"task": task, **metric.summary(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
+    return {"task": task, **metric.summary().as_dict(), "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 
 def table_for(method: str, graph, stats, calib_inputs) -> tuple:

@@ -46,14 +46,15 @@ from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, sear
 from int8conv.calibration.thresholds import DEFAULT_METHOD
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
-from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
 from int8conv.evaluation.fp32_search import Fp32Choice
 from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
 from int8conv.evaluation.report import layer_reports, write_report
+from int8conv.evaluation.results import ArmReport, EvalReport
 from int8conv.evaluation.speed import (
     LayerTiming,
     SpeedChoice,
-    add_layer_times,
+    layer_times,
     load_layer_timings,
     optimize_speed,
     save_layer_timings,
@@ -639,7 +640,7 @@ def evaluate_ncnn(
     options: EvalOptions,
     graph: Graph | None = None,
     arm: ArmOptions | None = None,
-) -> dict:
+) -> EvalReport | ArmReport:
     """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images.
 
     With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
@@ -669,7 +670,7 @@ def evaluate_ncnn(
     )
     found = evaluate(config) if arm is None else evaluate_arm(config, arm)
     if options.layer_times:
-        add_layer_times(found, files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
+        found.layer_ms = layer_times(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
     return found
 
 
@@ -681,10 +682,10 @@ def report(
     out_dir: Path,
     table: Path | None = None,
     fp16_storage: bool = True,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EvalReport]:
     """Calibrate (or read ``table``), build and evaluate the ncnn pair, and write the HTML page with its plots.
 
-    Returns the page and the evaluation report (``eval``'s dict).
+    Returns the page and the evaluation report (``eval``'s).
     """
     with output_set() as outputs:  # the folder's table, models, page and figures land together, or none of them
         return _report(model, prep, options, evaluation, out_dir, table, fp16_storage, outputs)
@@ -699,7 +700,7 @@ def _report(
     table: Path | None,
     fp16_storage: bool,
     outputs: OutputSet,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EvalReport]:
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)
@@ -716,11 +717,11 @@ def _report(
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
-    found["model"], found["int8_model"] = str(paths["fp32_param"]), str(paths["int8_param"])
+    found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])
     layers = layer_reports(graph, stats, tbl, found, deploy)
     intro = html.escape(
         f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
-        f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "
+        f"{stats.images_used} calibration image(s); evaluation on {found.images} image(s) "
         f"from {evaluation.images}."
     )
-    return write_report(out_dir, model.stem, layers, finite_json(found), format_report(found), intro), found
+    return write_report(out_dir, model.stem, layers, found, format_report(found), intro), found

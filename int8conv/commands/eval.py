@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from int8conv.commands.common import (
 )
 from int8conv.engines import BACKENDS
 from int8conv.errors import Int8ConvError
-from int8conv.evaluation.evaluate import finite_json, format_report
+from int8conv.evaluation.evaluate import format_report
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table
@@ -152,15 +151,14 @@ def run(args: argparse.Namespace) -> int:
             arm=arm,
         )
     if args.table is not None:
-        report["int8_model"] = f"quantized from {args.table}" + (
+        report.int8_model = f"quantized from {args.table}" + (
             f" with --auto-fp32 {args.auto_fp32}" if args.auto_fp32 is not None else ""
         )
     if args.json == "-":
-        json.dump(finite_json(report), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(report.to_json() + "\n")
         return 0
     if args.json:
-        write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
+        write_text_atomic(args.json, report.to_json() + "\n")
     # the report is what eval is run for: -q silences the log, not the result
     print(format_report(report) if arm is None else format_arm_report(report))
     return 0
