@@ -28,7 +28,6 @@ import onnx
 from int8conv.arm.evaluate import evaluate_arm
 from int8conv.arm.runtime import ArmOptions
 from int8conv.atomic import OutputSet, output_set, write_bytes_atomic, write_text_atomic
-from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, load_graph
 from int8conv.caffe.shapes import check_input_size
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
@@ -458,9 +457,10 @@ def build_ncnn(
     auto: AutoFp32Options | None = None,
     fp16_storage: bool = True,
     result: CalibrationResult | None = None,
+    graph: Graph | None = None,
 ) -> NcnnBuild:
     """Calibrate (unless ``result`` is given), convert to ncnn FP32, optionally choose FP32 layers, quantize."""
-    graph = model.load()
+    graph = graph if graph is not None else model.load()
     result = result if result is not None else calibrate(model, prep, options, graph)
     fp32 = convert_graph(graph)
     table, mixed = result.table, None
@@ -707,12 +707,12 @@ def _report(
     paths = ncnn_paths(out_dir, model.stem)
     if table is None:
         result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
-        build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result)
+        build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result, graph=graph)
         write_ncnn_build(build, out_dir, model.stem)
         tbl, deploy = build.table, result.deploy
         source = f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, deploy, source = read_ncnn_table(table), fold_batchnorm_scale(graph), f"table {table}"
+        tbl, deploy, source = read_ncnn_table(table), graph.folded(), f"table {table}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet

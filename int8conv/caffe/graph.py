@@ -50,6 +50,20 @@ class Graph:
     layers: list[Layer]
     blob_names: dict[str, str]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _folded: Graph | None = field(default=None, init=False, repr=False, compare=False)
+
+    def folded(self) -> Graph:
+        """The deploy graph: BatchNorm/Scale folded into the convolutions before them (``caffe.fold``).
+
+        Computed once per graph, so calibration, the ncnn converter, the ONNX export and the report of one run
+        read the same folded layers instead of folding again each.
+        """
+        if self._folded is None:
+            from int8conv.caffe.fold import fold_batchnorm_scale  # fold reads the layer registry, which reads Graph
+
+            self._folded = fold_batchnorm_scale(self)
+            self._folded._folded = self._folded  # folding a folded graph changes nothing
+        return self._folded
 
     def layer(self, name: str) -> Layer:
         """The layer called ``name``; a missing one is an error that names it."""
