@@ -113,27 +113,12 @@ class PreprocessOptions:
     @classmethod
     def like(cls, prep: Preprocess) -> PreprocessOptions:
         """The options that give ``prep`` on its model (the size is left to the model's input)."""
-        return cls(
-            mean=prep.mean,
-            norm=prep.norm,
-            std=prep.std,
-            resize=prep.resize,
-            color=prep.color,
-            swap_hw=prep.swap_hw,
-            letterbox=prep.letterbox,
-        )
+        return cls(**{**dataclasses.asdict(prep), "size": None})
 
     def with_size(self, size: tuple[int, int]) -> Preprocess:
-        return Preprocess(
-            size=self.size or size,
-            mean=tuple(self.mean),
-            norm=self.norm,
-            std=tuple(self.std),
-            color=self.color,
-            resize=self.resize,
-            swap_hw=self.swap_hw,
-            letterbox=self.letterbox,
-        )
+        """The ``Preprocess`` of these options (their fields are its fields) at ``size`` unless one is set."""
+        fields = dataclasses.asdict(self)
+        return Preprocess(**{**fields, "size": self.size or size, "mean": tuple(self.mean), "std": tuple(self.std)})
 
     def for_graph(self, graph: Graph, source: Path) -> Preprocess:
         """The ``Preprocess`` of a Caffe graph: its input's NCHW shape gives the size and checks the channels."""
@@ -290,23 +275,14 @@ def table_from_statistics(
 ) -> CalibrationResult:
     """The table of ``options.method``; the output-aware search (eq) and the selection (auto) also run the model
     on the images (auto: on some of the calibration images)."""
-    if options.method == AUTO_METHOD:
-        if options.bias_correction:
-            raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
-        if options.images is None or prep is None:
-            log.warning(
-                "--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK
-            )
-            return build_table(
-                graph,
-                stats,
-                AUTO_FALLBACK,
-                percentile=options.percentile,
-                winograd_6bit=not options.weights_8bit,
-                head_method=options.head_method,
-            )
-        name = next(iter(graph.inputs))
-        validation = [feed[name] for feed in network_inputs(validation_images(calibration_images(options)), prep, name)]
+    if options.bias_correction and options.method not in SEARCH_METHODS:
+        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
+    method = options.method
+    if method == AUTO_METHOD and (options.images is None or prep is None):
+        log.warning("--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK)
+        method = AUTO_FALLBACK
+    if method == AUTO_METHOD:
+        validation = _image_inputs(graph, validation_images(calibration_images(options)), prep)
         return calibrate_auto(
             graph,
             stats,
@@ -315,33 +291,34 @@ def table_from_statistics(
             head_method=options.head_method,
             percentile=options.percentile,
         )
-    if options.method in SEARCH_METHODS:
+    if method in SEARCH_METHODS:
         if options.images is None or prep is None:
             raise Int8ConvError(
                 "--method eq runs the model on calibration images: give them with --images "
                 "(saved statistics alone are not enough)"
             )
-        paths = calibration_images(options)
-        name = next(iter(graph.inputs))
-        inputs = [feed[name] for feed in network_inputs(search_images(paths), prep, name)]
         return calibrate_eq(
             graph,
             stats,
-            inputs,
+            _image_inputs(graph, search_images(calibration_images(options)), prep),
             winograd_6bit=not options.weights_8bit,
             head_method=options.head_method,
             bias_correction=options.bias_correction,
         )
-    if options.bias_correction:
-        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
     return build_table(
         graph,
         stats,
-        options.method,
+        method,
         percentile=options.percentile,
         winograd_6bit=not options.weights_8bit,
         head_method=options.head_method,
     )
+
+
+def _image_inputs(graph: Graph, paths: Sequence[Path], prep: Preprocess) -> list[np.ndarray]:
+    """The CHW inputs of ``graph``'s first input from the readable ones of ``paths``."""
+    name = next(iter(graph.inputs))
+    return [feed[name] for feed in network_inputs(paths, prep, name)]
 
 
 def calibrate(
