@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int8conv.tables.ncnn_table import read_ncnn_table  # noqa: E402
+from int8conv.zoo import MODELS, cli_flags  # noqa: E402
 
 #: runs the CLI in the child, then prints the child's own peak RSS (KiB) as the last stdout line
 PEAK_WRAPPER = (
@@ -37,20 +38,8 @@ PEAK_WRAPPER = (
     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
 )
 
-MODELS = {
-    "res10_ssd": (
-        "res10_300x300_ssd",
-        "deploy.prototxt",
-        "res10_300x300_ssd_iter_140000.caffemodel",
-        ["--mean", "104", "177", "123"],
-    ),
-    "open_nsfw": (
-        "open_nsfw_resnet50_1by2",
-        "deploy.prototxt",
-        "resnet_50_1by2_nsfw.caffemodel",
-        ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
-    ),
-}
+#: the zoo models timed (``int8conv.zoo``): an SSD detector and a ResNet-50 classifier
+BENCHMARKED = ("open_nsfw", "res10")
 #: (label, calibrate flags): today's engine first (the reference of the ratios), the default last
 CONFIGS = [
     ("opencv", ["--backend", "opencv"]),
@@ -69,27 +58,11 @@ def caffe_importable() -> bool:
 
 def run_once(shared: Path, key: str, images: int, flags: list[str], table: Path) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MiB) of one calibration subprocess."""
-    folder, proto, model, prep = MODELS[key]
-    base = shared / "models" / folder
-    cmd = [
-        sys.executable,
-        "-c",
-        PEAK_WRAPPER,
-        "-q",
-        "calibrate",
-        *flags,
-        "--proto",
-        str(base / proto),
-        "--model",
-        str(base / model),
-        *prep,
-        "--images",
-        str(shared / "images" / "imagenet_samples_200"),
-        "--max-images",
-        str(images),
-        "--output",
-        str(table),
-    ]
+    spec = MODELS[key]
+    proto, model = spec.paths(shared)
+    cmd = [sys.executable, "-c", PEAK_WRAPPER, "-q", "calibrate", *flags, "--proto", str(proto), "--model", str(model)]
+    cmd += [*cli_flags(spec.prep), "--images", str(shared / "images" / "imagenet_samples_200")]
+    cmd += ["--max-images", str(images), "--output", str(table)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
@@ -109,7 +82,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(BENCHMARKED))
     args = parser.parse_args()
     configs = [c for c in CONFIGS if c[0] != "caffe (pycaffe)" or caffe_importable()]
     print(f"{os.cpu_count()} logical cores; {args.images} images; medians of {args.repeats} interleaved runs")

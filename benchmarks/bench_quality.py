@@ -142,7 +142,7 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
                 update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
         else:
             update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
-    summary = metric.summary() if task != "classifier" or top1 is not None else {"top1_agreement": None}
+    summary = metric.summary().as_dict() if task != "classifier" or top1 is not None else {"top1_agreement": None}
     return {"task": task, **summary, "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 

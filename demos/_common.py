@@ -15,7 +15,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from int8conv import pipeline  # noqa: E402
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
-from int8conv.calibration.preprocess import list_images  # noqa: E402
+from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
+from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
@@ -71,6 +72,30 @@ def load_names(spec: str | None) -> list[str] | None:
     return [name.strip() for name in spec.split(",")]
 
 
+def demo_parser(
+    doc: str,
+    presets: Mapping[str, dict],
+    default: str,
+    kind: str,
+    helps: tuple[str, str],
+    model_flags: Callable[[argparse._ArgumentGroup], None],
+) -> argparse.ArgumentParser:
+    """The flags both demos take: the images (``helps[0]``), the output folder, a preset (``helps[1]``) or your own
+    ``kind`` of model (``model_flags`` adds the demo's own flags to that group), preprocessing, the build, -v."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, required=True, help=helps[0])
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the PNGs and cached models go")
+    model = parser.add_argument_group(f"model (default: the {default} preset)")
+    model.add_argument("--model-name", choices=sorted(presets), default=default, help=helps[1])
+    model.add_argument("--proto", type=Path, help=f"deploy prototxt of your own {kind} (with --model)")
+    model.add_argument("--model", type=Path, help="its caffemodel")
+    model_flags(model)
+    add_preprocess_args(parser)
+    add_build_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
 def add_build_args(parser: argparse.ArgumentParser) -> None:
     """Calibration and caching options shared by the demos."""
     group = parser.add_argument_group("INT8 model (built once, cached in OUT/models)")
@@ -81,12 +106,7 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-calib-images", type=int, default=0, help="use at most this many (0 = all)")
     group.add_argument("--method", default="kl", help="activation threshold method (default kl)")
-    group.add_argument(
-        "--auto-fp32",
-        type=float,
-        metavar="COSINE",
-        help="keep the most sensitive layers in FP32 until the output cosine reaches COSINE",
-    )
+    add_auto_fp32_arg(group, "keep the most sensitive layers in FP32 until the output cosine reaches COSINE")
     group.add_argument("--backend", default="auto", help="FP32 engine for calibration: auto, ncnn, opencv or caffe")
     group.add_argument("--rebuild", action="store_true", help="ignore cached models and build them again")
     run = parser.add_argument_group("running")
@@ -161,6 +181,17 @@ class SideBySide:
         self.int8 = NcnnRunner(pair.int8_param, pair.int8_bin, int8=True, threads=threads)
         self.runs = max(1, runs)
         self.input_name = self.fp32.input_names[0]
+
+    def each(
+        self, images: Sequence[Path], prep: Preprocess
+    ) -> Iterator[tuple[Path, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], float, float]]:
+        """(path, image, FP32 outputs, INT8 outputs, FP32 ms, INT8 ms) of each readable image; others are skipped."""
+        for path in images:
+            image = read_image(path)
+            if image is None:
+                log.warning("skipping %s: not a readable image", path)
+                continue
+            yield (path, image, *self.run(prep.apply(image)))
 
     def run(self, data: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]:
         """Outputs of both nets and their median ms over ``runs`` passes (after one untimed pass each).

@@ -18,13 +18,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from _common import SideBySide, add_build_args, build_models, finish, load_names, parse_with_preset, run_main
+from _common import SideBySide, build_models, demo_parser, finish, load_names, parse_with_preset, run_main
 
 from int8conv.atomic import atomic_write
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.preprocess import list_images, read_image
+from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
-from int8conv.commands.common import add_preprocess_args, preprocess_options
+from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError
 from int8conv.zoo import shared_dir, write_digit_cells
 
@@ -54,25 +54,17 @@ PRESETS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, required=True, help="images to classify (directory or list file)")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where the PNGs and cached models go")
-    model = parser.add_argument_group("model (default: the open_nsfw preset)")
-    model.add_argument(
-        "--model-name",
-        choices=sorted(PRESETS),
-        default="open_nsfw",
-        help="a shared model with its preprocessing, labels and calibration images",
-    )
-    model.add_argument("--proto", type=Path, help="deploy prototxt of your own classifier (with --model)")
-    model.add_argument("--model", type=Path, help="its caffemodel")
+def _model_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--labels", help="class names: a file with one per line, or a comma-separated list")
     model.add_argument("--top-k", type=int, default=5, help="classes shown per model (default 5)")
-    add_preprocess_args(parser)
-    add_build_args(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    helps = (
+        "images to classify (directory or list file)",
+        "a shared model with its preprocessing, labels and calibration images",
+    )
+    return demo_parser(__doc__, PRESETS, "open_nsfw", "classifier", helps, _model_flags)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
         + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else "")
     )
-    for path in images:
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            continue
-        out_fp32, out_int8, t_fp32, t_int8 = nets.run(prep.apply(image))
+    for path, image, out_fp32, out_int8, t_fp32, t_int8 in nets.each(images, prep):
         p_fp32, p_int8 = out_fp32[output].reshape(-1), out_int8[output].reshape(-1)
         if names is None or len(names) != p_fp32.size:
             if names is not None:

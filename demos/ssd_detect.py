@@ -25,22 +25,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import (
-    VOC_CLASSES,
-    SideBySide,
-    add_build_args,
-    build_models,
-    finish,
-    load_names,
-    parse_with_preset,
-    run_main,
-)
+from _common import VOC_CLASSES, SideBySide, build_models, demo_parser, finish, load_names, parse_with_preset, run_main
 
 from int8conv.atomic import write_bytes_atomic
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.preprocess import list_images, read_image
+from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
-from int8conv.commands.common import add_preprocess_args, preprocess_options
+from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.evaluate import detect_task, score_threshold
@@ -96,19 +87,7 @@ CALIB_FOLDER = "images/faces"
 COLORS = {"FP32": (200, 120, 30), "INT8": (30, 110, 230)}  # BGR
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, required=True, help="images to run (directory or list file)")
-    parser.add_argument("--out-dir", type=Path, required=True, help="where the PNGs and cached models go")
-    model = parser.add_argument_group("model (default: the res10 preset)")
-    model.add_argument(
-        "--model-name",
-        choices=sorted(PRESETS),
-        default="res10",
-        help="a shared detector with its preprocessing (and decoding)",
-    )
-    model.add_argument("--proto", type=Path, help="deploy prototxt of your own detector (with --model)")
-    model.add_argument("--model", type=Path, help="its caffemodel")
+def _model_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument(
         "--classes",
         help="class names, background first: a file with one per line, or a "
@@ -126,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="boxes drawn above this score (default: 0.8 for retinaface, else 0.5)",
     )
-    add_preprocess_args(parser)
-    add_build_args(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    helps = ("images to run (directory or list file)", "a shared detector with its preprocessing (and decoding)")
+    return demo_parser(__doc__, PRESETS, "res10", "detector", helps, _model_flags)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -253,12 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tally = MatchTally()
     ms_fp32, ms_int8 = [], []
-    for path in images:
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            continue
-        out_fp32, out_int8, t_fp32, t_int8 = nets.run(prep.apply(image))
+    for path, image, out_fp32, out_int8, t_fp32, t_int8 in nets.each(images, prep):
         det_fp32, det_int8 = (in_image(decode(out), prep, image) for out in (out_fp32, out_int8))
         before = tally.matched
         tally.add(det_fp32, det_int8)

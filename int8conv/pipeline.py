@@ -28,7 +28,6 @@ import onnx
 from int8conv.arm.evaluate import evaluate_arm
 from int8conv.arm.runtime import ArmOptions
 from int8conv.atomic import OutputSet, output_set, write_bytes_atomic, write_text_atomic
-from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, load_graph
 from int8conv.caffe.shapes import check_input_size
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
@@ -46,14 +45,15 @@ from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, sear
 from int8conv.calibration.thresholds import DEFAULT_METHOD
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
-from int8conv.evaluation.evaluate import EvalConfig, evaluate, finite_json, format_report
+from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
 from int8conv.evaluation.fp32_search import Fp32Choice
 from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
 from int8conv.evaluation.report import layer_reports, write_report
+from int8conv.evaluation.results import ArmReport, EvalReport
 from int8conv.evaluation.speed import (
     LayerTiming,
     SpeedChoice,
-    add_layer_times,
+    layer_times,
     load_layer_timings,
     optimize_speed,
     save_layer_timings,
@@ -113,27 +113,12 @@ class PreprocessOptions:
     @classmethod
     def like(cls, prep: Preprocess) -> PreprocessOptions:
         """The options that give ``prep`` on its model (the size is left to the model's input)."""
-        return cls(
-            mean=prep.mean,
-            norm=prep.norm,
-            std=prep.std,
-            resize=prep.resize,
-            color=prep.color,
-            swap_hw=prep.swap_hw,
-            letterbox=prep.letterbox,
-        )
+        return cls(**{**dataclasses.asdict(prep), "size": None})
 
     def with_size(self, size: tuple[int, int]) -> Preprocess:
-        return Preprocess(
-            size=self.size or size,
-            mean=tuple(self.mean),
-            norm=self.norm,
-            std=tuple(self.std),
-            color=self.color,
-            resize=self.resize,
-            swap_hw=self.swap_hw,
-            letterbox=self.letterbox,
-        )
+        """The ``Preprocess`` of these options (their fields are its fields) at ``size`` unless one is set."""
+        fields = dataclasses.asdict(self)
+        return Preprocess(**{**fields, "size": self.size or size, "mean": tuple(self.mean), "std": tuple(self.std)})
 
     def for_graph(self, graph: Graph, source: Path) -> Preprocess:
         """The ``Preprocess`` of a Caffe graph: its input's NCHW shape gives the size and checks the channels."""
@@ -290,23 +275,14 @@ def table_from_statistics(
 ) -> CalibrationResult:
     """The table of ``options.method``; the output-aware search (eq) and the selection (auto) also run the model
     on the images (auto: on some of the calibration images)."""
-    if options.method == AUTO_METHOD:
-        if options.bias_correction:
-            raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
-        if options.images is None or prep is None:
-            log.warning(
-                "--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK
-            )
-            return build_table(
-                graph,
-                stats,
-                AUTO_FALLBACK,
-                percentile=options.percentile,
-                winograd_6bit=not options.weights_8bit,
-                head_method=options.head_method,
-            )
-        name = next(iter(graph.inputs))
-        validation = [feed[name] for feed in network_inputs(validation_images(calibration_images(options)), prep, name)]
+    if options.bias_correction and options.method not in SEARCH_METHODS:
+        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
+    method = options.method
+    if method == AUTO_METHOD and (options.images is None or prep is None):
+        log.warning("--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK)
+        method = AUTO_FALLBACK
+    if method == AUTO_METHOD:
+        validation = _image_inputs(graph, validation_images(calibration_images(options)), prep)
         return calibrate_auto(
             graph,
             stats,
@@ -315,33 +291,34 @@ def table_from_statistics(
             head_method=options.head_method,
             percentile=options.percentile,
         )
-    if options.method in SEARCH_METHODS:
+    if method in SEARCH_METHODS:
         if options.images is None or prep is None:
             raise Int8ConvError(
                 "--method eq runs the model on calibration images: give them with --images "
                 "(saved statistics alone are not enough)"
             )
-        paths = calibration_images(options)
-        name = next(iter(graph.inputs))
-        inputs = [feed[name] for feed in network_inputs(search_images(paths), prep, name)]
         return calibrate_eq(
             graph,
             stats,
-            inputs,
+            _image_inputs(graph, search_images(calibration_images(options)), prep),
             winograd_6bit=not options.weights_8bit,
             head_method=options.head_method,
             bias_correction=options.bias_correction,
         )
-    if options.bias_correction:
-        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
     return build_table(
         graph,
         stats,
-        options.method,
+        method,
         percentile=options.percentile,
         winograd_6bit=not options.weights_8bit,
         head_method=options.head_method,
     )
+
+
+def _image_inputs(graph: Graph, paths: Sequence[Path], prep: Preprocess) -> list[np.ndarray]:
+    """The CHW inputs of ``graph``'s first input from the readable ones of ``paths``."""
+    name = next(iter(graph.inputs))
+    return [feed[name] for feed in network_inputs(paths, prep, name)]
 
 
 def calibrate(
@@ -457,9 +434,10 @@ def build_ncnn(
     auto: AutoFp32Options | None = None,
     fp16_storage: bool = True,
     result: CalibrationResult | None = None,
+    graph: Graph | None = None,
 ) -> NcnnBuild:
     """Calibrate (unless ``result`` is given), convert to ncnn FP32, optionally choose FP32 layers, quantize."""
-    graph = model.load()
+    graph = graph if graph is not None else model.load()
     result = result if result is not None else calibrate(model, prep, options, graph)
     fp32 = convert_graph(graph)
     table, mixed = result.table, None
@@ -639,7 +617,7 @@ def evaluate_ncnn(
     options: EvalOptions,
     graph: Graph | None = None,
     arm: ArmOptions | None = None,
-) -> dict:
+) -> EvalReport | ArmReport:
     """Caffe FP32 (unless skipped), ncnn FP32 and ncnn INT8 (``files``: ``ncnn_paths`` keys) on the images.
 
     With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
@@ -669,7 +647,7 @@ def evaluate_ncnn(
     )
     found = evaluate(config) if arm is None else evaluate_arm(config, arm)
     if options.layer_times:
-        add_layer_times(found, files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
+        found.layer_ms = layer_times(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
     return found
 
 
@@ -681,10 +659,10 @@ def report(
     out_dir: Path,
     table: Path | None = None,
     fp16_storage: bool = True,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EvalReport]:
     """Calibrate (or read ``table``), build and evaluate the ncnn pair, and write the HTML page with its plots.
 
-    Returns the page and the evaluation report (``eval``'s dict).
+    Returns the page and the evaluation report (``eval``'s).
     """
     with output_set() as outputs:  # the folder's table, models, page and figures land together, or none of them
         return _report(model, prep, options, evaluation, out_dir, table, fp16_storage, outputs)
@@ -699,28 +677,28 @@ def _report(
     table: Path | None,
     fp16_storage: bool,
     outputs: OutputSet,
-) -> tuple[Path, dict]:
+) -> tuple[Path, EvalReport]:
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)
     paths = ncnn_paths(out_dir, model.stem)
     if table is None:
         result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
-        build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result)
+        build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result, graph=graph)
         write_ncnn_build(build, out_dir, model.stem)
         tbl, deploy = build.table, result.deploy
         source = f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, deploy, source = read_ncnn_table(table), fold_batchnorm_scale(graph), f"table {table}"
+        tbl, deploy, source = read_ncnn_table(table), graph.folded(), f"table {table}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
-    found["model"], found["int8_model"] = str(paths["fp32_param"]), str(paths["int8_param"])
+    found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])
     layers = layer_reports(graph, stats, tbl, found, deploy)
     intro = html.escape(
         f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
-        f"{stats.images_used} calibration image(s); evaluation on {found['images']} image(s) "
+        f"{stats.images_used} calibration image(s); evaluation on {found.images} image(s) "
         f"from {evaluation.images}."
     )
-    return write_report(out_dir, model.stem, layers, finite_json(found), format_report(found), intro), found
+    return write_report(out_dir, model.stem, layers, found, format_report(found), intro), found

@@ -48,7 +48,7 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
                 threads=(),
             )
         )
-        task = report["int8_vs_fp32"]["task"]
+        task = report.int8_vs_fp32.task.as_dict()
         metrics[backend] = {k: task[k] for k in ("precision", "recall", "top1_agreement") if k in task}
     for name, value in metrics["opencv"].items():
         assert abs(value - metrics["caffe"][name]) <= 0.005, (name, metrics)

@@ -30,6 +30,7 @@ from int8conv.evaluation.detection import (
 )
 from int8conv.evaluation.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
 from int8conv.evaluation.mixed_precision import auto_fp32
+from int8conv.evaluation.results import EvalReport
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
@@ -254,7 +255,7 @@ def built(shared, tmp_path_factory):
     return result
 
 
-def _evaluate(shared: Path, b: Built, images: list[Path], int8: tuple[Path, Path] | None = None) -> dict:
+def _evaluate(shared: Path, b: Built, images: list[Path], int8: tuple[Path, Path] | None = None) -> EvalReport:
     return evaluate(EvalConfig(*b.fp32, *(int8 or b.int8), b.spec.prep, images, threads=(1,), timing_runs=1))
 
 
@@ -291,11 +292,11 @@ def test_int8_model_loads_and_runs_in_ncnn(key, built, shared):
 def test_open_nsfw_int8_agrees_with_fp32(built, shared):
     """Calibrated on imagenet images 0-9, evaluated on 100-115: top-1 agreement >= 99%, output cosine >= 0.99."""
     report = _evaluate(shared, built["open_nsfw"], list_images(shared / "images" / IMAGENET)[100:116])
-    quality = report["int8_vs_fp32"]
-    assert report["task"] == "classifier" and report["int8_layers"] == 54
-    assert quality["task"]["top1_agreement"] >= 0.99
-    assert quality["output_cosine"] >= 0.99
-    assert quality["winograd_vs_direct_cosine_min"] > 0.9999  # no INT8 Winograd overflow on real data
+    quality = report.int8_vs_fp32
+    assert report.task == "classifier" and report.int8_layers == 54
+    assert quality.task.top1_agreement >= 0.99
+    assert quality.output_cosine >= 0.99
+    assert quality.winograd_vs_direct_cosine_min > 0.9999  # no INT8 Winograd overflow on real data
 
 
 @pytest.mark.slow
@@ -303,9 +304,9 @@ def test_open_nsfw_int8_agrees_with_fp32(built, shared):
 def test_ssd_int8_detections_match_fp32(key, built, shared):
     """Calibrated on VOC/COCO photos, evaluated on the face images: precision and recall >= 0.95."""
     report = _evaluate(shared, built[key], list_images(shared / "images" / FACES))
-    task = report["int8_vs_fp32"]["task"]
-    assert report["task"] == "ssd" and task["reference_detections"] > 50
-    assert task["precision"] >= 0.95 and task["recall"] >= 0.95, task
+    task = report.int8_vs_fp32.task
+    assert report.task == "ssd" and task.reference_detections > 50
+    assert task.precision >= 0.95 and task.recall >= 0.95, task
 
 
 @pytest.mark.slow
@@ -360,8 +361,8 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     fp32_layers = set(b.table.activation_scales) - set(kept.activation_scales)
     assert 0 < len(fp32_layers) <= 8 and set(kept.weight_scales) == set(b.table.weight_scales)
     assert set(int8_layers(read_model(*out))) == set(kept.activation_scales)
-    task = _evaluate(shared, b, list_images(shared / "images" / FACES), out)["int8_vs_fp32"]["task"]
-    assert task["precision"] >= 0.95 and task["recall"] >= 0.95, (fp32_layers, task)
+    task = _evaluate(shared, b, list_images(shared / "images" / FACES), out).int8_vs_fp32.task
+    assert task.precision >= 0.95 and task.recall >= 0.95, (fp32_layers, task)
 
 
 @pytest.mark.slow

@@ -332,8 +332,8 @@ def test_lane_map_iou_and_cosine_of_a_perturbed_map(shared, forwards):
     metric = TaskMetric("segmentation")
     update_metric(metric, lane_map.reshape(-1), lane_map.reshape(-1), 0.5)
     update_metric(metric, lane_map.reshape(-1), half, 0.5)
-    assert metric.summary()["map_iou_min"] == pytest.approx((on.size - on.size // 2) / on.size)
-    assert metric.summary()["map_iou"] == pytest.approx((1 + (on.size - on.size // 2) / on.size) / 2)
+    assert metric.summary().map_iou_min == pytest.approx((on.size - on.size // 2) / on.size)
+    assert metric.summary().map_iou == pytest.approx((1 + (on.size - on.size // 2) / on.size) / 2)
     assert map_iou(np.zeros(4), np.zeros(4)) == 1.0
     assert cosine(lane_map, half) < 1.0
 
@@ -345,8 +345,8 @@ def test_shufflenet_metric_top1_and_probability_difference(shared, forwards):
     metric = TaskMetric("classifier")
     update_metric(metric, reference, reference, 0.5)
     update_metric(metric, reference, swapped, 0.5)
-    assert metric.summary()["top1_agreement"] == (0.5 if np.argmax(reference) != np.argmax(swapped) else 1.0)
-    assert metric.summary()["mean_abs_prob_diff"] == pytest.approx(np.abs(reference - swapped).mean() / 2)
+    assert metric.summary().top1_agreement == (0.5 if np.argmax(reference) != np.argmax(swapped) else 1.0)
+    assert metric.summary().mean_abs_prob_diff == pytest.approx(np.abs(reference - swapped).mean() / 2)
 
 
 def test_retinaface_output_view_drops_the_background_channels(shared, forwards):

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from int8conv.caffe import fold
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import build_table, calibration_values
+from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.errors import ModelError
+from int8conv.ncnn.convert import convert_graph
+from int8conv.tensorrt.onnx_export import export_onnx
 from tests.synthetic import write_caffe_model
 
 RNG = np.random.default_rng(0)
@@ -59,6 +64,30 @@ def test_input_headers_and_in_place_chain(tmp_path, header):
     assert graph.blob_of("conv1_sc1") == "conv1"
     assert graph.shapes["pool1"] == (1, 4, 4, 4) and graph.shapes["prob"] == (1, 3)
     assert graph.outputs == ["prob"]
+
+
+def test_a_run_folds_the_graph_once(tmp_path, monkeypatch):
+    """Calibration, the ncnn converter and the ONNX export read the graph's one folded form (``Graph.folded``)."""
+    proto, model = write_caffe_model(tmp_path, CONV_BN_NET.format(header=HEADERS["input_layer"]), conv_bn_weights())
+    graph = load_graph(proto, model)
+    folds = []
+    monkeypatch.setattr(fold, "fold_batchnorm_scale", lambda g: folds.append(g) or fold_batchnorm_scale(g))
+    stats = CalibrationStatistics(model={}, preprocess={})
+    stats.update({value: RNG.normal(size=(2, *graph.shapes[value][1:])) for value in calibration_values(graph)})
+    result = build_table(graph, stats, "kl")
+    model_fp32 = convert_graph(graph)
+    export = export_onnx(graph)
+    assert folds == [graph] and result.deploy is graph.folded() and graph.folded().folded() is graph.folded()
+    assert [layer.type for layer in model_fp32.layers].count("BatchNorm") == 0
+    assert export.folded == {"conv1": "conv1_sc1", "conv1_bn1": "conv1_sc1"}
+    assert [layer.name for layer in load_graph(proto, model).folded().layers] == [
+        "conv1",
+        "relu1",
+        "pool1",
+        "ip1",
+        "prob",
+    ]
+    assert len(folds) == 2  # a graph loaded again is folded again
 
 
 def test_fold_matches_unfolded_arithmetic(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from int8conv import pipeline
 from int8conv.caffe.graph import load_graph
 from int8conv.cli import main as int8conv_main
 from int8conv.errors import Int8ConvError
@@ -135,17 +136,7 @@ def yunet_args(shared: Path) -> list[str]:
 
 
 def outputs(out: Path) -> dict[str, Path]:
-    stem = Path(YUNET[2]).stem
-    return {
-        kind: out / f"{stem}{suffix}"
-        for kind, suffix in (
-            ("onnx", ".onnx"),
-            ("qdq", ".qdq.onnx"),
-            ("cache", ".cache"),
-            ("txt", ".ranges.txt"),
-            ("json", ".ranges.json"),
-        )
-    }
+    return pipeline.trt_paths(out, Path(YUNET[2]).stem)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ from int8conv.calibration.preprocess import read_image
 from int8conv.errors import ImageError
 from int8conv.evaluation.evaluate import (
     Comparison,
-    Difference,
     EvalConfig,
-    _fmt,
-    _task_text,
+    fmt,
     output_view,
     resolve_task,
     score_threshold,
     task_outputs,
+    task_text,
 )
+from int8conv.evaluation.results import ArmDifference, ArmReport, ArmTarget, ArmTiming, Difference, OutputComparison
 from int8conv.ncnn.model import read_model
 from int8conv.ncnn.quantize import int8_layers
 from int8conv.ncnn.runtime import NcnnRunner
@@ -57,16 +57,16 @@ def _inputs(config: EvalConfig, input_name: str) -> list[dict[str, np.ndarray]]:
 
 def _max_abs(
     blobs: list[str], reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]
-) -> dict[str, dict[str, float]]:
+) -> dict[str, Difference]:
     differences = {name: Difference() for name in blobs}
     for ref, out in zip(reference, candidate, strict=True):
         for name, diff in differences.items():
             diff.add(ref[name], out[name])
-    return {name: {"max_abs": d.max_abs, "max_rel": d.max_rel} for name, d in differences.items()}
+    return differences
 
 
-def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> dict:
-    """Run the images through ncnn FP32 and INT8 on x86 and on ARM; return the report as a dict."""
+def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> ArmReport:
+    """Run the images through ncnn FP32 and INT8 on x86 and on ARM; return the report."""
     options = options or ArmOptions()
     fp32_model = read_model(config.fp32_param, config.fp32_bin)
     int8_model = read_model(config.int8_param, config.int8_bin)
@@ -100,80 +100,79 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> dict:
     arm = {"fp32": result.outputs[0], "int8": result.outputs[1]}
 
     def compare(
-        reference: list[Mapping[str, np.ndarray]], candidate: list[Mapping[str, np.ndarray]], tops: dict[str, str]
-    ) -> dict:
+        reference: list[Mapping[str, np.ndarray]],
+        candidate: list[Mapping[str, np.ndarray]],
+        tops: dict[str, str],
+        kind: type[OutputComparison] = OutputComparison,
+        **more,
+    ) -> OutputComparison:
         comparison = Comparison(task, view, decode, config.iou_threshold, tops)
         for ref, out in zip(reference, candidate, strict=True):
             comparison.add(ref, out)
-        return comparison.summary()
+        return comparison.summary(kind, **more)
 
-    return {
-        "model": str(config.fp32_param),
-        "int8_model": str(config.int8_param),
-        "task": task,
-        "images": len(inputs),
-        "score_threshold": threshold,
-        "iou_threshold": config.iou_threshold,
-        "int8_layers": len(quantized),
-        "arm": {"cpu": options.cpu, "fp16": options.fp16, "threads": options.threads, **result.info},
-        "x86_ncnn": metadata.version("ncnn"),
-        "int8_vs_fp32": {
+    def arm_vs_x86(precision: str, tops: dict[str, str]) -> ArmDifference:
+        difference = _max_abs(view.blobs, x86[precision], arm[precision])
+        return compare(x86[precision], arm[precision], tops, ArmDifference, difference=difference)
+
+    return ArmReport(
+        model=str(config.fp32_param),
+        int8_model=str(config.int8_param),
+        task=task,
+        images=len(inputs),
+        score_threshold=threshold,
+        iou_threshold=config.iou_threshold,
+        int8_layers=len(quantized),
+        arm=ArmTarget(options.cpu, options.fp16, options.threads, result.info),
+        x86_ncnn=metadata.version("ncnn"),
+        int8_vs_fp32={
             "arm": compare(arm["fp32"], arm["int8"], int8_tops),
             "x86": compare(x86["fp32"], x86["int8"], int8_tops),
         },
-        "arm_vs_x86": {
-            "fp32": {
-                **compare(x86["fp32"], arm["fp32"], {}),
-                "difference": _max_abs(view.blobs, x86["fp32"], arm["fp32"]),
-            },
-            "int8": {
-                **compare(x86["int8"], arm["int8"], int8_tops),
-                "difference": _max_abs(view.blobs, x86["int8"], arm["int8"]),
-            },
-        },
-        "arm_ms_per_image": {
-            "fp32": statistics.median(result.ms[0]),
-            "int8": statistics.median(result.ms[1]),
-            "note": TIMING_NOTE if result.info["emulated"] else "native ARM timings",
-        },
-    }
+        arm_vs_x86={"fp32": arm_vs_x86("fp32", {}), "int8": arm_vs_x86("int8", int8_tops)},
+        arm_ms_per_image=ArmTiming(
+            statistics.median(result.ms[0]),
+            statistics.median(result.ms[1]),
+            TIMING_NOTE if result.info["emulated"] else "native ARM timings",
+        ),
+    )
 
 
-def format_arm_report(report: dict, worst_layers: int = 5) -> str:
+def format_arm_report(report: ArmReport, worst_layers: int = 5) -> str:
     """The ARM report as text: INT8 vs FP32 on ARM next to x86, then ARM vs x86 per precision."""
-    arm = report["arm"]
-    where = f"qemu {arm['cpu']} (emulated)" if arm["emulated"] else "native"
+    arm, runner = report.arm, report.arm.runner
+    where = f"qemu {arm.cpu} (emulated)" if runner["emulated"] else "native"
     lines = [
-        f"model      {report['model']}",
-        f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers)",
-        f"task       {report['task']}   images {report['images']}",
+        f"model      {report.model}",
+        f"int8       {report.int8_model} ({report.int8_layers} INT8 layers)",
+        f"task       {report.task}   images {report.images}",
         (
-            f"ARM        {where}, fp16 {'on' if arm['fp16'] else 'off'}, {arm['threads']} thread(s), ncnn "
-            f"{arm['ncnn']} (x86 {report['x86_ncnn']}), CPU features: {', '.join(arm['cpu_features'] or ['?'])}"
+            f"ARM        {where}, fp16 {'on' if arm.fp16 else 'off'}, {arm.threads} thread(s), ncnn "
+            f"{runner['ncnn']} (x86 {report.x86_ncnn}), CPU features: {', '.join(runner['cpu_features'] or ['?'])}"
         ),
         "",
         "INT8 vs FP32 (same precision comparison as `eval`, on each architecture)",
     ]
     for name in ("arm", "x86"):
-        q = report["int8_vs_fp32"][name]
+        q = report.int8_vs_fp32[name]
         lines += [
-            (f"  {name.upper():<4} output cosine mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"),
-            f"       task: {_task_text(q['task'])}",
+            f"  {name.upper():<4} output cosine mean {fmt(q.output_cosine)}  min {fmt(q.output_cosine_min)}",
+            f"       task: {task_text(q.task)}",
         ]
     lines += ["", "ARM vs x86 (x86 is the reference)"]
     for precision in ("fp32", "int8"):
-        q = report["arm_vs_x86"][precision]
-        worst = max(q["difference"].items(), key=lambda kv: kv[1]["max_abs"])
+        q = report.arm_vs_x86[precision]
+        worst = max(q.difference.items(), key=lambda kv: kv[1].max_abs)
         lines += [
             (
-                f"  {precision.upper():<4} output cosine mean {_fmt(q['output_cosine'], 6)}  min "
-                f"{_fmt(q['output_cosine_min'], 6)}  max abs {worst[1]['max_abs']:.3e} ({worst[0]})"
+                f"  {precision.upper():<4} output cosine mean {fmt(q.output_cosine, 6)}  min "
+                f"{fmt(q.output_cosine_min, 6)}  max abs {worst[1].max_abs:.3e} ({worst[0]})"
             ),
-            f"       task: {_task_text(q['task'])}",
+            f"       task: {task_text(q.task)}",
         ]
-        if q["layer_cosine"]:
-            ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
-            lines.append("       lowest per-layer cosine: " + ", ".join(f"{n} {_fmt(v, 6)}" for n, v in ranked))
-    ms = report["arm_ms_per_image"]
-    lines += ["", f"ARM ms/image  FP32 {ms['fp32']:.1f}  INT8 {ms['int8']:.1f}  ({ms['note']})"]
+        if q.layer_cosine:
+            ranked = sorted(q.layer_cosine.items(), key=lambda kv: kv[1])[:worst_layers]
+            lines.append("       lowest per-layer cosine: " + ", ".join(f"{n} {fmt(v, 6)}" for n, v in ranked))
+    ms = report.arm_ms_per_image
+    lines += ["", f"ARM ms/image  FP32 {ms.fp32:.1f}  INT8 {ms.int8:.1f}  ({ms.note})"]
     return "\n".join(lines)

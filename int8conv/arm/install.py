@@ -25,7 +25,15 @@ from importlib import metadata
 from pathlib import Path
 
 from int8conv.atomic import write_text_atomic
-from int8conv.engines.caffe_build import BuildFailed, _Lock, _run_logged, cache_root, install_packages, missing_packages
+from int8conv.engines.caffe_build import (
+    BuildFailed,
+    _Lock,
+    _run_logged,
+    cache_root,
+    check_report,
+    install_packages,
+    missing_packages,
+)
 from int8conv.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -394,14 +402,7 @@ def check_venv(rootfs: Path, python: str, log_file: Path) -> dict:
         check=False,
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
     )
-    with open(log_file, "a", encoding="utf-8") as handle:
-        handle.write(f"\n### venv check\n{done.stdout}{done.stderr}")
-    if done.returncode != 0:
-        raise BuildFailed(
-            f"ncnn does not import in the arm64 rootfs (exit {done.returncode}): "
-            f"{done.stderr.strip()[-2000:]}\nlog: {log_file}"
-        )
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = check_report(done, log_file, "venv check", "ncnn does not import in the arm64 rootfs")
     if found["machine"] != "aarch64":
         raise BuildFailed(f"the rootfs python reports machine {found['machine']!r}, not aarch64")
     return found

@@ -19,6 +19,7 @@ import numpy as np
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.reader import read_caffemodel, read_prototxt, weights_by_layer
 from int8conv.errors import ModelError
+from int8conv.layer_list import LayerList
 
 if TYPE_CHECKING:
     from int8conv.caffe.layers.base import LayerKind
@@ -42,7 +43,7 @@ class Layer:
 
 
 @dataclass
-class Graph:
+class Graph(LayerList[Layer]):
     """A deploy network: inputs with NCHW shapes, layers in execution order, value shapes."""
 
     name: str
@@ -50,24 +51,23 @@ class Graph:
     layers: list[Layer]
     blob_names: dict[str, str]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _folded: Graph | None = field(default=None, init=False, repr=False, compare=False)
 
-    def layer(self, name: str) -> Layer:
-        """The layer called ``name``; a missing one is an error that names it."""
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise ModelError(f"no layer named '{name}' in network '{self.name}'")
+    def folded(self) -> Graph:
+        """The deploy graph: BatchNorm/Scale folded into the convolutions before them (``caffe.fold``).
 
-    def producer(self, value: str) -> Layer | None:
-        """The layer whose top is ``value`` (None for a network input)."""
-        for layer in self.layers:
-            if value in layer.tops:
-                return layer
-        return None
+        Computed once per graph, so calibration, the ncnn converter, the ONNX export and the report of one run
+        read the same folded layers instead of folding again each.
+        """
+        if self._folded is None:
+            from int8conv.caffe.fold import fold_batchnorm_scale  # fold reads the layer registry, which reads Graph
 
-    def consumers(self, value: str) -> list[Layer]:
-        """The layers that read ``value``, in execution order."""
-        return [layer for layer in self.layers if value in layer.bottoms]
+            self._folded = fold_batchnorm_scale(self)
+            self._folded._folded = self._folded  # folding a folded graph changes nothing
+        return self._folded
+
+    def missing_layer(self, name: str) -> str:
+        return f"no layer named '{name}' in network '{self.name}'"
 
     def blob_of(self, value: str) -> str:
         """The Caffe blob name a value belongs to."""

@@ -114,6 +114,19 @@ def prior_box_aspect_ratios(p) -> list[float]:
     return ratios
 
 
+def prior_box_image_and_step(p) -> tuple[tuple[int, int] | None, tuple[float, float] | None]:
+    """PriorBox's image size (``img_h``/``img_w`` or ``img_size``) and step (``step_h``/``step_w`` or ``step``),
+    each as (h, w), or None where the prototxt leaves it to the image blob and the feature map size (Caffe's 0).
+
+    The ncnn converter writes these, the SSD host decoder computes the priors from them.
+    """
+    image = (p.img_h, p.img_w) if p.img_h or p.img_w else (p.img_size, p.img_size)
+    step = (p.step_h, p.step_w) if p.step_h or p.step_w else (p.step, p.step)
+    return (int(image[0]), int(image[1])) if any(image) else None, (float(step[0]), float(step[1])) if any(
+        step
+    ) else None
+
+
 def infer_shapes(graph: Graph) -> dict[str, Shape]:
     """Shape of every value by each type's rule in the layer registry; types without one get no shape (later
     stages decide if that matters)."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph
 from int8conv.caffe.layers import types_where
 from int8conv.calibration.histograms import CalibrationStatistics
@@ -154,7 +153,7 @@ def build_table(
     A layer whose input was all zeros on every image gets no activation line and stays FP32 in ncnn.
     """
     started = time.perf_counter()
-    deploy = fold_batchnorm_scale(graph)
+    deploy = graph.folded()
     table = CalibrationTable(weight_scales=weight_scales(deploy, winograd_6bit))
     heads = head_layers(deploy) if head_method else set()
     thresholds: dict[str, float] = {}

@@ -1,28 +1,26 @@
-"""``int8conv calibrate``: Caffe model + images -> ncnn calibration table."""
+"""``int8conv calibrate``: Caffe model + images -> ncnn calibration table.
+
+Forward calibration images through the Caffe model in FP32 and write the ncnn calibration table (layer-keyed,
+per-channel weight scales).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from int8conv import pipeline
 from int8conv.calibration.calibrate import CalibrationResult
-from int8conv.commands.common import add_calibration_inputs, calibration_inputs
+from int8conv.commands.common import add_calibration_inputs, add_command, add_head_method_arg, calibration_inputs
 from int8conv.errors import Int8ConvError
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "compute an ncnn INT8 calibration table from images"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "calibrate",
-        help="compute an ncnn INT8 calibration table from images",
-        description="Forward calibration images through the Caffe model in FP32 and write "
-        "the ncnn calibration table (layer-keyed, per-channel weight scales).",
-    )
+    parser = add_command(sub, "calibrate", run, SUMMARY, __doc__)
     add_calibration_inputs(parser)
     add_table_args(parser)
-    parser.set_defaults(func=run)
 
 
 def add_table_args(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +31,9 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the original caffe-int8-convert-tools format (blob-keyed, per-tensor weights)",
     )
-    group.add_argument(
-        "--head-method",
-        choices=("minmax", "same"),
-        default="minmax",
-        help="threshold of the layers that feed the network outputs directly (detection and "
+    add_head_method_arg(
+        group,
+        "threshold of the layers that feed the network outputs directly (detection and "
         "classification heads): their input's full range (minmax, default) or --method",
     )
     group.add_argument(

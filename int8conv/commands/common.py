@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from int8conv import pipeline
@@ -16,6 +17,17 @@ from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
 from int8conv.tables.ncnn_table import CalibrationTable
 
 
+def add_command(
+    sub: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int], summary: str, doc: str
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, run by ``run``: ``summary`` in the command list, and as its ``--help``
+    description the command module's docstring after the first paragraph (``doc``: ``__doc__``)."""
+    description = " ".join(doc.partition("\n\n")[2].split())
+    parser = sub.add_parser(name, help=summary, description=description)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--proto`` and ``--model``: the Caffe deploy prototxt and its caffemodel."""
     group = parser.add_argument_group("model")
@@ -26,37 +38,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     """How images become network inputs; defaults follow the original caffe-int8-convert-tools."""
     group = parser.add_argument_group("preprocessing: input = (pixel - mean) * norm / std")
-    group.add_argument(
-        "--mean",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        metavar="M",
-        help="mean per channel in the model's channel order (1 or 3 values; default 0)",
-    )
+    per_channel = {"type": float, "nargs": "+"}  # 1 value for all channels, or one per channel
+    height_width = {"type": int, "nargs": 2, "metavar": ("H", "W")}
+    mean_help = "mean per channel in the model's channel order (1 or 3 values; default 0)"
+    group.add_argument("--mean", **per_channel, default=[0.0], metavar="M", help=mean_help)
     group.add_argument("--norm", type=float, default=1.0, help="scale applied after mean subtraction (default 1)")
+    std_help = "per-channel std to divide by (1 or 3 values; default 1)"
+    group.add_argument("--std", **per_channel, default=[1.0], metavar="S", help=std_help)
     group.add_argument(
-        "--std",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        metavar="S",
-        help="per-channel std to divide by (1 or 3 values; default 1)",
+        "--size", **height_width, help="network input height and width (default: the prototxt input shape)"
     )
-    group.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="network input height and width (default: the prototxt input shape)",
-    )
-    group.add_argument(
-        "--resize-then-crop",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="resize to HxW first, then center-crop to the input size (e.g. 256 256 for a 224 crop)",
-    )
+    crop_help = "resize to HxW first, then center-crop to the input size (e.g. 256 256 for a 224 crop)"
+    group.add_argument("--resize-then-crop", **height_width, help=crop_help)
     group.add_argument("--color", choices=COLORS, default="bgr", help="channel order the model expects (default bgr)")
     group.add_argument(
         "--swap-hw", action="store_true", help="transpose height and width (models trained through Matlab, e.g. MTCNN)"
@@ -80,12 +73,8 @@ def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> No
 
     group.add_argument("--task", choices=TASKS, default="auto", help="the task INT8 is judged on: " + TASK_HELP)
     if thresholds:
-        group.add_argument(
-            "--score-threshold",
-            type=float,
-            default=None,
-            help="detection score threshold (default: 0.8 for retinaface, else 0.5)",
-        )
+        score_help = "detection score threshold (default: 0.8 for retinaface, else 0.5)"
+        group.add_argument("--score-threshold", type=float, help=score_help)
         group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
 
 
@@ -211,13 +200,26 @@ def eval_options(args: argparse.Namespace, images: Path, max_images: int) -> pip
     )
 
 
-def add_layer_times_arg(group: argparse._ArgumentGroup) -> None:
+def add_timing_args(group: argparse._ArgumentGroup) -> None:
+    """``--threads``, ``--timing-runs`` and ``--layer-times``: how ``eval`` and ``report`` time the two models."""
+    group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
+    group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
     group.add_argument(
         "--layer-times",
         action="store_true",
         help="also time every INT8 layer alone against FP32 on the ncnn runtime (on this machine, a "
         "proxy for the target device) and mark those where INT8 does not pay",
     )
+
+
+def add_auto_fp32_arg(group: argparse._ArgumentGroup, help: str, flag: str = "--auto-fp32") -> None:
+    """``--auto-fp32 COSINE``: the output cosine the layers kept FP32 are chosen for (``auto_fp32_options``)."""
+    group.add_argument(flag, type=float, dest="auto_fp32", metavar="COSINE", help=help)
+
+
+def add_head_method_arg(group: argparse._ArgumentGroup, help: str) -> None:
+    """``--head-method``: the threshold rule of the layers feeding the outputs (``calibration_options`` reads it)."""
+    group.add_argument("--head-method", choices=("minmax", "same"), default="minmax", help=help)
 
 
 def auto_fp32_options(args: argparse.Namespace, images: Path | None, max_images: int) -> pipeline.AutoFp32Options:

@@ -1,27 +1,25 @@
-"""``int8conv convert``: Caffe prototxt + caffemodel -> ncnn FP32 ``.param``/``.bin``."""
+"""``int8conv convert``: Caffe prototxt + caffemodel -> ncnn FP32 ``.param``/``.bin``.
+
+Convert a Caffe deploy model to ncnn FP32 files, with BatchNorm/Scale folded into convolutions and activations
+fused, as ncnnoptimize does. Layer names are kept, so calibration tables line up.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_model_args, model_files
+from int8conv.commands.common import add_command, add_model_args, model_files
 from int8conv.errors import Int8ConvError
 from int8conv.ncnn.model import write_model
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "convert a Caffe model to an ncnn FP32 .param/.bin"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "convert",
-        help="convert a Caffe model to an ncnn FP32 .param/.bin",
-        description="Convert a Caffe deploy model to ncnn FP32 files, with BatchNorm/Scale "
-        "folded into convolutions and activations fused, as ncnnoptimize does. "
-        "Layer names are kept, so calibration tables line up.",
-    )
+    parser = add_command(sub, "convert", run, SUMMARY, __doc__)
     add_model_args(parser)
     group = parser.add_argument_group("output (either --out-dir, or both --param and --bin)")
     group.add_argument(
@@ -31,7 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     group.add_argument("--param", type=Path, help="path of the .param file to write")
     group.add_argument("--bin", type=Path, help="path of the .bin file to write")
-    parser.set_defaults(func=run)
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:

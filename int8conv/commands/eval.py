@@ -1,10 +1,14 @@
-"""``int8conv eval``: Caffe FP32, ncnn FP32 and ncnn INT8 on evaluation images; accuracy and speed."""
+"""``int8conv eval``: Caffe FP32, ncnn FP32 and ncnn INT8 on evaluation images; accuracy and speed.
+
+Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the calibration ones) and report:
+ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per quantized layer and at the outputs, top-1 agreement
+(classifiers), detection precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation);
+median ms/image of FP32 and INT8.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -13,38 +17,21 @@ from int8conv import pipeline
 from int8conv.arm.evaluate import format_arm_report
 from int8conv.arm.runtime import ARM_CPUS, ArmOptions
 from int8conv.atomic import write_text_atomic
-from int8conv.commands.common import (
-    add_layer_times_arg,
-    add_model_args,
-    add_preprocess_args,
-    add_task_args,
-    auto_fp32_options,
-    eval_options,
-    mixed_precision_table,
-    model_files,
-    preprocess_options,
-)
+from int8conv.commands import common
 from int8conv.engines import BACKENDS
 from int8conv.errors import Int8ConvError
-from int8conv.evaluation.evaluate import finite_json, format_report
+from int8conv.evaluation.evaluate import format_report
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "eval",
-        help="compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed",
-        description="Run the Caffe FP32 reference, ncnn FP32 and ncnn INT8 on evaluation images (not the "
-        "calibration ones) and report: ncnn FP32 vs Caffe differences; INT8 vs FP32 cosine per "
-        "quantized layer and at the outputs, top-1 agreement (classifiers), detection "
-        "precision/recall (SSD, host-decoded detectors) or thresholded-map IoU (segmentation); median "
-        "ms/image of FP32 and INT8.",
-    )
-    add_model_args(parser)
+    parser = common.add_command(sub, "eval", run, SUMMARY, __doc__)
+    common.add_model_args(parser)
     files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
     files.add_argument(
         "--ncnn-dir",
@@ -62,10 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument("--images", type=Path, required=True, help="evaluation images: directory or list file")
     group.add_argument("--max-images", type=int, default=0, help="use at most this many (0 = all)")
-    add_task_args(group)
-    group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
-    group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
-    add_layer_times_arg(group)
+    common.add_task_args(group)
+    common.add_timing_args(group)
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")
     group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
     group.add_argument(
@@ -97,18 +82,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     arm.add_argument("--arm-threads", type=int, default=1, help="ncnn threads on ARM (default 1)")
     mixed = parser.add_argument_group("automatic mixed precision (with --table)")
-    mixed.add_argument(
-        "--auto-fp32",
-        type=float,
-        metavar="COSINE",
-        help="keep the most sensitive layers FP32 until the output cosine reaches COSINE",
-    )
+    common.add_auto_fp32_arg(mixed, "keep the most sensitive layers FP32 until the output cosine reaches COSINE")
     mixed.add_argument(
         "--auto-fp32-images", type=Path, help="images the FP32 layers are chosen on (keep them apart from --images)"
     )
     mixed.add_argument("--auto-fp32-max-images", type=int, default=8, help="at most this many (default 8)")
-    add_preprocess_args(parser)
-    parser.set_defaults(func=run)
+    common.add_preprocess_args(parser)
 
 
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | None]:
@@ -138,29 +117,28 @@ def run(args: argparse.Namespace) -> int:
             model = read_model(fp32_param, fp32_bin)
             table = read_ncnn_table(args.table)
             if args.auto_fp32 is not None:
-                options = auto_fp32_options(args, args.auto_fp32_images, args.auto_fp32_max_images)
-                table = mixed_precision_table(args, model, table, options)
+                options = common.auto_fp32_options(args, args.auto_fp32_images, args.auto_fp32_max_images)
+                table = common.mixed_precision_table(args, model, table, options)
             int8_param, int8_bin = Path(tmp) / "int8.param", Path(tmp) / "int8.bin"
             write_model(quantize_model(model, table, fp16_storage=not args.no_fp16), int8_param, int8_bin)
         files = {"fp32_param": fp32_param, "fp32_bin": fp32_bin, "int8_param": int8_param, "int8_bin": int8_bin}
         arm = ArmOptions(args.arm_cpu, args.arm_fp16 == "on", args.arm_threads) if args.arch == "arm64" else None
         report = pipeline.evaluate_ncnn(
-            model_files(args),
+            common.model_files(args),
             files,
-            preprocess_options(args),
-            eval_options(args, args.images, args.max_images),
+            common.preprocess_options(args),
+            common.eval_options(args, args.images, args.max_images),
             arm=arm,
         )
     if args.table is not None:
-        report["int8_model"] = f"quantized from {args.table}" + (
+        report.int8_model = f"quantized from {args.table}" + (
             f" with --auto-fp32 {args.auto_fp32}" if args.auto_fp32 is not None else ""
         )
     if args.json == "-":
-        json.dump(finite_json(report), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(report.to_json() + "\n")
         return 0
     if args.json:
-        write_text_atomic(args.json, json.dumps(finite_json(report), indent=2) + "\n")
+        write_text_atomic(args.json, report.to_json() + "\n")
     # the report is what eval is run for: -q silences the log, not the result
     print(format_report(report) if arm is None else format_arm_report(report))
     return 0

@@ -1,28 +1,27 @@
-"""``int8conv export-trt``: Caffe model + calibration -> ONNX, Q/DQ ONNX, TensorRT cache and dynamic ranges."""
+"""``int8conv export-trt``: Caffe model + calibration -> ONNX, Q/DQ ONNX, TensorRT cache and dynamic ranges.
+
+Export the Caffe model to ONNX (FP32) and to a Q/DQ ONNX for TensorRT 10/11 explicit quantization, and write the
+TensorRT 8-10 calibration cache and per-tensor dynamic ranges (text and JSON) for every tensor of the exported
+network. Ranges come from calibration images (as 'calibrate' takes them), saved statistics (--load-stats) or an ncnn
+table (--table).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_calibration_inputs, calibration_inputs
+from int8conv.commands.common import add_auto_fp32_arg, add_calibration_inputs, add_command, calibration_inputs
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "export ONNX, Q/DQ ONNX, TensorRT calibration cache and dynamic ranges"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "export-trt",
-        help="export ONNX, Q/DQ ONNX, TensorRT calibration cache and dynamic ranges",
-        description="Export the Caffe model to ONNX (FP32) and to a Q/DQ ONNX for TensorRT 10/11 explicit "
-        "quantization, and write the TensorRT 8-10 calibration cache and per-tensor dynamic ranges "
-        "(text and JSON) for every tensor of the exported network. Ranges come from calibration "
-        "images (as 'calibrate' takes them), saved statistics (--load-stats) or an ncnn table (--table).",
-    )
+    parser = add_command(sub, "export-trt", run, SUMMARY, __doc__)
     add_calibration_inputs(parser)
     group = parser.add_argument_group("TensorRT export")
     group.add_argument(
@@ -56,11 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="LAYER",
         help="Convolution/InnerProduct layers to leave without Q/DQ (FP32) in the Q/DQ ONNX",
     )
-    group.add_argument(
-        "--auto-fp32",
-        type=float,
-        metavar="COSINE",
-        help="keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
+    add_auto_fp32_arg(
+        group,
+        "keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
         "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE",
     )
     group.add_argument(
@@ -70,7 +67,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="calibration images scored by --auto-fp32 (default 4)",
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

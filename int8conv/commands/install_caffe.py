@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from int8conv.engines.caffe_build import CAFFE_VERSION, DEBIAN_PACKAGES, SDIST_REQUIREMENT, install_caffe
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

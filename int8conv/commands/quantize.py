@@ -1,37 +1,29 @@
-"""``int8conv quantize``: ncnn FP32 ``.param``/``.bin`` + calibration table -> ncnn INT8 ``.param``/``.bin``."""
+"""``int8conv quantize``: ncnn FP32 ``.param``/``.bin`` + calibration table -> ncnn INT8 ``.param``/``.bin``.
+
+Write the INT8 ncnn model for a table, as ncnn2int8 does: int8 weights and scales for every
+Convolution/ConvolutionDepthWise/InnerProduct with both table lines, requantize fusion between INT8 convolutions,
+fp16 storage for the weights that stay FP32. Layers without an activation line stay FP32.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from int8conv import pipeline
 from int8conv.atomic import output_set
-from int8conv.commands.common import (
-    add_preprocess_args,
-    add_task_args,
-    auto_fp32_options,
-    mixed_precision_table,
-    preprocess_options,
-)
+from int8conv.commands import common
 from int8conv.evaluation.speed import format_choice
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "quantize an ncnn FP32 model with a calibration table (ncnn2int8)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "quantize",
-        help="quantize an ncnn FP32 model with a calibration table (ncnn2int8)",
-        description="Write the INT8 ncnn model for a table, as ncnn2int8 does: int8 weights and "
-        "scales for every Convolution/ConvolutionDepthWise/InnerProduct with both "
-        "table lines, requantize fusion between INT8 convolutions, fp16 storage for "
-        "the weights that stay FP32. Layers without an activation line stay FP32.",
-    )
+    parser = common.add_command(sub, "quantize", run, SUMMARY, __doc__)
     files = parser.add_argument_group("files")
     files.add_argument("--param", required=True, type=Path, help="ncnn FP32 .param")
     files.add_argument("--bin", required=True, type=Path, help="ncnn FP32 .bin")
@@ -40,30 +32,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     files.add_argument("--out-bin", required=True, type=Path, help="INT8 .bin to write")
     files.add_argument("--no-fp16", action="store_true", help="keep the weights of FP32 layers in fp32, not fp16")
     add_auto_fp32_args(parser)
-    add_preprocess_args(parser)
-    parser.set_defaults(func=run)
+    common.add_preprocess_args(parser)
 
 
 def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("automatic mixed precision")
-    group.add_argument(
-        "--auto-fp32",
-        type=float,
-        metavar="COSINE",
-        help="keep the most sensitive layers in FP32 until the INT8 output cosine against FP32 "
+    common.add_auto_fp32_arg(
+        group,
+        "keep the most sensitive layers in FP32 until the INT8 output cosine against FP32 "
         "reaches COSINE (e.g. 0.99), measured on --images",
     )
     group.add_argument("--images", type=Path, help="images for --auto-fp32 (directory or list file)")
     group.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
-    add_task_args(group, thresholds=False)
+    common.add_task_args(group, thresholds=False)
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
-    group.add_argument(
-        "--min-cosine",
-        type=float,
-        dest="auto_fp32",
-        metavar="COSINE",
-        help="the same as --auto-fp32 (reads better with --optimize speed)",
-    )
+    common.add_auto_fp32_arg(group, "the same as --auto-fp32 (reads better with --optimize speed)", flag="--min-cosine")
     speed = parser.add_argument_group("speed-aware precision")
     speed.add_argument(
         "--optimize",
@@ -92,13 +75,15 @@ def run(args: argparse.Namespace) -> int:
             args.auto_fp32, args.images, args.max_images, args.task, args.layer_timings, args.save_layer_timings
         )
         choice = pipeline.speed_table(
-            model, table, preprocess_options(args), options, args.param, fp16_storage=not args.no_fp16
+            model, table, common.preprocess_options(args), options, args.param, fp16_storage=not args.no_fp16
         )
         table = choice.table
         if not args.quiet:
             print(format_choice(choice))
     elif args.auto_fp32 is not None:
-        table = mixed_precision_table(args, model, table, auto_fp32_options(args, args.images, args.max_images))
+        table = common.mixed_precision_table(
+            args, model, table, common.auto_fp32_options(args, args.images, args.max_images)
+        )
     int8 = quantize_model(model, table, fp16_storage=not args.no_fp16)
     with output_set():  # the INT8 pair and --out-table land together
         write_model(int8, args.out_param, args.out_bin)

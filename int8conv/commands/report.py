@@ -1,36 +1,28 @@
 """``int8conv report``: calibrate (or load statistics), build the ncnn FP32/INT8 pair, evaluate, and render
-one HTML page of per-layer plots: activation histogram + threshold, KL curve, weight-scale spread, cosine."""
+one HTML page of per-layer plots: activation histogram + threshold, KL curve, weight-scale spread, cosine.
+
+Per quantizable layer: the |x| histogram of its input with the threshold in use, the KL divergence over every
+candidate threshold, the per-channel weight-scale spread and the INT8-vs-FP32 cosine; plus the full 'int8conv eval'
+report. Writes OUT/<name>.html with its figures in OUT/<name>_files, the ncnn FP32/INT8 models it evaluated, and
+OUT/<name>.json (eval's --json).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import (
-    add_calibration_inputs,
-    add_layer_times_arg,
-    add_task_args,
-    calibration_inputs,
-    eval_options,
-)
+from int8conv.commands import common
 from int8conv.evaluation.evaluate import format_report
 
-log = logging.getLogger(__name__)
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "HTML report of per-layer calibration plots and INT8-vs-FP32 accuracy"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "report",
-        help="HTML report of per-layer calibration plots and INT8-vs-FP32 accuracy",
-        description="Per quantizable layer: the |x| histogram of its input with the threshold in use, the KL "
-        "divergence over every candidate threshold, the per-channel weight-scale spread and the "
-        "INT8-vs-FP32 cosine; plus the full 'int8conv eval' report. Writes OUT/<name>.html with "
-        "its figures in OUT/<name>_files, the ncnn FP32/INT8 models it evaluated, and "
-        "OUT/<name>.json (eval's --json).",
-    )
-    add_calibration_inputs(parser)
+    parser = common.add_command(sub, "report", run, SUMMARY, __doc__)
+    common.add_calibration_inputs(parser)
     group = parser.add_argument_group("table and evaluation")
     group.add_argument(
         "--table",
@@ -40,11 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--weights-8bit", action="store_true", help="8-bit weight scales everywhere (when the table is computed here)"
     )
-    group.add_argument(
-        "--head-method",
-        choices=("minmax", "same"),
-        default="minmax",
-        help="thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)",
+    common.add_head_method_arg(
+        group, "thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)"
     )
     group.add_argument(
         "--eval-images",
@@ -53,22 +42,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="evaluation images (ideally not the calibration ones): directory or list file",
     )
     group.add_argument("--max-eval-images", type=int, default=0, help="use at most this many (0 = all)")
-    add_task_args(group)
+    common.add_task_args(group)
     group.add_argument(
         "--no-caffe", action="store_true", help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)"
     )
-    group.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
-    group.add_argument("--timing-runs", type=int, default=10, help="timed passes per model and thread count")
-    add_layer_times_arg(group)
+    common.add_timing_args(group)
     group.add_argument("--no-fp16", action="store_true", help="FP32 layers of the INT8 model keep fp32 weights")
     parser.add_argument("--out-dir", type=Path, required=True, help="where the page, figures and models go")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     page, evaluation = pipeline.report(
-        *calibration_inputs(args),
-        eval_options(args, args.eval_images, args.max_eval_images),
+        *common.calibration_inputs(args),
+        common.eval_options(args, args.eval_images, args.max_eval_images),
         args.out_dir,
         table=args.table,
         fp16_storage=not args.no_fp16,

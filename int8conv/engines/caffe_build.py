@@ -502,11 +502,17 @@ def verify_import(package_parent: Path, log_file: Path) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", _check_script(package_parent)], capture_output=True, text=True, env=env
     )
+    return check_report(done, log_file, "import check", "the built pycaffe does not import or run")
+
+
+def check_report(done: subprocess.CompletedProcess, log_file: Path, title: str, failure: str) -> dict:
+    """The JSON a check script printed last; its output goes to the build log under ``### title``, and a failed
+    run is a ``BuildFailed`` that starts with ``failure`` and shows the end of its stderr."""
     with open(log_file, "a", encoding="utf-8") as handle:
-        handle.write(f"\n### import check\n{done.stdout}{done.stderr}")
+        handle.write(f"\n### {title}\n{done.stdout}{done.stderr}")
     if done.returncode != 0:
         raise BuildFailed(
-            f"the built pycaffe does not import or run (exit {done.returncode}):\n"
+            f"{failure} (exit {done.returncode}):\n"
             f"{textwrap.indent(done.stderr.strip()[-3000:], '  ')}\nbuild log: {log_file}"
         )
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,12 +37,23 @@ from int8conv.evaluation.host_decoders import (
     retinaface_outputs,
 )
 from int8conv.evaluation.metrics import blob_cosine, cosine
+from int8conv.evaluation.results import (
+    ClassifierAgreement,
+    DetectionAgreement,
+    Difference,
+    EvalReport,
+    Int8Comparison,
+    MapAgreement,
+    OutputComparison,
+    TaskAgreement,
+)
 from int8conv.ncnn.model import NcnnModel
 from int8conv.ncnn.quantize import int8_layers, is_int8
 from int8conv.ncnn.runtime import NcnnRunner, time_models
 from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
+Compared = TypeVar("Compared", bound=OutputComparison)
 
 TASKS = ("auto", "classifier", "ssd", *HOST_TASKS, "segmentation")
 #: A segmentation map's pixel is "on" above this value (a sigmoid map).
@@ -165,25 +177,6 @@ def score_threshold(task: str, threshold: float | None) -> float:
     return threshold if threshold is not None else DEFAULT_SCORES.get(task, 0.5)
 
 
-@dataclass
-class Difference:
-    """Largest absolute and relative (to the reference's largest magnitude) differences over images."""
-
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    note: str = ""
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = np.asarray(reference, dtype=np.float64).reshape(-1)
-        out = np.asarray(candidate, dtype=np.float64).reshape(-1)
-        if ref.size != out.size:
-            raise ModelError(f"ncnn output has {out.size} values, Caffe's has {ref.size}")
-        diff = float(np.abs(ref - out).max(initial=0.0))
-        peak = float(np.abs(ref).max(initial=0.0))
-        self.max_abs = max(self.max_abs, diff)
-        self.max_rel = max(self.max_rel, diff / peak if peak > 0 else (0.0 if diff == 0 else math.inf))
-
-
 def _detection_difference(diff: Difference, reference: Detections, candidate: Detections) -> None:
     """Detections compared row by row after sorting by score; a different count is noted, not compared.
 
@@ -229,22 +222,13 @@ class TaskMetric:
     matches: MatchTally = field(default_factory=MatchTally)
     map_iou: Running = field(default_factory=Running)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> TaskAgreement:
         if self.task == "classifier":
-            return {
-                "top1_agreement": self.top1_agree / self.images if self.images else math.nan,
-                "mean_abs_prob_diff": self.prob_diff.mean,
-            }
+            return ClassifierAgreement(self.top1_agree / self.images if self.images else math.nan, self.prob_diff.mean)
         if self.task == "segmentation":
-            return {"map_iou": self.map_iou.mean, "map_iou_min": self.map_iou.low, "map_threshold": MAP_THRESHOLD}
-        return {
-            "precision": self.matches.precision,
-            "recall": self.matches.recall,
-            "mean_iou": self.matches.mean_iou,
-            "reference_detections": self.matches.reference,
-            "candidate_detections": self.matches.candidate,
-            "matched": self.matches.matched,
-        }
+            return MapAgreement(self.map_iou.mean, self.map_iou.low, MAP_THRESHOLD)
+        m = self.matches
+        return DetectionAgreement(m.precision, m.recall, m.mean_iou, m.reference, m.candidate, m.matched)
 
 
 @dataclass
@@ -324,14 +308,10 @@ class Comparison:
         update_metric(self.metric, decoded, self.decode(candidate), self.iou_threshold)
         return decoded
 
-    def summary(self) -> dict:
-        return {
-            "output_blobs": self.view.blobs,
-            "output_cosine": self.output.mean,
-            "output_cosine_min": self.output.low,
-            "task": self.metric.summary(),
-            "layer_cosine": {name: running.mean for name, running in self.layers.items()},
-        }
+    def summary(self, kind: type[Compared] = OutputComparison, **more) -> Compared:
+        """The comparison as ``kind``: ``OutputComparison`` or a subclass whose own fields ``more`` gives."""
+        layers = {name: running.mean for name, running in self.layers.items()}
+        return kind(self.view.blobs, self.output.mean, self.output.low, self.metric.summary(), layers, **more)
 
 
 def _compare_with_caffe(
@@ -356,8 +336,8 @@ def _compare_with_caffe(
             diff.add(caffe[name], ncnn[name])
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report as a dict.
+def evaluate(config: EvalConfig) -> EvalReport:
+    """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report.
 
     A quantized layer's cosine compares its top blob in both nets; when the layer requantizes its output
     (fused with the next INT8 convolution) the blob is int8 and is compared after dequantization, so its
@@ -415,33 +395,25 @@ def evaluate(config: EvalConfig) -> dict:
         for layer in int8_model.layers
         if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")
     ]
-    report = {
-        "model": str(config.fp32_param),
-        "int8_model": str(config.int8_param),
-        "task": task,
-        "images": used,
-        "score_threshold": threshold,
-        "iou_threshold": config.iou_threshold,
-        "int8_layers": len(quantized),
-        "fp32_layers": [n for n in quantizable if n not in quantized],
-        "fp32_vs_caffe": (
-            {
-                name: {"max_abs": d.max_abs, "max_rel": d.max_rel, **({"note": d.note} if d.note else {})}
-                for name, d in vs_caffe.items()
-            }
-            if config.caffe_forward is not None
-            else None
+    with_caffe = config.caffe_forward is not None
+    return EvalReport(
+        model=str(config.fp32_param),
+        int8_model=str(config.int8_param),
+        task=task,
+        images=used,
+        score_threshold=threshold,
+        iou_threshold=config.iou_threshold,
+        int8_layers=len(quantized),
+        fp32_layers=[n for n in quantizable if n not in quantized],
+        fp32_vs_caffe=vs_caffe if with_caffe else None,
+        fp32_vs_caffe_task=caffe_metric.summary() if with_caffe else None,
+        int8_vs_fp32=quality.summary(
+            Int8Comparison,
+            winograd_layers=len(winograd_layers),
+            winograd_vs_direct_cosine_min=winograd_cos.low if winograd_layers else None,
         ),
-        "fp32_vs_caffe_task": caffe_metric.summary() if config.caffe_forward is not None else None,
-        "int8_vs_fp32": {
-            **quality.summary(),
-            "winograd_layers": len(winograd_layers),
-            "winograd_vs_direct_cosine_min": winograd_cos.low if winograd_layers else None,
-        },
-        "speed_ms": {label: {str(t): ms for t, ms in per.items()} for label, per in speed.items()},
-        "speed_ratio_int8_over_fp32": {str(t): speed["int8"][t] / speed["fp32"][t] for t in config.threads},
-    }
-    return report
+        speed_ms=speed,
+    )
 
 
 def winograd_int8_layers(model: NcnnModel) -> list[str]:
@@ -466,76 +438,62 @@ def winograd_int8_layers(model: NcnnModel) -> list[str]:
     ]
 
 
-def _fmt(value: float, digits: int = 4) -> str:
+def fmt(value: float | None, digits: int = 4) -> str:
+    """A metric with ``digits`` decimals; "n/a" for a missing or NaN one."""
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_report(report: dict, worst_layers: int = 10) -> str:
+def format_report(report: EvalReport, worst_layers: int = 10) -> str:
     """The report as aligned text tables."""
     lines = [
-        f"model      {report['model']}",
-        f"int8       {report['int8_model']} ({report['int8_layers']} INT8 layers"
-        + (f", FP32: {', '.join(report['fp32_layers'])})" if report["fp32_layers"] else ")"),
-        f"task       {report['task']}   images {report['images']}",
+        f"model      {report.model}",
+        f"int8       {report.int8_model} ({report.int8_layers} INT8 layers"
+        + (f", FP32: {', '.join(report.fp32_layers)})" if report.fp32_layers else ")"),
+        f"task       {report.task}   images {report.images}",
     ]
-    if report["fp32_vs_caffe"] is not None:
+    if report.fp32_vs_caffe is not None:
         lines += ["", "ncnn FP32 vs Caffe FP32", f"  {'output':<28} {'max abs':>12} {'max rel':>12}"]
-        for name, d in report["fp32_vs_caffe"].items():
-            lines.append(f"  {name:<28} {d['max_abs']:>12.3e} {d['max_rel']:>12.3e}  {d.get('note', '')}".rstrip())
-        lines.append("  task: " + _task_text(report["fp32_vs_caffe_task"]))
-    q = report["int8_vs_fp32"]
+        for name, d in report.fp32_vs_caffe.items():
+            lines.append(f"  {name:<28} {d.max_abs:>12.3e} {d.max_rel:>12.3e}  {d.note}".rstrip())
+        lines.append("  task: " + task_text(report.fp32_vs_caffe_task))
+    q = report.int8_vs_fp32
     lines += [
         "",
         "ncnn INT8 vs ncnn FP32",
-        f"  output cosine   mean {_fmt(q['output_cosine'])}  min {_fmt(q['output_cosine_min'])}"
-        f"  ({', '.join(q['output_blobs'])})",
-        "  task: " + _task_text(q["task"]),
+        f"  output cosine   mean {fmt(q.output_cosine)}  min {fmt(q.output_cosine_min)}  ({', '.join(q.output_blobs)})",
+        "  task: " + task_text(q.task),
     ]
-    if q["winograd_layers"]:
+    if q.winograd_layers:
         lines.append(
-            f"  INT8 Winograd vs direct convolution: output cosine min {q['winograd_vs_direct_cosine_min']:.6f} "
-            f"({q['winograd_layers']} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow: "
+            f"  INT8 Winograd vs direct convolution: output cosine min {q.winograd_vs_direct_cosine_min:.6f} "
+            f"({q.winograd_layers} 3x3 stride-1 INT8 layers; below 0.9999 means int32 overflow: "
             "keep the default Winograd weight bound)"
         )
-    if q["layer_cosine"]:
-        ranked = sorted(q["layer_cosine"].items(), key=lambda kv: kv[1])[:worst_layers]
-        lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q['layer_cosine'])}):")
-        lines += [f"    {name:<32} {_fmt(value)}" for name, value in ranked]
+    if q.layer_cosine:
+        ranked = sorted(q.layer_cosine.items(), key=lambda kv: kv[1])[:worst_layers]
+        lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q.layer_cosine)}):")
+        lines += [f"    {name:<32} {fmt(value)}" for name, value in ranked]
     lines += ["", f"speed (median ms/image)  {'threads':>7} {'FP32':>9} {'INT8':>9} {'INT8/FP32':>10}"]
-    for threads, ratio in report["speed_ratio_int8_over_fp32"].items():
+    for threads, ratio in report.speed_ratio.items():
         lines.append(
-            f"{'':<24} {threads:>7} {report['speed_ms']['fp32'][threads]:>9.2f} "
-            f"{report['speed_ms']['int8'][threads]:>9.2f} {ratio:>10.3f}"
+            f"{'':<24} {threads:>7} {report.speed_ms['fp32'][threads]:>9.2f} "
+            f"{report.speed_ms['int8'][threads]:>9.2f} {ratio:>10.3f}"
         )
-    if "layer_ms" in report:
+    if report.layer_ms is not None:
         from int8conv.evaluation.speed import format_layer_times
 
-        lines += ["", format_layer_times(report["layer_ms"])]
+        lines += ["", format_layer_times(report.layer_ms)]
     return "\n".join(lines)
 
 
-def _task_text(metric: dict) -> str:
-    if "top1_agreement" in metric:
-        agreement, diff = _fmt(metric["top1_agreement"]), _fmt(metric["mean_abs_prob_diff"], 5)
-        return f"top-1 agreement {agreement}, mean |prob diff| {diff}"
-    if "map_iou" in metric:
-        return (
-            f"IoU of the maps > {metric['map_threshold']}: mean {_fmt(metric['map_iou'])}, "
-            f"min {_fmt(metric['map_iou_min'])}"
-        )
+def task_text(metric: TaskAgreement) -> str:
+    """A task metric in one line."""
+    if isinstance(metric, ClassifierAgreement):
+        return f"top-1 agreement {fmt(metric.top1_agreement)}, mean |prob diff| {fmt(metric.mean_abs_prob_diff, 5)}"
+    if isinstance(metric, MapAgreement):
+        return f"IoU of the maps > {metric.map_threshold}: mean {fmt(metric.map_iou)}, min {fmt(metric.map_iou_min)}"
     return (
-        f"precision {_fmt(metric['precision'])}, recall {_fmt(metric['recall'])}, mean IoU "
-        f"{_fmt(metric['mean_iou'])} ({metric['matched']} matched of {metric['reference_detections']} "
-        f"reference / {metric['candidate_detections']} candidate detections)"
+        f"precision {fmt(metric.precision)}, recall {fmt(metric.recall)}, mean IoU "
+        f"{fmt(metric.mean_iou)} ({metric.matched} matched of {metric.reference_detections} "
+        f"reference / {metric.candidate_detections} candidate detections)"
     )
-
-
-def finite_json(value):
-    """NaN/Inf (e.g. mean IoU with no match) as null, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -11,7 +11,6 @@ prints, rendered with ``evaluate.format_report``, so the page and ``eval`` can n
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import re
@@ -26,6 +25,7 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import BlobHistogram, CalibrationStatistics
 from int8conv.calibration.thresholds import kl_divergences, select_candidate
 from int8conv.calibration.weight_scales import quantizable_layers
+from int8conv.evaluation.results import EvalReport
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
 
@@ -127,10 +127,10 @@ def _levels(layer, scales: np.ndarray) -> int:
 
 
 def layer_reports(
-    graph: Graph, stats: CalibrationStatistics, table: CalibrationTable, evaluation: dict | None, deploy: Graph
+    graph: Graph, stats: CalibrationStatistics, table: CalibrationTable, evaluation: EvalReport | None, deploy: Graph
 ) -> list[LayerReport]:
     """One entry per quantizable layer of the BatchNorm-folded ``deploy`` graph, in execution order."""
-    cosines = evaluation["int8_vs_fp32"]["layer_cosine"] if evaluation else {}
+    cosines = evaluation.int8_vs_fp32.layer_cosine if evaluation else {}
     reports = []
     for layer in quantizable_layers(deploy):
         value = layer.bottoms[0]
@@ -301,7 +301,12 @@ td:first-child,td:nth-child(2),td:nth-child(3){{text-align:left}} img{{max-width
 
 
 def write_report(
-    out_dir: Path, name: str, layers: Sequence[LayerReport], evaluation: dict | None, evaluation_text: str, intro: str
+    out_dir: Path,
+    name: str,
+    layers: Sequence[LayerReport],
+    evaluation: EvalReport | None,
+    evaluation_text: str,
+    intro: str,
 ) -> Path:
     """Render every figure and the page ``out_dir/<name>.html`` (figures in ``out_dir/<name>_files``)."""
     out_dir = Path(out_dir)
@@ -327,14 +332,6 @@ def write_report(
     path = out_dir / f"{name}.html"
     write_text_atomic(path, page)
     if evaluation is not None:
-        write_text_atomic(out_dir / f"{name}.json", json.dumps(evaluation, indent=2, default=_json_default) + "\n")
+        write_text_atomic(out_dir / f"{name}.json", evaluation.to_json() + "\n")
     log.info("report written to %s (%d layers)", path, len(layers))
     return path
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

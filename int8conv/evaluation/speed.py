@@ -33,6 +33,7 @@ import numpy as np
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
 from int8conv.evaluation.mixed_precision import auto_fp32, without_activations
+from int8conv.evaluation.results import LayerTimes
 from int8conv.ncnn.model import SHAPE_HINTS, NcnnLayer, NcnnModel, write_model
 from int8conv.ncnn.quantize import QUANTIZABLE, REQUANTIZE, int8_layers, is_int8, quantize_model
 from int8conv.ncnn.runtime import time_models
@@ -340,29 +341,24 @@ def format_choice(choice: SpeedChoice) -> str:
     return "\n".join(lines)
 
 
-def add_layer_times(
-    report: dict, fp32_param: Path, fp32_bin: Path, int8_param: Path, int8_bin: Path, runs: int = 15
-) -> None:
+def layer_times(fp32_param: Path, fp32_bin: Path, int8_param: Path, int8_bin: Path, runs: int = 15) -> LayerTimes:
     """``eval``/``report --layer-times``: every INT8 layer of the INT8 model timed alone against its FP32 self
-    (the scales come from the INT8 files), into ``report["layer_ms"]``."""
+    (the scales come from the INT8 files)."""
     from int8conv.ncnn.model import read_model
 
     timings = time_layers(read_model(fp32_param, fp32_bin), table_of(read_model(int8_param, int8_bin)), runs=runs)
-    report["layer_ms"] = {
-        "source": PROXY_NOTE,
-        "layers": {n: {"fp32": t.fp32_ms, "int8": t.int8_ms} for n, t in timings.items()},
-    }
+    return LayerTimes(PROXY_NOTE, timings)
 
 
-def format_layer_times(layer_ms: dict) -> str:
-    """The table ``add_layer_times`` measured, with the layers where INT8 does not pay marked."""
-    layers = layer_ms["layers"]
-    slow = [n for n, t in layers.items() if not LayerTiming(t["fp32"], t["int8"]).pays]
-    threads = sorted({t for entry in layers.values() for t in entry["fp32"]})
+def format_layer_times(layer_ms: LayerTimes) -> str:
+    """The table ``layer_times`` measured, with the layers where INT8 does not pay marked."""
+    layers = layer_ms.layers
+    slow = [n for n, t in layers.items() if not t.pays]
+    threads = sorted({t for timing in layers.values() for t in timing.fp32_ms})
     head = "".join(f" {'FP32 ms/' + str(t):>10} {'INT8 ms/' + str(t):>10}" for t in threads)
-    lines = [f"per-layer time of the INT8 layers ({layer_ms['source']})", f"  {'layer':<32}{head}"]
-    for name, entry in layers.items():
-        cells = "".join(f" {entry['fp32'][t]:>10.3f} {entry['int8'][t]:>10.3f}" for t in threads)
+    lines = [f"per-layer time of the INT8 layers ({layer_ms.source})", f"  {'layer':<32}{head}"]
+    for name, timing in layers.items():
+        cells = "".join(f" {timing.fp32_ms[t]:>10.3f} {timing.int8_ms[t]:>10.3f}" for t in threads)
         lines.append(f"  {name:<32}{cells}{'  INT8 slower' if name in slow else ''}")
     lines.append(
         f"  INT8 does not pay for {len(slow)} of {len(layers)} layer(s)"

@@ -27,7 +27,6 @@ from collections import Counter
 
 import numpy as np
 
-from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph, Layer
 from int8conv.caffe.layers import REGISTRY, Decline, declined, kind_of
 from int8conv.caffe.layers.base import f32, unsupported, whc
@@ -221,7 +220,7 @@ def _insert_splits(layers: list[NcnnLayer]) -> list[NcnnLayer]:
 
 def convert_graph(graph: Graph) -> NcnnModel:
     """The FP32 ncnn model of a Caffe graph; an unsupported layer is a ``ModelError`` naming it and its type."""
-    folded = fold_batchnorm_scale(graph)
+    folded = graph.folded()
     ctx = _Context(folded)
     layers: list[NcnnLayer] = []
     for layer in folded.layers:

@@ -27,6 +27,7 @@ import numpy as np
 
 from int8conv.atomic import in_scratch, output_set, write_bytes_atomic, write_text_atomic
 from int8conv.errors import ModelError
+from int8conv.layer_list import LayerList
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +73,13 @@ class NcnnLayer:
 
 
 @dataclass
-class NcnnModel:
+class NcnnModel(LayerList[NcnnLayer]):
     """Layers in execution order; blobs are named by the layers' bottoms and tops."""
 
     layers: list[NcnnLayer]
 
-    def layer(self, name: str) -> NcnnLayer:
-        """The layer called ``name``; a missing one is an error that names it."""
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise ModelError(f"no ncnn layer named '{name}'")
-
-    def producer(self, blob: str) -> NcnnLayer | None:
-        """The layer whose top is ``blob``."""
-        for layer in self.layers:
-            if blob in layer.tops:
-                return layer
-        return None
-
-    def consumers(self, blob: str) -> list[NcnnLayer]:
-        """The layers reading ``blob``, in execution order."""
-        return [layer for layer in self.layers if blob in layer.bottoms]
+    def missing_layer(self, name: str) -> str:
+        return f"no ncnn layer named '{name}'"
 
     @property
     def blob_names(self) -> list[str]:

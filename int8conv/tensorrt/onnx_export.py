@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import Graph
 from int8conv.caffe.layers import Decline, declined, kind_of
 from int8conv.errors import ModelError
@@ -107,7 +106,7 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
     ``batch``: None keeps the prototxt's batch, a positive int fixes it, -1 makes it the symbolic ``N``.
     """
     original = graph
-    graph = fold_batchnorm_scale(graph)
+    graph = graph.folded()
     b = _Builder(graph)
     heads = ssd_heads(graph)
     for layer in graph.layers:

@@ -10,7 +10,7 @@ fuses the pairs itself; placing them on the inputs of the weighted layers is NVI
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -42,6 +42,16 @@ def quantization_scale(amax: np.ndarray | float) -> np.ndarray:
 def quantized_layers(export: OnnxExport) -> list[str]:
     """Names of the Conv/Gemm nodes (= Caffe layer names) that Q/DQ can be put on, in graph order."""
     return [node.name for node in export.model.graph.node if node.op_type in QUANTIZED_OPS]
+
+
+def _q_dq_nodes(
+    tensor: str, quantized: str, out: str, scale: str, zero: str, fresh: Callable[[str], str], attrs: dict
+) -> list[onnx.NodeProto]:
+    """QuantizeLinear ``tensor`` -> ``quantized`` and DequantizeLinear -> ``out``, with one scale and zero point."""
+    return [
+        helper.make_node(op, [source, scale, zero], [target], name=fresh(f"{tensor}/{op}"), **attrs)
+        for op, source, target in (("QuantizeLinear", tensor, quantized), ("DequantizeLinear", quantized, out))
+    ]
 
 
 def insert_qdq(
@@ -96,24 +106,7 @@ def insert_qdq(
         new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np.int8), zero_name))
         attrs = {} if axis is None else {"axis": axis}
         quantized, out = fresh(f"{tensor}/quantized"), fresh(f"{tensor}/dequantized")
-        nodes.append(
-            helper.make_node(
-                "QuantizeLinear",
-                [tensor, scale_name, zero_name],
-                [quantized],
-                name=fresh(f"{tensor}/QuantizeLinear"),
-                **attrs,
-            )
-        )
-        nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [quantized, scale_name, zero_name],
-                [out],
-                name=fresh(f"{tensor}/DequantizeLinear"),
-                **attrs,
-            )
-        )
+        nodes.extend(_q_dq_nodes(tensor, quantized, out, scale_name, zero_name, fresh, attrs))
         return out
 
     for node in graph.node:

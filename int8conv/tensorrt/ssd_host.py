@@ -17,7 +17,7 @@ import numpy as np
 
 from int8conv.caffe.graph import Graph, Layer
 from int8conv.caffe.proto import caffe_pb2
-from int8conv.caffe.shapes import prior_box_aspect_ratios
+from int8conv.caffe.shapes import prior_box_aspect_ratios, prior_box_image_and_step
 from int8conv.errors import ModelError
 from int8conv.evaluation.detection import nms
 
@@ -44,18 +44,9 @@ def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, 
     if len(p.variance) not in (0, 1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): {len(p.variance)} variances; Caffe needs 1 or 4")
     fh, fw = feature_hw
-    if p.img_h or p.img_w:
-        img_h, img_w = int(p.img_h), int(p.img_w)
-    elif p.img_size:
-        img_h = img_w = int(p.img_size)
-    else:
-        img_h, img_w = image_hw
-    if p.step_h or p.step_w:
-        step_h, step_w = float(p.step_h), float(p.step_w)
-    elif p.step:
-        step_h = step_w = float(p.step)
-    else:
-        step_h, step_w = img_h / fh, img_w / fw
+    image, step = prior_box_image_and_step(p)
+    img_h, img_w = image or image_hw
+    step_h, step_w = step or (img_h / fh, img_w / fw)
     sizes: list[tuple[float, float]] = []  # (box width, box height) per prior of one cell
     for i, min_size in enumerate(p.min_size):
         sizes.append((float(min_size), float(min_size)))

@@ -8,7 +8,7 @@ import numpy as np
 
 from int8conv.caffe.layers.base import Decline, LayerKind, Shape, register, unsupported
 from int8conv.caffe.proto import caffe_pb2
-from int8conv.caffe.shapes import prior_box_aspect_ratios
+from int8conv.caffe.shapes import prior_box_aspect_ratios, prior_box_image_and_step
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer, ParamValue
 
@@ -46,18 +46,9 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(variance) not in (1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): variance needs 1 or 4 values, got {len(variance)}")
     variance = variance * 4 if len(variance) == 1 else variance
-    if p.HasField("img_size"):
-        img_w = img_h = int(p.img_size)
-    elif p.HasField("img_w") or p.HasField("img_h"):
-        img_w, img_h = int(p.img_w), int(p.img_h)
-    else:
-        img_w = img_h = -233
-    if p.HasField("step"):
-        step_w = step_h = float(p.step)
-    elif p.HasField("step_w") or p.HasField("step_h"):
-        step_w, step_h = float(p.step_w), float(p.step_h)
-    else:
-        step_w = step_h = -233.0
+    image, step = prior_box_image_and_step(p)
+    img_h, img_w = image or (-233, -233)  # ncnn's -233: from the image blob / the feature map
+    step_h, step_w = step or (-233.0, -233.0)
     if (img_w == -233) != (img_h == -233) or len(layer.bottoms) < 2 and img_w == -233:
         raise ModelError(f"layer '{layer.name}' (PriorBox): needs the image size (img_size or a second bottom)")
     params: dict[int, ParamValue] = {

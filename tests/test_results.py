@@ -1,0 +1,118 @@
+"""The eval report records serialize to the ``eval --json`` schema: its keys in its order, NaN/Inf as null."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from int8conv.evaluation.evaluate import TaskMetric, format_report
+from int8conv.evaluation.results import (
+    ArmDifference,
+    ArmReport,
+    ArmTarget,
+    ArmTiming,
+    ClassifierAgreement,
+    DetectionAgreement,
+    Difference,
+    EvalReport,
+    Int8Comparison,
+    LayerTimes,
+    MapAgreement,
+    OutputComparison,
+)
+from int8conv.evaluation.speed import LayerTiming
+
+HEAD = ["model", "int8_model", "task", "images", "score_threshold", "iou_threshold", "int8_layers"]
+COMPARISON = ["output_blobs", "output_cosine", "output_cosine_min", "task", "layer_cosine"]
+DETECTION = ["precision", "recall", "mean_iou", "reference_detections", "candidate_detections", "matched"]
+
+
+def _ssd_report(**changes) -> EvalReport:
+    detections = DetectionAgreement(0.9, 0.75, math.nan, 4, 5, 3)
+    fields = {
+        "model": "m.param",
+        "int8_model": "m-int8.param",
+        "task": "ssd",
+        "images": 2,
+        "score_threshold": 0.5,
+        "iou_threshold": 0.5,
+        "int8_layers": 3,
+        "fp32_layers": ["conv_head"],
+        "fp32_vs_caffe": {"detection_out": Difference(0.0, 0.0, "detection count differs (3 vs 4)"), "x": Difference()},
+        "fp32_vs_caffe_task": detections,
+        "int8_vs_fp32": Int8Comparison(["loc", "conf"], 0.99, 0.98, detections, {"conv1": 0.999}, 1, 0.99999),
+        "speed_ms": {"fp32": {1: 4.0, 2: 2.5}, "int8": {1: 2.0, 2: 2.0}},
+    }
+    return EvalReport(**{**fields, **changes})
+
+
+def test_eval_report_json_has_the_eval_schema():
+    report = _ssd_report()
+    found = json.loads(report.to_json())
+    assert list(found) == [
+        *HEAD,
+        "fp32_layers",
+        "fp32_vs_caffe",
+        "fp32_vs_caffe_task",
+        "int8_vs_fp32",
+        "speed_ms",
+        "speed_ratio_int8_over_fp32",
+    ]
+    assert found["fp32_vs_caffe"] == {
+        "detection_out": {"max_abs": 0.0, "max_rel": 0.0, "note": "detection count differs (3 vs 4)"},
+        "x": {"max_abs": 0.0, "max_rel": 0.0},  # no note key without a note
+    }
+    assert list(found["fp32_vs_caffe_task"]) == DETECTION and found["fp32_vs_caffe_task"]["mean_iou"] is None
+    assert list(found["int8_vs_fp32"]) == [*COMPARISON, "winograd_layers", "winograd_vs_direct_cosine_min"]
+    assert found["int8_vs_fp32"]["output_blobs"] == ["loc", "conf"]
+    assert found["speed_ms"] == {"fp32": {"1": 4.0, "2": 2.5}, "int8": {"1": 2.0, "2": 2.0}}
+    assert found["speed_ratio_int8_over_fp32"] == {"1": 0.5, "2": 0.8}
+    # the layout eval --json has always written: two-space indent, no trailing newline (the writer adds it)
+    assert report.to_json() == json.dumps(found, indent=2)
+    assert (
+        "NaN" not in report.to_json()
+        and "Infinity" not in _ssd_report(fp32_vs_caffe={"y": Difference(1.0, math.inf)}).to_json()
+    )
+
+
+def test_eval_report_without_caffe_and_with_layer_times():
+    timing = LayerTiming({1: 0.2}, {1: 0.3})
+    report = _ssd_report(
+        fp32_vs_caffe=None, fp32_vs_caffe_task=None, layer_ms=LayerTimes("timed here", {"conv1": timing})
+    )
+    found = json.loads(report.to_json())
+    assert found["fp32_vs_caffe"] is None and found["fp32_vs_caffe_task"] is None
+    assert list(found)[-1] == "layer_ms"
+    assert found["layer_ms"] == {"source": "timed here", "layers": {"conv1": {"fp32": {"1": 0.2}, "int8": {"1": 0.3}}}}
+    text = format_report(report)
+    assert "ncnn FP32 vs Caffe" not in text and "INT8 slower" in text and "conv_head" in text
+
+
+def test_task_metrics_serialize_by_task():
+    classifier, segmentation = TaskMetric("classifier"), TaskMetric("segmentation")
+    assert list(classifier.summary().as_dict()) == ["top1_agreement", "mean_abs_prob_diff"]
+    assert isinstance(classifier.summary(), ClassifierAgreement) and math.isnan(classifier.summary().top1_agreement)
+    assert list(segmentation.summary().as_dict()) == ["map_iou", "map_iou_min", "map_threshold"]
+    assert isinstance(segmentation.summary(), MapAgreement) and segmentation.summary().map_threshold == 0.5
+    assert list(TaskMetric("ssd").summary().as_dict()) == DETECTION
+
+
+def test_arm_report_json_has_the_arm_schema():
+    task = ClassifierAgreement(1.0, 0.001)
+    comparison = OutputComparison(["prob"], 0.999, 0.998, task, {"conv1": 0.9999})
+    differs = ArmDifference(["prob"], 1.0, 1.0, task, {}, {"prob": Difference(1e-6, 1e-5)})
+    report = ArmReport(
+        *["m.param", "m-int8.param", "classifier", 4, 0.5, 0.5, 3],
+        arm=ArmTarget("cortex-a76", False, 1, {"machine": "aarch64", "emulated": True}),
+        x86_ncnn="1.0.0",
+        int8_vs_fp32={"arm": comparison, "x86": comparison},
+        arm_vs_x86={"fp32": differs, "int8": differs},
+        arm_ms_per_image=ArmTiming(10.0, 5.0, "emulated"),
+    )
+    found = json.loads(report.to_json())
+    assert list(found) == [*HEAD, "arm", "x86_ncnn", "int8_vs_fp32", "arm_vs_x86", "arm_ms_per_image"]
+    assert found["arm"] == {"cpu": "cortex-a76", "fp16": False, "threads": 1, "machine": "aarch64", "emulated": True}
+    assert list(found["int8_vs_fp32"]["arm"]) == COMPARISON
+    assert list(found["arm_vs_x86"]["fp32"]) == [*COMPARISON, "difference"]
+    assert found["arm_vs_x86"]["int8"]["difference"] == {"prob": {"max_abs": 1e-6, "max_rel": 1e-5}}
+    assert found["arm_ms_per_image"] == {"fp32": 10.0, "int8": 5.0, "note": "emulated"}
