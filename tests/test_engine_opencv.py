@@ -185,3 +185,57 @@ def test_upsample_layer_is_caffe_forks_nearest_neighbour():
     np.testing.assert_array_equal(layer.forward([x])[0], x[:, :, rows, cols])
     with pytest.raises(ValueError, match="scale"):
         UpsampleLayer({"scale": "0"}, [])
+
+
+def test_a_non_finite_opencv_forward_is_run_again_once(mixed_net, caplog):
+    """OpenCV now and then returns a few NaN on a forward that requests every layer (the ShuffleNet, measured);
+    the engine runs that forward once more on a freshly loaded net, and a value that stays non-finite is returned
+    as it is."""
+    import logging
+
+    proto, model, _ = mixed_net
+    engine = make_engine("opencv", load_graph(proto, model), proto, model)
+    x = RNG.normal(size=(2, 4, 11, 11)).astype(np.float32)
+    expected = engine.forward(x, ["conv1", "ip"])
+    read, calls = engine._read_net, []
+
+    def poisoning(poison):
+        def read_net():
+            net = read()
+            real = net.forwardAndRetrieve
+
+            def forward_and_retrieve(layers):
+                calls.append(1)
+                outputs = real(layers)
+                return _poisoned(outputs) if poison(len(calls)) else outputs
+
+            return _Wrapped(net, forward_and_retrieve)
+
+        return read_net
+
+    engine._read_net, engine._net = poisoning(lambda call: call == 1), None
+    with caplog.at_level(logging.WARNING):
+        got = engine.forward(x, ["conv1", "ip"])
+    assert len(calls) == 2 and "non-finite values for layer 'conv1'" in caplog.text
+    for value in expected:
+        np.testing.assert_array_equal(got[value], expected[value])
+    calls.clear()
+    engine._read_net, engine._net = poisoning(lambda call: True), None
+    assert np.isnan(engine.forward(x, ["conv1"])["conv1"]).any() and len(calls) == 2
+
+
+class _Wrapped:
+    """A cv2.dnn.Net whose forwardAndRetrieve is replaced."""
+
+    def __init__(self, net, forward_and_retrieve) -> None:
+        self._net, self.forwardAndRetrieve = net, forward_and_retrieve
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+
+def _poisoned(outputs):
+    """The outputs with one NaN in the first layer's first blob."""
+    first = np.array(outputs[0][0])
+    first.flat[0] = np.nan
+    return [[first, *outputs[0][1:]], *outputs[1:]]
