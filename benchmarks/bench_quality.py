@@ -164,15 +164,20 @@ def bench_model(
     images: tuple[list[Path], list[Path]],
     workdir: Path,
     qdq_method: str | None = None,
+    equalize: bool = False,
 ) -> dict[str, Cell]:
     proto, caffemodel = folder_model.paths(shared)
     prep = folder_model.prep
     graph = load_graph(proto, caffemodel)
-    ncnn_model = convert_graph(graph)
+    ncnn_model = convert_graph(graph)  # the FP32 reference: the original model, also with --equalize
     channels = next(iter(graph.inputs.values()))[1]
     calib_inputs = load_inputs(images[0], prep, channels)
     judged_inputs = load_inputs(images[1], prep, channels)
     started = time.perf_counter()
+    if equalize:
+        caffemodel = equalized_model(proto, caffemodel, prep, images[0], workdir / f"{name}-equalized.caffemodel")
+        graph = load_graph(proto, caffemodel)
+    quantized_model = convert_graph(graph) if equalize else ncnn_model
     engine = make_engine("opencv", graph, proto, caffemodel)
     stats = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep)
     stats_seconds = time.perf_counter() - started
@@ -193,7 +198,7 @@ def bench_model(
             else:
                 table, extra = table_for(method, graph, stats, calib_inputs)
             cell.seconds = stats_seconds + time.perf_counter() - started
-            int8_model = quantize_model(ncnn_model, table, fp16_storage=False, biases=extra)
+            int8_model = quantize_model(quantized_model, table, fp16_storage=False, biases=extra)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
             write_model(int8_model, param, binary)
             int8 = NcnnRunner(param, binary, int8=True)
@@ -208,6 +213,18 @@ def bench_model(
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
+
+
+def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path], path: Path) -> Path:
+    """``int8conv equalize`` of the model on the calibration images; the equalized caffemodel's path."""
+    from int8conv import pipeline
+
+    listing = path.with_suffix(".images.txt")
+    listing.write_text("\n".join(map(str, calibration)))
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv")
+    result = pipeline.equalize(pipeline.ModelFiles(proto, caffemodel), pipeline.PreprocessOptions.like(prep), options)
+    pipeline.write_equalized(result, path)
+    return path
 
 
 def qdq_cosine(
@@ -291,6 +308,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--imagenet", type=int, default=100, help="ImageNet samples used (half calibrate, half judge)")
     parser.add_argument("--qdq", metavar="METHOD", help="also judge the Q/DQ ONNX of METHOD under onnxruntime")
+    parser.add_argument(
+        "--equalize",
+        action="store_true",
+        help="calibrate and quantize the model `int8conv equalize` makes on the calibration images (judged against "
+        "the original FP32 model)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -304,9 +327,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for name in args.models:
             try:
-                cells = bench_model(name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq)
+                cells = bench_model(
+                    name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq, args.equalize
+                )
             except Int8ConvError as exc:
-                print(f"{name:<16} not yet convertible: {str(exc)[:100]}")
+                print(f"{name:<16} not judged: {str(exc)[:100]}")
                 continue
             results[name] = cells
             print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in columns), flush=True)

@@ -14,7 +14,17 @@ from int8conv.errors import Int8ConvError
 log = logging.getLogger("int8conv")
 
 #: subcommand modules under int8conv.commands, in the order ``--help`` lists them
-COMMANDS = ("calibrate", "convert", "quantize", "eval", "export_trt", "report", "install_caffe", "install_arm")
+COMMANDS = (
+    "calibrate",
+    "convert",
+    "quantize",
+    "eval",
+    "export_trt",
+    "report",
+    "equalize",
+    "install_caffe",
+    "install_arm",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

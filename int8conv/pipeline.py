@@ -17,6 +17,7 @@ import dataclasses
 import html
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ import onnx
 
 from int8conv.arm.evaluate import evaluate_arm
 from int8conv.arm.runtime import ArmOptions
-from int8conv.atomic import OutputSet, output_set, write_bytes_atomic, write_text_atomic
+from int8conv.atomic import OutputSet, output_set, scratch_files, write_bytes_atomic, write_text_atomic
 from int8conv.caffe.graph import Graph, load_graph
+from int8conv.caffe.proto import caffe_pb2
+from int8conv.caffe.reader import read_caffemodel
 from int8conv.caffe.shapes import check_input_size
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
@@ -39,8 +42,9 @@ from int8conv.calibration.calibrate import (
     legacy_table,
     model_identity,
 )
+from int8conv.calibration.equalize import EqualizedPair, channel_ranges, equalization_pairs, equalize_caffemodel
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs
+from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs, spread_evenly
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, search_images
 from int8conv.calibration.thresholds import DEFAULT_METHOD
 from int8conv.engines import make_engine
@@ -61,6 +65,7 @@ from int8conv.evaluation.speed import (
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import quantize_model
+from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
@@ -341,6 +346,78 @@ def table_text(result: CalibrationResult, legacy: bool = False) -> str:
 
 def write_table(result: CalibrationResult, path: Path, legacy: bool = False) -> None:
     write_text_atomic(path, table_text(result, legacy))
+
+
+#: calibration images the equalization measures channel ranges on (spread over the set)
+EQUALIZE_IMAGES = 32
+#: the largest relative difference allowed between the FP32 outputs of the original and the equalized model
+EQUALIZE_TOLERANCE = 1e-3
+
+
+@dataclass
+class Equalization:
+    """``int8conv equalize``'s result: the new caffemodel and what changed."""
+
+    weights: caffe_pb2.NetParameter
+    pairs: list[EqualizedPair]
+    images: int
+    fp32_max_rel: float  # largest |difference| / largest |output| of the FP32 outputs, original vs equalized
+
+
+def equalize(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions) -> Equalization:
+    """Cross-layer equalization (``calibration.equalize``) of ``model``, with the channel ranges measured on up to
+    EQUALIZE_IMAGES of the calibration images, checked: the FP32 outputs of both models on the ncnn runtime agree."""
+    if options.images is None:
+        raise ImageError("equalize measures channel ranges on images: give them with --images")
+    graph = model.load()
+    pairs = equalization_pairs(graph)
+    if not pairs:
+        raise Int8ConvError(
+            f"{model.proto}: no depthwise convolution reads a convolution's or a Scale's output (through ReLU/PReLU "
+            "only): nothing to equalize"
+        )
+    values = list(dict.fromkeys(depthwise.bottoms[0] for _, depthwise in pairs))
+    inputs = _image_inputs(
+        graph, spread_evenly(calibration_images(options), EQUALIZE_IMAGES), prep.for_graph(graph, model.proto)
+    )
+    if not inputs:
+        raise ImageError(f"{options.images}: no readable image to measure channel ranges on")
+    engine = make_engine(
+        options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu, calibration=True, values=values
+    )
+    step = max(1, options.batch_size)
+    batches = (engine.forward(np.stack(inputs[i : i + step]), values) for i in range(0, len(inputs), step))
+    weights, done = equalize_caffemodel(read_caffemodel(model.caffemodel), pairs, channel_ranges(batches, values))
+    with tempfile.TemporaryDirectory(prefix="int8conv-equalize-") as tmp:
+        path = Path(tmp) / model.caffemodel.name
+        path.write_bytes(weights.SerializeToString())
+        worst = _fp32_difference(graph, load_graph(model.proto, path), inputs[:2], Path(tmp))
+    if worst > EQUALIZE_TOLERANCE:
+        raise Int8ConvError(
+            f"equalizing {model.caffemodel} changed its FP32 outputs by {worst:.3g} (relative); this is a bug"
+        )
+    return Equalization(weights, done, len(inputs), worst)
+
+
+def _fp32_difference(original: Graph, changed: Graph, inputs: Sequence[np.ndarray], workdir: Path) -> float:
+    """The largest relative difference of the two graphs' ncnn FP32 outputs on ``inputs``."""
+    runners = []
+    for stem, graph in (("original", original), ("changed", changed)):
+        with scratch_files():
+            write_model(convert_graph(graph), workdir / f"{stem}.param", workdir / f"{stem}.bin")
+        runners.append(NcnnRunner(workdir / f"{stem}.param", workdir / f"{stem}.bin", int8=False))
+    worst = 0.0
+    for x in inputs:
+        feed = {runners[0].input_names[0]: x}
+        a, b = runners[0].run(feed), runners[1].run(feed)
+        for name in a:
+            peak = float(np.abs(a[name]).max(initial=0.0))
+            worst = max(worst, float(np.abs(a[name] - b[name]).max(initial=0.0)) / (peak or 1.0))
+    return worst
+
+
+def write_equalized(result: Equalization, path: Path) -> None:
+    write_bytes_atomic(path, result.weights.SerializeToString())
 
 
 def convert(model: ModelFiles) -> NcnnModel:

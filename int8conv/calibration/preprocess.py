@@ -12,11 +12,14 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from int8conv.errors import ImageError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +197,11 @@ def network_inputs(paths: Sequence[Path], prep: Preprocess, input_name: str) -> 
     if not inputs:
         raise ImageError(f"none of the {len(paths)} images could be read")
     return inputs
+
+
+def spread_evenly(items: Sequence[T], count: int) -> list[T]:
+    """Up to ``count`` of ``items``, spread evenly over them (first and last included)."""
+    if not items:
+        return []
+    picked = np.unique(np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int))
+    return [items[i] for i in picked]

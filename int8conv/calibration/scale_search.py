@@ -38,6 +38,7 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import CalibrationResult, build_table, head_layers
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input
+from int8conv.calibration.preprocess import spread_evenly
 from int8conv.calibration.thresholds import activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers, uses_int8_winograd
 from int8conv.errors import ImageError
@@ -221,8 +222,7 @@ def _bias_correction(s: LayerSamples, bottom_scale: float, weight_scales: np.nda
 
 def search_images(items: Sequence[T]) -> list[T]:
     """Up to SEARCH_IMAGES of the calibration images, spread evenly over them."""
-    picked = np.unique(np.linspace(0, len(items) - 1, min(SEARCH_IMAGES, len(items))).round().astype(int))
-    return [items[i] for i in picked] if len(items) else []
+    return spread_evenly(items, SEARCH_IMAGES)
 
 
 def search_scales(

@@ -154,6 +154,7 @@ OUTPUT_FILES = {
     "quantize": ("--out-param", "--out-bin", "--out-table"),
     "export-trt": ("--save-stats",),
     "report": ("--save-stats",),
+    "equalize": ("--output",),
 }
 OUTPUT_DIRS = {
     "convert": ("--out-dir",),

@@ -1,0 +1,136 @@
+"""``int8conv equalize``: the equalized caffemodel computes the same FP32 outputs (checked with OpenCV, an engine
+the equalization does not use to check itself), gives every depthwise input channel the same range, and quantizes
+better on the ncnn runtime."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from int8conv import pipeline
+from int8conv.caffe.graph import load_graph
+from int8conv.calibration.calibrate import build_table
+from int8conv.calibration.equalize import channel_ranges, equalization_pairs
+from int8conv.cli import main as cli
+from int8conv.engines import make_engine
+from int8conv.evaluation.metrics import cosine
+from int8conv.ncnn.convert import convert_graph
+from int8conv.ncnn.model import write_model
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.zoo import MODELS
+from tests.synthetic import write_caffe_model
+
+NET = """
+name: "dw"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 16 dim: 16 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "act" type: "ReLU" bottom: "conv" top: "conv" relu_param { negative_slope: 0.1 } }
+layer { name: "dw" type: "Convolution" bottom: "conv" top: "dw"
+  convolution_param { num_output: 8 group: 8 kernel_size: 3 pad: 1 } }
+layer { name: "act2" type: "ReLU" bottom: "dw" top: "dw" }
+layer { name: "pw" type: "Convolution" bottom: "dw" top: "pw" convolution_param { num_output: 4 kernel_size: 1 } }
+"""
+
+
+@pytest.fixture
+def spread_net(tmp_path):
+    """A conv -> BatchNorm -> Scale -> ReLU -> depthwise net whose 8 channels span about 100x in range, and 6
+    random images to measure them on."""
+    rng = np.random.default_rng(3)
+    f = np.float32
+    gamma = np.geomspace(1e-2, 1.0, 8).astype(f)  # channel ranges from the Scale layer
+    weights = {
+        "conv": [rng.normal(size=(8, 3, 3, 3)).astype(f), rng.normal(size=8).astype(f) * 0.1],
+        "bn": [rng.normal(size=8).astype(f) * 0.1, rng.uniform(0.5, 2, size=8).astype(f), np.array([1.0], f)],
+        "scale": [gamma, (gamma * 0.2).astype(f)],
+        "dw": [rng.normal(size=(8, 1, 3, 3)).astype(f), rng.normal(size=8).astype(f) * 0.01],
+        "pw": [(rng.normal(size=(4, 8, 1, 1)) / gamma.reshape(1, 8, 1, 1)).astype(f), np.zeros(4, f)],
+    }
+    proto, model = write_caffe_model(tmp_path / "net", NET, weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8))
+    return proto, model, images
+
+
+def _equalized(proto, model, images, tmp_path):
+    options = pipeline.CalibrationOptions(images=images, backend="ncnn")
+    result = pipeline.equalize(pipeline.ModelFiles(proto, model), pipeline.PreprocessOptions(mean=(127.0,)), options)
+    path = tmp_path / "equalized.caffemodel"
+    pipeline.write_equalized(result, path)
+    return result, path
+
+
+def _inputs(seed: int, n: int) -> np.ndarray:
+    return (np.random.default_rng(seed).integers(0, 256, size=(n, 3, 16, 16)) - 127.0).astype(np.float32)
+
+
+def test_equalized_model_is_the_same_network_with_equal_depthwise_input_ranges(spread_net, tmp_path):
+    proto, model, images = spread_net
+    result, path = _equalized(proto, model, images, tmp_path)
+    assert [(p.producer, p.depthwise, p.value) for p in result.pairs] == [("scale", "dw", "conv_act")]
+    assert result.pairs[0].spread > 30 and result.fp32_max_rel < 1e-5
+    x = _inputs(0, 4)
+    before = make_engine("opencv", load_graph(proto, model), proto, model).forward(x, ["pw", "conv_act"])
+    after = make_engine("opencv", load_graph(proto, path), proto, path).forward(x, ["pw", "conv_act"])
+    np.testing.assert_allclose(after["pw"], before["pw"], rtol=1e-4, atol=1e-4 * np.abs(before["pw"]).max())
+    peak = np.abs(after["conv_act"]).max(axis=(0, 2, 3))
+    ranges = channel_ranges([before], ["conv_act"])["conv_act"]
+    assert ranges.max() / ranges.min() > 30  # before: about 100x apart
+    assert peak.max() / peak.min() < 1.6  # after: one range (measured on other images than these)
+
+
+def test_equalization_raises_the_int8_output_cosine(spread_net, tmp_path):
+    """Same images, same minmax table rule: the INT8 ncnn model of the equalized net is closer to FP32."""
+    proto, model, images = spread_net
+    _, path = _equalized(proto, model, images, tmp_path)
+    x = _inputs(1, 8)
+    found = {}
+    for label, caffemodel in (("original", model), ("equalized", path)):
+        graph = load_graph(proto, caffemodel)
+        fp32 = convert_graph(graph)
+        stats = pipeline.collect(
+            pipeline.ModelFiles(proto, caffemodel),
+            graph,
+            pipeline.PreprocessOptions(mean=(127.0,)),
+            pipeline.CalibrationOptions(images=images, backend="ncnn"),
+        )
+        int8 = quantize_model(fp32, build_table(graph, stats, "minmax").table, fp16_storage=False)
+        runners = []
+        for stem, m in (("fp32", fp32), ("int8", int8)):
+            write_model(m, tmp_path / f"{label}-{stem}.param", tmp_path / f"{label}-{stem}.bin")
+            runners.append(
+                NcnnRunner(tmp_path / f"{label}-{stem}.param", tmp_path / f"{label}-{stem}.bin", stem == "int8")
+            )
+        found[label] = min(cosine(runners[0].run({"data": a})["pw"], runners[1].run({"data": a})["pw"]) for a in x)
+    assert found["equalized"] > found["original"] + 0.01, found
+
+
+def test_a_model_without_depthwise_layers_is_a_clear_error(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    net = 'name: "plain"\ninput: "data"\ninput_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+    net += 'layer { name: "c" type: "Convolution" bottom: "data" top: "c"\n'
+    net += "  convolution_param { num_output: 4 kernel_size: 3 } }\n"
+    proto, model = write_caffe_model(tmp_path, net, {"c": [rng.normal(size=(4, 3, 3, 3)), np.zeros(4)]})
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    out = tmp_path / "out.caffemodel"
+    code = cli(
+        ["equalize", "--proto", str(proto), "--model", str(model), "--images", str(images), "--output", str(out)]
+    )
+    assert code == 2 and "nothing to equalize" in capsys.readouterr().err and not out.exists()
+
+
+def test_ultraface_pairs_are_its_depthwise_layers(shared):
+    graph = load_graph(*MODELS["ultraface"].paths(shared))
+    pairs = equalization_pairs(graph)
+    depthwise = [layer.name for layer in graph.layers if layer.type == "Convolution" and layer.blobs[0].shape[1] == 1]
+    assert len(pairs) == 11 and {d.name for _, d in pairs} <= set(depthwise) and pairs[0][1].name == "188"
