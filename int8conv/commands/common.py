@@ -114,11 +114,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
-        "on a shared 2-core machine a second worker gave no more images/s, "
-        "benchmarks/bench_calibrate.py); the statistics do not depend on it",
+        help="worker processes that decode, forward and histogram images, each with its own ncnn net "
+        "(ncnn engine; default: one per CPU core, at most 8; 1: one process). Each adds about one net's "
+        "memory; the statistics do not depend on it",
     )
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument(
