@@ -140,13 +140,13 @@ def workers_start_at_once(monkeypatch):
     """Worker processes even for work too small to pay for their start (the first chunk's timing decides); the
     list it returns records the pool sizes used."""
     monkeypatch.setattr(workers, "WORKER_START_SECONDS", 0.0)
-    pools, pool_statistics = [], workers._pool_statistics
+    pools, pool = [], workers._Pool
 
-    def recorded(reader, chunks, prep, new_statistics, count, add):
+    def recorded(reader, chunks, prep, new_statistics, count):
         pools.append(count)
-        return pool_statistics(reader, chunks, prep, new_statistics, count, add)
+        return pool(reader, chunks, prep, new_statistics, count)
 
-    monkeypatch.setattr(workers, "_pool_statistics", recorded)
+    monkeypatch.setattr(workers, "_Pool", recorded)
     return pools
 
 

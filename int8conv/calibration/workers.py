@@ -157,13 +157,14 @@ def chunked_statistics(
     """The statistics of ``images``, chunk by chunk, merged in chunk order (so bit for bit the same whatever
     ``jobs``); skipped images are added to ``tally`` and logged here.
 
-    The first chunk runs here, timed; the rest go to ``jobs`` worker processes when the time they save clearly
-    exceeds the time they take to start (small models and few images stay in this process).
+    The first chunk runs here. Its first image, timed, decides: when worker processes save clearly more time than
+    they take to start, ``jobs`` of them start on the next chunks while this process finishes the first one
+    (small models and few images stay in this process).
     """
     chunks = [images[i : i + CHUNK_IMAGES] for i in range(0, len(images), CHUNK_IMAGES)]
     merged: CalibrationStatistics | None = None
 
-    def add(index: int, part: CalibrationStatistics, part_tally: ImageTally) -> None:
+    def add(part: CalibrationStatistics, part_tally: ImageTally, count: int) -> None:
         nonlocal merged
         for path, reason in part_tally.skipped:
             log_skipped(path, reason)
@@ -173,42 +174,66 @@ def chunked_statistics(
             merged.merge(part)
         elif part.histograms:
             merged = part
-        on_images(len(chunks[index]))
+        on_images(count)
 
+    reader.load()
     started = time.perf_counter()
-    add(0, *_chunk_statistics(reader, chunks[0], prep, new_statistics()))
-    rest = (time.perf_counter() - started) * (len(chunks) - 1)
+    first, first_tally = _chunk_statistics(reader, chunks[0][:1], prep, new_statistics())
+    rest = (time.perf_counter() - started) * (len(images) - 1)
     workers = max(1, min(jobs, len(chunks) - 1))
-    if workers > 1 and rest * (1 - 1 / workers) > 2 * WORKER_START_SECONDS:
-        _pool_statistics(reader, chunks, prep, new_statistics, workers, add)
-    else:
+    pool = (
+        _Pool(reader, chunks, prep, new_statistics, workers)
+        if workers > 1 and rest * (1 - 1 / workers) > 2 * WORKER_START_SECONDS
+        else None
+    )
+    try:
+        first, rest_tally = _chunk_statistics(reader, chunks[0][1:], prep, first)  # the same statistics, continued
+        add(
+            first,
+            ImageTally(first_tally.used + rest_tally.used, first_tally.skipped + rest_tally.skipped),
+            len(chunks[0]),
+        )
         for index in range(1, len(chunks)):
-            add(index, *_chunk_statistics(reader, chunks[index], prep, new_statistics()))
+            part = pool.result(index) if pool else _chunk_statistics(reader, chunks[index], prep, new_statistics())
+            add(*part, len(chunks[index]))
+    finally:
+        if pool is not None:
+            pool.close()
     return merged if merged is not None else new_statistics()
 
 
-def _pool_statistics(
-    reader: ValueReader,
-    chunks: Sequence[Sequence[Path]],
-    prep: Preprocess,
-    new_statistics: Callable[[], CalibrationStatistics],
-    workers: int,
-    add: Callable[[int, CalibrationStatistics, ImageTally], None],
-) -> None:
-    """Chunks 1.. in ``workers`` processes, handed to ``add`` in chunk order."""
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),  # no fork of a process that may hold threads
-        initializer=_start_worker,
-        initargs=(reader,),
-    )
-    pending: dict[int, concurrent.futures.Future] = {}
-    submitted = 1
-    try:
-        for index in range(1, len(chunks)):
-            while submitted < len(chunks) and submitted - index < 2 * workers:  # bounds the results held here
-                pending[submitted] = pool.submit(_worker_chunk, chunks[submitted], prep, new_statistics())
-                submitted += 1
-            add(index, *pending.pop(index).result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+class _Pool:
+    """Chunks 1.. in worker processes, at most ``2 * workers`` of them queued or done ahead of the caller (which
+    bounds the statistics held here)."""
+
+    def __init__(
+        self,
+        reader: ValueReader,
+        chunks: Sequence[Sequence[Path]],
+        prep: Preprocess,
+        new_statistics: Callable[[], CalibrationStatistics],
+        workers: int,
+    ) -> None:
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),  # no fork of a process that may hold threads
+            initializer=_start_worker,
+            initargs=(reader,),
+        )
+        self.chunks, self.prep, self.new_statistics, self.workers = chunks, prep, new_statistics, workers
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.submitted = 1
+        self._fill(1)
+
+    def _fill(self, index: int) -> None:
+        while self.submitted < len(self.chunks) and self.submitted - index < 2 * self.workers:
+            chunk = self.chunks[self.submitted]
+            self.pending[self.submitted] = self.executor.submit(_worker_chunk, chunk, self.prep, self.new_statistics())
+            self.submitted += 1
+
+    def result(self, index: int) -> tuple[CalibrationStatistics, ImageTally]:
+        self._fill(index)
+        return self.pending.pop(index).result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

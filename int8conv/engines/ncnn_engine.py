@@ -129,6 +129,7 @@ class NcnnEngine:
                 sorted(set(names.values()) - {network.input}, key=network.order.__getitem__),
                 {value: network.shapes[value] for value in names if value in network.shapes},
                 self.threads,
+                owner=network.folder,
             )
         return reader
 

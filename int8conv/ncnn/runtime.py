@@ -141,16 +141,23 @@ class ValueReader:
     order: list[str]
     shapes: dict[str, tuple[int, ...]]
     threads: int = 1
+    #: what keeps the files alive in this process (a temporary folder), not pickled
+    owner: object = field(default=None, repr=False, compare=False)
     _runner: NcnnRunner | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_runner": None}
+        return {**self.__dict__, "owner": None, "_runner": None}
+
+    def load(self) -> NcnnRunner:
+        """The net, loaded on first use."""
+        if self._runner is None:
+            self._runner = NcnnRunner(self.param, self.bin, int8=False, threads=self.threads)
+        return self._runner
 
     def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run each image of the NCHW ``batch``; one image (how calibration feeds ncnn) costs no copy."""
-        if self._runner is None:
-            self._runner = NcnnRunner(self.param, self.bin, int8=False, threads=self.threads)
-        per_image = [self._runner.extract({self.input: image}, self.order, light=True, copy=False) for image in batch]
+        runner = self.load()
+        per_image = [runner.extract({self.input: image}, self.order, light=True, copy=False) for image in batch]
         result: dict[str, np.ndarray] = {}
         for value, blob in self.blobs.items():
             if blob == self.input:
