@@ -4,17 +4,17 @@ overlapped (OpenCV, pycaffe).
 The PyPI ncnn binding holds the GIL while ncnn computes, so threads cannot run two ncnn forwards, or a forward and
 a histogram, at once. An engine that hands out a picklable ``reader()`` (ncnn) is therefore run chunk by chunk
 (``CHUNK_IMAGES`` images each): the first chunk here, timed, then, when that pays for their start, the rest in
-``jobs`` worker processes that each decode, forward and histogram whole chunks with every core busy and no values
-crossing processes: only each chunk's statistics come back (a few KiB per value). Chunks are merged in chunk order,
-exact for the counts and extremes (see ``histograms``) and in the same order whatever ``jobs``, so the table does
-not depend on it.
+``jobs - 1`` worker processes and this one, each decoding, forwarding and histogramming whole chunks, every core
+busy and no values crossing processes: only each chunk's statistics come back (a few KiB per value). Chunks are
+merged in chunk order, exact for the counts and extremes (see ``histograms``) and in the same order whatever
+``jobs``, so the table does not depend on it.
 
 Other engines run in this process: a thread decodes and preprocesses the next batches (OpenCV releases the GIL while
 it decodes and resizes, and while its DNN computes) while the main thread forwards and updates the histograms.
 
-Memory: a chunk is decoded and forwarded image by image, so a worker holds one image's values whatever
-``--batch-size``, and the parent at most ``2 * jobs`` chunks' statistics; in one process the queue holds at most two
-preprocessed batches. Nothing grows with the number of images.
+Memory: a chunk is decoded and forwarded image by image, so a process holds one image's values whatever
+``--batch-size``, and this one at most ``2 * jobs`` chunks' statistics; in one process the queue holds at most two
+preprocessed batches. Nothing grows with the number of images. Each worker process holds its own ncnn net.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def chunked_statistics(
     """The statistics of ``images``, chunk by chunk, merged in chunk order (so bit for bit the same whatever
     ``jobs``); skipped images are added to ``tally`` and logged here.
 
-    The first chunk runs here. Its first image, timed, decides: when worker processes save clearly more time than
-    they take to start, ``jobs`` of them start on the next chunks while this process finishes the first one
-    (small models and few images stay in this process).
+    The first chunk runs here. Its first image, timed, decides: when ``jobs - 1`` worker processes save clearly
+    more time than they take to start, they start on the next chunks while this process finishes the first one,
+    and this process keeps taking chunks while it waits for theirs (small models and few images stay here).
     """
     chunks = [images[i : i + CHUNK_IMAGES] for i in range(0, len(images), CHUNK_IMAGES)]
     merged: CalibrationStatistics | None = None
@@ -180,10 +180,10 @@ def chunked_statistics(
     started = time.perf_counter()
     first, first_tally = _chunk_statistics(reader, chunks[0][:1], prep, new_statistics())
     rest = (time.perf_counter() - started) * (len(images) - 1)
-    workers = max(1, min(jobs, len(chunks) - 1))
+    jobs = max(1, min(jobs, len(chunks)))
     pool = (
-        _Pool(reader, chunks, prep, new_statistics, workers)
-        if workers > 1 and rest * (1 - 1 / workers) > 2 * WORKER_START_SECONDS
+        _Pool(reader, chunks, prep, new_statistics, jobs - 1)
+        if jobs > 1 and rest * (1 - 1 / jobs) > 2 * (jobs - 1) * WORKER_START_SECONDS
         else None
     )
     try:
@@ -203,8 +203,8 @@ def chunked_statistics(
 
 
 class _Pool:
-    """Chunks 1.. in worker processes, at most ``2 * workers`` of them queued or done ahead of the caller (which
-    bounds the statistics held here)."""
+    """Chunks 1.. in ``workers`` processes and in this one, at most ``2 * workers + 1`` of them queued or done
+    ahead of the caller (which bounds the statistics held here)."""
 
     def __init__(
         self,
@@ -220,20 +220,33 @@ class _Pool:
             initializer=_start_worker,
             initargs=(reader,),
         )
-        self.chunks, self.prep, self.new_statistics, self.workers = chunks, prep, new_statistics, workers
-        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.reader, self.chunks, self.prep, self.new_statistics = reader, chunks, prep, new_statistics
+        self.ahead = 2 * workers
+        self.pending: dict[int, concurrent.futures.Future | tuple[CalibrationStatistics, ImageTally]] = {}
         self.submitted = 1
         self._fill(1)
 
     def _fill(self, index: int) -> None:
-        while self.submitted < len(self.chunks) and self.submitted - index < 2 * self.workers:
+        while self.submitted < len(self.chunks) and self.submitted - index < self.ahead:
             chunk = self.chunks[self.submitted]
             self.pending[self.submitted] = self.executor.submit(_worker_chunk, chunk, self.prep, self.new_statistics())
             self.submitted += 1
 
     def result(self, index: int) -> tuple[CalibrationStatistics, ImageTally]:
+        """Chunk ``index``'s statistics; while a worker still computes it, this process takes the next chunk."""
         self._fill(index)
-        return self.pending.pop(index).result()
+        item = self.pending[index]
+        while (
+            isinstance(item, concurrent.futures.Future)
+            and not item.done()
+            and self.submitted < len(self.chunks)
+            and self.submitted - index <= self.ahead
+        ):
+            chunk = self.chunks[self.submitted]
+            self.pending[self.submitted] = _chunk_statistics(self.reader, chunk, self.prep, self.new_statistics())
+            self.submitted += 1
+        item = self.pending.pop(index)
+        return item.result() if isinstance(item, concurrent.futures.Future) else item
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
