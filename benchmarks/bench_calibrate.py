@@ -8,7 +8,7 @@ medians are printed with the ratio to today's OpenCV engine. Reported per config
 
 - wall images/s of the whole process, and its CPU seconds (user + system of the child, from ``getrusage``:
   insensitive to other load on the machine, but counts the spinning of idle ncnn/OpenMP threads);
-- the peak RSS of the child and its worker processes (the child's own peak plus ``jobs`` times its largest
+- the peak RSS of the child and its worker processes (the child's own peak plus ``jobs - 1`` times its largest
   worker's: an upper bound, since they need not peak at once); then, for the default engine, peak RSS at 50 vs
   200 images and at --batch-size 1 vs 16 (streaming: the ratios should stay near 1.0);
 - the largest relative difference of each table's activation scales from the OpenCV table (KL near-ties aside,
@@ -73,13 +73,13 @@ def caffe_importable() -> bool:
 
 
 def workers(flags: list[str]) -> int:
-    """How many worker processes a run with these flags starts (none with one job or a non-ncnn engine)."""
+    """How many worker processes a run with these flags starts at most (``jobs - 1``; none for OpenCV, pycaffe)."""
     from int8conv.calibration.workers import default_jobs
 
     if "--backend" in flags and flags[flags.index("--backend") + 1] in ("opencv", "caffe"):
         return 0
     jobs = int(flags[flags.index("--jobs") + 1]) if "--jobs" in flags else default_jobs()
-    return jobs if jobs > 1 else 0
+    return jobs - 1
 
 
 def run_once(

@@ -116,9 +116,9 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="worker processes that decode, forward and histogram images, each with its own ncnn net "
-        "(ncnn engine; default: one per CPU core, at most 8; 1: one process). Each adds about one net's "
-        "memory; the statistics do not depend on it",
+        help="processes that decode, forward and histogram images (ncnn engine; default: one per CPU core, "
+        "at most 8; 1: this process only). Each worker holds its own ncnn net, so memory grows with N, "
+        "never with the number of images; the statistics do not depend on it",
     )
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument(
