@@ -6,7 +6,8 @@ Each measurement is one ``int8conv calibrate`` in a fresh subprocess (imports in
 interleaved over the configurations ``--repeats`` times so that load from other processes hits all alike; the
 medians are printed with the ratio to today's OpenCV engine. Reported per configuration:
 
-- wall images/s of the whole process, and its CPU seconds (user + system of the child, from ``getrusage``:
+- wall images/s of the whole process, its ratio to OpenCV's (median, and the lowest to highest ratio of the runs of
+  one repeat), and its CPU seconds (user + system of the child, from ``getrusage``:
   insensitive to other load on the machine, but counts the spinning of idle ncnn/OpenMP threads);
 - the peak RSS of the child and its worker processes (the child's own peak plus ``jobs - 1`` times its largest
   worker's: an upper bound, since they need not peak at once); then, for the default engine, peak RSS at 50 vs
@@ -131,8 +132,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--method", default="kl", help="threshold method of every run (default kl)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    labels = [label for label, _ in CONFIGS]
+    parser.add_argument("--configs", nargs="+", choices=labels, default=labels, help="(opencv always runs)")
     args = parser.parse_args()
-    configs = [c for c in CONFIGS if c[0] != "caffe (pycaffe)" or caffe_importable()]
+    wanted = {"opencv", *args.configs}
+    configs = [c for c in CONFIGS if c[0] in wanted and (c[0] != "caffe (pycaffe)" or caffe_importable())]
     print(
         f"{os.cpu_count()} logical cores; {args.images} images; --method {args.method}; medians of {args.repeats} "
         "interleaved runs"
@@ -149,14 +153,17 @@ def main() -> None:
             reference = out / "opencv.table"
             base_wall = statistics.median(s[0] for s in samples["opencv"])
             print(
-                f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'CPU s':>6} {'peak MiB':>8} "
-                f"{'max |scale diff|':>16}"
+                f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'(spread)':>11} {'CPU s':>6} "
+                f"{'peak MiB':>8} {'max |scale diff|':>16}"
             )
             for label, _ in configs:
                 wall, cpu, peak = (statistics.median(s[i] for s in samples[label]) for i in range(3))
+                # the ratio within each repeat (the runs closest in time), lowest to highest
+                ratios = [o[0] / x[0] for o, x in zip(samples["opencv"], samples[label], strict=True)]
                 print(
-                    f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} {cpu:>6.1f} "
-                    f"{peak:>8.0f} {scale_difference(out / f'{label}.table', reference):>16.2e}"
+                    f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} "
+                    f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11} {cpu:>6.1f} {peak:>8.0f} "
+                    f"{scale_difference(out / f'{label}.table', reference):>16.2e}"
                 )
             memory = {}
             for count, batch in ((50, 4), (200, 4), (args.images, 1), (args.images, 16)):
