@@ -14,7 +14,7 @@ from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.calibration.workers import CHUNK_IMAGES
 from int8conv.engines import make_engine
 from int8conv.engines.ncnn_engine import NcnnEngine
-from int8conv.errors import Int8ConvError, ModelError
+from int8conv.errors import ImageError, Int8ConvError, ModelError
 from int8conv.zoo import FORK_MODELS, MODELS
 from tests.synthetic import write_caffe_model
 
@@ -148,6 +148,12 @@ def workers_start_at_once(monkeypatch):
 
     monkeypatch.setattr(workers, "_Pool", recorded)
     return pools
+
+
+def test_no_images_is_a_clear_error(fused_net):
+    graph, _, _ = fused_net
+    with pytest.raises(ImageError, match="none of the 0 calibration images"):
+        collect_statistics(graph, NcnnEngine(graph), [], Preprocess(size=(9, 9)), {}, jobs=2)
 
 
 @pytest.mark.real_models

@@ -162,6 +162,8 @@ def chunked_statistics(
     and this process keeps taking chunks while it waits for theirs (small models and few images stay here).
     """
     chunks = [images[i : i + CHUNK_IMAGES] for i in range(0, len(images), CHUNK_IMAGES)]
+    if not chunks:
+        return new_statistics()
     merged: CalibrationStatistics | None = None
 
     def add(part: CalibrationStatistics, part_tally: ImageTally, count: int) -> None:
