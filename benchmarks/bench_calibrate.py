@@ -1,17 +1,22 @@
 """Calibration throughput per engine and per --jobs, and peak memory, measured side by side in one run.
 
-    python benchmarks/bench_calibrate.py [--shared ../shared] [--images 100] [--repeats 3]
+    python benchmarks/bench_calibrate.py [--shared ../shared] [--images 100] [--repeats 3] [--method kl]
 
 Each measurement is one ``int8conv calibrate`` in a fresh subprocess (imports included, as a user runs it),
 interleaved over the configurations ``--repeats`` times so that load from other processes hits all alike; the
 medians are printed with the ratio to today's OpenCV engine. Reported per configuration:
 
-- wall images/s of the whole process, and its CPU seconds (user + system of the child, from ``getrusage``:
+- wall images/s of the whole process, its ratio to OpenCV's (median, and the lowest to highest ratio of the runs of
+  one repeat), and its CPU seconds (user + system of the child, from ``getrusage``:
   insensitive to other load on the machine, but counts the spinning of idle ncnn/OpenMP threads);
-- the peak RSS of the child; then, for the default engine, peak RSS at 50 vs 200 images and at --batch-size 1
-  vs 16 (streaming: the ratios should stay near 1.0);
+- the peak RSS of the child and its worker processes (the child's own peak plus ``jobs - 1`` times its largest
+  worker's: an upper bound, since they need not peak at once); then, for the default engine, peak RSS at 50 vs
+  200 images and at --batch-size 1 vs 16 (streaming: the ratios should stay near 1.0);
 - the largest relative difference of each table's activation scales from the OpenCV table (KL near-ties aside,
   the engines agree to float rounding).
+
+``--method`` is the threshold method of every run (default kl: its search takes a few ms, so the images/s are the
+engine's; ``auto``, the calibrate default, adds a validation on the ncnn runtime that no engine speeds up).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ sys.path.insert(0, str(ROOT))
 from int8conv.tables.ncnn_table import read_ncnn_table  # noqa: E402
 from int8conv.zoo import MODELS, cli_flags  # noqa: E402
 
-#: runs the CLI in the child, then prints the child's own peak RSS (KiB) as the last stdout line
+#: runs the CLI in the child, then prints its own peak RSS and its largest worker's (KiB) as the last stdout line
 PEAK_WRAPPER = (
     "import resource, sys; from int8conv.cli import main; code = main(sys.argv[1:]); "
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+    " sys.exit(code)"
 )
 
 #: the zoo models timed (``int8conv.zoo``): an SSD detector and a ResNet-50 classifier
@@ -56,20 +62,33 @@ def caffe_importable() -> bool:
     return importable()
 
 
-def run_once(shared: Path, key: str, images: int, flags: list[str], table: Path) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one calibration subprocess."""
+def workers(flags: list[str]) -> int:
+    """How many worker processes a run with these flags starts at most (``jobs - 1``; none for OpenCV, pycaffe)."""
+    from int8conv.calibration.workers import default_jobs
+
+    if "--backend" in flags and flags[flags.index("--backend") + 1] in ("opencv", "caffe"):
+        return 0
+    jobs = int(flags[flags.index("--jobs") + 1]) if "--jobs" in flags else default_jobs()
+    return jobs - 1
+
+
+def run_once(
+    shared: Path, key: str, images: int, flags: list[str], table: Path, method: str
+) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (workers included) and peak RSS (MiB, workers included) of one calibration."""
     spec = MODELS[key]
     proto, model = spec.paths(shared)
     cmd = [sys.executable, "-c", PEAK_WRAPPER, "-q", "calibrate", *flags, "--proto", str(proto), "--model", str(model)]
     cmd += [*cli_flags(spec.prep), "--images", str(shared / "images" / "imagenet_samples_200")]
-    cmd += ["--max-images", str(images), "--output", str(table)]
+    cmd += ["--max-images", str(images), "--method", method, "--output", str(table)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, int(proc.stdout.strip().splitlines()[-1]) / 1024.0
+    own, worker = (int(v) for v in proc.stdout.strip().splitlines()[-1].split())
+    return wall, cpu, (own + workers(flags) * worker) / 1024.0
 
 
 def scale_difference(table: Path, reference: Path) -> float:
@@ -82,33 +101,45 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--method", default="kl", help="threshold method of every run (default kl)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(BENCHMARKED))
+    labels = [label for label, _ in CONFIGS]
+    parser.add_argument("--configs", nargs="+", choices=labels, default=labels, help="(opencv always runs)")
     args = parser.parse_args()
-    configs = [c for c in CONFIGS if c[0] != "caffe (pycaffe)" or caffe_importable()]
-    print(f"{os.cpu_count()} logical cores; {args.images} images; medians of {args.repeats} interleaved runs")
+    wanted = {"opencv", *args.configs}
+    configs = [c for c in CONFIGS if c[0] in wanted and (c[0] != "caffe (pycaffe)" or caffe_importable())]
+    print(
+        f"{os.cpu_count()} logical cores; {args.images} images; --method {args.method}; medians of {args.repeats} "
+        "interleaved runs"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for key in args.models:
             samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in configs}
             for _ in range(args.repeats):
                 for label, flags in configs:
-                    samples[label].append(run_once(args.shared, key, args.images, flags, out / f"{label}.table"))
+                    samples[label].append(
+                        run_once(args.shared, key, args.images, flags, out / f"{label}.table", args.method)
+                    )
             reference = out / "opencv.table"
             base_wall = statistics.median(s[0] for s in samples["opencv"])
             print(
-                f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'CPU s':>6} {'peak MiB':>8} "
-                f"{'max |scale diff|':>16}"
+                f"\n{key:<10} {'engine':<16} {'img/s':>7} {'x opencv':>8} {'(spread)':>11} {'CPU s':>6} "
+                f"{'peak MiB':>8} {'max |scale diff|':>16}"
             )
             for label, _ in configs:
                 wall, cpu, peak = (statistics.median(s[i] for s in samples[label]) for i in range(3))
+                # the ratio within each repeat (the runs closest in time), lowest to highest
+                ratios = [o[0] / x[0] for o, x in zip(samples["opencv"], samples[label], strict=True)]
                 print(
-                    f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} {cpu:>6.1f} "
-                    f"{peak:>8.0f} {scale_difference(out / f'{label}.table', reference):>16.2e}"
+                    f"{'':<10} {label:<16} {args.images / wall:>7.1f} {base_wall / wall:>8.2f} "
+                    f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11} {cpu:>6.1f} {peak:>8.0f} "
+                    f"{scale_difference(out / f'{label}.table', reference):>16.2e}"
                 )
             memory = {}
             for count, batch in ((50, 4), (200, 4), (args.images, 1), (args.images, 16)):
                 memory[count, batch] = run_once(
-                    args.shared, key, count, ["--batch-size", str(batch)], out / "memory.table"
+                    args.shared, key, count, ["--batch-size", str(batch)], out / "memory.table", args.method
                 )[2]
             print(
                 f"{'':<10} default engine peak RSS: 200 vs 50 images x{memory[200, 4] / memory[50, 4]:.2f}; "

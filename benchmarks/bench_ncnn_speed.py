@@ -2,11 +2,16 @@
 before (the shipped table, every layer INT8) and after speed-aware precision (``quantize --optimize speed``).
 
     python benchmarks/bench_ncnn_speed.py [--shared ../shared] [--models res10 ultraface] [--runs 30]
+        [--ncnnoptimize PATH] [--fp32-only]
 
 For each model all four files are timed in the same process, interleaved run by run so that machine load hits
-them alike, at 1 and 2 threads; medians are printed with the ratios. Wall time (``perf_counter``) is what users
-see; at 1 thread the CPU time (``process_time``, blind to other processes on a shared machine) is printed too.
-The output cosine against FP32 (on held-out face images) shows what the speed-aware choice costs in accuracy.
+them alike, at 1 and 2 threads; medians are printed with the ratios. ``--ncnnoptimize PATH`` (Tencent/ncnn's tool,
+built elsewhere) adds a fifth file, ``ncnnoptimize in.param in.bin out.param out.bin 0`` run on the project's FP32
+model, and the ratio of the project's FP32 time to it (``hints/opt``); ``--fp32-only`` times the FP32 files alone
+(no INT8 models, no speed-aware search), which makes the comparison over every shared model quick. Wall time
+(``perf_counter``) is what users see; at 1 thread the CPU time (``process_time``, blind to other processes on a
+shared machine) is printed too. The output cosine against FP32 (on held-out face images) shows what the speed-aware
+choice costs in accuracy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,28 +53,41 @@ TABLES = {
     "det1": "mtcnn_det1",
     "det2": "mtcnn_det2",
     "det3": "mtcnn_det3",
+    "retinaface": "retinaface_mnet025",
+    "yoloface": "yoloface_500k_v2",
+    "shufflenet_driver": "shufflenet_v1_driver_action",
+    "lane": "mobilenet_yolov3_lite_lane",
 }
 LABELS = ("fp32 plain", "fp32 hints", "int8 all", "int8 speed")
+OPTIMIZED = "fp32 ncnnoptimize"
 
 
-def build(shared: Path, name: str, out: Path, images: list[np.ndarray]):
-    """The four files of one model, the INT8 layer counts, the held-out inputs and the speed choice."""
+def ncnnoptimize(tool: Path, param: Path, binary: Path) -> tuple[Path, Path, bool]:
+    """ncnnoptimize's FP32 rewrite (flag 0: fp32 storage) of the project's files, beside them."""
+    out_param, out_bin = param.with_name(f"{param.stem}-ncnnoptimize.param"), binary.with_name(f"{binary.stem}-opt.bin")
+    subprocess.run(
+        [str(tool), str(param), str(binary), str(out_param), str(out_bin), "0"], check=True, capture_output=True
+    )
+    return out_param, out_bin, False
+
+
+def build(shared: Path, name: str, out: Path, images: list[np.ndarray], fp32_only: bool):
+    """The files of one model, the INT8 layer counts, the held-out inputs and the speed choice."""
     spec = MODELS[name]
     fp32 = convert_graph(load_graph(*spec.paths(shared)))
-    table = read_ncnn_table(ROOT / "tables" / f"{TABLES[name]}.table")
     inputs = [{fp32.input_names[0]: spec.prep.apply(image)} for image in images]
-    choice = optimize_speed(fp32, table, inputs[:2])
-    models = {
-        "fp32 plain": without_shape_hints(fp32),
-        "fp32 hints": fp32,
-        "int8 all": quantize_model(fp32, table),
-        "int8 speed": quantize_model(fp32, choice.table),
-    }
+    models = {"fp32 plain": without_shape_hints(fp32), "fp32 hints": fp32}
+    if not fp32_only:
+        table = read_ncnn_table(ROOT / "tables" / f"{TABLES[name]}.table")
+        choice = optimize_speed(fp32, table, inputs[:2])
+        models.update({"int8 all": quantize_model(fp32, table), "int8 speed": quantize_model(fp32, choice.table)})
     files = {}
     for label, model in models.items():
         stem = out / f"{name}-{label.replace(' ', '-')}"
         write_model(model, stem.with_suffix(".param"), stem.with_suffix(".bin"))
         files[label] = (stem.with_suffix(".param"), stem.with_suffix(".bin"), label.startswith("int8"))
+    if fp32_only:
+        return files, {}, {}, inputs[0]
     counts = {label: len(int8_layers(models[label])) for label in ("int8 all", "int8 speed")}
     cosines = {}
     view = output_view(fp32, resolve_task(fp32, "auto"))
@@ -90,6 +109,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="timed passes per file and thread count")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--images", type=int, default=8, help="held-out face images for the output cosine")
+    parser.add_argument("--ncnnoptimize", type=Path, help="Tencent/ncnn's ncnnoptimize binary: add its FP32 file")
+    parser.add_argument("--fp32-only", action="store_true", help="time the FP32 files only (no INT8 models)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("INT8CONV_QUIET", "1")
@@ -98,17 +119,24 @@ def main() -> int:
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; medians of "
         f"{args.runs} interleaved runs after 2 warm-up runs"
     )
-    print(
-        f"{'model':<16} {'thr':>3} {'clock':>5} {'FP32':>8} {'hints':>8} {'hints/':>7} {'INT8':>8} {'INT8/':>6} "
-        f"{'speed':>8} {'speed/':>7}"
-    )
-    print(
-        f"{'':<16} {'':>3} {'':>5} {'plain ms':>8} {'ms':>8} {'plain':>7} {'all ms':>8} {'FP32':>6} "
-        f"{'INT8 ms':>8} {'FP32':>7}"
-    )
+    # (header line 1, header line 2, value from {file label: ms}); "ms" columns are times, the others ratios
+    columns = [("FP32", "plain ms", lambda ms: ms["fp32 plain"]), ("hints", "ms", lambda ms: ms["fp32 hints"])]
+    columns.append(("hints/", "plain", lambda ms: ms["fp32 hints"] / ms["fp32 plain"]))
+    if args.ncnnoptimize:
+        columns.append(("ncnnopt", "ms", lambda ms: ms[OPTIMIZED]))
+        columns.append(("hints/", "opt", lambda ms: ms["fp32 hints"] / ms[OPTIMIZED]))
+    if not args.fp32_only:
+        columns.append(("INT8", "all ms", lambda ms: ms["int8 all"]))
+        columns.append(("INT8/", "FP32", lambda ms: ms["int8 all"] / ms["fp32 hints"]))
+        columns.append(("speed", "INT8 ms", lambda ms: ms["int8 speed"]))
+        columns.append(("speed/", "FP32", lambda ms: ms["int8 speed"] / ms["fp32 hints"]))
+    print(f"{'model':<18} {'thr':>3} {'clock':>5} " + " ".join(f"{c[0]:>8}" for c in columns))
+    print(f"{'':<18} {'':>3} {'':>5} " + " ".join(f"{c[1]:>8}" for c in columns))
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            files, counts, cosines, x = build(args.shared, name, Path(tmp), images)
+            files, counts, cosines, x = build(args.shared, name, Path(tmp), images, args.fp32_only)
+            if args.ncnnoptimize:
+                files[OPTIMIZED] = ncnnoptimize(args.ncnnoptimize, *files["fp32 hints"][:2])
             clocks = {"wall": time.perf_counter}
             if 1 in args.threads:
                 clocks["cpu"] = time.process_time
@@ -116,15 +144,14 @@ def main() -> int:
                 threads = args.threads if clock_name == "wall" else [1]
                 ms = time_models(files, x, threads=threads, runs=args.runs, clock=clock)
                 for t in threads:
-                    plain, hints, int8, speed = (ms[label][t] for label in LABELS)
-                    print(
-                        f"{name:<16} {t:>3} {clock_name:>5} {plain:>8.2f} {hints:>8.2f} {hints / plain:>7.3f} "
-                        f"{int8:>8.2f} {int8 / hints:>6.3f} {speed:>8.2f} {speed / hints:>7.3f}"
-                    )
-            print(
-                f"{'':<16} INT8 layers: all {counts['int8 all']}, speed {counts['int8 speed']}; output cosine vs "
-                f"FP32: all {cosines['int8 all']:.6f}, speed {cosines['int8 speed']:.6f}"
-            )
+                    at = {label: ms[label][t] for label in files}
+                    values = " ".join(f"{c[2](at):>8.{2 if 'ms' in c[1] else 3}f}" for c in columns)
+                    print(f"{name:<18} {t:>3} {clock_name:>5} {values}")
+            if counts:
+                print(
+                    f"{'':<18} INT8 layers: all {counts['int8 all']}, speed {counts['int8 speed']}; output cosine "
+                    f"vs FP32: all {cosines['int8 all']:.6f}, speed {cosines['int8 speed']:.6f}"
+                )
     return 0
 
 

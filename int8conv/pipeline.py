@@ -47,6 +47,7 @@ from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs, spread_evenly
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, search_images
 from int8conv.calibration.thresholds import DEFAULT_METHOD
+from int8conv.calibration.workers import default_jobs
 from int8conv.engines import make_engine
 from int8conv.errors import ImageError, Int8ConvError
 from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
@@ -166,7 +167,7 @@ class CalibrationOptions:
     bias_correction: bool = False  # --method eq only: corrected FP32 biases in the INT8 model
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
-    jobs: int = 1  # forward+histogram workers (calibration.workers)
+    jobs: int | None = None  # forward+histogram worker processes (calibration.workers); None: one per core
 
 
 @dataclass(frozen=True)
@@ -204,15 +205,16 @@ def collect(
         engine = make_engine(
             options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu, calibration=True, values=values
         )
-        if options.jobs < 1:
-            raise Int8ConvError(f"--jobs must be 1 or more, not {options.jobs}")
+        jobs = default_jobs() if options.jobs is None else options.jobs
+        if jobs < 1:
+            raise Int8ConvError(f"--jobs must be 1 or more, not {jobs}")
         log.info(
             "calibrating %s on %d images with %s (%s, %d job(s))",
             model.caffemodel.name,
             len(images),
             engine.name,
             options.method,
-            options.jobs,
+            jobs,
         )
         stats = collect_statistics(
             graph,
@@ -222,7 +224,7 @@ def collect(
             identity,
             values=values,
             batch_size=options.batch_size,
-            jobs=options.jobs,
+            jobs=jobs,
         )
     if options.save_stats:
         stats.save(options.save_stats)

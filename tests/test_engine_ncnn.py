@@ -1,5 +1,5 @@
 """The ncnn calibration engine: the same values and statistics as the OpenCV engine, the same table whatever
---jobs, hidden values declined by name, and worker failures that surface instead of hanging."""
+--jobs (worker processes), hidden values declined by name, and worker failures that surface instead of hanging."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from int8conv.caffe.graph import load_graph
+from int8conv.calibration import workers
 from int8conv.calibration.calibrate import all_values, build_table, calibration_values, collect_statistics
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches, list_images
+from int8conv.calibration.workers import CHUNK_IMAGES
 from int8conv.engines import make_engine
 from int8conv.engines.ncnn_engine import NcnnEngine
-from int8conv.errors import ModelError
+from int8conv.errors import ImageError, Int8ConvError, ModelError
 from int8conv.zoo import FORK_MODELS, MODELS
 from tests.synthetic import write_caffe_model
 
@@ -133,12 +135,35 @@ def test_fused_values_are_declined_by_name_and_auto_uses_opencv(fused_net):
     assert make_engine("auto", graph, proto, model).name in ("opencv", "caffe")
 
 
+@pytest.fixture
+def workers_start_at_once(monkeypatch):
+    """Worker processes even for work too small to pay for their start (the first chunk's timing decides); the
+    list it returns records the pool sizes used."""
+    monkeypatch.setattr(workers, "WORKER_START_SECONDS", 0.0)
+    pools, pool = [], workers._Pool
+
+    def recorded(reader, chunks, prep, new_statistics, count):
+        pools.append(count)
+        return pool(reader, chunks, prep, new_statistics, count)
+
+    monkeypatch.setattr(workers, "_Pool", recorded)
+    return pools
+
+
+def test_no_images_is_a_clear_error(fused_net):
+    graph, _, _ = fused_net
+    with pytest.raises(ImageError, match="none of the 0 calibration images"):
+        collect_statistics(graph, NcnnEngine(graph), [], Preprocess(size=(9, 9)), {}, jobs=2)
+
+
 @pytest.mark.real_models
-def test_jobs_do_not_change_the_statistics(shared):
+def test_jobs_do_not_change_the_statistics(shared, workers_start_at_once):
+    """--jobs 3 (two worker processes and this one; three chunks, one image unreadable) against one process: the
+    same statistics."""
     spec = MODELS["ultraface"]
     proto, model = spec.paths(shared)
     graph = load_graph(proto, model)
-    images = list_images(shared / "images" / "faces")[:6]
+    images = list_images(shared / "images" / "faces")[: 2 * CHUNK_IMAGES + 3] + [shared / "missing.jpg"]
     one, two = (
         collect_statistics(
             graph,
@@ -149,9 +174,12 @@ def test_jobs_do_not_change_the_statistics(shared):
             batch_size=2,
             jobs=jobs,
         )
-        for jobs in (1, 2)
+        for jobs in (1, 3)
     )
-    assert one.images_used == two.images_used == 6
+    assert workers_start_at_once == [2]
+    assert one.images_used == two.images_used == 2 * CHUNK_IMAGES + 3
+    assert one.images_skipped == two.images_skipped == 1
+    assert set(one.histograms) == set(two.histograms)
     for value, hist in one.histograms.items():
         other = two.histograms[value]
         np.testing.assert_array_equal(other.counts, hist.counts, err_msg=value)
@@ -162,6 +190,7 @@ def test_jobs_do_not_change_the_statistics(shared):
             hist.max,
             hist.exponent,
         ), value
+        assert other.abs_sum == hist.abs_sum, value  # chunks merge in the same order whatever --jobs
 
 
 class _FailingEngine:
@@ -176,38 +205,52 @@ class _FailingEngine:
             raise ModelError("forward failed on purpose")
         return {"data": batch}
 
-    def replica(self):
-        return _FailingEngine(self.after)
 
-
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_failing_worker_surfaces_its_error(tmp_path, jobs):
-    """Many batches queued and the forward failing on the second: the error reaches the caller, nothing hangs."""
+def _png_images(folder, count: int) -> list:
     import cv2
 
-    for i in range(12):
-        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8, 3), i, np.uint8))
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((8, 8, 3), i, np.uint8))
+    return list_images(folder)
+
+
+def test_a_failing_worker_surfaces_its_error(tmp_path):
+    """Many batches queued and the forward failing on the second: the error reaches the caller, nothing hangs."""
     graph = type("G", (), {"inputs": {"data": (1, 3, 8, 8)}})()
+    images = _png_images(tmp_path, 12)
     with pytest.raises(ModelError, match="on purpose"):
         collect_statistics(
-            graph,
-            _FailingEngine(after=1),
-            list_images(tmp_path),
-            Preprocess(size=(8, 8)),
-            {},
-            values=["data"],
-            batch_size=1,
-            jobs=jobs,
+            graph, _FailingEngine(after=1), images, Preprocess(size=(8, 8)), {}, values=["data"], batch_size=1
         )
+    # --jobs 2 with an engine that has no worker processes runs in one process
     stats = collect_statistics(
-        graph,
-        _FailingEngine(after=100),
-        list_images(tmp_path),
-        Preprocess(size=(8, 8)),
-        {},
-        values=["data"],
-        batch_size=5,
-        jobs=jobs,
+        graph, _FailingEngine(after=100), images, Preprocess(size=(8, 8)), {}, values=["data"], batch_size=5, jobs=2
     )
     assert isinstance(stats, CalibrationStatistics) and stats.images_used == 12
     assert stats.histograms["data"].count == 12 * 3 * 8 * 8
+
+
+OVERFLOW = """
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 2 kernel_size: 3 } }
+"""
+
+
+def test_a_failing_worker_process_surfaces_its_error(tmp_path, workers_start_at_once):
+    """conv1 overflows to Inf on the images of value 10 and more, beyond the first chunk: the histogram's error,
+    raised in a worker process, reaches the caller with the value's name."""
+    f = np.float32
+    weights = {  # 27 * 1.3e36 * 9 < 3.4e38 (float32's largest) < 27 * 1.3e36 * 10
+        "conv1": [np.full((2, 3, 3, 3), 1.3e36, f), np.zeros(2, f)],
+        "conv2": [np.ones((2, 2, 3, 3), f), np.zeros(2, f)],
+    }
+    proto, model = write_caffe_model(tmp_path / "model", OVERFLOW, weights)
+    graph = load_graph(proto, model)
+    images = _png_images(tmp_path, 3 * CHUNK_IMAGES)
+    with pytest.raises(Int8ConvError, match=r"value 'conv1': the FP32 forward produced NaN or Inf"):
+        collect_statistics(graph, NcnnEngine(graph), images, Preprocess(size=(8, 8)), {}, jobs=2)
+    assert workers_start_at_once == [1]

@@ -106,6 +106,36 @@ def test_write_read_round_trip_and_ncnn_loads(tmp_path):
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
+def test_tiny_fp32_weights_are_written_as_zero_and_outputs_keep(tmp_path):
+    """|w| < 1e-30 is written as +0 (as ncnnoptimize does: denormal products are slow on x86), tagged or raw."""
+    weight = RNG.normal(size=(2, 1, 1, 1)).astype(np.float32)
+    weight[0] = np.float32(-6.7e-38)
+    bias = np.array([3e-31, 1e-30], np.float32)  # below and at the limit
+    model = NcnnModel(
+        [
+            NcnnLayer("Input", "data", [], ["data"], {0: 2, 1: 2, 2: 1}),
+            NcnnLayer(
+                "Convolution",
+                "conv",
+                ["data"],
+                ["conv"],
+                {0: 2, 1: 1, 5: 1, 6: 2},
+                [NcnnBlob(weight), NcnnBlob(bias, tagged=False)],
+            ),
+        ]
+    )
+    write_model(model, tmp_path / "m.param", tmp_path / "m.bin")
+    back = read_model(tmp_path / "m.param", tmp_path / "m.bin").layer("conv")
+    np.testing.assert_array_equal(back.weights[0].data, [0.0, weight[1, 0, 0, 0]])
+    assert not np.signbit(back.weights[0].data[0])
+    np.testing.assert_array_equal(back.weights[1].data, [0.0, np.float32(1e-30)])
+    x = RNG.normal(size=(1, 2, 2)).astype(np.float32)
+    out = NcnnRunner(tmp_path / "m.param", tmp_path / "m.bin", int8=False).run({"data": x})["conv"]
+    reference = np.stack([x[0] * w + b for w, b in zip(weight.ravel(), bias, strict=True)])
+    np.testing.assert_allclose(out, reference, rtol=1e-6, atol=1e-29)  # what is flushed changes < 1e-30
+    assert model.layer("conv").weights[0].data[0, 0, 0, 0] == np.float32(-6.7e-38)  # the model itself is unchanged
+
+
 def test_int8_blobs_round_trip(tmp_path):
     """An int8 weight array keeps its tag and padding; trailing scales stay raw fp32."""
     weight = RNG.integers(-127, 128, size=2 * 3 * 1 * 1).astype(np.int8)  # 6 bytes: padded to 8

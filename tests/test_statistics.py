@@ -60,6 +60,26 @@ def test_growing_histogram_equals_one_histogram_at_the_final_range(monkeypatch, 
     assert hist.abs_sum == pytest.approx(float(np.abs(everything.astype(np.float64)).sum()), rel=1e-9)
 
 
+@pytest.mark.parametrize("chunk", [20, 1 << 16])
+def test_a_channel_padded_view_is_binned_like_its_copy(monkeypatch, chunk):
+    """An ncnn Mat's channels start at an aligned stride (9x7 = 63 values in 64): the strided view, binned in blocks
+    of its channels without a copy, gives the statistics of the contiguous array and of one np.histogram."""
+    monkeypatch.setattr("int8conv.calibration.histograms.CHUNK", chunk)  # 20: a block is one channel
+    data = batches(2, 3)
+    views = []
+    for batch in data:
+        padded = np.full((batch.shape[0], batch.shape[1], 64), np.nan, np.float32)  # padding that must not count
+        padded[:, :, :63] = batch.reshape(batch.shape[0], batch.shape[1], 63)
+        views.append(padded[:, :, :63].reshape(batch.shape[0], batch.shape[1], 9, 7)[:1])
+    assert not views[0].flags.c_contiguous
+    strided, copied = BlobHistogram("v"), BlobHistogram("v")
+    for view in views:
+        strided.update(view)
+        copied.update(np.ascontiguousarray(view))
+    assert_same(strided, copied)
+    np.testing.assert_array_equal(strided.counts, numpy_histogram(views, strided.range_max))
+
+
 @pytest.mark.parametrize("scale", [1e-39, 1e-20, 1e30])
 def test_extreme_magnitudes_are_binned_exactly(scale):
     data = [(np.random.default_rng(8).standard_normal(5000) * scale).astype(np.float32)]

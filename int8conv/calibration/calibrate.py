@@ -17,7 +17,7 @@ from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches
 from int8conv.calibration.thresholds import activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers, weight_scales
-from int8conv.calibration.workers import stream_statistics
+from int8conv.calibration.workers import chunked_statistics, stream_statistics
 from int8conv.engines import Engine
 from int8conv.errors import ImageError
 from int8conv.progress import progress
@@ -68,22 +68,34 @@ def collect_statistics(
     batch_size: int = 4,
     jobs: int = 1,
 ) -> CalibrationStatistics:
-    """One streaming pass over the images, decoding overlapped with ``jobs`` forward workers (``workers``);
-    memory does not grow with the number of images."""
+    """One streaming pass over the images: chunk by chunk, in up to ``jobs`` worker processes, for an engine with
+    a picklable ``reader`` (ncnn), else in this process with decoding overlapped (``workers``); memory does not
+    grow with the number of images."""
     values = list(values) if values is not None else calibration_values(graph)
     tally = ImageTally()
-    # an engine that computes one image at a time (ncnn) is also decoded one at a time: queued batches then
-    # never grow with --batch-size
-    batch_size = getattr(engine, "images_per_forward", None) or batch_size
+    # a picklable forward (ncnn): worker processes can run it; images then go one at a time, whatever --batch-size
+    reader = getattr(engine, "reader", None)
     with progress(total=len(images), desc="calibrating", unit="img") as bar:
-        stats = stream_statistics(
-            engine,
-            iter_batches(images, prep, batch_size, tally),
-            values,
-            lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
-            jobs=jobs,
-            on_images=bar.update,
-        )
+        if reader is not None:
+            stats = chunked_statistics(
+                reader(values, (prep.channels, *prep.size)),
+                images,
+                prep,
+                lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
+                jobs,
+                tally,
+                on_images=bar.update,
+            )
+        else:
+            if jobs > 1:
+                log.info("--jobs %d: the %s engine runs in one process (worker processes need ncnn)", jobs, engine.name)
+            stats = stream_statistics(
+                engine,
+                iter_batches(images, prep, batch_size, tally),
+                values,
+                CalibrationStatistics(model=identity, preprocess=prep.describe()),
+                on_images=bar.update,
+            )
         bar.update(len(images) - bar.n)
     stats.images_used += tally.used
     stats.images_skipped += len(tally.skipped)

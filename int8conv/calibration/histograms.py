@@ -63,6 +63,18 @@ def _rebin(counts: np.ndarray, shift: int) -> np.ndarray:
     return merged
 
 
+def _pieces(data: np.ndarray) -> list[np.ndarray]:
+    """Views of about CHUNK elements that cover ``data``. A C-contiguous array is cut flat; another (an ncnn Mat,
+    whose channels are padded to an aligned stride) into blocks of its rows (an image's last two axes), without the
+    copy that flattening it would make."""
+    if data.flags.c_contiguous or data.ndim < 2:
+        flat = data.reshape(-1)
+        return [flat[start : start + CHUNK] for start in range(0, flat.size, CHUNK)]
+    rows = data.reshape(-1, data.shape[-2] * data.shape[-1])
+    step = max(1, CHUNK // rows.shape[1])
+    return [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+
+
 class BlobHistogram:
     """Statistics of one value over all calibration images: exact extremes and a non-zero |x| histogram.
 
@@ -123,38 +135,40 @@ class BlobHistogram:
                 f"value '{self.name}': the FP32 forward produced NaN or Inf; check the "
                 f"model and the preprocessing (mean/norm) before calibrating"
             )
-        zeros = data.size - int(np.count_nonzero(data))
         self.count += int(data.size)
-        self.zeros += zeros
         self.min, self.max = min(self.min, low), max(self.max, high)
-        if zeros == data.size:
+        if low == high == 0:
+            self.zeros += int(data.size)
             return
         self._grow(_range_exponent(max(-low, high)))
-        self._count_magnitudes(data.reshape(-1), zeros)
+        self._count_magnitudes(data)
 
-    def _count_magnitudes(self, flat: np.ndarray, zeros: int) -> None:
-        """Bin |x| chunk by chunk into reused buffers: fresh multi-MB temporaries per blob cost more in
-        page faults than the arithmetic, and the chunks bound the extra memory to CHUNK elements."""
+    def _count_magnitudes(self, data: np.ndarray) -> None:
+        """Bin |x| and count the zeros piece by piece into reused buffers: fresh multi-MB temporaries per blob cost
+        more in page faults than the arithmetic, and the pieces bound the extra memory to about CHUNK elements."""
         shift = self.bins.bit_length() - 1 - self.exponent
-        dtype = flat.dtype if flat.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        dtype = data.dtype if data.dtype in (np.float32, np.float64) else np.dtype(np.float32)
         # |x| * 2**shift is exact (a power of two), so truncation picks the true bin
         exact_scale = np.finfo(dtype).minexp <= shift <= np.finfo(dtype).maxexp - 1
-        magnitude = np.empty(min(flat.size, CHUNK), dtype)
+        pieces = _pieces(data)
+        magnitude = np.empty(max(piece.size for piece in pieces), dtype)
         index = np.empty(magnitude.size, np.intp)
         found = np.zeros(self.bins + 1, np.int64)
-        for start in range(0, flat.size, CHUNK):
-            part = flat[start : start + CHUNK]
-            mag, idx = magnitude[: part.size], index[: part.size]
-            np.abs(part, out=mag)
+        zeros = 0
+        for piece in pieces:
+            mag, idx = magnitude[: piece.size], index[: piece.size]
+            np.abs(piece, out=mag.reshape(piece.shape))
+            zeros += piece.size - int(np.count_nonzero(mag))
             self.abs_sum += float(mag.sum(dtype=np.float64))
             if exact_scale:
-                mag *= dtype.type(2.0**shift)
+                np.multiply(mag, dtype.type(2.0**shift), out=idx, casting="unsafe")
             else:
                 np.ldexp(mag, shift, out=mag)
-            np.copyto(idx, mag, casting="unsafe")
+                np.copyto(idx, mag, casting="unsafe")
             found += np.bincount(idx, minlength=self.bins + 1)
         found[self.bins - 1] += found[self.bins]  # |x| == range_max belongs to the last bin
         found[0] -= zeros
+        self.zeros += zeros
         self.counts += found[: self.bins]
 
     def merge(self, other: BlobHistogram) -> None:

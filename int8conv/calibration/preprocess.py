@@ -149,6 +149,10 @@ def unreadable(path: Path) -> str:
     return "no such file" if not Path(path).exists() else "not a readable image"
 
 
+def log_skipped(path: Path, reason: str) -> None:
+    log.warning("skipping %s: %s", path, reason)
+
+
 def read_image(path: Path) -> np.ndarray | None:
     """Decode an image as BGR uint8, or None when it is unreadable or corrupt."""
     try:
@@ -177,7 +181,7 @@ def iter_batches(
     for path in paths:
         image = read_image(path)
         if image is None:
-            log.warning("skipping %s: %s", path, unreadable(path))
+            log_skipped(path, unreadable(path))
             tally.skipped.append((path, unreadable(path)))
             continue
         batch.append(prep.apply(image))

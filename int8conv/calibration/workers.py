@@ -1,30 +1,55 @@
-"""The calibration loop's threads: decoding overlapped with the forward, and ``jobs`` forward+histogram workers.
+"""The calibration loop's workers: chunks of images in worker processes (ncnn), or one process with decoding
+overlapped (OpenCV, pycaffe).
 
-One thread decodes and preprocesses the next batches (OpenCV releases the GIL while it decodes and resizes)
-while the workers forward (ncnn and OpenCV release it while they compute) and update their own histograms;
-the per-worker statistics are merged at the end, which is exact (see ``histograms``), so the table does not
-depend on ``jobs``. A worker needs an engine of its own: engines with ``replica()`` (ncnn) get one per job,
-others run a single worker.
+The PyPI ncnn binding holds the GIL while ncnn computes, so threads cannot run two ncnn forwards, or a forward and
+a histogram, at once. An engine that hands out a picklable ``reader()`` (ncnn) is therefore run chunk by chunk
+(``CHUNK_IMAGES`` images each): the first chunk here, timed, then, when that pays for their start, the rest in
+``jobs - 1`` worker processes and this one, each decoding, forwarding and histogramming whole chunks, every core
+busy and no values crossing processes: only each chunk's statistics come back (a few KiB per value). Chunks are
+merged in chunk order, exact for the counts and extremes (see ``histograms``) and in the same order whatever
+``jobs``, so the table does not depend on it.
 
-Memory: the queue holds at most ``jobs + 1`` preprocessed batches and each worker one forward's values. An
-engine that computes one image at a time (``images_per_forward = 1``: ncnn) is fed, and decoded for, image by
-image (``collect_statistics``), so nothing grows with ``--batch-size``; nothing grows with the number of images.
+Other engines run in this process: a thread decodes and preprocesses the next batches (OpenCV releases the GIL while
+it decodes and resizes, and while its DNN computes) while the main thread forwards and updates the histograms.
+
+Memory: a chunk is decoded and forwarded image by image, so a process holds one image's values whatever
+``--batch-size``, and this one at most ``2 * jobs`` chunks' statistics; in one process the queue holds at most two
+preprocessed batches. Nothing grows with the number of images. Each worker process holds its own ncnn net.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
+import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.engines import Engine
+from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches, log_skipped
+
+if TYPE_CHECKING:
+    from int8conv.engines import Engine
+    from int8conv.ncnn.runtime import ValueReader
 
 log = logging.getLogger(__name__)
+
+#: images per task of a worker process: big enough that a task's statistics (a few KiB per value) cost little
+#: to send back, small enough to balance the workers
+CHUNK_IMAGES = 8
+#: the most worker processes ``default_jobs`` picks (each holds its own ncnn net and one image's values)
+MAX_DEFAULT_JOBS = 8
+#: about what a worker process takes to start (Python, numpy, OpenCV and ncnn imports, the net loaded)
+WORKER_START_SECONDS = 0.5
 
 _DONE = object()
 
@@ -34,17 +59,16 @@ class _Failure:
         self.error = error
 
 
-def _engines(engine: Engine, jobs: int) -> list[Engine]:
-    replica = getattr(engine, "replica", None)
-    if jobs > 1 and replica is None:
-        log.info("--jobs %d: the %s engine runs one worker (only the ncnn engine has replicas)", jobs, engine.name)
-        return [engine]
-    return [engine] + [replica() for _ in range(jobs - 1)]
+def default_jobs() -> int:
+    """One worker process per core this process may run on (at most ``MAX_DEFAULT_JOBS``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_JOBS))
 
 
-def _produce(
-    batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, workers: int, stop: threading.Event
-) -> None:
+def _produce(batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, stop: threading.Event) -> None:
     try:
         for item in batches:
             if stop.is_set():
@@ -53,85 +77,178 @@ def _produce(
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
         todo.put(_Failure(exc))
     finally:
-        for _ in range(workers):
-            todo.put(_DONE)
-
-
-def _work(
-    engine: Engine,
-    values: Sequence[str],
-    stats: CalibrationStatistics,
-    todo: queue.Queue,
-    done: queue.Queue,
-    stop: threading.Event,
-) -> None:
-    step = getattr(engine, "images_per_forward", None)
-    try:
-        while True:
-            item = todo.get()
-            if item is _DONE:
-                break
-            if isinstance(item, _Failure):
-                done.put(item)
-                continue
-            if stop.is_set():  # another thread failed: consume the queue up to the end marker, unworked
-                continue
-            batch, names = item
-            size = step or len(batch)
-            for start in range(0, len(batch), size):
-                stats.update(engine.forward(batch[start : start + size], values))
-            done.put(len(names))
-    except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
-        done.put(_Failure(exc))
-    finally:
-        done.put(_DONE)
+        todo.put(_DONE)
 
 
 def stream_statistics(
     engine: Engine,
     batches: Iterator[tuple[np.ndarray, list]],
     values: Sequence[str],
-    new_statistics: Callable[[], CalibrationStatistics],
-    jobs: int = 1,
+    statistics: CalibrationStatistics,
     on_images: Callable[[int], None] = lambda n: None,
 ) -> CalibrationStatistics:
-    """Forward every batch and histogram ``values``; ``on_images`` is told how many images each batch held."""
-    engines = _engines(engine, max(1, jobs))
-    parts = [new_statistics() for _ in engines]
-    todo: queue.Queue = queue.Queue(maxsize=len(engines) + 1)
-    done: queue.Queue = queue.Queue()
+    """Forward every batch and histogram ``values`` into ``statistics`` while a thread decodes the next batches;
+    ``on_images`` is told how many images each batch held."""
+    todo: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
-    threads = [
-        threading.Thread(
-            target=_produce, args=(batches, todo, len(engines), stop), daemon=True, name="calibration-decode"
+    producer = threading.Thread(target=_produce, args=(batches, todo, stop), daemon=True, name="calibration-decode")
+    producer.start()
+    try:
+        while (item := todo.get()) is not _DONE:
+            if isinstance(item, _Failure):
+                raise item.error
+            batch, names = item
+            statistics.update(engine.forward(batch, values))
+            on_images(len(names))
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                todo.get(timeout=0.05)
+        producer.join()
+    return statistics
+
+
+#: the reader of a worker process, set once by ``_start_worker`` (its ncnn net then loads once per process)
+_READER: ValueReader | None = None
+
+
+def _start_worker(reader: ValueReader) -> None:
+    """A worker process leaves Ctrl-C to the parent (which stops the pool), logs nothing (the parent reports
+    skipped images) and ends when its parent is killed (the pool would wait for work forever)."""
+    global _READER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger().addHandler(logging.NullHandler())
+    _READER = reader
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True, name="calibration-parent-watch").start()
+
+
+def _end_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _chunk_statistics(
+    reader: ValueReader, paths: Sequence[Path], prep: Preprocess, statistics: CalibrationStatistics
+) -> tuple[CalibrationStatistics, ImageTally]:
+    """Decode, forward and histogram one chunk of images."""
+    tally = ImageTally()
+    for batch, _ in iter_batches(paths, prep, 1, tally):
+        statistics.update(reader.forward(batch))
+    return statistics, tally
+
+
+def _worker_chunk(
+    paths: Sequence[Path], prep: Preprocess, statistics: CalibrationStatistics
+) -> tuple[CalibrationStatistics, ImageTally]:
+    return _chunk_statistics(_READER, paths, prep, statistics)
+
+
+def chunked_statistics(
+    reader: ValueReader,
+    images: Sequence[Path],
+    prep: Preprocess,
+    new_statistics: Callable[[], CalibrationStatistics],
+    jobs: int,
+    tally: ImageTally,
+    on_images: Callable[[int], None] = lambda n: None,
+) -> CalibrationStatistics:
+    """The statistics of ``images``, chunk by chunk, merged in chunk order (so bit for bit the same whatever
+    ``jobs``); skipped images are added to ``tally`` and logged here.
+
+    The first chunk runs here. Its first image, timed, decides: when ``jobs - 1`` worker processes save clearly
+    more time than they take to start, they start on the next chunks while this process finishes the first one,
+    and this process keeps taking chunks while it waits for theirs (small models and few images stay here).
+    """
+    chunks = [images[i : i + CHUNK_IMAGES] for i in range(0, len(images), CHUNK_IMAGES)]
+    if not chunks:
+        return new_statistics()
+    merged: CalibrationStatistics | None = None
+
+    def add(part: CalibrationStatistics, part_tally: ImageTally, count: int) -> None:
+        nonlocal merged
+        for path, reason in part_tally.skipped:
+            log_skipped(path, reason)
+        tally.used += part_tally.used
+        tally.skipped += part_tally.skipped
+        if part.histograms and merged is not None:
+            merged.merge(part)
+        elif part.histograms:
+            merged = part
+        on_images(count)
+
+    reader.load()
+    started = time.perf_counter()
+    first, first_tally = _chunk_statistics(reader, chunks[0][:1], prep, new_statistics())
+    rest = (time.perf_counter() - started) * (len(images) - 1)
+    jobs = max(1, min(jobs, len(chunks)))
+    pool = (
+        _Pool(reader, chunks, prep, new_statistics, jobs - 1)
+        if jobs > 1 and rest * (1 - 1 / jobs) > 2 * (jobs - 1) * WORKER_START_SECONDS
+        else None
+    )
+    try:
+        first, rest_tally = _chunk_statistics(reader, chunks[0][1:], prep, first)  # the same statistics, continued
+        add(
+            first,
+            ImageTally(first_tally.used + rest_tally.used, first_tally.skipped + rest_tally.skipped),
+            len(chunks[0]),
         )
-    ]
-    threads += [
-        threading.Thread(
-            target=_work, args=(e, values, s, todo, done, stop), daemon=True, name=f"calibration-worker-{i}"
+        for index in range(1, len(chunks)):
+            part = pool.result(index) if pool else _chunk_statistics(reader, chunks[index], prep, new_statistics())
+            add(*part, len(chunks[index]))
+    finally:
+        if pool is not None:
+            pool.close()
+    return merged if merged is not None else new_statistics()
+
+
+class _Pool:
+    """Chunks 1.. in ``workers`` processes and in this one, at most ``2 * workers + 1`` of them queued or done
+    ahead of the caller (which bounds the statistics held here)."""
+
+    def __init__(
+        self,
+        reader: ValueReader,
+        chunks: Sequence[Sequence[Path]],
+        prep: Preprocess,
+        new_statistics: Callable[[], CalibrationStatistics],
+        workers: int,
+    ) -> None:
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),  # no fork of a process that may hold threads
+            initializer=_start_worker,
+            initargs=(reader,),
         )
-        for i, (e, s) in enumerate(zip(engines, parts, strict=True))
-    ]
-    for thread in threads:
-        thread.start()
-    failure, running = None, len(engines)
-    while running:
-        item = done.get()
-        if item is _DONE:
-            running -= 1
-        elif isinstance(item, _Failure):
-            failure = failure or item.error
-            stop.set()
-        else:
-            on_images(item)
-    while threads[0].is_alive():  # every worker has ended (maybe failed): unblock the producer
-        with contextlib.suppress(queue.Empty):
-            todo.get(timeout=0.05)
-    for thread in threads:
-        thread.join()
-    if failure is not None:
-        raise failure
-    filled = [part for part in parts if part.histograms] or parts[:1]
-    for part in filled[1:]:
-        filled[0].merge(part)
-    return filled[0]
+        self.reader, self.chunks, self.prep, self.new_statistics = reader, chunks, prep, new_statistics
+        self.ahead = 2 * workers
+        self.pending: dict[int, concurrent.futures.Future | tuple[CalibrationStatistics, ImageTally]] = {}
+        self.submitted = 1
+        self._fill(1)
+
+    def _fill(self, index: int) -> None:
+        while self.submitted < len(self.chunks) and self.submitted - index < self.ahead:
+            chunk = self.chunks[self.submitted]
+            self.pending[self.submitted] = self.executor.submit(_worker_chunk, chunk, self.prep, self.new_statistics())
+            self.submitted += 1
+
+    def result(self, index: int) -> tuple[CalibrationStatistics, ImageTally]:
+        """Chunk ``index``'s statistics; while a worker still computes it, this process takes the next chunk."""
+        self._fill(index)
+        item = self.pending[index]
+        while (
+            isinstance(item, concurrent.futures.Future)
+            and not item.done()
+            and self.submitted < len(self.chunks)
+            and self.submitted - index <= self.ahead
+        ):
+            chunk = self.chunks[self.submitted]
+            self.pending[self.submitted] = _chunk_statistics(self.reader, chunk, self.prep, self.new_statistics())
+            self.submitted += 1
+        item = self.pending.pop(index)
+        return item.result() if isinstance(item, concurrent.futures.Future) else item
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -103,11 +103,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--jobs",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="parallel forward+histogram workers, each with its own ncnn net (ncnn engine; default 1: "
-        "on a shared 2-core machine a second worker gave no more images/s, "
-        "benchmarks/bench_calibrate.py); the statistics do not depend on it",
+        help="processes that decode, forward and histogram images (ncnn engine; default: one per CPU core, "
+        "at most 8; 1: this process only). Each worker holds its own ncnn net, so memory grows with N, "
+        "never with the number of images; the statistics do not depend on it",
     )
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument(

@@ -10,8 +10,8 @@ is extracted under its own name. What the converter removes is handled here:
   folded or fused layer), so calibration never asks for one; a caller who does (TensorRT's ranges of every
   value) gets an error that names them, and ``--backend auto`` uses OpenCV for it instead.
 
-ncnn runs one image at a time and releases the GIL while it computes, so ``replica()`` engines on the same
-files run in parallel threads (``--jobs``).
+ncnn runs one image at a time. The PyPI binding holds the GIL while ncnn computes, so parallel workers are
+processes (``calibration.workers``), each handed a picklable ``reader()`` that opens the same files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from int8conv.caffe.graph import Graph
 from int8conv.caffe.shapes import infer_shapes
 from int8conv.errors import ModelError
+from int8conv.ncnn.runtime import ValueReader
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +75,23 @@ class NcnnEngine:
     """Forward with the ncnn runtime on the project's FP32 ncnn model; see the module doc for hidden values."""
 
     name = "ncnn"
-    #: ncnn computes one image at a time: fed so, its values never grow with the batch size
-    images_per_forward = 1
 
     def __init__(self, graph: Graph, threads: int = 1) -> None:
         graph.image_input(self.name)
         self.graph, self.threads = graph, threads
         self._networks: dict[tuple[int, ...], _Network] = {}
-        self._converting = threading.Lock()  # replicas share the networks: convert each size once
-        self._runners: dict[tuple[int, ...], object] = {}
-
-    def replica(self) -> NcnnEngine:
-        """Another engine on the same converted files (no second conversion), for a parallel worker."""
-        engine = NcnnEngine(self.graph, self.threads)
-        engine._networks, engine._converting = self._networks, self._converting
-        return engine
+        self._readers: dict[tuple, ValueReader] = {}
 
     def _network(self, chw: tuple[int, ...]) -> _Network:
         """The network for inputs of shape ``chw``; another input size is converted again (shapes change)."""
-        with self._converting:
-            if chw not in self._networks:
-                name, shape = next(iter(self.graph.inputs.items()))
-                graph = self.graph
-                if tuple(shape[1:]) != chw:
-                    graph = dataclasses.replace(self.graph, inputs={name: (1, *chw)})
-                    graph.shapes = infer_shapes(graph)
-                self._networks[chw] = _Network(graph)
-            return self._networks[chw]
+        if chw not in self._networks:
+            name, shape = next(iter(self.graph.inputs.items()))
+            graph = self.graph
+            if tuple(shape[1:]) != chw:
+                graph = dataclasses.replace(self.graph, inputs={name: (1, *chw)})
+                graph.shapes = infer_shapes(graph)
+            self._networks[chw] = _Network(graph)
+        return self._networks[chw]
 
     def blob_names(self, values: Sequence[str], chw: tuple[int, ...] | None = None) -> dict[str, str]:
         """Value -> the ncnn blob that holds it; values ncnn fuses away are an error naming them."""
@@ -122,29 +112,26 @@ class NcnnEngine:
             )
         return found
 
+    def reader(self, values: Sequence[str], chw: tuple[int, ...] | None = None) -> ValueReader:
+        """What a forward of ``values`` on inputs of shape ``chw`` needs, picklable for a worker process."""
+        chw = chw or tuple(next(iter(self.graph.inputs.values()))[1:])
+        key = (chw, tuple(values))
+        reader = self._readers.get(key)
+        if reader is None:
+            names = self.blob_names(values, chw)
+            network = self._network(chw)
+            reader = self._readers[key] = ValueReader(
+                network.param,
+                network.bin,
+                network.input,
+                names,
+                sorted(set(names.values()) - {network.input}, key=network.order.__getitem__),
+                {value: network.shapes[value] for value in names if value in network.shapes},
+                self.threads,
+                owner=network.folder,
+            )
+        return reader
+
     def forward(self, batch: np.ndarray, values: Sequence[str]) -> dict[str, np.ndarray]:
         """Run each image of the batch; values come back with the batch axis first, in Caffe's shapes."""
-        from int8conv.ncnn.runtime import NcnnRunner
-
-        chw = tuple(int(d) for d in batch.shape[1:])
-        names = self.blob_names(values, chw)
-        network = self._network(chw)
-        runner = self._runners.get(chw)
-        if runner is None:
-            runner = self._runners[chw] = NcnnRunner(network.param, network.bin, int8=False, threads=self.threads)
-        # in execution order, so ncnn's light mode frees every other blob as soon as it is consumed
-        wanted = sorted(set(names.values()) - {network.input}, key=network.order.__getitem__)
-        per_image = [runner.extract({network.input: image}, wanted, light=True) for image in batch]
-        result: dict[str, np.ndarray] = {}
-        for value, blob in names.items():
-            if blob == network.input:
-                result[value] = batch
-                continue
-            # one image (how the calibration loop feeds ncnn): a view with the batch axis, not a copy
-            stacked = per_image[0][blob][None] if len(per_image) == 1 else np.stack([o[blob] for o in per_image])
-            shape = network.shapes.get(value)
-            # ncnn drops the unit axes of a global pooling output (a 1-D Mat); Caffe keeps (N, C, 1, 1)
-            if shape is not None and int(np.prod(shape[1:])) == stacked[0].size:
-                stacked = stacked.reshape((len(batch), *shape[1:]))
-            result[value] = stacked
-        return result
+        return self.reader(values, tuple(int(d) for d in batch.shape[1:])).forward(batch)

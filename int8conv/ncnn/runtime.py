@@ -12,6 +12,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +72,22 @@ class NcnnRunner:
         return self.extract(inputs, self.output_names)
 
     def extract(
-        self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str], light: bool | None = None
+        self, inputs: Mapping[str, np.ndarray], blobs: Iterable[str], light: bool | None = None, copy: bool = True
     ) -> dict[str, np.ndarray]:
         """Any blobs of the network for one image, as float32 arrays in ncnn's (C, H, W) layout.
 
         A blob that a requantizing INT8 convolution wrote as int8 is dequantized with that layer's top
         scale, so per-layer comparisons see real values. ``light`` (default: only for the outputs) frees each
         blob once consumed; it computes nothing twice only when ``blobs`` come in execution order.
+        ``copy=False`` (FP32) returns views of ncnn's own Mats: safe, since ncnn clones a blob that someone
+        else still holds before a layer computes in place on it, and the view keeps its Mat alive.
         """
         blobs = list(blobs)
         ex = self._extractor(inputs, light=len(blobs) <= len(self.output_names) if light is None else light)
         out: dict[str, np.ndarray] = {}
         for name in blobs:
-            array = np.array(self._extract(ex, name), copy=True)
+            mat = self._extract(ex, name)
+            array = np.array(mat, copy=True) if copy or self.int8 else np.asarray(mat)
             if self.int8 and self._scales is None:  # the PyPI runtime hands int8 blobs out as float32
                 self._scales = requantized_scales(self.param, self.bin)
             out[name] = dequantize_blob(array, name, self._scales, self.param)
@@ -118,6 +122,53 @@ class NcnnRunner:
         if ret != 0:
             raise ModelError(f"{self.param}: ncnn failed to compute blob '{name}' (error {ret})")
         return mat
+
+
+@dataclass
+class ValueReader:
+    """Named values of an FP32 ncnn model, one image at a time, in Caffe's shapes with the batch axis.
+
+    Picklable: a calibration worker process gets one and opens the files itself (its runner is not pickled).
+    ``blobs`` maps each value to the ncnn blob that holds it, ``order`` lists those blobs in execution order
+    (light mode then frees every other blob once consumed), ``shapes`` are the Caffe shapes to restore (ncnn drops
+    the unit axes of a global pooling output, a 1-D Mat).
+    """
+
+    param: Path
+    bin: Path
+    input: str
+    blobs: dict[str, str]
+    order: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    threads: int = 1
+    #: what keeps the files alive in this process (a temporary folder), not pickled
+    owner: object = field(default=None, repr=False, compare=False)
+    _runner: NcnnRunner | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "owner": None, "_runner": None}
+
+    def load(self) -> NcnnRunner:
+        """The net, loaded on first use."""
+        if self._runner is None:
+            self._runner = NcnnRunner(self.param, self.bin, int8=False, threads=self.threads)
+        return self._runner
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run each image of the NCHW ``batch``; one image (how calibration feeds ncnn) costs no copy."""
+        runner = self.load()
+        per_image = [runner.extract({self.input: image}, self.order, light=True, copy=False) for image in batch]
+        result: dict[str, np.ndarray] = {}
+        for value, blob in self.blobs.items():
+            if blob == self.input:
+                result[value] = batch
+                continue
+            stacked = per_image[0][blob][None] if len(per_image) == 1 else np.stack([o[blob] for o in per_image])
+            shape = self.shapes.get(value)
+            if shape is not None and int(np.prod(shape[1:])) == stacked[0].size:
+                stacked = stacked.reshape((len(batch), *shape[1:]))
+            result[value] = stacked
+        return result
 
 
 def dequantize_blob(array: np.ndarray, name: str, scales: Mapping[str, float] | None, param: Path) -> np.ndarray:
