@@ -5,7 +5,7 @@ measures instead of guessing. The histograms are shared, so each candidate costs
 candidate method's whole-model table (``AUTO_CANDIDATES``, head rule and dead-channel handling of ``build_table``)
 is quantized with the project's ncnn writer and run on the ncnn runtime over validation images spread over the
 calibration set (``validation_images``); the best by the output cosine (``metrics.output_cosine``: the worst
-image, evaluate's task view: detectors without background) is kept.
+image, evaluate's task view: detectors without background) is kept; within ``TIE`` of the best, the earliest.
 
 There is no layer-by-layer mixing of the candidates' thresholds: it was tried (the layers where the candidates
 disagree most first, a change kept when the validation cosine rose) and it fitted the 12 validation images, not
@@ -45,6 +45,10 @@ AUTO_METHOD = "auto"
 AUTO_FALLBACK = "mse"
 #: the histogram methods compared (they share the histograms: only the thresholds differ)
 AUTO_CANDIDATES = ("mse", "kl", "aciq", "percentile")
+#: candidates whose validation cosines are this close count as tied, and the earlier one wins: the FP32 engines'
+#: float differences alone move a candidate's score by up to 7e-6 (open_nsfw, pycaffe vs OpenCV statistics), and
+#: a near-tie must not pick another table on another engine
+TIE = 5e-5
 #: one calibration image in VALIDATION_EVERY validates, at least MIN_VALIDATION, at most MAX_VALIDATION
 VALIDATION_EVERY, MIN_VALIDATION, MAX_VALIDATION = 4, 4, 12
 
@@ -101,7 +105,8 @@ def calibrate_auto(
         score = OutputScorer(model, feeds, Path(tmp), task, fp16_storage=False, threads=1)
         for method in progress(list(results), desc="auto: candidates", unit="table"):
             scores[method] = score(results[method].table)
-    best = max(results, key=lambda m: (scores[m], -list(results).index(m)))  # ties: the earlier candidate
+    top = max(scores.values())
+    best = next(m for m in results if scores[m] >= top - TIE)  # near-ties: the earlier candidate
     result = results[best]
     log.info(
         "auto: candidates %s; best %s -> output cosine %.6f on %d validation image(s)",
