@@ -34,6 +34,7 @@ import numpy as np
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import CalibrationResult, build_table
 from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.preprocess import spread_evenly
 from int8conv.errors import ImageError, ModelError
 from int8conv.progress import progress
 
@@ -56,14 +57,7 @@ VALIDATION_EVERY, MIN_VALIDATION, MAX_VALIDATION = 4, 4, 12
 def validation_images(items: Sequence[T]) -> list[T]:
     """Up to MAX_VALIDATION of the calibration images, spread evenly over them (at least MIN_VALIDATION when there
     are that many)."""
-    picked = (
-        np.linspace(
-            0, len(items) - 1, min(max(len(items) // VALIDATION_EVERY, MIN_VALIDATION), MAX_VALIDATION, len(items))
-        )
-        .round()
-        .astype(int)
-    )
-    return [items[i] for i in np.unique(picked)] if len(items) else []
+    return spread_evenly(items, min(max(len(items) // VALIDATION_EVERY, MIN_VALIDATION), MAX_VALIDATION))
 
 
 def calibrate_auto(
