@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from int8conv import pipeline
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write OUT/<name>.param/.bin (FP32), OUT/<name>-int8.param/.bin and "
         "OUT/<name>.table, where <name> is the caffemodel's file stem",
     )
+    parser.add_argument(
+        "--equalize",
+        action="store_true",
+        help="with --ncnn-dir: equalize the depthwise layers' input channels first (int8conv equalize) and "
+        "build from that model, written as OUT/<name>-equalized.caffemodel; the table fits these models only",
+    )
     harden(parser, "convert_tool.py")
     parser.set_defaults(func=_run)
     return parser
@@ -48,6 +55,11 @@ def _run(args: argparse.Namespace) -> int:
     args.gpu = 0 if args.gpu else None
     if args.gpu is not None and args.backend == "auto":
         args.backend = "caffe"
+    if args.equalize and not args.ncnn_dir:
+        raise Int8ConvError(
+            "--equalize changes the model the table is for: use it with --ncnn-dir (table and models together), "
+            "or run int8conv equalize and calibrate its caffemodel"
+        )
     if args.ncnn_dir:
         if args.output is not None:
             raise Int8ConvError(
@@ -62,8 +74,16 @@ def _run(args: argparse.Namespace) -> int:
 def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
     model, prep, calibration = calibration_inputs(args)
-    build = pipeline.build_ncnn(model, prep, calibration)
-    paths = pipeline.write_ncnn_build(build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table)
+    with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
+        equalized = pipeline.equalize(model, prep, calibration) if args.equalize else None
+        source = model
+        if equalized is not None:
+            source = pipeline.ModelFiles(model.proto, Path(tmp) / model.caffemodel.name)
+            pipeline.write_equalized(equalized, source.caffemodel)
+        build = pipeline.build_ncnn(source, prep, calibration)
+    paths = pipeline.write_ncnn_build(
+        build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table, equalized=equalized
+    )
     args.output = str(paths["table"])
     if not args.quiet:
         print(summary(args, build.result))
@@ -71,6 +91,11 @@ def run_one_shot(args: argparse.Namespace) -> int:
             f"ncnn       {paths['fp32_param'].with_suffix('')}.param/.bin (FP32), "
             f"{paths['int8_param'].with_suffix('')}.param/.bin (INT8)"
         )
+        if equalized is not None:
+            print(
+                f"equalized  {paths['equalized']} ({len(equalized.pairs)} depthwise layer(s); the table and models "
+                "are for it)"
+            )
     return 0
 
 

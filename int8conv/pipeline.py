@@ -544,12 +544,20 @@ def write_ncnn_models(fp32: NcnnModel, int8: NcnnModel, paths: dict[str, Path]) 
     write_model(int8, paths["int8_param"], paths["int8_bin"])
 
 
-def write_ncnn_build(build: NcnnBuild, out_dir: Path, stem: str, legacy_table: bool = False) -> dict[str, Path]:
+def write_ncnn_build(
+    build: NcnnBuild, out_dir: Path, stem: str, legacy_table: bool = False, equalized: Equalization | None = None
+) -> dict[str, Path]:
+    """The build's files (``ncnn_paths``), and with ``equalized`` the caffemodel they were made from,
+    ``<stem>-equalized.caffemodel``: the table and the models fit it, not the original."""
     paths = ncnn_paths(out_dir, stem)
+    if equalized is not None:
+        paths["equalized"] = Path(out_dir) / f"{stem}-equalized.caffemodel"
     text = table_text(dataclasses.replace(build.result, table=build.table), legacy_table)
-    with output_set():  # the table and both models land together, or none of them
+    with output_set():  # the table, both models (and the equalized caffemodel) land together, or none of them
         write_ncnn_models(build.fp32, build.int8, paths)
         write_text_atomic(paths["table"], text)
+        if equalized is not None:
+            write_equalized(equalized, paths["equalized"])
     return paths
 
 

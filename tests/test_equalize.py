@@ -12,14 +12,16 @@ from int8conv import pipeline
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.calibrate import build_table
 from int8conv.calibration.equalize import channel_ranges, equalization_pairs
+from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import main as cli
 from int8conv.engines import make_engine
 from int8conv.evaluation.metrics import cosine
+from int8conv.legacy_cli import main as convert_tool
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import write_model
 from int8conv.ncnn.quantize import quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
-from int8conv.zoo import MODELS
+from int8conv.zoo import MODELS, cli_flags, model_input
 from tests.synthetic import write_caffe_model
 
 NET = """
@@ -134,3 +136,33 @@ def test_ultraface_pairs_are_its_depthwise_layers(shared):
     pairs = equalization_pairs(graph)
     depthwise = [layer.name for layer in graph.layers if layer.type == "Convolution" and layer.blobs[0].shape[1] == 1]
     assert len(pairs) == 11 and {d.name for _, d in pairs} <= set(depthwise) and pairs[0][1].name == "188"
+
+
+def test_one_shot_equalize_writes_the_model_its_files_fit(shared, tmp_path, capsys):
+    """``convert_tool.py --ncnn-dir OUT --equalize`` on ultraface: the six files land together; the FP32 model is
+    the original network; its INT8 model is closer to the original FP32 outputs than the plain one-shot's."""
+    zoo = MODELS["ultraface"]
+    proto, model = zoo.paths(shared)
+    faces = list_images(shared / "images" / "faces")
+    listing = tmp_path / "calibration.txt"
+    listing.write_text("\n".join(map(str, faces[0::2])))
+    common = ["--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "--images", str(listing), "-q"]
+    assert convert_tool([*common, "--equalize", "--output", str(tmp_path / "t.table")]) == 2
+    assert "use it with --ncnn-dir" in capsys.readouterr().err
+    found = {}
+    for label, extra in (("plain", []), ("equalized", ["--equalize"])):
+        out = tmp_path / label
+        assert convert_tool([*common, "--ncnn-dir", str(out), *extra]) == 0
+        stem = model.stem
+        assert (out / f"{stem}-equalized.caffemodel").exists() == bool(extra)
+        fp32 = NcnnRunner(out / f"{stem}.param", out / f"{stem}.bin", int8=False)
+        int8 = NcnnRunner(out / f"{stem}-int8.param", out / f"{stem}-int8.bin", int8=True)
+        found[label] = []
+        for path in faces[1::2][:6]:
+            feed = {"input": model_input(zoo.prep, read_image(path), 3)}
+            found[label].append((fp32.run(feed), int8.run(feed)))
+    for (plain_fp32, _), (equal_fp32, _) in zip(found["plain"], found["equalized"], strict=True):
+        for name, value in plain_fp32.items():
+            np.testing.assert_allclose(equal_fp32[name], value, atol=1e-4 * np.abs(value).max())
+    mean = {label: np.mean([min(cosine(f[n], q[n]) for n in f) for f, q in pairs]) for label, pairs in found.items()}
+    assert mean["equalized"] > mean["plain"] + 0.002, mean
