@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_calibration_inputs, calibration_inputs
+from int8conv.commands.common import add_adaround_arg, add_calibration_inputs, calibration_inputs
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="COSINE",
         help="keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
         "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE",
+    )
+    add_adaround_arg(
+        group,
+        "the Q/DQ ONNX gets FP32 weights that round to the learned integers with the ncnn table's weight "
+        "scales (the same integers as the ncnn INT8 model)",
     )
     group.add_argument(
         "--auto-fp32-images",

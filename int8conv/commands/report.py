@@ -9,6 +9,7 @@ from pathlib import Path
 
 from int8conv import pipeline
 from int8conv.commands.common import (
+    add_adaround_arg,
     add_calibration_inputs,
     add_layer_times_arg,
     add_task_args,
@@ -46,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="minmax",
         help="thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)",
     )
+    add_adaround_arg(group, "the INT8 model evaluated gets the learned weights (when the table is computed here)")
     group.add_argument(
         "--eval-images",
         type=Path,
