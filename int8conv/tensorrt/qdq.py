@@ -139,15 +139,8 @@ def insert_qdq(
         key = (activation, float(scale))
         if key not in dequantized:
             dequantized[key] = pair(activation, scale, None)
-        w = numpy_helper.to_array(initializers[weight])
-        if node.name in weights:
-            learned, scales = weights[node.name]
-            initializers[weight].CopyFrom(numpy_helper.from_array(learned.reshape(w.shape).astype(np.float32), weight))
-            weight_scale = np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1.0), MIN_AMAX / LEVELS)
-        else:
-            weight_scale = quantization_scale(weight_amax(w))
         node.input[0] = dequantized[key]
-        node.input[1] = pair(weight, weight_scale.astype(np.float32), 0)
+        node.input[1] = pair(weight, _weight_scale(initializers[weight], weights.get(node.name)), 0)
         nodes.append(node)
     if unquantized:
         log.warning(
@@ -162,6 +155,17 @@ def insert_qdq(
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _weight_scale(initializer: onnx.TensorProto, learned: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The per-output-channel Q/DQ scale of a weight: its absmax / 127, or, for ``--adaround``'s weights (which
+    replace the initializer's), ``1 / scale`` of the ncnn table, so both round to the same integers."""
+    w = numpy_helper.to_array(initializer)
+    if learned is None:
+        return quantization_scale(weight_amax(w))
+    weight, scales = learned
+    initializer.CopyFrom(numpy_helper.from_array(weight.reshape(w.shape).astype(np.float32), initializer.name))
+    return np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1.0), MIN_AMAX / LEVELS).astype(np.float32)
 
 
 class OutputCosine:
