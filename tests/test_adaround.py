@@ -161,3 +161,63 @@ def test_learned_integers_reach_ncnn_and_the_qdq_onnx(shared, tmp_path):
             cosines[label].append(blob_cosine([ref[k] for k in ref], [got[k] for k in ref]))
     print({k: float(np.mean(v)) for k, v in errors.items()}, {k: float(np.mean(v)) for k, v in cosines.items()})
     assert np.mean(errors["adaround"]) < np.mean(errors["nearest"])
+
+
+@pytest.mark.slow
+def test_adaround_through_the_command_lines(shared, tmp_path):
+    """``--adaround`` is refused where only a table is written (or read); the one-shot conversion writes the learned
+    integers into the INT8 .bin (with ``--bias-correction``: biases corrected for them), and ``export-trt`` writes
+    the same integers into the Q/DQ ONNX."""
+    import onnx
+    from onnx import numpy_helper
+
+    from int8conv.cli import main as int8conv_main
+    from int8conv.legacy_cli import main as convert_tool
+    from int8conv.ncnn.model import read_model
+    from int8conv.ncnn.quantize import int8_layers
+    from int8conv.zoo import MODELS, cli_flags
+
+    zoo = MODELS["det3"]
+    proto, caffemodel = zoo.paths(shared)
+    args = [
+        "--proto",
+        str(proto),
+        "--model",
+        str(caffemodel),
+        "--images",
+        str(shared / "images" / "faces"),
+        "--max-images",
+        "8",
+        "--backend",
+        "opencv",
+        "--method",
+        "kl",
+        "-q",
+        *cli_flags(zoo.prep),
+    ]
+    assert int8conv_main(["calibrate", *args, "--adaround", "--output", str(tmp_path / "t.table")]) == 2
+    assert convert_tool([*args, "--adaround"]) == 2
+    assert convert_tool([*args, "--ncnn-dir", str(tmp_path / "plain")]) == 0
+    assert convert_tool([*args, "--adaround", "--ncnn-dir", str(tmp_path / "ar")]) == 0
+    plain = read_model(tmp_path / "plain" / "det3-int8.param", tmp_path / "plain" / "det3-int8.bin")
+    learned = read_model(tmp_path / "ar" / "det3-int8.param", tmp_path / "ar" / "det3-int8.bin")
+    names = int8_layers(learned)
+    assert names == int8_layers(plain)
+    differ = [n for n in names if not np.array_equal(_int8_weights(plain.layer(n)), _int8_weights(learned.layer(n)))]
+    assert differ, "--adaround changed no int8 weight"
+    # bias correction after the rounding: the same integers, biases corrected for them
+    assert convert_tool([*args, "--bias-correction", "--ncnn-dir", str(tmp_path / "bc")]) == 2  # kl alone: refused
+    assert convert_tool([*args, "--adaround", "--bias-correction", "--ncnn-dir", str(tmp_path / "bc")]) == 0
+    corrected = read_model(tmp_path / "bc" / "det3-int8.param", tmp_path / "bc" / "det3-int8.bin")
+    for name in names:
+        np.testing.assert_array_equal(_int8_weights(corrected.layer(name)), _int8_weights(learned.layer(name)))
+    assert any(not np.array_equal(corrected.layer(n).weights[1].data, learned.layer(n).weights[1].data) for n in differ)
+    table = tmp_path / "plain" / "det3.table"
+    assert int8conv_main(["export-trt", *args, "--adaround", "--table", str(table), "--out-dir", str(tmp_path)]) == 2
+    assert int8conv_main(["export-trt", *args, "--adaround", "--out-dir", str(tmp_path / "trt")]) == 0
+    qdq = onnx.load(tmp_path / "trt" / "det3.qdq.onnx")
+    initializers = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer}
+    for name in differ:
+        weight, scale = initializers[f"{name}/weight"], initializers[f"{name}/weight/qdq_scale"]
+        integers = np.round(weight.reshape(scale.size, -1) / scale[:, None])
+        np.testing.assert_array_equal(integers, _int8_weights(learned.layer(name)), err_msg=name)
