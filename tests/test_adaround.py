@@ -175,26 +175,9 @@ def test_adaround_through_the_command_lines(shared, tmp_path):
     from int8conv.legacy_cli import main as convert_tool
     from int8conv.ncnn.model import read_model
     from int8conv.ncnn.quantize import int8_layers
-    from int8conv.zoo import MODELS, cli_flags
+    from tests.test_calibrate_cli import model_args
 
-    zoo = MODELS["det3"]
-    proto, caffemodel = zoo.paths(shared)
-    args = [
-        "--proto",
-        str(proto),
-        "--model",
-        str(caffemodel),
-        "--images",
-        str(shared / "images" / "faces"),
-        "--max-images",
-        "8",
-        "--backend",
-        "opencv",
-        "--method",
-        "kl",
-        "-q",
-        *cli_flags(zoo.prep),
-    ]
+    args = model_args(shared, "det3") + ["--max-images", "8", "--backend", "opencv", "--method", "kl", "-q"]
     assert int8conv_main(["calibrate", *args, "--adaround", "--output", str(tmp_path / "t.table")]) == 2
     assert convert_tool([*args, "--adaround"]) == 2
     assert convert_tool([*args, "--ncnn-dir", str(tmp_path / "plain")]) == 0
