@@ -19,6 +19,10 @@ whatever the number of samples. The output channels are independent problems; ea
 input's mean square, so one ``lambda`` fits every layer. A quarter of the images is held out: a channel keeps
 its learned rounding only where that lowers the held-out error against nearest rounding.
 
+The time budget: each layer's samples and iterations are bounded by its multiply-accumulates (GRAM_MACS,
+ITERATION_MACS), and a layer whose Gram matrices alone would cost more than MAX_LAYER_GRAM_MACS keeps nearest
+rounding (logged), as do layers with fewer samples than weights per output (an InnerProduct sees one per image).
+
 Layers are learned in network order, in chunks that fit GRAM_BYTES: each chunk's inputs come from an INT8 run
 with the chunks before already learned. The result is FP32 weights ``q / s`` (``CalibrationResult.weights``):
 the project's INT8 writer turns them back into exactly ``q``, and the Q/DQ ONNX (with the same scales) too.
@@ -58,16 +62,19 @@ REG_WEIGHT = 1.0
 #: Adam's step at MAX_ITERATIONS; fewer iterations take larger steps (``* sqrt(MAX_ITERATIONS / iterations)``)
 LEARNING_RATE = 0.05
 #: iterations per layer: as many as ITERATION_MACS allows (``out * K**2`` each), within these bounds
-MIN_ITERATIONS, MAX_ITERATIONS = 50, 300
-ITERATION_MACS = 2e9
+MIN_ITERATIONS, MAX_ITERATIONS = 20, 300
+ITERATION_MACS = 1e9
 #: images the Gram matrices are accumulated over (spread over the calibration set); every HELD_OUT_EVERY-th
 #: one is held out to accept or reject each channel's learned rounding
 ADAROUND_IMAGES = 16
 HELD_OUT_EVERY = 4
 #: output positions sampled per layer over all images: as many as GRAM_MACS allows (``groups * (K/g)**2`` each),
 #: at least SAMPLES_PER_WEIGHT per weight of an output (fewer samples than weights would only fit them)
-GRAM_MACS = 1e9
-SAMPLES_PER_WEIGHT = 1.5
+GRAM_MACS = 5e8
+SAMPLES_PER_WEIGHT = 1.4
+#: a layer whose least Gram (SAMPLES_PER_WEIGHT samples per weight) costs more keeps nearest rounding: the cost
+#: grows with (K/g)**3 (res10's and open_nsfw's 3x3 convolutions of 256 channels would take most of the time)
+MAX_LAYER_GRAM_MACS = 1e10
 #: float64 Gram memory one INT8 pass may accumulate (the layers are learned in chunks of this size)
 GRAM_BYTES = 512 * 2**20
 
@@ -257,8 +264,9 @@ def adjusted_weights(q: np.ndarray, geometry: LayerGeometry, weight_scales: np.n
 
 
 def _learnable(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
-    """The layers the table quantizes and the runtime computes right in INT8, with a live weight scale."""
-    return [
+    """The layers the table quantizes and the runtime computes right in INT8, with a live weight scale, whose
+    Gram matrices fit MAX_LAYER_GRAM_MACS."""
+    layers = [
         LayerGeometry.of(layer)
         for layer in model.layers
         if layer.type in QUANTIZABLE
@@ -267,6 +275,10 @@ def _learnable(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]
         and runtime_int8_defect(layer) is None
         and np.any(table.weight_scales[layer.name] > 0)
     ]
+    large = [g.name for g in layers if SAMPLES_PER_WEIGHT * g.group * g.weight.shape[1] ** 3 > MAX_LAYER_GRAM_MACS]
+    if large:
+        log.info("adaround: %d layer(s) too large for the time budget keep nearest rounding: %s", len(large), large)
+    return [g for g in layers if g.name not in large]
 
 
 def _chunks(layers: list[LayerGeometry]) -> list[list[LayerGeometry]]:
@@ -358,7 +370,7 @@ def learn_weights(
                 if bias_correction:
                     new_biases[g.name] = gram.corrected_bias(weights[g.name])
     log.info(
-        "adaround: %d layers in %d INT8 pass(es), held-out output error %+.1f%% (median layer) against nearest "
+        "adaround: %d layers in %d INT8 pass(es), held-out rounding error %+.1f%% (median layer) against nearest "
         "rounding, %.1f s",
         len(layers),
         len(chunks),
