@@ -43,6 +43,7 @@ import numpy as np
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import CalibrationResult
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input, round_clip
+from int8conv.calibration.scale_search import sample_positions
 from int8conv.calibration.weight_scales import quantizable_layers, uses_int8_winograd
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
@@ -296,17 +297,14 @@ def _chunks(layers: list[LayerGeometry]) -> list[list[LayerGeometry]]:
 
 
 def _sampled_positions(
-    g: LayerGeometry, x: np.ndarray, images: int, rng: np.random.Generator
+    g: LayerGeometry, top: np.ndarray, images: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Uniformly sampled output positions of one of ``images`` images (all of them when they are few)."""
-    if g.inner_product:
-        return np.zeros(1, int), np.zeros(1, int)
-    oh, ow = g.output_size(x.shape[-2], x.shape[-1])
+    """The output positions of one of ``images`` images that feed the layer's Gram matrices: the eq search's rule
+    (``sample_positions``: half where the FP32 output ``top`` is largest, half uniform; all when they are few), so
+    that a subsample keeps the rare large outputs that decide detections."""
     width = g.weight.shape[1]
     wanted = max(GRAM_MACS / (g.group * width**2), SAMPLES_PER_WEIGHT * width)
-    most = int(np.ceil(wanted / max(images, 1)))
-    picked = np.arange(oh * ow) if oh * ow <= most else np.sort(rng.choice(oh * ow, size=most, replace=False))
-    return np.divmod(picked, ow)
+    return sample_positions(g, top, int(np.ceil(wanted / max(images, 1))), rng)
 
 
 def learn_weights(
@@ -349,16 +347,17 @@ def learn_weights(
                 )
                 for g in chunk
             }
-            bottoms = {g.name: model.layer(g.name).bottoms[0] for g in chunk}
-            wanted = sorted(set(bottoms.values()))
+            ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in chunk}
+            wanted = sorted({blob for pair in ends.values() for blob in pair})
             desc = f"adaround: inputs {index + 1}/{len(chunks)}"
             for position, x in enumerate(progress(images, desc=desc, unit="img")):
                 feed = {fp32.input_names[0]: x}
-                reference, quantized = fp32.extract(feed, wanted), int8.extract(feed, wanted)
+                reference = fp32.extract(feed, wanted)
+                quantized = int8.extract(feed, sorted({bottom for bottom, _ in ends.values()}))
                 held = len(images) >= HELD_OUT_EVERY and position % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
                 for g in chunk:
-                    blob = bottoms[g.name]
-                    rows, cols = _sampled_positions(g, reference[blob], len(images), rng)
+                    blob, top = ends[g.name]
+                    rows, cols = _sampled_positions(g, reference[top], len(images), rng)
                     grams[g.name].add(
                         g.patches(reference[blob], rows, cols), g.patches(quantized[blob], rows, cols), held
                     )
