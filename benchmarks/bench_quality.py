@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from int8conv.caffe.graph import load_graph  # noqa: E402
+from int8conv.calibration.adaround import adaround_images, calibrate_adaround  # noqa: E402
 from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
 from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
@@ -56,7 +57,9 @@ from int8conv.zoo import MODELS, model_input  # noqa: E402
 
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
 IOU_THRESHOLD = 0.5
-DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc", "auto")
+DEFAULT_METHODS = ("kl", "aciq", "mse", "eq", "eq+bc", "auto", "auto+adaround", "eq+bc+adaround")
+#: a method's suffix for learned weight rounding after it (``--adaround``; with ``+bc``: bias correction after it)
+ADAROUND = "+adaround"
 #: the column of FP32 against itself on inputs one pixel level off (``NoisyInput``)
 NOISE_FLOOR = "fp32 +-1 level"
 
@@ -146,14 +149,12 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
     return {"task": task, **summary, "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 
-def table_for(method: str, graph, stats, calib_inputs) -> tuple:
-    """The table (and corrected biases) of ``method``: a histogram method, ``eq`` or ``eq+bc`` (bias correction)."""
+def table_for(method: str, graph, stats, calib_inputs):
+    """The result (table, corrected biases) of ``method``: a histogram method, ``eq`` or ``eq+bc`` (bias correction)."""
     base, _, extra = method.partition("+")
     if base in SEARCH_METHODS:
-        result = calibrate_eq(graph, stats, calib_inputs, bias_correction=extra == "bc")
-    else:
-        result = build_table(graph, stats, method)
-    return result.table, result.biases
+        return calibrate_eq(graph, stats, calib_inputs, bias_correction=extra == "bc")
+    return build_table(graph, stats, method)
 
 
 def bench_model(
@@ -191,14 +192,19 @@ def bench_model(
         cell = Cell()
         try:
             started = time.perf_counter()
-            if method == AUTO_METHOD:  # validated on some of the calibration images, never on judged ones
+            base = method.removesuffix(ADAROUND)
+            if base == AUTO_METHOD:  # validated on some of the calibration images, never on judged ones
                 result = calibrate_auto(graph, stats, validation_images(calib_inputs))
-                table, extra = result.table, None
                 cell.metric["validation"] = result.scores
             else:
-                table, extra = table_for(method, graph, stats, calib_inputs)
+                result = table_for(base, graph, stats, calib_inputs)
+            if method.endswith(ADAROUND):
+                result = calibrate_adaround(
+                    graph, result, adaround_images(calib_inputs), bias_correction=base.endswith("+bc")
+                )
+            table, extra, weights = result.table, result.biases, result.weights
             cell.seconds = stats_seconds + time.perf_counter() - started
-            int8_model = quantize_model(quantized_model, table, fp16_storage=False, biases=extra)
+            int8_model = quantize_model(quantized_model, table, fp16_storage=False, biases=extra, weights=weights)
             param, binary = workdir / f"{name}.{method}.param", workdir / f"{name}.{method}.bin"
             write_model(int8_model, param, binary)
             int8 = NcnnRunner(param, binary, int8=True)
@@ -209,7 +215,7 @@ def bench_model(
             from int8conv.calibration.calibrate import all_values
 
             every = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep, all_values(graph))
-            cell.metric["qdq"] = qdq_cosine(graph, every, method, table, judged_inputs, (fp32, int8))
+            cell.metric["qdq"] = qdq_cosine(graph, every, base, table, judged_inputs, (fp32, int8), result)
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
@@ -228,11 +234,12 @@ def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path]
 
 
 def qdq_cosine(
-    graph, stats, method: str, table, judged: list[np.ndarray], ncnn: tuple[NcnnRunner, NcnnRunner]
+    graph, stats, method: str, table, judged: list[np.ndarray], ncnn: tuple[NcnnRunner, NcnnRunner], result=None
 ) -> tuple[float, float, float]:
     """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
-    ``table``) against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores),
-    and the worst image of the ncnn INT8 model (``ncnn``: FP32 and INT8 runners) scored the same way."""
+    ``table``, and ``result``'s learned weights with ``+adaround``) against the FP32 ONNX, under onnxruntime
+    (``qdq.OutputCosine``, as ``--auto-fp32`` scores), and the worst image of the ncnn INT8 model (``ncnn``: FP32
+    and INT8 runners) scored the same way."""
     from int8conv.tensorrt.onnx_export import export_onnx
     from int8conv.tensorrt.qdq import OutputCosine, insert_qdq
     from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
@@ -240,7 +247,10 @@ def qdq_cosine(
     export = export_onnx(graph, batch=1)
     values = value_ranges(stats, histogram_method(method))
     values.update(table_ranges(table, graph))
-    qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table))
+    from int8conv.pipeline import qdq_weights
+
+    learned = qdq_weights(result) if result is not None else None
+    qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table), learned)
     name = next(iter(graph.inputs))
     score = OutputCosine(export, [{name: x[None]} for x in judged])
     cosines = score.per_image(qdq)

@@ -33,6 +33,7 @@ from int8conv.caffe.graph import Graph, load_graph
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.reader import read_caffemodel
 from int8conv.caffe.shapes import check_input_size
+from int8conv.calibration.adaround import adaround_images, calibrate_adaround, per_output_scales
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
     CalibrationResult,
@@ -164,7 +165,8 @@ class CalibrationOptions:
     percentile: float = 99.99
     head_method: str | None = "minmax"  # None: heads use ``method`` too
     weights_8bit: bool = False
-    bias_correction: bool = False  # --method eq only: corrected FP32 biases in the INT8 model
+    bias_correction: bool = False  # --method eq (or --adaround): corrected FP32 biases in the INT8 model
+    adaround: bool = False  # learned weight rounding: adjusted FP32 weights for the INT8 model and the Q/DQ ONNX
     save_stats: Path | None = None
     load_stats: tuple[Path, ...] = ()
     jobs: int | None = None  # forward+histogram worker processes (calibration.workers); None: one per core
@@ -281,9 +283,29 @@ def table_from_statistics(
     graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions, prep: Preprocess | None = None
 ) -> CalibrationResult:
     """The table of ``options.method``; the output-aware search (eq) and the selection (auto) also run the model
-    on the images (auto: on some of the calibration images)."""
-    if options.bias_correction and options.method not in SEARCH_METHODS:
-        raise Int8ConvError("--bias-correction needs --method eq (it corrects the biases the search quantizes)")
+    on the images (auto: on some of the calibration images), and so does ``--adaround`` after them."""
+    result = _method_table(graph, stats, options, prep)
+    if not options.adaround:
+        return result
+    if options.images is None or prep is None:
+        raise Int8ConvError(
+            "--adaround learns the weight rounding on calibration images: give them with --images "
+            "(saved statistics alone are not enough)"
+        )
+    inputs = _image_inputs(graph, adaround_images(calibration_images(options)), prep)
+    return calibrate_adaround(
+        graph, result, inputs, winograd_6bit=not options.weights_8bit, bias_correction=options.bias_correction
+    )
+
+
+def _method_table(
+    graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions, prep: Preprocess | None
+) -> CalibrationResult:
+    """The table of ``options.method`` alone (bias correction: eq's, or --adaround's after it)."""
+    if options.bias_correction and not options.adaround and options.method not in SEARCH_METHODS:
+        raise Int8ConvError(
+            "--bias-correction needs --method eq or --adaround (it corrects the biases of the quantized weights)"
+        )
     method = options.method
     if method == AUTO_METHOD and (options.images is None or prep is None):
         log.warning("--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK)
@@ -523,7 +545,7 @@ def build_ncnn(
     if auto is not None:
         mixed = auto_fp32_table(fp32, table, prep, auto, model.proto, fp16_storage)
         table = mixed.table
-    int8 = quantize_model(fp32, table, fp16_storage=fp16_storage, biases=result.biases)
+    int8 = quantize_model(fp32, table, fp16_storage=fp16_storage, biases=result.biases, weights=result.weights)
     return NcnnBuild(result, fp32, int8, table, mixed)
 
 
@@ -594,16 +616,21 @@ def _trt_value_ranges(
     prep: PreprocessOptions,
     options: CalibrationOptions,
     trt: TrtOptions,
-) -> tuple[dict[str, float], dict[str, float], str]:
-    """amax per Caffe value, amax per quantized layer's input, and a description of where they came from.
+) -> tuple[dict[str, float], dict[str, float], str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """amax per Caffe value, amax per quantized layer's input, a description of where they came from, and the
+    ``--adaround`` weights (``qdq_weights``).
 
     The layer inputs are the ncnn table's thresholds (``table_from_statistics``: the head rule and the eq
     search included), so the ncnn table, the TensorRT cache, the ranges files and the Q/DQ ONNX agree.
     The other tensors (TensorRT's implicit quantization needs every one) get the histogram method's range.
     """
     if trt.table:
+        if options.adaround:
+            raise Int8ConvError(
+                f"--adaround learns weights, which the table {trt.table} cannot hold: drop --table to calibrate here"
+            )
         table = read_ncnn_table(trt.table)
-        return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}"
+        return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}", {}
     stats = collect(model, graph, prep, options, values=all_values(graph))
     needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
     missing = [v for v in needed if v not in stats.histograms]
@@ -617,7 +644,17 @@ def _trt_value_ranges(
     result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
     values = value_ranges(stats, histogram_method(options.method), options.percentile)
     values.update(table_ranges(result.table, graph))
-    return values, layer_input_ranges(result.table), f"{stats.images_used} images, method {result.method}"
+    source = f"{stats.images_used} images, method {result.method}"
+    return values, layer_input_ranges(result.table), source, qdq_weights(result)
+
+
+def qdq_weights(result: CalibrationResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``--adaround``'s adjusted FP32 weights with their per-output-channel scales, for ``insert_qdq``: the Q/DQ
+    ONNX quantizes them with ncnn's scales, so TensorRT gets the learned integers too."""
+    return {
+        name: (weight, per_output_scales(weight, result.table.weight_scales[name]))
+        for name, weight in (result.weights or {}).items()
+    }
 
 
 def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions) -> TrtExport:
@@ -627,7 +664,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     cache_version(trt.trt_version)  # a bad version fails before any work
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
-    values, layer_ranges, source = _trt_value_ranges(model, graph, export, prep, options, trt)
+    values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
     fp32_layers = list(trt.fp32_layers)
     choice = None
@@ -642,9 +679,9 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
             )
         ]
         scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
-        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges)
+        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges, weights)
         fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
-    qdq = insert_qdq(export, ranges, fp32_layers, layer_ranges)
+    qdq = insert_qdq(export, ranges, fp32_layers, layer_ranges, weights)
     method = "table" if trt.table else options.method
     return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice, layer_ranges)
 
@@ -765,6 +802,8 @@ def _report(
     fp16_storage: bool,
     outputs: OutputSet,
 ) -> tuple[Path, EvalReport]:
+    if table is not None and options.adaround:
+        raise Int8ConvError(f"--adaround learns weights, which the table {table} cannot hold: drop --table")
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)

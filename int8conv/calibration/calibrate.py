@@ -122,6 +122,7 @@ class CalibrationResult:
     skipped_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
     biases: dict[str, np.ndarray] | None = None  # bias correction: layer -> FP32 bias of its INT8 layer
+    weights: dict[str, np.ndarray] | None = None  # --adaround: layer -> FP32 weights rounding to the learned int8
     scores: dict[str, float] = field(default_factory=dict)  # --method auto: validation output cosines
 
 

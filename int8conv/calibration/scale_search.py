@@ -91,7 +91,7 @@ class LayerSamples:
         return float(np.dot(flat, self.target_flat)) / (norm * self.target_norm)
 
 
-def _positions(
+def sample_positions(
     geometry: LayerGeometry, top: np.ndarray, count: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """``count`` output positions of one image: half where the FP32 output is largest, half uniform.
@@ -141,7 +141,7 @@ def _sample(
         blobs = runner.extract({runner.input_names[0]: x}, wanted)
         for g in layers:
             bottom, top = ends[g.name]
-            rows, cols = _positions(g, blobs[top], per_image[g.name], rng)
+            rows, cols = sample_positions(g, blobs[top], per_image[g.name], rng)
             positions[g.name].append((rows, cols))
             patches[g.name].append(g.patches(blobs[bottom], rows, cols))
     samples = {}

@@ -10,7 +10,13 @@ import argparse
 
 from int8conv import pipeline
 from int8conv.calibration.calibrate import CalibrationResult
-from int8conv.commands.common import add_calibration_inputs, add_command, add_head_method_arg, calibration_inputs
+from int8conv.commands.common import (
+    add_adaround_arg,
+    add_calibration_inputs,
+    add_command,
+    add_head_method_arg,
+    calibration_inputs,
+)
 from int8conv.errors import Int8ConvError
 
 #: the line ``int8conv --help`` shows for this command
@@ -45,9 +51,14 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--bias-correction",
         action="store_true",
-        help="with --method eq: correct each INT8 layer's FP32 bias for the mean output error of "
+        help="with --method eq or --adaround: correct each INT8 layer's FP32 bias for the mean output error of "
         "its quantization; the biases go into the INT8 .bin, so this needs a command that "
         "writes the INT8 model (convert_tool.py --ncnn-dir, report)",
+    )
+    add_adaround_arg(
+        group,
+        "the learned weights go into the INT8 .bin, so this needs a command that writes the INT8 model "
+        "(convert_tool.py --ncnn-dir, report, export-trt)",
     )
 
 
@@ -66,13 +77,15 @@ def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
 
 
 def check_table_only(args: argparse.Namespace) -> None:
-    """A table cannot hold corrected biases: refuse --bias-correction where only a table is written."""
-    if getattr(args, "bias_correction", False):
-        raise Int8ConvError(
-            "--bias-correction changes the INT8 model's biases, which a calibration table cannot "
-            "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
-            "int8conv report)"
-        )
+    """A table cannot hold corrected biases or learned weights: refuse --bias-correction and --adaround where only
+    a table is written."""
+    for flag, what in (("bias_correction", "biases"), ("adaround", "weights")):
+        if getattr(args, flag, False):
+            raise Int8ConvError(
+                f"--{flag.replace('_', '-')} changes the INT8 model's {what}, which a calibration table cannot "
+                "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
+                "int8conv report, int8conv export-trt)"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -134,6 +134,16 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_adaround_arg(group: argparse._ArgumentGroup, where: str) -> None:
+    """``--adaround``, for the commands that write INT8 weights (``where`` says which files get them)."""
+    group.add_argument(
+        "--adaround",
+        action="store_true",
+        help="learn whether each INT8 weight rounds up or down, for the least layer output error on the "
+        f"calibration images (AdaRound; after --method, before --bias-correction); {where}",
+    )
+
+
 def add_calibration_inputs(parser: argparse.ArgumentParser) -> None:
     """The model, preprocessing and calibration groups: what every command that calibrates takes."""
     add_model_args(parser)
@@ -177,6 +187,7 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
         head_method=None if head_method == "same" else head_method,
         weights_8bit=getattr(args, "weights_8bit", False),
         bias_correction=getattr(args, "bias_correction", False),
+        adaround=getattr(args, "adaround", False),
         save_stats=args.save_stats,
         load_stats=tuple(args.load_stats or ()),
         jobs=args.jobs,

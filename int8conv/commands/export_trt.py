@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_auto_fp32_arg, add_calibration_inputs, add_command, calibration_inputs
+from int8conv.commands.common import (
+    add_adaround_arg,
+    add_auto_fp32_arg,
+    add_calibration_inputs,
+    add_command,
+    calibration_inputs,
+)
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
 #: the line ``int8conv --help`` shows for this command
@@ -59,6 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         group,
         "keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
         "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE",
+    )
+    add_adaround_arg(
+        group,
+        "the Q/DQ ONNX gets FP32 weights that round to the learned integers with the ncnn table's weight "
+        "scales (the same integers as the ncnn INT8 model)",
     )
     group.add_argument(
         "--auto-fp32-images",

@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_head_method_arg(
         group, "thresholds of the layers feeding the outputs directly, as in calibrate (default minmax)"
     )
+    common.add_adaround_arg(
+        group, "the INT8 model evaluated gets the learned weights (when the table is computed here)"
+    )
     group.add_argument(
         "--eval-images",
         type=Path,

@@ -91,9 +91,14 @@ def runtime_int8_defect(layer: NcnnLayer) -> str | None:
 
 
 def _quantize_layer(
-    layer: NcnnLayer, weight_scales: np.ndarray, bottom_scale: float, bias: np.ndarray | None = None
+    layer: NcnnLayer,
+    weight_scales: np.ndarray,
+    bottom_scale: float,
+    bias: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> None:
-    """Rewrite one layer in place: int8 weights, bias kept (or replaced by ``bias``), scales appended."""
+    """Rewrite one layer in place: int8 weights (of ``weight`` when given: adjusted FP32 weights), bias kept (or
+    replaced by ``bias``), scales appended."""
     units = scale_units(layer)
     scales = np.asarray(weight_scales, dtype=np.float32).reshape(-1)
     if scales.size != units:
@@ -108,8 +113,12 @@ def _quantize_layer(
         raise ModelError(f"layer '{layer.name}': activation scale must be finite and > 0, got {bottom_scale}")
     if int(layer.params.get(8, 0)):
         raise ModelError(f"layer '{layer.name}' is already INT8 (8={layer.params[8]}); quantize an FP32 model")
-    weight = layer.weights[0].data.astype(np.float32).reshape(units, -1)
-    quantized = float_to_int8(weight * scales[:, None]).reshape(-1)
+    if weight is not None and (weight.size != layer.weights[0].data.size or not np.all(np.isfinite(weight))):
+        raise ModelError(
+            f"layer '{layer.name}': adjusted weights need {layer.weights[0].data.size} finite values, got {weight.size}"
+        )
+    source = layer.weights[0].data if weight is None else weight
+    quantized = float_to_int8(np.asarray(source, dtype=np.float32).reshape(units, -1) * scales[:, None]).reshape(-1)
     if bias is not None:
         _replace_bias(layer, np.asarray(bias, dtype=np.float32).reshape(-1))
     if layer.type == "ConvolutionDepthWise" and np.any(scales == 0) and np.any(scales > 0):
@@ -248,7 +257,7 @@ def _some(names: list[str], most: int = 10) -> str:
 
 
 def _quantize_layers(
-    model: NcnnModel, table: CalibrationTable, biases: dict[str, np.ndarray]
+    model: NcnnModel, table: CalibrationTable, biases: dict[str, np.ndarray], weights: dict[str, np.ndarray]
 ) -> tuple[list[str], list[str]]:
     """Quantize, in place, every layer with both table lines that the runtime computes right in INT8.
 
@@ -275,18 +284,28 @@ def _quantize_layers(
             continue
         _warn_dead_scales(layer, table.weight_scales[layer.name])
         _quantize_layer(
-            layer, table.weight_scales[layer.name], table.activation_scales[layer.name], biases.get(layer.name)
+            layer,
+            table.weight_scales[layer.name],
+            table.activation_scales[layer.name],
+            biases.get(layer.name),
+            weights.get(layer.name),
         )
         quantized.append(layer.name)
     return quantized, covered
 
 
 def quantize_model(
-    model: NcnnModel, table: CalibrationTable, fp16_storage: bool = True, biases: dict[str, np.ndarray] | None = None
+    model: NcnnModel,
+    table: CalibrationTable,
+    fp16_storage: bool = True,
+    biases: dict[str, np.ndarray] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> NcnnModel:
     """An INT8 copy of the FP32 ``model``: quantize the layers the table covers fully, fuse requantization.
 
-    ``biases`` (layer -> FP32 bias, from bias correction) replaces the stored bias of those INT8 layers.
+    ``biases`` (layer -> FP32 bias, from bias correction) replaces the stored bias of those INT8 layers;
+    ``weights`` (layer -> adjusted FP32 weights, from ``--adaround``) are quantized instead of the model's, so the
+    .bin holds the integers they round to.
     """
     table.validate()
     result = copy.deepcopy(model)
@@ -296,7 +315,7 @@ def quantize_model(
     if unknown:
         log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown), _some(unknown))
     uncovered = _uncovered_layers(result, table)
-    quantized, covered = _quantize_layers(result, table, biases or {})
+    quantized, covered = _quantize_layers(result, table, biases or {}, weights or {})
     if not covered and not table.fp32_layers:
         raise ModelError(
             f"the table quantizes no layer of this model ({len(table.weight_scales)} weight and "

@@ -59,6 +59,7 @@ def insert_qdq(
     ranges: Mapping[str, float],
     fp32_layers: Iterable[str] = (),
     layer_ranges: Mapping[str, float] | None = None,
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``export.model`` with Q/DQ on the inputs and weights of every Conv/Gemm whose input has a range.
 
@@ -66,9 +67,12 @@ def insert_qdq(
     (``{layer: amax}``, the ncnn table's) overrides it per layer, so two layers reading one tensor with
     different thresholds each get their own Q/DQ pair, as in ncnn. A layer whose input has no range stays
     FP32 (logged), as do the layers named in ``fp32_layers``. ConvTranspose (Caffe Deconvolution) is not
-    quantized.
+    quantized. ``weights`` (``{layer: (FP32 weights, per-output-channel scale)}``, from ``--adaround``) replace a
+    layer's weights, quantized with ``1 / scale`` instead of their absmax: they round to the integers of the
+    ncnn INT8 model.
     """
     layer_ranges = layer_ranges or {}
+    weights = weights or {}
     keep_fp32 = set(fp32_layers)
     unknown = keep_fp32 - set(quantized_layers(export))
     if unknown:
@@ -128,9 +132,8 @@ def insert_qdq(
         key = (activation, float(scale))
         if key not in dequantized:
             dequantized[key] = pair(activation, scale, None)
-        w = numpy_helper.to_array(initializers[weight])
         node.input[0] = dequantized[key]
-        node.input[1] = pair(weight, quantization_scale(weight_amax(w)), 0)
+        node.input[1] = pair(weight, _weight_scale(initializers[weight], weights.get(node.name)), 0)
         nodes.append(node)
     if unquantized:
         log.warning(
@@ -145,6 +148,17 @@ def insert_qdq(
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _weight_scale(initializer: onnx.TensorProto, learned: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """The per-output-channel Q/DQ scale of a weight: its absmax / 127, or, for ``--adaround``'s weights (which
+    replace the initializer's), ``1 / scale`` of the ncnn table, so both round to the same integers."""
+    w = numpy_helper.to_array(initializer)
+    if learned is None:
+        return quantization_scale(weight_amax(w))
+    weight, scales = learned
+    initializer.CopyFrom(numpy_helper.from_array(weight.reshape(w.shape).astype(np.float32), initializer.name))
+    return np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1.0), MIN_AMAX / LEVELS).astype(np.float32)
 
 
 class OutputCosine:
@@ -177,6 +191,7 @@ def choose_fp32_layers(
     feeds: Sequence[Mapping[str, np.ndarray]],
     target: float,
     layer_ranges: Mapping[str, float] | None = None,
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Fp32Choice:
     """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
 
@@ -185,7 +200,7 @@ def choose_fp32_layers(
     """
     score = OutputCosine(export, feeds)
     choice = search_fp32_layers(
-        quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges)), target
+        quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges, weights)), target
     )
     log.info(
         "Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
