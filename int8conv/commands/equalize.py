@@ -17,6 +17,10 @@ from int8conv.engines import CALIBRATION_BACKENDS
 
 #: the line ``int8conv --help`` shows for this command
 SUMMARY = "equalize depthwise layers' input channels: a caffemodel that quantizes better"
+IMAGES_HELP = (
+    "calibration images (a directory, recursive, or a file listing paths); up to "
+    f"{pipeline.EQUALIZE_IMAGES} of them, spread over the set, measure the channel ranges"
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     add_preprocess_args(parser)
     group = parser.add_argument_group("equalization")
-    group.add_argument(
-        "--images",
-        type=Path,
-        required=True,
-        help=f"calibration images (a directory, recursive, or a file listing paths); up to "
-        f"{pipeline.EQUALIZE_IMAGES} of them, spread over the set, measure the channel ranges",
-    )
+    group.add_argument("--images", type=Path, required=True, help=IMAGES_HELP)
     group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
     group.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     group.add_argument(
