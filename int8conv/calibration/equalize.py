@@ -94,7 +94,11 @@ def equalization_pairs(graph: Graph) -> list[tuple[Layer, Layer]]:
     for layer in graph.layers:
         if is_depthwise(layer):
             producer = _scalable_producer(graph, layer)
-            if producer is not None and producer.blobs[0].shape[0] == layer.blobs[0].shape[0]:
+            if (
+                producer is not None
+                and producer.blobs[0].ndim
+                and producer.blobs[0].shape[0] == layer.blobs[0].shape[0]
+            ):
                 found.append((producer, layer))
     return found
 
