@@ -55,9 +55,8 @@ class EqualizedPair:
     @property
     def spread(self) -> float:
         """Largest over smallest live channel range before equalization (after: 1)."""
-        live = self.ranges[self.scales != 1.0] if np.any(self.scales != 1.0) else self.ranges
-        live = live[live > 0]
-        return float(live.max() / live.min()) if live.size else 1.0
+        live = self.ranges[self.ranges > self.ranges.max(initial=0.0) * LIVE_RATIO]
+        return float(live.max() / live.min()) if live.size and live.min() > 0 else 1.0
 
 
 def is_depthwise(layer: Layer) -> bool:
