@@ -307,7 +307,7 @@ def cell_text(cell: Cell) -> str:
         agreement = "-" if m["top1_agreement"] is None else f"{m['top1_agreement']:.3f}"
         return f"{agreement}/{m['cosine']:.4f} {cell.seconds:5.1f}s"
     if m["task"] == "segmentation":
-        return f"IoU {m['map_iou']:.3f}/{m['cosine']:.3f} {cell.seconds:5.1f}s"
+        return f"{m['map_iou']:.3f}/{m['cosine']:.3f} {cell.seconds:5.1f}s"
     return f"{m['precision']:.3f}/{m['recall']:.3f} {cell.seconds:5.1f}s"
 
 
@@ -329,7 +329,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     images = split_images(args.shared, args.imagenet)
     print(f"calibration images {len(images[0])}, judged images {len(images[1])} (disjoint)")
-    print("cells: detectors precision/recall, classifiers top-1 agreement/mean output cosine; calibration seconds")
+    print(
+        "cells: detectors precision/recall, classifiers top-1 agreement/mean output cosine, maps IoU/mean output "
+        "cosine; calibration seconds"
+    )
     width = 22
     columns = [*args.methods, NOISE_FLOOR]
     print(f"{'model':<16}" + "".join(f"{m:>{width}}" for m in columns))
