@@ -75,11 +75,9 @@ def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
     model, prep, calibration = calibration_inputs(args)
     with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
-        equalized = pipeline.equalize(model, prep, calibration) if args.equalize else None
-        source = model
-        if equalized is not None:
-            source = pipeline.ModelFiles(model.proto, Path(tmp) / model.caffemodel.name)
-            pipeline.write_equalized(equalized, source.caffemodel)
+        source, equalized = model, None
+        if args.equalize:
+            source, equalized = pipeline.equalized_files(model, prep, calibration, Path(tmp))
         build = pipeline.build_ncnn(source, prep, calibration)
     paths = pipeline.write_ncnn_build(
         build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table, equalized=equalized

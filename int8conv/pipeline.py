@@ -444,6 +444,16 @@ def write_equalized(result: Equalization, path: Path) -> None:
     write_bytes_atomic(path, result.weights.SerializeToString())
 
 
+def equalized_files(
+    model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, workdir: Path
+) -> tuple[ModelFiles, Equalization]:
+    """``equalize`` ``model`` and write its caffemodel into ``workdir``: the files the rest of a run reads."""
+    result = equalize(model, prep, options)
+    files = ModelFiles(model.proto, Path(workdir) / model.caffemodel.name)
+    write_equalized(result, files.caffemodel)
+    return files, result
+
+
 def convert(model: ModelFiles) -> NcnnModel:
     """The ncnn FP32 model of a Caffe model (BatchNorm/Scale folded, activations fused)."""
     return convert_graph(model.load())

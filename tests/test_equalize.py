@@ -166,3 +166,40 @@ def test_one_shot_equalize_writes_the_model_its_files_fit(shared, tmp_path, caps
             np.testing.assert_allclose(equal_fp32[name], value, atol=1e-4 * np.abs(value).max())
     mean = {label: np.mean([min(cosine(f[n], q[n]) for n in f) for f, q in pairs]) for label, pairs in found.items()}
     assert mean["equalized"] > mean["plain"] + 0.002, mean
+
+
+def test_export_trt_equalize_is_the_same_network_and_a_closer_qdq_model(shared, tmp_path, capsys):
+    """``export-trt --equalize`` on ultraface: its FP32 ONNX computes the original's outputs, and its Q/DQ ONNX
+    is closer to them on held-out faces (onnxruntime) than the Q/DQ ONNX of the original model."""
+    import onnxruntime as ort
+
+    zoo = MODELS["ultraface"]
+    proto, model = zoo.paths(shared)
+    faces = list_images(shared / "images" / "faces")
+    listing = tmp_path / "calibration.txt"
+    listing.write_text("\n".join(map(str, faces[0::2])))
+    common = ["export-trt", "--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "-q"]
+    common += ["--images", str(listing)]
+    (tmp_path / "t.table").write_text("conv 1.0\n")
+    assert cli([*common, "--equalize", "--table", str(tmp_path / "t.table"), "--out-dir", str(tmp_path / "x")]) == 2
+    assert "drop one" in capsys.readouterr().err
+    runs = {}
+    for label, extra in (("plain", []), ("equalized", ["--equalize"])):
+        assert cli([*common, *extra, "--out-dir", str(tmp_path / label)]) == 0
+        runs[label] = [
+            ort.InferenceSession(str(tmp_path / label / f"{model.stem}{suffix}"), providers=["CPUExecutionProvider"])
+            for suffix in (".onnx", ".qdq.onnx")
+        ]
+    worst = {}
+    for label, (fp32, qdq) in runs.items():
+        name = fp32.get_inputs()[0].name
+        low = 1.0
+        for path in faces[1::2][:6]:
+            x = model_input(zoo.prep, read_image(path), 3)[None]
+            reference, quantized = fp32.run(None, {name: x}), qdq.run(None, {name: x})
+            if label == "equalized":  # the same network as the original, up to float rounding
+                for mine, theirs in zip(reference, runs["plain"][0].run(None, {name: x}), strict=True):
+                    np.testing.assert_allclose(mine, theirs, atol=1e-4 * np.abs(theirs).max())
+            low = min(low, *(cosine(a, b) for a, b in zip(reference, quantized, strict=True)))
+        worst[label] = low
+    assert worst["equalized"] > worst["plain"] + 0.005, worst

@@ -9,6 +9,7 @@ table (--table).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from int8conv.commands.common import (
     add_command,
     calibration_inputs,
 )
+from int8conv.errors import Int8ConvError
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
 #: the line ``int8conv --help`` shows for this command
@@ -35,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         help="write OUT/<stem>.onnx, .qdq.onnx, .cache, .ranges.txt, .ranges.json (<stem>: the caffemodel's file stem)",
+    )
+    group.add_argument(
+        "--equalize",
+        action="store_true",
+        help="export the equalized model (int8conv equalize: every depthwise layer's input channels one range); the "
+        "ONNX files are the same network, and the cache and ranges fit them, not an ONNX of the original caffemodel",
     )
     group.add_argument(
         "--table",
@@ -91,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
         auto_fp32=args.auto_fp32,
         auto_fp32_images=args.auto_fp32_images,
     )
-    export = pipeline.export_trt(model, prep, calibration, trt)
+    with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
+        source = model
+        if args.equalize:
+            if args.table is not None:
+                raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
+            source, _ = pipeline.equalized_files(model, prep, calibration, Path(tmp))
+        export = pipeline.export_trt(source, prep, calibration, trt)
     paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
     if not args.quiet:
         quantized = sum(1 for n in export.qdq.graph.node if n.op_type == "QuantizeLinear")
