@@ -348,6 +348,12 @@ def main() -> None:
                 continue
             results[name] = cells
             print(f"{name:<16}" + "".join(f"{cell_text(cells[m]):>{width}}" for m in columns), flush=True)
+            cosines = [
+                f"{m} {cells[m].metric['cosine']:.4f}/{cells[m].metric['cosine_min']:.4f}"
+                for m in columns
+                if not cells[m].error
+            ]
+            print("    output cosine, mean/worst image: " + ", ".join(cosines))
             for method, cell in cells.items():
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")

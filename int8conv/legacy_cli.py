@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from int8conv import pipeline
@@ -74,10 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 def run_one_shot(args: argparse.Namespace) -> int:
     """Calibrate, convert and quantize: OUT/<name>.param/.bin, OUT/<name>-int8.param/.bin, OUT/<name>.table."""
     model, prep, calibration = calibration_inputs(args)
-    with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
-        source, equalized = model, None
-        if args.equalize:
-            source, equalized = pipeline.equalized_files(model, prep, calibration, Path(tmp))
+    with pipeline.run_model(model, prep, calibration, args.equalize) as (source, equalized):
         build = pipeline.build_ncnn(source, prep, calibration)
     paths = pipeline.write_ncnn_build(
         build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table, equalized=equalized

@@ -13,13 +13,14 @@ functions, so calibrate -> convert -> quantize is written once (``build_ncnn``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -444,14 +445,20 @@ def write_equalized(result: Equalization, path: Path) -> None:
     write_bytes_atomic(path, result.weights.SerializeToString())
 
 
-def equalized_files(
-    model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, workdir: Path
-) -> tuple[ModelFiles, Equalization]:
-    """``equalize`` ``model`` and write its caffemodel into ``workdir``: the files the rest of a run reads."""
+@contextlib.contextmanager
+def run_model(
+    model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, equalized: bool
+) -> Iterator[tuple[ModelFiles, Equalization | None]]:
+    """The files the rest of a run reads: ``model`` itself, or with ``equalized`` its equalized caffemodel in a
+    scratch folder that lives as long as the ``with`` block (and the ``Equalization``, to write it beside)."""
+    if not equalized:
+        yield model, None
+        return
     result = equalize(model, prep, options)
-    files = ModelFiles(model.proto, Path(workdir) / model.caffemodel.name)
-    write_equalized(result, files.caffemodel)
-    return files, result
+    with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
+        files = ModelFiles(model.proto, Path(tmp) / model.caffemodel.name)
+        write_equalized(result, files.caffemodel)
+        yield files, result
 
 
 def convert(model: ModelFiles) -> NcnnModel:

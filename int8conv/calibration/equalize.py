@@ -2,12 +2,11 @@
 depthwise convolution: a new caffemodel in which each depthwise layer's input channels share one range.
 
 Why: ncnn quantizes a layer's input with one scale per tensor. A depthwise convolution mixes nothing across
-channels, so its input channels keep the ranges the layer before gave them; ultraface's first depthwise layer
-reads 16 channels spanning 0.06 to 5.6, the small ones get one or two int8 levels, and that layer alone costs
-0.01 of output cosine. Dividing the producer's output channel c by ``s_c`` and multiplying the depthwise weights
-of channel c by ``s_c`` changes nothing in FP32 (ReLU and PReLU commute with a positive scale); with
-``s_c = range_c / largest range`` every channel gets the largest one's range. Both layers have per-channel weight
-scales, so their weight quantization is unchanged.
+channels, so its input channels keep the ranges the layer before gave them; ultraface's first depthwise layer reads
+16 channels whose ranges are 89x apart, so under one scale the small ones get a few int8 levels. Dividing the
+producer's output channel c by ``s_c`` and multiplying the depthwise weights of channel c by ``s_c`` changes nothing
+in FP32 (ReLU and PReLU commute with a positive scale); with ``s_c = range_c / largest range`` every channel gets
+the largest one's range. Both layers have per-channel weight scales, so their weight quantization is unchanged.
 
 The ranges are measured (the per-channel |x| max of each depthwise input on calibration images), unlike the
 paper's weight-only rule: the weights do not say how large a BatchNorm-shifted, ReLU-clipped channel gets.

@@ -9,7 +9,6 @@ table (--table).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -99,12 +98,9 @@ def run(args: argparse.Namespace) -> int:
         auto_fp32=args.auto_fp32,
         auto_fp32_images=args.auto_fp32_images,
     )
-    with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
-        source = model
-        if args.equalize:
-            if args.table is not None:
-                raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
-            source, _ = pipeline.equalized_files(model, prep, calibration, Path(tmp))
+    if args.equalize and args.table is not None:
+        raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
+    with pipeline.run_model(model, prep, calibration, args.equalize) as (source, _):
         export = pipeline.export_trt(source, prep, calibration, trt)
     paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
     if not args.quiet:
