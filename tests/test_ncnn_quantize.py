@@ -306,46 +306,15 @@ def test_quantize_cli_writes_a_model_ncnn_runs(chain, tmp_path):
 
     write_ncnn_table(_calibrated(model, x, tmp_path), table_path)
     out_param, out_bin = tmp_path / "q.param", tmp_path / "q.bin"
-    assert (
-        cli(
-            [
-                "-q",
-                "quantize",
-                "--param",
-                str(param),
-                "--bin",
-                str(binary),
-                "--table",
-                str(table_path),
-                "--out-param",
-                str(out_param),
-                "--out-bin",
-                str(out_bin),
-            ]
-        )
-        == 0
-    )
+
+    def quantize(table) -> int:
+        files = ["--param", param, "--bin", binary, "--table", table, "--out-param", out_param, "--out-bin", out_bin]
+        return cli(["-q", "quantize", *map(str, files)])
+
+    assert quantize(table_path) == 0
     got = NcnnRunner(out_param, out_bin, int8=True).run({"data": x})["out"]
     assert _cosine(got, NcnnRunner(param, binary, int8=False).run({"data": x})["out"]) > 0.995
-    assert (
-        cli(
-            [
-                "-q",
-                "quantize",
-                "--param",
-                str(param),
-                "--bin",
-                str(binary),
-                "--table",
-                str(tmp_path / "nope"),
-                "--out-param",
-                str(out_param),
-                "--out-bin",
-                str(out_bin),
-            ]
-        )
-        == 2
-    )
+    assert quantize(tmp_path / "nope") == 2
 
 
 # ------------------------------------------------------------------------------------------------ Winograd
