@@ -74,8 +74,9 @@ def workers(flags: list[str]) -> int:
 
 def run_once(
     shared: Path, key: str, images: int, flags: list[str], table: Path, method: str
-) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (workers included) and peak RSS (MiB, workers included) of one calibration."""
+) -> tuple[float, float, float, float, int]:
+    """Wall seconds, CPU seconds (workers included), peak RSS (MiB, workers included), the largest process's peak
+    RSS (MiB) and the number of processes of one calibration (workers start only when the images pay for them)."""
     spec = MODELS[key]
     proto, model = spec.paths(shared)
     cmd = [sys.executable, "-c", PEAK_WRAPPER, "-q", "calibrate", *flags, "--proto", str(proto), "--model", str(model)]
@@ -88,7 +89,8 @@ def run_once(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     own, worker = (int(v) for v in proc.stdout.strip().splitlines()[-1].split())
-    return wall, cpu, (own + workers(flags) * worker) / 1024.0
+    processes = 1 + (workers(flags) if worker else 0)
+    return wall, cpu, (own + (processes - 1) * worker) / 1024.0, max(own, worker) / 1024.0, processes
 
 
 def scale_difference(table: Path, reference: Path) -> float:
@@ -115,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for key in args.models:
-            samples: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _ in configs}
+            samples: dict[str, list[tuple[float, ...]]] = {label: [] for label, _ in configs}
             for _ in range(args.repeats):
                 for label, flags in configs:
                     samples[label].append(
@@ -140,11 +142,13 @@ def main() -> None:
             for count, batch in ((50, 4), (200, 4), (args.images, 1), (args.images, 16)):
                 memory[count, batch] = run_once(
                     args.shared, key, count, ["--batch-size", str(batch)], out / "memory.table", args.method
-                )[2]
+                )[2:]
+            (few, few_process, few_count), (many, many_process, many_count) = memory[50, 4], memory[200, 4]
             print(
-                f"{'':<10} default engine peak RSS: 200 vs 50 images x{memory[200, 4] / memory[50, 4]:.2f}; "
-                f"--batch-size 16 vs 1 x{memory[args.images, 16] / memory[args.images, 1]:.2f} "
-                f"({memory[args.images, 1]:.0f} -> {memory[args.images, 16]:.0f} MiB)"
+                f"{'':<10} default engine peak RSS: 200 vs 50 images x{many / few:.2f} in all ({few_count} -> "
+                f"{many_count} process(es)), x{many_process / few_process:.2f} per process; --batch-size 16 vs 1 "
+                f"x{memory[args.images, 16][0] / memory[args.images, 1][0]:.2f} "
+                f"({memory[args.images, 1][0]:.0f} -> {memory[args.images, 16][0]:.0f} MiB)"
             )
 
 

@@ -49,6 +49,7 @@ from int8conv.evaluation.evaluate import (  # noqa: E402
     update_metric,
 )
 from int8conv.evaluation.metrics import blob_cosine  # noqa: E402
+from int8conv.evaluation.mixed_precision import auto_fp32  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402
@@ -166,6 +167,7 @@ def bench_model(
     workdir: Path,
     qdq_method: str | None = None,
     equalize: bool = False,
+    auto_fp32_target: float | None = None,
 ) -> dict[str, Cell]:
     proto, caffemodel = folder_model.paths(shared)
     prep = folder_model.prep
@@ -209,6 +211,10 @@ def bench_model(
             write_model(int8_model, param, binary)
             int8 = NcnnRunner(param, binary, int8=True)
             cell.metric |= judge(fp32, int8, ncnn_model, judged_inputs, prep)
+            if auto_fp32_target is not None:
+                cell.metric["auto_fp32"] = auto_fp32_cell(
+                    quantized_model, result, auto_fp32_target, (calib_inputs, judged_inputs), fp32, workdir / name, prep
+                )
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
         if method == qdq_method and not cell.error:
@@ -219,6 +225,28 @@ def bench_model(
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
+
+
+def auto_fp32_cell(model, result, target: float, inputs: tuple[list, list], fp32: NcnnRunner, stem: Path, prep) -> dict:
+    """``--auto-fp32 target`` on the table of ``result``, chosen on the validation images ``auto`` uses (calibration
+    half), then judged on the other half: how many layers stay FP32, how many the search's final pass returned to
+    INT8, and the judged metrics of the mixed model."""
+    feeds = [{model.input_names[0]: x} for x in validation_images(inputs[0])]
+    choice = auto_fp32(model, result.table, feeds, target, fp16_storage=False)
+    mixed = quantize_model(model, choice.table, fp16_storage=False, biases=result.biases, weights=result.weights)
+    param, binary = stem.with_suffix(".mixed.param"), stem.with_suffix(".mixed.bin")
+    write_model(mixed, param, binary)
+    judged = judge(fp32, NcnnRunner(param, binary, int8=True), model, inputs[1], prep)
+    return {"fp32": len(choice.fp32_layers), "returned": len(choice.returned), "reached": choice.reached, **judged}
+
+
+def auto_fp32_text(method: str, found: dict) -> str:
+    metric = "/".join(f"{found[k]:.3f}" for k in ("precision", "recall", "top1_agreement") if found.get(k) is not None)
+    return (
+        f"{method} {found['fp32']} FP32 (+{found['returned']} returned to INT8 by the final pass"
+        f"{'' if found['reached'] else ', target not reached'}): judged {metric + ' ' if metric else ''}"
+        f"cosine {found['cosine']:.4f}/{found['cosine_min']:.4f}"
+    )
 
 
 def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path], path: Path) -> Path:
@@ -324,6 +352,13 @@ def main() -> None:
         help="calibrate and quantize the model `int8conv equalize` makes on the calibration images (judged against "
         "the original FP32 model)",
     )
+    parser.add_argument(
+        "--auto-fp32",
+        type=float,
+        metavar="COSINE",
+        help="also run quantize's --auto-fp32 COSINE search on each method's table (on auto's validation images) and "
+        "judge the mixed model: how many layers it keeps FP32",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -341,7 +376,15 @@ def main() -> None:
         for name in args.models:
             try:
                 cells = bench_model(
-                    name, MODELS[name], args.shared, args.methods, images, Path(tmp), args.qdq, args.equalize
+                    name,
+                    MODELS[name],
+                    args.shared,
+                    args.methods,
+                    images,
+                    Path(tmp),
+                    args.qdq,
+                    args.equalize,
+                    args.auto_fp32,
                 )
             except Int8ConvError as exc:
                 print(f"{name:<16} not judged: {str(exc)[:100]}")
@@ -354,6 +397,9 @@ def main() -> None:
                 if not cells[m].error
             ]
             print("    output cosine, mean/worst image: " + ", ".join(cosines))
+            mixed = [auto_fp32_text(m, cells[m].metric["auto_fp32"]) for m in columns if "auto_fp32" in cells[m].metric]
+            if mixed:
+                print(f"    --auto-fp32 {args.auto_fp32}, mean/worst judged image: " + "; ".join(mixed))
             for method, cell in cells.items():
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")

@@ -193,6 +193,29 @@ def test_jobs_do_not_change_the_statistics(shared, workers_start_at_once):
         assert other.abs_sum == hist.abs_sum, value  # chunks merge in the same order whatever --jobs
 
 
+@pytest.mark.real_models
+def test_packed_values_give_the_same_statistics(shared):
+    """Calibration reads ncnn's blobs in their packed layout (no unpacking copy): the same histograms, extremes and
+    zero counts as the unpacked values, on a model whose blobs ncnn really packs."""
+    spec = MODELS["ultraface"]
+    proto, model = spec.paths(shared)
+    graph = load_graph(proto, model)
+    reader = make_engine("ncnn", graph, proto, model).reader(calibration_values(graph))
+    batch, _ = next(iter_batches(list_images(shared / "images" / "faces")[:1], spec.prep, 1, ImageTally()))
+    runner = reader.load()
+    ex = runner._extractor({reader.input: batch[0]}, light=False)
+    assert sum(runner._extract(ex, blob, packed=True).elempack > 1 for blob in reader.order) > len(reader.order) // 2
+    packed, unpacked = CalibrationStatistics({}, {}), CalibrationStatistics({}, {})
+    packed.update(reader.forward(batch, packed=True))
+    unpacked.update(reader.forward(batch))
+    assert set(packed.histograms) == set(unpacked.histograms)
+    for value, hist in unpacked.histograms.items():
+        other = packed.histograms[value]
+        np.testing.assert_array_equal(other.counts, hist.counts, err_msg=value)
+        assert (other.count, other.zeros, other.min, other.max) == (hist.count, hist.zeros, hist.min, hist.max), value
+        assert other.abs_sum == pytest.approx(hist.abs_sum, rel=1e-12), value
+
+
 class _FailingEngine:
     name = "failing"
 

@@ -29,6 +29,7 @@ from int8conv.evaluation.detection import (
     ultraface_priors,
 )
 from int8conv.evaluation.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
+from int8conv.evaluation.fp32_search import search_fp32_layers
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.evaluation.results import EvalReport
 from int8conv.ncnn.convert import convert_graph
@@ -135,6 +136,23 @@ def test_output_view_drops_background_and_takes_worst_blob():
 
 
 # ------------------------------------------------------------------------------------------------ mixed precision
+
+
+def test_fp32_search_returns_layers_the_target_does_not_need():
+    """Layer a's error vanishes while c is INT8 (c clips what a gets wrong), which its harm measured alone cannot
+    show: the prefix by harm keeps a and b FP32, the final pass returns a to INT8, and b alone reaches the target."""
+    errors = {"a": 0.05, "b": 0.03, "c": 0.008, "d": 0.001}
+    scored = []
+
+    def score(fp32: list[str]) -> float:
+        int8 = set(errors) - set(fp32)
+        scored.append(sorted(fp32))
+        return 1 - sum(errors[name] for name in int8 if not (name == "a" and "c" in int8))
+
+    choice = search_fp32_layers(list(errors), score, target=0.99)
+    assert choice.fp32_layers == ["b"] and choice.returned == ["a"]
+    assert choice.cosine == pytest.approx(1 - 0.009) and choice.reached
+    assert ["a", "b"] in scored  # the searched prefix, before the final pass
 
 
 def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):

@@ -135,7 +135,7 @@ def _chunk_statistics(
     """Decode, forward and histogram one chunk of images."""
     tally = ImageTally()
     for batch, _ in iter_batches(paths, prep, 1, tally):
-        statistics.update(reader.forward(batch))
+        statistics.update(reader.forward(batch, packed=True))  # histograms do not need Caffe's layout
     return statistics, tally
 
 

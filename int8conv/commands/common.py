@@ -249,5 +249,6 @@ def mixed_precision_table(
         print(
             f"auto-fp32  output cosine {choice.cosine_all_int8:.6f} all INT8 -> {choice.cosine:.6f} "
             f"(target {choice.target}); FP32 layers: {kept}"
+            + (f" ({len(choice.returned)} more returned to INT8 by the final pass)" if choice.returned else "")
         )
     return choice.table

@@ -3,7 +3,10 @@
 Each quantized layer's harm is measured alone: the model with ONLY that layer quantized is scored (errors of
 different layers then do not mask each other, as they would when dropping one layer from an all-INT8 model).
 Layers go to FP32 most harmful first; the shortest such prefix that reaches the target is found by doubling,
-then bisecting, the prefix length (about 2 log2(n) more runs after the n sensitivity runs).
+then bisecting, the prefix length (about 2 log2(n) more runs after the n sensitivity runs). Harms do not add up
+exactly (errors of two layers can cancel, or one hides behind another), so the prefix may hold layers the target
+does not need: each is then tried back in INT8, least harmful first, and stays INT8 when the target still holds
+(one run per layer of the prefix).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Fp32Choice:
     cosine: float
     target: float
     sensitivity: dict[str, float] = field(default_factory=dict)
+    #: layers of the searched prefix that the final pass returned to INT8 (the target held without them)
+    returned: list[str] = field(default_factory=list)
 
     @property
     def reached(self) -> bool:
@@ -75,4 +80,22 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
             high,
             results[high],
         )
-    return Fp32Choice(ranked[:high], full, results[high], target, sensitivity)
+        return Fp32Choice(ranked[:high], full, results[high], target, sensitivity)
+    chosen, cosine = _prune(ranked[:high], results[high], score, target)
+    return Fp32Choice(chosen, full, cosine, target, sensitivity, [name for name in ranked[:high] if name not in chosen])
+
+
+def _prune(
+    fp32_layers: list[str], cosine: float, score: Callable[[list[str]], float], target: float
+) -> tuple[list[str], float]:
+    """Return layers of a choice that reaches ``target`` to INT8 while it still does, least harmful first.
+
+    The prefix's last layer is not tried: the prefix without it was measured below the target."""
+    chosen = list(fp32_layers)
+    for name in reversed(fp32_layers[:-1]):
+        trial = [other for other in chosen if other != name]
+        trial_cosine = score(trial)
+        if trial_cosine >= target:
+            log.info("%s back in INT8: output cosine %.6f still reaches %g", name, trial_cosine, target)
+            chosen, cosine = trial, trial_cosine
+    return chosen, cosine

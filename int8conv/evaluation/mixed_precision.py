@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +102,5 @@ def auto_fp32(
         score = OutputScorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)
         log.info("auto-fp32: %d ncnn runs, %d layer(s) kept FP32", score.runs, len(choice.fp32_layers))
-    return MixedPrecision(
-        choice.fp32_layers,
-        choice.cosine_all_int8,
-        choice.cosine,
-        target,
-        choice.sensitivity,
-        without_activations(table, choice.fp32_layers),
-    )
+    found = {item.name: getattr(choice, item.name) for item in fields(Fp32Choice)}
+    return MixedPrecision(**found, table=without_activations(table, choice.fp32_layers))
