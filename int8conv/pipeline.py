@@ -51,7 +51,7 @@ from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, sear
 from int8conv.calibration.thresholds import DEFAULT_METHOD
 from int8conv.calibration.workers import default_jobs
 from int8conv.engines import make_engine
-from int8conv.errors import ImageError, Int8ConvError
+from int8conv.errors import ImageError, Int8ConvError, ModelError
 from int8conv.evaluation.evaluate import EvalConfig, evaluate, format_report
 from int8conv.evaluation.fp32_search import Fp32Choice
 from int8conv.evaluation.mixed_precision import MixedPrecision, auto_fp32
@@ -67,7 +67,7 @@ from int8conv.evaluation.speed import (
 )
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
-from int8conv.ncnn.quantize import quantize_model
+from int8conv.ncnn.quantize import quantize_model, runtime_fp32_layers
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
 from int8conv.tables.tensorrt_files import (
@@ -674,6 +674,14 @@ def qdq_weights(result: CalibrationResult) -> dict[str, tuple[np.ndarray, np.nda
     }
 
 
+def _ncnn_fp32_layers(graph: Graph) -> list[str]:
+    """The quantizable layers ncnn's INT8 model of ``graph`` keeps FP32 (none when ncnn cannot run the model)."""
+    try:
+        return runtime_fp32_layers(convert_graph(graph))
+    except ModelError:  # a layer ncnn cannot run (an LSTM): there is no ncnn INT8 model to mirror
+        return []
+
+
 def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOptions, trt: TrtOptions) -> TrtExport:
     """FP32 ONNX, tensor ranges and the Q/DQ ONNX (with ``--auto-fp32``'s layers left FP32)."""
     if trt.batch == 0 or trt.batch < -1:
@@ -683,7 +691,12 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     export = export_onnx(graph, batch=trt.batch)
     values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
-    fp32_layers = list(trt.fp32_layers)
+    # what the ncnn INT8 model keeps FP32 stays FP32 here too: no calibration step validates those thresholds
+    # (the ShuffleNet's grouped convolutions: Q/DQ worst held-out image 0.716 quantized, 0.879 FP32)
+    mirrored = [name for name in _ncnn_fp32_layers(graph) if name not in trt.fp32_layers]
+    if mirrored:
+        log.info("Q/DQ: %d layer(s) stay FP32, as in the ncnn INT8 model: %s", len(mirrored), ", ".join(mirrored))
+    fp32_layers = list(trt.fp32_layers) + mirrored
     choice = None
     if trt.auto_fp32 is not None:
         if options.images is None:
@@ -696,7 +709,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
             )
         ]
         scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
-        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges, weights)
+        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges, weights, fp32_layers)
         fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
     qdq = insert_qdq(export, ranges, fp32_layers, layer_ranges, weights)
     method = "table" if trt.table else options.method

@@ -16,6 +16,7 @@ from int8conv import pipeline
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.calibration.preprocess import list_images
 from int8conv.calibration.weight_scales import quantizable_layers
+from int8conv.ncnn.quantize import int8_layers, runtime_fp32_layers
 from int8conv.tables.tensorrt_files import LEVELS
 from int8conv.zoo import MODELS
 
@@ -67,3 +68,26 @@ def test_qdq_scales_are_the_ncnn_table_scales(shared, tmp_path, key, method):
         assert export.ranges[value] == pytest.approx(
             max(127.0 / table.activation_scales[n] for n in layers), rel=1e-6
         ), value
+
+
+@pytest.mark.real_models
+def test_qdq_quantizes_the_layers_the_ncnn_int8_model_quantizes(shared, tmp_path):
+    """The ShuffleNet's grouped convolutions stay FP32 in its ncnn INT8 model (ncnn's x86 INT8 group path computes
+    them wrongly), so nothing validates their thresholds: the Q/DQ ONNX leaves the same layers FP32 and quantizes
+    every layer the ncnn model quantizes, with the table's scales."""
+    zoo = MODELS["shufflenet_driver"]
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(str(p) for p in list_images(shared / "images" / "imagenet_samples_200")[:4]))
+    model = pipeline.ModelFiles(*zoo.paths(shared))
+    prep = pipeline.PreprocessOptions.like(zoo.prep)
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="kl")
+    build = pipeline.build_ncnn(model, prep, options, fp16_storage=False)
+    export = pipeline.export_trt(model, prep, options, pipeline.TrtOptions())
+    grouped = runtime_fp32_layers(build.fp32)
+    assert len(grouped) > 10 and sorted(export.fp32_layers) == sorted(grouped)
+    scales = _input_scales(export.qdq)
+    assert set(scales) == set(int8_layers(build.int8))
+    for layer, scale in scales.items():
+        assert scale == pytest.approx(
+            float(np.float32(127.0 / build.table.activation_scales[layer] / LEVELS)), rel=1e-6
+        )

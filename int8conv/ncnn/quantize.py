@@ -90,6 +90,11 @@ def runtime_int8_defect(layer: NcnnLayer) -> str | None:
     )
 
 
+def runtime_fp32_layers(model: NcnnModel) -> list[str]:
+    """The quantizable layers an INT8 model of ``model`` keeps FP32 whatever the table (``runtime_int8_defect``)."""
+    return [layer.name for layer in model.layers if layer.type in QUANTIZABLE and runtime_int8_defect(layer)]
+
+
 def _quantize_layer(
     layer: NcnnLayer,
     weight_scales: np.ndarray,

@@ -192,15 +192,20 @@ def choose_fp32_layers(
     target: float,
     layer_ranges: Mapping[str, float] | None = None,
     weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    fixed_fp32: Sequence[str] = (),
 ) -> Fp32Choice:
-    """The fewest Conv/Gemm layers to keep FP32 so the Q/DQ model's output cosine reaches ``target``.
+    """The fewest Conv/Gemm layers to keep FP32, beyond ``fixed_fp32``, so the Q/DQ model's output cosine reaches
+    ``target``.
 
     Scored by ``metrics.output_cosine`` over ``feeds`` (DetectionOutput inputs for SSD models, priors
     excluded); the search is ``fp32_search.search_fp32_layers``.
     """
     score = OutputCosine(export, feeds)
+    fixed = list(fixed_fp32)
     choice = search_fp32_layers(
-        quantized_layers(export), lambda fp32: score(insert_qdq(export, ranges, fp32, layer_ranges, weights)), target
+        [name for name in quantized_layers(export) if name not in fixed],
+        lambda fp32: score(insert_qdq(export, ranges, fixed + fp32, layer_ranges, weights)),
+        target,
     )
     log.info(
         "Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
