@@ -275,10 +275,10 @@ def qdq_cosine(
     export = export_onnx(graph, batch=1)
     values = value_ranges(stats, histogram_method(method))
     values.update(table_ranges(table, graph))
-    from int8conv.pipeline import qdq_weights
+    from int8conv.pipeline import ncnn_fp32_layers, qdq_weights
 
     learned = qdq_weights(result) if result is not None else None
-    qdq = insert_qdq(export, tensor_ranges(export, values), (), layer_input_ranges(table), learned)
+    qdq = insert_qdq(export, tensor_ranges(export, values), ncnn_fp32_layers(graph), layer_input_ranges(table), learned)
     name = next(iter(graph.inputs))
     score = OutputCosine(export, [{name: x[None]} for x in judged])
     cosines = score.per_image(qdq)

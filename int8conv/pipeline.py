@@ -674,7 +674,7 @@ def qdq_weights(result: CalibrationResult) -> dict[str, tuple[np.ndarray, np.nda
     }
 
 
-def _ncnn_fp32_layers(graph: Graph) -> list[str]:
+def ncnn_fp32_layers(graph: Graph) -> list[str]:
     """The quantizable layers ncnn's INT8 model of ``graph`` keeps FP32 (none when ncnn cannot run the model)."""
     try:
         return runtime_fp32_layers(convert_graph(graph))
@@ -693,7 +693,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     ranges = tensor_ranges(export, values)
     # what the ncnn INT8 model keeps FP32 stays FP32 here too: no calibration step validates those thresholds
     # (the ShuffleNet's grouped convolutions: Q/DQ worst held-out image 0.716 quantized, 0.879 FP32)
-    mirrored = [name for name in _ncnn_fp32_layers(graph) if name not in trt.fp32_layers]
+    mirrored = [name for name in ncnn_fp32_layers(graph) if name not in trt.fp32_layers]
     if mirrored:
         log.info("Q/DQ: %d layer(s) stay FP32, as in the ncnn INT8 model: %s", len(mirrored), ", ".join(mirrored))
     fp32_layers = list(trt.fp32_layers) + mirrored
