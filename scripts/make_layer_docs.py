@@ -78,8 +78,8 @@ given in the last column.
 
 - **shape**: int8conv infers its output shape (and checks its weights against the prototxt).
 - **ncnn FP32**: `int8conv convert` writes it. **ncnn INT8**: `int8conv quantize` makes it INT8 (yes), or it runs
-  in FP32 inside the INT8 model (FP32). A grouped, not depthwise, Convolution with a multiple of 8 outputs per group
-  stays FP32 too: ncnn's x86 INT8 group path computes it wrongly.
+  in FP32 inside the INT8 model (FP32). A grouped, not depthwise, Convolution stays FP32 too: ncnn's x86 INT8 group
+  path computes it wrongly. It stays FP32 in the Q/DQ ONNX as well, since no calibration step validates its threshold.
 - **ONNX**: `int8conv export-trt` exports it (opset 17). **Q/DQ**: its input and weights get QuantizeLinear/
   DequantizeLinear in the explicit-quantization ONNX (yes), or it stays FP32 there (FP32).
 - **calibrate on opencv / caffe**: the FP32 engine runs it, so `calibrate --backend opencv` / `--backend caffe` can

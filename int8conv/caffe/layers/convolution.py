@@ -124,7 +124,7 @@ register(
         folds_into=True,
         quantizable=True,
         notes="group > 1 becomes ncnn ConvolutionDepthWise; a grouped (not depthwise) one stays FP32 in ncnn INT8 "
-        "models (ncnn's x86 INT8 group path with the packing layout returns garbage for it)",
+        "models (ncnn's x86 INT8 group path with the packing layout returns garbage for it), and so in the Q/DQ ONNX",
     )
 )
 register(
