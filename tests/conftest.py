@@ -7,6 +7,7 @@ unless ``INT8CONV_REQUIRE_SHARED=1`` (set by CI), which turns the skip into a fa
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def calibrate_args(proto: Path, model: Path, images: Path, table: Path, *extra: 
     """``int8conv calibrate`` argv: ``proto``/``model`` calibrated on ``images`` into ``table``, then ``extra``."""
     files = ["--proto", str(proto), "--model", str(model), "--images", str(images), "--output", str(table)]
     return ["calibrate", *files, *extra]
+
+
+def eval_args(
+    proto: Path, model: Path, fp32: tuple[Path, Path], int8: tuple[Path, Path], images: Path, *extra: str
+) -> list[str]:
+    """``int8conv eval`` argv: ``proto``/``model`` against the ncnn ``fp32`` and ``int8`` (.param, .bin) pairs on
+    ``images``, then ``extra``."""
+    files = ["--param", str(fp32[0]), "--bin", str(fp32[1]), "--int8-param", str(int8[0]), "--int8-bin", str(int8[1])]
+    return ["eval", "--proto", str(proto), "--model", str(model), *files, "--images", str(images), *extra]
+
+
+def run_python(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python *argv`` in a fresh interpreter from the repository root, as a user runs a script; text output."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
 def convert_tool_res10(proto: Path, model: Path, images: Path) -> list[str]:
