@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from int8conv.caffe.graph import load_graph  # noqa: E402
 from int8conv.calibration.adaround import adaround_images, calibrate_adaround  # noqa: E402
 from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
-from int8conv.calibration.calibrate import build_table, calibration_values, model_identity  # noqa: E402
+from int8conv.calibration.calibrate import TableRules, build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
@@ -154,7 +154,7 @@ def table_for(method: str, graph, stats, calib_inputs):
     """The result (table, corrected biases) of ``method``: a histogram method, ``eq`` or ``eq+bc`` (bias correction)."""
     base, _, extra = method.partition("+")
     if base in SEARCH_METHODS:
-        return calibrate_eq(graph, stats, calib_inputs, bias_correction=extra == "bc")
+        return calibrate_eq(graph, stats, calib_inputs, TableRules(bias_correction=extra == "bc"))
     return build_table(graph, stats, method)
 
 
@@ -202,7 +202,7 @@ def bench_model(
                 result = table_for(base, graph, stats, calib_inputs)
             if method.endswith(ADAROUND):
                 result = calibrate_adaround(
-                    graph, result, adaround_images(calib_inputs), bias_correction=base.endswith("+bc")
+                    graph, result, adaround_images(calib_inputs), TableRules(bias_correction=base.endswith("+bc"))
                 )
             table, extra, weights = result.table, result.biases, result.weights
             cell.seconds = stats_seconds + time.perf_counter() - started

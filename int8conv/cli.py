@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from int8conv import __version__, atomic
+from int8conv.commands.common import add_command
 from int8conv.commands.validate import check_args, harden
 from int8conv.errors import Int8ConvError
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"int8conv.commands.{name}").add_parser(sub)
+        add_command(sub, name)
     for command, subparser in sub.choices.items():  # -v/-q also after the subcommand; checked flags
         harden(subparser, command)
         subparser.set_defaults(_parser=subparser, _command=command)

@@ -38,6 +38,7 @@ from int8conv.calibration.adaround import adaround_images, calibrate_adaround, p
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
     CalibrationResult,
+    TableRules,
     all_values,
     build_table,
     collect_statistics,
@@ -172,6 +173,11 @@ class CalibrationOptions:
     load_stats: tuple[Path, ...] = ()
     jobs: int | None = None  # forward+histogram worker processes (calibration.workers); None: one per core
 
+    @property
+    def table_rules(self) -> TableRules:
+        """``--percentile``, ``--weights-8bit``, ``--head-method`` and ``--bias-correction``, as methods take them."""
+        return TableRules(self.percentile, not self.weights_8bit, self.head_method, self.bias_correction)
+
 
 @dataclass(frozen=True)
 class AutoFp32Options:
@@ -294,9 +300,7 @@ def table_from_statistics(
             "(saved statistics alone are not enough)"
         )
     inputs = _image_inputs(graph, adaround_images(calibration_images(options)), prep)
-    return calibrate_adaround(
-        graph, result, inputs, winograd_6bit=not options.weights_8bit, bias_correction=options.bias_correction
-    )
+    return calibrate_adaround(graph, result, inputs, options.table_rules)
 
 
 def _method_table(
@@ -313,14 +317,7 @@ def _method_table(
         method = AUTO_FALLBACK
     if method == AUTO_METHOD:
         validation = _image_inputs(graph, validation_images(calibration_images(options)), prep)
-        return calibrate_auto(
-            graph,
-            stats,
-            validation,
-            winograd_6bit=not options.weights_8bit,
-            head_method=options.head_method,
-            percentile=options.percentile,
-        )
+        return calibrate_auto(graph, stats, validation, options.table_rules)
     if method in SEARCH_METHODS:
         if options.images is None or prep is None:
             raise Int8ConvError(
@@ -328,21 +325,9 @@ def _method_table(
                 "(saved statistics alone are not enough)"
             )
         return calibrate_eq(
-            graph,
-            stats,
-            _image_inputs(graph, search_images(calibration_images(options)), prep),
-            winograd_6bit=not options.weights_8bit,
-            head_method=options.head_method,
-            bias_correction=options.bias_correction,
+            graph, stats, _image_inputs(graph, search_images(calibration_images(options)), prep), options.table_rules
         )
-    return build_table(
-        graph,
-        stats,
-        method,
-        percentile=options.percentile,
-        winograd_6bit=not options.weights_8bit,
-        head_method=options.head_method,
-    )
+    return build_table(graph, stats, method, options.table_rules)
 
 
 def _image_inputs(graph: Graph, paths: Sequence[Path], prep: Preprocess) -> list[np.ndarray]:

@@ -12,6 +12,18 @@ from google.protobuf import text_format
 
 from int8conv.caffe.proto import caffe_pb2
 
+#: one LSTM layer "rnn" (2 hidden units) over a sequence of 3 steps of 4 values, with its continuation flags
+LSTM_NET = """
+input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
+input: "cont" input_shape { dim: 3 dim: 1 }
+layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "rnn" recurrent_param { num_output: 2 } }
+"""
+
+
+def lstm_weights(inputs: int = 4) -> list[np.ndarray]:
+    """Zero weights for LSTM_NET's layer: input-to-gates (8, ``inputs``; 4 fits its data), bias, hidden-to-gates."""
+    return [np.zeros((8, inputs), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
+
 
 def write_caffe_model(
     directory: Path, prototxt: str, weights: dict[str, list[np.ndarray]], name: str = "net"

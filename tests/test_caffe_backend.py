@@ -24,6 +24,7 @@ from int8conv.engines import caffe_build, make_engine
 from int8conv.errors import BackendUnavailable, ModelError
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import MODELS as SHARED_MODELS
+from tests.conftest import convert_tool_res10
 from tests.synthetic import write_caffe_model
 from tests.test_calibrate_cli import MODELS, model_args
 from tests.test_engine_opencv import NET, numpy_forward, weights
@@ -305,22 +306,7 @@ def test_convert_tool_runs_on_pycaffe(caffe, shared, tmp_path):
     images.mkdir()
     for source in list_images(shared / "images" / "faces")[:3]:
         (images / source.name).symlink_to(source)
-    original = [
-        sys.executable,
-        str(ROOT / "convert_tool.py"),
-        "--proto",
-        str(proto),
-        "--model",
-        str(model),
-        "--mean",
-        "104",
-        "177",
-        "123",
-        "--norm",
-        "1",
-        "--images",
-        str(images),
-    ]
+    original = convert_tool_res10(proto, model, images)
     tables = []
     for extra in (["--backend", "caffe"], []):
         out = tmp_path / f"res10{len(tables)}.table"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from int8conv.cli import main as int8conv_main
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import MODELS as SHARED_MODELS
 from int8conv.zoo import cli_flags
+from tests.conftest import convert_tool_res10
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,27 +84,7 @@ def test_original_command_line(shared, tmp_path):
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "res10.table"
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "convert_tool.py"),
-            "--proto",
-            str(proto),
-            "--model",
-            str(model),
-            "--mean",
-            "104",
-            "177",
-            "123",
-            "--norm",
-            "1",
-            "--images",
-            str(images),
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+        [*convert_tool_res10(proto, model, images), "--output", str(out)], capture_output=True, text=True, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     assert "3 used, 1 skipped" in proc.stdout and "corrupt.jpg" in proc.stderr

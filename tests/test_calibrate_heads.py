@@ -7,7 +7,7 @@ import numpy as np
 
 from int8conv.caffe.fold import fold_batchnorm_scale
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.calibrate import build_table, collect_statistics, head_layers
+from int8conv.calibration.calibrate import TableRules, build_table, collect_statistics, head_layers
 from int8conv.calibration.preprocess import Preprocess
 from int8conv.engines import make_engine
 from tests.synthetic import write_caffe_model
@@ -46,9 +46,9 @@ def test_heads_use_absmax(tmp_path):
         cv2.imwrite(str(path), image)
         images.append(path)
     stats = collect_statistics(graph, engine, images, Preprocess(size=(16, 16)), {"caffemodel_sha256": "x"})
-    result = build_table(graph, stats, "percentile", percentile=99.0)
+    result = build_table(graph, stats, "percentile", TableRules(percentile=99.0))
     absmax = stats.histograms["body_relu"].absmax
     assert result.thresholds["conf"] == absmax
     assert result.thresholds["mid"] < absmax  # the same blob, read by a body layer, is clipped
-    same = build_table(graph, stats, "percentile", percentile=99.0, head_method=None)
+    same = build_table(graph, stats, "percentile", TableRules(percentile=99.0, head_method=None))
     assert same.thresholds["conf"] == same.thresholds["mid"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,18 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
 from int8conv.zoo import write_digit_cells  # noqa: E402
+from tests.conftest import run_python  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
 
 def run_demo(script: str, *args: str, shared: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "demos" / script), *args, "--runs", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "INT8CONV_SHARED": str(shared), "INT8CONV_QUIET": "1"},
-    )
+    env = {**os.environ, "INT8CONV_SHARED": str(shared), "INT8CONV_QUIET": "1"}
+    proc = run_python(ROOT / "demos" / script, *args, "--runs", "1", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -125,23 +120,8 @@ def test_ssd_detect_presets(shared, tmp_path, preset, image, faces):
 
 def test_own_model_needs_calibration_images(shared, tmp_path):
     folder = shared / "models" / "res10_300x300_ssd"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "demos" / "ssd_detect.py"),
-            "--proto",
-            str(folder / "deploy.prototxt"),
-            "--model",
-            str(folder / "res10_300x300_ssd_iter_140000.caffemodel"),
-            "--images",
-            str(tmp_path),
-            "--out-dir",
-            str(tmp_path / "out"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    model = ["--proto", folder / "deploy.prototxt", "--model", folder / "res10_300x300_ssd_iter_140000.caffemodel"]
+    proc = run_python(ROOT / "demos" / "ssd_detect.py", *model, "--images", tmp_path, "--out-dir", tmp_path / "out")
     assert proc.returncode == 2 and "--calib-images" in proc.stderr
 
 

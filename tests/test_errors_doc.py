@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import LENET_GRAY, lenet_calibrate
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DOC = ROOT / "docs" / "errors.md"
@@ -105,29 +107,10 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
     lenet = shared / "models" / "lenet_mnist"
     proto, model = lenet / "lenet.prototxt", lenet / "lenet_iter_10000.caffemodel"
     det1 = shared / "models" / "mtcnn"
-    gray = "--color gray --norm 0.00390625"
     images = shared / "images" / "skimage"
     base = ["--proto", str(proto), "--model", str(model)]
     assert main(["-q", "convert", *base, "--param", str(work / "lenet.param"), "--bin", str(work / "lenet.bin")]) == 0
-    assert (
-        main(
-            [
-                "-q",
-                "calibrate",
-                *base,
-                *gray.split(),
-                "--images",
-                str(images),
-                "--backend",
-                "opencv",
-                "--output",
-                str(work / "lenet.table"),
-                "--save-stats",
-                str(work / "lenet.npz"),
-            ]
-        )
-        == 0
-    )
+    assert main([*lenet_calibrate(base, images, work / "lenet.table"), "--save-stats", str(work / "lenet.npz")]) == 0
     text = proto.read_text()
     for kind in ("Foo", "Python", "Interp"):
         (work / f"lenet_{kind}.prototxt").write_text(_with_layer(text, kind))
@@ -153,7 +136,7 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
     os.mkfifo(work / "fifo")
     return {
         "lenet": shlex.join(base),
-        "gray": gray,
+        "gray": shlex.join(LENET_GRAY),
         "images": str(images),
         "w": str(work),
         "lenet_model": str(model),

@@ -16,7 +16,7 @@ import pytest
 from int8conv.caffe.graph import load_graph
 from int8conv.calibration.calibrate import build_table, calibration_values, collect_statistics, model_identity
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.calibration.preprocess import Preprocess, list_images, read_image
+from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import main as cli
 from int8conv.engines import make_engine
 from int8conv.evaluation.detection import (
@@ -38,7 +38,8 @@ from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable, read_ncnn_table
 from int8conv.zoo import MODELS as SHARED_MODELS
-from int8conv.zoo import model_input
+from int8conv.zoo import SharedModel, model_input
+from tests.conftest import eval_args
 
 pytest.importorskip("ncnn")
 
@@ -206,16 +207,12 @@ VOC, IMAGENET, FACES = "voc_coco_detection", "imagenet_samples_200", "faces"
 
 @dataclass
 class Spec:
-    folder: str
-    proto: str
-    caffemodel: str
-    prep: Preprocess
+    model: SharedModel
     calibration: tuple[str, int, int]  # image folder, first, last (exclusive)
 
 
 def _spec(name: str, calibration: tuple[str, int, int]) -> Spec:
-    model = SHARED_MODELS[name]
-    return Spec(model.folder, model.proto, model.caffemodel, model.prep, calibration)
+    return Spec(SHARED_MODELS[name], calibration)
 
 
 SPECS = {
@@ -232,7 +229,7 @@ SPECS = {
 
 
 def _input_batch(shared: Path, spec: Spec, path: Path, channels: int) -> np.ndarray:
-    return model_input(spec.prep, read_image(path), channels)
+    return model_input(spec.model.prep, read_image(path), channels)
 
 
 @dataclass
@@ -245,36 +242,37 @@ class Built:
     fp32_model: NcnnModel
 
 
+def _build(shared: Path, out: Path, key: str, spec: Spec) -> Built:
+    """FP32 ncnn files, a KL table from a few calibration images and INT8 ncnn files of one real model."""
+    proto, caffemodel = spec.model.paths(shared)
+    graph = load_graph(proto, caffemodel)
+    engine = make_engine("opencv", graph, proto, caffemodel)
+    folder, first, last = spec.calibration
+    images = list_images(shared / "images" / folder)[first:last]
+    channels = next(iter(graph.inputs.values()))[1]
+    if channels == 15:
+        stats = CalibrationStatistics(model=model_identity(proto, caffemodel), preprocess=spec.model.prep.describe())
+        batch = np.stack([_input_batch(shared, spec, p, channels) for p in images])
+        stats.update(engine.forward(batch, calibration_values(graph)))
+    else:
+        stats = collect_statistics(graph, engine, images, spec.model.prep, model_identity(proto, caffemodel))
+    table = build_table(graph, stats, "kl").table
+    fp32 = convert_graph(graph)
+    files = (out / f"{key}.param", out / f"{key}.bin"), (out / f"{key}-int8.param", out / f"{key}-int8.bin")
+    write_model(fp32, *files[0])
+    write_model(quantize_model(fp32, table), *files[1])
+    return Built(spec, graph, table, files[0], files[1], fp32)
+
+
 @pytest.fixture(scope="session")
 def built(shared, tmp_path_factory):
-    """Every real model: FP32 ncnn files, a KL table from a few calibration images, INT8 ncnn files."""
+    """Every real model, built once (``_build``)."""
     out = tmp_path_factory.mktemp("int8_eval")
-    result = {}
-    for key, spec in SPECS.items():
-        base = shared / "models" / spec.folder
-        proto, caffemodel = base / spec.proto, base / spec.caffemodel
-        graph = load_graph(proto, caffemodel)
-        engine = make_engine("opencv", graph, proto, caffemodel)
-        folder, first, last = spec.calibration
-        images = list_images(shared / "images" / folder)[first:last]
-        channels = next(iter(graph.inputs.values()))[1]
-        if channels == 15:
-            stats = CalibrationStatistics(model=model_identity(proto, caffemodel), preprocess=spec.prep.describe())
-            batch = np.stack([_input_batch(shared, spec, p, channels) for p in images])
-            stats.update(engine.forward(batch, calibration_values(graph)))
-        else:
-            stats = collect_statistics(graph, engine, images, spec.prep, model_identity(proto, caffemodel))
-        table = build_table(graph, stats, "kl").table
-        fp32 = convert_graph(graph)
-        files = (out / f"{key}.param", out / f"{key}.bin"), (out / f"{key}-int8.param", out / f"{key}-int8.bin")
-        write_model(fp32, *files[0])
-        write_model(quantize_model(fp32, table), *files[1])
-        result[key] = Built(spec, graph, table, files[0], files[1], fp32)
-    return result
+    return {key: _build(shared, out, key, spec) for key, spec in SPECS.items()}
 
 
 def _evaluate(shared: Path, b: Built, images: list[Path], int8: tuple[Path, Path] | None = None) -> EvalReport:
-    return evaluate(EvalConfig(*b.fp32, *(int8 or b.int8), b.spec.prep, images, threads=(1,), timing_runs=1))
+    return evaluate(EvalConfig(*b.fp32, *(int8 or b.int8), b.spec.model.prep, images, threads=(1,), timing_runs=1))
 
 
 @pytest.mark.parametrize("key", list(SPECS))
@@ -387,36 +385,10 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
 def test_eval_cli_json(built, shared, tmp_path, capsys):
     """``int8conv eval --json``: Caffe, ncnn FP32 and INT8 on two face images, as strict JSON."""
     b = built["res10"]
-    args = [
-        "eval",
-        "--proto",
-        str(shared / "models" / b.spec.folder / b.spec.proto),
-        "--model",
-        str(shared / "models" / b.spec.folder / b.spec.caffemodel),
-        "--param",
-        str(b.fp32[0]),
-        "--bin",
-        str(b.fp32[1]),
-        "--int8-param",
-        str(b.int8[0]),
-        "--int8-bin",
-        str(b.int8[1]),
-        "--images",
-        str(shared / "images" / FACES),
-        "--max-images",
-        "2",
-        "--mean",
-        "104",
-        "177",
-        "123",
-        "--backend",
-        "opencv",
-        "--threads",
-        "1",
-        "--timing-runs",
-        "2",
-        "--json",
-    ]
+    proto, caffemodel = b.spec.model.paths(shared)
+    flags = ["--max-images", "2", "--mean", "104", "177", "123", "--backend", "opencv"]
+    timing = ["--threads", "1", "--timing-runs", "2"]
+    args = eval_args(proto, caffemodel, b.fp32, b.int8, shared / "images" / FACES, *flags, *timing, "--json")
     assert cli(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 2 and report["task"] == "ssd"

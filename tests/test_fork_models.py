@@ -30,6 +30,7 @@ from int8conv.evaluation.host_decoders import decode_retinaface, decode_yolo, re
 from int8conv.evaluation.metrics import cosine
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import FORK_MODELS, MODELS, cli_flags
+from tests.conftest import calibrate_args, eval_args
 from tests.pycaffe_twin import write_twin
 from tests.synthetic import write_caffe_model
 
@@ -166,21 +167,7 @@ def test_unknown_layer_type_is_a_clear_calibrate_error(tmp_path, capsys, backend
     proto, model = write_caffe_model(tmp_path, UNKNOWN_NET, weights)
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "a.png"), rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8))
-    code = int8conv_main(
-        [
-            "calibrate",
-            "--proto",
-            str(proto),
-            "--model",
-            str(model),
-            "--images",
-            str(tmp_path / "images"),
-            "--output",
-            str(tmp_path / "t.table"),
-            "--backend",
-            backend,
-        ]
-    )
+    code = int8conv_main(calibrate_args(proto, model, tmp_path / "images", tmp_path / "t.table", "--backend", backend))
     assert code == 2
     assert f"layer 'odd' has type 'NoSuchLayer', {engine}" in capsys.readouterr().err
     assert not (tmp_path / "t.table").exists()
@@ -370,25 +357,8 @@ def test_calibrate_writes_a_sane_table(shared, key, tmp_path):
     graph, proto, model = fork_graph(shared, key)
     folder = "voc_coco_detection" if key == "lane" else "faces"
     table = tmp_path / f"{key}.table"
-    code = int8conv_main(
-        [
-            "-q",
-            "calibrate",
-            "--proto",
-            str(proto),
-            "--model",
-            str(model),
-            "--images",
-            str(shared / "images" / folder),
-            "--max-images",
-            "8",
-            "--backend",
-            "opencv",
-            "--output",
-            str(table),
-            *cli_flags(MODELS[key].prep),
-        ]
-    )
+    flags = ["--max-images", "8", "--backend", "opencv", *cli_flags(MODELS[key].prep)]
+    code = int8conv_main(["-q", *calibrate_args(proto, model, shared / "images" / folder, table, *flags)])
     assert code == 0
     parsed = read_ncnn_table(table)
     layers = {layer.name for layer in quantizable_layers(fold_batchnorm_scale(graph))}
@@ -428,61 +398,24 @@ def test_convert_calibrate_quantize_eval(shared, key, tmp_path, capsys):
     for name, part in (("calib.txt", images[::2]), ("eval.txt", images[1::2])):
         (tmp_path / name).write_text("\n".join(map(str, part)) + "\n", encoding="utf-8")
     flags = cli_flags(MODELS[key].prep)
-    param, binary = tmp_path / f"{model.stem}.param", tmp_path / f"{model.stem}.bin"
+    fp32 = (tmp_path / f"{model.stem}.param", tmp_path / f"{model.stem}.bin")
+    int8 = (tmp_path / "int8.param", tmp_path / "int8.bin")
+    table = tmp_path / "t.table"
+    quantize = ["--param", str(fp32[0]), "--bin", str(fp32[1]), "--table", str(table)]
+    evaluation = [
+        "--backend",
+        "opencv",
+        "--threads",
+        "1",
+        "--timing-runs",
+        "1",
+        "--json",
+        str(tmp_path / "report.json"),
+    ]
     steps = [
-        [
-            "calibrate",
-            "--proto",
-            str(proto),
-            "--model",
-            str(model),
-            "--images",
-            str(tmp_path / "calib.txt"),
-            "--backend",
-            "opencv",
-            "--output",
-            str(tmp_path / "t.table"),
-            *flags,
-        ],
-        [
-            "quantize",
-            "--param",
-            str(param),
-            "--bin",
-            str(binary),
-            "--table",
-            str(tmp_path / "t.table"),
-            "--out-param",
-            str(tmp_path / "int8.param"),
-            "--out-bin",
-            str(tmp_path / "int8.bin"),
-        ],
-        [
-            "eval",
-            "--proto",
-            str(proto),
-            "--model",
-            str(model),
-            "--param",
-            str(param),
-            "--bin",
-            str(binary),
-            "--int8-param",
-            str(tmp_path / "int8.param"),
-            "--int8-bin",
-            str(tmp_path / "int8.bin"),
-            "--images",
-            str(tmp_path / "eval.txt"),
-            "--backend",
-            "opencv",
-            "--threads",
-            "1",
-            "--timing-runs",
-            "1",
-            "--json",
-            str(tmp_path / "report.json"),
-            *flags,
-        ],
+        calibrate_args(proto, model, tmp_path / "calib.txt", table, "--backend", "opencv", *flags),
+        ["quantize", *quantize, "--out-param", str(int8[0]), "--out-bin", str(int8[1])],
+        eval_args(proto, model, fp32, int8, tmp_path / "eval.txt", *evaluation, *flags),
     ]
     for step in steps:
         assert int8conv_main(["-q", *step]) == 0, (step[0], capsys.readouterr().err)

@@ -17,10 +17,9 @@ from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
+from tests.conftest import LENET_GRAY, QUICK_EVAL, lenet_calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-GRAY = ["--color", "gray", "--norm", "0.00390625"]
 
 
 @pytest.fixture
@@ -64,7 +63,9 @@ def test_interrupted_one_shot_leaves_the_old_set_and_says_so_truthfully(lenet, i
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "write_text_atomic", interrupted)  # the table, after both pairs are staged
-    code = legacy_cli.main([*lenet, *GRAY, "--images", str(images), "--backend", "opencv", "--ncnn-dir", str(out)])
+    code = legacy_cli.main(
+        [*lenet, *LENET_GRAY, "--images", str(images), "--backend", "opencv", "--ncnn-dir", str(out)]
+    )
     assert code == 130
     assert "interrupted; no output was written (existing files are unchanged)" in capsys.readouterr().err
     assert _files(out) == before
@@ -82,7 +83,7 @@ def test_interrupt_after_saved_statistics_names_what_landed(lenet, images, tmp_p
             [
                 "calibrate",
                 *lenet,
-                *GRAY,
+                *LENET_GRAY,
                 "--images",
                 str(images),
                 "--backend",
@@ -125,7 +126,7 @@ def test_output_through_a_symlink_and_dev_full(lenet, images, tmp_path, capsys):
     real.write_text("old\n")
     os.chmod(real, 0o600)
     (tmp_path / "link.table").symlink_to(real)
-    args = ["calibrate", *lenet, *GRAY, "--images", str(images), "--backend", "opencv", "-q"]
+    args = ["calibrate", *lenet, *LENET_GRAY, "--images", str(images), "--backend", "opencv", "-q"]
     assert main([*args, "--output", str(tmp_path / "link.table")]) == 0
     assert (tmp_path / "link.table").is_symlink() and real.read_text().startswith("conv1_param_0 ")
     assert stat.S_IMODE(real.stat().st_mode) == 0o600
@@ -137,7 +138,7 @@ def test_output_through_a_symlink_and_dev_full(lenet, images, tmp_path, capsys):
 @pytest.mark.real_models
 def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignored(lenet, images, tmp_path, capsys):
     stats = tmp_path / "s.npz"
-    args = ["calibrate", *lenet, *GRAY, "--backend", "opencv", "-q"]
+    args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
     assert main([*args, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]) == 0
     assert main([*args, "--images", str(images), "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
     assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
@@ -220,23 +221,7 @@ def test_single_image_and_missing_list_entries(tmp_path, caplog):
 def test_eval_quiet_still_prints_the_report(lenet, images, tmp_path, capsys):
     fp32 = ["--param", str(tmp_path / "l.param"), "--bin", str(tmp_path / "l.bin")]
     assert main(["-q", "convert", *lenet, *fp32]) == 0
-    assert (
-        main(
-            [
-                "-q",
-                "calibrate",
-                *lenet,
-                *GRAY,
-                "--images",
-                str(images),
-                "--backend",
-                "opencv",
-                "--output",
-                str(tmp_path / "l.table"),
-            ]
-        )
-        == 0
-    )
+    assert main(lenet_calibrate(lenet, images, tmp_path / "l.table")) == 0
     capsys.readouterr()
     assert (
         main(
@@ -244,7 +229,7 @@ def test_eval_quiet_still_prints_the_report(lenet, images, tmp_path, capsys):
                 "-q",
                 "eval",
                 *lenet,
-                *GRAY,
+                *LENET_GRAY,
                 *fp32,
                 "--table",
                 str(tmp_path / "l.table"),
@@ -252,11 +237,7 @@ def test_eval_quiet_still_prints_the_report(lenet, images, tmp_path, capsys):
                 str(images),
                 "--max-images",
                 "2",
-                "--no-caffe",
-                "--threads",
-                "1",
-                "--timing-runs",
-                "1",
+                *QUICK_EVAL,
             ]
         )
         == 0

@@ -31,7 +31,7 @@ from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable
 from int8conv.tensorrt.onnx_export import export_onnx
-from tests.synthetic import write_caffe_model
+from tests.synthetic import LSTM_NET, lstm_weights, write_caffe_model
 
 #: Every type Tencent/ncnn's caffe2ncnn converts, the parameter-free types it passes through, and the fork layers
 #: of the issue: each must be declared.
@@ -300,6 +300,14 @@ def _yolo_v3(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
 
 
 CONV_W = _w((6, 4, 3, 3), (6,))
+
+#: a squeeze-and-excitation gate on "data" (global average, sigmoid): the second bottom of a two-bottom Scale
+SE_GATE = """
+        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+                pooling_param { pool: AVE global_pooling: true } }
+        layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }"""
+
+
 CASES = [
     Case("conv", "Convolution", _conv("Convolution", "num_output: 6 kernel_size: 3 pad: 1 stride: 2"), weights=CONV_W),
     Case(
@@ -359,20 +367,16 @@ CASES = [
     Case(
         "scale_two_bottoms",
         "Scale",
-        """
-        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
-                pooling_param { pool: AVE global_pooling: true } }
-        layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
+        SE_GATE
+        + """
         layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
         layer { name: "l" type: "Scale" bottom: "data" bottom: "flat" top: "out" scale_param { axis: 0 } }""",
     ),
     Case(
         "scale_two_bottoms_4d",
         "Scale",
-        """
-        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
-                pooling_param { pool: AVE global_pooling: true } }
-        layer { name: "gate" type: "Sigmoid" bottom: "pool" top: "gate" }
+        SE_GATE
+        + """
         layer { name: "l" type: "Scale" bottom: "data" bottom: "gate" top: "out" scale_param { axis: 0 } }""",
         engine="opencv",
     ),  # Caffe rejects the (N, C, 1, 1) gate at axis 0 (and aborts); OpenCV broadcasts it
@@ -1057,11 +1061,5 @@ def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
 
 
 def test_lstm_weights_that_do_not_fit_its_input_are_named(tmp_path):
-    text = """
-    input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
-    input: "cont" input_shape { dim: 3 dim: 1 }
-    layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "out" recurrent_param { num_output: 2 } }
-    """
-    weights = [np.zeros((8, 5), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
     with pytest.raises(ModelError, match=r"layer 'rnn' \(LSTM\): weights of shapes \[\(8, 5\), \(8,\), \(8, 2\)\]"):
-        load_graph(*write_caffe_model(tmp_path, text, {"rnn": weights}))
+        load_graph(*write_caffe_model(tmp_path, LSTM_NET, {"rnn": lstm_weights(inputs=5)}))

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from int8conv.caffe.graph import Graph, load_graph
-from int8conv.calibration.preprocess import Preprocess, read_image
+from int8conv.calibration.preprocess import read_image
 from int8conv.engines.opencv_engine import OpenCVEngine
 from int8conv.errors import ModelError
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, format_float, read_model, write_model
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, ParamValue, format_float, read_model, write_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.zoo import MODELS as SHARED_MODELS
 from int8conv.zoo import SharedModel, model_input
-from tests.synthetic import write_caffe_model
+from tests.synthetic import LSTM_NET, lstm_weights, write_caffe_model
 
 RNG = np.random.default_rng(7)
 TOLERANCE = 1e-3
@@ -61,23 +61,23 @@ def compare_with_opencv(proto: Path, caffemodel: Path, inputs: list[np.ndarray],
 # --------------------------------------------------------------------------------------------------- file format
 
 
+def _conv_model(
+    input_params: dict[int, ParamValue], params: dict[int, ParamValue], blobs: list[NcnnBlob], *after: NcnnLayer
+) -> NcnnModel:
+    """Input "data" -> Convolution "conv" (``params``, ``blobs``) -> ``after``: a hand-made model to write and read."""
+    conv = NcnnLayer("Convolution", "conv", ["data"], ["conv"], params, blobs)
+    return NcnnModel([NcnnLayer("Input", "data", [], ["data"], input_params), conv, *after])
+
+
 def test_write_read_round_trip_and_ncnn_loads(tmp_path):
     """Params of every kind and blobs of every storage survive write/read, and ncnn computes with them."""
     weight = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
     bias = RNG.normal(size=4).astype(np.float32)
-    model = NcnnModel(
-        [
-            NcnnLayer("Input", "data", [], ["data"], {0: 7, 1: 6, 2: 3}),
-            NcnnLayer(
-                "Convolution",
-                "conv",
-                ["data"],
-                ["conv"],
-                {0: 4, 1: 3, 4: 1, 5: 1, 6: weight.size, 9: 2, 10: [1 / 3]},
-                [NcnnBlob(weight.astype(np.float16)), NcnnBlob(bias, tagged=False)],
-            ),
-            NcnnLayer("Clip", "clip", ["conv"], ["clip"], {0: -0.123456789, 1: 2.5e-7}),
-        ]
+    model = _conv_model(
+        {0: 7, 1: 6, 2: 3},
+        {0: 4, 1: 3, 4: 1, 5: 1, 6: weight.size, 9: 2, 10: [1 / 3]},
+        [NcnnBlob(weight.astype(np.float16)), NcnnBlob(bias, tagged=False)],
+        NcnnLayer("Clip", "clip", ["conv"], ["clip"], {0: -0.123456789, 1: 2.5e-7}),
     )
     write_model(model, tmp_path / "m.param", tmp_path / "m.bin")
     back = read_model(tmp_path / "m.param", tmp_path / "m.bin")
@@ -111,19 +111,7 @@ def test_tiny_fp32_weights_are_written_as_zero_and_outputs_keep(tmp_path):
     weight = RNG.normal(size=(2, 1, 1, 1)).astype(np.float32)
     weight[0] = np.float32(-6.7e-38)
     bias = np.array([3e-31, 1e-30], np.float32)  # below and at the limit
-    model = NcnnModel(
-        [
-            NcnnLayer("Input", "data", [], ["data"], {0: 2, 1: 2, 2: 1}),
-            NcnnLayer(
-                "Convolution",
-                "conv",
-                ["data"],
-                ["conv"],
-                {0: 2, 1: 1, 5: 1, 6: 2},
-                [NcnnBlob(weight), NcnnBlob(bias, tagged=False)],
-            ),
-        ]
-    )
+    model = _conv_model({0: 2, 1: 2, 2: 1}, {0: 2, 1: 1, 5: 1, 6: 2}, [NcnnBlob(weight), NcnnBlob(bias, tagged=False)])
     write_model(model, tmp_path / "m.param", tmp_path / "m.bin")
     back = read_model(tmp_path / "m.param", tmp_path / "m.bin").layer("conv")
     np.testing.assert_array_equal(back.weights[0].data, [0.0, weight[1, 0, 0, 0]])
@@ -139,23 +127,8 @@ def test_tiny_fp32_weights_are_written_as_zero_and_outputs_keep(tmp_path):
 def test_int8_blobs_round_trip(tmp_path):
     """An int8 weight array keeps its tag and padding; trailing scales stay raw fp32."""
     weight = RNG.integers(-127, 128, size=2 * 3 * 1 * 1).astype(np.int8)  # 6 bytes: padded to 8
-    model = NcnnModel(
-        [
-            NcnnLayer("Input", "data", [], ["data"], {0: 4, 1: 4, 2: 3}),
-            NcnnLayer(
-                "Convolution",
-                "conv",
-                ["data"],
-                ["conv"],
-                {0: 2, 1: 1, 5: 0, 6: 6, 8: 2},
-                [
-                    NcnnBlob(weight),
-                    NcnnBlob(np.array([50.0, 60.0], np.float32), False),
-                    NcnnBlob(np.array([10.0], np.float32), False),
-                ],
-            ),
-        ]
-    )
+    scales = [NcnnBlob(np.array([50.0, 60.0], np.float32), False), NcnnBlob(np.array([10.0], np.float32), False)]
+    model = _conv_model({0: 4, 1: 4, 2: 3}, {0: 2, 1: 1, 5: 0, 6: 6, 8: 2}, [NcnnBlob(weight), *scales])
     write_model(model, tmp_path / "q.param", tmp_path / "q.bin")
     assert (tmp_path / "q.bin").stat().st_size == 4 + 8 + 8 + 4
     back = read_model(tmp_path / "q.param", tmp_path / "q.bin")
@@ -409,13 +382,7 @@ def test_unsupported_layer_names_layer_and_type(tmp_path):
 
 
 def test_declined_layer_names_the_reason(tmp_path):
-    text = """
-    input: "data" input_shape { dim: 3 dim: 1 dim: 4 }
-    input: "cont" input_shape { dim: 3 dim: 1 }
-    layer { name: "rnn" type: "LSTM" bottom: "data" bottom: "cont" top: "rnn" recurrent_param { num_output: 2 } }
-    """
-    weights = [np.zeros((8, 4), np.float32), np.zeros(8, np.float32), np.zeros((8, 2), np.float32)]
-    proto, caffemodel = write_caffe_model(tmp_path, text, {"rnn": weights}, name="rnn")
+    proto, caffemodel = write_caffe_model(tmp_path, LSTM_NET, {"rnn": lstm_weights()}, name="rnn")
     with pytest.raises(
         ModelError, match="layer 'rnn' has type 'LSTM', which the ncnn converter does not support: Caffe's LSTM steps"
     ):
@@ -437,10 +404,7 @@ def test_unsupported_settings_are_errors(tmp_path):
 
 @dataclass(frozen=True)
 class RealModel:
-    folder: str
-    proto: str
-    caffemodel: str
-    prep: Preprocess
+    model: SharedModel
     images: tuple[str, ...]
 
 
@@ -448,7 +412,7 @@ FACES = ("faces/bobmtcnn_multiple-faces.jpg", "faces/dlib_2008_001322.jpg")
 
 
 def _real(model: SharedModel, images: tuple[str, ...] = FACES) -> RealModel:
-    return RealModel(model.folder, model.proto, model.caffemodel, model.prep, images)
+    return RealModel(model, images)
 
 
 REAL = {
@@ -470,7 +434,7 @@ def real_inputs(shared: Path, spec: RealModel, channels: int) -> list[np.ndarray
     """Two preprocessed real images (det4: five RGB crops of each)."""
     images = [read_image(shared / "images" / name) for name in spec.images]
     assert all(image is not None for image in images), spec.images
-    return [model_input(spec.prep, image, channels) for image in images]
+    return [model_input(spec.model.prep, image, channels) for image in images]
 
 
 @pytest.fixture(scope="session")
@@ -479,8 +443,7 @@ def real_runs(shared, tmp_path_factory):
     directory = tmp_path_factory.mktemp("ncnn_real")
     runs = {}
     for key, spec in REAL.items():
-        folder = shared / "models" / spec.folder
-        proto, caffemodel = folder / spec.proto, folder / spec.caffemodel
+        proto, caffemodel = spec.model.paths(shared)
         graph = load_graph(proto, caffemodel)
         runner = convert_to_files(graph, directory, key)
         engine = OpenCVEngine(graph, proto, caffemodel)

@@ -19,6 +19,7 @@ from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.cli import main as int8conv_main
 from int8conv.evaluation.report import kl_divergence_curve
 from int8conv.tables.ncnn_table import read_ncnn_table
+from tests.conftest import QUICK_EVAL
 
 pytestmark = [pytest.mark.slow]
 
@@ -186,11 +187,7 @@ def test_report_renders_open_nsfw_with_a_given_table(shared, tmp_path):
                 str(evaluation),
                 "--out-dir",
                 str(out),
-                "--no-caffe",
-                "--threads",
-                "1",
-                "--timing-runs",
-                "1",
+                *QUICK_EVAL,
             ]
         )
         == 0

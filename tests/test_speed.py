@@ -26,6 +26,7 @@ from int8conv.ncnn.quantize import int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import MODELS, cli_flags
+from tests.conftest import eval_args
 
 TABLES = Path(__file__).resolve().parents[1] / "tables"
 
@@ -159,34 +160,11 @@ def test_quantize_and_eval_cli(shared, tmp_path, capsys):
     NcnnRunner(tmp_path / "i.param", tmp_path / "i.bin", int8=True)  # ncnn loads it
     assert set(load_layer_timings(tmp_path / "saved.json")) == {"conv1", "conv2"}
 
+    fp32_files = (tmp_path / "det1.param", tmp_path / "det1.bin")
+    int8_files = (tmp_path / "i.param", tmp_path / "i.bin")
+    timing = ["--max-images", "2", "--timing-runs", "2", "--layer-times", "--no-caffe", *flags]
     assert (
-        int8conv_main(
-            [
-                "eval",
-                "--proto",
-                str(proto),
-                "--model",
-                str(caffemodel),
-                "--param",
-                str(tmp_path / "det1.param"),
-                "--bin",
-                str(tmp_path / "det1.bin"),
-                "--int8-param",
-                str(tmp_path / "i.param"),
-                "--int8-bin",
-                str(tmp_path / "i.bin"),
-                "--images",
-                str(shared / "images" / "faces"),
-                "--max-images",
-                "2",
-                "--timing-runs",
-                "2",
-                "--layer-times",
-                "--no-caffe",
-                *flags,
-            ]
-        )
-        == 0
+        int8conv_main(eval_args(proto, caffemodel, fp32_files, int8_files, shared / "images" / "faces", *timing)) == 0
     )
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("per-layer time of the INT8 layers"))

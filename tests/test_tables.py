@@ -15,6 +15,7 @@ from int8conv.caffe.graph import load_graph
 from int8conv.caffe.shapes import conv_geometry
 from int8conv.calibration.weight_scales import quantizable_layers
 from int8conv.tables.ncnn_table import read_ncnn_table
+from tests.conftest import calibrate_args, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tables"
@@ -73,25 +74,8 @@ def test_regenerated_table_is_byte_identical(shared, tmp_path):
 
 def test_calibrate_refuses_det4_as_the_readme_says(shared, tmp_path):
     base = shared / "models" / "mtcnn"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "int8conv.cli",
-            "calibrate",
-            "--proto",
-            str(base / "det4.prototxt"),
-            "--model",
-            str(base / "det4.caffemodel"),
-            *MAKE.MTCNN_FLAGS,
-            "--images",
-            str(shared / "images" / "faces"),
-            "--output",
-            str(tmp_path / "det4.table"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    model = (base / "det4.prototxt", base / "det4.caffemodel")
+    argv = calibrate_args(*model, shared / "images" / "faces", tmp_path / "det4.table", *MAKE.MTCNN_FLAGS)
+    proc = run_python("-m", "int8conv.cli", *argv)
     assert proc.returncode == 2 and "15 channels" in proc.stderr
     assert not (tmp_path / "det4.table").exists()

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from int8conv.caffe.graph import Graph
-from int8conv.calibration.calibrate import CalibrationResult
+from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input, round_clip
 from int8conv.calibration.scale_search import sample_positions
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
@@ -388,14 +388,10 @@ def per_output_scales(weight: np.ndarray, weight_scales: np.ndarray) -> np.ndarr
 
 
 def calibrate_adaround(
-    graph: Graph,
-    result: CalibrationResult,
-    inputs: Sequence[np.ndarray],
-    winograd_6bit: bool = True,
-    bias_correction: bool = False,
+    graph: Graph, result: CalibrationResult, inputs: Sequence[np.ndarray], rules: TableRules = DEFAULT_RULES
 ) -> CalibrationResult:
     """``result`` (any method's table) with learned weight rounding: ``result.weights`` holds the adjusted FP32
-    weights, ``result.biases`` the biases for them (recomputed with ``bias_correction``)."""
+    weights, ``result.biases`` the biases for them (recomputed with ``rules.bias_correction``)."""
     from int8conv.ncnn.convert import convert_graph
 
     if not inputs:
@@ -404,9 +400,9 @@ def calibrate_adaround(
             "(saved statistics alone are not enough)"
         )
     started = time.perf_counter()
-    levels = {layer.name: weight_levels(layer, winograd_6bit) for layer in quantizable_layers(result.deploy)}
+    levels = {layer.name: weight_levels(layer, rules.winograd_6bit) for layer in quantizable_layers(result.deploy)}
     result.weights, result.biases = learn_weights(
-        convert_graph(graph), result.table, inputs, levels, result.biases, bias_correction
+        convert_graph(graph), result.table, inputs, levels, result.biases, rules.bias_correction
     )
     result.method += "+adaround"
     result.seconds += time.perf_counter() - started

@@ -32,7 +32,7 @@ from typing import TypeVar
 import numpy as np
 
 from int8conv.caffe.graph import Graph
-from int8conv.calibration.calibrate import CalibrationResult, build_table
+from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules, build_table
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import spread_evenly
 from int8conv.errors import ImageError, ModelError
@@ -64,9 +64,7 @@ def calibrate_auto(
     graph: Graph,
     stats: CalibrationStatistics,
     inputs: Sequence[np.ndarray],
-    winograd_6bit: bool = True,
-    head_method: str | None = "minmax",
-    percentile: float = 99.99,
+    rules: TableRules = DEFAULT_RULES,
     candidates: Sequence[str] = AUTO_CANDIDATES,
     task: str = "auto",
 ) -> CalibrationResult:
@@ -86,13 +84,8 @@ def calibrate_auto(
         log.warning(
             "--method auto measures the ncnn model, and this model does not convert (%s): using %s", exc, AUTO_FALLBACK
         )
-        return build_table(
-            graph, stats, AUTO_FALLBACK, percentile=percentile, winograd_6bit=winograd_6bit, head_method=head_method
-        )
-    results = {
-        m: build_table(graph, stats, m, percentile=percentile, winograd_6bit=winograd_6bit, head_method=head_method)
-        for m in dict.fromkeys(candidates)
-    }
+        return build_table(graph, stats, AUTO_FALLBACK, rules)
+    results = {m: build_table(graph, stats, m, rules) for m in dict.fromkeys(candidates)}
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
         feeds = [{model.input_names[0]: x} for x in inputs]

@@ -152,22 +152,35 @@ def head_layers(graph: Graph) -> set[str]:
     return heads
 
 
+@dataclass(frozen=True)
+class TableRules:
+    """The choices a table is made with besides its method, each method reading those that apply to it: the
+    percentile of ``--method percentile``, the fewer weight levels of ncnn's INT8 Winograd convolutions
+    (``winograd_6bit``, see ``weight_levels``), the threshold rule of the head layers (``head_layers``;
+    ``head_method`` None: the table's own method) and, for eq and AdaRound, FP32 biases corrected for the mean
+    output error of the quantized weights (``bias_correction``)."""
+
+    percentile: float = 99.99
+    winograd_6bit: bool = True
+    head_method: str | None = "minmax"
+    bias_correction: bool = False
+
+
+DEFAULT_RULES = TableRules()
+
+
 def build_table(
-    graph: Graph,
-    stats: CalibrationStatistics,
-    method: str = "kl",
-    percentile: float = 99.99,
-    winograd_6bit: bool = True,
-    head_method: str | None = "minmax",
+    graph: Graph, stats: CalibrationStatistics, method: str = "kl", rules: TableRules = DEFAULT_RULES
 ) -> CalibrationResult:
     """Thresholds from the histograms, weight scales from the folded weights, combined per layer.
 
-    Head layers (see ``head_layers``) use ``head_method`` (default minmax; None = the same as ``method``).
+    Head layers (see ``head_layers``) use ``rules.head_method`` (default minmax; None = the same as ``method``).
     A layer whose input was all zeros on every image gets no activation line and stays FP32 in ncnn.
     """
     started = time.perf_counter()
     deploy = graph.folded()
-    table = CalibrationTable(weight_scales=weight_scales(deploy, winograd_6bit))
+    table = CalibrationTable(weight_scales=weight_scales(deploy, rules.winograd_6bit))
+    head_method = rules.head_method
     heads = head_layers(deploy) if head_method else set()
     thresholds: dict[str, float] = {}
     skipped: list[str] = []
@@ -182,7 +195,7 @@ def build_table(
         layer_method = head_method if layer.name in heads else method
         key = (value, layer_method)
         if key not in cache:
-            cache[key] = activation_threshold(stats.histograms[value], layer_method, percentile=percentile)
+            cache[key] = activation_threshold(stats.histograms[value], layer_method, percentile=rules.percentile)
         threshold = cache[key]
         if threshold is None:
             log.warning(

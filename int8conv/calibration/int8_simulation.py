@@ -147,29 +147,21 @@ class LayerGeometry:
         return round_clip((self.weight * self.per_output(weight_scales)[:, None]).astype(dtype))
 
     def int8(
-        self,
-        patches: np.ndarray,
-        bottom_scale: float,
-        weight_scales: np.ndarray,
-        bias: np.ndarray | None = None,
-        pre_activation: bool = False,
+        self, patches: np.ndarray, bottom_scale: float, weight_scales: np.ndarray, pre_activation: bool = False
     ) -> np.ndarray:
         """The INT8 layer output at the sampled positions, computed as ncnn does (steps 1-4 above)."""
         q = quantize_input(patches, bottom_scale)
         acc = self.accumulate(q, self.quantized_weight(weight_scales, patches.dtype))
-        return self.dequantize(acc, bottom_scale, weight_scales, bias, pre_activation)
+        return self.dequantize(acc, bottom_scale, weight_scales, pre_activation)
 
     def dequantize(
-        self,
-        acc: np.ndarray,
-        bottom_scale: float,
-        weight_scales: np.ndarray,
-        bias: np.ndarray | None = None,
-        pre_activation: bool = False,
+        self, acc: np.ndarray, bottom_scale: float, weight_scales: np.ndarray, pre_activation: bool = False
     ) -> np.ndarray:
+        """Steps 3-4 on the integer sums ``acc``: dequantized plus the bias, then the activation (not with
+        ``pre_activation``)."""
         scales = self.per_output(np.asarray(weight_scales, dtype=np.float64))
         dequant = np.where(scales > 0, 1.0 / (bottom_scale * np.where(scales > 0, scales, 1.0)), 0.0)
-        y = acc * dequant.astype(acc.dtype) + (self.bias if bias is None else bias).astype(acc.dtype)
+        y = acc * dequant.astype(acc.dtype) + self.bias.astype(acc.dtype)
         return y if pre_activation else self.activate(y)
 
 

@@ -35,7 +35,7 @@ from typing import TypeVar
 import numpy as np
 
 from int8conv.caffe.graph import Graph
-from int8conv.calibration.calibrate import CalibrationResult, build_table, head_layers
+from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules, build_table, head_layers
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input
 from int8conv.calibration.preprocess import spread_evenly
@@ -285,12 +285,7 @@ def search_scales(
 
 
 def calibrate_eq(
-    graph: Graph,
-    stats: CalibrationStatistics,
-    inputs: Sequence[np.ndarray],
-    winograd_6bit: bool = True,
-    head_method: str | None = "minmax",
-    bias_correction: bool = False,
+    graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray], rules: TableRules = DEFAULT_RULES
 ) -> CalibrationResult:
     """``--method eq``: the histogram pass gives each input's absmax and the head thresholds, the search the rest.
 
@@ -298,12 +293,12 @@ def calibrate_eq(
     per-layer cosine traded away rare large activations that decide detections (measured: res10 precision
     0.94, ultraface recall 0.82 without the floor).
 
-    With ``head_method`` None the heads are searched too. The result's ``biases`` hold the corrected biases.
+    With ``rules.head_method`` None the heads are searched too. The result's ``biases`` hold the corrected biases.
     """
     from int8conv.ncnn.convert import convert_graph
 
     started = time.perf_counter()
-    result = build_table(graph, stats, "minmax", winograd_6bit=winograd_6bit, head_method=head_method)
+    result = build_table(graph, stats, "minmax", rules)
     if not inputs:
         raise ImageError(
             "--method eq runs the model on calibration images: give them with --images "
@@ -314,8 +309,10 @@ def calibrate_eq(
         for layer in quantizable_layers(result.deploy)
         if layer.name in result.thresholds
     }
-    fixed = head_layers(result.deploy) if head_method else set()
-    six_bit = [layer.name for layer in quantizable_layers(result.deploy) if winograd_6bit and uses_int8_winograd(layer)]
+    fixed = head_layers(result.deploy) if rules.head_method else set()
+    six_bit = [
+        layer.name for layer in quantizable_layers(result.deploy) if rules.winograd_6bit and uses_int8_winograd(layer)
+    ]
     floors = {
         layer.name: activation_threshold(stats.histograms[layer.bottoms[0]], "kl") or 0.0
         for layer in quantizable_layers(result.deploy)
@@ -328,12 +325,12 @@ def calibrate_eq(
         fixed,
         six_bit,
         inputs,
-        bias_correction=bias_correction,
+        bias_correction=rules.bias_correction,
         floors=floors,
     )
     result.table = table
     result.thresholds = {name: 127.0 / scale for name, scale in table.activation_scales.items()}
-    result.method = "eq+bc" if bias_correction else "eq"
+    result.method = "eq+bc" if rules.bias_correction else "eq"
     result.biases = biases
     result.seconds = time.perf_counter() - started
     return result

@@ -1,1 +1,2 @@
-"""One module per ``int8conv`` subcommand; each exposes ``add_parser(subparsers)`` and sets ``func``."""
+"""One module per ``int8conv`` subcommand: ``SUMMARY``, ``add_args(parser)`` and ``run(args)`` (see
+``common.add_command``)."""

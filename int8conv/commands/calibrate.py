@@ -10,22 +10,15 @@ import argparse
 
 from int8conv import pipeline
 from int8conv.calibration.calibrate import CalibrationResult
-from int8conv.commands.common import (
-    add_adaround_arg,
-    add_calibration_inputs,
-    add_command,
-    add_head_method_arg,
-    calibration_inputs,
-)
+from int8conv.commands import common
 from int8conv.errors import Int8ConvError
 
 #: the line ``int8conv --help`` shows for this command
 SUMMARY = "compute an ncnn INT8 calibration table from images"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = add_command(sub, "calibrate", run, SUMMARY, __doc__)
-    add_calibration_inputs(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_calibration_inputs(parser)
     add_table_args(parser)
 
 
@@ -37,7 +30,7 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the original caffe-int8-convert-tools format (blob-keyed, per-tensor weights)",
     )
-    add_head_method_arg(
+    common.add_head_method_arg(
         group,
         "threshold of the layers that feed the network outputs directly (detection and "
         "classification heads): their input's full range (minmax, default) or --method",
@@ -55,7 +48,7 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
         "its quantization; the biases go into the INT8 .bin, so this needs a command that "
         "writes the INT8 model (convert_tool.py --ncnn-dir, report)",
     )
-    add_adaround_arg(
+    common.add_adaround_arg(
         group,
         "the learned weights go into the INT8 .bin, so this needs a command that writes the INT8 model "
         "(convert_tool.py --ncnn-dir, report, export-trt)",
@@ -90,7 +83,7 @@ def check_table_only(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_table_only(args)
-    result = pipeline.calibrate(*calibration_inputs(args))
+    result = pipeline.calibrate(*common.calibration_inputs(args))
     pipeline.write_table(result, args.output, legacy=args.legacy_table)
     if not args.quiet:
         print(summary(args, result))

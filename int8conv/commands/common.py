@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import importlib
 from pathlib import Path
 
 from int8conv import pipeline
@@ -17,14 +17,15 @@ from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
 from int8conv.tables.ncnn_table import CalibrationTable
 
 
-def add_command(
-    sub: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int], summary: str, doc: str
-) -> argparse.ArgumentParser:
-    """The parser of subcommand ``name``, run by ``run``: ``summary`` in the command list, and as its ``--help``
-    description the command module's docstring after the first paragraph (``doc``: ``__doc__``)."""
-    description = " ".join(doc.partition("\n\n")[2].split())
-    parser = sub.add_parser(name, help=summary, description=description)
-    parser.set_defaults(func=run)
+def add_command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """The subcommand of module ``int8conv.commands.<name>`` (``export_trt``: ``export-trt``): its ``SUMMARY`` in the
+    command list; as its ``--help`` description, its ``DESCRIPTION`` or else its docstring after the first paragraph;
+    its flags from ``add_args``; ``run`` does the work."""
+    module = importlib.import_module(f"int8conv.commands.{name}")
+    description = getattr(module, "DESCRIPTION", None) or " ".join(module.__doc__.partition("\n\n")[2].split())
+    parser = sub.add_parser(name.replace("_", "-"), help=module.SUMMARY, description=description)
+    parser.set_defaults(func=module.run)
+    module.add_args(parser)
     return parser
 
 
@@ -78,13 +79,28 @@ def add_task_args(group: argparse._ArgumentGroup, thresholds: bool = True) -> No
         group.add_argument("--iou-threshold", type=float, default=0.5, help="IoU for a detection match (default 0.5)")
 
 
+#: what every images flag takes (``list_images``)
+IMAGE_SOURCE = "a directory (recursive), a file listing image paths, or one image"
+
+
+def add_images_args(
+    group: argparse._ArgumentGroup,
+    what: str,
+    required: bool = False,
+    max_default: int = 0,
+    flags: tuple[str, str] = ("--images", "--max-images"),
+) -> None:
+    """An image set and how many of its images to use: ``--images`` and ``--max-images``, or the two ``flags``."""
+    images, most = flags
+    group.add_argument(images, type=Path, required=required, help=f"{what}: {IMAGE_SOURCE}")
+    limit = f"default {max_default}" if max_default else "0 = all"
+    group.add_argument(most, type=int, default=max_default, help=f"use at most this many of them ({limit})")
+
+
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     """Calibration images, FP32 backend and statistics files."""
     group = parser.add_argument_group("calibration")
-    group.add_argument(
-        "--images", type=Path, help="calibration images: a directory (recursive) or a file listing image paths"
-    )
-    group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
+    add_images_args(group, "calibration images")
     group.add_argument(
         "--batch-size",
         type=int,
@@ -208,6 +224,42 @@ def eval_options(args: argparse.Namespace, images: Path, max_images: int) -> pip
         getattr(args, "gpu", None),
         not args.no_caffe,
         args.layer_times,
+    )
+
+
+def add_evaluation_args(group: argparse._ArgumentGroup, flags: tuple[str, str] = ("--images", "--max-images")) -> None:
+    """The evaluation images (``flags``), the task INT8 is judged on and the timing: what ``eval_options`` reads
+    (with the command's ``--backend``)."""
+    add_images_args(group, "evaluation images (ideally not the calibration ones)", required=True, flags=flags)
+    add_task_args(group)
+    add_timing_args(group)
+    group.add_argument(
+        "--no-caffe", action="store_true", help="skip the Caffe FP32 reference (and the ncnn FP32 vs Caffe differences)"
+    )
+
+
+def add_ncnn_files_args(
+    group: argparse._ArgumentGroup, model: str, prefix: str = "", required: bool = False, written: bool = False
+) -> None:
+    """``--<prefix>param`` and ``--<prefix>bin``: the two files of one ncnn model (``model``: which one), read or
+    ``written``."""
+    for kind in ("param", "bin"):
+        text = f"{model} .{kind}" + (" to write" if written else "")
+        group.add_argument(f"--{prefix}{kind}", type=Path, required=required, help=text)
+
+
+def add_out_dir_arg(group: argparse._ArgumentGroup, files: str, required: bool = False) -> None:
+    """``--out-dir OUT``: the folder a command writes ``files`` into, named after the caffemodel."""
+    text = f"write {files} (<stem>: the caffemodel's file stem)"
+    group.add_argument("--out-dir", type=Path, required=required, help=text)
+
+
+def add_no_fp16_arg(group: argparse._ArgumentGroup, when: str = "") -> None:
+    """``--no-fp16``: the INT8 model's FP32 layers keep fp32 weights (``quantize_model``'s ``fp16_storage``)."""
+    group.add_argument(
+        "--no-fp16",
+        action="store_true",
+        help=f"{when}keep the weights of the INT8 model's FP32 layers in fp32, not fp16",
     )
 
 

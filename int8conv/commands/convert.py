@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_command, add_model_args, model_files
+from int8conv.commands import common
 from int8conv.errors import Int8ConvError
 from int8conv.ncnn.model import write_model
 
@@ -18,17 +18,11 @@ from int8conv.ncnn.model import write_model
 SUMMARY = "convert a Caffe model to an ncnn FP32 .param/.bin"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = add_command(sub, "convert", run, SUMMARY, __doc__)
-    add_model_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_model_args(parser)
     group = parser.add_argument_group("output (either --out-dir, or both --param and --bin)")
-    group.add_argument(
-        "--out-dir",
-        type=Path,
-        help="write OUT/<stem>.param and OUT/<stem>.bin, where <stem> is the caffemodel's file stem",
-    )
-    group.add_argument("--param", type=Path, help="path of the .param file to write")
-    group.add_argument("--bin", type=Path, help="path of the .bin file to write")
+    common.add_out_dir_arg(group, "OUT/<stem>.param and OUT/<stem>.bin")
+    common.add_ncnn_files_args(group, "ncnn FP32", written=True)
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -36,8 +30,8 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.out_dir is not None:
         if args.param is not None or args.bin is not None:
             raise Int8ConvError("give either --out-dir or --param/--bin, not both")
-        stem = Path(args.model).stem
-        return args.out_dir / f"{stem}.param", args.out_dir / f"{stem}.bin"
+        paths = pipeline.ncnn_paths(args.out_dir, common.model_files(args).stem)
+        return paths["fp32_param"], paths["fp32_bin"]
     if args.param is None or args.bin is None:
         raise Int8ConvError("give --out-dir DIR, or both --param FILE and --bin FILE")
     return args.param, args.bin
@@ -45,7 +39,7 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     param, binary = output_paths(args)
-    model = pipeline.convert(model_files(args))
+    model = pipeline.convert(common.model_files(args))
     write_model(model, param, binary)
     if not getattr(args, "quiet", False):
         print(f"ncnn FP32 model: {param} ({len(model.layers)} layers), {binary}")

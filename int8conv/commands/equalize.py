@@ -12,24 +12,19 @@ import argparse
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import add_command, add_model_args, add_preprocess_args, model_files, preprocess_options
+from int8conv.commands import common
 from int8conv.engines import CALIBRATION_BACKENDS
 
 #: the line ``int8conv --help`` shows for this command
 SUMMARY = "equalize depthwise layers' input channels: a caffemodel that quantizes better"
-IMAGES_HELP = (
-    "calibration images (a directory, recursive, or a file listing paths); up to "
-    f"{pipeline.EQUALIZE_IMAGES} of them, spread over the set, measure the channel ranges"
-)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = add_command(sub, "equalize", run, SUMMARY, __doc__)
-    add_model_args(parser)
-    add_preprocess_args(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_model_args(parser)
+    common.add_preprocess_args(parser)
     group = parser.add_argument_group("equalization")
-    group.add_argument("--images", type=Path, required=True, help=IMAGES_HELP)
-    group.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
+    what = f"calibration images (up to {pipeline.EQUALIZE_IMAGES}, spread over the set, measure the channel ranges)"
+    common.add_images_args(group, what, required=True)
     group.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     group.add_argument(
         "--backend", choices=CALIBRATION_BACKENDS, default="auto", help="FP32 engine, as for calibrate (default auto)"
@@ -42,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     options = pipeline.CalibrationOptions(
         images=args.images, max_images=args.max_images, batch_size=args.batch_size, backend=args.backend, gpu=args.gpu
     )
-    result = pipeline.equalize(model_files(args), preprocess_options(args), options)
+    result = pipeline.equalize(common.model_files(args), common.preprocess_options(args), options)
     pipeline.write_equalized(result, args.output)
     if not getattr(args, "quiet", False):
         print(

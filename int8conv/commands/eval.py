@@ -29,30 +29,20 @@ from int8conv.tables.ncnn_table import read_ncnn_table
 SUMMARY = "compare ncnn FP32/INT8 with Caffe FP32 on images: accuracy and speed"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = common.add_command(sub, "eval", run, SUMMARY, __doc__)
+def add_args(parser: argparse.ArgumentParser) -> None:
     common.add_model_args(parser)
     files = parser.add_argument_group("ncnn models (either --ncnn-dir, or --param/--bin plus the INT8 pair or --table)")
-    files.add_argument(
-        "--ncnn-dir",
-        type=Path,
-        help="folder written by convert_tool.py --ncnn-dir: <stem>.param/.bin and <stem>-int8.param/.bin",
-    )
-    files.add_argument("--param", type=Path, help="ncnn FP32 .param")
-    files.add_argument("--bin", type=Path, help="ncnn FP32 .bin")
-    files.add_argument("--int8-param", type=Path, help="ncnn INT8 .param")
-    files.add_argument("--int8-bin", type=Path, help="ncnn INT8 .bin")
+    layout = "<stem>.param/.bin and <stem>-int8.param/.bin"  # pipeline.ncnn_paths
+    files.add_argument("--ncnn-dir", type=Path, help=f"folder written by convert_tool.py --ncnn-dir: {layout}")
+    common.add_ncnn_files_args(files, "ncnn FP32")
+    common.add_ncnn_files_args(files, "ncnn INT8", prefix="int8-")
     files.add_argument(
         "--table", type=Path, help="quantize the FP32 model with this table instead of reading an INT8 pair"
     )
-    files.add_argument("--no-fp16", action="store_true", help="with --table: FP32 layers keep fp32 weights")
+    common.add_no_fp16_arg(files, "with --table: ")
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--images", type=Path, required=True, help="evaluation images: directory or list file")
-    group.add_argument("--max-images", type=int, default=0, help="use at most this many (0 = all)")
-    common.add_task_args(group)
-    common.add_timing_args(group)
+    common.add_evaluation_args(group)
     group.add_argument("--backend", choices=BACKENDS, default="auto", help="Caffe FP32 engine (default auto)")
-    group.add_argument("--no-caffe", action="store_true", help="skip the Caffe FP32 reference")
     group.add_argument(
         "--json",
         nargs="?",
@@ -61,13 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write the report as JSON to FILE (stdout when no FILE is given)",
     )
     arm = parser.add_argument_group("ARM kernels (after `int8conv install-arm`; natively on an aarch64 host)")
-    arm.add_argument(
-        "--arch",
-        choices=("x86", "arm64"),
-        default="x86",
-        help="arm64: run both models on ncnn's ARM kernels under qemu and report ARM INT8 vs ARM FP32 "
-        "and ARM vs x86 per precision (no Caffe reference; emulated timings only)",
+    arch_help = (
+        "arm64: run both models on ncnn's ARM kernels under qemu and report ARM INT8 vs ARM FP32 "
+        "and ARM vs x86 per precision (no Caffe reference; emulated timings only)"
     )
+    arm.add_argument("--arch", choices=("x86", "arm64"), default="x86", help=arch_help)
     arm.add_argument(
         "--arm-cpu",
         choices=ARM_CPUS,
@@ -83,21 +71,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     arm.add_argument("--arm-threads", type=int, default=1, help="ncnn threads on ARM (default 1)")
     mixed = parser.add_argument_group("automatic mixed precision (with --table)")
     common.add_auto_fp32_arg(mixed, "keep the most sensitive layers FP32 until the output cosine reaches COSINE")
-    mixed.add_argument(
-        "--auto-fp32-images", type=Path, help="images the FP32 layers are chosen on (keep them apart from --images)"
-    )
-    mixed.add_argument("--auto-fp32-max-images", type=int, default=8, help="at most this many (default 8)")
+    what = "images the FP32 layers are chosen on (keep them apart from --images)"
+    common.add_images_args(mixed, what, max_default=8, flags=("--auto-fp32-images", "--auto-fp32-max-images"))
     common.add_preprocess_args(parser)
 
 
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | None]:
-    """FP32 and INT8 file paths from --ncnn-dir or the explicit options."""
+    """FP32 and INT8 file paths from --ncnn-dir (as ``pipeline.ncnn_paths`` names them) or the explicit options."""
     if args.ncnn_dir is not None:
-        stem = Path(args.model).stem
-        int8 = (
-            (None, None) if args.table else (args.ncnn_dir / f"{stem}-int8.param", args.ncnn_dir / f"{stem}-int8.bin")
-        )
-        return args.ncnn_dir / f"{stem}.param", args.ncnn_dir / f"{stem}.bin", *int8
+        paths = pipeline.ncnn_paths(args.ncnn_dir, common.model_files(args).stem)
+        int8 = (None, None) if args.table else (paths["int8_param"], paths["int8_bin"])
+        return paths["fp32_param"], paths["fp32_bin"], *int8
     if args.param is None or args.bin is None:
         raise Int8ConvError("give --ncnn-dir DIR, or --param and --bin of the ncnn FP32 model")
     if args.table is None and (args.int8_param is None or args.int8_bin is None):

@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 
 from int8conv import pipeline
-from int8conv.commands.common import (
-    add_adaround_arg,
-    add_auto_fp32_arg,
-    add_calibration_inputs,
-    add_command,
-    calibration_inputs,
-)
+from int8conv.commands import common
 from int8conv.errors import Int8ConvError
 from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 
@@ -27,16 +21,10 @@ from int8conv.tables.tensorrt_files import DEFAULT_TRT_VERSION
 SUMMARY = "export ONNX, Q/DQ ONNX, TensorRT calibration cache and dynamic ranges"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = add_command(sub, "export-trt", run, SUMMARY, __doc__)
-    add_calibration_inputs(parser)
+def add_args(parser: argparse.ArgumentParser) -> None:
+    common.add_calibration_inputs(parser)
     group = parser.add_argument_group("TensorRT export")
-    group.add_argument(
-        "--out-dir",
-        required=True,
-        type=Path,
-        help="write OUT/<stem>.onnx, .qdq.onnx, .cache, .ranges.txt, .ranges.json (<stem>: the caffemodel's file stem)",
-    )
+    common.add_out_dir_arg(group, "OUT/<stem>.onnx, .qdq.onnx, .cache, .ranges.txt, .ranges.json", required=True)
     group.add_argument(
         "--equalize",
         action="store_true",
@@ -68,12 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="LAYER",
         help="Convolution/InnerProduct layers to leave without Q/DQ (FP32) in the Q/DQ ONNX",
     )
-    add_auto_fp32_arg(
+    common.add_auto_fp32_arg(
         group,
         "keep the fewest layers FP32 in the Q/DQ ONNX so that its output cosine against FP32 "
         "(onnxruntime, worst of --auto-fp32-images calibration images) reaches COSINE",
     )
-    add_adaround_arg(
+    common.add_adaround_arg(
         group,
         "the Q/DQ ONNX gets FP32 weights that round to the learned integers with the ncnn table's weight "
         "scales (the same integers as the ncnn INT8 model)",
@@ -89,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    model, prep, calibration = calibration_inputs(args)
+    model, prep, calibration = common.calibration_inputs(args)
     trt = pipeline.TrtOptions(
         batch=args.batch,
         trt_version=args.trt_version,

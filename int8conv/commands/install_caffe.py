@@ -7,16 +7,18 @@ from pathlib import Path
 
 from int8conv.engines.caffe_build import CAFFE_VERSION, DEBIAN_PACKAGES, SDIST_REQUIREMENT, install_caffe
 
+#: the line ``int8conv --help`` shows for this command
+SUMMARY = "build pycaffe for the optional 'caffe' FP32 backend"
+#: its ``--help`` description (it names the pinned versions, so it is not the docstring)
+DESCRIPTION = (
+    f"Download {SDIST_REQUIREMENT} (sha256-checked), build a CPU-only pycaffe with CMake against "
+    "Debian's libraries and make `import caffe` work in this Python environment (a .pth file). "
+    "The build is cached: a second run only re-links it. Needs Linux, Python 3.11 and the Debian "
+    f"packages {' '.join(DEBIAN_PACKAGES)}."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "install-caffe",
-        help="build pycaffe for the optional 'caffe' FP32 backend",
-        description=f"Download {SDIST_REQUIREMENT} (sha256-checked), build a CPU-only pycaffe with CMake against "
-        "Debian's libraries and make `import caffe` work in this Python environment (a .pth file). "
-        "The build is cached: a second run only re-links it. Needs Linux, Python 3.11 and the Debian "
-        f"packages {' '.join(DEBIAN_PACKAGES)}.",
-    )
+
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--install-deps",
         action="store_true",
@@ -35,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"ask for a CUDA build (brocolli-caffe {CAFFE_VERSION} builds CPU-only; this says why)",
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,15 +22,12 @@ from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 SUMMARY = "quantize an ncnn FP32 model with a calibration table (ncnn2int8)"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = common.add_command(sub, "quantize", run, SUMMARY, __doc__)
+def add_args(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("files")
-    files.add_argument("--param", required=True, type=Path, help="ncnn FP32 .param")
-    files.add_argument("--bin", required=True, type=Path, help="ncnn FP32 .bin")
+    common.add_ncnn_files_args(files, "ncnn FP32", required=True)
     files.add_argument("--table", required=True, type=Path, help="ncnn calibration table")
-    files.add_argument("--out-param", required=True, type=Path, help="INT8 .param to write")
-    files.add_argument("--out-bin", required=True, type=Path, help="INT8 .bin to write")
-    files.add_argument("--no-fp16", action="store_true", help="keep the weights of FP32 layers in fp32, not fp16")
+    common.add_ncnn_files_args(files, "ncnn INT8", prefix="out-", required=True, written=True)
+    common.add_no_fp16_arg(files)
     add_auto_fp32_args(parser)
     common.add_preprocess_args(parser)
 
@@ -42,8 +39,7 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
         "keep the most sensitive layers in FP32 until the INT8 output cosine against FP32 "
         "reaches COSINE (e.g. 0.99), measured on --images",
     )
-    group.add_argument("--images", type=Path, help="images for --auto-fp32 (directory or list file)")
-    group.add_argument("--max-images", type=int, default=8, help="use at most this many images (default 8)")
+    common.add_images_args(group, "images for --auto-fp32", max_default=8)
     common.add_task_args(group, thresholds=False)
     group.add_argument("--out-table", type=Path, help="also write the table without the FP32 layers' activation lines")
     common.add_auto_fp32_arg(group, "the same as --auto-fp32 (reads better with --optimize speed)", flag="--min-cosine")

@@ -20,8 +20,7 @@ from int8conv.evaluation.evaluate import format_report
 SUMMARY = "HTML report of per-layer calibration plots and INT8-vs-FP32 accuracy"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = common.add_command(sub, "report", run, SUMMARY, __doc__)
+def add_args(parser: argparse.ArgumentParser) -> None:
     common.add_calibration_inputs(parser)
     group = parser.add_argument_group("table and evaluation")
     group.add_argument(
@@ -38,19 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_adaround_arg(
         group, "the INT8 model evaluated gets the learned weights (when the table is computed here)"
     )
-    group.add_argument(
-        "--eval-images",
-        type=Path,
-        required=True,
-        help="evaluation images (ideally not the calibration ones): directory or list file",
-    )
-    group.add_argument("--max-eval-images", type=int, default=0, help="use at most this many (0 = all)")
-    common.add_task_args(group)
-    group.add_argument(
-        "--no-caffe", action="store_true", help="skip the Caffe FP32 reference (ncnn FP32 vs Caffe differences)"
-    )
-    common.add_timing_args(group)
-    group.add_argument("--no-fp16", action="store_true", help="FP32 layers of the INT8 model keep fp32 weights")
+    common.add_evaluation_args(group, flags=("--eval-images", "--max-eval-images"))
+    common.add_no_fp16_arg(group)
     parser.add_argument("--out-dir", type=Path, required=True, help="where the page, figures and models go")
 
 

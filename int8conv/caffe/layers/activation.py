@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    Decline,
     LayerKind,
     Weights,
     f32,
     flat_weights,
     ncnn_plain,
     onnx_unary,
+    opencv_lacks,
     register,
     same_shape,
 )
@@ -206,7 +206,7 @@ register(
         same_shape,
         hardswish_ncnn,
         onnx_unary("HardSwish"),
-        opencv=Decline("OpenCV's Caffe importer has no HardSwish layer"),
+        opencv=opencv_lacks("HardSwish"),
         notes="MobileNetV3's x * relu6(x + 3) / 6 (brocolli-caffe)",
     )
 )

@@ -39,6 +39,17 @@ class Decline:
     reason: str
 
 
+def fork_layer(fork: str = "") -> Decline:
+    """pycaffe's Decline of a type that only a Caffe fork (``fork``: which, e.g. YOLOv2) defines: the pycaffe that
+    ``int8conv install-caffe`` builds is BVLC Caffe."""
+    return Decline(f"a Caffe-fork layer{f' ({fork})' if fork else ''}: BVLC pycaffe has none")
+
+
+def opencv_lacks(type_name: str, note: str = "") -> Decline:
+    """OpenCV's Decline of a type its Caffe importer does not read (``note``: e.g. where OpenCV has it anyway)."""
+    return Decline(f"OpenCV's Caffe importer has no {type_name} layer" + (f" ({note})" if note else ""))
+
+
 @dataclass(frozen=True)
 class Weights:
     """The arrays a layer takes from the caffemodel: whether they must be there, and how they are canonicalised."""

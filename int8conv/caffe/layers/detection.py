@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, register, unsupported
+from int8conv.caffe.layers.base import Decline, LayerKind, Shape, fork_layer, opencv_lacks, register, unsupported
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.shapes import prior_box_aspect_ratios, prior_box_image_and_step
 from int8conv.errors import ModelError
@@ -231,8 +231,8 @@ _YOLO_ONNX = Decline(
     "NMS-based post-processing has no opset-17 mapping TensorRT runs; export the network without it and decode "
     "its inputs on the host (int8conv.evaluation.host_decoders has darknet's YOLO heads)"
 )
-_YOLO_FORK = Decline("a Caffe-fork layer (MobileNet-YOLO's): the BVLC-based pycaffe has none")
-_YOLO_OPENCV = Decline("OpenCV's Caffe importer has no YOLO detection output layers")
+_YOLO_FORK = fork_layer("MobileNet-YOLO's")
+_YOLO_OPENCV = opencv_lacks("YOLO detection output")
 register(
     LayerKind(
         "YoloDetectionOutput",

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, register
+from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, opencv_lacks, register
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer, ParamValue
@@ -107,13 +107,6 @@ register(
 )
 register(
     LayerKind(
-        "Axpy",
-        FAMILY,
-        axpy_shape,
-        axpy_ncnn,
-        axpy_onnx,
-        min_bottoms=3,
-        caffe=Decline("a Caffe-fork layer: BVLC pycaffe has none"),
-        opencv=Decline("OpenCV's Caffe importer has no Axpy layer"),
+        "Axpy", FAMILY, axpy_shape, axpy_ncnn, axpy_onnx, min_bottoms=3, caffe=fork_layer(), opencv=opencv_lacks("Axpy")
     )
 )

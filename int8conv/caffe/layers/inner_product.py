@@ -6,7 +6,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, Weights, axis_index, f32, register, unsupported
+from int8conv.caffe.layers.base import (
+    Decline,
+    LayerKind,
+    Shape,
+    Weights,
+    axis_index,
+    f32,
+    opencv_lacks,
+    register,
+    unsupported,
+)
 from int8conv.caffe.shapes import check_weights
 from int8conv.errors import ModelError
 
@@ -113,6 +123,6 @@ register(
         embed_onnx,
         Weights(),
         quantizable=Decline("its input is an index, not an activation; the table stays FP32"),
-        opencv=Decline("OpenCV's Caffe importer has no Embed layer"),
+        opencv=opencv_lacks("Embed"),
     )
 )

@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    Decline,
     LayerKind,
     Shape,
     Weights,
     axis_index,
     f32,
     flat_weights,
+    fork_layer,
+    opencv_lacks,
     register,
     same_shape,
     unsupported,
@@ -364,8 +365,8 @@ register(
         alias_of="Scale",
         rename=bn_rename,
         affine=_scale_folds,
-        caffe=Decline("a Caffe-fork layer (SegNet's BN): BVLC pycaffe has none"),
-        opencv=Decline("OpenCV's Caffe importer has no BN layer"),
+        caffe=fork_layer("SegNet's BN"),
+        opencv=opencv_lacks("BN"),
         notes="read as Scale with a bias, as caffe2ncnn does",
     )
 )
@@ -377,7 +378,7 @@ register(
         bias_ncnn,
         bias_onnx,
         Weights(canonical=flat_weights),
-        opencv=Decline("OpenCV's Caffe importer has no Bias layer"),
+        opencv=opencv_lacks("Bias"),
     )
 )
 register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx, Weights(canonical=flat_weights)))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, register, unsupported
+from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, register, unsupported
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer
 
@@ -103,7 +103,7 @@ register(
         interp_shape,
         interp_ncnn,
         interp_onnx,
-        caffe=Decline("a Caffe-fork layer (PSPNet): BVLC pycaffe has none"),
+        caffe=fork_layer("PSPNet"),
         notes="bilinear with aligned corners; pad_beg/pad_end are declined",
     )
 )

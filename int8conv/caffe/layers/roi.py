@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, register, unsupported
+from int8conv.caffe.layers.base import Decline, LayerKind, Shape, fork_layer, opencv_lacks, register, unsupported
 from int8conv.ncnn.model import NcnnLayer
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def roi_align_onnx(b, layer: Layer) -> None:
     )
 
 
-_FORK = Decline("a Caffe-fork layer: the BVLC-based pycaffe (brocolli-caffe) has none")
+_FORK = fork_layer()
 register(
     LayerKind(
         "ROIPooling",
@@ -161,7 +161,7 @@ register(
         roi_align_onnx,
         min_bottoms=2,
         caffe=_FORK,
-        opencv=Decline("OpenCV's Caffe importer has no ROIAlign layer"),
+        opencv=opencv_lacks("ROIAlign"),
         notes=(
             "ncnn: one ROI per run; caffe2ncnn's version 0, which clips each bin to the feature map before "
             "sampling: equal to ONNX RoiAlign (Mask R-CNN's) for ROIs inside the map"

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from int8conv.caffe.layers.base import (
-    Decline,
     LayerKind,
     Shape,
     axis_index,
+    fork_layer,
     ncnn_plain,
+    opencv_lacks,
     register,
     same_shape,
     unsupported,
@@ -379,7 +380,7 @@ register(
         None,
         _graph_input_ncnn,
         _graph_input_onnx,
-        opencv=Decline("OpenCV's Caffe importer has no MemoryData layer"),
+        opencv=opencv_lacks("MemoryData"),
         notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn",
     )
 )
@@ -430,7 +431,7 @@ register(
         shuffle_channel_ncnn,
         shuffle_channel_onnx,
         value_preserving=True,
-        caffe=Decline("a Caffe-fork layer (ShuffleNet): BVLC pycaffe has none"),
+        caffe=fork_layer("ShuffleNet"),
     )
 )
 register(
@@ -441,8 +442,8 @@ register(
         reorg_ncnn,
         reorg_onnx,
         value_preserving=True,
-        caffe=Decline("a Caffe-fork layer (YOLOv2): BVLC pycaffe has none"),
-        opencv=Decline("OpenCV's Caffe importer has no Reorg layer (its Darknet importer has one)"),
+        caffe=fork_layer("YOLOv2"),
+        opencv=opencv_lacks("Reorg", "its Darknet importer has one"),
         notes="ncnn's channel order (space-to-depth, channel-major)",
     )
 )
@@ -457,13 +458,4 @@ register(
         notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)",
     )
 )
-register(
-    LayerKind(
-        "Silence",
-        FAMILY,
-        silence_shape,
-        nothing_ncnn,
-        nothing_onnx,
-        opencv=Decline("OpenCV's Caffe importer has no Silence layer"),
-    )
-)
+register(LayerKind("Silence", FAMILY, silence_shape, nothing_ncnn, nothing_onnx, opencv=opencv_lacks("Silence")))
