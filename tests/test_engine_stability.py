@@ -1,8 +1,8 @@
 """The default calibration gives the same INT8 task metrics whichever FP32 engine produced the statistics.
 
-OpenCV and pycaffe compute the same blobs to ~1e-5; a method whose choice flips on near-ties (KL) can still
+OpenCV, pycaffe and ncnn compute the same blobs to ~1e-5; a method whose choice flips on near-ties (KL) can still
 give different tables. The default's task metrics (detectors: precision/recall against FP32; classifiers:
-top-1 agreement) on held-out images must agree within 0.005 between the two engines.
+top-1 agreement) on held-out images must agree within 0.005 between the three engines.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
     model = pipeline.ModelFiles(*zoo.paths(shared))
     prep = pipeline.PreprocessOptions.like(zoo.prep)
     metrics = {}
-    for backend in ("opencv", "caffe"):
+    for backend in ("opencv", "caffe", "ncnn"):
         options = pipeline.CalibrationOptions(images=calibration, backend=backend)
         build = pipeline.build_ncnn(model, prep, options, fp16_storage=False)
         paths = pipeline.ncnn_paths(tmp_path / backend, model.stem)
@@ -50,5 +50,6 @@ def test_default_task_metrics_do_not_depend_on_the_fp32_engine(shared, tmp_path,
         )
         task = report.int8_vs_fp32.task.as_dict()
         metrics[backend] = {k: task[k] for k in ("precision", "recall", "top1_agreement") if k in task}
-    for name, value in metrics["opencv"].items():
-        assert abs(value - metrics["caffe"][name]) <= 0.005, (name, metrics)
+    for backend in ("caffe", "ncnn"):
+        for name, value in metrics["opencv"].items():
+            assert abs(value - metrics[backend][name]) <= 0.005, (backend, name, metrics)
