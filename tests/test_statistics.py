@@ -89,12 +89,15 @@ def test_extreme_magnitudes_are_binned_exactly(scale):
     np.testing.assert_array_equal(hist.counts, numpy_histogram(data, hist.range_max))
 
 
-def test_value_at_range_max_lands_in_last_bin_and_zeros_are_counted_apart():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_value_at_range_max_lands_in_last_bin_and_zeros_are_counted_apart(dtype):
+    """-0.0 is a zero; the smallest denormal is not (zeros are counted on the bit patterns of |x|)."""
     hist = BlobHistogram("x", bins=128)
-    hist.update(np.array([0.0, -0.0, 0.0, 4.0, 1.0, 2.0**-20], dtype=np.float32))
-    assert hist.range_max == 4.0 and hist.zeros == 3 and hist.counts.sum() == 3
-    assert hist.counts[127] == 1 and hist.counts[32] == 1 and hist.counts[0] == 1
-    assert not hist.signed
+    tiny = np.finfo(dtype).smallest_subnormal
+    hist.update(np.array([0.0, -0.0, 0.0, 4.0, 1.0, 2.0**-20, -tiny], dtype=dtype))
+    assert hist.range_max == 4.0 and hist.zeros == 3 and hist.counts.sum() == 4
+    assert hist.counts[127] == 1 and hist.counts[32] == 1 and hist.counts[0] == 2
+    assert hist.signed
 
 
 def test_merge_equals_single_pass_and_memory_is_fixed():

