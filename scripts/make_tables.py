@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from int8conv.zoo import shared_dir, write_digit_cells  # noqa: E402
+from int8conv.zoo import MODELS, SharedModel, shared_dir, write_digit_cells  # noqa: E402
 
 SHARED = "../shared"  # as written in the commands; resolved through $INT8CONV_SHARED
 WORK = "$WORK"  # a scratch folder (the script uses a temporary one, or --work)
@@ -40,18 +40,20 @@ class Entry:
     """One shipped table: which model, its preprocessing, and the calibration / evaluation images."""
 
     name: str
-    folder: str
-    proto: str
-    model: str
+    zoo: str  # the model's key in int8conv.zoo.MODELS: its folder and files
     flags: list[str]
     calib: str
     eval_images: str
     calib_flags: list[str] = field(default_factory=list)
     note: str = ""
 
+    @property
+    def model(self) -> SharedModel:
+        return MODELS[self.zoo]
+
     def model_args(self) -> list[str]:
-        base = f"{SHARED}/models/{self.folder}"
-        return ["--proto", f"{base}/{self.proto}", "--model", f"{base}/{self.model}"]
+        base = f"{SHARED}/models/{self.model.folder}"
+        return ["--proto", f"{base}/{self.model.proto}", "--model", f"{base}/{self.model.caffemodel}"]
 
     def calibrate_command(self) -> list[str]:
         return [
@@ -72,7 +74,7 @@ class Entry:
         return ["int8conv", "convert", *self.model_args(), "--out-dir", f"{WORK}/{self.name}"]
 
     def eval_command(self) -> list[str]:
-        stem = f"{WORK}/{self.name}/{Path(self.model).stem}"
+        stem = f"{WORK}/{self.name}/{Path(self.model.caffemodel).stem}"
         return [
             "int8conv",
             "eval",
@@ -99,38 +101,18 @@ class Entry:
 IMAGENET = f"{SHARED}/images/imagenet_samples_200"
 FACES = f"{SHARED}/images/faces"
 ENTRIES = [
-    Entry(
-        "res10_300x300_ssd",
-        "res10_300x300_ssd",
-        "deploy.prototxt",
-        "res10_300x300_ssd_iter_140000.caffemodel",
-        ["--mean", "104", "177", "123"],
-        IMAGENET,
-        FACES,
-    ),
+    Entry("res10_300x300_ssd", "res10", ["--mean", "104", "177", "123"], IMAGENET, FACES),
     Entry(
         "open_nsfw_resnet50_1by2",
-        "open_nsfw_resnet50_1by2",
-        "deploy.prototxt",
-        "resnet_50_1by2_nsfw.caffemodel",
+        "open_nsfw",
         ["--mean", "104", "117", "123", "--resize-then-crop", "256", "256"],
         IMAGENET,
         f"{SHARED}/images/voc_coco_detection",
     ),
-    Entry(
-        "yufacedetectnet_v1",
-        "yufacedetectnet_v1",
-        "yufacedetectnet-open-v1.prototxt",
-        "yufacedetectnet-open-v1.caffemodel",
-        [],
-        IMAGENET,
-        FACES,
-    ),
+    Entry("yufacedetectnet_v1", "yufacedetectnet", [], IMAGENET, FACES),
     Entry(
         "ultraface_slim320",
-        "ultraface_slim320",
-        "slim-320.prototxt",
-        "slim-320.caffemodel",
+        "ultraface",
         ["--mean", "127", "127", "127", "--std", "128", "128", "128", "--color", "rgb"],
         IMAGENET,
         FACES,
@@ -141,9 +123,7 @@ ENTRIES = [
     ),
     Entry(
         "mtcnn_det1",
-        "mtcnn",
-        "det1.prototxt",
-        "det1.caffemodel",
+        "det1",
         MTCNN_FLAGS + ["--size", "320", "240"],
         IMAGENET,
         FACES,
@@ -155,9 +135,7 @@ ENTRIES = [
     ),
     Entry(
         "mtcnn_det2",
-        "mtcnn",
-        "det2.prototxt",
-        "det2.caffemodel",
+        "det2",
         MTCNN_FLAGS,
         IMAGENET,
         FACES,
@@ -165,9 +143,7 @@ ENTRIES = [
     ),
     Entry(
         "mtcnn_det3",
-        "mtcnn",
-        "det3.prototxt",
-        "det3.caffemodel",
+        "det3",
         MTCNN_FLAGS,
         IMAGENET,
         FACES,
@@ -179,9 +155,7 @@ ENTRIES = [
     ),
     Entry(
         "lenet_mnist",
-        "lenet_mnist",
-        "lenet.prototxt",
-        "lenet_iter_10000.caffemodel",
+        "lenet",
         ["--norm", "0.00390625", "--color", "gray"],
         DIGITS_CALIB,
         DIGITS_EVAL,
@@ -193,9 +167,7 @@ ENTRIES = [
     ),
     Entry(
         "retinaface_mnet025",
-        "retinaface_mnet025",
-        "mnet-deconv-0517.prototxt",
-        "mnet-deconv-0517.caffemodel",
+        "retinaface",
         ["--color", "rgb", "--letterbox"],
         IMAGENET,
         FACES,
@@ -204,9 +176,7 @@ ENTRIES = [
     ),
     Entry(
         "yoloface_500k_v2",
-        "yoloface_500k_v2",
-        "yoloface-500k-v2.prototxt",
-        "yoloface-500k-v2.caffemodel",
+        "yoloface",
         ["--norm", "0.00392156862745098", "--color", "rgb"],
         IMAGENET,
         FACES,
@@ -214,9 +184,7 @@ ENTRIES = [
     ),
     Entry(
         "shufflenet_v1_driver_action",
-        "shufflenet_v1_driver_action",
-        "shufflenet_l20_50_deploy.prototxt",
-        "shufflenet_l20_50.caffemodel",
+        "shufflenet_driver",
         ["--mean", "103.94", "116.78", "123.68", "--norm", "0.017"],
         IMAGENET,
         FACES,
@@ -225,9 +193,7 @@ ENTRIES = [
     ),
     Entry(
         "mobilenet_yolov3_lite_lane",
-        "mobilenet_yolov3_lite_lane",
-        "mobilenet_yolov3_lite_deploy.prototxt",
-        "mobilenet_yolov3_lite_deploy_iter_50000.caffemodel",
+        "lane",
         ["--mean", "127.5", "127.5", "127.5", "--norm", "0.007843"],
         IMAGENET,
         f"{SHARED}/images/voc_coco_detection",

@@ -48,8 +48,7 @@ def test_one_table_per_shared_model(shared):
 def test_table_matches_its_model(shared, entry):
     """Every quantizable layer has a weight line with ncnn's scale count and an activation line; all finite."""
     table = read_ncnn_table(TABLES / f"{entry.name}.table")
-    base = shared / "models" / entry.folder
-    layers = quantizable_layers(fold_batchnorm_scale(load_graph(base / entry.proto, base / entry.model)))
+    layers = quantizable_layers(fold_batchnorm_scale(load_graph(*entry.model.paths(shared))))
     names = {layer.name for layer in layers}
     assert set(table.weight_scales) == names
     assert set(table.activation_scales) == names
