@@ -13,7 +13,9 @@ medians are printed with the ratio to today's OpenCV engine. Reported per config
   worker's: an upper bound, since they need not peak at once); then, for the default engine, peak RSS at 50 vs
   200 images and at --batch-size 1 vs 16 (streaming: the ratios should stay near 1.0);
 - the largest relative difference of each table's activation scales from the OpenCV table (KL near-ties aside,
-  the engines agree to float rounding).
+  the engines agree to float rounding);
+- the default engine's CPU ms per image, step by step in one process: ncnn's forward with the blobs extracted
+  unpacked and packed (what calibration reads), and the histogram update.
 
 ``--method`` is the threshold method of every run (default kl: its search takes a few ms, so the images/s are the
 engine's; ``auto``, the calibrate default, adds a validation on the ncnn runtime that no engine speeds up).
@@ -93,6 +95,38 @@ def run_once(
     return wall, cpu, (own + (processes - 1) * worker) / 1024.0, max(own, worker) / 1024.0, processes
 
 
+def per_image_cpu(shared: Path, key: str, images: int) -> dict[str, float]:
+    """CPU ms per image of the default engine's steps, in this process, interleaved image by image: ncnn's forward
+    with every calibrated blob extracted unpacked (as before packed reading) and packed (as calibrate reads them),
+    and the histogram update of the packed values."""
+    from int8conv.caffe.graph import load_graph
+    from int8conv.calibration.calibrate import calibration_values
+    from int8conv.calibration.histograms import CalibrationStatistics
+    from int8conv.calibration.preprocess import ImageTally, iter_batches, list_images
+    from int8conv.engines import make_engine
+
+    spec = MODELS[key]
+    proto, model = spec.paths(shared)
+    graph = load_graph(proto, model)
+    reader = make_engine("ncnn", graph, proto, model).reader(calibration_values(graph))
+    stats = CalibrationStatistics({}, {})
+    spent = {"forward, blobs unpacked": 0.0, "forward, blobs packed": 0.0, "histograms": 0.0}
+    paths = list_images(shared / "images" / "imagenet_samples_200")[:images]
+    batches = list(iter_batches(paths, spec.prep, 1, ImageTally()))
+    reader.forward(batches[0][0])  # the net loaded and warm before anything is timed
+    count = 0
+    for batch, _ in batches:
+        for label, packed in (("forward, blobs unpacked", False), ("forward, blobs packed", True)):
+            started = time.process_time()
+            values = reader.forward(batch, packed=packed)
+            spent[label] += time.process_time() - started
+        started = time.process_time()
+        stats.update(values)
+        spent["histograms"] += time.process_time() - started
+        count += 1
+    return {label: 1000.0 * seconds / count for label, seconds in spent.items()}
+
+
 def scale_difference(table: Path, reference: Path) -> float:
     mine, theirs = read_ncnn_table(table).activation_scales, read_ncnn_table(reference).activation_scales
     return max(abs(mine[layer] / scale - 1) for layer, scale in theirs.items())
@@ -150,6 +184,8 @@ def main() -> None:
                 f"x{memory[args.images, 16][0] / memory[args.images, 1][0]:.2f} "
                 f"({memory[args.images, 1][0]:.0f} -> {memory[args.images, 16][0]:.0f} MiB)"
             )
+            steps = per_image_cpu(args.shared, key, min(args.images, 30))
+            print(f"{'':<10} CPU ms per image, one process: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
 
 
 if __name__ == "__main__":
