@@ -30,10 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from int8conv import pipeline  # noqa: E402
 from int8conv.caffe.graph import load_graph  # noqa: E402
 from int8conv.calibration.adaround import adaround_images, calibrate_adaround  # noqa: E402
 from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
-from int8conv.calibration.calibrate import TableRules, build_table, calibration_values, model_identity  # noqa: E402
+from int8conv.calibration.calibrate import TableRules, all_values, build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
 from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
@@ -54,6 +55,9 @@ from int8conv.ncnn.convert import convert_graph  # noqa: E402
 from int8conv.ncnn.model import write_model  # noqa: E402
 from int8conv.ncnn.quantize import quantize_model  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
+from int8conv.tensorrt.onnx_export import export_onnx  # noqa: E402
+from int8conv.tensorrt.qdq import OutputCosine, insert_qdq  # noqa: E402
+from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges  # noqa: E402
 from int8conv.zoo import MODELS, model_input  # noqa: E402
 
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
@@ -218,8 +222,6 @@ def bench_model(
         except (Int8ConvError, ImportError) as exc:
             cell.error = str(exc)
         if method == qdq_method and not cell.error:
-            from int8conv.calibration.calibrate import all_values
-
             every = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep, all_values(graph))
             cell.metric["qdq"] = qdq_cosine(graph, every, base, table, judged_inputs, (fp32, int8), result)
         cells[method] = cell
@@ -251,8 +253,6 @@ def auto_fp32_text(method: str, found: dict) -> str:
 
 def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path], path: Path) -> Path:
     """``int8conv equalize`` of the model on the calibration images; the equalized caffemodel's path."""
-    from int8conv import pipeline
-
     listing = path.with_suffix(".images.txt")
     listing.write_text("\n".join(map(str, calibration)))
     options = pipeline.CalibrationOptions(images=listing, backend="opencv")
@@ -263,32 +263,31 @@ def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path]
 
 def qdq_cosine(
     graph, stats, method: str, table, judged: list[np.ndarray], ncnn: tuple[NcnnRunner, NcnnRunner], result=None
-) -> tuple[float, float, float]:
-    """Worst and mean per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them from
-    ``table``, and ``result``'s learned weights with ``+adaround``) against the FP32 ONNX, under onnxruntime
-    (``qdq.OutputCosine``, as ``--auto-fp32`` scores), and the worst image of the ncnn INT8 model (``ncnn``: FP32
-    and INT8 runners) scored the same way."""
-    from int8conv.tensorrt.onnx_export import export_onnx
-    from int8conv.tensorrt.qdq import OutputCosine, insert_qdq
-    from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
-
+) -> dict[str, float]:
+    """Worst (``min``) and ``mean`` per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them
+    from ``table``, ``result``'s learned weights with ``+adaround``, and the layers ncnn keeps FP32 left FP32)
+    against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores); the same with those
+    layers quantized too (``quantized_min``/``quantized_mean``, when there are any), and the worst image of the ncnn
+    INT8 model (``ncnn_min``; ``ncnn``: FP32 and INT8 runners) scored the same way."""
     export = export_onnx(graph, batch=1)
     values = value_ranges(stats, histogram_method(method))
     values.update(table_ranges(table, graph))
-    from int8conv.pipeline import ncnn_fp32_layers, qdq_weights
-
-    learned = qdq_weights(result) if result is not None else None
-    qdq = insert_qdq(export, tensor_ranges(export, values), ncnn_fp32_layers(graph), layer_input_ranges(table), learned)
+    learned = pipeline.qdq_weights(result) if result is not None else None
     name = next(iter(graph.inputs))
     score = OutputCosine(export, [{name: x[None]} for x in judged])
-    cosines = score.per_image(qdq)
+    found = {}
+    mirrored = pipeline.ncnn_fp32_layers(graph)
+    for prefix, fp32_layers in (("", mirrored), ("quantized_", [])) if mirrored else (("", []),):
+        qdq = insert_qdq(export, tensor_ranges(export, values), fp32_layers, layer_input_ranges(table), learned)
+        cosines = score.per_image(qdq)
+        found |= {f"{prefix}min": min(cosines), f"{prefix}mean": float(np.mean(cosines))}
     fp32, int8 = ncnn
     ncnn_cosines = []
     for x in judged:
         feed = {fp32.input_names[0]: x}
         ref, out = fp32.extract(feed, score.outputs), int8.extract(feed, score.outputs)
         ncnn_cosines.append(blob_cosine([ref[o] for o in score.outputs], [out[o] for o in score.outputs]))
-    return min(cosines), float(np.mean(cosines)), min(ncnn_cosines)
+    return found | {"ncnn_min": min(ncnn_cosines)}
 
 
 def score(cell: Cell) -> tuple[float, float]:
@@ -404,10 +403,16 @@ def main() -> None:
                 if cell.error:
                     print(f"    {method}: {cell.error[:150]}")
                 if "qdq" in cell.metric:
-                    low, mean, ncnn_low = cell.metric["qdq"]
+                    qdq = cell.metric["qdq"]
+                    quantized = (
+                        f"; with ncnn's FP32 layers quantized too: min {qdq['quantized_min']:.4f}, mean "
+                        f"{qdq['quantized_mean']:.4f}"
+                        if "quantized_min" in qdq
+                        else ""
+                    )
                     print(
-                        f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {low:.4f}, mean {mean:.4f} "
-                        f"(ncnn INT8 on the same outputs: min {ncnn_low:.4f})"
+                        f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {qdq['min']:.4f}, mean "
+                        f"{qdq['mean']:.4f} (ncnn INT8 on the same outputs: min {qdq['ncnn_min']:.4f}){quantized}"
                     )
 
     if results:
