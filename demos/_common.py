@@ -33,6 +33,7 @@ from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # n
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
+from int8conv.zoo import MODELS  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -219,13 +220,29 @@ def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: i
     )
 
 
+def preprocess_defaults(prep: Preprocess) -> dict:
+    """The preprocessing flags' values (``add_preprocess_args``' dests) that give the zoo's ``prep``; the input
+    size stays the prototxt's."""
+    return {
+        "mean": list(prep.mean),
+        "norm": prep.norm,
+        "std": list(prep.std),
+        "color": prep.color,
+        "resize_then_crop": list(prep.resize) if prep.resize else None,
+        "swap_hw": prep.swap_hw,
+        "letterbox": prep.letterbox,
+    }
+
+
 def parse_with_preset(
     parser: argparse.ArgumentParser, presets: Mapping[str, dict], argv: list[str] | None
 ) -> argparse.Namespace:
-    """A preset's settings become the defaults of their flags, so explicit flags still win."""
+    """A preset's settings (its zoo model's preprocessing, then its own ``defaults``) become the defaults of their
+    flags, so explicit flags still win."""
     first, _ = parser.parse_known_args(argv)
     if first.proto is None and first.model is None:
-        parser.set_defaults(**presets[first.model_name]["defaults"])
+        preset = presets[first.model_name]
+        parser.set_defaults(**preprocess_defaults(MODELS[preset["zoo"]].prep), **preset["defaults"])
     args = parser.parse_args(argv)
     if (args.proto is None) != (args.model is None):
         parser.error("give both --proto and --model (or neither, for a preset)")

@@ -26,30 +26,26 @@ from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
 from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError
-from int8conv.zoo import shared_dir, write_digit_cells
+from int8conv.zoo import MODELS, shared_dir, write_digit_cells
 
 log = logging.getLogger("demo")
 
 #: Shared models the demo knows how to preprocess; ``calib`` is relative to the shared folder.
 PRESETS = {
     "open_nsfw": {
-        "folder": "open_nsfw_resnet50_1by2",
-        "proto": "deploy.prototxt",
-        "model": "resnet_50_1by2_nsfw.caffemodel",
+        "zoo": "open_nsfw",
         "labels": "SFW,NSFW",
         "calib": "images/imagenet_samples_200",
         "max_calib": 100,
-        "defaults": {"mean": [104.0, 117.0, 123.0], "resize_then_crop": [256, 256]},
+        "defaults": {},
     },
     "lenet": {
-        "folder": "lenet_mnist",
-        "proto": "lenet.prototxt",
-        "model": "lenet_iter_10000.caffemodel",
+        "zoo": "lenet",
         "labels": ",".join(str(d) for d in range(10)),
         "calib": "digits",
         "max_calib": 0,
         # KL clips conv2's spiky input at a tenth of its range (output cosine 0.92); ACIQ: 0.9999
-        "defaults": {"norm": 0.00390625, "color": "gray", "method": "aciq"},
+        "defaults": {"method": "aciq"},
     },
 }
 
@@ -79,7 +75,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, list[str] | Non
         return args.proto, args.model, load_names(args.labels), args.calib_images
     preset = PRESETS[args.model_name]
     shared = shared_dir()
-    base = shared / "models" / preset["folder"]
+    proto, model = MODELS[preset["zoo"]].paths(shared)
     calib = args.calib_images
     if calib is None:
         if preset["calib"] == "digits":  # LeNet wants digits: cut them from OpenCV's digits.png sheet
@@ -90,7 +86,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, list[str] | Non
             calib = shared / preset["calib"]
             if args.max_calib_images == 0:
                 args.max_calib_images = preset["max_calib"]
-    return base / preset["proto"], base / preset["model"], load_names(args.labels or preset["labels"]), calib
+    return proto, model, load_names(args.labels or preset["labels"]), calib
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from int8conv.evaluation.detection import Detections, MatchTally, from_detection
 from int8conv.evaluation.evaluate import detect_task, score_threshold
 from int8conv.evaluation.host_decoders import HOST_TASKS, make_host_decoder
 from int8conv.ncnn.model import read_model
-from int8conv.zoo import shared_dir
+from int8conv.zoo import MODELS, shared_dir
 
 log = logging.getLogger("demo")
 
@@ -45,41 +45,11 @@ FACES = ("background", "face")
 
 #: Shared detectors with their preprocessing (SOURCE.txt of each) and calibration folder.
 PRESETS = {
-    "res10": {
-        "folder": "res10_300x300_ssd",
-        "proto": "deploy.prototxt",
-        "model": "res10_300x300_ssd_iter_140000.caffemodel",
-        "defaults": {"mean": [104.0, 177.0, 123.0]},
-    },
-    "yufacedetectnet": {
-        "folder": "yufacedetectnet_v1",
-        "proto": "yufacedetectnet-open-v1.prototxt",
-        "model": "yufacedetectnet-open-v1.caffemodel",
-        "defaults": {},
-    },
-    "ultraface": {
-        "folder": "ultraface_slim320",
-        "proto": "slim-320.prototxt",
-        "model": "slim-320.caffemodel",
-        "defaults": {
-            "mean": [127.0, 127.0, 127.0],
-            "std": [128.0, 128.0, 128.0],
-            "color": "rgb",
-            "host_decode": "ultraface",
-        },
-    },
-    "retinaface": {
-        "folder": "retinaface_mnet025",
-        "proto": "mnet-deconv-0517.prototxt",
-        "model": "mnet-deconv-0517.caffemodel",
-        "defaults": {"color": "rgb", "letterbox": True, "host_decode": "retinaface"},
-    },
-    "yoloface": {
-        "folder": "yoloface_500k_v2",
-        "proto": "yoloface-500k-v2.prototxt",
-        "model": "yoloface-500k-v2.caffemodel",
-        "defaults": {"norm": 1 / 255, "color": "rgb", "host_decode": "yoloface"},
-    },
+    "res10": {"zoo": "res10", "defaults": {}},
+    "yufacedetectnet": {"zoo": "yufacedetectnet", "defaults": {}},
+    "ultraface": {"zoo": "ultraface", "defaults": {"host_decode": "ultraface"}},
+    "retinaface": {"zoo": "retinaface", "defaults": {"host_decode": "retinaface"}},
+    "yoloface": {"zoo": "yoloface", "defaults": {"host_decode": "yoloface"}},
 }
 #: --host-decode name -> the evaluation task that decodes it.
 HOST_DECODERS = {"ultraface": "host-decoded", "retinaface": "retinaface", "yoloface": "yoloface"}
@@ -124,8 +94,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         return args.proto, args.model, args.calib_images
     preset = PRESETS[args.model_name]
     shared = shared_dir()
-    base = shared / "models" / preset["folder"]
-    return base / preset["proto"], base / preset["model"], args.calib_images or shared / CALIB_FOLDER
+    return (*MODELS[preset["zoo"]].paths(shared), args.calib_images or shared / CALIB_FOLDER)
 
 
 class Decoder:
