@@ -280,10 +280,15 @@ def _check_saved_preprocessing(
         )
 
 
+def first_images(images: Path, max_images: int) -> list[Path]:
+    """The first ``max_images`` images of ``images`` (0 = all): what every ``--max-images`` flag means."""
+    paths = list_images(images)
+    return paths[:max_images] if max_images > 0 else paths
+
+
 def calibration_images(options: CalibrationOptions) -> list[Path]:
     """The calibration images of ``options`` (``--max-images`` applied)."""
-    paths = list_images(options.images)
-    return paths[: options.max_images] if options.max_images > 0 else paths
+    return first_images(options.images, options.max_images)
 
 
 def table_from_statistics(
@@ -462,8 +467,7 @@ def auto_fp32_table(
     """The table with the activation lines of the layers kept FP32 removed, chosen on ``options.images``."""
     if options.images is None:
         raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on")
-    paths = list_images(options.images)[: max(options.max_images, 1)]
-    inputs = network_inputs(paths, prep.for_ncnn(fp32, source), fp32.input_names[0])
+    inputs = load_inputs(options.images, prep.for_ncnn(fp32, source), fp32.input_names[0], max(options.max_images, 1))
     choice = auto_fp32(fp32, table, inputs, options.target, task=options.task, fp16_storage=fp16_storage)
     if not choice.reached:
         log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", options.target, choice.cosine)
@@ -526,8 +530,13 @@ class NcnnBuild:
     result: CalibrationResult
     fp32: NcnnModel
     int8: NcnnModel
-    table: CalibrationTable  # the table the INT8 model was made with (after --auto-fp32)
     mixed: MixedPrecision | None = None
+
+    @property
+    def table(self) -> CalibrationTable:
+        """The table the INT8 model was made with: ``--auto-fp32``'s (the chosen layers' activation lines
+        removed), else the calibration's."""
+        return self.mixed.table if self.mixed is not None else self.result.table
 
 
 def build_ncnn(
@@ -543,12 +552,10 @@ def build_ncnn(
     graph = graph if graph is not None else model.load()
     result = result if result is not None else calibrate(model, prep, options, graph)
     fp32 = convert_graph(graph)
-    table, mixed = result.table, None
-    if auto is not None:
-        mixed = auto_fp32_table(fp32, table, prep, auto, model.proto, fp16_storage)
-        table = mixed.table
+    mixed = None if auto is None else auto_fp32_table(fp32, result.table, prep, auto, model.proto, fp16_storage)
+    table = result.table if mixed is None else mixed.table
     int8 = quantize_model(fp32, table, fp16_storage=fp16_storage, biases=result.biases, weights=result.weights)
-    return NcnnBuild(result, fp32, int8, table, mixed)
+    return NcnnBuild(result, fp32, int8, mixed)
 
 
 def ncnn_paths(out_dir: Path, stem: str) -> dict[str, Path]:
@@ -727,9 +734,8 @@ def write_trt_export(export: TrtExport, out_dir: Path, stem: str, trt_version: s
 
 
 def load_inputs(images: Path, prep: Preprocess, input_name: str, max_images: int) -> list[dict[str, np.ndarray]]:
-    """Network inputs of the first ``max_images`` readable images (0 = all)."""
-    paths = list_images(images)
-    return network_inputs(paths[:max_images] if max_images > 0 else paths, prep, input_name)
+    """Network inputs of the readable ones of the first ``max_images`` images (0 = all)."""
+    return network_inputs(first_images(images, max_images), prep, input_name)
 
 
 @dataclass(frozen=True)
@@ -762,9 +768,7 @@ def evaluate_ncnn(
     With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
     """
     graph = graph if graph is not None else model.load()
-    images = list_images(options.images)
-    if options.max_images > 0:
-        images = images[: options.max_images]
+    images = first_images(options.images, options.max_images)
     caffe_forward = None
     if options.caffe_reference and arm is None:
         # the FP32 reference is Caffe's (pycaffe or OpenCV), never the ncnn model under evaluation
