@@ -48,7 +48,7 @@ from int8conv.evaluation.results import (
     TaskAgreement,
 )
 from int8conv.ncnn.model import NcnnModel
-from int8conv.ncnn.quantize import int8_layers, is_int8
+from int8conv.ncnn.quantize import QUANTIZABLE, int8_layers, is_int8
 from int8conv.ncnn.runtime import NcnnRunner, time_models
 from int8conv.progress import progress
 
@@ -106,8 +106,7 @@ class OutputView:
 
     Classifiers: the outputs. Detectors: what feeds the box decoding (DetectionOutput's loc and conf inputs,
     or UltraFace's ``boxes`` and ``scores``) with the background class left out of the class scores: the
-    background probability is ~1 at almost every anchor, so it would dominate the norm and hide lost objects
-    and hide lost objects.
+    background probability is ~1 at almost every anchor, so it would dominate the norm and hide lost objects.
     """
 
     blobs: list[str]
@@ -390,11 +389,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
 
     pairs = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
     speed = time_models(pairs, first_input, threads=config.threads, runs=config.timing_runs)
-    quantizable = [
-        layer.name
-        for layer in int8_model.layers
-        if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")
-    ]
+    quantizable = [layer.name for layer in int8_model.layers if layer.type in QUANTIZABLE]
     with_caffe = config.caffe_forward is not None
     return EvalReport(
         model=str(config.fp32_param),
