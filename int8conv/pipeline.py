@@ -250,6 +250,7 @@ PREPROCESS_FLAGS = {
     "resize": "--resize-then-crop",
     "color": "--color",
     "swap_hw": "--swap-hw",
+    "letterbox": "--letterbox",
 }
 
 
@@ -266,11 +267,13 @@ def _check_saved_preprocessing(
     ]
     if not given or not stats.preprocess:
         return
-    flagged = json.loads(json.dumps(prep.for_graph(graph, source).describe()))
+    # ``Preprocess.describe`` leaves letterbox out when it is off
+    flagged = {"letterbox": False, **json.loads(json.dumps(prep.for_graph(graph, source).describe()))}
+    saved = {"letterbox": False, **stats.preprocess}
     differ = [
-        f"{key} {stats.preprocess[key]} (statistics) vs {value} (flags)"
+        f"{key} {saved[key]} (statistics) vs {value} (flags)"
         for key, value in flagged.items()
-        if key in stats.preprocess and stats.preprocess[key] != value
+        if key in saved and saved[key] != value
     ]
     if differ:
         raise Int8ConvError(

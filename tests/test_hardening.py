@@ -145,6 +145,21 @@ def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignor
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
 
 
+def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
+    """Saved statistics leave ``letterbox`` out when it was off; --letterbox then contradicts them, and its absence
+    contradicts statistics collected with it."""
+    args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
+    for saved, loaded in (([], ["--letterbox"]), (["--letterbox"], [])):
+        stats = tmp_path / f"s{len(saved)}.npz"
+        written = [*args, *saved, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]
+        assert main(written) == 0
+        assert main([*args, *loaded, "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert f"{', '.join(['--norm', '--color', *loaded])} disagree with the preprocessing" in err
+        expected = f"letterbox {bool(saved)} (statistics) vs {bool(loaded)} (flags)"
+        assert expected in err and not (tmp_path / "b").exists()
+
+
 def test_statistics_with_a_huge_exponent_are_refused_without_numpy_warnings(tmp_path):
     stats = CalibrationStatistics({"caffemodel_sha256": "x"}, {}, bins=64)
     stats.update({"v": np.array([[0.5, -3.0, 0.0]], np.float32)})
