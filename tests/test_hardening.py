@@ -3,6 +3,7 @@ interrupts and full disks, flags that repeat saved statistics, pycaffe's unknown
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -148,6 +149,7 @@ def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignor
 def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
     """Saved statistics leave ``letterbox`` out when it was off; --letterbox then contradicts them, and its absence
     contradicts statistics collected with it."""
+    assert set(pipeline.PREPROCESS_FLAGS) == {f.name for f in dataclasses.fields(pipeline.PreprocessOptions)}
     args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
     for saved, loaded in (([], ["--letterbox"]), (["--letterbox"], [])):
         stats = tmp_path / f"s{len(saved)}.npz"
