@@ -637,10 +637,6 @@ def _trt_value_ranges(
     The other tensors (TensorRT's implicit quantization needs every one) get the histogram method's range.
     """
     if trt.table:
-        if options.adaround:
-            raise Int8ConvError(
-                f"--adaround learns weights, which the table {trt.table} cannot hold: drop --table to calibrate here"
-            )
         table = read_ncnn_table(trt.table)
         return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}", {}
     stats = collect(model, graph, prep, options, values=all_values(graph))
@@ -658,6 +654,14 @@ def _trt_value_ranges(
     values.update(table_ranges(result.table, graph))
     source = f"{stats.images_used} images, method {result.method}"
     return values, layer_input_ranges(result.table), source, qdq_weights(result)
+
+
+def _refuse_adaround_with_table(table: Path | None, options: CalibrationOptions) -> None:
+    """A given table holds no learned weights: ``--adaround`` needs the calibration done here."""
+    if table is not None and options.adaround:
+        raise Int8ConvError(
+            f"--adaround learns weights, which the table {table} cannot hold: drop --table to calibrate here"
+        )
 
 
 def qdq_weights(result: CalibrationResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -682,6 +686,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     if trt.batch == 0 or trt.batch < -1:
         raise Int8ConvError(f"--batch must be a positive number or -1 (dynamic), not {trt.batch}")
     cache_version(trt.trt_version)  # a bad version fails before any work
+    _refuse_adaround_with_table(trt.table, options)
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
     values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
@@ -824,8 +829,7 @@ def _report(
     fp16_storage: bool,
     outputs: OutputSet,
 ) -> tuple[Path, EvalReport]:
-    if table is not None and options.adaround:
-        raise Int8ConvError(f"--adaround learns weights, which the table {table} cannot hold: drop --table")
+    _refuse_adaround_with_table(table, options)
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)

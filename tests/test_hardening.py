@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -160,6 +161,19 @@ def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(l
         assert f"{', '.join(['--norm', '--color', *loaded])} disagree with the preprocessing" in err
         expected = f"letterbox {bool(saved)} (statistics) vs {bool(loaded)} (flags)"
         assert expected in err and not (tmp_path / "b").exists()
+
+
+def test_adaround_with_a_given_table_is_refused_before_any_work(tmp_path):
+    """export-trt and report with --table and --adaround: the table cannot hold learned weights."""
+    model = pipeline.ModelFiles(tmp_path / "none.prototxt", tmp_path / "none.caffemodel")  # never read
+    options, table = pipeline.CalibrationOptions(adaround=True), tmp_path / "given.table"
+    expected = f"--adaround learns weights, which the table {table} cannot hold: drop --table"
+    with pytest.raises(Int8ConvError, match=re.escape(expected)):
+        pipeline.export_trt(model, pipeline.PreprocessOptions(), options, pipeline.TrtOptions(table=table))
+    evaluation = pipeline.EvalOptions(tmp_path / "images")
+    with pytest.raises(Int8ConvError, match=re.escape(expected)):
+        pipeline.report(model, pipeline.PreprocessOptions(), options, evaluation, tmp_path / "out", table=table)
+    assert not (tmp_path / "out").exists()
 
 
 def test_statistics_with_a_huge_exponent_are_refused_without_numpy_warnings(tmp_path):
