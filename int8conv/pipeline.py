@@ -398,8 +398,6 @@ def equalize(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOpt
     inputs = _image_inputs(
         graph, spread_evenly(calibration_images(options), EQUALIZE_IMAGES), prep.for_graph(graph, model.proto)
     )
-    if not inputs:
-        raise ImageError(f"{options.images}: no readable image to measure channel ranges on")
     engine = make_engine(
         options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu, calibration=True, values=values
     )
