@@ -836,16 +836,15 @@ def _report(
         result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
         build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result, graph=graph)
         write_ncnn_build(build, out_dir, model.stem)
-        tbl, deploy = build.table, result.deploy
-        source = f"computed here with --method {options.method}, written to {paths['table']}"
+        tbl, source = build.table, f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, deploy, source = read_ncnn_table(table), graph.folded(), f"table {table}"
+        tbl, source = read_ncnn_table(table), f"table {table}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
     found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])
-    layers = layer_reports(graph, stats, tbl, found, deploy)
+    layers = layer_reports(graph, stats, tbl, found)
     intro = html.escape(
         f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
         f"{stats.images_used} calibration image(s); evaluation on {found.images} image(s) "

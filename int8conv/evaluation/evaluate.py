@@ -420,13 +420,12 @@ def evaluate(config: EvalConfig) -> EvalReport:
     if used == 0:
         raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
 
-    pairs = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
-    speed = time_models(pairs, first_input, threads=config.threads, runs=config.timing_runs)
-    quantizable = [layer.name for layer in pair.int8.layers if layer.type in QUANTIZABLE]
+    timed = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
+    speed = time_models(timed, first_input, threads=config.threads, runs=config.timing_runs)
     with_caffe = config.caffe_forward is not None
     return EvalReport(
         **pair.head(used),
-        fp32_layers=[n for n in quantizable if n not in int8_tops],
+        fp32_layers=[layer.name for layer in pair.int8.layers if layer.type in QUANTIZABLE and not is_int8(layer)],
         fp32_vs_caffe=vs_caffe if with_caffe else None,
         fp32_vs_caffe_task=caffe_metric.summary() if with_caffe else None,
         int8_vs_fp32=quality.summary(
