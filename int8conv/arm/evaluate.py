@@ -17,8 +17,7 @@ from importlib import metadata
 import numpy as np
 
 from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
-from int8conv.calibration.preprocess import read_image
-from int8conv.errors import ImageError
+from int8conv.calibration.preprocess import network_inputs
 from int8conv.evaluation.evaluate import EvalConfig, ModelPair, fmt, task_text
 from int8conv.evaluation.results import ArmDifference, ArmReport, ArmTarget, ArmTiming, Difference, OutputComparison
 from int8conv.ncnn.runtime import NcnnRunner
@@ -29,19 +28,6 @@ TIMING_NOTE = (
     "timings under qemu emulation: the ARM code is translated instruction by instruction (INT8 ~12x and "
     "FP32 ~100x slower than native), so they are not device timings and not a speed ratio"
 )
-
-
-def _inputs(config: EvalConfig, input_name: str) -> list[dict[str, np.ndarray]]:
-    inputs = []
-    for path in config.images:
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            continue
-        inputs.append({input_name: config.preprocess.apply(image)})
-    if not inputs:
-        raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
-    return inputs
 
 
 def _max_abs(
@@ -64,7 +50,7 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> ArmRe
 
     fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
-    inputs = _inputs(config, fp32.input_names[0])
+    inputs = network_inputs(config.images, config.preprocess, fp32.input_names[0])
     x86 = {"fp32": [fp32.extract(x, blobs) for x in inputs], "int8": [int8.extract(x, blobs) for x in inputs]}
     log.info(
         "running %d images x 2 models on ARM kernels (%s, fp16 %s)",
