@@ -250,6 +250,7 @@ PREPROCESS_FLAGS = {
     "resize": "--resize-then-crop",
     "color": "--color",
     "swap_hw": "--swap-hw",
+    "letterbox": "--letterbox",
 }
 
 
@@ -266,11 +267,13 @@ def _check_saved_preprocessing(
     ]
     if not given or not stats.preprocess:
         return
-    flagged = json.loads(json.dumps(prep.for_graph(graph, source).describe()))
+    # ``Preprocess.describe`` leaves letterbox out when it is off
+    flagged = {"letterbox": False, **json.loads(json.dumps(prep.for_graph(graph, source).describe()))}
+    saved = {"letterbox": False, **stats.preprocess}
     differ = [
-        f"{key} {stats.preprocess[key]} (statistics) vs {value} (flags)"
+        f"{key} {saved[key]} (statistics) vs {value} (flags)"
         for key, value in flagged.items()
-        if key in stats.preprocess and stats.preprocess[key] != value
+        if key in saved and saved[key] != value
     ]
     if differ:
         raise Int8ConvError(
@@ -280,10 +283,15 @@ def _check_saved_preprocessing(
         )
 
 
+def first_images(images: Path, max_images: int) -> list[Path]:
+    """The first ``max_images`` images of ``images`` (0 = all): what every ``--max-images`` flag means."""
+    paths = list_images(images)
+    return paths[:max_images] if max_images > 0 else paths
+
+
 def calibration_images(options: CalibrationOptions) -> list[Path]:
     """The calibration images of ``options`` (``--max-images`` applied)."""
-    paths = list_images(options.images)
-    return paths[: options.max_images] if options.max_images > 0 else paths
+    return first_images(options.images, options.max_images)
 
 
 def table_from_statistics(
@@ -390,8 +398,6 @@ def equalize(model: ModelFiles, prep: PreprocessOptions, options: CalibrationOpt
     inputs = _image_inputs(
         graph, spread_evenly(calibration_images(options), EQUALIZE_IMAGES), prep.for_graph(graph, model.proto)
     )
-    if not inputs:
-        raise ImageError(f"{options.images}: no readable image to measure channel ranges on")
     engine = make_engine(
         options.backend, graph, model.proto, model.caffemodel, gpu=options.gpu, calibration=True, values=values
     )
@@ -462,8 +468,7 @@ def auto_fp32_table(
     """The table with the activation lines of the layers kept FP32 removed, chosen on ``options.images``."""
     if options.images is None:
         raise Int8ConvError("--auto-fp32 needs images to measure the output cosine on")
-    paths = list_images(options.images)[: max(options.max_images, 1)]
-    inputs = network_inputs(paths, prep.for_ncnn(fp32, source), fp32.input_names[0])
+    inputs = load_inputs(options.images, prep.for_ncnn(fp32, source), fp32.input_names[0], max(options.max_images, 1))
     choice = auto_fp32(fp32, table, inputs, options.target, task=options.task, fp16_storage=fp16_storage)
     if not choice.reached:
         log.warning("--auto-fp32 %s not reached on these images (best: %.6f)", options.target, choice.cosine)
@@ -526,8 +531,13 @@ class NcnnBuild:
     result: CalibrationResult
     fp32: NcnnModel
     int8: NcnnModel
-    table: CalibrationTable  # the table the INT8 model was made with (after --auto-fp32)
     mixed: MixedPrecision | None = None
+
+    @property
+    def table(self) -> CalibrationTable:
+        """The table the INT8 model was made with: ``--auto-fp32``'s (the chosen layers' activation lines
+        removed), else the calibration's."""
+        return self.mixed.table if self.mixed is not None else self.result.table
 
 
 def build_ncnn(
@@ -543,12 +553,10 @@ def build_ncnn(
     graph = graph if graph is not None else model.load()
     result = result if result is not None else calibrate(model, prep, options, graph)
     fp32 = convert_graph(graph)
-    table, mixed = result.table, None
-    if auto is not None:
-        mixed = auto_fp32_table(fp32, table, prep, auto, model.proto, fp16_storage)
-        table = mixed.table
+    mixed = None if auto is None else auto_fp32_table(fp32, result.table, prep, auto, model.proto, fp16_storage)
+    table = result.table if mixed is None else mixed.table
     int8 = quantize_model(fp32, table, fp16_storage=fp16_storage, biases=result.biases, weights=result.weights)
-    return NcnnBuild(result, fp32, int8, table, mixed)
+    return NcnnBuild(result, fp32, int8, mixed)
 
 
 def ncnn_paths(out_dir: Path, stem: str) -> dict[str, Path]:
@@ -627,10 +635,6 @@ def _trt_value_ranges(
     The other tensors (TensorRT's implicit quantization needs every one) get the histogram method's range.
     """
     if trt.table:
-        if options.adaround:
-            raise Int8ConvError(
-                f"--adaround learns weights, which the table {trt.table} cannot hold: drop --table to calibrate here"
-            )
         table = read_ncnn_table(trt.table)
         return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}", {}
     stats = collect(model, graph, prep, options, values=all_values(graph))
@@ -648,6 +652,14 @@ def _trt_value_ranges(
     values.update(table_ranges(result.table, graph))
     source = f"{stats.images_used} images, method {result.method}"
     return values, layer_input_ranges(result.table), source, qdq_weights(result)
+
+
+def _refuse_adaround_with_table(table: Path | None, options: CalibrationOptions) -> None:
+    """A given table holds no learned weights: ``--adaround`` needs the calibration done here."""
+    if table is not None and options.adaround:
+        raise Int8ConvError(
+            f"--adaround learns weights, which the table {table} cannot hold: drop --table to calibrate here"
+        )
 
 
 def qdq_weights(result: CalibrationResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -672,6 +684,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     if trt.batch == 0 or trt.batch < -1:
         raise Int8ConvError(f"--batch must be a positive number or -1 (dynamic), not {trt.batch}")
     cache_version(trt.trt_version)  # a bad version fails before any work
+    _refuse_adaround_with_table(trt.table, options)
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
     values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
@@ -727,9 +740,8 @@ def write_trt_export(export: TrtExport, out_dir: Path, stem: str, trt_version: s
 
 
 def load_inputs(images: Path, prep: Preprocess, input_name: str, max_images: int) -> list[dict[str, np.ndarray]]:
-    """Network inputs of the first ``max_images`` readable images (0 = all)."""
-    paths = list_images(images)
-    return network_inputs(paths[:max_images] if max_images > 0 else paths, prep, input_name)
+    """Network inputs of the readable ones of the first ``max_images`` images (0 = all)."""
+    return network_inputs(first_images(images, max_images), prep, input_name)
 
 
 @dataclass(frozen=True)
@@ -762,9 +774,7 @@ def evaluate_ncnn(
     With ``arm``: both ncnn models on ncnn's ARM kernels against x86 instead (``int8conv.arm.evaluate``), no Caffe.
     """
     graph = graph if graph is not None else model.load()
-    images = list_images(options.images)
-    if options.max_images > 0:
-        images = images[: options.max_images]
+    images = first_images(options.images, options.max_images)
     caffe_forward = None
     if options.caffe_reference and arm is None:
         # the FP32 reference is Caffe's (pycaffe or OpenCV), never the ncnn model under evaluation
@@ -817,8 +827,7 @@ def _report(
     fp16_storage: bool,
     outputs: OutputSet,
 ) -> tuple[Path, EvalReport]:
-    if table is not None and options.adaround:
-        raise Int8ConvError(f"--adaround learns weights, which the table {table} cannot hold: drop --table")
+    _refuse_adaround_with_table(table, options)
     graph = model.load()
     list_images(evaluation.images)  # no evaluation images: say so before any work
     stats = collect(model, graph, prep, options)
@@ -827,16 +836,15 @@ def _report(
         result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
         build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result, graph=graph)
         write_ncnn_build(build, out_dir, model.stem)
-        tbl, deploy = build.table, result.deploy
-        source = f"computed here with --method {options.method}, written to {paths['table']}"
+        tbl, source = build.table, f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, deploy, source = read_ncnn_table(table), graph.folded(), f"table {table}"
+        tbl, source = read_ncnn_table(table), f"table {table}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
     found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])
-    layers = layer_reports(graph, stats, tbl, found, deploy)
+    layers = layer_reports(graph, stats, tbl, found)
     intro = html.escape(
         f"{model.caffemodel} ({model.proto.name}); thresholds: {source}; histograms of "
         f"{stats.images_used} calibration image(s); evaluation on {found.images} image(s) "

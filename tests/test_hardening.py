@@ -3,9 +3,11 @@ interrupts and full disks, flags that repeat saved statistics, pycaffe's unknown
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -143,6 +145,35 @@ def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignor
     assert main([*args, "--images", str(images), "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
     assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+
+
+def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
+    """Saved statistics leave ``letterbox`` out when it was off; --letterbox then contradicts them, and its absence
+    contradicts statistics collected with it."""
+    assert set(pipeline.PREPROCESS_FLAGS) == {f.name for f in dataclasses.fields(pipeline.PreprocessOptions)}
+    args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
+    for saved, loaded in (([], ["--letterbox"]), (["--letterbox"], [])):
+        stats = tmp_path / f"s{len(saved)}.npz"
+        written = [*args, *saved, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]
+        assert main(written) == 0
+        assert main([*args, *loaded, "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert f"{', '.join(['--norm', '--color', *loaded])} disagree with the preprocessing" in err
+        expected = f"letterbox {bool(saved)} (statistics) vs {bool(loaded)} (flags)"
+        assert expected in err and not (tmp_path / "b").exists()
+
+
+def test_adaround_with_a_given_table_is_refused_before_any_work(tmp_path):
+    """export-trt and report with --table and --adaround: the table cannot hold learned weights."""
+    model = pipeline.ModelFiles(tmp_path / "none.prototxt", tmp_path / "none.caffemodel")  # never read
+    options, table = pipeline.CalibrationOptions(adaround=True), tmp_path / "given.table"
+    expected = f"--adaround learns weights, which the table {table} cannot hold: drop --table"
+    with pytest.raises(Int8ConvError, match=re.escape(expected)):
+        pipeline.export_trt(model, pipeline.PreprocessOptions(), options, pipeline.TrtOptions(table=table))
+    evaluation = pipeline.EvalOptions(tmp_path / "images")
+    with pytest.raises(Int8ConvError, match=re.escape(expected)):
+        pipeline.report(model, pipeline.PreprocessOptions(), options, evaluation, tmp_path / "out", table=table)
+    assert not (tmp_path / "out").exists()
 
 
 def test_statistics_with_a_huge_exponent_are_refused_without_numpy_warnings(tmp_path):

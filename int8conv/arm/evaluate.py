@@ -17,21 +17,9 @@ from importlib import metadata
 import numpy as np
 
 from int8conv.arm.runtime import ArmModel, ArmOptions, run_arm
-from int8conv.calibration.preprocess import read_image
-from int8conv.errors import ImageError
-from int8conv.evaluation.evaluate import (
-    Comparison,
-    EvalConfig,
-    fmt,
-    output_view,
-    resolve_task,
-    score_threshold,
-    task_outputs,
-    task_text,
-)
+from int8conv.calibration.preprocess import network_inputs
+from int8conv.evaluation.evaluate import EvalConfig, ModelPair, fmt, task_text
 from int8conv.evaluation.results import ArmDifference, ArmReport, ArmTarget, ArmTiming, Difference, OutputComparison
-from int8conv.ncnn.model import read_model
-from int8conv.ncnn.quantize import int8_layers
 from int8conv.ncnn.runtime import NcnnRunner
 
 log = logging.getLogger(__name__)
@@ -40,19 +28,6 @@ TIMING_NOTE = (
     "timings under qemu emulation: the ARM code is translated instruction by instruction (INT8 ~12x and "
     "FP32 ~100x slower than native), so they are not device timings and not a speed ratio"
 )
-
-
-def _inputs(config: EvalConfig, input_name: str) -> list[dict[str, np.ndarray]]:
-    inputs = []
-    for path in config.images:
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: not a readable image", path)
-            continue
-        inputs.append({input_name: config.preprocess.apply(image)})
-    if not inputs:
-        raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
-    return inputs
 
 
 def _max_abs(
@@ -68,20 +43,14 @@ def _max_abs(
 def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> ArmReport:
     """Run the images through ncnn FP32 and INT8 on x86 and on ARM; return the report."""
     options = options or ArmOptions()
-    fp32_model = read_model(config.fp32_param, config.fp32_bin)
-    int8_model = read_model(config.int8_param, config.int8_bin)
-    task = resolve_task(fp32_model, config.task)
-    quantized = int8_layers(int8_model)
-    int8_tops = {name: int8_model.layer(name).tops[0] for name in quantized}
-    view = output_view(fp32_model, task)
-    threshold = score_threshold(task, config.score_threshold)
-    decode = task_outputs(task, fp32_model, config.preprocess.size, threshold)
-    outputs = list(dict.fromkeys(view.blobs + list(fp32_model.output_names)))
+    pair = ModelPair.read(config)
+    view, int8_tops = pair.view, pair.int8_tops
+    outputs = list(dict.fromkeys(view.blobs + list(pair.fp32.output_names)))
     blobs = list(dict.fromkeys(outputs + list(int8_tops.values())))
 
     fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
-    inputs = _inputs(config, fp32.input_names[0])
+    inputs = network_inputs(config.images, config.preprocess, fp32.input_names[0])
     x86 = {"fp32": [fp32.extract(x, blobs) for x in inputs], "int8": [int8.extract(x, blobs) for x in inputs]}
     log.info(
         "running %d images x 2 models on ARM kernels (%s, fp16 %s)",
@@ -106,7 +75,7 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> ArmRe
         kind: type[OutputComparison] = OutputComparison,
         **more,
     ) -> OutputComparison:
-        comparison = Comparison(task, view, decode, config.iou_threshold, tops)
+        comparison = pair.comparison(tops)
         for ref, out in zip(reference, candidate, strict=True):
             comparison.add(ref, out)
         return comparison.summary(kind, **more)
@@ -116,13 +85,7 @@ def evaluate_arm(config: EvalConfig, options: ArmOptions | None = None) -> ArmRe
         return compare(x86[precision], arm[precision], tops, ArmDifference, difference=difference)
 
     return ArmReport(
-        model=str(config.fp32_param),
-        int8_model=str(config.int8_param),
-        task=task,
-        images=len(inputs),
-        score_threshold=threshold,
-        iou_threshold=config.iou_threshold,
-        int8_layers=len(quantized),
+        **pair.head(len(inputs)),
         arm=ArmTarget(options.cpu, options.fp16, options.threads, result.info),
         x86_ncnn=metadata.version("ncnn"),
         int8_vs_fp32={

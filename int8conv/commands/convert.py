@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     param, binary = output_paths(args)
     model = pipeline.convert(common.model_files(args))
     write_model(model, param, binary)
-    if not getattr(args, "quiet", False):
+    if not args.quiet:
         print(f"ncnn FP32 model: {param} ({len(model.layers)} layers), {binary}")
         print(f"inputs: {', '.join(model.input_names)}; outputs: {', '.join(model.output_names)}")
     return 0

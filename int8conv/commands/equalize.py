@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = pipeline.equalize(common.model_files(args), common.preprocess_options(args), options)
     pipeline.write_equalized(result, args.output)
-    if not getattr(args, "quiet", False):
+    if not args.quiet:
         print(
             f"equalized {len(result.pairs)} depthwise layer(s) on {result.images} image(s); FP32 outputs unchanged "
             f"within {result.fp32_max_rel:.2g} (relative): {args.output}"

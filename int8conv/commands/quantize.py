@@ -15,7 +15,7 @@ from int8conv.atomic import output_set
 from int8conv.commands import common
 from int8conv.evaluation.speed import format_choice
 from int8conv.ncnn.model import read_model, write_model
-from int8conv.ncnn.quantize import int8_layers, quantize_model
+from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, quantize_model
 from int8conv.tables.ncnn_table import read_ncnn_table, write_ncnn_table
 
 #: the line ``int8conv --help`` shows for this command
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             write_ncnn_table(table, args.out_table)
     if not args.quiet:
         quantized = int8_layers(int8)
-        fused = sum(1 for layer in int8.layers if int(layer.params.get(8, 0)) > 100)
+        fused = sum(1 for layer in int8.layers if int(layer.params.get(8, 0)) > REQUANTIZE)
         print(f"ncnn INT8 model: {args.out_param}, {args.out_bin}")
         print(
             f"{len(quantized)} INT8 layer(s), {fused} requantize fusion(s), "

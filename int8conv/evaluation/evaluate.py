@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -47,8 +47,8 @@ from int8conv.evaluation.results import (
     OutputComparison,
     TaskAgreement,
 )
-from int8conv.ncnn.model import NcnnModel
-from int8conv.ncnn.quantize import int8_layers, is_int8
+from int8conv.ncnn.model import NcnnModel, read_model
+from int8conv.ncnn.quantize import QUANTIZABLE, int8_layers, is_int8
 from int8conv.ncnn.runtime import NcnnRunner, time_models
 from int8conv.progress import progress
 
@@ -106,8 +106,7 @@ class OutputView:
 
     Classifiers: the outputs. Detectors: what feeds the box decoding (DetectionOutput's loc and conf inputs,
     or UltraFace's ``boxes`` and ``scores``) with the background class left out of the class scores: the
-    background probability is ~1 at almost every anchor, so it would dominate the norm and hide lost objects
-    and hide lost objects.
+    background probability is ~1 at almost every anchor, so it would dominate the norm and hide lost objects.
     """
 
     blobs: list[str]
@@ -336,6 +335,47 @@ def _compare_with_caffe(
             diff.add(caffe[name], ncnn[name])
 
 
+@dataclass
+class ModelPair:
+    """The ncnn FP32/INT8 pair of an ``EvalConfig`` and how their outputs are compared: what the x86 evaluation
+    and the ARM one (``int8conv.arm.evaluate``) both start from."""
+
+    config: EvalConfig
+    fp32: NcnnModel
+    int8: NcnnModel
+    task: str
+    view: OutputView
+    threshold: float  # the detection score threshold (``score_threshold``)
+    decode: Callable[[dict[str, np.ndarray]], Detections | np.ndarray]
+    int8_tops: dict[str, str]  # quantized layer -> its top blob, in execution order
+
+    @classmethod
+    def read(cls, config: EvalConfig) -> ModelPair:
+        fp32, int8 = read_model(config.fp32_param, config.fp32_bin), read_model(config.int8_param, config.int8_bin)
+        task = resolve_task(fp32, config.task)
+        threshold = score_threshold(task, config.score_threshold)
+        decode = task_outputs(task, fp32, config.preprocess.size, threshold)
+        tops = {name: int8.layer(name).tops[0] for name in int8_layers(int8)}
+        return cls(config, fp32, int8, task, output_view(fp32, task), threshold, decode, tops)
+
+    def comparison(self, tops: dict[str, str]) -> Comparison:
+        """A fresh comparison of a candidate net against a reference net, with the cosines of ``tops``."""
+        return Comparison(self.task, self.view, self.decode, self.config.iou_threshold, tops)
+
+    def head(self, images: int) -> dict[str, Any]:
+        """The ``ModelReport`` fields of a report on ``images`` images."""
+        config = self.config
+        return {
+            "model": str(config.fp32_param),
+            "int8_model": str(config.int8_param),
+            "task": self.task,
+            "images": images,
+            "score_threshold": self.threshold,
+            "iou_threshold": config.iou_threshold,
+            "int8_layers": len(self.int8_tops),
+        }
+
+
 def evaluate(config: EvalConfig) -> EvalReport:
     """Run every image through Caffe FP32 (if given), ncnn FP32 and ncnn INT8; return the report.
 
@@ -343,26 +383,18 @@ def evaluate(config: EvalConfig) -> EvalReport:
     (fused with the next INT8 convolution) the blob is int8 and is compared after dequantization, so its
     cosine includes the clipping at the next layer's input threshold.
     """
-    from int8conv.ncnn.model import read_model
-
-    fp32_model = read_model(config.fp32_param, config.fp32_bin)
-    int8_model = read_model(config.int8_param, config.int8_bin)
-    task = resolve_task(fp32_model, config.task)
-    quantized = int8_layers(int8_model)
-    if not quantized:
+    pair = ModelPair.read(config)
+    if not pair.int8_tops:
         log.warning("%s has no INT8 layer", config.int8_param)
-    int8_tops = {name: int8_model.layer(name).tops[0] for name in quantized}
-    view = output_view(fp32_model, task)
-    threshold = score_threshold(task, config.score_threshold)
-    decode = task_outputs(task, fp32_model, config.preprocess.size, threshold)
+    task, view, threshold, decode, int8_tops = pair.task, pair.view, pair.threshold, pair.decode, pair.int8_tops
 
     fp32 = NcnnRunner(config.fp32_param, config.fp32_bin, int8=False)
     int8 = NcnnRunner(config.int8_param, config.int8_bin, int8=True)
-    winograd_layers = winograd_int8_layers(int8_model)
+    winograd_layers = winograd_int8_layers(pair.int8)
     direct = NcnnRunner(config.int8_param, config.int8_bin, int8=True, winograd=False) if winograd_layers else None
     winograd_cos = Running()
     wanted = list(dict.fromkeys(view.blobs + fp32.output_names + list(int8_tops.values())))
-    quality = Comparison(task, view, decode, config.iou_threshold, int8_tops)
+    quality = pair.comparison(int8_tops)
     vs_caffe = {name: Difference() for name in fp32.output_names}
     caffe_metric = TaskMetric(task)
     first_input = None
@@ -382,29 +414,18 @@ def evaluate(config: EvalConfig) -> EvalReport:
             winograd_cos.add(view.cosine(direct.extract(inputs, view.blobs), out))
         if config.caffe_forward is not None:
             caffe = config.caffe_forward(data[None], fp32.output_names)
-            _compare_with_caffe(vs_caffe, caffe, ref, fp32_model, task, threshold)
+            _compare_with_caffe(vs_caffe, caffe, ref, pair.fp32, task, threshold)
             update_metric(caffe_metric, decode({k: v[0] for k, v in caffe.items()}), ref_task, config.iou_threshold)
         used += 1
     if used == 0:
         raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
 
-    pairs = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
-    speed = time_models(pairs, first_input, threads=config.threads, runs=config.timing_runs)
-    quantizable = [
-        layer.name
-        for layer in int8_model.layers
-        if layer.type in ("Convolution", "ConvolutionDepthWise", "InnerProduct")
-    ]
+    timed = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
+    speed = time_models(timed, first_input, threads=config.threads, runs=config.timing_runs)
     with_caffe = config.caffe_forward is not None
     return EvalReport(
-        model=str(config.fp32_param),
-        int8_model=str(config.int8_param),
-        task=task,
-        images=used,
-        score_threshold=threshold,
-        iou_threshold=config.iou_threshold,
-        int8_layers=len(quantized),
-        fp32_layers=[n for n in quantizable if n not in quantized],
+        **pair.head(used),
+        fp32_layers=[layer.name for layer in pair.int8.layers if layer.type in QUANTIZABLE and not is_int8(layer)],
         fp32_vs_caffe=vs_caffe if with_caffe else None,
         fp32_vs_caffe_task=caffe_metric.summary() if with_caffe else None,
         int8_vs_fp32=quality.summary(

@@ -17,7 +17,7 @@ from int8conv.atomic import scratch_files
 from int8conv.evaluation.evaluate import output_view, resolve_task
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
 from int8conv.evaluation.metrics import output_cosine
-from int8conv.ncnn.model import NcnnModel, write_model
+from int8conv.ncnn.model import NcnnLayer, NcnnModel, write_model
 from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -30,6 +30,15 @@ class MixedPrecision(Fp32Choice):
     """The search result and the table with the chosen layers' activation lines removed."""
 
     table: CalibrationTable = field(default_factory=CalibrationTable)
+
+
+def table_layers(model: NcnnModel, table: CalibrationTable) -> list[NcnnLayer]:
+    """The quantizable layers of ``model`` that ``table`` has both lines for (weights and bottom scale), in order."""
+    return [
+        layer
+        for layer in model.layers
+        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
+    ]
 
 
 def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> CalibrationTable:
@@ -61,7 +70,7 @@ class OutputScorer:
         with scratch_files():
             write_model(model, param, binary)
         runner = NcnnRunner(param, binary, int8=False, threads=threads)
-        self.reference = [runner.extract(x, self.view.blobs) for x in self.inputs]
+        self.reference = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
         self.runs = 0
 
     def __call__(self, table: CalibrationTable) -> float:
@@ -77,7 +86,7 @@ class OutputScorer:
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
         candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]
-        return output_cosine([self.view.parts(ref) for ref in self.reference], candidate)
+        return output_cosine(self.reference, candidate)
 
 
 def auto_fp32(
@@ -93,11 +102,7 @@ def auto_fp32(
 
     The output cosine is ``evaluate.OutputView``'s (detectors: without the background class).
     """
-    candidates = [
-        layer.name
-        for layer in model.layers
-        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
-    ]
+    candidates = [layer.name for layer in table_layers(model, table)]
     with tempfile.TemporaryDirectory(prefix="int8conv-autofp32-") as tmp:
         score = OutputScorer(model, inputs, Path(tmp), task, fp16_storage, threads)
         choice = search_fp32_layers(candidates, lambda fp32: score(without_activations(table, fp32)), target)

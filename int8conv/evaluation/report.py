@@ -127,12 +127,12 @@ def _levels(layer, scales: np.ndarray) -> int:
 
 
 def layer_reports(
-    graph: Graph, stats: CalibrationStatistics, table: CalibrationTable, evaluation: EvalReport | None, deploy: Graph
+    graph: Graph, stats: CalibrationStatistics, table: CalibrationTable, evaluation: EvalReport | None
 ) -> list[LayerReport]:
-    """One entry per quantizable layer of the BatchNorm-folded ``deploy`` graph, in execution order."""
+    """One entry per quantizable layer of the BatchNorm-folded graph (``Graph.folded``), in execution order."""
     cosines = evaluation.int8_vs_fp32.layer_cosine if evaluation else {}
     reports = []
-    for layer in quantizable_layers(deploy):
+    for layer in quantizable_layers(graph.folded()):
         value = layer.bottoms[0]
         hist = stats.histograms.get(value)
         if hist is None:
