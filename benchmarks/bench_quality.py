@@ -43,6 +43,7 @@ from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.evaluation.evaluate import (  # noqa: E402
     Running,
     TaskMetric,
+    class_output,
     output_view,
     resolve_task,
     score_threshold,
@@ -104,16 +105,6 @@ def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep, value
     return stats
 
 
-def class_output(model) -> str | None:
-    """The output a classifier's top-1 is read from: a Softmax output (MTCNN's ``prob1``; its other outputs are
-    box regressions), else the only output; None for a pure regression net (MTCNN det4: five landmark-offset
-    pairs, whose argmax means nothing), which is judged by its output cosine alone."""
-    softmax = [name for name in model.output_names if model.producer(name).type == "Softmax"]
-    if softmax:
-        return softmax[0]
-    return model.output_names[0] if len(model.output_names) == 1 else None
-
-
 class NoisyInput:
     """The FP32 runner on its input plus a random one-pixel-level step (-1, 0 or +1 per value): the judged
     metric's noise floor, what an invisible change of the image does to FP32's own detections."""
@@ -140,17 +131,14 @@ def judge(fp32: NcnnRunner, int8: NcnnRunner, model, inputs: list[np.ndarray], p
     decode = task_outputs(task, model, prep.size, score_threshold(task, None))
     metric, out_cos = TaskMetric(task), Running()
     wanted = list(dict.fromkeys(view.blobs + fp32.output_names))
-    top1 = class_output(model)
+    judged = task != "classifier" or class_output(model) is not None  # MTCNN det4: no class, the cosine alone
     for x in inputs:
         feed = {fp32.input_names[0]: x}
         ref, out = fp32.extract(feed, wanted), int8.extract(feed, wanted)
         out_cos.add(view.cosine(ref, out))
-        if task == "classifier":
-            if top1 is not None:
-                update_metric(metric, ref[top1].reshape(-1), out[top1].reshape(-1), IOU_THRESHOLD)
-        else:
+        if judged:
             update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
-    summary = metric.summary().as_dict() if task != "classifier" or top1 is not None else {"top1_agreement": None}
+    summary = metric.summary().as_dict() if judged else {"top1_agreement": None}
     return {"task": task, **summary, "cosine": out_cos.mean, "cosine_min": out_cos.low}
 
 

@@ -28,7 +28,16 @@ from int8conv.evaluation.detection import (
     nms,
     ultraface_priors,
 )
-from int8conv.evaluation.evaluate import EvalConfig, OutputView, cosine, detect_task, evaluate, output_view
+from int8conv.evaluation.evaluate import (
+    EvalConfig,
+    OutputView,
+    class_output,
+    cosine,
+    detect_task,
+    evaluate,
+    output_view,
+    task_outputs,
+)
 from int8conv.evaluation.fp32_search import search_fp32_layers
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.evaluation.results import EvalReport
@@ -398,3 +407,17 @@ def test_eval_cli_json(built, shared, tmp_path, capsys):
     assert cli(args[:-1]) == 0
     assert "ncnn INT8 vs ncnn FP32" in capsys.readouterr().out
     assert cli(["eval", *args[1:5], "--images", str(shared / "images" / FACES)]) == 2
+
+
+@pytest.mark.real_models
+def test_classifier_top1_reads_the_softmax_output(shared):
+    """MTCNN's nets output box regressions first and the face probability (Softmax ``prob1``) after them: eval's
+    top-1 is that of ``prob1``, not of the regressions; a single-output net is read as is."""
+    for key, expected in (("det1", "prob1"), ("det3", "prob1"), ("lenet", "prob")):
+        model = convert_graph(load_graph(*SHARED_MODELS[key].paths(shared)))
+        assert class_output(model) == expected, key
+        outputs = {name: np.full(3, i, np.float32) for i, name in enumerate(model.output_names)}
+        decoded = task_outputs("classifier", model, (12, 12), 0.5)(outputs)
+        np.testing.assert_array_equal(decoded, outputs[expected])
+    det4 = convert_graph(load_graph(*SHARED_MODELS["det4"].paths(shared)))
+    assert class_output(det4) is None

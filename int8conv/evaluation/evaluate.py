@@ -258,8 +258,19 @@ def task_outputs(
         return lambda outputs: from_detection_output(outputs[name]).above(threshold)
     if task in HOST_TASKS:
         return make_host_decoder(task, model.output_names, *size, threshold)
-    first = model.output_names[0]
-    return lambda outputs: np.asarray(outputs[first]).reshape(-1)
+    # a net of regressions only (MTCNN det4) has no class output: its first output, and the cosine says more
+    name = class_output(model) or model.output_names[0]
+    return lambda outputs: np.asarray(outputs[name]).reshape(-1)
+
+
+def class_output(model: NcnnModel) -> str | None:
+    """The output a classifier's top-1 is read from: a Softmax output (MTCNN's ``prob1``; its other outputs are box
+    regressions), else the only output; None for several outputs and no Softmax (MTCNN det4's five landmark-offset
+    pairs, whose argmax means nothing)."""
+    softmax = [name for name in model.output_names if model.producer(name).type == "Softmax"]
+    if softmax:
+        return softmax[0]
+    return model.output_names[0] if len(model.output_names) == 1 else None
 
 
 def map_iou(reference: np.ndarray, candidate: np.ndarray, threshold: float = MAP_THRESHOLD) -> float:
