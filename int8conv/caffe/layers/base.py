@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, ParamValue
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
     from int8conv.caffe.proto import caffe_pb2
-    from int8conv.ncnn.model import NcnnLayer
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[["Layer", list[Shape]], list[Shape]]
@@ -152,13 +152,28 @@ def flat_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> li
     return [b.reshape(-1) for b in blobs]
 
 
+def raw_f32(values) -> NcnnBlob:
+    """An untagged .bin array (biases, scales, per-channel data): raw fp32, no storage tag."""
+    return NcnnBlob(f32(values), tagged=False)
+
+
+def weight_and_bias(layer: Layer, weight: np.ndarray) -> list[NcnnBlob]:
+    """A convolution's or InnerProduct's .bin arrays: the tagged weight, then the raw bias when the layer has one."""
+    return [NcnnBlob(f32(weight))] + [raw_f32(bias) for bias in layer.blobs[1:2]]
+
+
+def ncnn_layer(
+    kind: str, layer: Layer, params: dict[int, ParamValue], weights: list[NcnnBlob] | None = None
+) -> list[NcnnLayer]:
+    """The one ncnn layer of type ``kind`` that ``layer`` becomes: its name, bottoms and tops kept."""
+    return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params, weights or [])]
+
+
 def ncnn_plain(kind: str) -> NcnnEmitter:
     """An ncnn layer of type ``kind`` with no parameters and no weights."""
 
     def emit(layer: Layer, ctx) -> list[NcnnLayer]:
-        from int8conv.ncnn.model import NcnnLayer
-
-        return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, {})]
+        return ncnn_layer(kind, layer, {})
 
     return emit
 

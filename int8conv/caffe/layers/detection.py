@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, fork_layer, opencv_lacks, register, unsupported
+from int8conv.caffe.layers.base import (
+    Decline,
+    LayerKind,
+    Shape,
+    fork_layer,
+    ncnn_layer,
+    opencv_lacks,
+    register,
+    unsupported,
+)
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.shapes import prior_box_aspect_ratios, prior_box_image_and_step
 from int8conv.errors import ModelError
@@ -71,7 +80,7 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         del params[1]
     if not params[2]:
         del params[2]
-    return [NcnnLayer("PriorBox", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("PriorBox", layer, params)
 
 
 def state_prior_box_clip(net) -> list[str]:
@@ -111,7 +120,7 @@ def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         float(p.confidence_threshold) if p.HasField("confidence_threshold") else -float(np.finfo(np.float32).max)
     )
     params = {0: int(p.num_classes), 1: float(nms.nms_threshold), 2: top_k, 3: keep_top_k, 4: threshold}
-    return [NcnnLayer("DetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("DetectionOutput", layer, params)
 
 
 def _yolo_checks(layer: Layer, ctx, num_classes: int, num_box: int, biases: int) -> None:
@@ -138,7 +147,7 @@ def yolo_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         3: float(p.nms_threshold),
         4: [float(v) for v in p.biases],
     }
-    return [NcnnLayer("YoloDetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("YoloDetectionOutput", layer, params)
 
 
 def _yolov3_scored(layer: Layer, index: int, bottom: str, num_classes: int, num_box: int) -> list[NcnnLayer]:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, opencv_lacks, register
+from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, ncnn_layer, opencv_lacks, register
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer, ParamValue
@@ -37,7 +37,7 @@ def eltwise_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
                 f"layer '{layer.name}' (Eltwise): {len(p.coeff)} coefficients for {len(layer.bottoms)} bottoms"
             )
         params[1] = [float(c) for c in p.coeff]
-    return [NcnnLayer("Eltwise", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("Eltwise", layer, params)
 
 
 def eltwise_onnx(b, layer: Layer) -> None:

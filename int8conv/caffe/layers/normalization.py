@@ -11,20 +11,21 @@ from int8conv.caffe.layers.base import (
     Shape,
     Weights,
     axis_index,
-    f32,
     flat_weights,
     fork_layer,
+    ncnn_layer,
     opencv_lacks,
+    raw_f32,
     register,
     same_shape,
     unsupported,
 )
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnLayer
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
-    from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "normalization"
 
@@ -32,14 +33,19 @@ FAMILY = "normalization"
 # --------------------------------------------------------------------------------------------------- affine
 
 
-def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
+def _batchnorm_statistics(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe BatchNorm's mean and variance + eps, both divided by the moving-average factor (a factor 0: zeros)."""
     mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
     s = float(factor.reshape(-1)[0])
     s = 0.0 if s == 0 else 1.0 / s
-    eps = layer.param.batch_norm_param.eps
-    a = 1.0 / np.sqrt(var * s + eps)
-    return a, -mean * s * a
+    return mean * s, var * s + layer.param.batch_norm_param.eps
+
+
+def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe BatchNorm as ``y = a*x + b`` per channel."""
+    mean, var = _batchnorm_statistics(layer)
+    a = 1.0 / np.sqrt(var)
+    return a, -mean * a
 
 
 def scale_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -113,29 +119,14 @@ def _broadcast_shape(layer: Layer, shapes: list[Shape]) -> list[int]:
 
 def batchnorm_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """As caffe2ncnn: slope 1, mean/s, var/s + eps, bias 0 (s = Caffe's moving-average factor), eps folded in."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
-    mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
-    s = float(factor.reshape(-1)[0])
-    s = 0.0 if s == 0 else 1.0 / s
+    mean, var = _batchnorm_statistics(layer)
     channels = mean.size
-    arrays = [np.ones(channels), mean * s, var * s + layer.param.batch_norm_param.eps, np.zeros(channels)]
-    return [
-        NcnnLayer(
-            "BatchNorm",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: channels},
-            [NcnnBlob(f32(a), tagged=False) for a in arrays],
-        )
-    ]
+    arrays = [np.ones(channels), mean, var, np.zeros(channels)]
+    return ncnn_layer("BatchNorm", layer, {0: channels}, [raw_f32(a) for a in arrays])
 
 
 def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Per-channel Scale; with a second bottom, ncnn's Scale ``0=-233`` multiplies by that blob per channel."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     p = layer.param.scale_param
     if len(layer.bottoms) == 2:
         first, second = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.bottoms[1])
@@ -150,7 +141,7 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         if p.bias_term:
             raise unsupported(layer, "a two-bottom Scale with a bias")
         if len(second) == 2:
-            return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
+            return ncnn_layer("Scale", layer, {0: -233, 1: 0})
         # ncnn reads the scale blob as contiguous floats: a (C, 1, 1) Mat is padded per channel, so flatten it
         flat = f"{layer.bottoms[1]}_{layer.name}_flat"
         return [
@@ -165,41 +156,26 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     arrays = [np.broadcast_to(scale, (channels,))]
     if has_bias:
         arrays.append(np.broadcast_to(layer.blobs[1].reshape(-1), (channels,)))
-    return [
-        NcnnLayer(
-            "Scale",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: channels, 1: int(has_bias)},
-            [NcnnBlob(f32(a), tagged=False) for a in arrays],
-        )
-    ]
+    return ncnn_layer("Scale", layer, {0: channels, 1: int(has_bias)}, [raw_f32(a) for a in arrays])
 
 
 def bias_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom")
     channels = ctx.shape(layer, layer.bottoms[0])[1]
     bias = np.broadcast_to(layer.blobs[0].reshape(-1), (channels,))
-    return [NcnnLayer("Bias", layer.name, layer.bottoms, layer.tops, {0: channels}, [NcnnBlob(f32(bias), False)])]
+    return ncnn_layer("Bias", layer, {0: channels}, [raw_f32(bias)])
 
 
 def normalize_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     p = layer.param.norm_param
     scale = layer.blobs[0].reshape(-1)
     params = {0: int(p.across_spatial), 1: int(p.channel_shared), 2: float(p.eps), 3: int(scale.size)}
-    return [NcnnLayer("Normalize", layer.name, layer.bottoms, layer.tops, params, [NcnnBlob(f32(scale), tagged=False)])]
+    return ncnn_layer("Normalize", layer, params, [raw_f32(scale)])
 
 
 def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Caffe adds ``k`` across channels only; its WITHIN_CHANNEL form always adds 1 (OpenCV ignores ``k``)."""
-    from int8conv.ncnn.model import NcnnLayer
-
     p = layer.param.lrn_param
     across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
     params = {
@@ -209,22 +185,12 @@ def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         3: float(p.beta),
         4: float(p.k) if across else 1.0,
     }
-    return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("LRN", layer, params)
 
 
 def mvn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnLayer
-
     p = layer.param.mvn_param
-    return [
-        NcnnLayer(
-            "MVN",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)},
-        )
-    ]
+    return ncnn_layer("MVN", layer, {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)})
 
 
 # --------------------------------------------------------------------------------------------------- ONNX
