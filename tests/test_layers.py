@@ -1060,6 +1060,24 @@ def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
         convert_graph(graph)
 
 
+@pytest.mark.parametrize(
+    ("kind", "blobs", "message"),
+    [
+        ("BatchNorm", [3, 4, 1], r"layer 'l' \(BatchNorm\): expected mean/variance of 4 values and a moving-average"),
+        ("BatchNorm", [4, 4], r"layer 'l' \(BatchNorm\): expected mean/variance of 4 values and a moving-average"),
+        ("Scale", [3], r"layer 'l' \(Scale\): 3 values for 4 channels"),
+        ("Bias", [2], r"layer 'l' \(Bias\): 2 values for 4 channels"),
+        ("PReLU", [3], r"layer 'l' \(PReLU\): 3 slopes for 4 channels"),
+    ],
+)
+def test_per_channel_weights_that_do_not_fit_the_channels_are_named(tmp_path, kind, blobs, message):
+    """BatchNorm, Scale, Bias and PReLU hold one value per channel (Scale, Bias, PReLU: or one in all)."""
+    text = 'input: "data" input_shape { dim: 1 dim: 4 dim: 2 dim: 2 }\n' + _one(kind)
+    weights = {"l": [np.ones(size, np.float32) for size in blobs]}
+    with pytest.raises(ModelError, match=message):
+        load_graph(*write_caffe_model(tmp_path, text, weights))
+
+
 def test_lstm_weights_that_do_not_fit_its_input_are_named(tmp_path):
     with pytest.raises(ModelError, match=r"layer 'rnn' \(LSTM\): weights of shapes \[\(8, 5\), \(8,\), \(8, 2\)\]"):
         load_graph(*write_caffe_model(tmp_path, LSTM_NET, {"rnn": lstm_weights(inputs=5)}))

@@ -9,7 +9,9 @@ import numpy as np
 
 from int8conv.caffe.layers.base import (
     LayerKind,
+    Shape,
     Weights,
+    channels_of,
     flat_weights,
     ncnn_layer,
     ncnn_plain,
@@ -19,13 +21,21 @@ from int8conv.caffe.layers.base import (
     register,
     same_shape,
 )
-from int8conv.caffe.layers.normalization import _per_channel_check
+from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
     from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "activation"
+
+
+def prelu_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The input's shape; one slope, or one per channel."""
+    channels = channels_of(shapes[0])
+    if layer.blobs[0].size not in (channels, 1):
+        raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
+    return [shapes[0]]
 
 
 def relu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
@@ -171,7 +181,7 @@ def softmax_onnx(b, layer: Layer) -> None:
 
 register(LayerKind("ReLU", FAMILY, same_shape, relu_ncnn, relu_onnx, notes="negative_slope: leaky ReLU"))
 register(LayerKind("ReLU6", FAMILY, same_shape, relu6_ncnn, relu6_onnx, notes="ncnn Clip 0..6"))
-register(LayerKind("PReLU", FAMILY, _per_channel_check, prelu_ncnn, prelu_onnx, Weights(canonical=flat_weights)))
+register(LayerKind("PReLU", FAMILY, prelu_shape, prelu_ncnn, prelu_onnx, Weights(canonical=flat_weights)))
 register(LayerKind("Sigmoid", FAMILY, same_shape, ncnn_plain("Sigmoid"), onnx_unary("Sigmoid"), head_passthrough=True))
 register(LayerKind("TanH", FAMILY, same_shape, ncnn_plain("TanH"), onnx_unary("Tanh")))
 register(LayerKind("AbsVal", FAMILY, same_shape, ncnn_plain("AbsVal"), onnx_unary("Abs")))

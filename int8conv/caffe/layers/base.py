@@ -123,6 +123,11 @@ def axis_index(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
+def channels_of(shape: Shape) -> int:
+    """Caffe's channel axis 1 (a 1-D blob: one channel)."""
+    return shape[1] if len(shape) > 1 else 1
+
+
 def same_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Element-wise layers: the output has the input's shape."""
     return [shapes[0]]

@@ -11,6 +11,7 @@ from int8conv.caffe.layers.base import (
     Shape,
     Weights,
     axis_index,
+    channels_of,
     flat_weights,
     fork_layer,
     ncnn_layer,
@@ -67,32 +68,39 @@ def _scale_folds(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def _per_channel_check(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """Element-wise layers with per-channel parameters: check parameter sizes, keep the shape."""
-    channels = shapes[0][1] if len(shapes[0]) > 1 else 1
-    if layer.type == "BatchNorm":
-        if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
-            raise ModelError(
-                f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
-                f"moving-average factor, found {[b.shape for b in layer.blobs]}"
-            )
-    elif layer.type in ("Scale", "Bias") and len(layer.bottoms) == 1:
-        if not layer.blobs:
-            raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
-        want = (
-            int(np.prod(shapes[0][1:2]))
-            if layer.type == "Bias" or layer.param.scale_param.num_axes == 1
-            else layer.blobs[0].size
+def batchnorm_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The input's shape; the caffemodel must hold a mean and a variance per channel and the factor."""
+    channels = channels_of(shapes[0])
+    if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
+        raise ModelError(
+            f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
+            f"moving-average factor, found {[b.shape for b in layer.blobs]}"
         )
-        if layer.blobs[0].size not in (want, 1):
-            raise ModelError(
-                f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels"
-            )
-    elif layer.type == "PReLU":
-        if layer.blobs[0].size not in (channels, 1):
-            raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
-    elif layer.type == "Scale":
+    return [shapes[0]]
+
+
+def _check_values(layer: Layer, shapes: list[Shape], per_channel: bool) -> None:
+    """A one-bottom Scale or Bias holds one value, or (``per_channel``) one per channel."""
+    if not layer.blobs:
+        raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
+    channels = channels_of(shapes[0])
+    if per_channel and layer.blobs[0].size not in (channels, 1):
+        raise ModelError(f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels")
+
+
+def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The first input's shape; checks the scale values, or where the second bottom broadcasts."""
+    if len(layer.bottoms) == 1:
+        _check_values(layer, shapes, per_channel=layer.param.scale_param.num_axes == 1)
+    else:
         _broadcast_shape(layer, shapes)
+    return [shapes[0]]
+
+
+def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The first input's shape; a one-bottom Bias holds one value or one per channel."""
+    if len(layer.bottoms) == 1:
+        _check_values(layer, shapes, per_channel=True)
     return [shapes[0]]
 
 
@@ -300,7 +308,7 @@ register(
     LayerKind(
         "BatchNorm",
         FAMILY,
-        _per_channel_check,
+        batchnorm_shape,
         batchnorm_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -311,7 +319,7 @@ register(
     LayerKind(
         "Scale",
         FAMILY,
-        _per_channel_check,
+        scale_shape,
         scale_ncnn,
         affine_onnx,
         Weights(required=False, canonical=flat_weights),
@@ -324,7 +332,7 @@ register(
     LayerKind(
         "BN",
         FAMILY,
-        _per_channel_check,
+        scale_shape,
         scale_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -338,13 +346,7 @@ register(
 )
 register(
     LayerKind(
-        "Bias",
-        FAMILY,
-        _per_channel_check,
-        bias_ncnn,
-        bias_onnx,
-        Weights(canonical=flat_weights),
-        opencv=opencv_lacks("Bias"),
+        "Bias", FAMILY, bias_shape, bias_ncnn, bias_onnx, Weights(canonical=flat_weights), opencv=opencv_lacks("Bias")
     )
 )
 register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx, Weights(canonical=flat_weights)))
