@@ -1060,6 +1060,21 @@ def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
         convert_graph(graph)
 
 
+@pytest.mark.parametrize("write", [convert_graph, export_onnx], ids=["ncnn", "onnx"])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [("operation: PROD coeff: 2 coeff: 1", "coefficients apply to SUM only"), ("coeff: 2", "1 coefficients for 2")],
+)
+def test_eltwise_coefficients_caffe_rejects_are_rejected_by_both_writers(tmp_path, write, params, message):
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 2 dim: 2 dim: 2 }\n'
+        f'layer {{ name: "l" type: "Eltwise" bottom: "data" bottom: "data" top: "out" eltwise_param {{ {params} }} }}'
+    )
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    with pytest.raises(ModelError, match=rf"layer 'l' \(Eltwise\): {message}"):
+        write(graph)
+
+
 @pytest.mark.parametrize(
     ("kind", "blobs", "message"),
     [
