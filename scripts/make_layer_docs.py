@@ -33,7 +33,7 @@ def cells(kind: LayerKind) -> tuple[list[str], list[str]]:
             reasons.append(f"{column}: {value.reason}")
         return no
 
-    graph_input = kind.type in ("Input", "MemoryData")
+    graph_input = kind.input_shapes is not None
     shape = "yes" if kind.shape is not None or graph_input else "no"
     ncnn = "graph input" if graph_input else mark(kind.ncnn, "ncnn")
     onnx = "graph input" if graph_input else mark(kind.onnx, "ONNX")

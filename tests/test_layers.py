@@ -100,7 +100,7 @@ def test_every_writer_handles_or_declines(name):
         value = getattr(kind, what)
         assert value is True or value is False or (isinstance(value, Decline) and value.reason), (name, what)
     both_decline = isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline)
-    graph_input = name in ("Input", "MemoryData")
+    graph_input = kind.input_shapes is not None
     assert (kind.shape is None) == (both_decline or graph_input), name
     if kind.alias_of:
         assert kind.alias_of in REGISTRY and kind.rename is not None, name

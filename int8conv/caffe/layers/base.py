@@ -30,6 +30,8 @@ NcnnEmitter = Callable[["Layer", Any], list["NcnnLayer"]]
 OnnxEmitter = Callable[[Any, "Layer"], None]
 #: A per-channel affine ``y = a*x + b`` of a layer that folds into the convolution before it, or None.
 Affine = Callable[["Layer"], tuple[np.ndarray, np.ndarray] | None]
+#: A graph-input layer's parameters -> the shapes it declares for its tops.
+InputShapes = Callable[["caffe_pb2.LayerParameter"], list[Shape]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class LayerKind:
     """Everything the pipeline knows about one Caffe layer type.
 
     ``shape``: Caffe's output shapes (None: the graph builder handles it, as for Input).
+    ``input_shapes``: a graph input (Input, MemoryData): the shapes of its tops; the graph builder makes them inputs.
     ``weights``: None for parameter-free layers. ``min_bottoms``: Caffe's ExactNum/MinBottomBlobs (fewer is an error).
     ``alias_of``/``rename``: a fork's type name for a standard layer (ConvolutionDepthwise); ``rename`` turns the
     layer's parameters into the standard type's, and the graph IR only ever sees ``alias_of``.
@@ -90,6 +93,7 @@ class LayerKind:
     quantizable: bool | Decline = Decline("it has no weights to quantize")
     opencv: bool | Decline = True
     caffe: bool | Decline = True
+    input_shapes: InputShapes | None = None
     notes: str = ""
 
     @property

@@ -358,10 +358,18 @@ def _graph_input_onnx(b, layer: Layer) -> None:
     raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no ONNX node of its own")
 
 
-def memory_data_shape(param) -> tuple[int, ...]:
+def input_shapes(param) -> list[Shape]:
+    """Input's ``input_param.shape`` entries."""
+    shapes = [tuple(int(d) for d in s.dim) for s in param.input_param.shape]
+    if not shapes:
+        raise ModelError(f"Input layer '{param.name}' has no input_param.shape")
+    return shapes
+
+
+def memory_data_shapes(param) -> list[Shape]:
     """MemoryData's blob (batch_size, channels, height, width): what caffe2ncnn turns into an Input."""
     p = param.memory_data_param
-    return int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width)
+    return [(int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width))]
 
 
 register(
@@ -371,6 +379,7 @@ register(
         None,
         _graph_input_ncnn,
         _graph_input_onnx,
+        input_shapes=input_shapes,
         notes="becomes the graph's input (and ncnn's Input layer)",
     )
 )
@@ -381,6 +390,7 @@ register(
         None,
         _graph_input_ncnn,
         _graph_input_onnx,
+        input_shapes=memory_data_shapes,
         opencv=opencv_lacks("MemoryData"),
         notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn",
     )
