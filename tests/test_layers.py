@@ -299,6 +299,11 @@ def _yolo_v3(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
     return _nms_rows(boxes, 0.45)
 
 
+def _roi_case(id: str, kind: str, params: str, shape: tuple[int, ...], rois: np.ndarray = ROIS, **more) -> Case:
+    """A ROI layer (``_roi``) on "data" of ``shape`` and the "rois" input it reads, one ROI ``rois``."""
+    return Case(id, kind, _roi(kind, params), shape=shape, extra={"rois": rois}, **more)
+
+
 CONV_W = _w((6, 4, 3, 3), (6,))
 
 #: a squeeze-and-excitation gate on "data" (global average, sigmoid): the second bottom of a two-bottom Scale
@@ -509,26 +514,24 @@ CASES = [
         layer { name: "l" type: "PriorBox" bottom: "a" bottom: "data" top: "out"
                 prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }""",
     ),
-    Case(
+    _roi_case(
         "roi_pooling",
         "ROIPooling",
-        _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
-        shape=(1, 4, 10, 10),
-        extra={"rois": np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32)},  # rounded: 5x7 (ROIPooling's notes)
+        "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }",
+        (1, 4, 10, 10),
+        rois=np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32),  # rounded: 5x7 (ROIPooling's notes)
     ),
-    Case(
+    _roi_case(
         "psroi_pooling",
         "PSROIPooling",
-        _roi("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }"),
-        shape=(1, 8, 8, 8),
-        extra={"rois": ROIS},
+        "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }",
+        (1, 8, 8, 8),
     ),
-    Case(
+    _roi_case(
         "roi_align",
         "ROIAlign",
-        _roi("ROIAlign", "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
-        shape=(1, 4, 8, 8),
-        extra={"rois": ROIS},
+        "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }",
+        (1, 4, 8, 8),
         numpy=_roi_align,
     ),
     Case(
