@@ -9,6 +9,7 @@ to a cosine of 0.99 for the quantizable types. The registry itself is checked fo
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -725,7 +726,7 @@ def test_ncnn_fp32_matches_the_reference(built):
     """ncnn FP32 within 1e-4 of the reference (a declined type raises an error that gives the reason)."""
     kind = REGISTRY[built.case.type]
     if isinstance(kind.ncnn, Decline):
-        with pytest.raises(ModelError, match=kind.ncnn.reason[:20]):
+        with pytest.raises(ModelError, match=re.escape(kind.ncnn.reason)):
             convert_graph(built.graph)
         return
     got = run_ncnn(built, convert_graph(built.graph), "fp32", int8=False)
@@ -739,7 +740,7 @@ def test_onnx_matches_the_reference(built, ort_cache):
 
     kind = REGISTRY[built.case.type]
     if isinstance(kind.onnx, Decline):
-        with pytest.raises(ModelError, match=kind.onnx.reason[:20]):
+        with pytest.raises(ModelError, match=re.escape(kind.onnx.reason)):
             export_onnx(built.graph)
         return
     export = export_onnx(built.graph)
@@ -925,7 +926,8 @@ def _images(tmp_path: Path, count: int = 3) -> list[Path]:
 
 def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
     """The YOLO outputs are not quantizable and neither OpenCV nor pycaffe runs them: auto calibrates on the ncnn
-    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does."""
+    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does: as many
+    detections, the same labels for the five best, scores within 0.1 rank by rank (measured: 0.067)."""
     from int8conv.calibration.calibrate import build_table, collect_statistics
     from int8conv.calibration.preprocess import Preprocess
 
@@ -956,7 +958,10 @@ def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
         outputs[name] = NcnnRunner(tmp_path / f"{name}.param", tmp_path / f"{name}.bin", int8=name == "int8").run(
             {"data": x}
         )["out"]
-    assert outputs["int8"].shape[1] == outputs["fp32"].shape[1] == 6
+    fp32_rows, int8_rows = outputs["fp32"], outputs["int8"]
+    assert int8_rows.shape == fp32_rows.shape and fp32_rows.shape[1] == 6 and len(fp32_rows) >= 5
+    np.testing.assert_array_equal(int8_rows[:5, 0], fp32_rows[:5, 0])
+    assert np.abs(np.sort(int8_rows[:, 1]) - np.sort(fp32_rows[:, 1])).max() <= 0.1
 
 
 @pytest.mark.parametrize("backend", ["auto", "ncnn", "opencv"])
