@@ -398,7 +398,7 @@ CASES = [
     Case("mvn", "MVN", _one("MVN", "mvn_param { across_channels: true }")),
     Case("relu", "ReLU", _one("ReLU")),
     Case("leaky_relu", "ReLU", _one("ReLU", "relu_param { negative_slope: 0.1 }")),
-    Case("relu6", "ReLU6", _one("ReLU6"), shape=(1, 4, 6, 6)),
+    Case("relu6", "ReLU6", _one("ReLU6")),
     Case("prelu", "PReLU", _one("PReLU"), weights=_w((4,))),
     Case("sigmoid", "Sigmoid", _one("Sigmoid")),
     Case("tanh", "TanH", _one("TanH")),

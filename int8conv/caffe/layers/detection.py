@@ -211,10 +211,8 @@ def prior_box_onnx(b, layer: Layer) -> None:
     b.constant(layer.tops[0], prior_boxes(layer, (feature[2], feature[3]), (image[2], image[3])), layer.name)
 
 
-_HOST_DECODED = (
-    "NMS-based post-processing has no opset-17 mapping TensorRT runs; the export stops at its inputs "
-    "and the host decodes them"
-)
+_NO_ONNX_NMS = "NMS-based post-processing has no opset-17 mapping TensorRT runs"
+_HOST_DECODED = _NO_ONNX_NMS + "; the export stops at its inputs and the host decodes them"
 register(
     LayerKind(
         "PriorBox",
@@ -237,8 +235,8 @@ register(
     )
 )
 _YOLO_ONNX = Decline(
-    "NMS-based post-processing has no opset-17 mapping TensorRT runs; export the network without it and decode "
-    "its inputs on the host (int8conv.evaluation.host_decoders has darknet's YOLO heads)"
+    _NO_ONNX_NMS + "; export the network without it and decode its inputs on the host "
+    "(int8conv.evaluation.host_decoders has darknet's YOLO heads)"
 )
 _YOLO_FORK = fork_layer("MobileNet-YOLO's")
 _YOLO_OPENCV = opencv_lacks("YOLO detection output")

@@ -156,9 +156,10 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
             NcnnLayer("Reshape", f"{layer.name}_flat", [layer.bottoms[1]], [flat], {0: first[1]}),
             NcnnLayer("Scale", layer.name, [layer.bottoms[0], flat], layer.tops, {0: -233, 1: 0}),
         ]
-    channels = ctx.shape(layer, layer.bottoms[0])[1]
+    shape = ctx.shape(layer, layer.bottoms[0])
+    channels = shape[1]
     scale = layer.blobs[0].reshape(-1)
-    if p.axis not in (1, -len(ctx.shape(layer, layer.bottoms[0])) + 1) or scale.size not in (1, channels):
+    if axis_index(p.axis, len(shape)) != 1 or scale.size not in (1, channels):
         raise unsupported(layer, f"a Scale of {scale.size} values on axis {p.axis} (ncnn scales per channel)")
     has_bias = bool(p.bias_term) and len(layer.blobs) > 1
     arrays = [np.broadcast_to(scale, (channels,))]

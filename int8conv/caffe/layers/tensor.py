@@ -171,15 +171,15 @@ def flatten_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
 def reshape_onnx(b, layer: Layer) -> None:
     """Flatten and Reshape: the target shape from shape inference, the batch dimension copied."""
-    target = b.shape(layer.tops[0])
+    target, source = b.shape(layer.tops[0]), b.shape(layer.bottoms[0])
+    p = layer.param.flatten_param
     if (
         layer.type == "Flatten"
-        and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1)
-        and layer.param.flatten_param.axis in (1, -len(b.shape(layer.bottoms[0])) + 1)
+        and axis_index(p.axis, len(source)) == 1
+        and axis_index(p.end_axis, len(source)) == len(source) - 1
     ):
         b.node("Flatten", [layer.bottoms[0]], [layer.tops[0]], layer.name, axis=1)
         return
-    source = b.shape(layer.bottoms[0])
     dims = b.keeps_batch_shape(target) if target[0] == source[0] else list(target)
     b.node("Reshape", [layer.bottoms[0], b.init(f"{layer.name}/shape", dims, np.int64)], [layer.tops[0]], layer.name)
 
