@@ -907,7 +907,6 @@ def test_layer_docs_are_generated_from_the_registry():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (root / "docs" / "layers.md").read_text() == module.render()
-    assert all(f"| `{name}` |" in module.render() for name in REGISTRY)
 
 
 # --------------------------------------------------------------------------------------------------- calibration
