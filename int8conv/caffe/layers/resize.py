@@ -8,10 +8,10 @@ import numpy as np
 
 from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, ncnn_layer, register, unsupported
 from int8conv.errors import ModelError
-from int8conv.ncnn.model import NcnnLayer
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
+    from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "resize"
 
