@@ -33,19 +33,15 @@ def cells(kind: LayerKind) -> tuple[list[str], list[str]]:
             reasons.append(f"{column}: {value.reason}")
         return no
 
-    graph_input = kind.type in ("Input", "MemoryData")
+    graph_input = kind.input_shapes is not None
     shape = "yes" if kind.shape is not None or graph_input else "no"
     ncnn = "graph input" if graph_input else mark(kind.ncnn, "ncnn")
     onnx = "graph input" if graph_input else mark(kind.onnx, "ONNX")
-    writers_ok = ncnn == "yes", onnx == "yes"
-    if kind.is_quantizable:
-        int8 = "yes" if writers_ok[0] else "no"
-        qdq = "yes" if writers_ok[1] else "no"
-    else:
-        int8 = "FP32" if writers_ok[0] else "no"
-        qdq = "FP32" if writers_ok[1] else "no"
-        if (writers_ok[0] or writers_ok[1]) and isinstance(kind.quantizable, Decline) and kind.weights is not None:
-            reasons.append(f"INT8: {kind.quantizable.reason}")
+    precision = "yes" if kind.is_quantizable else "FP32"  # how it runs in the INT8 model of a writer that has it
+    int8 = precision if ncnn == "yes" else "no"
+    qdq = precision if onnx == "yes" else "no"
+    if "yes" in (ncnn, onnx) and isinstance(kind.quantizable, Decline) and kind.weights is not None:
+        reasons.append(f"INT8: {kind.quantizable.reason}")
     opencv = mark(kind.opencv, "OpenCV")
     caffe = mark(kind.caffe, "pycaffe")
     if kind.alias_of:

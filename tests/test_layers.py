@@ -9,6 +9,7 @@ to a cosine of 0.99 for the quantizable types. The registry itself is checked fo
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ def test_every_writer_handles_or_declines(name):
         value = getattr(kind, what)
         assert value is True or value is False or (isinstance(value, Decline) and value.reason), (name, what)
     both_decline = isinstance(kind.ncnn, Decline) and isinstance(kind.onnx, Decline)
-    graph_input = name in ("Input", "MemoryData")
+    graph_input = kind.input_shapes is not None
     assert (kind.shape is None) == (both_decline or graph_input), name
     if kind.alias_of:
         assert kind.alias_of in REGISTRY and kind.rename is not None, name
@@ -299,6 +300,11 @@ def _yolo_v3(x: np.ndarray, weights: dict[str, list[np.ndarray]]) -> np.ndarray:
     return _nms_rows(boxes, 0.45)
 
 
+def _roi_case(id: str, kind: str, params: str, shape: tuple[int, ...], rois: np.ndarray = ROIS, **more) -> Case:
+    """A ROI layer (``_roi``) on "data" of ``shape`` and the "rois" input it reads, one ROI ``rois``."""
+    return Case(id, kind, _roi(kind, params), shape=shape, extra={"rois": rois}, **more)
+
+
 CONV_W = _w((6, 4, 3, 3), (6,))
 
 #: a squeeze-and-excitation gate on "data" (global average, sigmoid): the second bottom of a two-bottom Scale
@@ -392,7 +398,7 @@ CASES = [
     Case("mvn", "MVN", _one("MVN", "mvn_param { across_channels: true }")),
     Case("relu", "ReLU", _one("ReLU")),
     Case("leaky_relu", "ReLU", _one("ReLU", "relu_param { negative_slope: 0.1 }")),
-    Case("relu6", "ReLU6", _one("ReLU6"), shape=(1, 4, 6, 6)),
+    Case("relu6", "ReLU6", _one("ReLU6")),
     Case("prelu", "PReLU", _one("PReLU"), weights=_w((4,))),
     Case("sigmoid", "Sigmoid", _one("Sigmoid")),
     Case("tanh", "TanH", _one("TanH")),
@@ -509,26 +515,24 @@ CASES = [
         layer { name: "l" type: "PriorBox" bottom: "a" bottom: "data" top: "out"
                 prior_box_param { min_size: 2 max_size: 4 aspect_ratio: 2 flip: true clip: false variance: 0.1 } }""",
     ),
-    Case(
+    _roi_case(
         "roi_pooling",
         "ROIPooling",
-        _roi("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
-        shape=(1, 4, 10, 10),
-        extra={"rois": np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32)},  # rounded: 5x7 (ROIPooling's notes)
+        "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }",
+        (1, 4, 10, 10),
+        rois=np.array([[0.0, 2.2, 3.1, 9.6, 15.4]], np.float32),  # rounded: 5x7 (ROIPooling's notes)
     ),
-    Case(
+    _roi_case(
         "psroi_pooling",
         "PSROIPooling",
-        _roi("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }"),
-        shape=(1, 8, 8, 8),
-        extra={"rois": ROIS},
+        "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }",
+        (1, 8, 8, 8),
     ),
-    Case(
+    _roi_case(
         "roi_align",
         "ROIAlign",
-        _roi("ROIAlign", "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }"),
-        shape=(1, 4, 8, 8),
-        extra={"rois": ROIS},
+        "roi_align_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }",
+        (1, 4, 8, 8),
         numpy=_roi_align,
     ),
     Case(
@@ -722,7 +726,7 @@ def test_ncnn_fp32_matches_the_reference(built):
     """ncnn FP32 within 1e-4 of the reference (a declined type raises an error that gives the reason)."""
     kind = REGISTRY[built.case.type]
     if isinstance(kind.ncnn, Decline):
-        with pytest.raises(ModelError, match=kind.ncnn.reason[:20]):
+        with pytest.raises(ModelError, match=re.escape(kind.ncnn.reason)):
             convert_graph(built.graph)
         return
     got = run_ncnn(built, convert_graph(built.graph), "fp32", int8=False)
@@ -736,7 +740,7 @@ def test_onnx_matches_the_reference(built, ort_cache):
 
     kind = REGISTRY[built.case.type]
     if isinstance(kind.onnx, Decline):
-        with pytest.raises(ModelError, match=kind.onnx.reason[:20]):
+        with pytest.raises(ModelError, match=re.escape(kind.onnx.reason)):
             export_onnx(built.graph)
         return
     export = export_onnx(built.graph)
@@ -903,7 +907,6 @@ def test_layer_docs_are_generated_from_the_registry():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (root / "docs" / "layers.md").read_text() == module.render()
-    assert all(f"| `{name}` |" in module.render() for name in REGISTRY)
 
 
 # --------------------------------------------------------------------------------------------------- calibration
@@ -922,7 +925,8 @@ def _images(tmp_path: Path, count: int = 3) -> list[Path]:
 
 def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
     """The YOLO outputs are not quantizable and neither OpenCV nor pycaffe runs them: auto calibrates on the ncnn
-    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does."""
+    engine, the convolution before them gets its scales, and the INT8 model decodes as the FP32 one does: as many
+    detections, the same labels for the five best, scores within 0.1 rank by rank (measured: 0.067)."""
     from int8conv.calibration.calibrate import build_table, collect_statistics
     from int8conv.calibration.preprocess import Preprocess
 
@@ -953,7 +957,10 @@ def test_a_yolo_output_net_calibrates_on_ncnn_and_runs_int8(tmp_path):
         outputs[name] = NcnnRunner(tmp_path / f"{name}.param", tmp_path / f"{name}.bin", int8=name == "int8").run(
             {"data": x}
         )["out"]
-    assert outputs["int8"].shape[1] == outputs["fp32"].shape[1] == 6
+    fp32_rows, int8_rows = outputs["fp32"], outputs["int8"]
+    assert int8_rows.shape == fp32_rows.shape and fp32_rows.shape[1] == 6 and len(fp32_rows) >= 5
+    np.testing.assert_array_equal(int8_rows[:5, 0], fp32_rows[:5, 0])
+    assert np.abs(np.sort(int8_rows[:, 1]) - np.sort(fp32_rows[:, 1])).max() <= 0.1
 
 
 @pytest.mark.parametrize("backend", ["auto", "ncnn", "opencv"])
@@ -1058,6 +1065,39 @@ def test_a_yolov3_mask_that_ncnn_would_index_differently_is_refused(tmp_path):
     graph = load_graph(*write_caffe_model(tmp_path, text, {}))
     with pytest.raises(ModelError, match=r"layer 'yolo' \(Yolov3DetectionOutput\): 1 bottoms need mask_group_num 1"):
         convert_graph(graph)
+
+
+@pytest.mark.parametrize("write", [convert_graph, export_onnx], ids=["ncnn", "onnx"])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [("operation: PROD coeff: 2 coeff: 1", "coefficients apply to SUM only"), ("coeff: 2", "1 coefficients for 2")],
+)
+def test_eltwise_coefficients_caffe_rejects_are_rejected_by_both_writers(tmp_path, write, params, message):
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 2 dim: 2 dim: 2 }\n'
+        f'layer {{ name: "l" type: "Eltwise" bottom: "data" bottom: "data" top: "out" eltwise_param {{ {params} }} }}'
+    )
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    with pytest.raises(ModelError, match=rf"layer 'l' \(Eltwise\): {message}"):
+        write(graph)
+
+
+@pytest.mark.parametrize(
+    ("kind", "blobs", "message"),
+    [
+        ("BatchNorm", [3, 4, 1], r"layer 'l' \(BatchNorm\): expected mean/variance of 4 values and a moving-average"),
+        ("BatchNorm", [4, 4], r"layer 'l' \(BatchNorm\): expected mean/variance of 4 values and a moving-average"),
+        ("Scale", [3], r"layer 'l' \(Scale\): 3 values for 4 channels"),
+        ("Bias", [2], r"layer 'l' \(Bias\): 2 values for 4 channels"),
+        ("PReLU", [3], r"layer 'l' \(PReLU\): 3 slopes for 4 channels"),
+    ],
+)
+def test_per_channel_weights_that_do_not_fit_the_channels_are_named(tmp_path, kind, blobs, message):
+    """BatchNorm, Scale, Bias and PReLU hold one value per channel (Scale, Bias, PReLU: or one in all)."""
+    text = 'input: "data" input_shape { dim: 1 dim: 4 dim: 2 dim: 2 }\n' + _one(kind)
+    weights = {"l": [np.ones(size, np.float32) for size in blobs]}
+    with pytest.raises(ModelError, match=message):
+        load_graph(*write_caffe_model(tmp_path, text, weights))
 
 
 def test_lstm_weights_that_do_not_fit_its_input_are_named(tmp_path):

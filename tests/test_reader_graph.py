@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,16 @@ def conv_bn_weights() -> dict[str, list[np.ndarray]]:
         "sc1": [RNG.uniform(0.5, 2, size=4).astype(np.float32), RNG.normal(size=4).astype(np.float32)],
         "ip1": [RNG.normal(size=(3, 64)).astype(np.float32), RNG.normal(size=3).astype(np.float32)],
     }
+
+
+def test_an_input_layer_without_a_shape_is_named_with_its_file(tmp_path):
+    proto, model = write_caffe_model(
+        tmp_path,
+        'layer { name: "feed" type: "Input" top: "data" }\nlayer { name: "r" type: "ReLU" bottom: "data" top: "r" }',
+        {},
+    )
+    with pytest.raises(ModelError, match=rf"^{re.escape(str(proto))}: Input layer 'feed' has no input_param\.shape$"):
+        load_graph(proto, model)
 
 
 @pytest.mark.parametrize("header", sorted(HEADERS))

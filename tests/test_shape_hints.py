@@ -15,7 +15,7 @@ from int8conv.ncnn.quantize import quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.ncnn.shape_hints import DATA_DEPENDENT, has_shape_hints, without_shape_hints
 from int8conv.tables.ncnn_table import read_ncnn_table
-from int8conv.zoo import FORK_MODELS, MODELS, model_input
+from int8conv.zoo import MODELS, model_input
 
 TABLES = Path(__file__).resolve().parents[1] / "tables"
 #: shared model -> its shipped table (det4 has none: images cannot feed it)
@@ -28,6 +28,10 @@ TABLE_OF = {
     "res10": "res10_300x300_ssd",
     "ultraface": "ultraface_slim320",
     "yufacedetectnet": "yufacedetectnet_v1",
+    "retinaface": "retinaface_mnet025",
+    "yoloface": "yoloface_500k_v2",
+    "shufflenet_driver": "shufflenet_v1_driver_action",
+    "lane": "mobilenet_yolov3_lite_lane",
     "det4": None,
 }
 
@@ -51,7 +55,7 @@ def _outputs_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.real_models
-@pytest.mark.parametrize("key", sorted(set(MODELS) - set(FORK_MODELS)))  # fork layers: no ncnn converter
+@pytest.mark.parametrize("key", sorted(MODELS))
 def test_hints_are_the_runtime_shapes_and_change_no_output(shared, key, tmp_path):
     spec = MODELS[key]
     graph = load_graph(*spec.paths(shared))

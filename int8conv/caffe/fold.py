@@ -14,11 +14,11 @@ from collections import Counter
 import numpy as np
 
 from int8conv.caffe.graph import Graph, Layer
-from int8conv.caffe.layers import batchnorm_affine, kind_of, scale_affine, types_where
+from int8conv.caffe.layers import kind_of, types_where
 
 log = logging.getLogger(__name__)
 
-__all__ = ["batchnorm_affine", "scale_affine", "fold_batchnorm_scale"]
+__all__ = ["fold_batchnorm_scale"]
 
 
 def _affine(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
@@ -31,12 +31,13 @@ def fold_batchnorm_scale(graph: Graph) -> Graph:
     """A new graph in which BatchNorm/Scale layers right after a Convolution/InnerProduct are folded into it."""
     reads = Counter(b for layer in graph.layers for b in layer.bottoms)
     by_bottom = {layer.bottoms[0]: layer for layer in graph.layers if len(layer.bottoms) == 1}
+    hosts = types_where("folds_into")
     folded: set[str] = set()
     layers: list[Layer] = []
     for layer in graph.layers:
         if layer.name in folded:
             continue
-        if layer.type not in types_where("folds_into") or len(layer.tops) != 1:
+        if layer.type not in hosts or len(layer.tops) != 1:
             layers.append(layer)
             continue
         conv = copy.copy(layer)

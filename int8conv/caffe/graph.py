@@ -179,18 +179,6 @@ def _check_layer(path: Path, proto: caffe_pb2.LayerParameter, seen_names: set[st
     seen_names.add(proto.name)
 
 
-def _input_shapes(path: Path, proto: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
-    """The shapes an ``Input`` or ``MemoryData`` layer declares for its tops."""
-    from int8conv.caffe.layers.tensor import memory_data_shape
-
-    if proto.type == "MemoryData":
-        return [memory_data_shape(proto)]
-    shapes = [tuple(int(d) for d in s.dim) for s in proto.input_param.shape]
-    if not shapes:
-        raise ModelError(f"{path}: Input layer '{proto.name}' has no input_param.shape")
-    return shapes
-
-
 def build_graph(
     net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]], path: Path | str = "<prototxt>"
 ) -> Graph:
@@ -213,8 +201,12 @@ def build_graph(
         if not _included(proto):
             continue
         _check_layer(path, proto, seen_names)
-        if proto.type in ("Input", "MemoryData"):
-            shapes = _input_shapes(path, proto)
+        kind = kind_of(proto.type)
+        if kind is not None and kind.input_shapes is not None:
+            try:
+                shapes = kind.input_shapes(proto)
+            except ModelError as exc:
+                raise ModelError(f"{path}: {exc}") from exc
             for i, top in enumerate(proto.top):
                 inputs[top] = shapes[i] if i < len(shapes) else shapes[0]
                 blob_names[top] = top
@@ -240,7 +232,6 @@ def build_graph(
             current[top] = value
             writer[top] = proto.name
             tops.append(value)
-        kind = kind_of(proto.type)
         blobs = _layer_weights(proto, weights.get(proto.name, []), kind)
         param = caffe_pb2.LayerParameter()
         param.CopyFrom(proto)

@@ -122,9 +122,9 @@ def prior_box_image_and_step(p) -> tuple[tuple[int, int] | None, tuple[float, fl
     """
     image = (p.img_h, p.img_w) if p.img_h or p.img_w else (p.img_size, p.img_size)
     step = (p.step_h, p.step_w) if p.step_h or p.step_w else (p.step, p.step)
-    return (int(image[0]), int(image[1])) if any(image) else None, (float(step[0]), float(step[1])) if any(
-        step
-    ) else None
+    image_hw = (int(image[0]), int(image[1])) if any(image) else None
+    step_hw = (float(step[0]), float(step[1])) if any(step) else None
+    return image_hw, step_hw
 
 
 def infer_shapes(graph: Graph) -> dict[str, Shape]:

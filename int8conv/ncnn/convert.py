@@ -29,9 +29,9 @@ import numpy as np
 
 from int8conv.caffe.graph import Graph, Layer
 from int8conv.caffe.layers import REGISTRY, Decline, declined, kind_of
-from int8conv.caffe.layers.base import f32, unsupported, whc
+from int8conv.caffe.layers.base import axis_index, raw_f32, unsupported, whc
 from int8conv.errors import ModelError
-from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel
+from int8conv.ncnn.model import NcnnLayer, NcnnModel
 from int8conv.ncnn.shape_hints import add_shape_hints
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class _Context:
 
     def ncnn_axis(self, layer: Layer, axis: int, ndim: int) -> int:
         """Caffe axis on an ``ndim``-D blob -> ncnn axis on the batch-less Mat."""
-        positive = axis + ndim if axis < 0 else axis
+        positive = axis_index(axis, ndim)
         if not 1 <= positive < ndim:
             raise unsupported(layer, f"axis {axis} on a {ndim}-D blob (ncnn has no batch axis)")
         return positive - 1
@@ -115,7 +115,7 @@ def _fuse_batchnorm_scale(layers: list[NcnnLayer]) -> None:
         slope, mean, var, bias = (b.data for b in bn.weights)
         s = scale.weights[0].data
         t = scale.weights[1].data if int(scale.params.get(1, 0)) else np.zeros_like(s)
-        bn.weights = [NcnnBlob(f32(a), tagged=False) for a in (slope * s, mean, var, bias * s + t)]
+        bn.weights = [raw_f32(a) for a in (slope * s, mean, var, bias * s + t)]
         bn.tops = list(scale.tops)
         layers.remove(scale)
         log.debug("fused Scale %s into BatchNorm %s", scale.name, bn.name)

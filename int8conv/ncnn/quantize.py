@@ -44,11 +44,12 @@ from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
-CONVOLUTIONS = ("Convolution", "ConvolutionDepthWise")
-#: ``int8_scale_term`` of a quantized layer, and what fusion adds when the layer requantizes its output.
+#: ``int8_scale_term`` of a quantized layer (its keys: the ncnn types this module quantizes), and what fusion adds
+#: when the layer requantizes its output.
 SCALE_TERM = {"Convolution": 2, "ConvolutionDepthWise": 1, "InnerProduct": 2}
 REQUANTIZE = 100
+QUANTIZABLE = tuple(SCALE_TERM)
+CONVOLUTIONS = ("Convolution", "ConvolutionDepthWise")
 FP16_MAX = 65504.0
 
 

@@ -21,9 +21,8 @@ from int8conv.caffe.layers import (  # noqa: F401  (each module registers its ki
     tensor,
 )
 from int8conv.caffe.layers.base import REGISTRY, Decline, LayerKind, declined
-from int8conv.caffe.layers.normalization import batchnorm_affine, scale_affine
 
-__all__ = ["REGISTRY", "Decline", "LayerKind", "declined", "batchnorm_affine", "scale_affine", "kind_of", "types_where"]
+__all__ = ["REGISTRY", "Decline", "LayerKind", "declined", "kind_of", "types_where"]
 
 
 def kind_of(layer_type: str) -> LayerKind | None:

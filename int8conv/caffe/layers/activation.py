@@ -9,16 +9,19 @@ import numpy as np
 
 from int8conv.caffe.layers.base import (
     LayerKind,
+    Shape,
     Weights,
-    f32,
+    channels_of,
     flat_weights,
+    ncnn_layer,
     ncnn_plain,
     onnx_unary,
     opencv_lacks,
+    raw_f32,
     register,
     same_shape,
 )
-from int8conv.caffe.layers.normalization import _per_channel_check
+from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
@@ -27,30 +30,26 @@ if TYPE_CHECKING:
 FAMILY = "activation"
 
 
-def _ncnn(kind: str, layer: Layer, params: dict) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnLayer
-
-    return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params)]
+def prelu_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The input's shape; one slope, or one per channel."""
+    channels = channels_of(shapes[0])
+    if layer.blobs[0].size not in (channels, 1):
+        raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
+    return [shapes[0]]
 
 
 def relu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     slope = float(layer.param.relu_param.negative_slope)
-    return _ncnn("ReLU", layer, {0: slope} if slope else {})
+    return ncnn_layer("ReLU", layer, {0: slope} if slope else {})
 
 
 def relu6_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return _ncnn("Clip", layer, {0: 0.0, 1: 6.0})
+    return ncnn_layer("Clip", layer, {0: 0.0, 1: 6.0})
 
 
 def prelu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     slopes = layer.blobs[0].reshape(-1)
-    return [
-        NcnnLayer(
-            "PReLU", layer.name, layer.bottoms, layer.tops, {0: int(slopes.size)}, [NcnnBlob(f32(slopes), tagged=False)]
-        )
-    ]
+    return ncnn_layer("PReLU", layer, {0: int(slopes.size)}, [raw_f32(slopes)])
 
 
 def _base_scale_shift(p) -> dict:
@@ -58,30 +57,30 @@ def _base_scale_shift(p) -> dict:
 
 
 def elu_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return _ncnn("ELU", layer, {0: float(layer.param.elu_param.alpha)})
+    return ncnn_layer("ELU", layer, {0: float(layer.param.elu_param.alpha)})
 
 
 def exp_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return _ncnn("Exp", layer, _base_scale_shift(layer.param.exp_param))
+    return ncnn_layer("Exp", layer, _base_scale_shift(layer.param.exp_param))
 
 
 def log_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return _ncnn("Log", layer, _base_scale_shift(layer.param.log_param))
+    return ncnn_layer("Log", layer, _base_scale_shift(layer.param.log_param))
 
 
 def power_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.power_param
-    return _ncnn("Power", layer, {0: float(p.power), 1: float(p.scale), 2: float(p.shift)})
+    return ncnn_layer("Power", layer, {0: float(p.power), 1: float(p.scale), 2: float(p.shift)})
 
 
 def threshold_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return _ncnn("Threshold", layer, {0: float(layer.param.threshold_param.threshold)})
+    return ncnn_layer("Threshold", layer, {0: float(layer.param.threshold_param.threshold)})
 
 
 def softmax_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     axis = ctx.ncnn_axis(layer, layer.param.softmax_param.axis, ndim)
-    return _ncnn("Softmax", layer, {0: axis, 1: 1})
+    return ncnn_layer("Softmax", layer, {0: axis, 1: 1})
 
 
 # --------------------------------------------------------------------------------------------------- ONNX
@@ -182,7 +181,7 @@ def softmax_onnx(b, layer: Layer) -> None:
 
 register(LayerKind("ReLU", FAMILY, same_shape, relu_ncnn, relu_onnx, notes="negative_slope: leaky ReLU"))
 register(LayerKind("ReLU6", FAMILY, same_shape, relu6_ncnn, relu6_onnx, notes="ncnn Clip 0..6"))
-register(LayerKind("PReLU", FAMILY, _per_channel_check, prelu_ncnn, prelu_onnx, Weights(canonical=flat_weights)))
+register(LayerKind("PReLU", FAMILY, prelu_shape, prelu_ncnn, prelu_onnx, Weights(canonical=flat_weights)))
 register(LayerKind("Sigmoid", FAMILY, same_shape, ncnn_plain("Sigmoid"), onnx_unary("Sigmoid"), head_passthrough=True))
 register(LayerKind("TanH", FAMILY, same_shape, ncnn_plain("TanH"), onnx_unary("Tanh")))
 register(LayerKind("AbsVal", FAMILY, same_shape, ncnn_plain("AbsVal"), onnx_unary("Abs")))
@@ -196,7 +195,7 @@ register(LayerKind("Threshold", FAMILY, same_shape, threshold_ncnn, threshold_on
 
 def hardswish_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """x * relu6(x + 3) / 6: ncnn's HardSwish with alpha 1/6 and beta 1/2 (its default alpha is 0.2)."""
-    return _ncnn("HardSwish", layer, {0: 1.0 / 6.0, 1: 0.5})
+    return ncnn_layer("HardSwish", layer, {0: 1.0 / 6.0, 1: 0.5})
 
 
 register(

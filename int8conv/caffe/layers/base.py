@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnBlob, NcnnLayer, ParamValue
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
     from int8conv.caffe.proto import caffe_pb2
-    from int8conv.ncnn.model import NcnnLayer
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[["Layer", list[Shape]], list[Shape]]
@@ -30,6 +30,8 @@ NcnnEmitter = Callable[["Layer", Any], list["NcnnLayer"]]
 OnnxEmitter = Callable[[Any, "Layer"], None]
 #: A per-channel affine ``y = a*x + b`` of a layer that folds into the convolution before it, or None.
 Affine = Callable[["Layer"], tuple[np.ndarray, np.ndarray] | None]
+#: A graph-input layer's parameters -> the shapes it declares for its tops.
+InputShapes = Callable[["caffe_pb2.LayerParameter"], list[Shape]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class LayerKind:
     """Everything the pipeline knows about one Caffe layer type.
 
     ``shape``: Caffe's output shapes (None: the graph builder handles it, as for Input).
+    ``input_shapes``: a graph input (Input, MemoryData): the shapes of its tops; the graph builder makes them inputs.
     ``weights``: None for parameter-free layers. ``min_bottoms``: Caffe's ExactNum/MinBottomBlobs (fewer is an error).
     ``alias_of``/``rename``: a fork's type name for a standard layer (ConvolutionDepthwise); ``rename`` turns the
     layer's parameters into the standard type's, and the graph IR only ever sees ``alias_of``.
@@ -90,6 +93,7 @@ class LayerKind:
     quantizable: bool | Decline = Decline("it has no weights to quantize")
     opencv: bool | Decline = True
     caffe: bool | Decline = True
+    input_shapes: InputShapes | None = None
     notes: str = ""
 
     @property
@@ -123,6 +127,11 @@ def axis_index(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
+def channels_of(shape: Shape) -> int:
+    """Caffe's channel axis 1 (a 1-D blob: one channel)."""
+    return shape[1] if len(shape) > 1 else 1
+
+
 def same_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """Element-wise layers: the output has the input's shape."""
     return [shapes[0]]
@@ -152,13 +161,28 @@ def flat_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> li
     return [b.reshape(-1) for b in blobs]
 
 
+def raw_f32(values) -> NcnnBlob:
+    """An untagged .bin array (biases, scales, per-channel data): raw fp32, no storage tag."""
+    return NcnnBlob(f32(values), tagged=False)
+
+
+def weight_and_bias(layer: Layer, weight: np.ndarray) -> list[NcnnBlob]:
+    """A convolution's or InnerProduct's .bin arrays: the tagged weight, then the raw bias when the layer has one."""
+    return [NcnnBlob(f32(weight))] + [raw_f32(bias) for bias in layer.blobs[1:2]]
+
+
+def ncnn_layer(
+    kind: str, layer: Layer, params: dict[int, ParamValue], weights: list[NcnnBlob] | None = None
+) -> list[NcnnLayer]:
+    """The one ncnn layer of type ``kind`` that ``layer`` becomes: its name, bottoms and tops kept."""
+    return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params, weights or [])]
+
+
 def ncnn_plain(kind: str) -> NcnnEmitter:
     """An ncnn layer of type ``kind`` with no parameters and no weights."""
 
     def emit(layer: Layer, ctx) -> list[NcnnLayer]:
-        from int8conv.ncnn.model import NcnnLayer
-
-        return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, {})]
+        return ncnn_layer(kind, layer, {})
 
     return emit
 

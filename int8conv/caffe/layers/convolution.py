@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, Weights, f32, register
+from int8conv.caffe.layers.base import Decline, LayerKind, Shape, Weights, ncnn_layer, register, weight_and_bias
 from int8conv.caffe.shapes import check_weights, conv_geometry
 from int8conv.errors import ModelError
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
     from int8conv.caffe.proto import caffe_pb2
-    from int8conv.ncnn.model import NcnnLayer
+    from int8conv.ncnn.model import NcnnLayer, ParamValue
 
 FAMILY = "convolution"
 
@@ -53,8 +53,6 @@ def conv_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarray]) -> li
 
 def conv_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """caffe2ncnn's (De)Convolution[DepthWise]; Deconvolution weights regrouped to ncnn's order."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer, ParamValue
-
     g = conv_geometry(layer)
     deconv = layer.type == "Deconvolution"
     weight = layer.blobs[0]
@@ -78,13 +76,11 @@ def conv_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     ):
         if g[h_name] != g[w_name]:
             params[key] = g[h_name]
-    has_bias = len(layer.blobs) > 1
-    params[5] = int(has_bias)
+    params[5] = int(len(layer.blobs) > 1)
     params[6] = int(weight.size)
     if g["group"] > 1:
         params[7] = g["group"]
-    weights = [NcnnBlob(f32(weight))] + ([NcnnBlob(f32(layer.blobs[1]), tagged=False)] if has_bias else [])
-    return [NcnnLayer(kind, layer.name, layer.bottoms, layer.tops, params, weights)]
+    return ncnn_layer(kind, layer, params, weight_and_bias(layer, weight))
 
 
 def conv_onnx(b, layer: Layer) -> None:

@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import Decline, LayerKind, Shape, fork_layer, opencv_lacks, register, unsupported
+from int8conv.caffe.layers.base import (
+    Decline,
+    LayerKind,
+    Shape,
+    fork_layer,
+    ncnn_layer,
+    opencv_lacks,
+    register,
+    unsupported,
+)
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.shapes import prior_box_aspect_ratios, prior_box_image_and_step
 from int8conv.errors import ModelError
@@ -71,7 +80,7 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         del params[1]
     if not params[2]:
         del params[2]
-    return [NcnnLayer("PriorBox", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("PriorBox", layer, params)
 
 
 def state_prior_box_clip(net) -> list[str]:
@@ -111,7 +120,7 @@ def detection_output_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         float(p.confidence_threshold) if p.HasField("confidence_threshold") else -float(np.finfo(np.float32).max)
     )
     params = {0: int(p.num_classes), 1: float(nms.nms_threshold), 2: top_k, 3: keep_top_k, 4: threshold}
-    return [NcnnLayer("DetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("DetectionOutput", layer, params)
 
 
 def _yolo_checks(layer: Layer, ctx, num_classes: int, num_box: int, biases: int) -> None:
@@ -127,18 +136,21 @@ def _yolo_checks(layer: Layer, ctx, num_classes: int, num_box: int, biases: int)
         raise ModelError(f"layer '{layer.name}' ({layer.type}): {biases} biases for {num_box} anchor boxes")
 
 
-def yolo_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    """caffe2ncnn's parameters: 0=num_classes 1=num_box 2=confidence_threshold 3=nms_threshold 4=biases."""
-    p = layer.param.yolo_detection_output_param
+def _yolo_params(layer: Layer, ctx, p) -> dict[int, ParamValue]:
+    """caffe2ncnn's parameters of both YOLO outputs (``p``: the layer's parameter message), after the checks:
+    0=num_classes 1=num_box 2=confidence_threshold 3=nms_threshold 4=biases."""
     _yolo_checks(layer, ctx, int(p.num_classes), int(p.num_box), len(p.biases))
-    params: dict[int, ParamValue] = {
+    return {
         0: int(p.num_classes),
         1: int(p.num_box),
         2: float(p.confidence_threshold),
         3: float(p.nms_threshold),
         4: [float(v) for v in p.biases],
     }
-    return [NcnnLayer("YoloDetectionOutput", layer.name, layer.bottoms, layer.tops, params)]
+
+
+def yolo_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    return ncnn_layer("YoloDetectionOutput", layer, _yolo_params(layer, ctx, layer.param.yolo_detection_output_param))
 
 
 def _yolov3_scored(layer: Layer, index: int, bottom: str, num_classes: int, num_box: int) -> list[NcnnLayer]:
@@ -160,11 +172,11 @@ def _yolov3_scored(layer: Layer, index: int, bottom: str, num_classes: int, num_
 
 
 def yolov3_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    """caffe2ncnn's parameters (0=num_classes 1=num_box 2=confidence_threshold 3=nms_threshold 4=biases 5=mask
-    6=anchors_scale 7=mask_group_num), on inputs whose class logits are corrected (``_yolov3_scored``)."""
+    """caffe2ncnn's parameters (``_yolo_params``, then 5=mask 6=anchors_scale 7=mask_group_num), on inputs whose
+    class logits are corrected (``_yolov3_scored``)."""
     p = layer.param.yolov3_detection_output_param
     num_classes, num_box = int(p.num_classes), int(p.num_box)
-    _yolo_checks(layer, ctx, num_classes, num_box, len(p.biases))
+    params = _yolo_params(layer, ctx, p)
     bottoms = len(layer.bottoms)
     if p.mask_group_num != bottoms or len(p.mask) != num_box * bottoms or len(p.anchors_scale) < bottoms:
         # Caffe checks mask_group_num == bottoms and offsets the mask by len(mask) / mask_group_num per bottom,
@@ -179,16 +191,7 @@ def yolov3_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     layers: list[NcnnLayer] = []
     for index, bottom in enumerate(layer.bottoms):
         layers += _yolov3_scored(layer, index, bottom, num_classes, num_box)
-    params: dict[int, ParamValue] = {
-        0: num_classes,
-        1: num_box,
-        2: float(p.confidence_threshold),
-        3: float(p.nms_threshold),
-        4: [float(v) for v in p.biases],
-        5: [float(v) for v in p.mask],
-        6: [float(v) for v in p.anchors_scale],
-        7: int(p.mask_group_num),
-    }
+    params.update({5: [float(v) for v in p.mask], 6: [float(v) for v in p.anchors_scale], 7: int(p.mask_group_num)})
     scored = [f"{b}_{layer.name}_scored" for b in layer.bottoms]
     return layers + [NcnnLayer("Yolov3DetectionOutput", layer.name, scored, layer.tops, params)]
 
@@ -202,10 +205,8 @@ def prior_box_onnx(b, layer: Layer) -> None:
     b.constant(layer.tops[0], prior_boxes(layer, (feature[2], feature[3]), (image[2], image[3])), layer.name)
 
 
-_HOST_DECODED = (
-    "NMS-based post-processing has no opset-17 mapping TensorRT runs; the export stops at its inputs "
-    "and the host decodes them"
-)
+_NO_ONNX_NMS = "NMS-based post-processing has no opset-17 mapping TensorRT runs"
+_HOST_DECODED = _NO_ONNX_NMS + "; the export stops at its inputs and the host decodes them"
 register(
     LayerKind(
         "PriorBox",
@@ -228,8 +229,8 @@ register(
     )
 )
 _YOLO_ONNX = Decline(
-    "NMS-based post-processing has no opset-17 mapping TensorRT runs; export the network without it and decode "
-    "its inputs on the host (int8conv.evaluation.host_decoders has darknet's YOLO heads)"
+    _NO_ONNX_NMS + "; export the network without it and decode its inputs on the host "
+    "(int8conv.evaluation.host_decoders has darknet's YOLO heads)"
 )
 _YOLO_FORK = fork_layer("MobileNet-YOLO's")
 _YOLO_OPENCV = opencv_lacks("YOLO detection output")

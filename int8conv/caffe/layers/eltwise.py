@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, opencv_lacks, register
+from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, ncnn_layer, opencv_lacks, register
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
 from int8conv.ncnn.model import NcnnLayer, ParamValue
@@ -24,29 +24,33 @@ def eltwise_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]]
 
 
-def eltwise_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+def _coefficients(layer: Layer) -> list[float]:
+    """The SUM coefficients, one per bottom (none given: []); Caffe's checks, which both writers apply."""
     p = layer.param.eltwise_param
-    params: dict[int, ParamValue] = {0: int(p.operation)}
-    if len(p.coeff):
-        if p.operation != caffe_pb2.EltwiseParameter.SUM:
-            raise ModelError(
-                f"layer '{layer.name}' (Eltwise): coefficients apply to SUM only (Caffe rejects them for PROD and MAX)"
-            )
-        if len(p.coeff) != len(layer.bottoms):
-            raise ModelError(
-                f"layer '{layer.name}' (Eltwise): {len(p.coeff)} coefficients for {len(layer.bottoms)} bottoms"
-            )
-        params[1] = [float(c) for c in p.coeff]
-    return [NcnnLayer("Eltwise", layer.name, layer.bottoms, layer.tops, params)]
+    if len(p.coeff) and p.operation != caffe_pb2.EltwiseParameter.SUM:
+        raise ModelError(
+            f"layer '{layer.name}' (Eltwise): coefficients apply to SUM only (Caffe rejects them for PROD and MAX)"
+        )
+    if len(p.coeff) and len(p.coeff) != len(layer.bottoms):
+        raise ModelError(
+            f"layer '{layer.name}' (Eltwise): {len(p.coeff)} coefficients for {len(layer.bottoms)} bottoms"
+        )
+    return [float(c) for c in p.coeff]
+
+
+def eltwise_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    params: dict[int, ParamValue] = {0: int(layer.param.eltwise_param.operation)}
+    coeffs = _coefficients(layer)
+    if coeffs:
+        params[1] = coeffs
+    return ncnn_layer("Eltwise", layer, params)
 
 
 def eltwise_onnx(b, layer: Layer) -> None:
     p = layer.param.eltwise_param
     inputs = list(layer.bottoms)
+    coeffs = _coefficients(layer)
     if p.operation == p.SUM:
-        coeffs = list(p.coeff) or [1.0] * len(inputs)
-        if len(coeffs) != len(inputs):
-            raise ModelError(f"layer '{layer.name}' (Eltwise): {len(coeffs)} coeff for {len(inputs)} bottoms")
         for i, c in enumerate(coeffs):
             if c != 1.0:
                 scaled = f"{layer.name}/coeff{i}"

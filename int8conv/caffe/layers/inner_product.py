@@ -12,10 +12,11 @@ from int8conv.caffe.layers.base import (
     Shape,
     Weights,
     axis_index,
-    f32,
+    ncnn_layer,
     opencv_lacks,
     register,
     unsupported,
+    weight_and_bias,
 )
 from int8conv.caffe.shapes import check_weights
 from int8conv.errors import ModelError
@@ -46,25 +47,20 @@ def inner_product_weights(proto: caffe_pb2.LayerParameter, blobs: list[np.ndarra
 
 
 def inner_product_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     p = layer.param.inner_product_param
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
     if ctx.ncnn_axis(layer, p.axis, ndim) != 0:
         raise unsupported(layer, f"axis {p.axis} (ncnn's InnerProduct flattens everything after the batch)")
     weight = layer.blobs[0]
-    has_bias = len(layer.blobs) > 1
-    weights = [NcnnBlob(f32(weight))] + ([NcnnBlob(f32(layer.blobs[1]), tagged=False)] if has_bias else [])
-    params = {0: int(p.num_output), 1: int(has_bias), 2: int(weight.size)}
-    return [NcnnLayer("InnerProduct", layer.name, layer.bottoms, layer.tops, params, weights)]
+    params = {0: int(p.num_output), 1: int(len(layer.blobs) > 1), 2: int(weight.size)}
+    return ncnn_layer("InnerProduct", layer, params, weight_and_bias(layer, weight))
 
 
 def inner_product_onnx(b, layer: Layer) -> None:
     """Gemm (transB) after a Flatten when the input is not 2-D."""
     x = layer.bottoms[0]
     rank = len(b.shape(x))
-    axis = layer.param.inner_product_param.axis
-    axis = axis + rank if axis < 0 else axis
+    axis = axis_index(layer.param.inner_product_param.axis, rank)
     if axis != 1:
         raise ModelError(
             f"layer '{layer.name}' (InnerProduct): axis {axis} is not supported by the ONNX export (only axis 1)"

@@ -11,20 +11,22 @@ from int8conv.caffe.layers.base import (
     Shape,
     Weights,
     axis_index,
-    f32,
+    channels_of,
     flat_weights,
     fork_layer,
+    ncnn_layer,
     opencv_lacks,
+    raw_f32,
     register,
     same_shape,
     unsupported,
 )
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnLayer
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
-    from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "normalization"
 
@@ -32,14 +34,19 @@ FAMILY = "normalization"
 # --------------------------------------------------------------------------------------------------- affine
 
 
-def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe BatchNorm as ``y = a*x + b`` per channel (mean and variance divided by the moving-average factor)."""
+def _batchnorm_statistics(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe BatchNorm's mean and variance + eps, both divided by the moving-average factor (a factor 0: zeros)."""
     mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
     s = float(factor.reshape(-1)[0])
     s = 0.0 if s == 0 else 1.0 / s
-    eps = layer.param.batch_norm_param.eps
-    a = 1.0 / np.sqrt(var * s + eps)
-    return a, -mean * s * a
+    return mean * s, var * s + layer.param.batch_norm_param.eps
+
+
+def batchnorm_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe BatchNorm as ``y = a*x + b`` per channel."""
+    mean, var = _batchnorm_statistics(layer)
+    a = 1.0 / np.sqrt(var)
+    return a, -mean * a
 
 
 def scale_affine(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -61,32 +68,39 @@ def _scale_folds(layer: Layer) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def _per_channel_check(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """Element-wise layers with per-channel parameters: check parameter sizes, keep the shape."""
-    channels = shapes[0][1] if len(shapes[0]) > 1 else 1
-    if layer.type == "BatchNorm":
-        if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
-            raise ModelError(
-                f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
-                f"moving-average factor, found {[b.shape for b in layer.blobs]}"
-            )
-    elif layer.type in ("Scale", "Bias") and len(layer.bottoms) == 1:
-        if not layer.blobs:
-            raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
-        want = (
-            int(np.prod(shapes[0][1:2]))
-            if layer.type == "Bias" or layer.param.scale_param.num_axes == 1
-            else layer.blobs[0].size
+def batchnorm_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The input's shape; the caffemodel must hold a mean and a variance per channel and the factor."""
+    channels = channels_of(shapes[0])
+    if len(layer.blobs) < 3 or layer.blobs[0].size != channels or layer.blobs[1].size != channels:
+        raise ModelError(
+            f"layer '{layer.name}' (BatchNorm): expected mean/variance of {channels} values and a "
+            f"moving-average factor, found {[b.shape for b in layer.blobs]}"
         )
-        if layer.blobs[0].size not in (want, 1):
-            raise ModelError(
-                f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels"
-            )
-    elif layer.type == "PReLU":
-        if layer.blobs[0].size not in (channels, 1):
-            raise ModelError(f"layer '{layer.name}' (PReLU): {layer.blobs[0].size} slopes for {channels} channels")
-    elif layer.type == "Scale":
+    return [shapes[0]]
+
+
+def _check_values(layer: Layer, shapes: list[Shape], per_channel: bool) -> None:
+    """A one-bottom Scale or Bias holds one value, or (``per_channel``) one per channel."""
+    if not layer.blobs:
+        raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
+    channels = channels_of(shapes[0])
+    if per_channel and layer.blobs[0].size not in (channels, 1):
+        raise ModelError(f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels")
+
+
+def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The first input's shape; checks the scale values, or where the second bottom broadcasts."""
+    if len(layer.bottoms) == 1:
+        _check_values(layer, shapes, per_channel=layer.param.scale_param.num_axes == 1)
+    else:
         _broadcast_shape(layer, shapes)
+    return [shapes[0]]
+
+
+def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """The first input's shape; a one-bottom Bias holds one value or one per channel."""
+    if len(layer.bottoms) == 1:
+        _check_values(layer, shapes, per_channel=True)
     return [shapes[0]]
 
 
@@ -113,29 +127,14 @@ def _broadcast_shape(layer: Layer, shapes: list[Shape]) -> list[int]:
 
 def batchnorm_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """As caffe2ncnn: slope 1, mean/s, var/s + eps, bias 0 (s = Caffe's moving-average factor), eps folded in."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
-    mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
-    s = float(factor.reshape(-1)[0])
-    s = 0.0 if s == 0 else 1.0 / s
+    mean, var = _batchnorm_statistics(layer)
     channels = mean.size
-    arrays = [np.ones(channels), mean * s, var * s + layer.param.batch_norm_param.eps, np.zeros(channels)]
-    return [
-        NcnnLayer(
-            "BatchNorm",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: channels},
-            [NcnnBlob(f32(a), tagged=False) for a in arrays],
-        )
-    ]
+    arrays = [np.ones(channels), mean, var, np.zeros(channels)]
+    return ncnn_layer("BatchNorm", layer, {0: channels}, [raw_f32(a) for a in arrays])
 
 
 def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Per-channel Scale; with a second bottom, ncnn's Scale ``0=-233`` multiplies by that blob per channel."""
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     p = layer.param.scale_param
     if len(layer.bottoms) == 2:
         first, second = ctx.shape(layer, layer.bottoms[0]), ctx.shape(layer, layer.bottoms[1])
@@ -150,56 +149,42 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         if p.bias_term:
             raise unsupported(layer, "a two-bottom Scale with a bias")
         if len(second) == 2:
-            return [NcnnLayer("Scale", layer.name, layer.bottoms, layer.tops, {0: -233, 1: 0})]
+            return ncnn_layer("Scale", layer, {0: -233, 1: 0})
         # ncnn reads the scale blob as contiguous floats: a (C, 1, 1) Mat is padded per channel, so flatten it
         flat = f"{layer.bottoms[1]}_{layer.name}_flat"
         return [
             NcnnLayer("Reshape", f"{layer.name}_flat", [layer.bottoms[1]], [flat], {0: first[1]}),
             NcnnLayer("Scale", layer.name, [layer.bottoms[0], flat], layer.tops, {0: -233, 1: 0}),
         ]
-    channels = ctx.shape(layer, layer.bottoms[0])[1]
+    shape = ctx.shape(layer, layer.bottoms[0])
+    channels = shape[1]
     scale = layer.blobs[0].reshape(-1)
-    if p.axis not in (1, -len(ctx.shape(layer, layer.bottoms[0])) + 1) or scale.size not in (1, channels):
+    if axis_index(p.axis, len(shape)) != 1 or scale.size not in (1, channels):
         raise unsupported(layer, f"a Scale of {scale.size} values on axis {p.axis} (ncnn scales per channel)")
     has_bias = bool(p.bias_term) and len(layer.blobs) > 1
     arrays = [np.broadcast_to(scale, (channels,))]
     if has_bias:
         arrays.append(np.broadcast_to(layer.blobs[1].reshape(-1), (channels,)))
-    return [
-        NcnnLayer(
-            "Scale",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: channels, 1: int(has_bias)},
-            [NcnnBlob(f32(a), tagged=False) for a in arrays],
-        )
-    ]
+    return ncnn_layer("Scale", layer, {0: channels, 1: int(has_bias)}, [raw_f32(a) for a in arrays])
 
 
 def bias_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom")
     channels = ctx.shape(layer, layer.bottoms[0])[1]
     bias = np.broadcast_to(layer.blobs[0].reshape(-1), (channels,))
-    return [NcnnLayer("Bias", layer.name, layer.bottoms, layer.tops, {0: channels}, [NcnnBlob(f32(bias), False)])]
+    return ncnn_layer("Bias", layer, {0: channels}, [raw_f32(bias)])
 
 
 def normalize_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnBlob, NcnnLayer
-
     p = layer.param.norm_param
     scale = layer.blobs[0].reshape(-1)
     params = {0: int(p.across_spatial), 1: int(p.channel_shared), 2: float(p.eps), 3: int(scale.size)}
-    return [NcnnLayer("Normalize", layer.name, layer.bottoms, layer.tops, params, [NcnnBlob(f32(scale), tagged=False)])]
+    return ncnn_layer("Normalize", layer, params, [raw_f32(scale)])
 
 
 def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Caffe adds ``k`` across channels only; its WITHIN_CHANNEL form always adds 1 (OpenCV ignores ``k``)."""
-    from int8conv.ncnn.model import NcnnLayer
-
     p = layer.param.lrn_param
     across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
     params = {
@@ -209,22 +194,12 @@ def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
         3: float(p.beta),
         4: float(p.k) if across else 1.0,
     }
-    return [NcnnLayer("LRN", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("LRN", layer, params)
 
 
 def mvn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    from int8conv.ncnn.model import NcnnLayer
-
     p = layer.param.mvn_param
-    return [
-        NcnnLayer(
-            "MVN",
-            layer.name,
-            layer.bottoms,
-            layer.tops,
-            {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)},
-        )
-    ]
+    return ncnn_layer("MVN", layer, {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)})
 
 
 # --------------------------------------------------------------------------------------------------- ONNX
@@ -334,7 +309,7 @@ register(
     LayerKind(
         "BatchNorm",
         FAMILY,
-        _per_channel_check,
+        batchnorm_shape,
         batchnorm_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -345,7 +320,7 @@ register(
     LayerKind(
         "Scale",
         FAMILY,
-        _per_channel_check,
+        scale_shape,
         scale_ncnn,
         affine_onnx,
         Weights(required=False, canonical=flat_weights),
@@ -358,7 +333,7 @@ register(
     LayerKind(
         "BN",
         FAMILY,
-        _per_channel_check,
+        scale_shape,
         scale_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -372,13 +347,7 @@ register(
 )
 register(
     LayerKind(
-        "Bias",
-        FAMILY,
-        _per_channel_check,
-        bias_ncnn,
-        bias_onnx,
-        Weights(canonical=flat_weights),
-        opencv=opencv_lacks("Bias"),
+        "Bias", FAMILY, bias_shape, bias_ncnn, bias_onnx, Weights(canonical=flat_weights), opencv=opencv_lacks("Bias")
     )
 )
 register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx, Weights(canonical=flat_weights)))

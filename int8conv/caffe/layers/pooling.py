@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import LayerKind, Shape, register, unsupported
+from int8conv.caffe.layers.base import LayerKind, Shape, ncnn_layer, register, unsupported
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.shapes import pool_geometry, pool_out
 from int8conv.errors import ModelError
+from int8conv.ncnn.model import NcnnLayer, ParamValue
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
-    from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "pooling"
 
@@ -49,15 +49,13 @@ def pooling_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     either excludes all padding (6=0, right when pad is 0) or includes all of it, tail too (6=1, right when
     there is no tail); otherwise a zero Padding layer goes in front and the pooling excludes only the tail.
     """
-    from int8conv.ncnn.model import NcnnLayer, ParamValue
-
     in_shape = ctx.shape(layer, layer.bottoms[0])
     g = pool_geometry(layer, in_shape)
     if g["method"] not in (caffe_pb2.PoolingParameter.MAX, caffe_pb2.PoolingParameter.AVE):
         raise unsupported(layer, "STOCHASTIC pooling")
     method = 0 if g["method"] == caffe_pb2.PoolingParameter.MAX else 1
     if g["global"]:
-        return [NcnnLayer("Pooling", layer.name, layer.bottoms, layer.tops, {0: method, 4: 1})]
+        return ncnn_layer("Pooling", layer, {0: method, 4: 1})
     h, w = in_shape[2], in_shape[3]
     kh, kw, sh, sw, ph, pw = (g[k] for k in ("kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w"))
     prefix: list[NcnnLayer] = []

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, register, unsupported
+from int8conv.caffe.layers.base import LayerKind, Shape, fork_layer, ncnn_layer, register, unsupported
 from int8conv.errors import ModelError
-from int8conv.ncnn.model import NcnnLayer
 
 if TYPE_CHECKING:
     from int8conv.caffe.graph import Layer
+    from int8conv.ncnn.model import NcnnLayer
 
 FAMILY = "resize"
 
@@ -27,7 +27,7 @@ def upsample_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 def upsample_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn Interp, nearest (0=1), scale factors 1= and 2=."""
     scale = float(layer.param.upsample_param.scale)
-    return [NcnnLayer("Interp", layer.name, layer.bottoms, layer.tops, {0: 1, 1: scale, 2: scale})]
+    return ncnn_layer("Interp", layer, {0: 1, 1: scale, 2: scale})
 
 
 def upsample_onnx(b, layer: Layer) -> None:
@@ -66,7 +66,7 @@ def interp_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 def interp_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn Interp, bilinear (0=2) to the output size, corners aligned (6=1) as Caffe's Interp computes."""
     out = ctx.shape(layer, layer.tops[0])
-    return [NcnnLayer("Interp", layer.name, layer.bottoms, layer.tops, {0: 2, 3: int(out[2]), 4: int(out[3]), 6: 1})]
+    return ncnn_layer("Interp", layer, {0: 2, 3: int(out[2]), 4: int(out[3]), 6: 1})
 
 
 def interp_onnx(b, layer: Layer) -> None:

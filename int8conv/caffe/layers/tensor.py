@@ -14,6 +14,7 @@ from int8conv.caffe.layers.base import (
     Shape,
     axis_index,
     fork_layer,
+    ncnn_layer,
     ncnn_plain,
     opencv_lacks,
     register,
@@ -47,32 +48,39 @@ def _copies(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 # --------------------------------------------------------------------------------------------------- Concat, Slice
 
 
-def concat_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+def _concat_axis(layer: Layer) -> int:
+    """Concat's Caffe axis: the legacy ``concat_dim`` when given, else ``axis``."""
     p = layer.param.concat_param
-    axis = axis_index(p.axis if not p.HasField("concat_dim") else p.concat_dim, len(shapes[0]))
+    return int(p.concat_dim if p.HasField("concat_dim") else p.axis)
+
+
+def _slice_axis(layer: Layer) -> int:
+    """Slice's Caffe axis: the legacy ``slice_dim`` when given, else ``axis``."""
+    p = layer.param.slice_param
+    return int(p.slice_dim if p.HasField("slice_dim") else p.axis)
+
+
+def concat_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    axis = axis_index(_concat_axis(layer), len(shapes[0]))
     out = list(shapes[0])
     out[axis] = sum(s[axis] for s in shapes)
     return [tuple(out)]
 
 
 def concat_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    p = layer.param.concat_param
-    axis = p.concat_dim if p.HasField("concat_dim") else p.axis
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
-    return [NcnnLayer("Concat", layer.name, layer.bottoms, layer.tops, {0: ctx.ncnn_axis(layer, axis, ndim)})]
+    return ncnn_layer("Concat", layer, {0: ctx.ncnn_axis(layer, _concat_axis(layer), ndim)})
 
 
 def concat_onnx(b, layer: Layer) -> None:
-    p = layer.param.concat_param
-    axis = p.concat_dim if p.HasField("concat_dim") else p.axis
-    b.node("Concat", list(layer.bottoms), [layer.tops[0]], layer.name, axis=int(axis))
+    b.node("Concat", list(layer.bottoms), [layer.tops[0]], layer.name, axis=_concat_axis(layer))
     if all(x in b.constants for x in layer.bottoms):
         b.constants.add(layer.tops[0])
 
 
 def slice_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.slice_param
-    axis = axis_index(p.axis if not p.HasField("slice_dim") else p.slice_dim, len(shapes[0]))
+    axis = axis_index(_slice_axis(layer), len(shapes[0]))
     size = shapes[0][axis]
     points = list(p.slice_point) or [size * (i + 1) // len(layer.tops) for i in range(len(layer.tops) - 1)]
     bounds = [0] + points + [size]
@@ -85,23 +93,20 @@ def slice_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def slice_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    p = layer.param.slice_param
-    axis = p.slice_dim if p.HasField("slice_dim") else p.axis
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
-    points = list(p.slice_point)
+    points = list(layer.param.slice_param.slice_point)
     if points:
         if len(points) + 1 != len(layer.tops):
             raise ModelError(f"layer '{layer.name}' (Slice): {len(points)} slice points for {len(layer.tops)} tops")
         slices = [b - a for a, b in zip([0] + points[:-1], points, strict=True)] + [-233]
     else:
         slices = [-233] * len(layer.tops)
-    return [NcnnLayer("Slice", layer.name, layer.bottoms, layer.tops, {0: slices, 1: ctx.ncnn_axis(layer, axis, ndim)})]
+    return ncnn_layer("Slice", layer, {0: slices, 1: ctx.ncnn_axis(layer, _slice_axis(layer), ndim)})
 
 
 def slice_onnx(b, layer: Layer) -> None:
-    p = layer.param.slice_param
-    axis = int(p.slice_dim if p.HasField("slice_dim") else p.axis)
-    sizes = [b.shape(top)[axis if axis >= 0 else axis + len(b.shape(top))] for top in layer.tops]
+    axis = _slice_axis(layer)
+    sizes = [b.shape(top)[axis_index(axis, len(b.shape(top)))] for top in layer.tops]
     b.node(
         "Split",
         [layer.bottoms[0], b.init(f"{layer.name}/split", sizes, np.int64)],
@@ -125,7 +130,7 @@ def reshape_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     p = layer.param.reshape_param
     src = shapes[0]
     nd = len(src)
-    start = axis_index(p.axis, nd + 1) if p.axis < 0 else p.axis
+    start = axis_index(p.axis, nd + 1)
     end = nd if p.num_axes == -1 else start + p.num_axes
     dims = [int(d) for d in p.shape.dim]
     mid = [src[start + i] if d == 0 else d for i, d in enumerate(dims)]
@@ -146,13 +151,13 @@ def _reshape_to(layer: Layer, ctx, free_axis: int | None) -> list[NcnnLayer]:
     dims = [int(d) for d in out[1:]]
     if free_axis is not None and free_axis >= 1:
         dims[free_axis - 1] = -1
-    return [NcnnLayer("Reshape", layer.name, layer.bottoms, layer.tops, whc(tuple(dims)))]
+    return ncnn_layer("Reshape", layer, whc(tuple(dims)))
 
 
 def reshape_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     p = layer.param.reshape_param
     ndim = len(ctx.shape(layer, layer.bottoms[0]))
-    start = p.axis + ndim + 1 if p.axis < 0 else p.axis
+    start = axis_index(p.axis, ndim + 1)
     dims = list(p.shape.dim)
     free = start + dims.index(-1) if -1 in dims else None
     return _reshape_to(layer, ctx, free)
@@ -160,21 +165,21 @@ def reshape_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
 def flatten_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(ctx.shape(layer, layer.tops[0])) == 2:
-        return [NcnnLayer("Flatten", layer.name, layer.bottoms, layer.tops, {})]
+        return ncnn_layer("Flatten", layer, {})
     return _reshape_to(layer, ctx, None)
 
 
 def reshape_onnx(b, layer: Layer) -> None:
     """Flatten and Reshape: the target shape from shape inference, the batch dimension copied."""
-    target = b.shape(layer.tops[0])
+    target, source = b.shape(layer.tops[0]), b.shape(layer.bottoms[0])
+    p = layer.param.flatten_param
     if (
         layer.type == "Flatten"
-        and layer.param.flatten_param.end_axis in (-1, len(b.shape(layer.bottoms[0])) - 1)
-        and layer.param.flatten_param.axis in (1, -len(b.shape(layer.bottoms[0])) + 1)
+        and axis_index(p.axis, len(source)) == 1
+        and axis_index(p.end_axis, len(source)) == len(source) - 1
     ):
         b.node("Flatten", [layer.bottoms[0]], [layer.tops[0]], layer.name, axis=1)
         return
-    source = b.shape(layer.bottoms[0])
     dims = b.keeps_batch_shape(target) if target[0] == source[0] else list(target)
     b.node("Reshape", [layer.bottoms[0], b.init(f"{layer.name}/shape", dims, np.int64)], [layer.tops[0]], layer.name)
 
@@ -194,7 +199,7 @@ def permute_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     table = {4: PERMUTE_4D, 3: PERMUTE_3D}.get(ndim, {})
     if tuple(order) not in table:
         raise unsupported(layer, f"order {tuple(order)} on a {ndim}-D blob (the batch axis must stay first)")
-    return [NcnnLayer("Permute", layer.name, layer.bottoms, layer.tops, {0: table[tuple(order)]})]
+    return ncnn_layer("Permute", layer, {0: table[tuple(order)]})
 
 
 def permute_onnx(b, layer: Layer) -> None:
@@ -268,11 +273,7 @@ def shuffle_channel_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def shuffle_channel_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return [
-        NcnnLayer(
-            "ShuffleChannel", layer.name, layer.bottoms, layer.tops, {0: int(layer.param.shuffle_channel_param.group)}
-        )
-    ]
+    return ncnn_layer("ShuffleChannel", layer, {0: int(layer.param.shuffle_channel_param.group)})
 
 
 def shuffle_channel_onnx(b, layer: Layer) -> None:
@@ -303,7 +304,7 @@ def reorg_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def reorg_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    return [NcnnLayer("Reorg", layer.name, layer.bottoms, layer.tops, {0: int(layer.param.reorg_param.stride)})]
+    return ncnn_layer("Reorg", layer, {0: int(layer.param.reorg_param.stride)})
 
 
 def reorg_onnx(b, layer: Layer) -> None:
@@ -332,7 +333,7 @@ def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """Identity at test time (removed later), unless ``scale_train: false``, where Caffe scales by 1 - ratio."""
     p = layer.param.dropout_param
     params = {0: 1.0 - float(p.dropout_ratio)} if p.HasField("scale_train") and not p.scale_train else {}
-    return [NcnnLayer("Dropout", layer.name, layer.bottoms, layer.tops, params)]
+    return ncnn_layer("Dropout", layer, params)
 
 
 def silence_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
@@ -357,10 +358,18 @@ def _graph_input_onnx(b, layer: Layer) -> None:
     raise ModelError(f"layer '{layer.name}' ({layer.type}) is a graph input and has no ONNX node of its own")
 
 
-def memory_data_shape(param) -> tuple[int, ...]:
+def input_shapes(param) -> list[Shape]:
+    """Input's ``input_param.shape`` entries."""
+    shapes = [tuple(int(d) for d in s.dim) for s in param.input_param.shape]
+    if not shapes:
+        raise ModelError(f"Input layer '{param.name}' has no input_param.shape")
+    return shapes
+
+
+def memory_data_shapes(param) -> list[Shape]:
     """MemoryData's blob (batch_size, channels, height, width): what caffe2ncnn turns into an Input."""
     p = param.memory_data_param
-    return int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width)
+    return [(int(p.batch_size) or 1, int(p.channels), int(p.height), int(p.width))]
 
 
 register(
@@ -370,6 +379,7 @@ register(
         None,
         _graph_input_ncnn,
         _graph_input_onnx,
+        input_shapes=input_shapes,
         notes="becomes the graph's input (and ncnn's Input layer)",
     )
 )
@@ -380,6 +390,7 @@ register(
         None,
         _graph_input_ncnn,
         _graph_input_onnx,
+        input_shapes=memory_data_shapes,
         opencv=opencv_lacks("MemoryData"),
         notes="becomes the graph's input, shaped (batch_size, channels, height, width), as caffe2ncnn",
     )
