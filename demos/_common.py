@@ -14,7 +14,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
 from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
-from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
+from int8conv.ncnn.runtime import NcnnRunner, interleaved_ms  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
 from int8conv.zoo import MODELS  # noqa: E402
 
@@ -201,13 +200,8 @@ class SideBySide:
         """
         inputs: Mapping[str, np.ndarray] = {self.input_name: data}
         out_fp32, out_int8 = self.fp32.run(inputs), self.int8.run(inputs)
-        times: dict[str, list[float]] = {"fp32": [], "int8": []}
-        for _ in range(self.runs):
-            for label, runner in (("fp32", self.fp32), ("int8", self.int8)):
-                start = time.perf_counter()
-                runner.run(inputs)
-                times[label].append((time.perf_counter() - start) * 1000.0)
-        return out_fp32, out_int8, statistics.median(times["fp32"]), statistics.median(times["int8"])
+        ms = interleaved_ms({"fp32": self.fp32, "int8": self.int8}, inputs, self.runs, warmup=0)
+        return out_fp32, out_int8, ms["fp32"], ms["int8"]
 
 
 def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: int) -> str:

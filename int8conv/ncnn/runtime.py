@@ -243,16 +243,27 @@ def time_models(
     result: dict[str, dict[int, float]] = {label: {} for label in pairs}
     for count in threads:
         runners = {label: NcnnRunner(p, b, int8, threads=count) for label, (p, b, int8) in pairs.items()}
-        samples: dict[str, list[float]] = {label: [] for label in pairs}
-        for runner in runners.values():
-            for _ in range(warmup):
-                runner.run(inputs)
-        for _ in range(runs):
-            for label, runner in runners.items():
-                start = clock()
-                runner.run(inputs)
-                samples[label].append((clock() - start) * 1000.0)
-        for label in pairs:
-            result[label][count] = statistics.median(samples[label])
-            log.debug("%s, %d thread(s): %.2f ms", label, count, result[label][count])
+        for label, ms in interleaved_ms(runners, inputs, runs, warmup, clock).items():
+            result[label][count] = ms
+            log.debug("%s, %d thread(s): %.2f ms", label, count, ms)
     return result
+
+
+def interleaved_ms(
+    runners: Mapping[str, NcnnRunner],
+    inputs: Mapping[str, np.ndarray],
+    runs: int,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median ms per run of loaded networks, their passes alternating so that machine load hits all alike."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.run(inputs)
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(max(1, runs)):
+        for label, runner in runners.items():
+            start = clock()
+            runner.run(inputs)
+            samples[label].append((clock() - start) * 1000.0)
+    return {label: statistics.median(times) for label, times in samples.items()}
