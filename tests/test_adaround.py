@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from int8conv.calibration import adaround
-from int8conv.calibration.int8_simulation import round_clip
+from int8conv.calibration.int8_simulation import per_output_scales, round_clip
 
 
 def _layer(rng: np.random.Generator, k: int, out: int, bound: float):
@@ -88,7 +88,6 @@ def test_learned_integers_reach_ncnn_and_the_qdq_onnx(shared, tmp_path):
     from onnx import numpy_helper
 
     from int8conv import pipeline
-    from int8conv.calibration.adaround import per_output_scales
     from int8conv.calibration.preprocess import list_images, read_image
     from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
     from int8conv.evaluation.metrics import blob_cosine

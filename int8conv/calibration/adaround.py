@@ -39,12 +39,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules
-from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input, round_clip
+from int8conv.calibration.int8_simulation import LayerGeometry, per_output_scales, quantize_input, round_clip
+from int8conv.calibration.preprocess import spread_evenly
 from int8conv.calibration.scale_search import sample_positions
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
 from int8conv.errors import ImageError
@@ -55,6 +57,7 @@ from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: the rectified sigmoid's stretch (Nagel et al.: zeta 1.1, gamma -0.1)
 ZETA, GAMMA = 1.1, -0.1
@@ -82,10 +85,9 @@ MAX_LAYER_GRAM_MACS = 1e10
 GRAM_BYTES = 512 * 2**20
 
 
-def adaround_images(items: Sequence) -> list:
+def adaround_images(items: Sequence[T]) -> list[T]:
     """Up to ADAROUND_IMAGES of the calibration images, spread evenly over them."""
-    picked = np.unique(np.linspace(0, len(items) - 1, min(ADAROUND_IMAGES, len(items))).round().astype(int))
-    return [items[i] for i in picked] if len(items) else []
+    return spread_evenly(items, ADAROUND_IMAGES)
 
 
 def rectified_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +189,7 @@ class LayerGram:
     def __post_init__(self) -> None:
         g = self.geometry
         width = g.weight.shape[1]
-        self.scaled = g.weight * g.per_output(self.weight_scales.astype(np.float64))[:, None]
+        self.scaled = g.weight * g.per_output(self.weight_scales)[:, None]
         self.nearest = np.clip(round_clip(self.scaled), -self.bound, self.bound)
         self.gram = np.zeros((2, g.group, width, width))
         self.count = np.zeros(2, dtype=np.int64)
@@ -261,7 +263,7 @@ class LayerGram:
 
 def adjusted_weights(q: np.ndarray, geometry: LayerGeometry, weight_scales: np.ndarray) -> np.ndarray:
     """``q / scale`` per output channel as float32 (0 for a dead channel): the FP32 weights that round to ``q``."""
-    scales = geometry.per_output(np.asarray(weight_scales, dtype=np.float64))
+    scales = per_output_scales(geometry.weight, weight_scales)
     safe = np.where(scales > 0, scales, 1.0)
     return np.where(scales[:, None] > 0, q / safe[:, None], 0.0).astype(np.float32)
 
@@ -379,12 +381,6 @@ def learn_weights(
         time.perf_counter() - started,
     )
     return weights, (new_biases if bias_correction or biases else None)
-
-
-def per_output_scales(weight: np.ndarray, weight_scales: np.ndarray) -> np.ndarray:
-    """The table's per-unit weight scales (per group for depthwise) repeated to one per output channel."""
-    scales = np.asarray(weight_scales, dtype=np.float64).reshape(-1)
-    return np.repeat(scales, weight.shape[0] // scales.size)
 
 
 def calibrate_adaround(

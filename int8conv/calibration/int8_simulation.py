@@ -124,9 +124,9 @@ class LayerGeometry:
             return 1.0 / (1.0 + np.exp(-y))
         return y
 
-    def per_output(self, units_values: np.ndarray) -> np.ndarray:
-        """Per-unit (per-group for depthwise) values repeated to one per output channel."""
-        return np.repeat(units_values, self.weight.shape[0] // self.units)
+    def per_output(self, weight_scales: np.ndarray) -> np.ndarray:
+        """``per_output_scales`` of this layer's weights."""
+        return per_output_scales(self.weight, weight_scales)
 
     def accumulate(self, q: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """``q`` (P, K) times ``weight`` (out, K / group) group by group: (P, out)."""
@@ -159,10 +159,17 @@ class LayerGeometry:
     ) -> np.ndarray:
         """Steps 3-4 on the integer sums ``acc``: dequantized plus the bias, then the activation (not with
         ``pre_activation``)."""
-        scales = self.per_output(np.asarray(weight_scales, dtype=np.float64))
+        scales = self.per_output(weight_scales)
         dequant = np.where(scales > 0, 1.0 / (bottom_scale * np.where(scales > 0, scales, 1.0)), 0.0)
         y = acc * dequant.astype(acc.dtype) + self.bias.astype(acc.dtype)
         return y if pre_activation else self.activate(y)
+
+
+def per_output_scales(weight: np.ndarray, weight_scales: np.ndarray) -> np.ndarray:
+    """The table's per-unit weight scales (per group for depthwise) repeated to one per output channel of
+    ``weight`` (out, ...), as float64."""
+    scales = np.asarray(weight_scales, dtype=np.float64).reshape(-1)
+    return np.repeat(scales, weight.shape[0] // scales.size)
 
 
 def round_clip(values: np.ndarray) -> np.ndarray:
