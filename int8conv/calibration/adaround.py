@@ -47,11 +47,11 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules
 from int8conv.calibration.int8_simulation import LayerGeometry, per_output_scales, quantize_input, round_clip
 from int8conv.calibration.preprocess import spread_evenly
-from int8conv.calibration.scale_search import sample_positions
+from int8conv.calibration.scale_search import layer_ends, sample_positions, table_layers
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
-from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model, runtime_int8_defect
+from int8conv.ncnn.quantize import quantize_model, runtime_int8_defect
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -272,13 +272,9 @@ def _learnable(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]
     """The layers the table quantizes and the runtime computes right in INT8, with a live weight scale, whose
     Gram matrices fit MAX_LAYER_GRAM_MACS."""
     layers = [
-        LayerGeometry.of(layer)
-        for layer in model.layers
-        if layer.type in QUANTIZABLE
-        and layer.name in table.activation_scales
-        and layer.name in table.weight_scales
-        and runtime_int8_defect(layer) is None
-        and np.any(table.weight_scales[layer.name] > 0)
+        g
+        for g in table_layers(model, table)
+        if runtime_int8_defect(model.layer(g.name)) is None and np.any(table.weight_scales[g.name] > 0)
     ]
     large = [g.name for g in layers if SAMPLES_PER_WEIGHT * g.group * g.weight.shape[1] ** 3 > MAX_LAYER_GRAM_MACS]
     if large:
@@ -351,7 +347,7 @@ def learn_weights(
                 )
                 for g in chunk
             }
-            ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in chunk}
+            ends = layer_ends(model, chunk)
             wanted = sorted({blob for pair in ends.values() for blob in pair})
             desc = f"adaround: inputs {index + 1}/{len(chunks)}"
             for position, x in enumerate(progress(images, desc=desc, unit="img")):

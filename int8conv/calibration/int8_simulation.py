@@ -138,10 +138,6 @@ class LayerGeometry:
         wg = weight.reshape(self.group, out // self.group, -1).transpose(0, 2, 1)  # (G, K/G, out/G)
         return np.matmul(qg, wg).transpose(1, 0, 2).reshape(p, out)
 
-    def fp32(self, patches: np.ndarray) -> np.ndarray:
-        """The FP32 layer output (after activation) at the sampled positions."""
-        return self.activate(self.accumulate(patches, self.weight.astype(patches.dtype)) + self.bias)
-
     def quantized_weight(self, weight_scales: np.ndarray, dtype=np.float64) -> np.ndarray:
         """The int8 weights ncnn stores for these per-unit scales (as floats)."""
         return round_clip((self.weight * self.per_output(weight_scales)[:, None]).astype(dtype))

@@ -112,13 +112,19 @@ def sample_positions(
     return np.divmod(np.sort(picked), ow)
 
 
-def _search_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
+def table_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
     """The layers the table quantizes (both lines present), in network order."""
     return [
         LayerGeometry.of(layer)
         for layer in model.layers
         if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
     ]
+
+
+def layer_ends(model: NcnnModel, layers: Sequence[LayerGeometry]) -> dict[str, tuple[str, str]]:
+    """Each layer's input and output blob."""
+    names = {g.name for g in layers}
+    return {layer.name: (layer.bottoms[0], layer.tops[0]) for layer in model.layers if layer.name in names}
 
 
 def _sample(
@@ -128,7 +134,7 @@ def _sample(
     param, binary = workdir / "fp32.param", workdir / "fp32.bin"
     write_model(model, param, binary)
     runner = NcnnRunner(param, binary, int8=False)
-    ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in layers}
+    ends = layer_ends(model, layers)
     wanted = sorted({blob for pair in ends.values() for blob in pair})
     per_image = {
         g.name: int(np.clip(MAC_BUDGET / g.weight.size, MIN_POSITIONS, MAX_POSITIONS)) // len(inputs) + 1
@@ -247,7 +253,7 @@ def search_scales(
     started = time.perf_counter()
     table = CalibrationTable({k: v.copy() for k, v in table.weight_scales.items()}, dict(table.activation_scales))
     chosen = search_images(inputs)
-    layers = _search_layers(model, table)
+    layers = table_layers(model, table)
     fixed, six_bit = set(fixed), set(six_bit)
     start_scales = {g.name: table.weight_scales[g.name] for g in layers}
     biases: dict[str, np.ndarray] = {}
