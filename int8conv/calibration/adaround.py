@@ -47,7 +47,7 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules
 from int8conv.calibration.int8_simulation import LayerGeometry, per_output_scales, quantize_input, round_clip
 from int8conv.calibration.preprocess import spread_evenly
-from int8conv.calibration.scale_search import layer_ends, sample_positions, table_layers
+from int8conv.calibration.scale_search import SAMPLING_SEED, layer_ends, sample_positions, table_layers
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
@@ -314,7 +314,6 @@ def learn_weights(
     levels: Mapping[str, int] | None = None,
     biases: Mapping[str, np.ndarray] | None = None,
     bias_correction: bool = False,
-    seed: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Learned INT8 weights for the ncnn FP32 ``model`` and ``table``, as adjusted FP32 weights per layer
     (``(out, K)`` float32, rounding to the learned integers with the table's weight scales), and the biases the
@@ -327,7 +326,7 @@ def learn_weights(
     weights: dict[str, np.ndarray] = {}
     new_biases = dict(biases or {})
     changes: list[float] = []
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(SAMPLING_SEED)
     chunks = _chunks(layers)
     with tempfile.TemporaryDirectory(prefix="int8conv-adaround-") as tmp:
         fp32_param, fp32_bin = Path(tmp) / "fp32.param", Path(tmp) / "fp32.bin"
