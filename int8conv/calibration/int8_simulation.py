@@ -52,41 +52,27 @@ class LayerGeometry:
         bias = np.asarray(layer.weights[1].data, dtype=np.float64).reshape(-1) if has_bias else np.zeros(out)
         act_params = p.get(10, ())
         act_params = tuple(float(v) for v in (act_params if isinstance(act_params, (list, tuple)) else [act_params]))
-        if ip:
-            return cls(
-                layer.name,
-                weight,
-                bias,
-                1,
-                (1, 1),
-                (1, 1),
-                (1, 1),
-                (0, 0, 0, 0),
-                int(p.get(9, 0)),
-                act_params,
-                out,
-                True,
-            )
-        kw = int(p[1])
-        kh = int(p.get(11, kw))
-        sw = int(p.get(3, 1))
-        dw = int(p.get(2, 1))
-        pw = int(p.get(4, 0))
-        ph = int(p.get(14, pw))
-        group = int(p.get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
+        if ip:  # one output position reading the whole flattened input
+            kernel, stride, dilation, pad, group = (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1
+        else:
+            kw, sw, dw, pw = int(p[1]), int(p.get(3, 1)), int(p.get(2, 1)), int(p.get(4, 0))
+            ph = int(p.get(14, pw))
+            kernel, stride, dilation = (int(p.get(11, kw)), kw), (int(p.get(13, sw)), sw), (int(p.get(12, dw)), dw)
+            pad = (ph, pw, int(p.get(16, ph)), int(p.get(15, pw)))
+            group = int(p.get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
         return cls(
             layer.name,
             weight,
             bias,
             group,
-            (kh, kw),
-            (int(p.get(13, sw)), sw),
-            (int(p.get(12, dw)), dw),
-            (ph, pw, int(p.get(16, ph)), int(p.get(15, pw))),
+            kernel,
+            stride,
+            dilation,
+            pad,
             int(p.get(9, 0)),
             act_params,
             scale_units(layer),
-            False,
+            ip,
         )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -201,12 +187,10 @@ def simulate_layer(layer: NcnnLayer, x: np.ndarray) -> np.ndarray:
     arrays = layer.weights
     weight_scales = np.asarray(arrays[-3 if fused else -2].data, dtype=np.float64)
     bottom_scale = float(np.asarray(arrays[-2 if fused else -1].data)[0])
-    fp32_layer = NcnnLayer(layer.type, layer.name, layer.bottoms, layer.tops, dict(layer.params), list(arrays))
-    geometry = LayerGeometry.of(fp32_layer)
-    int8_weight = geometry.weight  # already int8 values: scales must not apply twice
+    geometry = LayerGeometry.of(layer)  # its weights are the int8 values already: no weight scale applies
     rows, cols, (oh, ow) = all_positions(geometry, x)
     q = quantize_input(geometry.patches(x, rows, cols).astype(np.float64), bottom_scale)
-    acc = geometry.accumulate(q, int8_weight)
+    acc = geometry.accumulate(q, geometry.weight)
     y = geometry.dequantize(acc, bottom_scale, weight_scales)
     if fused:
         top_scale = float(np.asarray(arrays[-1].data)[0])
