@@ -118,12 +118,15 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     return a.reshape(groups, a.shape[0] // groups, a.shape[1])
 
 
-def quadratic_error(q: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
+def quadratic_error(q: np.ndarray, gram: np.ndarray, linear: np.ndarray | None = None) -> np.ndarray:
     """Per output channel ``q' C q - 2 q' b``: the squared output error up to a constant (``gram`` C per group,
-    ``linear`` b per output)."""
+    ``linear`` b per output; none: ``q' C q``)."""
     groups = gram.shape[0]
     qg = _grouped(q, groups)
-    return ((np.matmul(qg, gram) * qg).sum(axis=2) - 2 * (qg * _grouped(linear, groups)).sum(axis=2)).reshape(-1)
+    error = (np.matmul(qg, gram) * qg).sum(axis=2)
+    if linear is not None:
+        error -= 2 * (qg * _grouped(linear, groups)).sum(axis=2)
+    return error.reshape(-1)
 
 
 def learn_rounding(
@@ -181,6 +184,8 @@ class LayerGram:
     bottom_scale: float
     weight_scales: np.ndarray  # per unit, as the table holds them
     bound: float
+    scaled: np.ndarray = field(init=False)  # W * s, per output channel
+    nearest: np.ndarray = field(init=False)  # nearest rounding, within the bound
     gram: np.ndarray = field(init=False)
     count: np.ndarray = field(init=False)
     sum_fp32: np.ndarray = field(init=False)
@@ -215,7 +220,7 @@ class LayerGram:
 
     def error(self, q: np.ndarray, part: int) -> np.ndarray:
         """Per output channel, ``||x~ (q - W s)||^2`` over the part's samples (in integer-weight units)."""
-        return quadratic_error(q - self.scaled, self.gram[part], np.zeros_like(q))
+        return quadratic_error(q - self.scaled, self.gram[part])
 
     def learn(self) -> tuple[np.ndarray, float]:
         """The integer weights (learned where that lowers the held-out error, nearest elsewhere) and the held-out
@@ -239,7 +244,7 @@ class LayerGram:
         q = np.where(keep[:, None], learned, nearest)
         units = np.where(scales > 0, scales, np.inf) ** -2.0  # integer-weight units -> output units
         total = (before * units).sum()
-        change = ((self.error(q, part) - before) * units).sum() / total if total > 0 else 0.0
+        change = ((np.where(keep, after, before) - before) * units).sum() / total if total > 0 else 0.0
         log.debug(
             "adaround %s: %d iterations, %d/%d channels learned, held-out rounding error %+.1f%%",
             g.name,
