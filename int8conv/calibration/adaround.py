@@ -178,7 +178,7 @@ def learn_rounding(
 @dataclass
 class LayerGram:
     """One layer's sums over its sampled positions: per group ``x~' x~`` for the training (index 0) and held-out
-    (index 1) images, and the input sums bias correction needs."""
+    (index 1) images, and the FP32 input sums bias correction needs (when given FP32 inputs)."""
 
     geometry: LayerGeometry
     bottom_scale: float
@@ -209,14 +209,16 @@ class LayerGram:
         """What ncnn computes with: the int8 input, in the input's units."""
         return quantize_input(patches, self.bottom_scale) / np.float32(self.bottom_scale)
 
-    def add(self, fp32: np.ndarray, int8_input: np.ndarray, held: bool) -> None:
-        """Add one image's patches: ``fp32`` from the FP32 model, ``int8_input`` from the INT8 one."""
+    def add(self, int8_input: np.ndarray, held: bool, fp32: np.ndarray | None = None) -> None:
+        """Add one image's patches: ``int8_input`` from the INT8 model and, for bias correction, ``fp32`` (the
+        same positions) from the FP32 one."""
         g, part = self.geometry, int(held)
-        xq_t = self.quantized(int8_input).reshape(fp32.shape[0], g.group, -1).transpose(1, 2, 0)
+        xq_t = self.quantized(int8_input).reshape(int8_input.shape[0], g.group, -1).transpose(1, 2, 0)
         self.gram[part] += np.matmul(xq_t, xq_t.transpose(0, 2, 1))
-        self.count[part] += fp32.shape[0]
-        self.sum_fp32 += fp32.sum(axis=0, dtype=np.float64)
-        self.sum_fp32_quantized += self.quantized(fp32).sum(axis=0, dtype=np.float64)
+        self.count[part] += int8_input.shape[0]
+        if fp32 is not None:
+            self.sum_fp32 += fp32.sum(axis=0, dtype=np.float64)
+            self.sum_fp32_quantized += self.quantized(fp32).sum(axis=0, dtype=np.float64)
 
     def error(self, q: np.ndarray, part: int) -> np.ndarray:
         """Per output channel, ``||x~ (q - W s)||^2`` over the part's samples (in integer-weight units)."""
@@ -362,9 +364,8 @@ def learn_weights(
                 for g in chunk:
                     blob, top = ends[g.name]
                     rows, cols = _sampled_positions(g, reference[top], len(images), rng)
-                    grams[g.name].add(
-                        g.patches(reference[blob], rows, cols), g.patches(quantized[blob], rows, cols), held
-                    )
+                    fp32_patches = g.patches(reference[blob], rows, cols) if bias_correction else None
+                    grams[g.name].add(g.patches(quantized[blob], rows, cols), held, fp32_patches)
             for g in progress(chunk, desc=f"adaround: learn {index + 1}/{len(chunks)}", unit="layer"):
                 gram = grams.pop(g.name)
                 q, change = gram.learn()
