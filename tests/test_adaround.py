@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from int8conv.calibration import adaround
-from int8conv.calibration.int8_simulation import round_clip
+from int8conv.calibration.int8_simulation import per_output_scales, round_clip
 
 
 def _layer(rng: np.random.Generator, k: int, out: int, bound: float):
@@ -88,10 +88,8 @@ def test_learned_integers_reach_ncnn_and_the_qdq_onnx(shared, tmp_path):
     from onnx import numpy_helper
 
     from int8conv import pipeline
-    from int8conv.calibration.adaround import per_output_scales
     from int8conv.calibration.preprocess import list_images, read_image
     from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
-    from int8conv.evaluation.metrics import blob_cosine
     from int8conv.ncnn.model import read_model, write_model
     from int8conv.ncnn.quantize import is_int8, quantize_model
     from int8conv.ncnn.runtime import NcnnRunner
@@ -121,7 +119,7 @@ def test_learned_integers_reach_ncnn_and_the_qdq_onnx(shared, tmp_path):
         np.testing.assert_array_equal(_int8_weights(layer), learned, err_msg=name)
         assert np.abs(learned).max() <= bounds[name], name
         nearest = round_clip(build.fp32.layer(name).weights[0].data.reshape(weight.shape) * scales[:, None])
-        changed += int((learned != np.clip(nearest, -127, 127)).sum())
+        changed += int((learned != nearest).sum())
     assert changed > 0, "adaround changed no integer"
 
     export = export_onnx(model.load(), batch=1)
@@ -149,15 +147,12 @@ def test_learned_integers_reach_ncnn_and_the_qdq_onnx(shared, tmp_path):
     }
     judged = list_images(shared / "images" / "voc_coco_detection") + list_images(shared / "images" / "skimage")
     errors = {"adaround": [], "nearest": []}
-    cosines = {"adaround": [], "nearest": []}
     for path in judged:
         x = zoo.prep.apply(read_image(path))
         ref = runners["fp32"].run({runners["fp32"].input_names[0]: x})
         for label in errors:
             got = runners[label].run({runners[label].input_names[0]: x})
             errors[label].append(sum(float(np.square(got[k] - ref[k]).sum()) for k in ref))
-            cosines[label].append(blob_cosine([ref[k] for k in ref], [got[k] for k in ref]))
-    print({k: float(np.mean(v)) for k, v in errors.items()}, {k: float(np.mean(v)) for k, v in cosines.items()})
     assert np.mean(errors["adaround"]) < np.mean(errors["nearest"])
 
 

@@ -138,14 +138,20 @@ def test_ultraface_pairs_are_its_depthwise_layers(shared):
     assert len(pairs) == 11 and {d.name for _, d in pairs} <= set(depthwise) and pairs[0][1].name == "188"
 
 
+def _face_split(shared, tmp_path):
+    """The shared faces and a list file of every other one (calibration); the rest judge (``faces[1::2]``)."""
+    faces = list_images(shared / "images" / "faces")
+    listing = tmp_path / "calibration.txt"
+    listing.write_text("\n".join(map(str, faces[0::2])))
+    return faces, listing
+
+
 def test_one_shot_equalize_writes_the_model_its_files_fit(shared, tmp_path, capsys):
     """``convert_tool.py --ncnn-dir OUT --equalize`` on ultraface: the six files land together; the FP32 model is
     the original network; its INT8 model is closer to the original FP32 outputs than the plain one-shot's."""
     zoo = MODELS["ultraface"]
     proto, model = zoo.paths(shared)
-    faces = list_images(shared / "images" / "faces")
-    listing = tmp_path / "calibration.txt"
-    listing.write_text("\n".join(map(str, faces[0::2])))
+    faces, listing = _face_split(shared, tmp_path)
     common = ["--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "--images", str(listing), "-q"]
     assert convert_tool([*common, "--equalize", "--output", str(tmp_path / "t.table")]) == 2
     assert "use it with --ncnn-dir" in capsys.readouterr().err
@@ -175,9 +181,7 @@ def test_export_trt_equalize_is_the_same_network_and_a_closer_qdq_model(shared, 
 
     zoo = MODELS["ultraface"]
     proto, model = zoo.paths(shared)
-    faces = list_images(shared / "images" / "faces")
-    listing = tmp_path / "calibration.txt"
-    listing.write_text("\n".join(map(str, faces[0::2])))
+    faces, listing = _face_split(shared, tmp_path)
     common = ["export-trt", "--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "-q"]
     common += ["--images", str(listing)]
     (tmp_path / "t.table").write_text("conv 1.0\n")

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from int8conv.caffe.graph import load_graph
-from int8conv.calibration.int8_simulation import LayerGeometry, simulate_layer
+from int8conv.calibration.int8_simulation import LayerGeometry, round_clip, simulate_layer
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.calibration.scale_search import _bias_correction, _sample
-from int8conv.calibration.weight_scales import DEAD_CHANNEL_RATIO
+from int8conv.calibration.weight_scales import dead_channels
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel, write_model
-from int8conv.ncnn.quantize import int8_layers, quantize_model
+from int8conv.ncnn.quantize import float_to_int8, int8_layers, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.tables.ncnn_table import CalibrationTable
 from int8conv.zoo import MODELS
@@ -36,10 +36,22 @@ def _minmax_table(model: NcnnModel, runner: NcnnRunner, x: np.ndarray) -> Calibr
         absmax = np.abs(g.weight.reshape(g.units, -1)).max(axis=1)
         levels = 31 if (g.kernel, g.stride, g.dilation, g.group) == ((3, 3), (1, 1), (1, 1), 1) else 127
         table.weight_scales[layer.name] = np.where(
-            absmax > absmax.max() * DEAD_CHANNEL_RATIO, levels / np.maximum(absmax, 1e-30), 0.0
+            dead_channels(absmax), 0.0, levels / np.maximum(absmax, 1e-30)
         ).astype(np.float32)
         table.activation_scales[layer.name] = 127.0 / float(np.abs(blobs[layer.bottoms[0]]).max())
     return table
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_clip_is_float_to_int8_in_float(dtype):
+    """The simulation's rounding gives ``float2int8``'s values (halves away from zero, clamped) in the input's type."""
+    halves = (np.arange(-130, 131) + np.array([[-0.5], [0.0], [0.5]])).astype(dtype).reshape(-1)
+    up, down = np.nextafter(halves, dtype(np.inf)), np.nextafter(halves, dtype(-np.inf))
+    noise = np.random.default_rng(0).normal(scale=60, size=4000).astype(dtype)
+    values = np.concatenate([halves, up, down, noise])
+    got = round_clip(values)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, float_to_int8(values).astype(dtype))
 
 
 @pytest.mark.parametrize("key", ["ultraface", "lenet", "det3"])

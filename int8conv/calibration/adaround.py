@@ -39,22 +39,25 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from int8conv.caffe.graph import Graph
 from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, TableRules
-from int8conv.calibration.int8_simulation import LayerGeometry, quantize_input, round_clip
-from int8conv.calibration.scale_search import sample_positions
+from int8conv.calibration.int8_simulation import LayerGeometry, per_output_scales, quantize_input, round_clip
+from int8conv.calibration.preprocess import spread_evenly
+from int8conv.calibration.scale_search import SAMPLING_SEED, layer_ends, sample_positions, table_layers
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
-from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model, runtime_int8_defect
+from int8conv.ncnn.quantize import quantize_model, runtime_int8_defect
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: the rectified sigmoid's stretch (Nagel et al.: zeta 1.1, gamma -0.1)
 ZETA, GAMMA = 1.1, -0.1
@@ -82,10 +85,9 @@ MAX_LAYER_GRAM_MACS = 1e10
 GRAM_BYTES = 512 * 2**20
 
 
-def adaround_images(items: Sequence) -> list:
+def adaround_images(items: Sequence[T]) -> list[T]:
     """Up to ADAROUND_IMAGES of the calibration images, spread evenly over them."""
-    picked = np.unique(np.linspace(0, len(items) - 1, min(ADAROUND_IMAGES, len(items))).round().astype(int))
-    return [items[i] for i in picked] if len(items) else []
+    return spread_evenly(items, ADAROUND_IMAGES)
 
 
 def rectified_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,12 +118,15 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     return a.reshape(groups, a.shape[0] // groups, a.shape[1])
 
 
-def quadratic_error(q: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
+def quadratic_error(q: np.ndarray, gram: np.ndarray, linear: np.ndarray | None = None) -> np.ndarray:
     """Per output channel ``q' C q - 2 q' b``: the squared output error up to a constant (``gram`` C per group,
-    ``linear`` b per output)."""
+    ``linear`` b per output; none: ``q' C q``)."""
     groups = gram.shape[0]
     qg = _grouped(q, groups)
-    return ((np.matmul(qg, gram) * qg).sum(axis=2) - 2 * (qg * _grouped(linear, groups)).sum(axis=2)).reshape(-1)
+    error = (np.matmul(qg, gram) * qg).sum(axis=2)
+    if linear is not None:
+        error -= 2 * (qg * _grouped(linear, groups)).sum(axis=2)
+    return error.reshape(-1)
 
 
 def learn_rounding(
@@ -173,12 +178,14 @@ def learn_rounding(
 @dataclass
 class LayerGram:
     """One layer's sums over its sampled positions: per group ``x~' x~`` for the training (index 0) and held-out
-    (index 1) images, and the input sums bias correction needs."""
+    (index 1) images, and the FP32 input sums bias correction needs (when given FP32 inputs)."""
 
     geometry: LayerGeometry
     bottom_scale: float
     weight_scales: np.ndarray  # per unit, as the table holds them
     bound: float
+    scaled: np.ndarray = field(init=False)  # W * s, per output channel
+    nearest: np.ndarray = field(init=False)  # nearest rounding, within the bound
     gram: np.ndarray = field(init=False)
     count: np.ndarray = field(init=False)
     sum_fp32: np.ndarray = field(init=False)
@@ -187,7 +194,7 @@ class LayerGram:
     def __post_init__(self) -> None:
         g = self.geometry
         width = g.weight.shape[1]
-        self.scaled = g.weight * g.per_output(self.weight_scales.astype(np.float64))[:, None]
+        self.scaled = g.weight * g.per_output(self.weight_scales)[:, None]
         self.nearest = np.clip(round_clip(self.scaled), -self.bound, self.bound)
         self.gram = np.zeros((2, g.group, width, width))
         self.count = np.zeros(2, dtype=np.int64)
@@ -202,18 +209,20 @@ class LayerGram:
         """What ncnn computes with: the int8 input, in the input's units."""
         return quantize_input(patches, self.bottom_scale) / np.float32(self.bottom_scale)
 
-    def add(self, fp32: np.ndarray, int8_input: np.ndarray, held: bool) -> None:
-        """Add one image's patches: ``fp32`` from the FP32 model, ``int8_input`` from the INT8 one."""
+    def add(self, int8_input: np.ndarray, held: bool, fp32: np.ndarray | None = None) -> None:
+        """Add one image's patches: ``int8_input`` from the INT8 model and, for bias correction, ``fp32`` (the
+        same positions) from the FP32 one."""
         g, part = self.geometry, int(held)
-        xq_t = self.quantized(int8_input).reshape(fp32.shape[0], g.group, -1).transpose(1, 2, 0)
+        xq_t = self.quantized(int8_input).reshape(int8_input.shape[0], g.group, -1).transpose(1, 2, 0)
         self.gram[part] += np.matmul(xq_t, xq_t.transpose(0, 2, 1))
-        self.count[part] += fp32.shape[0]
-        self.sum_fp32 += fp32.sum(axis=0, dtype=np.float64)
-        self.sum_fp32_quantized += self.quantized(fp32).sum(axis=0, dtype=np.float64)
+        self.count[part] += int8_input.shape[0]
+        if fp32 is not None:
+            self.sum_fp32 += fp32.sum(axis=0, dtype=np.float64)
+            self.sum_fp32_quantized += self.quantized(fp32).sum(axis=0, dtype=np.float64)
 
     def error(self, q: np.ndarray, part: int) -> np.ndarray:
         """Per output channel, ``||x~ (q - W s)||^2`` over the part's samples (in integer-weight units)."""
-        return quadratic_error(q - self.scaled, self.gram[part], np.zeros_like(q))
+        return quadratic_error(q - self.scaled, self.gram[part])
 
     def learn(self) -> tuple[np.ndarray, float]:
         """The integer weights (learned where that lowers the held-out error, nearest elsewhere) and the held-out
@@ -237,7 +246,7 @@ class LayerGram:
         q = np.where(keep[:, None], learned, nearest)
         units = np.where(scales > 0, scales, np.inf) ** -2.0  # integer-weight units -> output units
         total = (before * units).sum()
-        change = ((self.error(q, part) - before) * units).sum() / total if total > 0 else 0.0
+        change = ((np.where(keep, after, before) - before) * units).sum() / total if total > 0 else 0.0
         log.debug(
             "adaround %s: %d iterations, %d/%d channels learned, held-out rounding error %+.1f%%",
             g.name,
@@ -261,7 +270,7 @@ class LayerGram:
 
 def adjusted_weights(q: np.ndarray, geometry: LayerGeometry, weight_scales: np.ndarray) -> np.ndarray:
     """``q / scale`` per output channel as float32 (0 for a dead channel): the FP32 weights that round to ``q``."""
-    scales = geometry.per_output(np.asarray(weight_scales, dtype=np.float64))
+    scales = per_output_scales(geometry.weight, weight_scales)
     safe = np.where(scales > 0, scales, 1.0)
     return np.where(scales[:, None] > 0, q / safe[:, None], 0.0).astype(np.float32)
 
@@ -270,13 +279,9 @@ def _learnable(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]
     """The layers the table quantizes and the runtime computes right in INT8, with a live weight scale, whose
     Gram matrices fit MAX_LAYER_GRAM_MACS."""
     layers = [
-        LayerGeometry.of(layer)
-        for layer in model.layers
-        if layer.type in QUANTIZABLE
-        and layer.name in table.activation_scales
-        and layer.name in table.weight_scales
-        and runtime_int8_defect(layer) is None
-        and np.any(table.weight_scales[layer.name] > 0)
+        g
+        for g in table_layers(model, table)
+        if runtime_int8_defect(model.layer(g.name)) is None and np.any(table.weight_scales[g.name] > 0)
     ]
     large = [g.name for g in layers if SAMPLES_PER_WEIGHT * g.group * g.weight.shape[1] ** 3 > MAX_LAYER_GRAM_MACS]
     if large:
@@ -316,7 +321,6 @@ def learn_weights(
     levels: Mapping[str, int] | None = None,
     biases: Mapping[str, np.ndarray] | None = None,
     bias_correction: bool = False,
-    seed: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Learned INT8 weights for the ncnn FP32 ``model`` and ``table``, as adjusted FP32 weights per layer
     (``(out, K)`` float32, rounding to the learned integers with the table's weight scales), and the biases the
@@ -329,7 +333,7 @@ def learn_weights(
     weights: dict[str, np.ndarray] = {}
     new_biases = dict(biases or {})
     changes: list[float] = []
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(SAMPLING_SEED)
     chunks = _chunks(layers)
     with tempfile.TemporaryDirectory(prefix="int8conv-adaround-") as tmp:
         fp32_param, fp32_bin = Path(tmp) / "fp32.param", Path(tmp) / "fp32.bin"
@@ -349,7 +353,7 @@ def learn_weights(
                 )
                 for g in chunk
             }
-            ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in chunk}
+            ends = layer_ends(model, chunk)
             wanted = sorted({blob for pair in ends.values() for blob in pair})
             desc = f"adaround: inputs {index + 1}/{len(chunks)}"
             for position, x in enumerate(progress(images, desc=desc, unit="img")):
@@ -360,9 +364,8 @@ def learn_weights(
                 for g in chunk:
                     blob, top = ends[g.name]
                     rows, cols = _sampled_positions(g, reference[top], len(images), rng)
-                    grams[g.name].add(
-                        g.patches(reference[blob], rows, cols), g.patches(quantized[blob], rows, cols), held
-                    )
+                    fp32_patches = g.patches(reference[blob], rows, cols) if bias_correction else None
+                    grams[g.name].add(g.patches(quantized[blob], rows, cols), held, fp32_patches)
             for g in progress(chunk, desc=f"adaround: learn {index + 1}/{len(chunks)}", unit="layer"):
                 gram = grams.pop(g.name)
                 q, change = gram.learn()
@@ -379,12 +382,6 @@ def learn_weights(
         time.perf_counter() - started,
     )
     return weights, (new_biases if bias_correction or biases else None)
-
-
-def per_output_scales(weight: np.ndarray, weight_scales: np.ndarray) -> np.ndarray:
-    """The table's per-unit weight scales (per group for depthwise) repeated to one per output channel."""
-    scales = np.asarray(weight_scales, dtype=np.float64).reshape(-1)
-    return np.repeat(scales, weight.shape[0] // scales.size)
 
 
 def calibrate_adaround(

@@ -61,12 +61,7 @@ def validation_images(items: Sequence[T]) -> list[T]:
 
 
 def calibrate_auto(
-    graph: Graph,
-    stats: CalibrationStatistics,
-    inputs: Sequence[np.ndarray],
-    rules: TableRules = DEFAULT_RULES,
-    candidates: Sequence[str] = AUTO_CANDIDATES,
-    task: str = "auto",
+    graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray], rules: TableRules = DEFAULT_RULES
 ) -> CalibrationResult:
     """The best candidate table on the validation ``inputs`` (preprocessed CHW images).
 
@@ -85,11 +80,11 @@ def calibrate_auto(
             "--method auto measures the ncnn model, and this model does not convert (%s): using %s", exc, AUTO_FALLBACK
         )
         return build_table(graph, stats, AUTO_FALLBACK, rules)
-    results = {m: build_table(graph, stats, m, rules) for m in dict.fromkeys(candidates)}
+    results = {m: build_table(graph, stats, m, rules) for m in AUTO_CANDIDATES}
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
         feeds = [{model.input_names[0]: x} for x in inputs]
-        score = OutputScorer(model, feeds, Path(tmp), task, fp16_storage=False, threads=1)
+        score = OutputScorer(model, feeds, Path(tmp), "auto", fp16_storage=False, threads=1)  # the model's task
         for method in progress(list(results), desc="auto: candidates", unit="table"):
             scores[method] = score(results[method].table)
     top = max(scores.values())

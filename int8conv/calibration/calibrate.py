@@ -75,13 +75,17 @@ def collect_statistics(
     tally = ImageTally()
     # a picklable forward (ncnn): worker processes can run it; images then go one at a time, whatever --batch-size
     reader = getattr(engine, "reader", None)
+
+    def new_statistics() -> CalibrationStatistics:
+        return CalibrationStatistics(model=identity, preprocess=prep.describe())
+
     with progress(total=len(images), desc="calibrating", unit="img") as bar:
         if reader is not None:
             stats = chunked_statistics(
                 reader(values, (prep.channels, *prep.size)),
                 images,
                 prep,
-                lambda: CalibrationStatistics(model=identity, preprocess=prep.describe()),
+                new_statistics,
                 jobs,
                 tally,
                 on_images=bar.update,
@@ -90,11 +94,7 @@ def collect_statistics(
             if jobs > 1:
                 log.info("--jobs %d: the %s engine runs in one process (worker processes need ncnn)", jobs, engine.name)
             stats = stream_statistics(
-                engine,
-                iter_batches(images, prep, batch_size, tally),
-                values,
-                CalibrationStatistics(model=identity, preprocess=prep.describe()),
-                on_images=bar.update,
+                engine, iter_batches(images, prep, batch_size, tally), values, new_statistics(), on_images=bar.update
             )
         bar.update(len(images) - bar.n)
     stats.images_used += tally.used

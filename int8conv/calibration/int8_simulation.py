@@ -52,41 +52,27 @@ class LayerGeometry:
         bias = np.asarray(layer.weights[1].data, dtype=np.float64).reshape(-1) if has_bias else np.zeros(out)
         act_params = p.get(10, ())
         act_params = tuple(float(v) for v in (act_params if isinstance(act_params, (list, tuple)) else [act_params]))
-        if ip:
-            return cls(
-                layer.name,
-                weight,
-                bias,
-                1,
-                (1, 1),
-                (1, 1),
-                (1, 1),
-                (0, 0, 0, 0),
-                int(p.get(9, 0)),
-                act_params,
-                out,
-                True,
-            )
-        kw = int(p[1])
-        kh = int(p.get(11, kw))
-        sw = int(p.get(3, 1))
-        dw = int(p.get(2, 1))
-        pw = int(p.get(4, 0))
-        ph = int(p.get(14, pw))
-        group = int(p.get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
+        if ip:  # one output position reading the whole flattened input
+            kernel, stride, dilation, pad, group = (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1
+        else:
+            kw, sw, dw, pw = int(p[1]), int(p.get(3, 1)), int(p.get(2, 1)), int(p.get(4, 0))
+            ph = int(p.get(14, pw))
+            kernel, stride, dilation = (int(p.get(11, kw)), kw), (int(p.get(13, sw)), sw), (int(p.get(12, dw)), dw)
+            pad = (ph, pw, int(p.get(16, ph)), int(p.get(15, pw)))
+            group = int(p.get(7, 1)) if layer.type == "ConvolutionDepthWise" else 1
         return cls(
             layer.name,
             weight,
             bias,
             group,
-            (kh, kw),
-            (int(p.get(13, sw)), sw),
-            (int(p.get(12, dw)), dw),
-            (ph, pw, int(p.get(16, ph)), int(p.get(15, pw))),
+            kernel,
+            stride,
+            dilation,
+            pad,
             int(p.get(9, 0)),
             act_params,
             scale_units(layer),
-            False,
+            ip,
         )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -124,9 +110,9 @@ class LayerGeometry:
             return 1.0 / (1.0 + np.exp(-y))
         return y
 
-    def per_output(self, units_values: np.ndarray) -> np.ndarray:
-        """Per-unit (per-group for depthwise) values repeated to one per output channel."""
-        return np.repeat(units_values, self.weight.shape[0] // self.units)
+    def per_output(self, weight_scales: np.ndarray) -> np.ndarray:
+        """``per_output_scales`` of this layer's weights."""
+        return per_output_scales(self.weight, weight_scales)
 
     def accumulate(self, q: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """``q`` (P, K) times ``weight`` (out, K / group) group by group: (P, out)."""
@@ -137,10 +123,6 @@ class LayerGeometry:
         qg = q.reshape(p, self.group, -1).transpose(1, 0, 2)  # (G, P, K/G)
         wg = weight.reshape(self.group, out // self.group, -1).transpose(0, 2, 1)  # (G, K/G, out/G)
         return np.matmul(qg, wg).transpose(1, 0, 2).reshape(p, out)
-
-    def fp32(self, patches: np.ndarray) -> np.ndarray:
-        """The FP32 layer output (after activation) at the sampled positions."""
-        return self.activate(self.accumulate(patches, self.weight.astype(patches.dtype)) + self.bias)
 
     def quantized_weight(self, weight_scales: np.ndarray, dtype=np.float64) -> np.ndarray:
         """The int8 weights ncnn stores for these per-unit scales (as floats)."""
@@ -159,15 +141,25 @@ class LayerGeometry:
     ) -> np.ndarray:
         """Steps 3-4 on the integer sums ``acc``: dequantized plus the bias, then the activation (not with
         ``pre_activation``)."""
-        scales = self.per_output(np.asarray(weight_scales, dtype=np.float64))
+        scales = self.per_output(weight_scales)
         dequant = np.where(scales > 0, 1.0 / (bottom_scale * np.where(scales > 0, scales, 1.0)), 0.0)
         y = acc * dequant.astype(acc.dtype) + self.bias.astype(acc.dtype)
         return y if pre_activation else self.activate(y)
 
 
+def per_output_scales(weight: np.ndarray, weight_scales: np.ndarray) -> np.ndarray:
+    """The table's per-unit weight scales (per group for depthwise) repeated to one per output channel of
+    ``weight`` (out, ...), as float64."""
+    scales = np.asarray(weight_scales, dtype=np.float64).reshape(-1)
+    return np.repeat(scales, weight.shape[0] // scales.size)
+
+
 def round_clip(values: np.ndarray) -> np.ndarray:
-    """``float2int8`` kept in the input's float type (same values as ``float_to_int8``, fewer passes)."""
-    rounded = np.trunc(values + np.copysign(np.asarray(0.5, values.dtype), values))
+    """``float2int8`` kept in the input's float type (same values as ``float_to_int8``, fewer passes), in one
+    buffer: the search rounds thousands of candidate inputs."""
+    rounded = np.copysign(np.asarray(0.5, values.dtype), values)
+    rounded += values
+    np.trunc(rounded, out=rounded)
     return np.clip(rounded, -127, 127, out=rounded)
 
 
@@ -198,12 +190,10 @@ def simulate_layer(layer: NcnnLayer, x: np.ndarray) -> np.ndarray:
     arrays = layer.weights
     weight_scales = np.asarray(arrays[-3 if fused else -2].data, dtype=np.float64)
     bottom_scale = float(np.asarray(arrays[-2 if fused else -1].data)[0])
-    fp32_layer = NcnnLayer(layer.type, layer.name, layer.bottoms, layer.tops, dict(layer.params), list(arrays))
-    geometry = LayerGeometry.of(fp32_layer)
-    int8_weight = geometry.weight  # already int8 values: scales must not apply twice
+    geometry = LayerGeometry.of(layer)  # its weights are the int8 values already: no weight scale applies
     rows, cols, (oh, ow) = all_positions(geometry, x)
     q = quantize_input(geometry.patches(x, rows, cols).astype(np.float64), bottom_scale)
-    acc = geometry.accumulate(q, int8_weight)
+    acc = geometry.accumulate(q, geometry.weight)
     y = geometry.dequantize(acc, bottom_scale, weight_scales)
     if fused:
         top_scale = float(np.asarray(arrays[-1].data)[0])

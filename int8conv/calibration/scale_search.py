@@ -60,11 +60,17 @@ SEARCH_METHODS = ("eq",)
 SEARCH_IMAGES = 8
 #: share of each image's sampled positions taken where the FP32 output is largest (the rest: uniform)
 SALIENT_SHARE = 0.5
-COARSE_RATIOS = np.geomspace(1 / 64, 1.0, 9)
+#: the first pass's candidate thresholds: COARSE_STEPS ratios of absmax, geometric from the layer's floor (KL's
+#: threshold, at least LOWEST_RATIO) to 1
+LOWEST_RATIO, COARSE_STEPS = 1 / 64, 9
 #: weight-scale multipliers tried per output channel: above 1 clips the largest weights (8-bit layers); Winograd
 #: layers only go down, so no int8 weight exceeds the bound the Winograd kernel needs (``winograd_levels``)
 WEIGHT_UP = np.linspace(1.0, 1.2, 5)
 WEIGHT_DOWN = np.linspace(0.92, 1.0, 5)
+#: search passes: the first on FP32 inputs, each later one on the inputs of the INT8 net the pass before chose
+PASSES = 2
+#: the seed of the sampled positions (the same images give the same table)
+SAMPLING_SEED = 0
 
 
 @dataclass
@@ -112,7 +118,7 @@ def sample_positions(
     return np.divmod(np.sort(picked), ow)
 
 
-def _search_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
+def table_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
     """The layers the table quantizes (both lines present), in network order."""
     return [
         LayerGeometry.of(layer)
@@ -121,20 +127,26 @@ def _search_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeome
     ]
 
 
+def layer_ends(model: NcnnModel, layers: Sequence[LayerGeometry]) -> dict[str, tuple[str, str]]:
+    """Each layer's input and output blob."""
+    names = {g.name for g in layers}
+    return {layer.name: (layer.bottoms[0], layer.tops[0]) for layer in model.layers if layer.name in names}
+
+
 def _sample(
-    model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.ndarray], workdir: Path, seed: int = 0
+    model: NcnnModel, layers: list[LayerGeometry], inputs: Sequence[np.ndarray], workdir: Path
 ) -> dict[str, LayerSamples]:
     """FP32 pass: input patches at sampled positions of every searched layer, and the FP32 output there."""
     param, binary = workdir / "fp32.param", workdir / "fp32.bin"
     write_model(model, param, binary)
     runner = NcnnRunner(param, binary, int8=False)
-    ends = {g.name: (model.layer(g.name).bottoms[0], model.layer(g.name).tops[0]) for g in layers}
+    ends = layer_ends(model, layers)
     wanted = sorted({blob for pair in ends.values() for blob in pair})
     per_image = {
         g.name: int(np.clip(MAC_BUDGET / g.weight.size, MIN_POSITIONS, MAX_POSITIONS)) // len(inputs) + 1
         for g in layers
     }
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(SAMPLING_SEED)
     patches: dict[str, list[np.ndarray]] = {g.name: [] for g in layers}
     positions: dict[str, list] = {g.name: [] for g in layers}
     for x in progress(inputs, desc="eq: FP32 pass", unit="img"):
@@ -233,7 +245,6 @@ def search_scales(
     six_bit: Iterable[str],
     inputs: Sequence[np.ndarray],
     bias_correction: bool = False,
-    passes: int = 2,
     floors: Mapping[str, float] | None = None,
 ) -> tuple[CalibrationTable, dict[str, np.ndarray] | None]:
     """The searched table for the ncnn FP32 ``model`` and, with ``bias_correction``, the corrected biases.
@@ -247,29 +258,29 @@ def search_scales(
     started = time.perf_counter()
     table = CalibrationTable({k: v.copy() for k, v in table.weight_scales.items()}, dict(table.activation_scales))
     chosen = search_images(inputs)
-    layers = _search_layers(model, table)
+    layers = table_layers(model, table)
     fixed, six_bit = set(fixed), set(six_bit)
     start_scales = {g.name: table.weight_scales[g.name] for g in layers}
     biases: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-eq-") as tmp:
         samples = _sample(model, layers, chosen, Path(tmp))
-        for round_ in range(passes):
-            last = round_ == passes - 1
+        for round_ in range(PASSES):
+            last = round_ == PASSES - 1
             if round_:
                 _quantized_pass(model, table, samples, chosen, Path(tmp))
-            for g in progress(layers, desc=f"eq: search {round_ + 1}/{passes}", unit="layer"):
+            for g in progress(layers, desc=f"eq: search {round_ + 1}/{PASSES}", unit="layer"):
                 s = samples[g.name]
                 patches = s.fp32_patches if s.quantized_patches is None else s.quantized_patches
                 scales = start_scales[g.name]
                 if not np.any(scales):
                     continue
                 if g.name not in fixed:
-                    lowest = min(max(floors.get(g.name, 0.0) / absmax[g.name], COARSE_RATIOS[0]), 1.0)
+                    lowest = min(max(floors.get(g.name, 0.0) / absmax[g.name], LOWEST_RATIO), 1.0)
                     if round_:  # later passes: around the previous choice only
                         ratio = 127.0 / table.activation_scales[g.name] / absmax[g.name]
                         ratios = np.clip(ratio * np.geomspace(0.7, 1.4, 5), lowest, 1.0)
                     else:
-                        ratios = np.geomspace(lowest, 1.0, COARSE_RATIOS.size)
+                        ratios = np.geomspace(lowest, 1.0, COARSE_STEPS)
                     table.activation_scales[g.name] = 127.0 / _best_threshold(
                         s, patches, absmax[g.name], scales, ratios
                     )

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("kl", "minmax", "percentile", "aciq", "mse")
 #: What ``calibrate`` uses unless told: chosen by ``benchmarks/bench_quality.py`` (README, "Calibration methods,
-#: measured"): ``auto`` (``auto_select``: these methods' tables measured on the ncnn runtime, the best kept, refined
-#: per layer) meets the accuracy targets on the most shared models and is best on the most, under 3x KL's time.
+#: measured"): ``auto`` (``auto_select``: these methods' whole-model tables measured on the ncnn runtime, the best
+#: kept) meets the accuracy targets on the most shared models, under 3x KL's time.
 DEFAULT_METHOD = "auto"
 
 # Banner et al., "Post training 4-bit quantization of convolutional networks for rapid deployment"
