@@ -34,7 +34,7 @@ from int8conv.caffe.graph import Graph, load_graph
 from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.reader import read_caffemodel
 from int8conv.caffe.shapes import check_input_size
-from int8conv.calibration.adaround import adaround_images, calibrate_adaround, per_output_scales
+from int8conv.calibration.adaround import adaround_images, calibrate_adaround
 from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
     CalibrationResult,
@@ -47,6 +47,7 @@ from int8conv.calibration.calibrate import (
 )
 from int8conv.calibration.equalize import EqualizedPair, channel_ranges, equalization_pairs, equalize_caffemodel
 from int8conv.calibration.histograms import CalibrationStatistics
+from int8conv.calibration.int8_simulation import per_output_scales
 from int8conv.calibration.preprocess import Preprocess, list_images, network_inputs, spread_evenly
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq, search_images
 from int8conv.calibration.thresholds import DEFAULT_METHOD

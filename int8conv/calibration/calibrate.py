@@ -28,11 +28,8 @@ log = logging.getLogger(__name__)
 
 def file_sha256(path: str | Path) -> str:
     """Identity of a model file, so statistics of different models are never merged."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def model_identity(prototxt: str | Path, caffemodel: str | Path) -> dict[str, str]:
