@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from int8conv.caffe.graph import load_graph  # noqa: E402
-from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
+from int8conv.calibration.preprocess import list_images, readable_images  # noqa: E402
 from int8conv.evaluation.evaluate import output_view, resolve_task  # noqa: E402
 from int8conv.evaluation.speed import optimize_speed  # noqa: E402
 from int8conv.ncnn.convert import convert_graph  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("INT8CONV_QUIET", "1")
-    images = [read_image(p) for p in list_images(args.shared / "images" / "faces")[-args.images :]]
+    images = [image for _, image in readable_images(list_images(args.shared / "images" / "faces")[-args.images :])]
     print(
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; medians of "
         f"{args.runs} interleaved runs after 2 warm-up runs"

@@ -36,7 +36,7 @@ from int8conv.calibration.adaround import adaround_images, calibrate_adaround  #
 from int8conv.calibration.auto_select import AUTO_METHOD, calibrate_auto, validation_images  # noqa: E402
 from int8conv.calibration.calibrate import TableRules, all_values, build_table, calibration_values, model_identity  # noqa: E402
 from int8conv.calibration.histograms import CalibrationStatistics  # noqa: E402
-from int8conv.calibration.preprocess import list_images, read_image  # noqa: E402
+from int8conv.calibration.preprocess import list_images, readable_images  # noqa: E402
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
@@ -92,7 +92,7 @@ def split_images(shared: Path, imagenet: int) -> tuple[list[Path], list[Path]]:
 
 
 def load_inputs(paths: list[Path], prep, channels: int) -> list[np.ndarray]:
-    return [model_input(prep, image, channels) for image in map(read_image, paths) if image is not None]
+    return [model_input(prep, image, channels) for _, image in readable_images(paths)]
 
 
 def collect(graph, engine, inputs: list[np.ndarray], identity: dict, prep, values=None) -> CalibrationStatistics:

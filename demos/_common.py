@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from int8conv import pipeline  # noqa: E402
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
-from int8conv.calibration.preprocess import Preprocess, list_images, read_image  # noqa: E402
+from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402
 from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner, interleaved_ms  # noqa: E402
@@ -186,11 +186,7 @@ class SideBySide:
         self, images: Sequence[Path], prep: Preprocess
     ) -> Iterator[tuple[Path, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], float, float]]:
         """(path, image, FP32 outputs, INT8 outputs, FP32 ms, INT8 ms) of each readable image; others are skipped."""
-        for path in images:
-            image = read_image(path)
-            if image is None:
-                log.warning("skipping %s: not a readable image", path)
-                continue
+        for path, image in readable_images(images):
             yield (path, image, *self.run(prep.apply(image)))
 
     def run(self, data: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]:

@@ -9,7 +9,7 @@ Matlab-trained models (MTCNN) expect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -172,21 +172,31 @@ class ImageTally:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def readable_images(paths: Iterable[Path], tally: ImageTally | None = None) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, BGR image) of each readable image; an unreadable one is skipped with a warning (and counted in
+    ``tally``): the one image loop every stage reads images through."""
+    for path in paths:
+        image = read_image(path)
+        if image is None:
+            reason = unreadable(path)
+            log_skipped(path, reason)
+            if tally is not None:
+                tally.skipped.append((path, reason))
+            continue
+        if tally is not None:
+            tally.used += 1
+        yield path, image
+
+
 def iter_batches(
     paths: Sequence[Path], prep: Preprocess, batch_size: int, tally: ImageTally
 ) -> Iterator[tuple[np.ndarray, list[Path]]]:
     """Yield preprocessed batches; unreadable images are skipped with a warning and counted in ``tally``."""
     batch: list[np.ndarray] = []
     names: list[Path] = []
-    for path in paths:
-        image = read_image(path)
-        if image is None:
-            log_skipped(path, unreadable(path))
-            tally.skipped.append((path, unreadable(path)))
-            continue
+    for path, image in readable_images(paths, tally):
         batch.append(prep.apply(image))
         names.append(path)
-        tally.used += 1
         if len(batch) == batch_size:
             yield np.stack(batch), names
             batch, names = [], []

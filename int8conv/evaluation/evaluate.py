@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from int8conv.caffe.layers import types_where
-from int8conv.calibration.preprocess import Preprocess, read_image, unreadable
+from int8conv.calibration.preprocess import Preprocess, readable_images
 from int8conv.errors import ImageError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.host_decoders import (
@@ -410,11 +410,7 @@ def evaluate(config: EvalConfig) -> EvalReport:
     caffe_metric = TaskMetric(task)
     first_input = None
     used = 0
-    for path in progress(config.images, desc="evaluating", unit="img"):
-        image = read_image(path)
-        if image is None:
-            log.warning("skipping %s: %s", path, unreadable(path))
-            continue
+    for _, image in readable_images(progress(config.images, desc="evaluating", unit="img")):
         data = config.preprocess.apply(image)
         inputs = {fp32.input_names[0]: data}
         first_input = first_input or inputs
