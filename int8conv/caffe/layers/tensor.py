@@ -276,21 +276,29 @@ def shuffle_channel_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return ncnn_layer("ShuffleChannel", layer, {0: int(layer.param.shuffle_channel_param.group)})
 
 
+def _permute_onnx(b, layer: Layer, inner: str, split: list[int], perm: list[int], moved: str, out: list[int]) -> None:
+    """Reshape the bottom to ``split``, transpose by ``perm``, reshape to ``out``: a pure rearrangement, so both
+    inner tensors keep the bottom's range."""
+    b.node("Reshape", [layer.bottoms[0], b.init(f"{inner}/shape", split, np.int64)], [inner], inner)
+    b.node("Transpose", [inner], [moved], moved, perm=perm)
+    b.node("Reshape", [moved, b.init(f"{layer.name}/shape", out, np.int64)], [layer.tops[0]], layer.name)
+    b.derive(inner, layer.bottoms[0])
+    b.derive(moved, layer.bottoms[0])
+
+
 def shuffle_channel_onnx(b, layer: Layer) -> None:
     """(N, g, C/g, H, W) -> swap g and C/g -> (N, C, H, W)."""
     n, c, h, w = b.shape(layer.bottoms[0])
     group = int(layer.param.shuffle_channel_param.group)
-    grouped, swapped = f"{layer.name}/grouped", f"{layer.name}/swapped"
-    b.node(
-        "Reshape",
-        [layer.bottoms[0], b.init(f"{grouped}/shape", [0, group, c // group, h, w], np.int64)],
-        [grouped],
-        grouped,
+    _permute_onnx(
+        b,
+        layer,
+        f"{layer.name}/grouped",
+        [0, group, c // group, h, w],
+        [0, 2, 1, 3, 4],
+        f"{layer.name}/swapped",
+        [0, c, h, w],
     )
-    b.node("Transpose", [grouped], [swapped], swapped, perm=[0, 2, 1, 3, 4])
-    b.node("Reshape", [swapped, b.init(f"{layer.name}/shape", [0, c, h, w], np.int64)], [layer.tops[0]], layer.name)
-    b.derive(grouped, layer.bottoms[0])
-    b.derive(swapped, layer.bottoms[0])
 
 
 def reorg_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
@@ -311,19 +319,15 @@ def reorg_onnx(b, layer: Layer) -> None:
     """ncnn's Reorg: output channel (c * s + i) * s + j at (y, x) is input channel c at (y*s + i, x*s + j)."""
     n, c, h, w = b.shape(layer.bottoms[0])
     s = int(layer.param.reorg_param.stride)
-    split, moved = f"{layer.name}/split", f"{layer.name}/moved"
-    b.node(
-        "Reshape", [layer.bottoms[0], b.init(f"{split}/shape", [0, c, h // s, s, w // s, s], np.int64)], [split], split
+    _permute_onnx(
+        b,
+        layer,
+        f"{layer.name}/split",
+        [0, c, h // s, s, w // s, s],
+        [0, 1, 3, 5, 2, 4],
+        f"{layer.name}/moved",
+        [0, c * s * s, h // s, w // s],
     )
-    b.node("Transpose", [split], [moved], moved, perm=[0, 1, 3, 5, 2, 4])
-    b.node(
-        "Reshape",
-        [moved, b.init(f"{layer.name}/shape", [0, c * s * s, h // s, w // s], np.int64)],
-        [layer.tops[0]],
-        layer.name,
-    )
-    b.derive(split, layer.bottoms[0])
-    b.derive(moved, layer.bottoms[0])
 
 
 # --------------------------------------------------------------------------------------------------- no-ops
