@@ -276,9 +276,10 @@ def shuffle_channel_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return ncnn_layer("ShuffleChannel", layer, {0: int(layer.param.shuffle_channel_param.group)})
 
 
-def _permute_onnx(b, layer: Layer, inner: str, split: list[int], perm: list[int], moved: str, out: list[int]) -> None:
-    """Reshape the bottom to ``split``, transpose by ``perm``, reshape to ``out``: a pure rearrangement, so both
-    inner tensors keep the bottom's range."""
+def _permute_onnx(b, layer: Layer, steps: tuple[str, str], split: list[int], perm: list[int], out: list[int]) -> None:
+    """Reshape the bottom to ``split`` (tensor ``<layer>/<steps[0]>``), transpose by ``perm`` (``<layer>/<steps[1]>``),
+    reshape to ``out``: a pure rearrangement, so both inner tensors keep the bottom's range."""
+    inner, moved = (f"{layer.name}/{step}" for step in steps)
     b.node("Reshape", [layer.bottoms[0], b.init(f"{inner}/shape", split, np.int64)], [inner], inner)
     b.node("Transpose", [inner], [moved], moved, perm=perm)
     b.node("Reshape", [moved, b.init(f"{layer.name}/shape", out, np.int64)], [layer.tops[0]], layer.name)
@@ -289,16 +290,8 @@ def _permute_onnx(b, layer: Layer, inner: str, split: list[int], perm: list[int]
 def shuffle_channel_onnx(b, layer: Layer) -> None:
     """(N, g, C/g, H, W) -> swap g and C/g -> (N, C, H, W)."""
     n, c, h, w = b.shape(layer.bottoms[0])
-    group = int(layer.param.shuffle_channel_param.group)
-    _permute_onnx(
-        b,
-        layer,
-        f"{layer.name}/grouped",
-        [0, group, c // group, h, w],
-        [0, 2, 1, 3, 4],
-        f"{layer.name}/swapped",
-        [0, c, h, w],
-    )
+    g = int(layer.param.shuffle_channel_param.group)
+    _permute_onnx(b, layer, ("grouped", "swapped"), [0, g, c // g, h, w], [0, 2, 1, 3, 4], [0, c, h, w])
 
 
 def reorg_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
@@ -319,15 +312,8 @@ def reorg_onnx(b, layer: Layer) -> None:
     """ncnn's Reorg: output channel (c * s + i) * s + j at (y, x) is input channel c at (y*s + i, x*s + j)."""
     n, c, h, w = b.shape(layer.bottoms[0])
     s = int(layer.param.reorg_param.stride)
-    _permute_onnx(
-        b,
-        layer,
-        f"{layer.name}/split",
-        [0, c, h // s, s, w // s, s],
-        [0, 1, 3, 5, 2, 4],
-        f"{layer.name}/moved",
-        [0, c * s * s, h // s, w // s],
-    )
+    hs, ws = h // s, w // s
+    _permute_onnx(b, layer, ("split", "moved"), [0, c, hs, s, ws, s], [0, 1, 3, 5, 2, 4], [0, c * s * s, hs, ws])
 
 
 # --------------------------------------------------------------------------------------------------- no-ops
