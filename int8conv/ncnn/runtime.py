@@ -36,14 +36,17 @@ class NcnnRunner:
 
     ``winograd=False`` turns off ncnn's Winograd convolutions: comparing an INT8 model with and without them
     shows whether its 3x3 stride-1 layers overflow in the INT8 Winograd kernel's int32 accumulators.
+    ``bin_path=None`` loads zero weights (FP32 only): for shapes, which do not depend on the weights.
     """
 
     def __init__(
-        self, param: str | Path, bin_path: str | Path, int8: bool, threads: int = 1, winograd: bool = True
+        self, param: str | Path, bin_path: str | Path | None, int8: bool, threads: int = 1, winograd: bool = True
     ) -> None:
         ncnn = _ncnn()
         self.param = Path(param)
-        self.bin = Path(bin_path)
+        self.bin = None if bin_path is None else Path(bin_path)
+        if self.bin is None and int8:
+            raise ValueError("an INT8 net needs its .bin: its scales are read from it")
         self.int8 = int8
         self.net = ncnn.Net()
         opt = self.net.opt
@@ -61,7 +64,9 @@ class NcnnRunner:
         opt.use_winograd_convolution = winograd
         if self.net.load_param(str(self.param)) != 0:
             raise ModelError(f"{self.param}: ncnn could not parse this .param file")
-        if self.net.load_model(str(self.bin)) != 0:
+        if self.bin is None:
+            self.net.load_model(ncnn.DataReaderFromEmpty())  # zero weights: reads nothing, cannot fail
+        elif self.net.load_model(str(self.bin)) != 0:
             raise ModelError(f"{self.bin}: ncnn could not load the weights (the .bin does not match {self.param.name})")
         self.input_names: list[str] = list(self.net.input_names())
         self.output_names: list[str] = list(self.net.output_names())
