@@ -25,7 +25,7 @@ from int8conv.tensorrt.onnx_export import DYNAMIC_BATCH, export_onnx
 from int8conv.tensorrt.qdq import OutputCosine, choose_fp32_layers, insert_qdq, quantized_layers
 from int8conv.tensorrt.ssd_host import decode_head, detection_output
 from tests.onnx_models import HELD_OUT, MODELS, digits, inputs, model_paths, session
-from tests.synthetic import write_caffe_model
+from tests.synthetic import LSTM_NET, lstm_weights, write_caffe_model
 
 pytestmark = [pytest.mark.usefixtures("ort_cache")]
 
@@ -230,6 +230,22 @@ def test_batch_choices(shared, exported):
     together = session(export_onnx(graph, batch=3).model).run(["prob"], {"data": batch})[0]
     alone = np.concatenate([exported("lenet").run(x[None])["prob"] for x in batch])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_never_changes_an_lstm_sequence_length(tmp_path):
+    """An LSTM's axis 0 is time (3 steps here): a batch that would rewrite it is refused by name; one equal to it,
+    or none, exports the prototxt's shapes."""
+    graph = load_graph(*write_caffe_model(tmp_path, LSTM_NET, {"rnn": lstm_weights()}))
+    for batch in (1, 4, -1):
+        with pytest.raises(ModelError, match=r"layer 'rnn' \(LSTM\) steps through time along axis 0 \(3 steps\)"):
+            export_onnx(graph, batch=batch)
+    for batch in (None, 3):
+        model = export_onnx(graph, batch=batch).model
+        shapes = {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]
+        }
+        assert shapes == {"data": [3, 1, 4], "cont": [3, 1], "rnn": [3, 1, 2]}
 
 
 def test_unsupported_layer_is_named(tmp_path):

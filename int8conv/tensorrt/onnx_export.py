@@ -105,6 +105,7 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
 
     ``batch``: None keeps the prototxt's batch, a positive int fixes it, -1 makes it the symbolic ``N``.
     """
+    _check_batch_axis(graph, batch)
     original = graph
     graph = graph.folded()
     b = _Builder(graph)
@@ -152,6 +153,22 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
         if v not in present and v not in dropped
     }
     return OnnxExport(model, outputs, b.derived, folded, b.constants, heads)
+
+
+def _check_batch_axis(graph: Graph, batch: int | None) -> None:
+    """The batch rewrites axis 0 of every input and output, and an LSTM steps through time along axis 0: a batch
+    that would change that axis would silently export a net of another sequence length."""
+    if batch is None:
+        return
+    for layer in graph.layers:
+        if layer.type == "LSTM":
+            steps = graph.shapes[layer.bottoms[0]][0]
+            if batch != steps:
+                raise ModelError(
+                    f"layer '{layer.name}' (LSTM) steps through time along axis 0 ({steps} steps), the axis the ONNX "
+                    f"batch sets: a batch of {'N (dynamic)' if batch == -1 else batch} would change the sequence "
+                    f"length; --batch {steps} keeps the prototxt's shapes (this net's batch is axis 1)"
+                )
 
 
 def _folded_into(original: Graph, value: str, present: set[str]) -> str:
