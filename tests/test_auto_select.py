@@ -3,14 +3,23 @@ thresholds are what the ncnn files get (the TensorRT side: ``test_threshold_sour
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
 
 from int8conv import pipeline
-from int8conv.calibration.auto_select import AUTO_CANDIDATES, AUTO_FALLBACK, TIE, calibrate_auto, validation_images
+from int8conv.calibration.auto_select import (
+    AUTO_CANDIDATES,
+    AUTO_FALLBACK,
+    TIE,
+    WARN_BELOW,
+    calibrate_auto,
+    validation_images,
+)
 from int8conv.calibration.calibrate import build_table
 from int8conv.calibration.preprocess import list_images, network_inputs
+from int8conv.commands.calibrate import summary
 from int8conv.evaluation.mixed_precision import OutputScorer
 from int8conv.ncnn.convert import convert_graph
 from int8conv.tables.ncnn_table import read_ncnn_table
@@ -88,3 +97,20 @@ def test_without_images_auto_falls_back(yunet, caplog):
         fallback = pipeline.table_from_statistics(graph, result.statistics, stats_only)
     assert fallback.method == AUTO_FALLBACK
     assert f"none were given (statistics only): using {AUTO_FALLBACK}" in caplog.text
+
+
+def test_auto_says_shared_notes_once_and_warns_below_the_bar(yunet, caplog):
+    """What every candidate shares (the head layers) is logged once, not per candidate; a best worst-image cosine
+    below WARN_BELOW is a warning that gives it and the remedies, and the calibrate summary prints it."""
+    _, _, _, graph, result, inputs = yunet
+    with caplog.at_level(logging.INFO):
+        again = calibrate_auto(graph, result.statistics, inputs)
+    assert caplog.text.count("head layers with minmax thresholds") == 1
+    assert again.scores["auto"] < WARN_BELOW  # yufacedetectnet's worst validation image: about 0.8
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        f"is {again.scores['auto']:.4f} on the worst of {len(inputs)}" in w and "--auto-fp32" in w for w in warnings
+    )
+    text = summary(argparse.Namespace(output="t.table", legacy_table=False), again)
+    assert f"check      INT8 output cosine {again.scores['auto']:.4f} against FP32" in text
+    assert f"worst of {len(inputs)} calibration image(s)" in text

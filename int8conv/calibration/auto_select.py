@@ -36,7 +36,7 @@ from int8conv.calibration.calibrate import DEFAULT_RULES, CalibrationResult, Tab
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import spread_evenly
 from int8conv.errors import ImageError, ModelError
-from int8conv.progress import progress
+from int8conv.progress import progress, quiet_loggers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +50,9 @@ AUTO_CANDIDATES = ("mse", "kl", "aciq", "percentile")
 #: float differences alone move a candidate's score by up to 7e-6 (open_nsfw, pycaffe vs OpenCV statistics), and
 #: a near-tie must not pick another table on another engine
 TIE = 5e-5
+#: below this worst-image output cosine of the chosen table, ``auto`` warns that INT8 is not as accurate as FP32 and
+#: names the remedies (the Q/DQ bar of the project's benchmark: 0.99 on every image)
+WARN_BELOW = 0.99
 #: one calibration image in VALIDATION_EVERY validates, at least MIN_VALIDATION, at most MAX_VALIDATION
 VALIDATION_EVERY, MIN_VALIDATION, MAX_VALIDATION = 4, 4, 12
 
@@ -80,7 +83,10 @@ def calibrate_auto(
             "--method auto measures the ncnn model, and this model does not convert (%s): using %s", exc, AUTO_FALLBACK
         )
         return build_table(graph, stats, AUTO_FALLBACK, rules)
-    results = {m: build_table(graph, stats, m, rules) for m in AUTO_CANDIDATES}
+    first, *others = AUTO_CANDIDATES
+    results = {first: build_table(graph, stats, first, rules)}
+    with quiet_loggers("int8conv.calibration.calibrate"):  # the same head and all-zero notes for every candidate
+        results |= {m: build_table(graph, stats, m, rules) for m in others}
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
         feeds = [{model.input_names[0]: x} for x in inputs]
@@ -97,7 +103,17 @@ def calibrate_auto(
         scores[best],
         len(inputs),
     )
+    if scores[best] < WARN_BELOW:
+        log.warning(
+            "--method auto: the best table's INT8 output cosine against FP32 is %.4f on the worst of %d calibration "
+            "image(s), below %g: INT8 is not as accurate as FP32 on this model. Measure it on other images "
+            "(int8conv eval), and keep its most sensitive layers FP32 with int8conv quantize --auto-fp32 %g",
+            scores[best],
+            len(inputs),
+            WARN_BELOW,
+            WARN_BELOW,
+        )
     scores["auto"] = scores[best]
-    result.method, result.scores = "auto", scores
+    result.method, result.scores, result.validation_images = "auto", scores, len(inputs)
     result.seconds = time.perf_counter() - started
     return result

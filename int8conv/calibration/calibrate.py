@@ -121,6 +121,7 @@ class CalibrationResult:
     biases: dict[str, np.ndarray] | None = None  # bias correction: layer -> FP32 bias of its INT8 layer
     weights: dict[str, np.ndarray] | None = None  # --adaround: layer -> FP32 weights rounding to the learned int8
     scores: dict[str, float] = field(default_factory=dict)  # --method auto: validation output cosines
+    validation_images: int = 0  # --method auto: how many calibration images scored the candidates
 
 
 #: Layers that only move, reshape or normalise a head's output on its way to the network outputs (registry flag).

@@ -66,6 +66,11 @@ def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
         f"images     {stats.images_used} used, {stats.images_skipped} skipped",
         f"time       {result.seconds:.1f} s",
     ]
+    if result.validation_images:
+        lines.append(
+            f"check      INT8 output cosine {result.scores['auto']:.4f} against FP32 (ncnn runtime, worst of "
+            f"{result.validation_images} calibration image(s))"
+        )
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from int8conv.evaluation.metrics import output_cosine
 from int8conv.ncnn.model import NcnnLayer, NcnnModel, write_model
 from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.progress import quiet_loggers
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,8 @@ class OutputScorer:
 
     def __call__(self, table: CalibrationTable) -> float:
         param, binary = self.workdir / "int8.param", self.workdir / "int8.bin"
-        quantize_log = logging.getLogger("int8conv.ncnn.quantize")
-        level = quantize_log.level
-        quantize_log.setLevel(logging.ERROR)  # the final quantization says it once; variants would repeat it
-        try:
-            with scratch_files():
-                write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
-        finally:
-            quantize_log.setLevel(level)
+        with quiet_loggers("int8conv.ncnn.quantize"), scratch_files():  # the final quantization says it once
+            write_model(quantize_model(self.model, table, self.fp16_storage), param, binary)
         runner = NcnnRunner(param, binary, int8=True, threads=self.threads)
         self.runs += 1
         candidate = [self.view.parts(runner.extract(x, self.view.blobs)) for x in self.inputs]

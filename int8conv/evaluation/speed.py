@@ -38,7 +38,7 @@ from int8conv.ncnn.model import SHAPE_HINTS, NcnnLayer, NcnnModel, write_model
 from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, is_int8, quantize_model
 from int8conv.ncnn.runtime import time_models
 from int8conv.ncnn.shape_hints import add_shape_hints, has_shape_hints
-from int8conv.progress import progress
+from int8conv.progress import progress, quiet_loggers
 from int8conv.tables.ncnn_table import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -111,18 +111,9 @@ def _alone(model: NcnnModel, layer: NcnnLayer) -> tuple[NcnnModel, np.ndarray] |
     return NcnnModel([source, alone]), array
 
 
-@contextlib.contextmanager
-def _quiet_writes():
+def _quiet_writes() -> contextlib.AbstractContextManager[None]:
     """The many small models written while timing are not news to the user."""
-    loggers = [logging.getLogger(name) for name in ("int8conv.ncnn.model", "int8conv.ncnn.quantize")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    return quiet_loggers("int8conv.ncnn.model", "int8conv.ncnn.quantize", level=logging.WARNING)
 
 
 def time_layers(
