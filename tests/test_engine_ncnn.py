@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -157,25 +159,31 @@ def test_no_images_is_a_clear_error(fused_net):
 
 
 @pytest.mark.real_models
-def test_jobs_do_not_change_the_statistics(shared, workers_start_at_once):
+def test_jobs_do_not_change_the_statistics(shared, workers_start_at_once, caplog):
     """--jobs 3 (two worker processes and this one; three chunks, one image unreadable) against one process: the
-    same statistics."""
+    same statistics, and the unreadable image reported once either way."""
     spec = MODELS["ultraface"]
     proto, model = spec.paths(shared)
     graph = load_graph(proto, model)
-    images = list_images(shared / "images" / "faces")[: 2 * CHUNK_IMAGES + 3] + [shared / "missing.jpg"]
-    one, two = (
-        collect_statistics(
-            graph,
-            make_engine("ncnn", graph, proto, model),
-            images,
-            spec.prep,
-            {"caffemodel_sha256": "x"},
-            batch_size=2,
-            jobs=jobs,
-        )
-        for jobs in (1, 3)
-    )
+    missing = shared / "missing.jpg"
+    images = list_images(shared / "images" / "faces")[: 2 * CHUNK_IMAGES + 3] + [missing]
+    runs = []
+    for jobs in (1, 3):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            runs.append(
+                collect_statistics(
+                    graph,
+                    make_engine("ncnn", graph, proto, model),
+                    images,
+                    spec.prep,
+                    {"caffemodel_sha256": "x"},
+                    batch_size=2,
+                    jobs=jobs,
+                )
+            )
+        assert [r.getMessage() for r in caplog.records].count(f"skipping {missing}: no such file") == 1, jobs
+    one, two = runs
     assert workers_start_at_once == [2]
     assert one.images_used == two.images_used == 2 * CHUNK_IMAGES + 3
     assert one.images_skipped == two.images_skipped == 1

@@ -36,6 +36,7 @@ import numpy as np
 
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches, log_skipped
+from int8conv.progress import quiet_loggers
 
 if TYPE_CHECKING:
     from int8conv.engines import Engine
@@ -134,10 +135,12 @@ def _end_with(parent: int) -> None:
 def _chunk_statistics(
     reader: ValueReader, paths: Sequence[Path], prep: Preprocess, statistics: CalibrationStatistics
 ) -> tuple[CalibrationStatistics, ImageTally]:
-    """Decode, forward and histogram one chunk of images."""
+    """Decode, forward and histogram one chunk of images; skipped images are only counted (``chunked_statistics``
+    logs every chunk's, in chunk order, wherever it ran)."""
     tally = ImageTally()
-    for batch, _ in iter_batches(paths, prep, 1, tally):
-        statistics.update(reader.forward(batch, packed=True))  # histograms do not need Caffe's layout
+    with quiet_loggers("int8conv.calibration.preprocess"):
+        for batch, _ in iter_batches(paths, prep, 1, tally):
+            statistics.update(reader.forward(batch, packed=True))  # histograms do not need Caffe's layout
     return statistics, tally
 
 
