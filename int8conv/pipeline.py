@@ -290,9 +290,12 @@ def first_images(images: Path, max_images: int) -> list[Path]:
     return paths[:max_images] if max_images > 0 else paths
 
 
-def calibration_images(options: CalibrationOptions) -> list[Path]:
-    """The calibration images of ``options`` (``--max-images`` applied)."""
-    return first_images(options.images, options.max_images)
+def calibration_images(options: CalibrationOptions, stats: CalibrationStatistics | None = None) -> list[Path]:
+    """The calibration images of ``options`` (``--max-images`` applied), less those the statistics pass of
+    ``stats`` could not read: the subsets that later steps decode (auto's validation, eq's search, AdaRound) are
+    then as large as asked, and a bad image is reported once."""
+    skipped = set(stats.unreadable) if stats is not None else set()
+    return [path for path in first_images(options.images, options.max_images) if path not in skipped]
 
 
 def table_from_statistics(
@@ -308,7 +311,7 @@ def table_from_statistics(
             "--adaround learns the weight rounding on calibration images: give them with --images "
             "(saved statistics alone are not enough)"
         )
-    inputs = _image_inputs(graph, adaround_images(calibration_images(options)), prep)
+    inputs = _image_inputs(graph, adaround_images(calibration_images(options, stats)), prep)
     return calibrate_adaround(graph, result, inputs, options.table_rules)
 
 
@@ -325,7 +328,7 @@ def _method_table(
         log.warning("--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK)
         method = AUTO_FALLBACK
     if method == AUTO_METHOD:
-        validation = _image_inputs(graph, validation_images(calibration_images(options)), prep)
+        validation = _image_inputs(graph, validation_images(calibration_images(options, stats)), prep)
         return calibrate_auto(graph, stats, validation, options.table_rules)
     if method in SEARCH_METHODS:
         if options.images is None or prep is None:
@@ -334,7 +337,10 @@ def _method_table(
                 "(saved statistics alone are not enough)"
             )
         return calibrate_eq(
-            graph, stats, _image_inputs(graph, search_images(calibration_images(options)), prep), options.table_rules
+            graph,
+            stats,
+            _image_inputs(graph, search_images(calibration_images(options, stats)), prep),
+            options.table_rules,
         )
     return build_table(graph, stats, method, options.table_rules)
 

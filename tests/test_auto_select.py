@@ -114,3 +114,25 @@ def test_auto_says_shared_notes_once_and_warns_below_the_bar(yunet, caplog):
     text = summary(argparse.Namespace(output="t.table", legacy_table=False), again)
     assert f"check      INT8 output cosine {again.scores['auto']:.4f} against FP32" in text
     assert f"worst of {len(inputs)} calibration image(s)" in text
+
+
+def test_unreadable_images_are_reported_once_and_left_out_of_the_validation(shared, tmp_path, caplog):
+    """An image the statistics pass could not read is not picked again for auto's validation images: each is
+    reported once, and the validation gets as many readable images as asked."""
+    zoo = MODELS["yufacedetectnet"]
+    empty, text = tmp_path / "empty.jpg", tmp_path / "text.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    paths = [*list_images(shared / "images" / "faces")[:8], empty, text]  # the spread picks the last one
+    listing = tmp_path / "images.txt"
+    listing.write_text("\n".join(map(str, paths)))
+    options = pipeline.CalibrationOptions(images=listing, backend="opencv", method="auto")
+    with caplog.at_level(logging.WARNING):
+        result = pipeline.calibrate(
+            pipeline.ModelFiles(*zoo.paths(shared)), pipeline.PreprocessOptions.like(zoo.prep), options
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    for bad in (empty, text):
+        assert messages.count(f"skipping {bad}: not a readable image") == 1, bad
+    assert result.statistics.images_skipped == 2
+    assert result.validation_images == len(validation_images(paths[:8])) == 4

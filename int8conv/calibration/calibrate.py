@@ -96,6 +96,7 @@ def collect_statistics(
         bar.update(len(images) - bar.n)
     stats.images_used += tally.used
     stats.images_skipped += len(tally.skipped)
+    stats.unreadable += [path for path, _ in tally.skipped]
     if tally.skipped:
         log.warning(
             "skipped %d unreadable image(s): %s",

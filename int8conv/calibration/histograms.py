@@ -218,6 +218,8 @@ class CalibrationStatistics:
         self.histograms: dict[str, BlobHistogram] = {}
         self.images_used = 0
         self.images_skipped = 0
+        #: the images this run could not read (not saved): later steps leave them out of their subsets
+        self.unreadable: list[Path] = []
         self.source = source or "(statistics in memory)"
 
     def update(self, batch_outputs: Mapping[str, np.ndarray]) -> None:
@@ -245,6 +247,7 @@ class CalibrationStatistics:
             histogram.merge(other.histograms[name])
         self.images_used += other.images_used
         self.images_skipped += other.images_skipped
+        self.unreadable += other.unreadable
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write an ``.npz`` (no pickled objects) atomically."""
