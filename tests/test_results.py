@@ -86,6 +86,12 @@ def test_eval_report_without_caffe_and_with_layer_times():
     assert found["layer_ms"] == {"source": "timed here", "layers": {"conv1": {"fp32": {"1": 0.2}, "int8": {"1": 0.3}}}}
     text = format_report(report)
     assert "ncnn FP32 vs Caffe" not in text and "INT8 slower" in text and "conv_head" in text
+    assert "INT8 is slower than FP32 here" not in text  # faster at 1 and 2 threads
+
+
+def test_eval_report_names_the_remedy_when_int8_is_slower():
+    text = format_report(_ssd_report(speed_ms={"fp32": {1: 4.0, 2: 2.5}, "int8": {1: 2.0, 2: 3.0}}))
+    assert "INT8 is slower than FP32 here at 2 thread(s): int8conv quantize --optimize speed" in text
 
 
 def test_task_metrics_serialize_by_task():

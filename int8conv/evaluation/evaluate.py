@@ -507,6 +507,12 @@ def format_report(report: EvalReport, worst_layers: int = 10) -> str:
             f"{'':<24} {threads:>7} {report.speed_ms['fp32'][threads]:>9.2f} "
             f"{report.speed_ms['int8'][threads]:>9.2f} {ratio:>10.3f}"
         )
+    slower = [str(threads) for threads, ratio in report.speed_ratio.items() if ratio > 1.0]
+    if slower:
+        lines.append(
+            f"  INT8 is slower than FP32 here at {', '.join(slower)} thread(s): int8conv quantize --optimize speed "
+            "keeps FP32 the layers where INT8 does not pay (--layer-timings: timings from the target device)"
+        )
     if report.layer_ms is not None:
         from int8conv.evaluation.speed import format_layer_times
 
