@@ -39,11 +39,17 @@ def has_shape_hints(model: NcnnModel) -> bool:
 
 
 def without_shape_hints(model: NcnnModel) -> NcnnModel:
-    """A copy of ``model`` with every hint removed (what the converter wrote before hints); the weights are
+    """A copy of ``model`` with every hint removed (what the converter wrote before hints); the weight arrays are
     shared, not copied."""
     result = copy.copy(model)
     result.layers = [
-        dataclasses.replace(layer, params={k: v for k, v in layer.params.items() if k != SHAPE_HINTS})
+        dataclasses.replace(
+            layer,
+            bottoms=list(layer.bottoms),
+            tops=list(layer.tops),
+            params={k: v for k, v in layer.params.items() if k != SHAPE_HINTS},
+            weights=list(layer.weights),
+        )
         for layer in model.layers
     ]
     return result
