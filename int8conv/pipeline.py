@@ -218,13 +218,17 @@ def collect(
         jobs = default_jobs() if options.jobs is None else options.jobs
         if jobs < 1:
             raise Int8ConvError(f"--jobs must be 1 or more, not {jobs}")
+        if getattr(engine, "reader", None) is None:  # worker processes need a picklable forward (ncnn)
+            if options.jobs is not None and options.jobs > 1:
+                log.info("--jobs %d: the %s engine runs in one process (worker processes need ncnn)", jobs, engine.name)
+            jobs = 1
         log.info(
-            "calibrating %s on %d images with %s (%s, %d job(s))",
+            "calibrating %s on %d images with %s (%s, %s)",
             model.caffemodel.name,
             len(images),
             engine.name,
             options.method,
-            jobs,
+            f"up to {jobs} processes" if jobs > 1 else "one process",
         )
         stats = collect_statistics(
             graph,

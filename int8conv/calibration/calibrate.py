@@ -87,9 +87,7 @@ def collect_statistics(
                 tally,
                 on_images=bar.update,
             )
-        else:
-            if jobs > 1:
-                log.info("--jobs %d: the %s engine runs in one process (worker processes need ncnn)", jobs, engine.name)
+        else:  # one process whatever ``jobs``: worker processes need a picklable forward
             stats = stream_statistics(
                 engine, iter_batches(images, prep, batch_size, tally), values, new_statistics(), on_images=bar.update
             )
