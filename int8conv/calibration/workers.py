@@ -36,6 +36,7 @@ import numpy as np
 
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import ImageTally, Preprocess, iter_batches, log_skipped
+from int8conv.ncnn.runtime import available_cores
 from int8conv.progress import quiet_loggers
 
 if TYPE_CHECKING:
@@ -64,11 +65,7 @@ class _Failure:
 
 def default_jobs() -> int:
     """One worker process per core this process may run on (at most ``MAX_DEFAULT_JOBS``)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_JOBS))
+    return max(1, min(available_cores(), MAX_DEFAULT_JOBS))
 
 
 def _produce(batches: Iterator[tuple[np.ndarray, list]], todo: queue.Queue, stop: threading.Event) -> None:

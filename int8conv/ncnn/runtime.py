@@ -9,6 +9,7 @@ match Caffe's float results to 1e-3 and INT8 runs differ from them by quantizati
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,14 @@ def _ncnn():
     except ImportError as exc:  # pragma: no cover - ncnn is an install requirement
         raise BackendUnavailable("the ncnn runtime is not installed: pip install ncnn") from exc
     return ncnn
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class NcnnRunner:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def add_shape_hints(model: NcnnModel) -> NcnnModel:
     A model the runtime cannot run with a zero input (an Input layer without a shape, a layer ncnn rejects)
     keeps no hints, with a warning: hints only speed ncnn up, the files are right without them.
     """
-    from int8conv.ncnn.runtime import NcnnRunner
+    from int8conv.ncnn.runtime import NcnnRunner, available_cores
 
     inputs = {layer.tops[0]: _input_array(layer.params) for layer in model.layers if layer.type == "Input"}
     if not inputs or any(array.ndim == 0 for array in inputs.values()):
@@ -78,7 +77,7 @@ def add_shape_hints(model: NcnnModel) -> NcnnModel:
         param = Path(tmp) / "model.param"
         param.write_text(param_text(plain), encoding="utf-8")
         try:
-            runner = NcnnRunner(param, None, int8=False, threads=os.cpu_count() or 1)  # one forward: every core
+            runner = NcnnRunner(param, None, int8=False, threads=available_cores())  # one forward: every core
             shapes = runner.shapes(inputs, plain.blob_names)
         except Int8ConvError as exc:
             log.warning("no shape hints: the ncnn runtime cannot run this model on a zero input (%s)", exc)
