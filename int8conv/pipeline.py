@@ -333,8 +333,7 @@ def _method_table(
         method = AUTO_FALLBACK
     if method == AUTO_METHOD:
         validation = _image_inputs(graph, validation_images(calibration_images(options, stats)), prep)
-        threads = default_jobs() if options.jobs is None else options.jobs  # --jobs bounds the cores used
-        return calibrate_auto(graph, stats, validation, options.table_rules, threads)
+        return calibrate_auto(graph, stats, validation, options.table_rules)
     if method in SEARCH_METHODS:
         if options.images is None or prep is None:
             raise Int8ConvError(

@@ -78,8 +78,6 @@ def test_auto_is_the_best_candidate_run_once_each(yunet, monkeypatch):
     best = next(m for m in AUTO_CANDIDATES if again.scores[m] >= top - TIE)
     assert again.scores["auto"] == again.scores[best]
     assert again.table.activation_scales == build_table(graph, result.statistics, best).table.activation_scales
-    # ncnn splits the work over threads, not the sums: the scores, and so the pick, are the same on 2 threads
-    assert calibrate_auto(graph, result.statistics, inputs, threads=2).scores == again.scores
 
 
 def test_the_chosen_table_is_what_the_ncnn_files_get(yunet, tmp_path):

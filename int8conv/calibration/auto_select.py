@@ -64,14 +64,9 @@ def validation_images(items: Sequence[T]) -> list[T]:
 
 
 def calibrate_auto(
-    graph: Graph,
-    stats: CalibrationStatistics,
-    inputs: Sequence[np.ndarray],
-    rules: TableRules = DEFAULT_RULES,
-    threads: int = 1,
+    graph: Graph, stats: CalibrationStatistics, inputs: Sequence[np.ndarray], rules: TableRules = DEFAULT_RULES
 ) -> CalibrationResult:
-    """The best candidate table on the validation ``inputs`` (preprocessed CHW images), each candidate run by ncnn
-    on ``threads`` threads (the scores do not depend on it: ncnn splits the work, not the sums).
+    """The best candidate table on the validation ``inputs`` (preprocessed CHW images).
 
     ``result.scores`` holds each candidate's validation output cosine and the chosen one's (``auto``).
     """
@@ -95,7 +90,7 @@ def calibrate_auto(
     scores: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="int8conv-auto-") as tmp:
         feeds = [{model.input_names[0]: x} for x in inputs]
-        score = OutputScorer(model, feeds, Path(tmp), "auto", fp16_storage=False, threads=threads)  # the model's task
+        score = OutputScorer(model, feeds, Path(tmp), "auto", fp16_storage=False, threads=1)  # the model's task
         for method in progress(list(results), desc="auto: candidates", unit="table"):
             scores[method] = score(results[method].table)
     top = max(scores.values())
