@@ -388,6 +388,7 @@ CASES = [
     ),  # Caffe rejects the (N, C, 1, 1) gate at axis 0 (and aborts); OpenCV broadcasts it
     Case("bn_fork", "BN", _one("BN"), weights=_w((1, 4, 1, 1), (1, 4, 1, 1)), numpy=_bn_fork),
     Case("bias", "Bias", _one("Bias"), weights=_w((4,))),
+    Case("bias_3d", "Bias", _one("Bias"), shape=(1, 3, 5), weights=_w((3,))),  # ncnn's Bias adds per Mat channel
     Case(
         "normalize",
         "Normalize",
@@ -827,6 +828,35 @@ def test_memory_data_is_the_graph_input(tmp_path):
     assert graph.inputs["data"] == (1, 3, 5, 7) and graph.shapes["out"] == (1, 3, 5, 7)
     params = convert_graph(graph).layers[0].params
     assert (params[0], params[1], params[2]) == (7, 5, 3)
+
+
+#: One-bottom Scale and Bias whose values lie along other axes than the channels: (id, layer, value shapes).
+OFF_CHANNEL_AFFINES = [
+    ("scale_axis2", _one("Scale", "scale_param { axis: 2 bias_term: true }"), [(6,), (6,)]),
+    ("scale_axis2_square", _one("Scale", "scale_param { axis: 2 }"), [(4,)]),  # H = C: channels would fit too
+    ("scale_two_axes", _one("Scale", "scale_param { num_axes: 2 }"), [(4, 6)]),
+    ("scale_all_axes", _one("Scale", "scale_param { num_axes: -1 bias_term: true }"), [(4, 6, 6), (4, 6, 6)]),
+    ("bias_axis2", _one("Bias", "bias_param { axis: 2 }"), [(6,)]),
+]
+
+
+@pytest.mark.parametrize(("id", "layers", "shapes"), OFF_CHANNEL_AFFINES, ids=[c[0] for c in OFF_CHANNEL_AFFINES])
+def test_scale_and_bias_off_the_channel_axis(id, layers, shapes, tmp_path, ort_cache):
+    """Caffe's ``axis``/``num_axes`` place the values: the ONNX export broadcasts them there (it applied them per
+    channel, or failed), and ncnn, which scales per channel only, declines by layer name."""
+    import onnxruntime as ort
+
+    kind = "Scale" if id.startswith("scale") else "Bias"
+    built = build(
+        Case(id, kind, layers, shape=(1, 4, 6, 6) if id != "scale_axis2_square" else (1, 4, 4, 3), weights=_w(*shapes)),
+        tmp_path,
+    )
+    session = ort.InferenceSession(
+        export_onnx(built.graph).model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert relative(session.run(["out"], built.feeds)[0], built.reference["out"]) <= REL_BOUND, built.reference_by
+    with pytest.raises(ModelError, match=rf"layer 'l' \({kind}\): a {kind} of .* values on axis"):
+        convert_graph(built.graph)
 
 
 @pytest.mark.pycaffe

@@ -79,19 +79,45 @@ def batchnorm_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [shapes[0]]
 
 
-def _check_values(layer: Layer, shapes: list[Shape], per_channel: bool) -> None:
-    """A one-bottom Scale or Bias holds one value, or (``per_channel``) one per channel."""
+def _values_span(layer: Layer, shape: Shape) -> tuple[int, int]:
+    """The axes ``[start, end)`` a one-bottom Scale's or Bias's values lie along: Caffe's ``axis`` and ``num_axes``."""
+    p = layer.param.scale_param if layer.type == "Scale" else layer.param.bias_param
+    start = axis_index(p.axis, len(shape))
+    return start, len(shape) if p.num_axes == -1 else start + p.num_axes
+
+
+def _per_channel(layer: Layer, shape: Shape) -> bool:
+    """Values along the channel axis only (Caffe's default), which ncnn's Scale/Bias and a folded affine apply."""
+    return _values_span(layer, shape) == (1, 2)
+
+
+def _check_values(layer: Layer, shapes: list[Shape]) -> None:
+    """A one-bottom Scale or Bias holds one value, or one per position of the axes it spans."""
     if not layer.blobs:
         raise ModelError(f"layer '{layer.name}' ({layer.type}) has no weights in the caffemodel")
-    channels = channels_of(shapes[0])
-    if per_channel and layer.blobs[0].size not in (channels, 1):
-        raise ModelError(f"layer '{layer.name}' ({layer.type}): {layer.blobs[0].size} values for {channels} channels")
+    start, end = _values_span(layer, shapes[0])
+    size, span = layer.blobs[0].size, shapes[0][start:end]
+    if size not in (int(np.prod(span)), 1):
+        where = (
+            f"{channels_of(shapes[0])} channels"
+            if _per_channel(layer, shapes[0])
+            else f"axes {start}..{end - 1} {span}"
+        )
+        raise ModelError(f"layer '{layer.name}' ({layer.type}): {size} values for {where}")
+
+
+def _broadcast_values(layer: Layer, shape: Shape, values: np.ndarray) -> np.ndarray:
+    """One-bottom Scale/Bias values shaped to broadcast (right-aligned, as ONNX does) against a blob of ``shape``."""
+    start, end = _values_span(layer, shape)
+    if values.size == 1:
+        return values.reshape(1)
+    return values.reshape(tuple(shape[start:end]) + (1,) * (len(shape) - end))
 
 
 def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """The first input's shape; checks the scale values, or where the second bottom broadcasts."""
     if len(layer.bottoms) == 1:
-        _check_values(layer, shapes, per_channel=layer.param.scale_param.num_axes == 1)
+        _check_values(layer, shapes)
     else:
         _broadcast_shape(layer, shapes)
     return [shapes[0]]
@@ -100,7 +126,7 @@ def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     """The first input's shape; a one-bottom Bias holds one value or one per channel."""
     if len(layer.bottoms) == 1:
-        _check_values(layer, shapes, per_channel=True)
+        _check_values(layer, shapes)
     return [shapes[0]]
 
 
@@ -159,7 +185,7 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     shape = ctx.shape(layer, layer.bottoms[0])
     channels = shape[1]
     scale = layer.blobs[0].reshape(-1)
-    if axis_index(p.axis, len(shape)) != 1 or scale.size not in (1, channels):
+    if scale.size != 1 and not _per_channel(layer, shape):
         raise unsupported(layer, f"a Scale of {scale.size} values on axis {p.axis} (ncnn scales per channel)")
     has_bias = bool(p.bias_term) and len(layer.blobs) > 1
     arrays = [np.broadcast_to(scale, (channels,))]
@@ -171,8 +197,15 @@ def scale_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 def bias_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom")
-    channels = ctx.shape(layer, layer.bottoms[0])[1]
-    bias = np.broadcast_to(layer.blobs[0].reshape(-1), (channels,))
+    shape = ctx.shape(layer, layer.bottoms[0])
+    channels, values = shape[1], layer.blobs[0].reshape(-1)
+    if values.size != 1 and not _per_channel(layer, shape):
+        raise unsupported(
+            layer, f"a Bias of {values.size} values on axis {layer.param.bias_param.axis} (ncnn adds per channel)"
+        )
+    bias = np.broadcast_to(values, (channels,))
+    if len(shape) < 4:  # ncnn's Bias adds per Mat channel, and a (N, C) or (N, C, L) blob's C is not one: Scale by 1
+        return ncnn_layer("Scale", layer, {0: channels, 1: 1}, [raw_f32(np.ones(channels)), raw_f32(bias)])
     return ncnn_layer("Bias", layer, {0: channels}, [raw_f32(bias)])
 
 
@@ -218,8 +251,26 @@ def affine_onnx(b, layer: Layer) -> None:
         b.derive(factor, layer.bottoms[1])
         b.node("Mul", [layer.bottoms[0], factor], [layer.tops[0]], layer.name)
         return
+    shape = b.shape(layer.bottoms[0])
     a, c = batchnorm_affine(layer) if layer.type == "BatchNorm" else scale_affine(layer)
-    channels = b.shape(layer.bottoms[0])[1]
+    if layer.type == "Scale" and not _per_channel(layer, shape):  # values along other axes: Mul (and Add)
+        scaled = f"{layer.name}/scaled" if layer.param.scale_param.bias_term else layer.tops[0]
+        b.node(
+            "Mul",
+            [layer.bottoms[0], b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))],
+            [scaled],
+            scaled if scaled != layer.tops[0] else layer.name,
+        )
+        if scaled != layer.tops[0]:
+            b.derive(scaled, layer.bottoms[0], float(np.abs(a).max()))
+            b.node(
+                "Add",
+                [scaled, b.init(f"{layer.name}/bias", _broadcast_values(layer, shape, c))],
+                [layer.tops[0]],
+                layer.name,
+            )
+        return
+    channels = shape[1]
     a, c = (np.broadcast_to(v.reshape(-1), (channels,)) for v in (a, c))
     names = [
         b.init(f"{layer.name}/{k}", v)
@@ -231,8 +282,7 @@ def affine_onnx(b, layer: Layer) -> None:
 def bias_onnx(b, layer: Layer) -> None:
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom", "ONNX export")
-    rank = len(b.shape(layer.bottoms[0]))
-    bias = layer.blobs[0].reshape((-1,) + (1,) * (rank - 2))
+    bias = _broadcast_values(layer, b.shape(layer.bottoms[0]), layer.blobs[0])
     b.node("Add", [layer.bottoms[0], b.init(f"{layer.name}/bias", bias)], [layer.tops[0]], layer.name)
 
 
