@@ -859,6 +859,31 @@ def test_scale_and_bias_off_the_channel_axis(id, layers, shapes, tmp_path, ort_c
         convert_graph(built.graph)
 
 
+@pytest.mark.parametrize("write", [convert_graph, export_onnx], ids=["ncnn", "onnx"])
+@pytest.mark.parametrize("after_conv", [False, True], ids=["alone", "after_conv"])
+def test_batchnorm_on_batch_statistics_is_refused_by_name(tmp_path, write, after_conv):
+    """``use_global_stats: false`` normalizes by the batch's own statistics in Caffe's TEST phase (pycaffe and
+    OpenCV both do, measured): no writer may apply the stored ones instead, alone or folded into a convolution."""
+    conv = (
+        'layer { name: "c" type: "Convolution" bottom: "data" top: "data" '
+        "convolution_param { num_output: 4 kernel_size: 1 bias_term: false } }\n"
+    )
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 4 dim: 2 dim: 2 }\n'
+        + (conv if after_conv else "")
+        + _one("BatchNorm", "batch_norm_param { use_global_stats: false }")
+    )
+    weights = {
+        "c": [np.ones((4, 4, 1, 1), np.float32)],
+        "l": [np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(1, np.float32)],
+    }
+    graph = load_graph(
+        *write_caffe_model(tmp_path, text.replace("kernel_size: 1", "kernel_size: 1 bias_term: false"), weights)
+    )
+    with pytest.raises(ModelError, match=r"layer 'l' \(BatchNorm\): use_global_stats: false normalizes each batch"):
+        write(graph)
+
+
 @pytest.mark.pycaffe
 def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
     """Embed reads indices: ONNX Gathers rows of the table; ncnn declines it (its Embed reads int32 indices)."""

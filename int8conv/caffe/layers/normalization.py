@@ -35,7 +35,18 @@ FAMILY = "normalization"
 
 
 def _batchnorm_statistics(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe BatchNorm's mean and variance + eps, both divided by the moving-average factor (a factor 0: zeros)."""
+    """Caffe BatchNorm's mean and variance + eps, both divided by the moving-average factor (a factor 0: zeros).
+
+    ``use_global_stats: false`` makes Caffe normalize by the batch's own statistics even in the TEST phase: no
+    writer or fold expresses that, so it is refused here, where every one of them reads the statistics.
+    """
+    p = layer.param.batch_norm_param
+    if p.HasField("use_global_stats") and not p.use_global_stats:
+        raise ModelError(
+            f"layer '{layer.name}' (BatchNorm): use_global_stats: false normalizes each batch by its own mean and "
+            "variance (Caffe does so in the TEST phase too), which int8conv does not convert; remove the line to "
+            "use the stored statistics"
+        )
     mean, var, factor = layer.blobs[0].astype(np.float64), layer.blobs[1].astype(np.float64), layer.blobs[2]
     s = float(factor.reshape(-1)[0])
     s = 0.0 if s == 0 else 1.0 / s
