@@ -877,9 +877,7 @@ def test_batchnorm_on_batch_statistics_is_refused_by_name(tmp_path, write, after
         "c": [np.ones((4, 4, 1, 1), np.float32)],
         "l": [np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(1, np.float32)],
     }
-    graph = load_graph(
-        *write_caffe_model(tmp_path, text.replace("kernel_size: 1", "kernel_size: 1 bias_term: false"), weights)
-    )
+    graph = load_graph(*write_caffe_model(tmp_path, text, weights))
     with pytest.raises(ModelError, match=r"layer 'l' \(BatchNorm\): use_global_stats: false normalizes each batch"):
         write(graph)
 
