@@ -395,6 +395,12 @@ CASES = [
         _one("Normalize", "norm_param { across_spatial: false channel_shared: false }"),
         weights=lambda rng: {"l": [rng.uniform(0.5, 2, 4).astype(np.float32)]},
     ),
+    Case(
+        "normalize_eps",  # a stated eps: ONNX's LpNormalization has none
+        "Normalize",
+        _one("Normalize", "norm_param { across_spatial: true channel_shared: false eps: 3 }"),
+        weights=lambda rng: {"l": [rng.uniform(0.5, 2, 4).astype(np.float32)]},
+    ),
     Case("lrn", "LRN", _one("LRN", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }")),
     Case("mvn", "MVN", _one("MVN", "mvn_param { across_channels: true }")),
     Case("relu", "ReLU", _one("ReLU")),

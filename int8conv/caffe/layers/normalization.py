@@ -300,14 +300,23 @@ def bias_onnx(b, layer: Layer) -> None:
 def normalize_onnx(b, layer: Layer) -> None:
     """SSD Normalize: x / sqrt(sum x^2 + eps) * scale, with the sum over channels or over C*H*W.
 
-    ONNX's LpNormalization (p=2) has no eps: it equals Caffe's result up to eps (1e-10 by default) and,
-    like Caffe, gives 0 for an all-zero vector (onnxruntime checked).
+    ONNX's LpNormalization (p=2) has no eps: it equals Caffe's result up to the default eps (1e-10) and,
+    like Caffe, gives 0 for an all-zero vector (onnxruntime checked). A stated eps is applied as Caffe does,
+    with explicit nodes (an eps of 0.5 moved LpNormalization's result by 20%).
     """
     p = layer.param.norm_param
     x = layer.bottoms[0]
     shape = b.shape(x)
     unit = f"{layer.name}/unit"
-    if p.across_spatial:
+    if p.HasField("eps"):
+        square, total, padded, norm = (f"{layer.name}/{k}" for k in ("square", "sum", "sum_eps", "norm"))
+        axes = list(range(1, len(shape))) if p.across_spatial else [1]
+        b.node("Mul", [x, x], [square], square)
+        b.node("ReduceSum", [square, b.init(f"{total}/axes", axes, np.int64)], [total], total, keepdims=1)
+        b.node("Add", [total, b.init(f"{padded}/eps", np.float32(p.eps))], [padded], padded)
+        b.node("Sqrt", [padded], [norm], norm)
+        b.node("Div", [x, norm], [unit], unit)
+    elif p.across_spatial:
         flat = f"{layer.name}/flatten"
         b.node("Flatten", [x], [flat], flat, axis=1)
         b.derive(flat, x)
