@@ -758,6 +758,31 @@ def test_onnx_matches_the_reference(built, ort_cache):
         assert relative(got[value], want) <= REL_BOUND, (value, built.reference_by)
 
 
+#: Cases whose ONNX export takes no dynamic batch: LSTM steps along axis 0 (refused by name), a ROI blob's rows
+#: are ROIs, not samples.
+NO_DYNAMIC_BATCH = {"lstm", "lstm_streams", "roi_pooling", "psroi_pooling", "roi_align"}
+DYNAMIC_CASES = [
+    case for case in CASES if case.id not in NO_DYNAMIC_BATCH and not isinstance(REGISTRY[case.type].onnx, Decline)
+]
+
+
+@_cases(DYNAMIC_CASES)
+def test_onnx_with_a_dynamic_batch_runs_two_samples(built, ort_cache):
+    """Exported with batch N (``--batch -1``) and run on two copies of the input, each sample's output is the
+    reference's: no node pins the prototxt's batch (Interp's Resize sizes did)."""
+    import onnxruntime as ort
+
+    export = export_onnx(built.graph, batch=-1)
+    session = ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(built.reference)
+    feeds = {name: np.concatenate([array, array]) for name, array in built.feeds.items()}
+    for value, got in zip(names, session.run(names, feeds), strict=True):
+        want = built.reference[value]
+        halves = np.split(got, 2) if value not in export.constants else [got]  # PriorBox: one set for the batch
+        for half in halves:
+            assert relative(half, want) <= REL_BOUND, (value, built.reference_by)
+
+
 def _int8_model(built: Built):
     """The ncnn INT8 model with a table from the weights and the reference's input ranges."""
     deploy = fold_batchnorm_scale(built.graph)

@@ -70,12 +70,22 @@ def interp_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
 
 def interp_onnx(b, layer: Layer) -> None:
+    """Resize to the input's own batch and channels (Shape, Slice) and Caffe's height and width: fixed sizes would
+    pin the prototxt's batch, which a dynamic or other export batch then fails on."""
     out = b.shape(layer.tops[0])
-    sizes = b.keeps_batch_shape(out)
-    sizes[0] = b.shape(layer.bottoms[0])[0]
+    shape, leading, sizes = (f"{layer.name}/{k}" for k in ("shape", "batch_channels", "sizes"))
+    b.node("Shape", [layer.bottoms[0]], [shape], shape)
+    b.node(
+        "Slice",
+        [shape, b.init(f"{leading}/starts", [0], np.int64), b.init(f"{leading}/ends", [2], np.int64)],
+        [leading],
+        leading,
+    )
+    b.node("Concat", [leading, b.init(f"{sizes}/spatial", list(out[2:]), np.int64)], [sizes], sizes, axis=0)
+    b.constants.update((shape, leading, sizes))
     b.node(
         "Resize",
-        [layer.bottoms[0], "", "", b.init(f"{layer.name}/sizes", sizes, np.int64)],
+        [layer.bottoms[0], "", "", sizes],
         [layer.tops[0]],
         layer.name,
         mode="linear",
