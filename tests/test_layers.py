@@ -505,6 +505,15 @@ CASES = [
         layer { name: "m" type: "TanH" bottom: "d" top: "out" }""",
     ),
     Case(
+        "dropout_unscaled",  # scale_train: false scales by 1 - ratio at test time (BVLC pycaffe has no such field)
+        "Dropout",
+        """
+        layer { name: "l" type: "Dropout" bottom: "data" top: "d"
+                dropout_param { dropout_ratio: 0.3 scale_train: false } }
+        layer { name: "m" type: "TanH" bottom: "d" top: "out" }""",
+        engine="opencv",
+    ),
+    Case(
         "silence",
         "Silence",
         """

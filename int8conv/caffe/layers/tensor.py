@@ -326,6 +326,16 @@ def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     return ncnn_layer("Dropout", layer, params)
 
 
+def dropout_onnx(b, layer: Layer) -> None:
+    """Identity, or with ``scale_train: false`` a Mul by 1 - ratio (as the ncnn model and OpenCV compute)."""
+    p = layer.param.dropout_param
+    if p.HasField("scale_train") and not p.scale_train:
+        keep = b.init(f"{layer.name}/keep", np.float32(1.0 - float(p.dropout_ratio)))
+        b.node("Mul", [layer.bottoms[0], keep], [layer.tops[0]], layer.name)
+        return
+    _onnx_identity(b, layer)
+
+
 def silence_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return []
 
@@ -454,7 +464,7 @@ register(
         FAMILY,
         same_shape,
         dropout_ncnn,
-        _onnx_identity,
+        dropout_onnx,
         value_preserving=True,
         notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)",
     )
