@@ -899,6 +899,20 @@ def test_scale_and_bias_off_the_channel_axis(id, layers, shapes, tmp_path, ort_c
         convert_graph(built.graph)
 
 
+def test_mvn_within_channels_of_a_3d_blob(tmp_path, ort_cache):
+    """Caffe's MVN normalizes each channel of an (N, C, L) blob over L: the ONNX export reduces that axis (its
+    fixed axes 2, 3 failed shape inference) and ncnn, whose MVN would normalize the whole 2-D Mat, declines."""
+    import onnxruntime as ort
+
+    built = build(Case("mvn_3d", "MVN", _one("MVN"), shape=(1, 3, 5)), tmp_path)
+    session = ort.InferenceSession(
+        export_onnx(built.graph).model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert relative(session.run(["out"], built.feeds)[0], built.reference["out"]) <= REL_BOUND, built.reference_by
+    with pytest.raises(ModelError, match=r"layer 'l' \(MVN\): MVN within channels of a 3-D blob"):
+        convert_graph(built.graph)
+
+
 @pytest.mark.parametrize("write", [convert_graph, export_onnx], ids=["ncnn", "onnx"])
 @pytest.mark.parametrize("after_conv", [False, True], ids=["alone", "after_conv"])
 def test_batchnorm_on_batch_statistics_is_refused_by_name(tmp_path, write, after_conv):

@@ -242,7 +242,12 @@ def lrn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
 
 
 def mvn_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    """Caffe normalizes each channel over the rest of the blob; ncnn's MVN over each Mat channel, which only a
+    4-D blob's channels are (a 3-D blob is one 2-D Mat: it normalized the whole of it)."""
     p = layer.param.mvn_param
+    ndim = len(ctx.shape(layer, layer.bottoms[0]))
+    if not p.across_channels and ndim != 4:
+        raise unsupported(layer, f"MVN within channels of a {ndim}-D blob (ncnn normalizes per Mat channel)")
     return ncnn_layer("MVN", layer, {0: int(p.normalize_variance), 1: int(p.across_channels), 2: float(p.eps)})
 
 
@@ -351,7 +356,9 @@ def lrn_onnx(b, layer: Layer) -> None:
 def mvn_onnx(b, layer: Layer) -> None:
     """(x - mean) [/ (std + eps)] over H, W (and C when across_channels), per sample, as Caffe's MVN."""
     p = layer.param.mvn_param
-    axes = [1, 2, 3] if p.across_channels else [2, 3]
+    axes = list(range(1 if p.across_channels else 2, len(b.shape(layer.bottoms[0]))))
+    if not axes:
+        raise unsupported(layer, "MVN within channels of a 2-D blob (one value per channel)", "ONNX export")
     x, name = layer.bottoms[0], layer.name
     mean, centred = f"{name}/mean", f"{name}/centred" if p.normalize_variance else layer.tops[0]
     b.node("ReduceMean", [x], [mean], mean, axes=axes, keepdims=1)
