@@ -421,6 +421,19 @@ CASES = [
     Case("hardswish", "HardSwish", _one("HardSwish"), shape=(1, 4, 8, 8)),
     Case("pool_max", "Pooling", _one("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")),
     Case("pool_ave", "Pooling", _one("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")),
+    # a map smaller than the kernel: Caffe has one window; ncnn's full padding (C's % of a negative) two
+    Case(
+        "pool_small_max",
+        "Pooling",
+        _one("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
+        (1, 2, 2, 2),
+    ),
+    Case(
+        "pool_small_ave",
+        "Pooling",
+        _one("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }"),
+        (1, 2, 2, 2),
+    ),
     Case("pool_global", "Pooling", _one("Pooling", "pooling_param { pool: AVE global_pooling: true }")),
     Case(
         "eltwise_sum",

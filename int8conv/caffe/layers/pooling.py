@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,8 +35,12 @@ def pooling_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def _pool_out_full(size: int, k: int, s: int, pad: int) -> tuple[int, int]:
-    """ncnn's pad_mode 0 ("full"): (output size, tail padding added after ``pad``)."""
-    tail = (size + 2 * pad - k) % s
+    """ncnn's pad_mode 0 ("full"): (output size, tail padding added after ``pad``).
+
+    ncnn computes the tail with C's ``%``, which keeps the sign: a window larger than the padded input (a 2x2 map
+    under a 3x3 kernel at stride 2) gets a tail of s + 1 and two outputs where Caffe has one.
+    """
+    tail = int(math.fmod(size + 2 * pad - k, s))
     tailpad = s - tail if tail else 0
     return (size + 2 * pad + tailpad - k) // s + 1, tailpad
 
