@@ -391,6 +391,7 @@ register(
         affine_onnx,
         Weights(canonical=flat_weights),
         affine=batchnorm_affine,
+        notes="use_global_stats: false (the batch's own statistics, even in TEST) is declined",
     )
 )
 register(
@@ -403,7 +404,8 @@ register(
         Weights(required=False, canonical=flat_weights),
         affine=_scale_folds,
         notes="with a second bottom (SE channel attention) it multiplies by that blob, broadcast at "
-        "Caffe's axis; " + _NOT_FOLDED_TWO_BOTTOMS,
+        "Caffe's axis; " + _NOT_FOLDED_TWO_BOTTOMS + "; one-bottom values off the channel axis (axis, num_axes): "
+        "ONNX only",
     )
 )
 register(
@@ -424,9 +426,20 @@ register(
 )
 register(
     LayerKind(
-        "Bias", FAMILY, bias_shape, bias_ncnn, bias_onnx, Weights(canonical=flat_weights), opencv=opencv_lacks("Bias")
+        "Bias",
+        FAMILY,
+        bias_shape,
+        bias_ncnn,
+        bias_onnx,
+        Weights(canonical=flat_weights),
+        opencv=opencv_lacks("Bias"),
+        notes="values off the channel axis (axis, num_axes): ONNX only",
     )
 )
 register(LayerKind("Normalize", FAMILY, same_shape, normalize_ncnn, normalize_onnx, Weights(canonical=flat_weights)))
 register(LayerKind("LRN", FAMILY, same_shape, lrn_ncnn, lrn_onnx))
-register(LayerKind("MVN", FAMILY, same_shape, mvn_ncnn, mvn_onnx))
+register(
+    LayerKind(
+        "MVN", FAMILY, same_shape, mvn_ncnn, mvn_onnx, notes="within channels: ncnn needs a 4-D blob, ONNX 3-D or more"
+    )
+)

@@ -466,7 +466,7 @@ register(
         dropout_ncnn,
         dropout_onnx,
         value_preserving=True,
-        notes="identity at test time (scale_train: false scales by 1 - ratio in ncnn)",
+        notes="identity at test time (scale_train: false scales by 1 - ratio)",
     )
 )
 register(LayerKind("Silence", FAMILY, silence_shape, nothing_ncnn, nothing_onnx, opencv=opencv_lacks("Silence")))
