@@ -949,6 +949,20 @@ def test_batchnorm_on_batch_statistics_is_refused_by_name(tmp_path, write, after
         write(graph)
 
 
+@pytest.mark.parametrize("write", [convert_graph, export_onnx], ids=["ncnn", "onnx"])
+def test_max_unpooling_upsample_is_refused_by_name(tmp_path, write):
+    """A two-bottom Upsample is SegNet's max unpooling (the second bottom holds the pooling indices): the writers
+    compute nearest-neighbour upsampling, so they decline it instead of ignoring the indices."""
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }\n'
+        'input: "mask" input_shape { dim: 1 dim: 2 dim: 4 dim: 4 }\n'
+        'layer { name: "l" type: "Upsample" bottom: "data" bottom: "mask" top: "out" upsample_param { scale: 2 } }\n'
+    )
+    graph = load_graph(*write_caffe_model(tmp_path, text, {}))
+    with pytest.raises(ModelError, match=r"layer 'l' \(Upsample\): 2 bottoms \(max unpooling by pooling indices\)"):
+        write(graph)
+
+
 @pytest.mark.pycaffe
 def test_embed_onnx_matches_pycaffe(tmp_path, caffe, ort_cache):
     """Embed reads indices: ONNX Gathers rows of the table; ncnn declines it (its Embed reads int32 indices)."""

@@ -24,14 +24,23 @@ def upsample_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
     return [(n, c, h * scale, w * scale)]
 
 
+def _nearest_only(layer: Layer, writer: str) -> None:
+    """Both writers compute a nearest-neighbour Upsample; a second bottom is SegNet's max unpooling (the pooling
+    indices say where each value goes), which they would compute wrongly."""
+    if len(layer.bottoms) != 1:
+        raise unsupported(layer, f"{len(layer.bottoms)} bottoms (max unpooling by pooling indices)", writer)
+
+
 def upsample_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     """ncnn Interp, nearest (0=1), scale factors 1= and 2=."""
+    _nearest_only(layer, "ncnn converter")
     scale = float(layer.param.upsample_param.scale)
     return ncnn_layer("Interp", layer, {0: 1, 1: scale, 2: scale})
 
 
 def upsample_onnx(b, layer: Layer) -> None:
     """Resize, nearest, asymmetric coordinates with floor: output (y, x) reads input (y // s, x // s)."""
+    _nearest_only(layer, "ONNX export")
     scale = float(layer.param.upsample_param.scale)
     b.node(
         "Resize",
@@ -103,7 +112,8 @@ register(
         value_preserving=True,
         head_passthrough=True,
         notes="a Caffe-fork layer (YOLOv3 ports): nearest neighbour by an integer scale; the OpenCV engine "
-        "runs it as a Python layer (cv2.dnn_registerLayer)",
+        "runs it as a Python layer (cv2.dnn_registerLayer); a second bottom (SegNet's max unpooling by pooling "
+        "indices) is declined",
     )
 )
 register(
