@@ -259,6 +259,21 @@ PREPROCESS_FLAGS = {
 }
 
 
+def saved_preprocessing(prep: PreprocessOptions, options: CalibrationOptions) -> PreprocessOptions:
+    """With ``--load-stats`` and no preprocessing flag, the preprocessing the statistics were collected with: the
+    steps after the histograms (the channel check, auto's and eq's images, report's evaluation, ``--auto-fp32``)
+    must not run with the defaults (``--color bgr`` on a gray model). Given flags stay, checked by ``collect``."""
+    if not options.load_stats or prep != PreprocessOptions():
+        return prep
+    saved = CalibrationStatistics.load(options.load_stats[0]).preprocess
+    if not saved:
+        return prep
+    fields = {f.name for f in dataclasses.fields(PreprocessOptions)}
+    return PreprocessOptions(
+        **{key: tuple(value) if isinstance(value, list) else value for key, value in saved.items() if key in fields}
+    )
+
+
 def _check_saved_preprocessing(
     stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions, graph: Graph, source: Path
 ) -> None:

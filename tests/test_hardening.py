@@ -147,6 +147,23 @@ def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignor
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
 
 
+@pytest.mark.real_models
+def test_load_stats_without_preprocessing_flags_uses_the_saved_preprocessing(lenet, images, tmp_path):
+    """--load-stats alone decides the preprocessing: LeNet's gray statistics give the table of the full command line,
+    not a refusal of the default --color bgr (3 channels for a 1-channel input); report evaluates with it too."""
+    stats = tmp_path / "s.npz"
+    args = ["calibrate", *lenet, "--backend", "opencv", "-q", "--method", "kl"]
+    assert (
+        main([*args, *LENET_GRAY, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")])
+        == 0
+    )
+    assert main([*args, "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+    report = ["report", *lenet, "-q", "--load-stats", str(stats), "--eval-images", str(images), "--no-caffe"]
+    assert main([*report, "--max-images", "2", "--out-dir", str(tmp_path / "rep"), "--timing-runs", "1"]) == 0
+    assert "prob" in (tmp_path / "rep" / "lenet_iter_10000.html").read_text()
+
+
 def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
     """Saved statistics leave ``letterbox`` out when it was off; --letterbox then contradicts them, and its absence
     contradicts statistics collected with it."""
