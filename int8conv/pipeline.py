@@ -138,21 +138,29 @@ class PreprocessOptions:
         prep = self.with_size((shape[2], shape[3]))
         if prep.size != tuple(shape[2:]):
             check_input_size(graph, prep.size)
-        if prep.channels != shape[1]:
+        return self._check_channels(prep, name, source, shape[1])
+
+    def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
+        """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set, and its
+        channels (2=) must be the images' (a 1-channel model fed BGR would measure noise)."""
+        inputs = [layer for layer in model.layers if layer.type == "Input"]
+        if self.size:
+            prep = self.with_size(self.size)
+        elif not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
+            raise ImageError(f"{source}: the Input layer gives no width/height (0= and 1=); pass --size H W")
+        else:
+            prep = self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
+        if not inputs or not inputs[0].params.get(2):
+            return prep
+        return self._check_channels(prep, inputs[0].name, source, int(inputs[0].params[2]))
+
+    def _check_channels(self, prep: Preprocess, name: str, source: Path, channels: int) -> Preprocess:
+        if prep.channels != channels:
             raise ImageError(
-                f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
+                f"input '{name}' of {source} has {channels} channels, but --color {self.color} gives "
                 f"{prep.channels}: this model cannot be calibrated from plain images"
             )
         return prep
-
-    def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
-        """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set."""
-        if self.size:
-            return self.with_size(self.size)
-        inputs = [layer for layer in model.layers if layer.type == "Input"]
-        if not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
-            raise ImageError(f"{source}: the Input layer gives no width/height (0= and 1=); pass --size H W")
-        return self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,8 @@ def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignor
 
 @pytest.mark.real_models
 def test_load_stats_without_preprocessing_flags_uses_the_saved_preprocessing(lenet, images, tmp_path):
-    """--load-stats alone decides the preprocessing: LeNet's gray statistics give the table of the full command line,
-    not a refusal of the default --color bgr (3 channels for a 1-channel input); report evaluates with it too."""
+    """--load-stats alone decides the preprocessing: LeNet's gray statistics give the table of the full command line
+    (calibrate and report), not a refusal of the default --color bgr (3 channels for a 1-channel input)."""
     stats = tmp_path / "s.npz"
     args = ["calibrate", *lenet, "--backend", "opencv", "-q", "--method", "kl"]
     assert (
@@ -159,9 +159,9 @@ def test_load_stats_without_preprocessing_flags_uses_the_saved_preprocessing(len
     )
     assert main([*args, "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
-    report = ["report", *lenet, "-q", "--load-stats", str(stats), "--eval-images", str(images), "--no-caffe"]
-    assert main([*report, "--max-images", "2", "--out-dir", str(tmp_path / "rep"), "--timing-runs", "1"]) == 0
-    assert "prob" in (tmp_path / "rep" / "lenet_iter_10000.html").read_text()
+    report = ["report", *lenet, "-q", "--method", "kl", "--load-stats", str(stats), "--eval-images", str(images)]
+    assert main([*report, *QUICK_EVAL, "--max-images", "2", "--out-dir", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "lenet_iter_10000.table").read_text() == (tmp_path / "a").read_text()
 
 
 def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
@@ -304,3 +304,30 @@ def test_a_layer_without_its_bottoms_is_named(shared, tmp_path):
     proto.write_text((folder / "lenet.prototxt").read_text().replace('bottom: "ip2"\n  top: "prob"', 'top: "prob"'))
     with pytest.raises(ModelError, match=r"layer 'prob' \(Softmax\) needs 1 bottom\(s\), it has 0"):
         load_graph(proto, folder / "lenet_iter_10000.caffemodel")
+
+
+@pytest.mark.real_models
+def test_auto_fp32_refuses_images_of_the_wrong_channel_count(lenet, images, tmp_path, capsys):
+    """quantize --auto-fp32 on a 1-channel ncnn model without --color gray: a clear refusal naming the input, not an
+    output cosine measured on 3-channel images (it was ~0, and the chosen FP32 layers were noise)."""
+    table = tmp_path / "lenet.table"
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    assert main(lenet_calibrate(lenet, images, table)) == 0
+    param, weights = tmp_path / "lenet_iter_10000.param", tmp_path / "lenet_iter_10000.bin"
+    quantize = [
+        "quantize",
+        "--param",
+        str(param),
+        "--bin",
+        str(weights),
+        "--table",
+        str(table),
+        "--images",
+        str(images),
+    ]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin"), "--auto-fp32", "0.99"]
+    capsys.readouterr()
+    assert main(["-q", *quantize, *out]) == 2
+    assert f"input 'data' of {param} has 1 channels, but --color bgr gives 3" in capsys.readouterr().err
+    assert not (tmp_path / "q.param").exists()
+    assert main(["-q", *quantize, *out, *LENET_GRAY]) == 0
