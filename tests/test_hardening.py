@@ -331,3 +331,19 @@ def test_auto_fp32_refuses_images_of_the_wrong_channel_count(lenet, images, tmp_
     assert f"input 'data' of {param} has 1 channels, but --color bgr gives 3" in capsys.readouterr().err
     assert not (tmp_path / "q.param").exists()
     assert main(["-q", *quantize, *out, *LENET_GRAY]) == 0
+
+
+@pytest.mark.real_models
+def test_quantize_names_a_legacy_table(lenet, images, tmp_path, capsys):
+    """A --legacy-table (per-tensor weight scales) given to quantize: the format is named, not 'the table was made
+    for another model' after a warning per layer about missing activation lines."""
+    table = tmp_path / "legacy.table"
+    assert main([*lenet_calibrate(lenet, images, table), "--legacy-table"]) == 0
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    model = ["--param", str(tmp_path / "lenet_iter_10000.param"), "--bin", str(tmp_path / "lenet_iter_10000.bin")]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin")]
+    capsys.readouterr()
+    assert main(["quantize", *model, "--table", str(table), *out]) == 2
+    err = capsys.readouterr().err
+    assert "it is the legacy per-tensor format (--legacy-table)" in err and "another model" not in err
+    assert "WARNING" not in err and not (tmp_path / "q.param").exists()
