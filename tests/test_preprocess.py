@@ -74,6 +74,8 @@ def test_list_file_relative_paths(image_dir):
     listing = image_dir / "list.txt"
     listing.write_text("# calibration set\na.jpg\n\nsub/c.Png\n")
     assert list_images(listing) == [image_dir / "a.jpg", image_dir / "sub" / "c.Png"]
+    listing.write_bytes(b"\xef\xbb\xbfa.jpg\r\nsub/c.Png\r\n")  # saved by Windows Notepad: a BOM, CRLF
+    assert list_images(listing) == [image_dir / "a.jpg", image_dir / "sub" / "c.Png"]
 
 
 def test_unreadable_images_are_skipped_and_counted(image_dir):

@@ -129,7 +129,7 @@ def list_images(source: str | Path) -> list[Path]:
         paths = _folder_images(source)
     elif source.is_file():
         try:
-            lines = source.read_text(encoding="utf-8").splitlines()
+            lines = source.read_text(encoding="utf-8-sig").splitlines()  # a BOM: Windows Notepad's lists
         except (OSError, UnicodeDecodeError) as exc:
             raise ImageError(f"{source}: cannot read the image list: {exc}") from exc
         paths = []
