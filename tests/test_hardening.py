@@ -347,3 +347,16 @@ def test_quantize_names_a_legacy_table(lenet, images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "it is the legacy per-tensor format (--legacy-table)" in err and "another model" not in err
     assert "WARNING" not in err and not (tmp_path / "q.param").exists()
+
+
+@pytest.mark.parametrize("before, after", [("-v", "-q"), ("-q", "-v")])
+def test_verbose_and_quiet_on_both_sides_of_the_command_are_refused(tmp_path, capsys, before, after):
+    """-v before the command and -q after it (or the reverse) was debug logging with the progress bars off: one
+    flag silently lost. Each parser already refuses the pair; across the two it is the same argparse error."""
+    for name in ("a.prototxt", "a.caffemodel"):
+        (tmp_path / name).write_text("")  # never read: the flags are refused first
+    argv = [before, "convert", "--proto", str(tmp_path / "a.prototxt"), "--model", str(tmp_path / "a.caffemodel")]
+    assert main([*argv, "--out-dir", str(tmp_path / "out"), after]) == 2
+    err = capsys.readouterr().err
+    assert "int8conv convert: error: argument -q/--quiet: not allowed with argument -v/--verbose" in err
+    assert not (tmp_path / "out").exists()
