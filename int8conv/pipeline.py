@@ -140,9 +140,10 @@ class PreprocessOptions:
             check_input_size(graph, prep.size)
         return self._check_channels(prep, name, source, shape[1])
 
-    def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
+    def for_ncnn(self, model: NcnnModel, source: Path, any_color: bool = False) -> Preprocess:
         """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set, and its
-        channels (2=) must be the images' (a 1-channel model fed BGR would measure noise)."""
+        channels (2=) must be the images' (a 1-channel model fed BGR would measure noise); ``any_color``: the
+        color that gives them (random pixels to time the model on: only their shape matters)."""
         inputs = [layer for layer in model.layers if layer.type == "Input"]
         if self.size:
             prep = self.with_size(self.size)
@@ -152,7 +153,10 @@ class PreprocessOptions:
             prep = self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
         if not inputs or not inputs[0].params.get(2):
             return prep
-        return self._check_channels(prep, inputs[0].name, source, int(inputs[0].params[2]))
+        channels = int(inputs[0].params[2])
+        if any_color and channels != prep.channels:
+            prep = dataclasses.replace(prep, color="gray" if channels == 1 else "bgr")
+        return self._check_channels(prep, inputs[0].name, source, channels)
 
     def _check_channels(self, prep: Preprocess, name: str, source: Path, channels: int) -> Preprocess:
         if prep.channels != channels:
@@ -538,7 +542,7 @@ def speed_table(
     elif options.min_cosine is not None:
         raise Int8ConvError("--min-cosine needs images to measure the output cosine on (--images)")
     else:  # speed only: any image will do to time the whole model
-        ncnn_prep = prep.for_ncnn(fp32, source)
+        ncnn_prep = prep.for_ncnn(fp32, source, any_color=True)
         noise = np.random.default_rng(0).integers(0, 256, (*ncnn_prep.size, 3), np.uint8)
         inputs = [{fp32.input_names[0]: ncnn_prep.apply(noise)}]
     timings: dict[str, LayerTiming] | None = None

@@ -331,6 +331,24 @@ def test_auto_fp32_refuses_images_of_the_wrong_channel_count(lenet, images, tmp_
     assert f"input 'data' of {param} has 1 channels, but --color bgr gives 3" in capsys.readouterr().err
     assert not (tmp_path / "q.param").exists()
     assert main(["-q", *quantize, *out, *LENET_GRAY]) == 0
+    timed = [*quantize[: quantize.index("--images")], *out[:4], "--optimize", "speed"]  # random pixels, any --color
+    assert main(["-q", *timed]) == 0
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("flag", ["--layer-timings", "--save-layer-timings"])
+def test_layer_timings_without_optimize_speed_are_refused(lenet, tmp_path, capsys, flag):
+    """--layer-timings / --save-layer-timings belong to --optimize speed: without it they were silently ignored
+    (no timings file written, the device's timings unused)."""
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    table, timings = tmp_path / "empty.table", tmp_path / "timings.json"
+    table.write_text("")
+    timings.write_text("{}")
+    model = ["--param", str(tmp_path / "lenet_iter_10000.param"), "--bin", str(tmp_path / "lenet_iter_10000.bin")]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin"), "--table", str(table)]
+    assert main(["quantize", *model, *out, flag, str(timings if flag == "--layer-timings" else tmp_path / "t")]) == 2
+    assert f"{flag} is for --optimize speed" in capsys.readouterr().err
+    assert not (tmp_path / "q.param").exists() and not (tmp_path / "t").exists()
 
 
 @pytest.mark.real_models
