@@ -876,9 +876,10 @@ def _report(
         write_ncnn_build(build, out_dir, model.stem)
         tbl, source = build.table, f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, source = read_ncnn_table(table), f"table {table}"
+        tbl, source = read_ncnn_table(table), f"table {table}, copied to {paths['table']}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
+        write_text_atomic(paths["table"], format_ncnn_table(tbl))  # not a stale table of an earlier run beside them
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
     found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])

@@ -19,6 +19,7 @@ from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
+from int8conv.tables.ncnn_table import read_ncnn_table
 from tests.conftest import LENET_GRAY, QUICK_EVAL, lenet_calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,3 +379,22 @@ def test_verbose_and_quiet_on_both_sides_of_the_command_are_refused(tmp_path, ca
     err = capsys.readouterr().err
     assert "int8conv convert: error: argument -q/--quiet: not allowed with argument -v/--verbose" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real_models
+def test_report_with_a_given_table_writes_that_table_to_its_folder(lenet, images, tmp_path):
+    """report --table into a folder of an earlier report: the folder's table is the one its INT8 model was quantized
+    with (it was the earlier run's, contradicting the models beside it)."""
+    out, given = tmp_path / "rep", tmp_path / "given.table"
+    report = ["report", *lenet, *LENET_GRAY, "-q", "--images", str(images), "--eval-images", str(images)]
+    report += [*QUICK_EVAL, "--max-eval-images", "2", "--out-dir", str(out)]
+    assert main([*report, "--method", "kl"]) == 0
+    assert main([*lenet_calibrate(lenet, images, given), "--method", "minmax"]) == 0
+    assert read_ncnn_table(given).activation_scales != read_ncnn_table(out / "lenet_iter_10000.table").activation_scales
+    assert main([*report, "--table", str(given)]) == 0
+    folder_table = read_ncnn_table(out / "lenet_iter_10000.table")
+    assert folder_table.activation_scales == read_ncnn_table(given).activation_scales
+    model = ["--param", str(out / "lenet_iter_10000.param"), "--bin", str(out / "lenet_iter_10000.bin")]
+    again = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin")]
+    assert main(["-q", "quantize", *model, "--table", str(out / "lenet_iter_10000.table"), *again]) == 0
+    assert (tmp_path / "q.bin").read_bytes() == (out / "lenet_iter_10000-int8.bin").read_bytes()
