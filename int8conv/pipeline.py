@@ -71,6 +71,7 @@ from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import quantize_model, runtime_fp32_layers
 from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.progress import quiet_loggers
 from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
@@ -483,7 +484,8 @@ def run_model(
     if not equalized:
         yield model, None
         return
-    result = equalize(model, prep, options)
+    with quiet_loggers("int8conv.calibration.preprocess"):  # the calibration after it reports each unreadable image
+        result = equalize(model, prep, options)
     with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
         files = ModelFiles(model.proto, Path(tmp) / model.caffemodel.name)
         write_equalized(result, files.caffemodel)
