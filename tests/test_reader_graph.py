@@ -132,6 +132,15 @@ def test_prototxt_syntax_error_names_line(tmp_path):
         load_graph(path, path)
 
 
+def test_swapped_proto_and_model_say_so(tmp_path):
+    """--proto given the caffemodel (the two flags swapped): the file is named as binary, not quoted by the text
+    parser ('Expected identifier or number' around raw bytes)."""
+    proto, model = write_caffe_model(tmp_path, CONV_BN_NET.format(header=HEADERS["input_layer"]), conv_bn_weights())
+    with pytest.raises(ModelError, match=r"net\.caffemodel: a binary file, not a text prototxt") as error:
+        load_graph(model, proto)
+    assert "Expected" not in str(error.value)
+
+
 def test_v1_prototxt_refused(tmp_path):
     path = tmp_path / "v1.prototxt"
     path.write_text('name: "old"\nlayers { name: "conv1" bottom: "data" top: "conv1" }\n')

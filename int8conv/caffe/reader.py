@@ -38,6 +38,11 @@ def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
     except text_format.ParseError as exc:
         if V1_LAYERS.search(text):  # the V1 schema's enum types are what fails to parse
             raise ModelError(f"{path}: {V1_MESSAGE}") from exc
+        if "\x00" in text or "\ufffd" in text:  # the parser's message would quote binary bytes
+            raise ModelError(
+                f"{path}: a binary file, not a text prototxt (a .caffemodel?): --proto takes the deploy .prototxt, "
+                "--model the .caffemodel"
+            ) from exc
         raise ModelError(f"{path}:{exc}") from exc
     if len(net.layers):
         raise ModelError(f"{path}: {V1_MESSAGE}")
