@@ -82,7 +82,7 @@ from int8conv.tables.tensorrt_files import (
     write_ranges_json,
 )
 from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
-from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
+from int8conv.tensorrt.qdq import check_fp32_layers, choose_fp32_layers, insert_qdq
 from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
 
 log = logging.getLogger(__name__)
@@ -727,6 +727,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     _refuse_adaround_with_table(trt.table, options)
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
+    check_fp32_layers(export, trt.fp32_layers)  # a misspelt layer: before the calibration, not after it
     values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
     # what the ncnn INT8 model keeps FP32 stays FP32 here too: no calibration step validates those thresholds

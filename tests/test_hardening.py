@@ -398,3 +398,15 @@ def test_report_with_a_given_table_writes_that_table_to_its_folder(lenet, images
     again = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin")]
     assert main(["-q", "quantize", *model, "--table", str(out / "lenet_iter_10000.table"), *again]) == 0
     assert (tmp_path / "q.bin").read_bytes() == (out / "lenet_iter_10000-int8.bin").read_bytes()
+
+
+@pytest.mark.real_models
+def test_export_trt_names_a_misspelt_fp32_layer_before_calibrating(lenet, tmp_path, capsys):
+    """--fp32-layers with a name the model lacks is refused before the images are read (it was refused after the
+    whole calibration); an empty image folder shows the order."""
+    (tmp_path / "empty").mkdir()
+    args = ["export-trt", *lenet, *LENET_GRAY, "--images", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "o")]
+    assert main(["-q", *args, "--fp32-layers", "conv1", "ip9"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp32-layers names ip9, which are not Convolution or InnerProduct layers" in err
+    assert "no images found" not in err and not (tmp_path / "o").exists()
