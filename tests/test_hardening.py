@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import stat
 import warnings
 from pathlib import Path
@@ -410,3 +411,29 @@ def test_export_trt_names_a_misspelt_fp32_layer_before_calibrating(lenet, tmp_pa
     err = capsys.readouterr().err
     assert "--fp32-layers names ip9, which are not Convolution or InnerProduct layers" in err
     assert "no images found" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.real_models
+def test_eval_refuses_model_flags_it_would_ignore(lenet, images, tmp_path, capsys):
+    """eval --ncnn-dir with --param/--bin, or the INT8 pair with --table: one of them was silently ignored (and with
+    --table the report said 'quantized from' it while the given INT8 model ran)."""
+    out = tmp_path / "nc"
+    assert main(["-q", "convert", *lenet, "--out-dir", str(out)]) == 0
+    fp32 = ["--param", str(out / "lenet_iter_10000.param"), "--bin", str(out / "lenet_iter_10000.bin")]
+    for kind in ("param", "bin"):  # stand-ins for the INT8 pair: never read, the flags are refused first
+        shutil.copy(out / f"lenet_iter_10000.{kind}", out / f"lenet_iter_10000-int8.{kind}")
+    int8 = [
+        "--int8-param",
+        str(out / "lenet_iter_10000-int8.param"),
+        "--int8-bin",
+        str(out / "lenet_iter_10000-int8.bin"),
+    ]
+    base = ["-q", "eval", *lenet, *LENET_GRAY, "--images", str(images), *QUICK_EVAL, "--max-images", "1"]
+    table = tmp_path / "lenet.table"
+    table.write_text("")  # never read: refused first
+    assert main([*base, *fp32, *int8, "--table", str(table)]) == 2
+    assert "or a --table to quantize with, not both" in capsys.readouterr().err
+    assert main([*base, "--ncnn-dir", str(out), *fp32]) == 2
+    assert "--ncnn-dir names the models (<stem>.param/.bin, <stem>-int8.param/.bin): drop --param, --bin" in (
+        capsys.readouterr().err
+    )
