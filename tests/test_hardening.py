@@ -437,3 +437,17 @@ def test_eval_refuses_model_flags_it_would_ignore(lenet, images, tmp_path, capsy
     assert "--ncnn-dir names the models (<stem>.param/.bin, <stem>-int8.param/.bin): drop --param, --bin" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("flag", ["--save-stats", "--load-stats"])
+def test_export_trt_with_a_table_refuses_statistics_flags(lenet, images, tmp_path, capsys, flag):
+    """export-trt --table takes every range from the table: --save-stats wrote nothing and --load-stats (even of
+    another model) was never read, both silently."""
+    table, stats = tmp_path / "lenet.table", tmp_path / "s.npz"
+    assert main([*lenet_calibrate(lenet, images, table), "--save-stats", str(stats)]) == 0
+    args = ["export-trt", *lenet, *LENET_GRAY, "--table", str(table), "--out-dir", str(tmp_path / "trt")]
+    given = str(stats) if flag == "--load-stats" else str(tmp_path / "new.npz")
+    assert main(["-q", *args, flag, given]) == 2
+    assert f"{flag}: the ranges come from the table {table}, not statistics" in capsys.readouterr().err
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "new.npz").exists()
