@@ -292,7 +292,11 @@ def _check_saved_preprocessing(
 ) -> None:
     """Saved statistics fix the preprocessing. Options that repeat it are fine (the same command line with
     --load-stats added); options that differ would be silently ignored, so they are an error. Images: a warning."""
-    if options.images is not None:
+    if options.images is not None and (options.method == AUTO_METHOD or options.method in SEARCH_METHODS):
+        log.info("the histograms come from --load-stats; --method %s runs on --images", options.method)
+    elif options.images is not None and options.adaround:
+        log.info("the histograms come from --load-stats; --adaround runs on --images")
+    elif options.images is not None:
         log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
     default = PreprocessOptions()
     given = [

@@ -140,13 +140,19 @@ def test_output_through_a_symlink_and_dev_full(lenet, images, tmp_path, capsys):
 
 
 @pytest.mark.real_models
-def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignored(lenet, images, tmp_path, capsys):
+def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_warned_only_when_unused(
+    lenet, images, tmp_path, capsys
+):
     stats = tmp_path / "s.npz"
     args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
     assert main([*args, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]) == 0
     assert main([*args, "--images", str(images), "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
-    assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
+    # --method auto (the default) validates its candidates on the images: they are used, no warning says otherwise
+    assert "is not used" not in capsys.readouterr().err
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+    kl = ["--method", "kl", "--images", str(images), "--load-stats", str(stats)]
+    assert main([*args, *kl, "--output", str(tmp_path / "c")]) == 0
+    assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
 
 
 @pytest.mark.real_models
