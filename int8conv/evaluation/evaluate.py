@@ -157,6 +157,12 @@ def resolve_task(model: NcnnModel, task: str) -> str:
     if task not in TASKS:
         raise ModelError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
     task = detect_task(model) if task == "auto" else task
+    detections = [name for name in model.output_names if model.producer(name).type == "DetectionOutput"]
+    if detections and task != "ssd":  # its row count follows the detections: no cosine or top-1 reads it
+        raise ModelError(
+            f"--task {task}: output '{detections[0]}' is a DetectionOutput's detection list, whose length varies "
+            "from run to run: use --task ssd (or auto)"
+        )
     if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
         raise ModelError(
             f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs {model.output_names}"
