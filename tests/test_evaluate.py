@@ -426,11 +426,15 @@ def test_classifier_top1_reads_the_softmax_output(shared):
 
 
 @pytest.mark.real_models
-def test_a_forced_task_that_would_compare_detection_lists_is_refused(shared):
+def test_a_forced_task_that_does_not_fit_the_outputs_is_refused(shared):
     """--task classifier (or segmentation) on an SSD: its DetectionOutput list changes length between FP32 and INT8,
-    and eval failed with 'cannot compare blobs of 222 and 300 values'; the task is refused, naming the output."""
+    and eval failed with 'cannot compare blobs of 222 and 300 values'; --task ssd without a DetectionOutput was an
+    internal error. Both are refused, naming what is missing."""
     model = convert_graph(load_graph(*SHARED_MODELS["yufacedetectnet"].paths(shared)))
     assert resolve_task(model, "auto") == resolve_task(model, "ssd") == "ssd"
     for task in ("classifier", "segmentation"):
         with pytest.raises(ModelError, match=f"--task {task}: output 'detection_out' is a DetectionOutput's"):
             resolve_task(model, task)
+    lenet = convert_graph(load_graph(*SHARED_MODELS["lenet"].paths(shared)))
+    with pytest.raises(ModelError, match="--task ssd needs a DetectionOutput layer"):  # was a StopIteration
+        resolve_task(lenet, "ssd")

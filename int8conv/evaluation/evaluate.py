@@ -137,9 +137,7 @@ class OutputView:
 def output_view(model: NcnnModel, task: str) -> OutputView:
     """The comparison view of ``model`` for ``task`` (one of TASKS without auto)."""
     if task == "ssd":
-        detection = next((layer for layer in model.layers if layer.type == "DetectionOutput"), None)
-        if detection is None:
-            raise ModelError("--task ssd needs a DetectionOutput layer; this model has none")
+        detection = next(layer for layer in model.layers if layer.type == "DetectionOutput")  # resolve_task checks
         loc, conf = detection.bottoms[0], detection.bottoms[1]
         return OutputView([loc, conf], {conf: int(detection.params.get(0, 0))})
     if task == "host-decoded":
@@ -163,6 +161,8 @@ def resolve_task(model: NcnnModel, task: str) -> str:
             f"--task {task}: output '{detections[0]}' is a DetectionOutput's detection list, whose length varies "
             "from run to run: use --task ssd (or auto)"
         )
+    if task == "ssd" and not any(layer.type == "DetectionOutput" for layer in model.layers):
+        raise ModelError("--task ssd needs a DetectionOutput layer; this model has none")
     if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
         raise ModelError(
             f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs {model.output_names}"
