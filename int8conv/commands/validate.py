@@ -128,6 +128,7 @@ def json_output(text: str) -> str:
 #: numeric flags, by option string (applied to int/float options only)
 NUMERIC: dict[str, Callable[[str], object]] = {
     "--threads": positive_int,
+    "--arm-threads": positive_int,
     "--timing-runs": positive_int,
     "--batch-size": positive_int,
     "--max-images": count_or_all,
