@@ -143,6 +143,7 @@ NUMERIC: dict[str, Callable[[str], object]] = {
     "--norm": positive_float,
     "--std": nonzero_float,
     "--auto-fp32": cosine_target,
+    "--min-cosine": cosine_target,
     "--score-threshold": fraction,
     "--iou-threshold": fraction,
     "--percentile": percentile,
