@@ -153,7 +153,7 @@ OUTPUT_FILES = {
     "calibrate": ("--output", "--save-stats"),
     "convert_tool.py": ("--output", "--save-stats"),
     "convert": ("--param", "--bin"),
-    "quantize": ("--out-param", "--out-bin", "--out-table"),
+    "quantize": ("--out-param", "--out-bin", "--out-table", "--save-layer-timings"),
     "export-trt": ("--save-stats",),
     "report": ("--save-stats",),
     "equalize": ("--output",),
