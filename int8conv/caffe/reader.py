@@ -32,6 +32,11 @@ def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise ModelError(f"{path}: cannot read prototxt: {exc.strerror}") from exc
+    if text.startswith("\ufeff"):  # the parser's message would point at an invisible character
+        raise ModelError(
+            f"{path}: starts with a byte order mark (saved by a Windows editor as 'UTF-8 with BOM'), which Caffe's and "
+            "OpenCV's prototxt parsers refuse too: save it as plain UTF-8"
+        )
     net = caffe_pb2.NetParameter()
     try:
         text_format.Parse(text, net)
