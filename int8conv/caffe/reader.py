@@ -43,7 +43,7 @@ def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
     except text_format.ParseError as exc:
         if V1_LAYERS.search(text):  # the V1 schema's enum types are what fails to parse
             raise ModelError(f"{path}: {V1_MESSAGE}") from exc
-        if "\x00" in text or "\ufffd" in text:  # the parser's message would quote binary bytes
+        if "\x00" in text:  # binary (a text prototxt has no NUL byte): the parser would quote raw bytes
             raise ModelError(
                 f"{path}: a binary file, not a text prototxt (a .caffemodel?): --proto takes the deploy .prototxt, "
                 "--model the .caffemodel"
