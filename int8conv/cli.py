@@ -70,6 +70,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, check, run; whatever goes wrong becomes one line on stderr and an exit code (2: the input, 1: a bug)."""
     try:
         args = parser.parse_args(argv)
+        if args.verbose and args.quiet:  # one before the subcommand, the other after it: each parser allows one
+            getattr(args, "_parser", parser).error("argument -q/--quiet: not allowed with argument -v/--verbose")
     except SystemExit as exc:  # argparse: a bad flag (2, with its message) or --help/--version (0)
         return int(exc.code or 0)
     setup_logging(args.verbose, args.quiet)

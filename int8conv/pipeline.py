@@ -71,6 +71,7 @@ from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import NcnnModel, write_model
 from int8conv.ncnn.quantize import quantize_model, runtime_fp32_layers
 from int8conv.ncnn.runtime import NcnnRunner
+from int8conv.progress import quiet_loggers
 from int8conv.tables.ncnn_table import CalibrationTable, format_ncnn_table, read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
@@ -81,7 +82,7 @@ from int8conv.tables.tensorrt_files import (
     write_ranges_json,
 )
 from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
-from int8conv.tensorrt.qdq import choose_fp32_layers, insert_qdq
+from int8conv.tensorrt.qdq import check_fp32_layers, choose_fp32_layers, insert_qdq
 from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
 
 log = logging.getLogger(__name__)
@@ -138,21 +139,33 @@ class PreprocessOptions:
         prep = self.with_size((shape[2], shape[3]))
         if prep.size != tuple(shape[2:]):
             check_input_size(graph, prep.size)
-        if prep.channels != shape[1]:
+        return self._check_channels(prep, name, source, shape[1])
+
+    def for_ncnn(self, model: NcnnModel, source: Path, any_color: bool = False) -> Preprocess:
+        """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set, and its
+        channels (2=) must be the images' (a 1-channel model fed BGR would measure noise); ``any_color``: the
+        color that gives them (random pixels to time the model on: only their shape matters)."""
+        inputs = [layer for layer in model.layers if layer.type == "Input"]
+        if self.size:
+            prep = self.with_size(self.size)
+        elif not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
+            raise ImageError(f"{source}: the Input layer gives no width/height (0= and 1=); pass --size H W")
+        else:
+            prep = self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
+        if not inputs or not inputs[0].params.get(2):
+            return prep
+        channels = int(inputs[0].params[2])
+        if any_color and channels != prep.channels:
+            prep = dataclasses.replace(prep, color="gray" if channels == 1 else "bgr")
+        return self._check_channels(prep, inputs[0].name, source, channels)
+
+    def _check_channels(self, prep: Preprocess, name: str, source: Path, channels: int) -> Preprocess:
+        if prep.channels != channels:
             raise ImageError(
-                f"input '{name}' of {source} has {shape[1]} channels, but --color {self.color} gives "
+                f"input '{name}' of {source} has {channels} channels, but --color {self.color} gives "
                 f"{prep.channels}: this model cannot be calibrated from plain images"
             )
         return prep
-
-    def for_ncnn(self, model: NcnnModel, source: Path) -> Preprocess:
-        """The ``Preprocess`` of an ncnn model: its Input layer (0=w 1=h) gives the size unless one is set."""
-        if self.size:
-            return self.with_size(self.size)
-        inputs = [layer for layer in model.layers if layer.type == "Input"]
-        if not inputs or not inputs[0].params.get(0) or not inputs[0].params.get(1):
-            raise ImageError(f"{source}: the Input layer gives no width/height (0= and 1=); pass --size H W")
-        return self.with_size((int(inputs[0].params[1]), int(inputs[0].params[0])))
 
 
 @dataclass(frozen=True)
@@ -259,12 +272,31 @@ PREPROCESS_FLAGS = {
 }
 
 
+def saved_preprocessing(prep: PreprocessOptions, options: CalibrationOptions) -> PreprocessOptions:
+    """With ``--load-stats`` and no preprocessing flag, the preprocessing the statistics were collected with: the
+    steps after the histograms (the channel check, auto's and eq's images, report's evaluation, ``--auto-fp32``)
+    must not run with the defaults (``--color bgr`` on a gray model). Given flags stay, checked by ``collect``."""
+    if not options.load_stats or prep != PreprocessOptions():
+        return prep
+    saved = CalibrationStatistics.load(options.load_stats[0]).preprocess
+    if not saved:
+        return prep
+    fields = {f.name for f in dataclasses.fields(PreprocessOptions)}
+    return PreprocessOptions(
+        **{key: tuple(value) if isinstance(value, list) else value for key, value in saved.items() if key in fields}
+    )
+
+
 def _check_saved_preprocessing(
     stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions, graph: Graph, source: Path
 ) -> None:
     """Saved statistics fix the preprocessing. Options that repeat it are fine (the same command line with
     --load-stats added); options that differ would be silently ignored, so they are an error. Images: a warning."""
-    if options.images is not None:
+    if options.images is not None and (options.method == AUTO_METHOD or options.method in SEARCH_METHODS):
+        log.info("the histograms come from --load-stats; --method %s runs on --images", options.method)
+    elif options.images is not None and options.adaround:
+        log.info("the histograms come from --load-stats; --adaround runs on --images")
+    elif options.images is not None:
         log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
     default = PreprocessOptions()
     given = [
@@ -456,7 +488,8 @@ def run_model(
     if not equalized:
         yield model, None
         return
-    result = equalize(model, prep, options)
+    with quiet_loggers("int8conv.calibration.preprocess"):  # the calibration after it reports each unreadable image
+        result = equalize(model, prep, options)
     with tempfile.TemporaryDirectory(prefix="int8conv-equalized-") as tmp:
         files = ModelFiles(model.proto, Path(tmp) / model.caffemodel.name)
         write_equalized(result, files.caffemodel)
@@ -515,7 +548,7 @@ def speed_table(
     elif options.min_cosine is not None:
         raise Int8ConvError("--min-cosine needs images to measure the output cosine on (--images)")
     else:  # speed only: any image will do to time the whole model
-        ncnn_prep = prep.for_ncnn(fp32, source)
+        ncnn_prep = prep.for_ncnn(fp32, source, any_color=True)
         noise = np.random.default_rng(0).integers(0, 256, (*ncnn_prep.size, 3), np.uint8)
         inputs = [{fp32.input_names[0]: ncnn_prep.apply(noise)}]
     timings: dict[str, LayerTiming] | None = None
@@ -698,6 +731,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     _refuse_adaround_with_table(trt.table, options)
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
+    check_fp32_layers(export, trt.fp32_layers)  # a misspelt layer: before the calibration, not after it
     values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
     # what the ncnn INT8 model keeps FP32 stays FP32 here too: no calibration step validates those thresholds
@@ -849,9 +883,10 @@ def _report(
         write_ncnn_build(build, out_dir, model.stem)
         tbl, source = build.table, f"computed here with --method {options.method}, written to {paths['table']}"
     else:
-        tbl, source = read_ncnn_table(table), f"table {table}"
+        tbl, source = read_ncnn_table(table), f"table {table}, copied to {paths['table']}"
         fp32 = convert_graph(graph)
         write_ncnn_models(fp32, quantize_model(fp32, tbl, fp16_storage=fp16_storage), paths)
+        write_text_atomic(paths["table"], format_ncnn_table(tbl))  # not a stale table of an earlier run beside them
     staged = {key: outputs.staged_file(path) for key, path in paths.items() if key != "table"}  # not landed yet
     found = evaluate_ncnn(model, staged, prep, evaluation, graph)
     found.model, found.int8_model = str(paths["fp32_param"]), str(paths["int8_param"])

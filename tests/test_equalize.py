@@ -207,3 +207,15 @@ def test_export_trt_equalize_is_the_same_network_and_a_closer_qdq_model(shared, 
             low = min(low, *(cosine(a, b) for a, b in zip(reference, quantized, strict=True)))
         worst[label] = low
     assert worst["equalized"] > worst["plain"] + 0.005, worst
+
+
+def test_one_shot_equalize_reports_an_unreadable_image_once(spread_net, tmp_path, capsys):
+    """The one-shot's equalization reads some of the calibration images, then calibration reads them all: an
+    unreadable one is reported by the calibration alone (it was reported by both)."""
+    proto, model, images = spread_net
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    flags = ["--proto", str(proto), "--model", str(model), "--mean", "127", "--images", str(images), "-q"]
+    assert convert_tool([*flags, "--method", "kl", "--ncnn-dir", str(tmp_path / "out"), "--equalize"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"skipping {images / 'broken.jpg'}: not a readable image") == 1, err
+    assert f"skipped 1 unreadable image(s): {images / 'broken.jpg'}" in err

@@ -19,6 +19,7 @@ from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import main as cli
 from int8conv.engines import make_engine
+from int8conv.errors import ModelError
 from int8conv.evaluation.detection import (
     Detections,
     MatchTally,
@@ -36,6 +37,7 @@ from int8conv.evaluation.evaluate import (
     detect_task,
     evaluate,
     output_view,
+    resolve_task,
     task_outputs,
 )
 from int8conv.evaluation.fp32_search import search_fp32_layers
@@ -421,3 +423,18 @@ def test_classifier_top1_reads_the_softmax_output(shared):
         np.testing.assert_array_equal(decoded, outputs[expected])
     det4 = convert_graph(load_graph(*SHARED_MODELS["det4"].paths(shared)))
     assert class_output(det4) is None
+
+
+@pytest.mark.real_models
+def test_a_forced_task_that_does_not_fit_the_outputs_is_refused(shared):
+    """--task classifier (or segmentation) on an SSD: its DetectionOutput list changes length between FP32 and INT8,
+    and eval failed with 'cannot compare blobs of 222 and 300 values'; --task ssd without a DetectionOutput was an
+    internal error. Both are refused, naming what is missing."""
+    model = convert_graph(load_graph(*SHARED_MODELS["yufacedetectnet"].paths(shared)))
+    assert resolve_task(model, "auto") == resolve_task(model, "ssd") == "ssd"
+    for task in ("classifier", "segmentation"):
+        with pytest.raises(ModelError, match=f"--task {task}: output 'detection_out' is a DetectionOutput's"):
+            resolve_task(model, task)
+    lenet = convert_graph(load_graph(*SHARED_MODELS["lenet"].paths(shared)))
+    with pytest.raises(ModelError, match="--task ssd needs a DetectionOutput layer"):  # was a StopIteration
+        resolve_task(lenet, "ssd")

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import stat
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from int8conv import pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
+from int8conv.tables.ncnn_table import read_ncnn_table
 from tests.conftest import LENET_GRAY, QUICK_EVAL, lenet_calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,13 +140,36 @@ def test_output_through_a_symlink_and_dev_full(lenet, images, tmp_path, capsys):
 
 
 @pytest.mark.real_models
-def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_are_ignored(lenet, images, tmp_path, capsys):
+def test_load_stats_with_the_same_preprocessing_is_accepted_and_images_warned_only_when_unused(
+    lenet, images, tmp_path, capsys
+):
     stats = tmp_path / "s.npz"
     args = ["calibrate", *lenet, *LENET_GRAY, "--backend", "opencv", "-q"]
     assert main([*args, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")]) == 0
     assert main([*args, "--images", str(images), "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
-    assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
+    # --method auto (the default) validates its candidates on the images: they are used, no warning says otherwise
+    assert "is not used" not in capsys.readouterr().err
     assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+    kl = ["--method", "kl", "--images", str(images), "--load-stats", str(stats)]
+    assert main([*args, *kl, "--output", str(tmp_path / "c")]) == 0
+    assert f"--images {images} is not used: the histograms come from --load-stats" in capsys.readouterr().err
+
+
+@pytest.mark.real_models
+def test_load_stats_without_preprocessing_flags_uses_the_saved_preprocessing(lenet, images, tmp_path):
+    """--load-stats alone decides the preprocessing: LeNet's gray statistics give the table of the full command line
+    (calibrate and report), not a refusal of the default --color bgr (3 channels for a 1-channel input)."""
+    stats = tmp_path / "s.npz"
+    args = ["calibrate", *lenet, "--backend", "opencv", "-q", "--method", "kl"]
+    assert (
+        main([*args, *LENET_GRAY, "--images", str(images), "--save-stats", str(stats), "--output", str(tmp_path / "a")])
+        == 0
+    )
+    assert main([*args, "--load-stats", str(stats), "--output", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text()
+    report = ["report", *lenet, "-q", "--method", "kl", "--load-stats", str(stats), "--eval-images", str(images)]
+    assert main([*report, *QUICK_EVAL, "--max-images", "2", "--out-dir", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "lenet_iter_10000.table").read_text() == (tmp_path / "a").read_text()
 
 
 def test_load_stats_refuses_a_letterbox_the_statistics_were_not_collected_with(lenet, images, tmp_path, capsys):
@@ -287,3 +312,148 @@ def test_a_layer_without_its_bottoms_is_named(shared, tmp_path):
     proto.write_text((folder / "lenet.prototxt").read_text().replace('bottom: "ip2"\n  top: "prob"', 'top: "prob"'))
     with pytest.raises(ModelError, match=r"layer 'prob' \(Softmax\) needs 1 bottom\(s\), it has 0"):
         load_graph(proto, folder / "lenet_iter_10000.caffemodel")
+
+
+@pytest.mark.real_models
+def test_auto_fp32_refuses_images_of_the_wrong_channel_count(lenet, images, tmp_path, capsys):
+    """quantize --auto-fp32 on a 1-channel ncnn model without --color gray: a clear refusal naming the input, not an
+    output cosine measured on 3-channel images (it was ~0, and the chosen FP32 layers were noise)."""
+    table = tmp_path / "lenet.table"
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    assert main(lenet_calibrate(lenet, images, table)) == 0
+    param, weights = tmp_path / "lenet_iter_10000.param", tmp_path / "lenet_iter_10000.bin"
+    quantize = [
+        "quantize",
+        "--param",
+        str(param),
+        "--bin",
+        str(weights),
+        "--table",
+        str(table),
+        "--images",
+        str(images),
+    ]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin"), "--auto-fp32", "0.99"]
+    capsys.readouterr()
+    assert main(["-q", *quantize, *out]) == 2
+    assert f"input 'data' of {param} has 1 channels, but --color bgr gives 3" in capsys.readouterr().err
+    assert not (tmp_path / "q.param").exists()
+    assert main(["-q", *quantize, *out, *LENET_GRAY]) == 0
+    timed = [*quantize[: quantize.index("--images")], *out[:4], "--optimize", "speed"]  # random pixels, any --color
+    assert main(["-q", *timed]) == 0
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("flag", ["--layer-timings", "--save-layer-timings"])
+def test_layer_timings_without_optimize_speed_are_refused(lenet, tmp_path, capsys, flag):
+    """--layer-timings / --save-layer-timings belong to --optimize speed: without it they were silently ignored
+    (no timings file written, the device's timings unused)."""
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    table, timings = tmp_path / "empty.table", tmp_path / "timings.json"
+    table.write_text("")
+    timings.write_text("{}")
+    model = ["--param", str(tmp_path / "lenet_iter_10000.param"), "--bin", str(tmp_path / "lenet_iter_10000.bin")]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin"), "--table", str(table)]
+    assert main(["quantize", *model, *out, flag, str(timings if flag == "--layer-timings" else tmp_path / "t")]) == 2
+    assert f"{flag} is for --optimize speed" in capsys.readouterr().err
+    assert not (tmp_path / "q.param").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.real_models
+def test_quantize_names_a_legacy_table(lenet, images, tmp_path, capsys):
+    """A --legacy-table (per-tensor weight scales) given to quantize: the format is named, not 'the table was made
+    for another model' after a warning per layer about missing activation lines."""
+    table = tmp_path / "legacy.table"
+    assert main([*lenet_calibrate(lenet, images, table), "--legacy-table"]) == 0
+    assert main(["-q", "convert", *lenet, "--out-dir", str(tmp_path)]) == 0
+    model = ["--param", str(tmp_path / "lenet_iter_10000.param"), "--bin", str(tmp_path / "lenet_iter_10000.bin")]
+    out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin")]
+    capsys.readouterr()
+    assert main(["quantize", *model, "--table", str(table), *out]) == 2
+    err = capsys.readouterr().err
+    assert "it is the legacy per-tensor format (--legacy-table)" in err and "another model" not in err
+    assert "WARNING" not in err and not (tmp_path / "q.param").exists()
+
+
+@pytest.mark.parametrize("before, after", [("-v", "-q"), ("-q", "-v")])
+def test_verbose_and_quiet_on_both_sides_of_the_command_are_refused(tmp_path, capsys, before, after):
+    """-v before the command and -q after it (or the reverse) was debug logging with the progress bars off: one
+    flag silently lost. Each parser already refuses the pair; across the two it is the same argparse error."""
+    for name in ("a.prototxt", "a.caffemodel"):
+        (tmp_path / name).write_text("")  # never read: the flags are refused first
+    argv = [before, "convert", "--proto", str(tmp_path / "a.prototxt"), "--model", str(tmp_path / "a.caffemodel")]
+    assert main([*argv, "--out-dir", str(tmp_path / "out"), after]) == 2
+    err = capsys.readouterr().err
+    assert "int8conv convert: error: argument -q/--quiet: not allowed with argument -v/--verbose" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real_models
+def test_report_with_a_given_table_writes_that_table_to_its_folder(lenet, images, tmp_path):
+    """report --table into a folder of an earlier report: the folder's table is the one its INT8 model was quantized
+    with (it was the earlier run's, contradicting the models beside it)."""
+    out, given = tmp_path / "rep", tmp_path / "given.table"
+    report = ["report", *lenet, *LENET_GRAY, "-q", "--images", str(images), "--eval-images", str(images)]
+    report += [*QUICK_EVAL, "--max-eval-images", "2", "--out-dir", str(out)]
+    assert main([*report, "--method", "kl"]) == 0
+    assert main([*lenet_calibrate(lenet, images, given), "--method", "minmax"]) == 0
+    assert read_ncnn_table(given).activation_scales != read_ncnn_table(out / "lenet_iter_10000.table").activation_scales
+    assert main([*report, "--table", str(given)]) == 0
+    folder_table = read_ncnn_table(out / "lenet_iter_10000.table")
+    assert folder_table.activation_scales == read_ncnn_table(given).activation_scales
+    model = ["--param", str(out / "lenet_iter_10000.param"), "--bin", str(out / "lenet_iter_10000.bin")]
+    again = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin")]
+    assert main(["-q", "quantize", *model, "--table", str(out / "lenet_iter_10000.table"), *again]) == 0
+    assert (tmp_path / "q.bin").read_bytes() == (out / "lenet_iter_10000-int8.bin").read_bytes()
+
+
+@pytest.mark.real_models
+def test_export_trt_names_a_misspelt_fp32_layer_before_calibrating(lenet, tmp_path, capsys):
+    """--fp32-layers with a name the model lacks is refused before the images are read (it was refused after the
+    whole calibration); an empty image folder shows the order."""
+    (tmp_path / "empty").mkdir()
+    args = ["export-trt", *lenet, *LENET_GRAY, "--images", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "o")]
+    assert main(["-q", *args, "--fp32-layers", "conv1", "ip9"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp32-layers names ip9, which are not Convolution or InnerProduct layers" in err
+    assert "no images found" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.real_models
+def test_eval_refuses_model_flags_it_would_ignore(lenet, images, tmp_path, capsys):
+    """eval --ncnn-dir with --param/--bin, or the INT8 pair with --table: one of them was silently ignored (and with
+    --table the report said 'quantized from' it while the given INT8 model ran)."""
+    out = tmp_path / "nc"
+    assert main(["-q", "convert", *lenet, "--out-dir", str(out)]) == 0
+    fp32 = ["--param", str(out / "lenet_iter_10000.param"), "--bin", str(out / "lenet_iter_10000.bin")]
+    for kind in ("param", "bin"):  # stand-ins for the INT8 pair: never read, the flags are refused first
+        shutil.copy(out / f"lenet_iter_10000.{kind}", out / f"lenet_iter_10000-int8.{kind}")
+    int8 = [
+        "--int8-param",
+        str(out / "lenet_iter_10000-int8.param"),
+        "--int8-bin",
+        str(out / "lenet_iter_10000-int8.bin"),
+    ]
+    base = ["-q", "eval", *lenet, *LENET_GRAY, "--images", str(images), *QUICK_EVAL, "--max-images", "1"]
+    table = tmp_path / "lenet.table"
+    table.write_text("")  # never read: refused first
+    assert main([*base, *fp32, *int8, "--table", str(table)]) == 2
+    assert "or a --table to quantize with, not both" in capsys.readouterr().err
+    assert main([*base, "--ncnn-dir", str(out), *fp32]) == 2
+    assert "--ncnn-dir names the models (<stem>.param/.bin, <stem>-int8.param/.bin): drop --param, --bin" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("flag", ["--save-stats", "--load-stats"])
+def test_export_trt_with_a_table_refuses_statistics_flags(lenet, images, tmp_path, capsys, flag):
+    """export-trt --table takes every range from the table: --save-stats wrote nothing and --load-stats (even of
+    another model) was never read, both silently."""
+    table, stats = tmp_path / "lenet.table", tmp_path / "s.npz"
+    assert main([*lenet_calibrate(lenet, images, table), "--save-stats", str(stats)]) == 0
+    args = ["export-trt", *lenet, *LENET_GRAY, "--table", str(table), "--out-dir", str(tmp_path / "trt")]
+    given = str(stats) if flag == "--load-stats" else str(tmp_path / "new.npz")
+    assert main(["-q", *args, flag, given]) == 2
+    assert f"{flag}: the ranges come from the table {table}, not statistics" in capsys.readouterr().err
+    assert not (tmp_path / "trt").exists() and not (tmp_path / "new.npz").exists()

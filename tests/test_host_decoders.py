@@ -4,10 +4,12 @@ written out here, and the tasks ``eval`` detects from a model's outputs."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 
+from int8conv.errors import ModelError
 from int8conv.evaluation.evaluate import detect_task
 from int8conv.evaluation.host_decoders import (
     decode_retinaface,
@@ -100,8 +102,24 @@ def test_yolo_decodes_one_cell_as_darknet_does():
     np.testing.assert_allclose(found.boxes[0], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], atol=1e-6)
     head[anchor * 6 + 5, row, col] = _logit(0.5)  # 0.9 * 0.5 = 0.45 < 0.5
     assert len(decode_yolo({"h16": head}, heads, width=64, height=32)) == 0
-    with pytest.raises(ValueError, match="stride 4"):
+    with pytest.raises(ModelError, match="stride 4"):
         yoloface_heads({"odd": (18, 8, 16)}, height=32)
+
+
+@pytest.mark.parametrize(
+    "shapes, why",
+    [
+        ({"prob": (10,)}, "output 'prob' of shape (10,) is not a YOLO head"),  # LeNet: an IndexError
+        ({"boxes": (4420, 4)}, "output 'boxes' of shape (4420, 4) is not a YOLO head"),  # UltraFace: a ValueError
+        ({"h": (20, 2, 4)}, "output 'h' of shape (20, 2, 4) is not a YOLO head"),  # 20 channels: not 3 anchors
+        ({"a": (18, 2, 4), "b": (21, 4, 8)}, "the heads differ in channels ([18, 21])"),
+    ],
+)
+def test_a_forced_yoloface_task_on_other_outputs_is_a_clear_error(shapes, why):
+    """eval --task yoloface on a model without YOLO heads: an error naming the output (exit 2), not an internal
+    error from the decoder."""
+    with pytest.raises(ModelError, match=re.escape("--task yoloface: " + why)):
+        yoloface_heads(shapes, height=32)
 
 
 def _model(outputs: list[tuple[str, str, dict]]) -> NcnnModel:

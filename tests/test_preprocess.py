@@ -57,9 +57,24 @@ def test_list_images_recursive_any_case(image_dir):
     assert {p.name for p in paths} == {"a.jpg", "B.JPEG", "broken.jpg", "c.Png", "d.bmp", "empty.png"}
 
 
+def test_list_images_follows_symlinked_folders_once(image_dir, tmp_path):
+    """A calibration folder assembled from links to other folders: their images count, and a link back up to the
+    folder itself neither loops nor lists an image twice."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cv2.imwrite(str(elsewhere / "e.jpg"), RNG.integers(0, 255, size=(20, 20, 3), dtype=np.uint8))
+    (image_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (image_dir / "sub" / "up").symlink_to(image_dir, target_is_directory=True)
+    names = [p.name for p in list_images(image_dir)]
+    assert sorted(names) == ["B.JPEG", "a.jpg", "broken.jpg", "c.Png", "d.bmp", "e.jpg", "empty.png"]
+    assert image_dir / "linked" / "e.jpg" in list_images(image_dir)
+
+
 def test_list_file_relative_paths(image_dir):
     listing = image_dir / "list.txt"
     listing.write_text("# calibration set\na.jpg\n\nsub/c.Png\n")
+    assert list_images(listing) == [image_dir / "a.jpg", image_dir / "sub" / "c.Png"]
+    listing.write_bytes(b"\xef\xbb\xbfa.jpg\r\nsub/c.Png\r\n")  # saved by Windows Notepad: a BOM, CRLF
     assert list_images(listing) == [image_dir / "a.jpg", image_dir / "sub" / "c.Png"]
 
 

@@ -132,6 +132,25 @@ def test_prototxt_syntax_error_names_line(tmp_path):
         load_graph(path, path)
 
 
+def test_swapped_proto_and_model_say_so(tmp_path):
+    """--proto given the caffemodel (the two flags swapped): the file is named as binary, not quoted by the text
+    parser ('Expected identifier or number' around raw bytes)."""
+    proto, model = write_caffe_model(tmp_path, CONV_BN_NET.format(header=HEADERS["input_layer"]), conv_bn_weights())
+    with pytest.raises(ModelError, match=r"net\.caffemodel: a binary file, not a text prototxt") as error:
+        load_graph(model, proto)
+    assert "Expected" not in str(error.value)
+
+
+def test_a_prototxt_with_a_byte_order_mark_says_so(tmp_path):
+    """A prototxt saved as 'UTF-8 with BOM' (CRLF lines too): named, not 'Expected identifier or number, got' an
+    invisible character at 1:1."""
+    proto, model = write_caffe_model(tmp_path, CONV_BN_NET.format(header=HEADERS["input_layer"]), conv_bn_weights())
+    proto.write_bytes(b"\xef\xbb\xbf" + proto.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(ModelError, match=r"net\.prototxt: starts with a byte order mark") as error:
+        load_graph(proto, model)
+    assert "Expected" not in str(error.value)
+
+
 def test_v1_prototxt_refused(tmp_path):
     path = tmp_path / "v1.prototxt"
     path.write_text('name: "old"\nlayers { name: "conv1" bottom: "data" top: "conv1" }\n')

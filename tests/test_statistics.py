@@ -227,6 +227,11 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     garbage.write_bytes(b"not a zip at all")
     with pytest.raises(Int8ConvError, match="garbage.npz is not a readable"):
         CalibrationStatistics.load(garbage)
+    table = tmp_path / "model.table"  # a table given to --load-stats: numpy took the text for a pickle
+    table.write_text("conv1_param_0 296.96 292.45\nconv1 127.5\n")
+    with pytest.raises(Int8ConvError, match="model.table is not a readable .*not an .npz archive") as error:
+        CalibrationStatistics.load(table)
+    assert "pickle" not in str(error.value)
 
     good = tmp_path / "good.npz"
     collect(batches(6, 2), images=2).save(good)

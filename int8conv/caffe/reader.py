@@ -32,12 +32,22 @@ def read_prototxt(path: str | Path) -> caffe_pb2.NetParameter:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise ModelError(f"{path}: cannot read prototxt: {exc.strerror}") from exc
+    if text.startswith("\ufeff"):  # the parser's message would point at an invisible character
+        raise ModelError(
+            f"{path}: starts with a byte order mark (saved by a Windows editor as 'UTF-8 with BOM'), which Caffe's and "
+            "OpenCV's prototxt parsers refuse too: save it as plain UTF-8"
+        )
     net = caffe_pb2.NetParameter()
     try:
         text_format.Parse(text, net)
     except text_format.ParseError as exc:
         if V1_LAYERS.search(text):  # the V1 schema's enum types are what fails to parse
             raise ModelError(f"{path}: {V1_MESSAGE}") from exc
+        if "\x00" in text:  # binary (a text prototxt has no NUL byte): the parser would quote raw bytes
+            raise ModelError(
+                f"{path}: a binary file, not a text prototxt (a .caffemodel?): --proto takes the deploy .prototxt, "
+                "--model the .caffemodel"
+            ) from exc
         raise ModelError(f"{path}:{exc}") from exc
     if len(net.layers):
         raise ModelError(f"{path}: {V1_MESSAGE}")

@@ -285,6 +285,8 @@ class CalibrationStatistics:
         path = Path(path)
         if not path.is_file():
             raise Int8ConvError(f"statistics file {path} does not exist")
+        if not zipfile.is_zipfile(path):  # else numpy takes it for a pickle and suggests loading it unsafely
+            raise Int8ConvError(f"{path} is not a readable int8conv statistics file (not an .npz archive)")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}

@@ -9,6 +9,7 @@ Matlab-trained models (MTCNN) expect.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,10 +126,10 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES:  # one image, not a list of them
         return [source]
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = _folder_images(source)
     elif source.is_file():
         try:
-            lines = source.read_text(encoding="utf-8").splitlines()
+            lines = source.read_text(encoding="utf-8-sig").splitlines()  # a BOM: Windows Notepad's lists
         except (OSError, UnicodeDecodeError) as exc:
             raise ImageError(f"{source}: cannot read the image list: {exc}") from exc
         paths = []
@@ -142,6 +143,21 @@ def list_images(source: str | Path) -> list[Path]:
     if not paths:
         raise ImageError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return paths
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """The images under ``folder``, sorted, symlinked subfolders included (``Path.rglob`` skips them silently);
+    each real folder is read once, so a link back up does not loop."""
+    seen: set[str] = set()
+    paths = []
+    for parent, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        paths += [Path(parent, name) for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(path for path in paths if path.is_file())
 
 
 def unreadable(path: Path) -> str:

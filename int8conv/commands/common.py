@@ -169,7 +169,8 @@ def add_calibration_inputs(parser: argparse.ArgumentParser) -> None:
 
 def calibration_inputs(args: argparse.Namespace) -> tuple[ModelFiles, PreprocessOptions, CalibrationOptions]:
     """The options ``add_calibration_inputs`` parsed, as the pipeline takes them."""
-    return model_files(args), preprocess_options(args), calibration_options(args)
+    options = calibration_options(args)
+    return model_files(args), pipeline.saved_preprocessing(preprocess_options(args), options), options
 
 
 def model_files(args: argparse.Namespace) -> ModelFiles:

@@ -77,6 +77,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.table is not None:  # the ranges come from the table: no statistics are collected, saved or merged
+        for flag, value in (("--save-stats", args.save_stats), ("--load-stats", args.load_stats)):
+            if value:
+                raise Int8ConvError(f"{flag}: the ranges come from the table {args.table}, not statistics: drop one")
     model, prep, calibration = common.calibration_inputs(args)
     trt = pipeline.TrtOptions(
         batch=args.batch,

@@ -13,6 +13,7 @@ from pathlib import Path
 from int8conv import pipeline
 from int8conv.atomic import output_set
 from int8conv.commands import common
+from int8conv.errors import Int8ConvError
 from int8conv.evaluation.speed import format_choice
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, quantize_model
@@ -64,6 +65,9 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag in ("--layer-timings", "--save-layer-timings"):  # read or written by --optimize speed alone
+        if args.optimize != "speed" and getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise Int8ConvError(f"{flag} is for --optimize speed (the per-layer timings it decides on): add it")
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
     if args.optimize == "speed":

@@ -128,6 +128,7 @@ def json_output(text: str) -> str:
 #: numeric flags, by option string (applied to int/float options only)
 NUMERIC: dict[str, Callable[[str], object]] = {
     "--threads": positive_int,
+    "--arm-threads": positive_int,
     "--timing-runs": positive_int,
     "--batch-size": positive_int,
     "--max-images": count_or_all,
@@ -142,6 +143,7 @@ NUMERIC: dict[str, Callable[[str], object]] = {
     "--norm": positive_float,
     "--std": nonzero_float,
     "--auto-fp32": cosine_target,
+    "--min-cosine": cosine_target,
     "--score-threshold": fraction,
     "--iou-threshold": fraction,
     "--percentile": percentile,
@@ -151,7 +153,7 @@ OUTPUT_FILES = {
     "calibrate": ("--output", "--save-stats"),
     "convert_tool.py": ("--output", "--save-stats"),
     "convert": ("--param", "--bin"),
-    "quantize": ("--out-param", "--out-bin", "--out-table"),
+    "quantize": ("--out-param", "--out-bin", "--out-table", "--save-layer-timings"),
     "export-trt": ("--save-stats",),
     "report": ("--save-stats",),
     "equalize": ("--output",),

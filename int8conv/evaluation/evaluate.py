@@ -137,9 +137,7 @@ class OutputView:
 def output_view(model: NcnnModel, task: str) -> OutputView:
     """The comparison view of ``model`` for ``task`` (one of TASKS without auto)."""
     if task == "ssd":
-        detection = next((layer for layer in model.layers if layer.type == "DetectionOutput"), None)
-        if detection is None:
-            raise ModelError("--task ssd needs a DetectionOutput layer; this model has none")
+        detection = next(layer for layer in model.layers if layer.type == "DetectionOutput")  # resolve_task checks
         loc, conf = detection.bottoms[0], detection.bottoms[1]
         return OutputView([loc, conf], {conf: int(detection.params.get(0, 0))})
     if task == "host-decoded":
@@ -157,6 +155,14 @@ def resolve_task(model: NcnnModel, task: str) -> str:
     if task not in TASKS:
         raise ModelError(f"--task must be one of {', '.join(TASKS)}, not '{task}'")
     task = detect_task(model) if task == "auto" else task
+    detections = [name for name in model.output_names if model.producer(name).type == "DetectionOutput"]
+    if detections and task != "ssd":  # its row count follows the detections: no cosine or top-1 reads it
+        raise ModelError(
+            f"--task {task}: output '{detections[0]}' is a DetectionOutput's detection list, whose length varies "
+            "from run to run: use --task ssd (or auto)"
+        )
+    if task == "ssd" and not any(layer.type == "DetectionOutput" for layer in model.layers):
+        raise ModelError("--task ssd needs a DetectionOutput layer; this model has none")
     if task == "host-decoded" and not {"scores", "boxes"} <= set(model.output_names):
         raise ModelError(
             f"a host-decoded detector must output 'scores' and 'boxes'; this one outputs {model.output_names}"

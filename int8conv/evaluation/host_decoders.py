@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from int8conv.errors import ModelError
 from int8conv.evaluation.detection import Detections, decode_ultraface, empty_detections, nms, ultraface_priors
 
 #: RetinaFace: stride -> anchor scales (anchor side = 16 * scale), in the order of the output channels.
@@ -108,17 +109,24 @@ def yoloface_heads(
 ) -> YoloHeads:
     """The heads by stride (input height / map height), each with its masked anchors."""
     found = {}
+    per_head = len(next(iter(masks.values())))
     for name, shape in shapes.items():
+        if len(shape) < 3 or shape[-3] % per_head or shape[-3] // per_head < 6:
+            raise ModelError(
+                f"--task yoloface: output '{name}' of shape {tuple(shape)} is not a YOLO head (a channels x rows x "
+                f"columns map of {per_head} anchors x (4 box + objectness + classes) channels)"
+            )
         stride = round(height / shape[-2])
         if stride not in masks:
-            raise ValueError(
-                f"output '{name}' of shape {tuple(shape)} has stride {stride}; the YOLO heads have "
+            raise ModelError(
+                f"--task yoloface: output '{name}' of shape {tuple(shape)} has stride {stride}; the YOLO heads have "
                 f"strides {', '.join(map(str, sorted(masks)))}"
             )
         found[name] = tuple(anchors[i] for i in masks[stride])
     channels = {int(shape[-3]) for shape in shapes.values()}
-    per_anchor = channels.pop() // len(next(iter(masks.values())))
-    return YoloHeads(found, classes=per_anchor - 5)
+    if len(channels) > 1:
+        raise ModelError(f"--task yoloface: the heads differ in channels ({sorted(channels)}): one class count")
+    return YoloHeads(found, classes=channels.pop() // per_head - 5)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

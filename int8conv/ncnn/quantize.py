@@ -300,6 +300,20 @@ def _quantize_layers(
     return quantized, covered
 
 
+def _refuse_legacy_table(model: NcnnModel, table: CalibrationTable) -> None:
+    """The original tool's format (``--legacy-table``: one scale per weight tensor, activations keyed by blob) reads
+    as a table of one-channel layers: name the format, not a scale count 'made for another model'."""
+    layers = {layer.name: layer for layer in model.layers if layer.type in QUANTIZABLE}
+    named = [name for name in table.weight_scales if name in layers]
+    if not named or any(table.weight_scales[name].size != 1 for name in named):
+        return
+    if any(scale_units(layers[name]) > 1 for name in named):
+        raise ModelError(
+            "the table holds one weight scale per layer: it is the legacy per-tensor format (--legacy-table), "
+            "which ncnn's per-channel INT8 layers cannot use; calibrate again without --legacy-table"
+        )
+
+
 def quantize_model(
     model: NcnnModel,
     table: CalibrationTable,
@@ -314,6 +328,7 @@ def quantize_model(
     .bin holds the integers they round to.
     """
     table.validate()
+    _refuse_legacy_table(model, table)
     result = copy.deepcopy(model)
     if not has_shape_hints(result):
         add_shape_hints(result)  # a model from caffe2ncnn: the INT8 file gets the hints all the same

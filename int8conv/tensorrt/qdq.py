@@ -54,6 +54,16 @@ def _q_dq_nodes(
     ]
 
 
+def check_fp32_layers(export: OnnxExport, fp32_layers: Iterable[str]) -> None:
+    """``--fp32-layers`` names quantizable layers of the model (checked before the calibration, too)."""
+    unknown = set(fp32_layers) - set(quantized_layers(export))
+    if unknown:
+        raise ModelError(
+            f"--fp32-layers names {', '.join(sorted(unknown))}, which are not Convolution or "
+            "InnerProduct layers of the model"
+        )
+
+
 def insert_qdq(
     export: OnnxExport,
     ranges: Mapping[str, float],
@@ -74,12 +84,7 @@ def insert_qdq(
     layer_ranges = layer_ranges or {}
     weights = weights or {}
     keep_fp32 = set(fp32_layers)
-    unknown = keep_fp32 - set(quantized_layers(export))
-    if unknown:
-        raise ModelError(
-            f"--fp32-layers names {', '.join(sorted(unknown))}, which are not Convolution or "
-            "InnerProduct layers of the model"
-        )
+    check_fp32_layers(export, keep_fp32)
     model = onnx.ModelProto()
     model.CopyFrom(export.model)
     graph = model.graph
