@@ -239,3 +239,47 @@ def _poisoned(outputs):
     first = np.array(outputs[0][0])
     first.flat[0] = np.nan
     return [[first, *outputs[0][1:]], *outputs[1:]]
+
+
+def test_a_convolution_named_apart_from_its_top_is_read(tmp_path):
+    """OpenCV 4.14 names a Convolution after its top: layer 'c1' with top 'a' is 'a' there, yet its value is read."""
+    rng = np.random.default_rng(4)
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 3 dim: 6 dim: 6 }\n'
+        'layer { name: "c1" type: "Convolution" bottom: "data" top: "a" '
+        "convolution_param { num_output: 2 kernel_size: 3 } }\n"
+        'layer { name: "r" type: "ReLU" bottom: "a" top: "b" }\n'
+    )
+    w, b = rng.normal(size=(2, 3, 3, 3)).astype(np.float32), rng.normal(size=2).astype(np.float32)
+    proto, model = write_caffe_model(tmp_path, text, {"c1": [w, b]})
+    x = rng.normal(size=(1, 3, 6, 6)).astype(np.float32)
+    got = make_engine("opencv", load_graph(proto, model), proto, model).forward(x, ["a", "b"])
+    expected = conv2d(x.astype(np.float64), w, b)
+    np.testing.assert_allclose(got["a"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["b"], np.maximum(expected, 0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layer", "name", "definition"),
+    [
+        ('type: "Log" log_param { base: 10 }', "Log", lambda x: np.log10(x)),
+        ('type: "LRN" lrn_param { local_size: 1 alpha: 1 beta: 1 k: 2 }', "LRN", lambda x: x / (2 + x * x)),
+    ],
+    ids=["log_base", "lrn_k"],
+)
+def test_parameters_opencv_ignores_are_refused_by_layer(tmp_path, layer, name, definition):
+    """OpenCV's DNN loads these layers but ignores the parameter (its raw output is checked against the definition
+    here, so a fixed OpenCV shows up): the engine refuses them by layer name instead of computing them wrongly."""
+    import cv2
+
+    text = (
+        'input: "data" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\n'
+        f'layer {{ name: "l" {layer} bottom: "data" top: "out" }}\n'
+    )
+    proto, model = write_caffe_model(tmp_path, text, {})
+    x = (np.abs(np.random.default_rng(5).normal(size=(1, 2, 3, 3))) + 0.5).astype(np.float32)
+    net = cv2.dnn.readNetFromCaffe(str(proto), str(model))
+    net.setInput(x)
+    assert np.abs(net.forward() - definition(x.astype(np.float64))).max() > 0.05  # OpenCV computes it wrongly
+    with pytest.raises(ModelError, match=rf"layer 'l' \({name}\): OpenCV's DNN ignores its .*--backend caffe"):
+        make_engine("opencv", load_graph(proto, model), proto, model)

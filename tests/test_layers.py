@@ -24,7 +24,7 @@ from int8conv.caffe.layers import REGISTRY, Decline, kind_of
 from int8conv.caffe.reader import read_prototxt
 from int8conv.calibration.calibrate import calibration_values
 from int8conv.calibration.weight_scales import weight_scales
-from int8conv.engines import make_engine
+from int8conv.engines import caffe_importable, make_engine
 from int8conv.errors import ModelError
 from int8conv.ncnn.convert import convert_graph
 from int8conv.ncnn.model import write_model
@@ -688,7 +688,12 @@ def build(case: Case, directory: Path) -> Built:
         forward = _opencv_forward if by == "opencv" else _pycaffe_forward
         reference = {outputs[0]: forward(ref_proto, model, feeds)}
     else:
-        reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
+        try:
+            reference = make_engine(by, load_graph(ref_proto, model), ref_proto, model).forward(batch, outputs)
+        except ModelError as exc:  # OpenCV standing in for a missing pycaffe cannot run (or computes wrongly) this net
+            if by != "opencv" or caffe_importable() or os.environ.get("INT8CONV_REQUIRE_CAFFE") == "1":
+                raise
+            pytest.skip(f"the reference for this net is pycaffe, which is not importable: {exc}")
     return Built(case, graph, weights, batch, feeds, reference, by, directory)
 
 

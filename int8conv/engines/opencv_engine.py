@@ -97,6 +97,19 @@ def opencv_prototxt(prototxt: Path, graph: Graph) -> str | None:
     return text_format.MessageToString(net)
 
 
+def opencv_miscomputes(graph: Graph) -> str | None:
+    """A layer OpenCV's DNN loads but computes wrongly, named, or None. Measured with OpenCV 4.14 against the
+    definitions: it ignores Log's base, scale and shift (log10 came out as ln) and LRN's k (k 2 gave k 1's values)."""
+    for layer in graph.layers:
+        if layer.type == "Log":
+            p = layer.param.log_param
+            if (p.base, p.scale, p.shift) != (-1.0, 1.0, 0.0):
+                return f"layer '{layer.name}' (Log): OpenCV's DNN ignores its base, scale and shift"
+        if layer.type == "LRN" and layer.param.lrn_param.k != 1.0:
+            return f"layer '{layer.name}' (LRN): OpenCV's DNN ignores its k ({layer.param.lrn_param.k:g})"
+    return None
+
+
 def opencv_error(prototxt: Path | str, exc: Exception) -> ModelError:
     """A cv2.error as a ModelError; an uncreatable layer type names the layer and this engine."""
     import cv2
@@ -126,9 +139,13 @@ class OpenCVEngine:
         self._cv2 = cv2
         self.graph = graph
         self.prototxt, self.caffemodel = str(prototxt), str(caffemodel)
+        wrong = opencv_miscomputes(graph)
+        if wrong:
+            raise ModelError(f"{prototxt}: {wrong}, so the opencv engine would compute it wrongly; use --backend caffe")
         self._rewritten = opencv_prototxt(Path(prototxt), graph)
         register_python_layers({layer.type for layer in graph.layers})
         self._net = None
+        self._names: dict[str, str] = {}  # Caffe layer name -> OpenCV's, for the loaded net
         self._spatial: tuple[int, ...] | None = None
         self._pins: dict[str, tuple[str, int]] = {}
         for layer in graph.layers:
@@ -152,7 +169,20 @@ class OpenCVEngine:
             net.setPreferableBackend(self._cv2.dnn.DNN_BACKEND_OPENCV)
             net.setPreferableTarget(self._cv2.dnn.DNN_TARGET_CPU)
             self._net, self._spatial = net, shape[2:]
+            self._names = self._opencv_names(net)
         return self._net
+
+    def _opencv_names(self, net) -> dict[str, str]:
+        """Caffe layer name -> OpenCV's: OpenCV 4.14's importer names a Convolution after its top (layer 'conv1'
+        with top 'conv1_out' is 'conv1_out' there), so a layer not found under its own name is asked for under
+        its first top."""
+        known = set(net.getLayerNames())
+        return {
+            layer.name: layer.tops[0]
+            if layer.name not in known and layer.tops and layer.tops[0] in known
+            else layer.name
+            for layer in self.graph.layers
+        }
 
     def _retrieve(self, net, batch: np.ndarray, image: str, layers: list[str]) -> list:
         """``forwardAndRetrieve`` of ``layers``, run again once on a freshly loaded net when it returns a
@@ -177,7 +207,7 @@ class OpenCVEngine:
     def _forward_and_retrieve(self, net, batch: np.ndarray, image: str, layers: list[str]) -> list:
         net.setInput(np.ascontiguousarray(batch, dtype=np.float32), image)
         try:
-            return net.forwardAndRetrieve(layers)
+            return net.forwardAndRetrieve([self._names.get(name, name) for name in layers])
         except self._cv2.error as exc:
             raise opencv_error(self.prototxt, exc) from exc
 

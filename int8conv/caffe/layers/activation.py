@@ -190,7 +190,7 @@ register(LayerKind("ELU", FAMILY, same_shape, elu_ncnn, elu_onnx))
 register(LayerKind("Exp", FAMILY, same_shape, exp_ncnn, exp_onnx))
 register(LayerKind("Log", FAMILY, same_shape, log_ncnn, log_onnx))
 register(LayerKind("Power", FAMILY, same_shape, power_ncnn, power_onnx))
-register(LayerKind("Threshold", FAMILY, same_shape, threshold_ncnn, threshold_onnx))
+register(LayerKind("Threshold", FAMILY, same_shape, threshold_ncnn, threshold_onnx, opencv=opencv_lacks("Threshold")))
 
 
 def hardswish_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
