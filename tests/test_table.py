@@ -30,7 +30,7 @@ def test_round_trip_and_layout(tmp_path):
     assert back.activation_scales == table.activation_scales
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0, 127.0 / 1e-40])
 def test_invalid_scales_never_written(tmp_path, bad):
     path = tmp_path / "t.table"
     with pytest.raises(Int8ConvError, match="conv1"):
@@ -45,6 +45,17 @@ def test_malformed_table_names_line(tmp_path):
     path.write_text("conv1_param_0 1 2\nconv1 abc\n")
     with pytest.raises(Int8ConvError, match=r"t\.table:2"):
         read_ncnn_table(path)
+
+
+def test_a_written_table_reads_back_as_float32_like_ncnn(tmp_path):
+    """ncnn sscanf's every scale as float32: the largest float32 round trips, anything above would load as Inf."""
+    largest = float(np.finfo(np.float32).max)
+    path = tmp_path / "t.table"
+    write_ncnn_table(CalibrationTable({"c": np.array([largest], np.float32)}, {"c": largest}), path)
+    back = read_ncnn_table(path)
+    assert np.float32(back.activation_scales["c"]) == back.weight_scales["c"][0] == np.float32(largest)
+    with pytest.raises(Int8ConvError, match="legacy"):
+        format_legacy_table({}, {"data": 127.0 / 1e-40})
 
 
 def test_legacy_format():
