@@ -294,3 +294,18 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
 def test_load_and_merge_needs_a_file():
     with pytest.raises(Int8ConvError, match="no statistics file"):
         CalibrationStatistics.load_and_merge([])
+
+
+def test_count_at_range_max_is_checked_and_optional_in_older_files(tmp_path):
+    path = tmp_path / "run.npz"
+    stats = CalibrationStatistics(model=MODEL, preprocess=PREPROCESS)
+    stats.update({"v": np.array([2.0, 2.0, -1.5], np.float32)})
+    stats.save(path)
+    assert CalibrationStatistics.load(path).histograms["v"].at_range_max == 2
+    _rewrite(path, at_range_max=np.array([3], np.int64))  # more than the last bin holds
+    with pytest.raises(Int8ConvError, match="run.npz is damaged.*3 values at the range max"):
+        CalibrationStatistics.load(path)
+    with np.load(path, allow_pickle=False) as npz:
+        older = {k: npz[k] for k in npz.files if k != "at_range_max"}
+    np.savez(path, **older)
+    assert CalibrationStatistics.load(path).histograms["v"].at_range_max == 0
