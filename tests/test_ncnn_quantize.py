@@ -287,6 +287,18 @@ def test_grouped_conv_with_8_outputs_per_group_stays_fp32(tmp_path, caplog):
     assert not np.all(np.isfinite(outputs[True])) or _cosine(outputs[True], reference) < 0.5
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_inf_weight_is_named_not_cast_to_an_int8(chain, bad):
+    """NaN * scale has no int8 (numpy casts it to 0 with a warning; float2int8 is undefined): refuse the layer."""
+    model, _ = chain
+    table = _absmax_table(model, {"c1": 4.0})
+    model = copy.deepcopy(model)
+    layer = next(layer for layer in model.layers if layer.name == "c1")
+    layer.weights[0].data[3] = bad
+    with pytest.raises(ModelError, match="'c1'.*1 NaN or Inf"):
+        quantize_model(model, table)
+
+
 def test_table_must_fit_the_model(chain):
     model, _ = chain
     table = _absmax_table(model, {"dw": 4.0})

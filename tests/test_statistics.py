@@ -137,6 +137,33 @@ def test_merge_narrow_into_wide_and_with_an_all_zero_part():
     assert empty.zeros == single.zeros + 10
 
 
+@pytest.mark.parametrize("bins", [4, 128, 2048])
+def test_values_at_an_exact_power_of_two_keep_their_bin_when_the_range_grows(tmp_path, bins):
+    """A sigmoid's 1.0 or a clip's 4.0 is |x| == range_max, in the last bin; once a later image (or a merged run)
+    widens the range 2**k times it lies on the lower edge of bin bins / 2**k, as one np.histogram puts it."""
+    rng = np.random.default_rng(9)
+    data = [np.array([1.0, -1.0, 0.3], np.float32), np.array([4.0, 2.5], np.float32)]
+    data += [rng.uniform(-64.0, 64.0, 50).astype(np.float32), np.array([3e4, -(2.0**20)], np.float32)]
+    streamed = BlobHistogram("v", bins)
+    for seen, batch in enumerate(data, 1):
+        streamed.update(batch)
+        np.testing.assert_array_equal(streamed.counts, numpy_histogram(data[:seen], streamed.range_max, bins))
+    stats = [CalibrationStatistics(MODEL, PREPROCESS, bins=bins) for _ in data]
+    for part, batch in zip(stats, data, strict=True):
+        part.update({"v": batch})
+        part.save(tmp_path / "part.npz")
+        part.histograms = CalibrationStatistics.load(tmp_path / "part.npz").histograms
+    for first, second in ((0, 1), (1, 0)):
+        merged = CalibrationStatistics(MODEL, PREPROCESS, bins=bins)
+        merged.update({"v": np.zeros(1, np.float32)})
+        for part in (stats[first], stats[second]):
+            merged.histograms["v"].merge(part.histograms["v"])
+        merged.histograms["v"].merge(stats[3].histograms["v"])
+        np.testing.assert_array_equal(
+            merged.histograms["v"].counts, numpy_histogram([data[0], data[1], data[3]], 2.0**20, bins)
+        )
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_is_a_clear_error_naming_the_value(bad):
     hist = BlobHistogram("layer_64_1_sum")
@@ -272,3 +299,18 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
 def test_load_and_merge_needs_a_file():
     with pytest.raises(Int8ConvError, match="no statistics file"):
         CalibrationStatistics.load_and_merge([])
+
+
+def test_count_at_range_max_is_checked_and_optional_in_older_files(tmp_path):
+    path = tmp_path / "run.npz"
+    stats = CalibrationStatistics(model=MODEL, preprocess=PREPROCESS)
+    stats.update({"v": np.array([2.0, 2.0, -1.5], np.float32)})
+    stats.save(path)
+    assert CalibrationStatistics.load(path).histograms["v"].at_range_max == 2
+    _rewrite(path, at_range_max=np.array([3], np.int64))  # more than the last bin holds
+    with pytest.raises(Int8ConvError, match="run.npz is damaged.*3 values at the range max"):
+        CalibrationStatistics.load(path)
+    with np.load(path, allow_pickle=False) as npz:
+        older = {k: npz[k] for k in npz.files if k != "at_range_max"}
+    np.savez(path, **older)
+    assert CalibrationStatistics.load(path).histograms["v"].at_range_max == 0

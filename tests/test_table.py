@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -30,7 +32,7 @@ def test_round_trip_and_layout(tmp_path):
     assert back.activation_scales == table.activation_scales
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0, 127.0 / 1e-40])
 def test_invalid_scales_never_written(tmp_path, bad):
     path = tmp_path / "t.table"
     with pytest.raises(Int8ConvError, match="conv1"):
@@ -45,6 +47,49 @@ def test_malformed_table_names_line(tmp_path):
     path.write_text("conv1_param_0 1 2\nconv1 abc\n")
     with pytest.raises(Int8ConvError, match=r"t\.table:2"):
         read_ncnn_table(path)
+
+
+def test_a_written_table_reads_back_as_float32_like_ncnn(tmp_path):
+    """ncnn sscanf's every scale as float32: the largest float32 round trips, anything above would load as Inf."""
+    largest = float(np.finfo(np.float32).max)
+    path = tmp_path / "t.table"
+    write_ncnn_table(CalibrationTable({"c": np.array([largest], np.float32)}, {"c": largest}), path)
+    back = read_ncnn_table(path)
+    assert np.float32(back.activation_scales["c"]) == back.weight_scales["c"][0] == np.float32(largest)
+    with pytest.raises(Int8ConvError, match="legacy"):
+        format_legacy_table({}, {"data": 127.0 / 1e-40})
+
+
+@pytest.mark.parametrize("name", ["conv 1", "conv\n1", "", "c" * 248])
+def test_a_layer_name_that_is_not_one_token_is_refused(tmp_path, name):
+    """The table is whitespace-separated tokens (ncnn2int8: fscanf "%255s"): "conv 1" would read as key "conv"."""
+    with pytest.raises(Int8ConvError, match="1-247 characters without spaces"):
+        write_ncnn_table(CalibrationTable({}, {name: 2.0}), tmp_path / "t.table")
+    assert not list(tmp_path.iterdir())
+
+
+def ncnn2int8_keys(text: str) -> dict[str, list[float]]:
+    """ncnn2int8's read_int8scale_table from its definition: tokens; one that sscanf("%f") accepts is a scale."""
+    table: dict[str, list[float]] = {}
+    key = None
+    for token in text.split():
+        number = re.match(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+|inf|nan)", token, re.IGNORECASE)
+        if key is not None and number:
+            table[key].append(float(number.group(0)))
+        else:
+            key = token
+            table[key] = []
+    return table
+
+
+def test_layer_names_ncnn2int8_misreads_are_named(caplog):
+    table = CalibrationTable({"conv1": np.array([2.0], np.float32)}, {"conv1": 3.0, "203": 4.0, "info": 5.0})
+    text = format_ncnn_table(table)
+    assert ncnn2int8_keys(text) == {"conv1_param_0": [2.0], "conv1": [3.0, 203.0, 4.0, float("inf"), 5.0]}
+    assert "ncnn2int8 misreads" in caplog.text and "203, info" in caplog.text
+    caplog.clear()
+    format_ncnn_table(CalibrationTable({"conv1": np.array([2.0], np.float32)}, {"conv1": 3.0, "x_203": 4.0}))
+    assert not caplog.text
 
 
 def test_legacy_format():

@@ -86,7 +86,7 @@ def test_versions_and_calibrators():
         format_calibration_cache({"x": 1.0}, algorithm="Percentile")
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0, 1e300, 1e-300])
 def test_no_bad_value_reaches_a_file(tmp_path, bad):
     for write in (
         lambda p: write_calibration_cache(p, {"ok": 1.0, "conv3": bad}),

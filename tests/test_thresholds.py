@@ -17,7 +17,7 @@ from int8conv.calibration.thresholds import (
     mse_threshold,
     select_candidate,
 )
-from int8conv.errors import Int8ConvError
+from int8conv.errors import Int8ConvError, ModelError
 from tests.kl_reference import reference_kl_bin, reference_kl_divergences, reference_kl_threshold_bin, res10_activations
 
 
@@ -187,3 +187,21 @@ def test_unknown_method_and_bad_percentile_are_clear_errors():
     for bad in (0.0, -1.0, 100.5):
         with pytest.raises(Int8ConvError, match="--percentile must be in"):
             activation_threshold(hist, "percentile", percentile=bad)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_nan_or_inf_weight_is_named_not_turned_into_dead_channels(bad):
+    """Per-channel scales are 127 / max|w| of each output (numpy from the definition); an Inf weight made the
+    layer's max Inf, so every other channel fell under the dead-channel ratio and got scale 0 silently."""
+    from int8conv.caffe.graph import Layer
+    from int8conv.caffe.proto import caffe_pb2
+    from int8conv.calibration.weight_scales import layer_weight_scales
+
+    param = caffe_pb2.LayerParameter(name="fc7", type="InnerProduct")
+    param.inner_product_param.num_output = 3
+    weight = np.array([[0.5, -2.0], [0.25, 0.0], [-1.0, 4.0]], np.float32)
+    layer = Layer("fc7", "InnerProduct", ["x"], ["y"], param, [weight])
+    np.testing.assert_array_equal(layer_weight_scales(layer), np.float32(127.0 / np.array([2.0, 0.25, 4.0])))
+    weight[1, 1] = bad
+    with pytest.raises(ModelError, match="'fc7'.*1 weights are NaN or Inf"):
+        layer_weight_scales(layer)

@@ -51,8 +51,11 @@ def _range_exponent(absmax: float) -> int:
     return int(exponent) - 1 if mantissa == 0.5 else int(exponent)
 
 
-def _rebin(counts: np.ndarray, shift: int) -> np.ndarray:
-    """Counts over ``[0, R]`` -> counts over ``[0, R * 2**shift]``: groups of ``2**shift`` bins become one."""
+def _rebin(counts: np.ndarray, shift: int, at_range_max: int = 0) -> np.ndarray:
+    """Counts over ``[0, R]`` -> counts over ``[0, R * 2**shift]``: groups of ``2**shift`` bins become one.
+
+    The ``at_range_max`` values of the last bin that equal R exactly sit on the lower edge of bin
+    ``bins / 2**shift`` of the wider range, one bin above their group: they move there."""
     if shift == 0:
         return counts
     bins = counts.size
@@ -60,6 +63,8 @@ def _rebin(counts: np.ndarray, shift: int) -> np.ndarray:
     merged = np.zeros_like(counts)
     sums = np.add.reduceat(counts, np.arange(0, bins, group))
     merged[: sums.size] = sums
+    merged[sums.size - 1] -= at_range_max
+    merged[bins >> shift] += at_range_max
     return merged
 
 
@@ -92,6 +97,7 @@ class BlobHistogram:
         self.min = float("inf")
         self.max = float("-inf")
         self.abs_sum = 0.0  # sum of |x|, for ACIQ's Laplace fit
+        self.at_range_max = 0  # |x| == range_max exactly (in the last bin): where they go when the range grows
 
     @property
     def absmax(self) -> float:
@@ -119,8 +125,8 @@ class BlobHistogram:
         if self.exponent is None:
             self.exponent = exponent
         elif exponent > self.exponent:
-            self.counts = _rebin(self.counts, exponent - self.exponent)
-            self.exponent = exponent
+            self.counts = _rebin(self.counts, exponent - self.exponent, self.at_range_max)
+            self.exponent, self.at_range_max = exponent, 0
 
     def update(self, values: np.ndarray) -> None:
         """Add every element of ``values`` (any shape); a NaN or Inf is a clear error naming the value."""
@@ -168,6 +174,7 @@ class BlobHistogram:
                 np.ldexp(mag, shift, out=mag)
                 np.copyto(idx, mag, casting="unsafe")
             found += np.bincount(idx, minlength=self.bins + 1)
+        self.at_range_max += int(found[self.bins])
         found[self.bins - 1] += found[self.bins]  # |x| == range_max belongs to the last bin
         found[0] -= zeros
         self.zeros += zeros
@@ -179,7 +186,9 @@ class BlobHistogram:
             raise Int8ConvError(f"value '{self.name}': cannot merge histograms of {self.bins} and {other.bins} bins")
         if other.exponent is not None:
             self._grow(other.exponent)
-            self.counts = self.counts + _rebin(other.counts, self.exponent - other.exponent)
+            self.counts = self.counts + _rebin(other.counts, self.exponent - other.exponent, other.at_range_max)
+            if self.exponent == other.exponent:
+                self.at_range_max += other.at_range_max
         self.count += other.count
         self.zeros += other.zeros
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
@@ -274,6 +283,7 @@ class CalibrationStatistics:
             "min": np.array([h.min for h in hists], dtype=np.float64),
             "max": np.array([h.max for h in hists], dtype=np.float64),
             "abs_sum": np.array([h.abs_sum for h in hists], dtype=np.float64),
+            "at_range_max": np.array([h.at_range_max for h in hists], dtype=np.int64),
         }
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -321,6 +331,8 @@ class CalibrationStatistics:
         stats.images_used, stats.images_skipped = int(meta["images_used"]), int(meta["images_skipped"])
         names = list(meta["values"])
         counts = arrays["counts"]
+        # files written before at_range_max was kept: their values at range_max stay in the last bin on growth
+        at_range_max = arrays.get("at_range_max", np.zeros(len(names), np.int64))
         if counts.shape != (len(names), stats.bins):
             raise ValueError(f"histogram array of shape {counts.shape}, expected {(len(names), stats.bins)}")
         for i, name in enumerate(names):
@@ -329,12 +341,15 @@ class CalibrationStatistics:
             h.exponent = int(arrays["exponent"][i]) if bool(arrays["has_range"][i]) else None
             h.count, h.zeros = int(arrays["count"][i]), int(arrays["zeros"][i])
             h.min, h.max, h.abs_sum = (float(arrays[k][i]) for k in ("min", "max", "abs_sum"))
+            h.at_range_max = int(at_range_max[i])
             if (h.counts < 0).any() or int(h.counts.sum()) != h.count - h.zeros or h.zeros < 0:
                 raise ValueError(f"value '{name}': histogram counts do not add up")
             if h.count and not all(np.isfinite([h.min, h.max, h.abs_sum])):
                 raise ValueError(f"value '{name}': non-finite min/max")
             if (h.exponent is None) != (h.count == h.zeros):
                 raise ValueError(f"value '{name}': range and non-zero count disagree")
+            if not 0 <= h.at_range_max <= int(h.counts[-1]) or (h.at_range_max and h.absmax != h.range_max):
+                raise ValueError(f"value '{name}': {h.at_range_max} values at the range max do not fit the histogram")
             if h.exponent is not None and not (
                 max(-h.min, h.max) > 0 and h.exponent == _range_exponent(max(-h.min, h.max))
             ):

@@ -11,6 +11,7 @@ import numpy as np
 from int8conv.caffe.graph import Graph, Layer
 from int8conv.caffe.layers import types_where
 from int8conv.caffe.shapes import conv_geometry
+from int8conv.errors import ModelError
 
 #: Caffe types ncnn runs in INT8, as the layer registry declares them (Convolution incl. depthwise, InnerProduct).
 QUANTIZABLE_TYPES = types_where("quantizable")
@@ -80,6 +81,11 @@ def layer_weight_scales(layer: Layer, winograd_6bit: bool = True) -> np.ndarray:
         groups = conv_geometry(layer)["group"]
     units = groups if groups > 1 else weight.shape[0]
     absmax = np.abs(weight.reshape(units, -1)).max(axis=1).astype(np.float64)
+    if not np.all(np.isfinite(absmax)):  # one Inf would make every other channel "dead" (scale 0)
+        raise ModelError(
+            f"layer '{layer.name}' ({layer.type}): {int(np.sum(~np.isfinite(weight)))} weights are NaN or Inf; "
+            "the caffemodel is damaged or was saved from a diverged training"
+        )
     levels = weight_levels(layer, winograd_6bit)
     dead = dead_channels(absmax)
     scales = np.zeros(units, dtype=np.float64)

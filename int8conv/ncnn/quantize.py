@@ -119,11 +119,14 @@ def _quantize_layer(
         raise ModelError(f"layer '{layer.name}': activation scale must be finite and > 0, got {bottom_scale}")
     if int(layer.params.get(8, 0)):
         raise ModelError(f"layer '{layer.name}' is already INT8 (8={layer.params[8]}); quantize an FP32 model")
-    if weight is not None and (weight.size != layer.weights[0].data.size or not np.all(np.isfinite(weight))):
-        raise ModelError(
-            f"layer '{layer.name}': adjusted weights need {layer.weights[0].data.size} finite values, got {weight.size}"
-        )
     source = layer.weights[0].data if weight is None else weight
+    if source.size != layer.weights[0].data.size or not np.all(np.isfinite(source)):
+        # NaN would cast to an arbitrary int8 (0 here): a silently wrong layer
+        raise ModelError(
+            f"layer '{layer.name}': {'adjusted ' if weight is not None else ''}weights need "
+            f"{layer.weights[0].data.size} finite values, got {source.size} with "
+            f"{int(np.sum(~np.isfinite(source)))} NaN or Inf"
+        )
     quantized = float_to_int8(np.asarray(source, dtype=np.float32).reshape(units, -1) * scales[:, None]).reshape(-1)
     if bias is not None:
         _replace_bias(layer, np.asarray(bias, dtype=np.float32).reshape(-1))

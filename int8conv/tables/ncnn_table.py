@@ -8,7 +8,9 @@ scales keyed by BLOB name.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,17 @@ import numpy as np
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+log = logging.getLogger(__name__)
+
+#: ncnn2int8 reads the table as tokens (fscanf "%255s") and takes every token sscanf("%f") accepts as a scale: a key
+#: starting like a number ("203", "1x1_conv", "info") becomes a scale of the line before
+NUMBER_LIKE = re.compile(r"^[+-]?(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _float32_finite(values: np.ndarray | float) -> bool:
+    """True when every value is finite as the float32 ncnn reads it (sscanf %f rounds: 3.40282347e+38 is FLT_MAX)."""
+    with np.errstate(over="ignore"):
+        return bool(np.all(np.isfinite(np.asarray(values, dtype=np.float32))))
 
 
 @dataclass
@@ -30,14 +42,18 @@ class CalibrationTable:
     fp32_layers: set[str] = field(default_factory=set)
 
     def validate(self) -> None:
-        """NaN or Inf never reaches a table; weight scales are >= 0 (0 = dead channel), activations > 0."""
+        """NaN or Inf never reaches a table; weight scales are >= 0 (0 = dead channel), activations > 0. ncnn reads
+        scales as float32, so a scale beyond float32 (127 / a denormal threshold) would load as Inf."""
         for name, scales in self.weight_scales.items():
             scales = np.asarray(scales, dtype=np.float64)
-            if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-                raise Int8ConvError(f"layer '{name}': weight scales must be finite and >= 0, got {scales}")
+            if not np.all(np.isfinite(scales)) or np.any(scales < 0) or not _float32_finite(scales):
+                raise Int8ConvError(f"layer '{name}': weight scales must be finite float32 and >= 0, got {scales}")
         for name, scale in self.activation_scales.items():
-            if not math.isfinite(scale) or scale <= 0:
-                raise Int8ConvError(f"layer '{name}': activation scale must be finite and > 0, got {scale}")
+            if not math.isfinite(scale) or scale <= 0 or not _float32_finite(scale):
+                raise Int8ConvError(
+                    f"layer '{name}': activation scale must be finite float32 and > 0, got {scale} "
+                    f"(its input's threshold {127.0 / scale if scale else 0:g} is too small for int8)"
+                )
 
 
 def _fmt(value: float) -> str:
@@ -47,6 +63,17 @@ def _fmt(value: float) -> str:
 def format_ncnn_table(table: CalibrationTable) -> str:
     """The table text, weight lines first, as ncnn2table writes it."""
     table.validate()
+    for name in (*table.weight_scales, *table.activation_scales):
+        if not name or len(name) > 247 or any(c.isspace() for c in name):  # 247 + "_param_0": ncnn's 255
+            raise Int8ConvError(f"layer {name!r}: an ncnn table key must be 1-247 characters without spaces")
+    misread = [name for name in table.activation_scales if NUMBER_LIKE.match(name) or "_param_" in name]
+    misread += [name for name in table.weight_scales if NUMBER_LIKE.match(name)]
+    if misread:
+        log.warning(
+            "ncnn2int8 misreads the table lines of layers %s (a key that reads as a number is taken as a scale, one "
+            "with '_param_' as weight scales); int8conv quantize reads them right, or rename the layers",
+            ", ".join(sorted(set(misread))),
+        )
     lines = [
         f"{name}_param_0 " + " ".join(_fmt(s) for s in np.asarray(scales).reshape(-1))
         for name, scales in table.weight_scales.items()
@@ -79,7 +106,7 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
             raise Int8ConvError(f"{path}:{number}: not a number in '{line.strip()}'") from exc
         if values.size == 0:
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has no scale")
-        if not np.all(np.isfinite(values)) or np.any(np.abs(values) > FLOAT32_MAX):
+        if not np.all(np.isfinite(values)) or not _float32_finite(values):
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN, Inf or beyond-float32 scale")
         key = parts[0]
         weight_line = "_param_" in key
@@ -108,6 +135,6 @@ def format_legacy_table(weight_scales: dict[str, float], blob_scales: dict[str, 
     lines += [f"{blob} {_fmt(scale)}" for blob, scale in blob_scales.items()]
     for line in lines:
         value = float(line.rsplit(" ", 1)[1])
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or value < 0 or not _float32_finite(value):
             raise Int8ConvError(f"legacy table line '{line}' has an invalid scale")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
 
@@ -70,10 +72,16 @@ def hex_to_scale(text: str) -> float:
     return struct.unpack(">f", bytes.fromhex(text))[0]
 
 
+#: TensorRT holds each amax as a float32 (``setDynamicRange(float, float)``; its text readers use ``std::stof``).
+FLOAT32_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
 def check_amax(name: str, amax: float) -> float:
-    if not (math.isfinite(amax) and amax > 0):
+    """A range TensorRT can hold: finite, positive and within float32 (beyond it, TensorRT would read 0 or Inf)."""
+    if not (math.isfinite(amax) and FLOAT32_RANGE[0] <= amax <= FLOAT32_RANGE[1]):
         raise Int8ConvError(
-            f"tensor '{name}': range {amax} is not finite and positive; NaN, Inf and 0 never reach a TensorRT file"
+            f"tensor '{name}': range {amax} is not a finite positive float32 "
+            f"({FLOAT32_RANGE[0]:g} to {FLOAT32_RANGE[1]:g}); NaN, Inf and 0 never reach a TensorRT file"
         )
     return float(amax)
 
