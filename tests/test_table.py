@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -68,28 +66,26 @@ def test_a_layer_name_that_is_not_one_token_is_refused(tmp_path, name):
     assert not list(tmp_path.iterdir())
 
 
-def ncnn2int8_keys(text: str) -> dict[str, list[float]]:
-    """ncnn2int8's read_int8scale_table from its definition: tokens; one that sscanf("%f") accepts is a scale."""
-    table: dict[str, list[float]] = {}
-    key = None
-    for token in text.split():
-        number = re.match(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+|inf|nan)", token, re.IGNORECASE)
-        if key is not None and number:
-            table[key].append(float(number.group(0)))
-        else:
-            key = token
-            table[key] = []
-    return table
+def ncnn2int8_tables(text: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Today's ncnn2int8 read_int8scale_table from its definition (tools/quantize/ncnn2int8.cpp): per line, the first
+    space-separated token is the key and the others scales; a key holding '_param_' is a weight line."""
+    weights: dict[str, list[float]] = {}
+    activations: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        key, *scales = line.split(" ")
+        (weights if "_param_" in key else activations)[key] = [float(s) for s in scales]
+    return weights, activations
 
 
 def test_layer_names_ncnn2int8_misreads_are_named(caplog):
-    table = CalibrationTable({"conv1": np.array([2.0], np.float32)}, {"conv1": 3.0, "203": 4.0, "info": 5.0})
-    text = format_ncnn_table(table)
-    assert ncnn2int8_keys(text) == {"conv1_param_0": [2.0], "conv1": [3.0, 203.0, 4.0, float("inf"), 5.0]}
-    assert "ncnn2int8 misreads" in caplog.text and "203, info" in caplog.text
-    caplog.clear()
-    format_ncnn_table(CalibrationTable({"conv1": np.array([2.0], np.float32)}, {"conv1": 3.0, "x_203": 4.0}))
+    """Numeric layer names (UltraFace's '203') are keys like any other; an activation key holding '_param_' is
+    taken for a weight line, and that is named."""
+    table = CalibrationTable({"203": np.array([2.0], np.float32)}, {"203": 3.0, "info": 5.0})
+    assert ncnn2int8_tables(format_ncnn_table(table)) == ({"203_param_0": [2.0]}, {"203": [3.0], "info": [5.0]})
     assert not caplog.text
+    odd = CalibrationTable({"x_param_1": np.array([2.0], np.float32)}, {"x_param_1": 3.0})
+    assert ncnn2int8_tables(format_ncnn_table(odd)) == ({"x_param_1_param_0": [2.0], "x_param_1": [3.0]}, {})
+    assert "ncnn2int8 takes the activation lines of layers x_param_1 for weight lines" in caplog.text
 
 
 def test_legacy_format():

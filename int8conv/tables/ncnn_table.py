@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,6 @@ from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
 
 log = logging.getLogger(__name__)
-
-#: ncnn2int8 reads the table as tokens (fscanf "%255s") and takes every token sscanf("%f") accepts as a scale: a key
-#: starting like a number ("203", "1x1_conv", "info") becomes a scale of the line before
-NUMBER_LIKE = re.compile(r"^[+-]?(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def _float32_finite(values: np.ndarray | float) -> bool:
@@ -66,13 +61,13 @@ def format_ncnn_table(table: CalibrationTable) -> str:
     for name in (*table.weight_scales, *table.activation_scales):
         if not name or len(name) > 247 or any(c.isspace() for c in name):  # 247 + "_param_0": ncnn's 255
             raise Int8ConvError(f"layer {name!r}: an ncnn table key must be 1-247 characters without spaces")
-    misread = [name for name in table.activation_scales if NUMBER_LIKE.match(name) or "_param_" in name]
-    misread += [name for name in table.weight_scales if NUMBER_LIKE.match(name)]
+    # ncnn2int8 reads a line's first token as its key and files every key holding '_param_' as a weight line
+    misread = [name for name in table.activation_scales if "_param_" in name]
     if misread:
         log.warning(
-            "ncnn2int8 misreads the table lines of layers %s (a key that reads as a number is taken as a scale, one "
-            "with '_param_' as weight scales); int8conv quantize reads them right, or rename the layers",
-            ", ".join(sorted(set(misread))),
+            "ncnn2int8 takes the activation lines of layers %s for weight lines (their names hold '_param_'); "
+            "int8conv quantize reads them right, or rename the layers",
+            ", ".join(sorted(misread)),
         )
     lines = [
         f"{name}_param_0 " + " ".join(_fmt(s) for s in np.asarray(scales).reshape(-1))
