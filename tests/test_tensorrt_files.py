@@ -86,6 +86,16 @@ def test_versions_and_calibrators():
         format_calibration_cache({"x": 1.0}, algorithm="Percentile")
 
 
+def test_a_bare_major_version_is_a_version_not_a_header_number():
+    """``--trt-version 10`` means TensorRT 10.0.0: its header number is 100000 (NV_TENSORRT_VERSION = major*10000 +
+    minor*100 + patch), and TensorRT 8's is 8000 (major*1000 + ...), never the 'TRT-10-' no TensorRT writes."""
+    assert cache_version("10") == cache_version("10.0.0") == "100000"
+    assert cache_version("8") == cache_version("8.0") == "8000"
+    assert format_calibration_cache({"x": 1.0}, version="10").splitlines()[0] == "TRT-100000-EntropyCalibration2"
+    with pytest.raises(Int8ConvError, match="not like"):
+        cache_version("861")  # 3 digits: neither a major version nor a number TensorRT writes
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0, 1e300, 1e-300])
 def test_no_bad_value_reaches_a_file(tmp_path, bad):
     for write in (

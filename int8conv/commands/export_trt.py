@@ -41,7 +41,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trt-version",
         default=DEFAULT_TRT_VERSION,
-        help=f"TensorRT version for the cache header, e.g. 8.6.1, 10.13.3 or 101303 (default {DEFAULT_TRT_VERSION})",
+        help=f"TensorRT version for the cache header: 8.6.1, 10.13.3, 10 or 101303 (default {DEFAULT_TRT_VERSION})",
     )
     group.add_argument(
         "--batch",

@@ -40,13 +40,18 @@ _HEX = re.compile(r"^[0-9a-fA-F]{8}$")
 
 
 def cache_version(version: str) -> str:
-    """TensorRT's cache version number: ``10.13.3`` -> ``101303``, ``8.6.1`` -> ``8601``; digits pass through."""
+    """TensorRT's cache version number: ``10.13.3`` -> ``101303``, ``8.6.1`` -> ``8601``, a bare major ``10`` ->
+    ``100000``; a number TensorRT writes (4 digits or more: ``8601``, ``101303``) passes through.
+
+    Every TensorRT writes at least 4 digits (major * 1000 or more), so ``10`` or ``8`` is a major version, not a
+    header TensorRT would recognise.
+    """
     text = str(version).strip()
-    if text.isdigit():
+    if text.isdigit() and len(text) >= 4:
         return text
     parts = text.split(".")
-    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
-        raise Int8ConvError(f"TensorRT version '{version}' is not like 10.13.3, 8.6.1 or 101303")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts) or len(parts[0]) > 2:
+        raise Int8ConvError(f"TensorRT version '{version}' is not like 10.13.3, 8.6.1, 10 or 101303")
     major, minor, patch = (int(p) for p in parts + ["0"] * (3 - len(parts)))
     if minor > 99 or patch > 99:
         raise Int8ConvError(f"TensorRT version '{version}': minor and patch must be below 100")
