@@ -290,6 +290,29 @@ def test_detection_output_rules():
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
+PRIOR_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 48 dim: 72 } } }
+layer { name: "feat" type: "Input" top: "feat" input_param { shape { dim: 1 dim: 8 dim: 6 dim: 7 } } }
+layer { name: "pb" type: "PriorBox" bottom: "feat" bottom: "data" top: "pb" prior_box_param { min_size: 16 %s } }
+"""
+
+
+@pytest.mark.parametrize("half", ["img_h: 60", "img_w: 60 step: 8", "step_h: 8", "step_w: 4"])
+def test_half_a_prior_box_image_or_step_pair_is_refused(tmp_path, half):
+    """Caffe's PriorBox refuses img_h without img_w (CHECK_GT(img_w_, 0)) and step_h without step_w: the priors
+    would be divided by a zero image side (Inf in the ONNX constant) or stacked at x = 0 by a zero step."""
+    from int8conv.ncnn.convert import convert_graph
+
+    graph = load_graph(*write_caffe_model(tmp_path, PRIOR_NET % half, {}))
+    with pytest.raises(ModelError, match=r"layer 'pb' \(PriorBox\).*both positive"):
+        export_onnx(graph)
+    with pytest.raises(ModelError, match=r"layer 'pb' \(PriorBox\).*both positive"):
+        convert_graph(graph)
+    whole = load_graph(*write_caffe_model(tmp_path / "whole", PRIOR_NET % "img_h: 60 img_w: 80 step: 8", {}))
+    priors = next(numpy_helper.to_array(n.attribute[0].t) for n in export_onnx(whole).model.graph.node)
+    assert np.all(np.isfinite(priors)) and priors[0, 0, 0] == np.float32((4 - 8) / 80)  # (0.5 * step - 16/2) / img_w
+
+
 # Q/DQ -----------------------------------------------------------------------------------------------------------
 def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))

@@ -114,14 +114,22 @@ def prior_box_aspect_ratios(p) -> list[float]:
     return ratios
 
 
-def prior_box_image_and_step(p) -> tuple[tuple[int, int] | None, tuple[float, float] | None]:
+def prior_box_image_and_step(p, layer: str) -> tuple[tuple[int, int] | None, tuple[float, float] | None]:
     """PriorBox's image size (``img_h``/``img_w`` or ``img_size``) and step (``step_h``/``step_w`` or ``step``),
     each as (h, w), or None where the prototxt leaves it to the image blob and the feature map size (Caffe's 0).
 
-    The ncnn converter writes these, the SSD host decoder computes the priors from them.
+    The ncnn converter writes these, the SSD host decoder computes the priors from them. Caffe refuses half a
+    pair (``CHECK_GT(img_w_, 0)``, ``CHECK_GT(step_w_, 0.)``): a zero image side would divide the priors by 0 and a
+    zero step stack every cell's priors at the origin, so it is refused here too, naming ``layer``.
     """
     image = (p.img_h, p.img_w) if p.img_h or p.img_w else (p.img_size, p.img_size)
     step = (p.step_h, p.step_w) if p.step_h or p.step_w else (p.step, p.step)
+    for what, pair in (("img_h/img_w", image), ("step_h/step_w", step)):
+        if any(pair) and not all(v > 0 for v in pair):
+            raise ModelError(
+                f"layer '{layer}' (PriorBox): {what} is {pair[0]:g}/{pair[1]:g}; Caffe needs both positive "
+                "(or neither, to take them from the image and the feature map)"
+            )
     image_hw = (int(image[0]), int(image[1])) if any(image) else None
     step_hw = (float(step[0]), float(step[1])) if any(step) else None
     return image_hw, step_hw

@@ -44,7 +44,7 @@ def prior_boxes(layer: Layer, feature_hw: tuple[int, int], image_hw: tuple[int, 
     if len(p.variance) not in (0, 1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): {len(p.variance)} variances; Caffe needs 1 or 4")
     fh, fw = feature_hw
-    image, step = prior_box_image_and_step(p)
+    image, step = prior_box_image_and_step(p, layer.name)
     img_h, img_w = image or image_hw
     step_h, step_w = step or (img_h / fh, img_w / fw)
     sizes: list[tuple[float, float]] = []  # (box width, box height) per prior of one cell

@@ -55,7 +55,7 @@ def prior_box_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
     if len(variance) not in (1, 4):
         raise ModelError(f"layer '{layer.name}' (PriorBox): variance needs 1 or 4 values, got {len(variance)}")
     variance = variance * 4 if len(variance) == 1 else variance
-    image, step = prior_box_image_and_step(p)
+    image, step = prior_box_image_and_step(p, layer.name)
     img_h, img_w = image or (-233, -233)  # ncnn's -233: from the image blob / the feature map
     step_h, step_w = step or (-233.0, -233.0)
     if (img_w == -233) != (img_h == -233) or len(layer.bottoms) < 2 and img_w == -233:
