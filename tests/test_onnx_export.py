@@ -248,6 +248,36 @@ def test_a_batch_never_changes_an_lstm_sequence_length(tmp_path):
         assert shapes == {"data": [3, 1, 4], "cont": [3, 1], "rnn": [3, 1, 2]}
 
 
+AXIS0_LAYERS = {
+    "Concat": 'bottom: "data" bottom: "data" top: "r" concat_param { axis: 0 }',
+    "Permute": 'bottom: "data" top: "r" permute_param { order: 1 order: 0 order: 2 order: 3 }',
+    "Flatten": 'bottom: "data" top: "r" flatten_param { axis: 0 }',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(AXIS0_LAYERS))
+def test_a_batch_never_rewrites_a_layer_working_along_axis_0(tmp_path, kind):
+    """A layer working along axis 0 (Caffe's shapes at batch 1: Concat (2, 2, 4, 4), Permute (2, 1, 4, 4), Flatten
+    (32,)) makes the net batch-bound: a --batch of 3 or N is refused by the layer's name instead of exporting a
+    Q/DQ model whose declared shapes onnxruntime contradicts (Concat at N ran to 2N rows, Permute's batch axis
+    moved to axis 1). The prototxt's own batch exports and runs as OpenCV runs the prototxt."""
+    net = (
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 4 dim: 4 } } }\n'
+        f'layer {{ name: "r" type: "{kind}" {AXIS0_LAYERS[kind]} }}'
+    )
+    proto, caffemodel = write_caffe_model(tmp_path, net, {})
+    graph = load_graph(proto, caffemodel)
+    for batch in (3, -1):
+        with pytest.raises(ModelError, match=r"layer 'r' works along axis 0, the batch axis.*--batch 1"):
+            export_onnx(graph, batch=batch)
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    reference = cv2.dnn.readNetFromCaffe(str(proto), str(caffemodel))
+    reference.setInput(x)
+    for batch in (None, 1):
+        got = session(export_onnx(graph, batch=batch).model).run(["r"], {"data": x})[0]
+        np.testing.assert_array_equal(got.reshape(-1), reference.forward("r").reshape(-1))
+
+
 def test_unsupported_layer_is_named(tmp_path):
     net = """
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }

@@ -120,6 +120,7 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
             raise declined("ONNX export", layer, kind.onnx)
         kind.onnx(b, layer)
 
+    _check_batch_follows(b, graph, batch)
     produced = {o for n in b.nodes for o in n.output}
     read = {i for n in b.nodes for i in n.input}
     outputs = [v for v in graph.outputs if v in produced]
@@ -127,10 +128,12 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
         outputs += [v for v in (head.loc, head.conf, head.priors) if v not in outputs]
     outputs += [o for n in b.nodes for o in n.output if o not in read and o not in outputs and o not in b.constants]
 
+    prototxt_batch = next(iter(graph.inputs.values()))[0]
+
     def value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
         dims: list[int | str] = list(shape)
-        if name not in b.constants:
-            dims[0] = DYNAMIC_BATCH if batch == -1 else (batch or shape[0])
+        if name not in b.constants and batch not in (None, prototxt_batch):  # else each keeps its own axis 0
+            dims[0] = DYNAMIC_BATCH if batch == -1 else batch
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
     graph_proto = helper.make_graph(
@@ -168,6 +171,48 @@ def _check_batch_axis(graph: Graph, batch: int | None) -> None:
                     f"layer '{layer.name}' (LSTM) steps through time along axis 0 ({steps} steps), the axis the ONNX "
                     f"batch sets: a batch of {'N (dynamic)' if batch == -1 else batch} would change the sequence "
                     f"length; --batch {steps} keeps the prototxt's shapes (this net's batch is axis 1)"
+                )
+
+
+def _check_batch_follows(b: _Builder, graph: Graph, batch: int | None) -> None:
+    """A batch other than the prototxt's rewrites axis 0 of the inputs and outputs only: that is right when every
+    value keeps the batch on axis 0. A layer that works along axis 0 (Concat, Slice, Flatten or Permute of axis
+    0, a Reshape with -1 there) would compute something else, or fail in TensorRT or onnxruntime. ONNX shape
+    inference of the nodes, inputs at the new batch, finds it: each Caffe value must then be (batch, its other
+    prototxt dims)."""
+    first = next(iter(graph.inputs.values()))[0]
+    if batch is None or batch == first:
+        return
+    probe_batch = batch if batch > 0 else first + 1
+    asked = "N (dynamic)" if batch == -1 else str(batch)
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [probe_batch, *s[1:]]) for n, s in graph.inputs.items()
+    ]
+    probe = helper.make_model(
+        helper.make_graph(b.nodes, "probe", inputs, [], b.inits), opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True).graph.value_info
+    except onnx.shape_inference.InferenceError as exc:
+        raise ModelError(
+            f"--batch {asked}: a layer works along axis 0, the batch axis, so the network does not take another "
+            f"batch (ONNX shape inference at batch {probe_batch}: {exc}); the prototxt's batch is {first}"
+        ) from exc
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in inferred
+    }
+    for node in b.nodes:
+        for value in node.output:
+            prototxt = graph.shapes.get(value)
+            got = shapes.get(value)
+            if value in b.constants or prototxt is None or got is None or None in got or min(prototxt, default=0) < 0:
+                continue
+            if got != [probe_batch, *prototxt[1:]]:
+                raise ModelError(
+                    f"--batch {asked}: layer '{node.name}' works along axis 0, the batch axis: its output '{value}' "
+                    f"is {tuple(prototxt)} at the prototxt's batch {first} but {tuple(got)} at batch {probe_batch}, "
+                    f"not {(probe_batch, *prototxt[1:])}; export it at --batch {first}"
                 )
 
 
