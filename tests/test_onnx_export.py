@@ -23,7 +23,7 @@ from int8conv.errors import ModelError
 from int8conv.tables.tensorrt_files import MIN_AMAX
 from int8conv.tensorrt.onnx_export import DYNAMIC_BATCH, export_onnx
 from int8conv.tensorrt.qdq import OutputCosine, choose_fp32_layers, insert_qdq, quantized_layers
-from int8conv.tensorrt.ssd_host import decode_head, detection_output
+from int8conv.tensorrt.ssd_host import decode_head, detection_output, ssd_heads
 from tests.onnx_models import HELD_OUT, MODELS, digits, inputs, model_paths, session
 from tests.synthetic import LSTM_NET, lstm_weights, write_caffe_model
 
@@ -341,6 +341,51 @@ def test_half_a_prior_box_image_or_step_pair_is_refused(tmp_path, half):
     whole = load_graph(*write_caffe_model(tmp_path / "whole", PRIOR_NET % "img_h: 60 img_w: 80 step: 8", {}))
     priors = next(numpy_helper.to_array(n.attribute[0].t) for n in export_onnx(whole).model.graph.node)
     assert np.all(np.isfinite(priors)) and priors[0, 0, 0] == np.float32((4 - 8) / 80)  # (0.5 * step - 16/2) / img_w
+
+
+SSD_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 20 dim: 20 } } }
+layer { name: "feat" type: "Input" top: "feat" input_param { shape { dim: 1 dim: 8 dim: 2 dim: 2 } } }
+layer { name: "loc" type: "Input" top: "loc" input_param { shape { dim: 1 dim: 16 } } }
+layer { name: "conf" type: "Input" top: "conf" input_param { shape { dim: 1 dim: 12 } } }
+layer { name: "pb" type: "PriorBox" bottom: "feat" bottom: "data" top: "pb"
+  prior_box_param { min_size: 8 clip: false variance: 0.1 } }
+layer { name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "pb" top: "det"
+  detection_output_param { num_classes: 3 background_label_id: 0 nms_param { nms_threshold: 0.45 }
+    code_type: CENTER_SIZE keep_top_k: 100 %s } }
+"""
+#: scores of 4 disjoint priors (rows) for background and 2 classes; zeros and negatives (conf not from a Softmax)
+SSD_CONF = np.array([[0.9, 0.0, -0.5], [0.1, 0.6, 0.0], [0.2, -1.0, 0.3], [0.5, 0.0, 0.0]], np.float32)
+
+
+def host_detections(tmp_path, extra: str) -> tuple[np.ndarray, tuple[str, str]]:
+    proto, caffemodel = write_caffe_model(tmp_path, SSD_NET % extra, {})
+    graph = load_graph(proto, caffemodel)
+    priors = next(numpy_helper.to_array(n.attribute[0].t) for n in export_onnx(graph).model.graph.node)
+    loc = np.zeros((1, 16), np.float32)
+    return detection_output(loc, SSD_CONF.reshape(1, -1), priors, ssd_heads(graph)[0].param)[0, 0], (proto, caffemodel)
+
+
+def test_an_unset_confidence_threshold_keeps_every_score(tmp_path):
+    """Caffe's DetectionOutput takes an unset confidence_threshold as -FLT_MAX: every score is a candidate,
+    zeros and negatives too (Caffe writes these 8 rows, by label then score); with 0 set, only scores above it."""
+    unset, _ = host_detections(tmp_path / "unset", "")
+    zero, _ = host_detections(tmp_path / "zero", "confidence_threshold: 0")
+    expected = [[1, 0.6], [1, 0], [1, 0], [1, -1], [2, 0.3], [2, 0], [2, 0], [2, -0.5]]
+    np.testing.assert_allclose(unset[:, 1:3], np.float32(expected))
+    np.testing.assert_allclose(zero[:, 1:3], np.float32([[1, 0.6], [2, 0.3]]))
+
+
+@pytest.mark.pycaffe
+@pytest.mark.parametrize("extra", ["", "confidence_threshold: 0", "confidence_threshold: -0.7"])
+def test_host_detection_output_equals_caffes(caffe, tmp_path, extra):
+    """The host DetectionOutput against Caffe's own layer on the same loc/conf: the same rows in the same order."""
+    ours, (proto, _) = host_detections(tmp_path, extra)
+    net = caffe.Net(str(proto), caffe.TEST)
+    net.blobs["conf"].data[...] = SSD_CONF.reshape(1, -1)
+    net.blobs["loc"].data[...] = 0
+    net.forward()
+    np.testing.assert_allclose(ours, net.blobs["det"].data[0, 0], atol=1e-6)
 
 
 # Q/DQ -----------------------------------------------------------------------------------------------------------

@@ -143,6 +143,8 @@ def detection_output(
     conf = np.asarray(conf, dtype=np.float32).reshape(batch, num_priors, num_classes)
     nms_param = param.nms_param
     top_k = int(nms_param.top_k) if nms_param.HasField("top_k") else -1
+    # Caffe: an unset confidence_threshold is -FLT_MAX (every score is a candidate), not the proto's 0
+    threshold = float(param.confidence_threshold) if param.HasField("confidence_threshold") else -math.inf
     rows = []
     for n in range(batch):
         picked: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -155,7 +157,7 @@ def detection_output(
                 continue
             boxes = decoded[0 if param.share_location else label]
             scores = conf[n, :, label]
-            keep = nms(boxes, scores, nms_param.nms_threshold, top_k, param.confidence_threshold, nms_param.eta)
+            keep = nms(boxes, scores, nms_param.nms_threshold, top_k, threshold, nms_param.eta)
             picked.append((label, scores[keep], boxes[keep]))
         labels = (
             np.concatenate([np.full(s.size, lab, dtype=np.float32) for lab, s, _ in picked])
