@@ -128,7 +128,7 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
         outputs += [v for v in (head.loc, head.conf, head.priors) if v not in outputs]
     outputs += [o for n in b.nodes for o in n.output if o not in read and o not in outputs and o not in b.constants]
 
-    prototxt_batch = next(iter(graph.inputs.values()))[0]
+    prototxt_batch = _prototxt_batch(graph)
 
     def value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
         dims: list[int | str] = list(shape)
@@ -174,14 +174,19 @@ def _check_batch_axis(graph: Graph, batch: int | None) -> None:
                 )
 
 
+def _prototxt_batch(graph: Graph) -> int | None:
+    """Axis 0 of the first network input: the batch the prototxt was written for."""
+    return next((shape[0] for shape in graph.inputs.values() if shape), None)
+
+
 def _check_batch_follows(b: _Builder, graph: Graph, batch: int | None) -> None:
     """A batch other than the prototxt's rewrites axis 0 of the inputs and outputs only: that is right when every
     value keeps the batch on axis 0. A layer that works along axis 0 (Concat, Slice, Flatten or Permute of axis
     0, a Reshape with -1 there) would compute something else, or fail in TensorRT or onnxruntime. ONNX shape
     inference of the nodes, inputs at the new batch, finds it: each Caffe value must then be (batch, its other
     prototxt dims)."""
-    first = next(iter(graph.inputs.values()))[0]
-    if batch is None or batch == first:
+    first = _prototxt_batch(graph)
+    if batch is None or first is None or batch == first:
         return
     probe_batch = batch if batch > 0 else first + 1
     asked = "N (dynamic)" if batch == -1 else str(batch)
