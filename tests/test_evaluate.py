@@ -32,6 +32,7 @@ from int8conv.evaluation.detection import (
 from int8conv.evaluation.evaluate import (
     EvalConfig,
     OutputView,
+    Running,
     class_output,
     cosine,
     detect_task,
@@ -41,6 +42,7 @@ from int8conv.evaluation.evaluate import (
     task_outputs,
 )
 from int8conv.evaluation.fp32_search import search_fp32_layers
+from int8conv.evaluation.metrics import blob_cosine, output_cosine
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.evaluation.results import EvalReport
 from int8conv.ncnn.convert import convert_graph
@@ -147,6 +149,20 @@ def test_output_view_drops_background_and_takes_worst_blob():
     assert view.cosine({"boxes": boxes, "scores": scores}, {"boxes": boxes, "scores": lost}) < 0.6
 
 
+def test_a_nan_output_is_the_lowest_cosine_wherever_it_comes():
+    """An output holding NaN gives a NaN cosine; the lowest over blobs, images and the running minimum is then NaN
+    in every position (Python's min kept 1.0 when the NaN came second)."""
+    good, broken = np.ones(4), np.array([1.0, np.nan, 1.0, 1.0])
+    assert math.isnan(cosine(good, broken))
+    for pair in ([good, broken], [broken, good]):
+        assert math.isnan(blob_cosine([good, good], pair))
+        assert math.isnan(output_cosine([[good], [good]], [[p] for p in pair]))
+        running = Running()
+        for candidate in pair + [good]:
+            running.add(cosine(good, candidate))
+        assert math.isnan(running.low) and math.isnan(running.mean)
+
+
 # ------------------------------------------------------------------------------------------------ mixed precision
 
 
@@ -165,6 +181,18 @@ def test_fp32_search_returns_layers_the_target_does_not_need():
     assert choice.fp32_layers == ["b"] and choice.returned == ["a"]
     assert choice.cosine == pytest.approx(1 - 0.009) and choice.reached
     assert ["a", "b"] in scored  # the searched prefix, before the final pass
+
+
+def test_fp32_search_ranks_a_nan_output_as_the_worst():
+    """Layer a in INT8 makes the output NaN and the target is out of reach: a ranks most harmful and the best
+    measured choice is kept (a NaN compared as a sort key made a least harmful and the NaN all-INT8 choice best)."""
+
+    def score(fp32: list[str]) -> float:
+        return math.nan if "a" not in fp32 else 0.998 - (0.001 if "b" not in fp32 else 0.0)
+
+    choice = search_fp32_layers(["b", "a"], score, target=0.9999)
+    assert math.isnan(choice.sensitivity["a"]) and choice.sensitivity["b"] == pytest.approx(0.997)
+    assert choice.fp32_layers == ["a", "b"] and choice.cosine == pytest.approx(0.998) and not choice.reached
 
 
 def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):

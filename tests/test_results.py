@@ -19,6 +19,7 @@ from int8conv.evaluation.results import (
     LayerTimes,
     MapAgreement,
     OutputComparison,
+    finite_json,
 )
 from int8conv.evaluation.speed import LayerTiming
 
@@ -122,3 +123,15 @@ def test_arm_report_json_has_the_arm_schema():
     assert list(found["arm_vs_x86"]["fp32"]) == [*COMPARISON, "difference"]
     assert found["arm_vs_x86"]["int8"]["difference"] == {"prob": {"max_abs": 1e-6, "max_rel": 1e-5}}
     assert found["arm_ms_per_image"] == {"fp32": 10.0, "int8": 5.0, "note": "emulated"}
+
+
+def test_difference_keeps_a_nan_output_whichever_image_has_it():
+    """max over images of |Caffe - ncnn|: an output holding NaN makes it NaN (null in the JSON), not the other images'
+    largest difference (Python's max dropped a NaN that came after a number)."""
+    reference = [1.0, 2.0, 4.0]
+    for outputs in (([1.0, 2.0, 4.5], [1.0, math.nan, 4.0]), ([1.0, math.nan, 4.0], [1.0, 2.0, 4.5])):
+        diff = Difference()
+        for output in outputs:
+            diff.add(reference, output)
+        assert math.isnan(diff.max_abs) and math.isnan(diff.max_rel)
+        assert json.loads(json.dumps(finite_json(diff.as_dict()))) == {"max_abs": None, "max_rel": None}

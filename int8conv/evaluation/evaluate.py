@@ -36,7 +36,7 @@ from int8conv.evaluation.host_decoders import (
     make_host_decoder,
     retinaface_outputs,
 )
-from int8conv.evaluation.metrics import blob_cosine, cosine
+from int8conv.evaluation.metrics import blob_cosine, cosine, lowest
 from int8conv.evaluation.results import (
     ClassifierAgreement,
     DetectionAgreement,
@@ -200,7 +200,7 @@ def _detection_difference(diff: Difference, reference: Detections, candidate: De
 
 @dataclass
 class Running:
-    """Mean and minimum of a per-image quantity."""
+    """Mean and minimum of a per-image quantity (a NaN value makes both NaN)."""
 
     total: float = 0.0
     count: int = 0
@@ -209,7 +209,7 @@ class Running:
     def add(self, value: float) -> None:
         self.total += value
         self.count += 1
-        self.low = min(self.low, value)
+        self.low = lowest((self.low, value))
 
     @property
     def mean(self) -> float:
