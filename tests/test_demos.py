@@ -153,3 +153,21 @@ def test_auto_fp32_keeps_layers_fp32(shared, tmp_path):
     names = kept.group(1).split(", ")
     quantized = int8_layers(read_model(out / "models" / "slim-320-int8.param", out / "models" / "slim-320-int8.bin"))
     assert names and not set(names) & set(quantized) and len(quantized) > 0
+
+
+@pytest.mark.parametrize(
+    "demo, flags, message",
+    [
+        ("classify", ["--top-k", "0"], "--top-k: must be 1 or more"),  # was an IndexError after the first image
+        ("classify", ["--runs", "-1"], "--runs: must be 1 or more"),
+        ("ssd_detect", ["--score-threshold", "1.5"], "--score-threshold: must be in [0, 1]"),  # was: no box, silently
+        ("ssd_detect", ["--threads", "0"], "--threads: must be 1 or more"),
+        ("ssd_detect", ["--proto", "missing.prototxt", "--model", "missing.caffemodel"], "no such file"),
+    ],
+)
+def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, flags, message):
+    """Bad flag values stop the demo with exit code 2 and a message naming the flag, before any model is built."""
+    module = __import__(demo)
+    with pytest.raises(SystemExit) as stopped:
+        module.parse_args(["--images", str(tmp_path), "--out-dir", str(tmp_path / "out"), *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
