@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from int8conv.evaluation.evaluate import TaskMetric, format_report
 from int8conv.evaluation.results import (
@@ -135,3 +136,22 @@ def test_difference_keeps_a_nan_output_whichever_image_has_it():
             diff.add(reference, output)
         assert math.isnan(diff.max_abs) and math.isnan(diff.max_rel)
         assert json.loads(json.dumps(finite_json(diff.as_dict()))) == {"max_abs": None, "max_rel": None}
+
+
+def test_a_nan_layer_cosine_is_listed_and_drawn_as_the_worst(tmp_path):
+    """A layer whose output holds NaN (cosine NaN) heads the lowest-cosine list and the cosine plot is still drawn
+    (the sort left the NaN anywhere; the plot's axis limit became NaN and matplotlib refused it)."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from int8conv.evaluation.report import plot_cosines
+
+    cosines = {"conv1": 0.999, "conv2": 0.98, "conv3": math.nan, "conv4": 0.9999}
+    base = _ssd_report().int8_vs_fp32
+    report = _ssd_report(int8_vs_fp32=Int8Comparison(base.output_blobs, 0.99, 0.98, base.task, cosines, 0, None))
+    listed = re.findall(r"^    (conv\d) ", format_report(report, worst_layers=2), re.M)
+    assert listed == ["conv3", "conv2"]
+    png = tmp_path / "cosines.png"
+    plot_cosines([SimpleNamespace(name=name, cosine=value) for name, value in cosines.items()], png)
+    assert cv2.imread(str(png)) is not None

@@ -36,7 +36,7 @@ from int8conv.evaluation.host_decoders import (
     make_host_decoder,
     retinaface_outputs,
 )
-from int8conv.evaluation.metrics import blob_cosine, cosine, lowest
+from int8conv.evaluation.metrics import blob_cosine, cosine, lowest, worst_first
 from int8conv.evaluation.results import (
     ClassifierAgreement,
     DetectionAgreement,
@@ -504,7 +504,7 @@ def format_report(report: EvalReport, worst_layers: int = 10) -> str:
             "keep the default Winograd weight bound)"
         )
     if q.layer_cosine:
-        ranked = sorted(q.layer_cosine.items(), key=lambda kv: kv[1])[:worst_layers]
+        ranked = sorted(q.layer_cosine.items(), key=lambda kv: worst_first(kv[1]))[:worst_layers]
         lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q.layer_cosine)}):")
         lines += [f"    {name:<32} {fmt(value)}" for name, value in ranked]
     lines += ["", f"speed (median ms/image)  {'threads':>7} {'FP32':>9} {'INT8':>9} {'INT8/FP32':>10}"]

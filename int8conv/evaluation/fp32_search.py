@@ -12,11 +12,11 @@ does not need: each is then tried back in INT8, least harmful first, and stays I
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from int8conv.errors import Int8ConvError
+from int8conv.evaluation.metrics import worst_first
 from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
     sensitivity = {}
     for name in progress(layers, desc="layer sensitivity", unit="layer"):
         sensitivity[name] = score([other for other in layers if other != name])
-    ranked = sorted(layers, key=lambda name: _rank(sensitivity[name]))
+    ranked = sorted(layers, key=lambda name: worst_first(sensitivity[name]))
     results[0] = full
 
     def with_fp32(count: int) -> float:
@@ -72,7 +72,7 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
             else:
                 low = middle
     else:  # out of reach (fp16 storage or the FP32 parts alone cost that much): keep the best prefix measured
-        high = min(results, key=lambda count: (-_rank(results[count]), count))
+        high = min(results, key=lambda count: (-worst_first(results[count]), count))
         log.warning(
             "output cosine %g is out of reach (%.6f with every layer FP32); keeping the best measured "
             "choice: %d layer(s) FP32, cosine %.6f",
@@ -84,11 +84,6 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
         return Fp32Choice(ranked[:high], full, results[high], target, sensitivity)
     chosen, cosine = _prune(ranked[:high], results[high], score, target)
     return Fp32Choice(chosen, full, cosine, target, sensitivity, [name for name in ranked[:high] if name not in chosen])
-
-
-def _rank(cosine: float) -> float:
-    """A cosine as a sort key: NaN (an output holding NaN/Inf) below every number, so it ranks as the worst."""
-    return -math.inf if math.isnan(cosine) else cosine
 
 
 def _prune(

@@ -8,6 +8,7 @@ output holding NaN/Inf) is the lowest of all: Python's ``min`` would skip or kee
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -32,6 +33,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def lowest(values: Iterable[float]) -> float:
     """The minimum, NaN when any value is NaN (a broken output must not hide behind a good one)."""
     return float(np.min(np.fromiter(values, dtype=np.float64)))
+
+
+def worst_first(cosine: float) -> float:
+    """A cosine as a sort key: NaN below every number, so it ranks as the worst (NaN compares false to all)."""
+    return -math.inf if math.isnan(cosine) else cosine
 
 
 def blob_cosine(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
