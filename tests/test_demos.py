@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +172,32 @@ def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, f
     with pytest.raises(SystemExit) as stopped:
         module.parse_args(["--images", str(tmp_path), "--out-dir", str(tmp_path / "out"), *flags])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"letterbox": True},
+        {"swap_hw": True},  # was drawn transposed
+        {"resize": (60, 90)},  # was drawn without the crop undone
+        {"swap_hw": True, "resize": (60, 90)},
+    ],
+)
+def test_drawn_boxes_land_on_the_object_in_the_image(options):
+    """A bright rectangle found in the network input, as a detection, maps back onto the rectangle in the image."""
+    from ssd_detect import in_image
+
+    from int8conv.calibration.preprocess import Preprocess
+    from int8conv.evaluation.detection import Detections
+
+    image = np.zeros((80, 120, 3), np.uint8)
+    image[20:50, 30:90] = 255  # x 30..90 of 120, y 20..50 of 80
+    prep = Preprocess(size=(48, 64), **options)
+    data = prep.apply(image)[0]
+    rows, cols = np.nonzero(data > 127)
+    found = np.array([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]]) / np.tile(data.shape[::-1], 2)
+    drawn = in_image(Detections(found, np.ones(1), np.ones(1, np.int64), found.reshape(1, 2, 2)), prep, image)
+    truth = np.array([30 / 120, 20 / 80, 90 / 120, 50 / 80])
+    np.testing.assert_allclose(drawn.boxes[0], truth, atol=2.5 / 48)
+    np.testing.assert_allclose(drawn.landmarks[0].reshape(-1), truth, atol=2.5 / 48)
