@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
-from int8conv.zoo import write_digit_cells  # noqa: E402
+from int8conv.zoo import MODELS, cli_flags, write_digit_cells  # noqa: E402
 from tests.conftest import run_python  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
@@ -201,3 +201,22 @@ def test_drawn_boxes_land_on_the_object_in_the_image(options):
     truth = np.array([30 / 120, 20 / 80, 90 / 120, 50 / 80])
     np.testing.assert_allclose(drawn.boxes[0], truth, atol=2.5 / 48)
     np.testing.assert_allclose(drawn.landmarks[0].reshape(-1), truth, atol=2.5 / 48)
+
+
+def test_classify_ranks_the_softmax_output_of_a_multi_output_model(shared, tmp_path):
+    """MTCNN det2 outputs its box regressions (conv5-2) before its Softmax (prob1): the demo ranks prob1, as eval
+    reads its top-1 (it ranked the 4 regressions as 'class 0..3' scores)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "face.jpg").write_bytes((shared / "images" / "faces" / "dlib_2008_001322.jpg").read_bytes())
+    proto, model = MODELS["det2"].paths(shared)
+    stdout = run_demo(
+        "classify.py",
+        *("--proto", str(proto), "--model", str(model), "--calib-images", str(images), "--images", str(images)),
+        *("--out-dir", str(tmp_path / "out"), "--labels", "nonface,face", *cli_flags(MODELS["det2"].prep)),
+        shared=shared,
+    )
+    rows = re.findall(r"^  (FP32|INT8) .+ ms  (\w+) ([\d.]+), (\w+) ([\d.]+)$", stdout, re.M)
+    assert len(rows) == 2
+    for _, first, p_first, second, p_second in rows:
+        assert {first, second} == {"nonface", "face"} and float(p_first) + float(p_second) == pytest.approx(1, abs=2e-4)
