@@ -40,6 +40,7 @@ from int8conv.evaluation.evaluate import (
     output_view,
     resolve_task,
     task_outputs,
+    winograd_int8_layers,
 )
 from int8conv.evaluation.fp32_search import search_fp32_layers
 from int8conv.evaluation.metrics import blob_cosine, output_cosine
@@ -161,6 +162,27 @@ def test_a_nan_output_is_the_lowest_cosine_wherever_it_comes():
         for candidate in pair + [good]:
             running.add(cosine(good, candidate))
         assert math.isnan(running.low) and math.isnan(running.mean)
+
+
+def test_winograd_layers_are_the_ones_ncnn_runs_with_winograd():
+    """3x3 stride-1 dilation-1 INT8 convolutions with more than 8 input or output channels (the fact sheet's
+    ``num_input > 8 or num_output > 8``); an 8-in 8-out one runs direct, as do stride 2, 1x1 and FP32 layers."""
+
+    def conv(name: str, inputs: int, outputs: int, kernel: int = 3, stride: int = 1, int8: bool = True) -> NcnnLayer:
+        params = {0: outputs, 1: kernel, 3: stride, 6: outputs * inputs * kernel * kernel, 8: 2 if int8 else 0}
+        return NcnnLayer("Convolution", name, ["x"], [name], params)
+
+    model = NcnnModel(
+        [
+            conv("narrow", 8, 8),
+            conv("wide_in", 16, 8),
+            conv("wide_out", 3, 16),
+            conv("strided", 16, 16, stride=2),
+            conv("pointwise", 16, 16, kernel=1),
+            conv("fp32", 16, 16, int8=False),
+        ]
+    )
+    assert winograd_int8_layers(model) == ["wide_in", "wide_out"]
 
 
 # ------------------------------------------------------------------------------------------------ mixed precision

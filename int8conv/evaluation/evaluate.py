@@ -451,7 +451,13 @@ def evaluate(config: EvalConfig) -> EvalReport:
 
 
 def winograd_int8_layers(model: NcnnModel) -> list[str]:
-    """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1)."""
+    """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1, and more than 8
+    input or output channels: ncnn's ``prefer_winograd``)."""
+
+    def wide(layer) -> bool:
+        num_output = int(layer.params.get(0, 0))
+        num_input = int(layer.params.get(6, 0)) // max(9 * num_output, 1)  # weight_data_size of a 3x3 kernel
+        return num_input > 8 or num_output > 8
 
     def geometry(layer):
         p = layer.params
@@ -468,7 +474,7 @@ def winograd_int8_layers(model: NcnnModel) -> list[str]:
     return [
         layer.name
         for layer in model.layers
-        if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1)
+        if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1) and wide(layer)
     ]
 
 
