@@ -272,7 +272,10 @@ def _row(layer: LayerReport) -> str:
         layer.blob,
         f"{layer.histogram.absmax:.4g}",
         "FP32" if layer.threshold is None else f"{layer.threshold:.4g}",
-        "" if layer.threshold is None else f"{layer.threshold / layer.histogram.absmax:.3f}",
+        # an input that was all zeros here (a given table's scale for it) has no ratio
+        ""
+        if layer.threshold is None or not layer.histogram.absmax
+        else f"{layer.threshold / layer.histogram.absmax:.3f}",
         f"{layer.clipped_fraction:.3%}",
         f"{live.max() / live.min():.3g}" if live.size else "",
         "" if layer.cosine is None else f"{layer.cosine:.5f}",
