@@ -134,7 +134,7 @@ def build_models(
     """Calibrate, convert and quantize, unless ``cache_dir`` already holds the files for the same inputs.
 
     The cache key is the content of the model files, the preprocessing, the calibration image list and the
-    calibration options, so changing any of them rebuilds.
+    calibration options (method, backend, auto-fp32), so changing any of them rebuilds.
     """
     files = pipeline.ModelFiles(proto, model)
     paths = pipeline.ncnn_paths(cache_dir, files.stem)
@@ -147,6 +147,7 @@ def build_models(
         "preprocess": json.loads(json.dumps(dataclasses.asdict(prep))),
         "calibration": [str(p) for p in images],
         "method": args.method,
+        "backend": args.backend,  # the FP32 engine the histograms come from
         "auto_fp32": args.auto_fp32,
     }
     stamp = cache_dir / f"{files.stem}.stamp.json"

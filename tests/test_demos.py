@@ -220,3 +220,17 @@ def test_classify_ranks_the_softmax_output_of_a_multi_output_model(shared, tmp_p
     assert len(rows) == 2
     for _, first, p_first, second, p_second in rows:
         assert {first, second} == {"nonface", "face"} and float(p_first) + float(p_second) == pytest.approx(1, abs=2e-4)
+
+
+def test_cached_models_are_rebuilt_for_another_calibration_backend(shared, tmp_path):
+    """The cache key holds --backend: a run with another FP32 engine calibrates again instead of reusing the
+    models calibrated with the first one."""
+    digits = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png", tmp_path / "digits", 2)
+    env = {**os.environ, "INT8CONV_SHARED": str(shared), "INT8CONV_QUIET": "1"}
+    flags = ["--model-name", "lenet", "--images", str(digits), "--out-dir", str(tmp_path / "out"), "--runs", "1"]
+    logs = []
+    for backend in ("ncnn", "opencv", "opencv"):
+        proc = run_python(ROOT / "demos" / "classify.py", *flags, "--backend", backend, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append("using the cached ncnn models" in proc.stderr)
+    assert logs == [False, False, True]
