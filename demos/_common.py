@@ -29,6 +29,7 @@ from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402
 from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # noqa: E402
+from int8conv.commands.validate import harden  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner, interleaved_ms  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
@@ -93,6 +94,7 @@ def demo_parser(
     add_preprocess_args(parser)
     add_build_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
+    harden(parser, "demo")  # the CLI's checks: thresholds in [0, 1], counts >= 1, model files that exist
     return parser
 
 
@@ -132,7 +134,7 @@ def build_models(
     """Calibrate, convert and quantize, unless ``cache_dir`` already holds the files for the same inputs.
 
     The cache key is the content of the model files, the preprocessing, the calibration image list and the
-    calibration options, so changing any of them rebuilds.
+    calibration options (method, backend, auto-fp32), so changing any of them rebuilds.
     """
     files = pipeline.ModelFiles(proto, model)
     paths = pipeline.ncnn_paths(cache_dir, files.stem)
@@ -145,6 +147,7 @@ def build_models(
         "preprocess": json.loads(json.dumps(dataclasses.asdict(prep))),
         "calibration": [str(p) for p in images],
         "method": args.method,
+        "backend": args.backend,  # the FP32 engine the histograms come from
         "auto_fp32": args.auto_fp32,
     }
     stamp = cache_dir / f"{files.stem}.stamp.json"

@@ -26,6 +26,8 @@ from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
 from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError
+from int8conv.evaluation.evaluate import class_output
+from int8conv.ncnn.model import read_model
 from int8conv.zoo import MODELS, shared_dir, write_digit_cells
 
 log = logging.getLogger("demo")
@@ -140,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     prep = prep_options.for_graph(load_graph(proto, model), proto)
     pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
     nets = SideBySide(pair, args.threads, args.runs)
-    output = nets.fp32.output_names[0]
+    output = class_output(read_model(pair.fp32_param, pair.fp32_bin))  # the one eval reads its top-1 from
+    if output is None:
+        raise Int8ConvError(
+            f"{proto}: outputs {', '.join(nets.fp32.output_names)} and none is a Softmax: no class scores to rank"
+        )
     images = list_images(args.images)
     ms_fp32, ms_int8, agree = [], [], 0
     print(

@@ -132,15 +132,11 @@ class Decoder:
 
 
 def in_image(found: Detections, prep, image: np.ndarray) -> Detections:
-    """Input-normalized detections -> normalized to the image (undoes --letterbox's padding)."""
-    fx, fy = prep.content_fraction(image.shape)
-    if (fx, fy) == (1.0, 1.0):
-        return found
+    """Input-normalized detections -> normalized to the image (``Preprocess.image_points``)."""
+    corners = prep.image_points(found.boxes.reshape(-1, 2, 2), image.shape).reshape(-1, 4)
+    points = None if found.landmarks is None else prep.image_points(found.landmarks, image.shape)
     return Detections(
-        found.boxes / np.asarray([fx, fy, fx, fy], np.float32),
-        found.scores,
-        found.labels,
-        None if found.landmarks is None else found.landmarks / np.asarray([fx, fy], np.float32),
+        corners.astype(np.float32), found.scores, found.labels, None if points is None else points.astype(np.float32)
     )
 
 

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
-from int8conv.zoo import write_digit_cells  # noqa: E402
+from int8conv.zoo import MODELS, cli_flags, write_digit_cells  # noqa: E402
 from tests.conftest import run_python  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
@@ -153,3 +154,83 @@ def test_auto_fp32_keeps_layers_fp32(shared, tmp_path):
     names = kept.group(1).split(", ")
     quantized = int8_layers(read_model(out / "models" / "slim-320-int8.param", out / "models" / "slim-320-int8.bin"))
     assert names and not set(names) & set(quantized) and len(quantized) > 0
+
+
+@pytest.mark.parametrize(
+    "demo, flags, message",
+    [
+        ("classify", ["--top-k", "0"], "--top-k: must be 1 or more"),  # was an IndexError after the first image
+        ("classify", ["--runs", "-1"], "--runs: must be 1 or more"),
+        ("ssd_detect", ["--score-threshold", "1.5"], "--score-threshold: must be in [0, 1]"),  # was: no box, silently
+        ("ssd_detect", ["--threads", "0"], "--threads: must be 1 or more"),
+        ("ssd_detect", ["--proto", "missing.prototxt", "--model", "missing.caffemodel"], "no such file"),
+    ],
+)
+def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, flags, message):
+    """Bad flag values stop the demo with exit code 2 and a message naming the flag, before any model is built."""
+    module = __import__(demo)
+    with pytest.raises(SystemExit) as stopped:
+        module.parse_args(["--images", str(tmp_path), "--out-dir", str(tmp_path / "out"), *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"letterbox": True},
+        {"swap_hw": True},  # was drawn transposed
+        {"resize": (60, 90)},  # was drawn without the crop undone
+        {"swap_hw": True, "resize": (60, 90)},
+    ],
+)
+def test_drawn_boxes_land_on_the_object_in_the_image(options):
+    """A bright rectangle found in the network input, as a detection, maps back onto the rectangle in the image."""
+    from ssd_detect import in_image
+
+    from int8conv.calibration.preprocess import Preprocess
+    from int8conv.evaluation.detection import Detections
+
+    image = np.zeros((80, 120, 3), np.uint8)
+    image[20:50, 30:90] = 255  # x 30..90 of 120, y 20..50 of 80
+    prep = Preprocess(size=(48, 64), **options)
+    data = prep.apply(image)[0]
+    rows, cols = np.nonzero(data > 127)
+    found = np.array([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]]) / np.tile(data.shape[::-1], 2)
+    drawn = in_image(Detections(found, np.ones(1), np.ones(1, np.int64), found.reshape(1, 2, 2)), prep, image)
+    truth = np.array([30 / 120, 20 / 80, 90 / 120, 50 / 80])
+    np.testing.assert_allclose(drawn.boxes[0], truth, atol=2.5 / 48)
+    np.testing.assert_allclose(drawn.landmarks[0].reshape(-1), truth, atol=2.5 / 48)
+
+
+def test_classify_ranks_the_softmax_output_of_a_multi_output_model(shared, tmp_path):
+    """MTCNN det2 outputs its box regressions (conv5-2) before its Softmax (prob1): the demo ranks prob1, as eval
+    reads its top-1 (it ranked the 4 regressions as 'class 0..3' scores)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "face.jpg").write_bytes((shared / "images" / "faces" / "dlib_2008_001322.jpg").read_bytes())
+    proto, model = MODELS["det2"].paths(shared)
+    stdout = run_demo(
+        "classify.py",
+        *("--proto", str(proto), "--model", str(model), "--calib-images", str(images), "--images", str(images)),
+        *("--out-dir", str(tmp_path / "out"), "--labels", "nonface,face", *cli_flags(MODELS["det2"].prep)),
+        shared=shared,
+    )
+    rows = re.findall(r"^  (FP32|INT8) .+ ms  (\w+) ([\d.]+), (\w+) ([\d.]+)$", stdout, re.M)
+    assert len(rows) == 2
+    for _, first, p_first, second, p_second in rows:
+        assert {first, second} == {"nonface", "face"} and float(p_first) + float(p_second) == pytest.approx(1, abs=2e-4)
+
+
+def test_cached_models_are_rebuilt_for_another_calibration_backend(shared, tmp_path):
+    """The cache key holds --backend: a run with another FP32 engine calibrates again instead of reusing the
+    models calibrated with the first one."""
+    digits = write_digit_cells(shared / "images" / "opencv_samples" / "digits.png", tmp_path / "digits", 2)
+    env = {**os.environ, "INT8CONV_SHARED": str(shared), "INT8CONV_QUIET": "1"}
+    flags = ["--model-name", "lenet", "--images", str(digits), "--out-dir", str(tmp_path / "out"), "--runs", "1"]
+    logs = []
+    for backend in ("ncnn", "opencv", "opencv"):
+        proc = run_python(ROOT / "demos" / "classify.py", *flags, "--backend", backend, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append("using the cached ncnn models" in proc.stderr)
+    assert logs == [False, False, True]

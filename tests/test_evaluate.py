@@ -32,6 +32,7 @@ from int8conv.evaluation.detection import (
 from int8conv.evaluation.evaluate import (
     EvalConfig,
     OutputView,
+    Running,
     class_output,
     cosine,
     detect_task,
@@ -39,8 +40,10 @@ from int8conv.evaluation.evaluate import (
     output_view,
     resolve_task,
     task_outputs,
+    winograd_int8_layers,
 )
 from int8conv.evaluation.fp32_search import search_fp32_layers
+from int8conv.evaluation.metrics import blob_cosine, output_cosine
 from int8conv.evaluation.mixed_precision import auto_fp32
 from int8conv.evaluation.results import EvalReport
 from int8conv.ncnn.convert import convert_graph
@@ -147,6 +150,41 @@ def test_output_view_drops_background_and_takes_worst_blob():
     assert view.cosine({"boxes": boxes, "scores": scores}, {"boxes": boxes, "scores": lost}) < 0.6
 
 
+def test_a_nan_output_is_the_lowest_cosine_wherever_it_comes():
+    """An output holding NaN gives a NaN cosine; the lowest over blobs, images and the running minimum is then NaN
+    in every position (Python's min kept 1.0 when the NaN came second)."""
+    good, broken = np.ones(4), np.array([1.0, np.nan, 1.0, 1.0])
+    assert math.isnan(cosine(good, broken))
+    for pair in ([good, broken], [broken, good]):
+        assert math.isnan(blob_cosine([good, good], pair))
+        assert math.isnan(output_cosine([[good], [good]], [[p] for p in pair]))
+        running = Running()
+        for candidate in pair + [good]:
+            running.add(cosine(good, candidate))
+        assert math.isnan(running.low) and math.isnan(running.mean)
+
+
+def test_winograd_layers_are_the_ones_ncnn_runs_with_winograd():
+    """3x3 stride-1 dilation-1 INT8 convolutions with more than 8 input or output channels (the fact sheet's
+    ``num_input > 8 or num_output > 8``); an 8-in 8-out one runs direct, as do stride 2, 1x1 and FP32 layers."""
+
+    def conv(name: str, inputs: int, outputs: int, kernel: int = 3, stride: int = 1, int8: bool = True) -> NcnnLayer:
+        params = {0: outputs, 1: kernel, 3: stride, 6: outputs * inputs * kernel * kernel, 8: 2 if int8 else 0}
+        return NcnnLayer("Convolution", name, ["x"], [name], params)
+
+    model = NcnnModel(
+        [
+            conv("narrow", 8, 8),
+            conv("wide_in", 16, 8),
+            conv("wide_out", 3, 16),
+            conv("strided", 16, 16, stride=2),
+            conv("pointwise", 16, 16, kernel=1),
+            conv("fp32", 16, 16, int8=False),
+        ]
+    )
+    assert winograd_int8_layers(model) == ["wide_in", "wide_out"]
+
+
 # ------------------------------------------------------------------------------------------------ mixed precision
 
 
@@ -165,6 +203,18 @@ def test_fp32_search_returns_layers_the_target_does_not_need():
     assert choice.fp32_layers == ["b"] and choice.returned == ["a"]
     assert choice.cosine == pytest.approx(1 - 0.009) and choice.reached
     assert ["a", "b"] in scored  # the searched prefix, before the final pass
+
+
+def test_fp32_search_ranks_a_nan_output_as_the_worst():
+    """Layer a in INT8 makes the output NaN and the target is out of reach: a ranks most harmful and the best
+    measured choice is kept (a NaN compared as a sort key made a least harmful and the NaN all-INT8 choice best)."""
+
+    def score(fp32: list[str]) -> float:
+        return math.nan if "a" not in fp32 else 0.998 - (0.001 if "b" not in fp32 else 0.0)
+
+    choice = search_fp32_layers(["b", "a"], score, target=0.9999)
+    assert math.isnan(choice.sensitivity["a"]) and choice.sensitivity["b"] == pytest.approx(0.997)
+    assert choice.fp32_layers == ["a", "b"] and choice.cosine == pytest.approx(0.998) and not choice.reached
 
 
 def test_auto_fp32_finds_the_badly_calibrated_layer(tmp_path):

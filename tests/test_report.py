@@ -197,3 +197,17 @@ def test_report_renders_open_nsfw_with_a_given_table(shared, tmp_path):
     report = json.loads((out / f"{stem}.json").read_text())
     assert report["fp32_vs_caffe"] is None and report["int8_layers"] == 54
     assert report["int8_vs_fp32"]["task"]["top1_agreement"] == 1.0
+
+
+def test_a_layer_whose_input_was_all_zeros_is_rendered(tmp_path):
+    """A given table's threshold for an input that was all zeros on these images: the row leaves threshold / max
+    empty (it divided by max |x| = 0) and the figure is drawn."""
+    from int8conv.evaluation.report import LayerReport, _row, plot_layer
+
+    hist = BlobHistogram("dead")
+    hist.update(np.zeros(64, np.float32))
+    layer = LayerReport("conv", "Convolution", "dead", hist, 2.0, None, np.array([1.0, 2.0]), 127, None)
+    cells = re.findall(r"<td>(.*?)</td>", _row(layer))
+    assert cells[4:7] == ["2", "", "0.000%"]
+    plot_layer(layer, tmp_path / "conv.png")
+    assert cv2.imread(str(tmp_path / "conv.png")) is not None

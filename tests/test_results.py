@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from int8conv.evaluation.evaluate import TaskMetric, format_report
 from int8conv.evaluation.results import (
@@ -19,6 +20,7 @@ from int8conv.evaluation.results import (
     LayerTimes,
     MapAgreement,
     OutputComparison,
+    finite_json,
 )
 from int8conv.evaluation.speed import LayerTiming
 
@@ -122,3 +124,34 @@ def test_arm_report_json_has_the_arm_schema():
     assert list(found["arm_vs_x86"]["fp32"]) == [*COMPARISON, "difference"]
     assert found["arm_vs_x86"]["int8"]["difference"] == {"prob": {"max_abs": 1e-6, "max_rel": 1e-5}}
     assert found["arm_ms_per_image"] == {"fp32": 10.0, "int8": 5.0, "note": "emulated"}
+
+
+def test_difference_keeps_a_nan_output_whichever_image_has_it():
+    """max over images of |Caffe - ncnn|: an output holding NaN makes it NaN (null in the JSON), not the other images'
+    largest difference (Python's max dropped a NaN that came after a number)."""
+    reference = [1.0, 2.0, 4.0]
+    for outputs in (([1.0, 2.0, 4.5], [1.0, math.nan, 4.0]), ([1.0, math.nan, 4.0], [1.0, 2.0, 4.5])):
+        diff = Difference()
+        for output in outputs:
+            diff.add(reference, output)
+        assert math.isnan(diff.max_abs) and math.isnan(diff.max_rel)
+        assert json.loads(json.dumps(finite_json(diff.as_dict()))) == {"max_abs": None, "max_rel": None}
+
+
+def test_a_nan_layer_cosine_is_listed_and_drawn_as_the_worst(tmp_path):
+    """A layer whose output holds NaN (cosine NaN) heads the lowest-cosine list and the cosine plot is still drawn
+    (the sort left the NaN anywhere; the plot's axis limit became NaN and matplotlib refused it)."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    from int8conv.evaluation.report import plot_cosines
+
+    cosines = {"conv1": 0.999, "conv2": 0.98, "conv3": math.nan, "conv4": 0.9999}
+    base = _ssd_report().int8_vs_fp32
+    report = _ssd_report(int8_vs_fp32=Int8Comparison(base.output_blobs, 0.99, 0.98, base.task, cosines, 0, None))
+    listed = re.findall(r"^    (conv\d) ", format_report(report, worst_layers=2), re.M)
+    assert listed == ["conv3", "conv2"]
+    png = tmp_path / "cosines.png"
+    plot_cosines([SimpleNamespace(name=name, cosine=value) for name, value in cosines.items()], png)
+    assert cv2.imread(str(png)) is not None

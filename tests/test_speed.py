@@ -102,6 +102,11 @@ def test_layer_timings_file_round_trip_and_errors(tmp_path):
         ('{"conv1": {"fp32": 1}}', "conv1.*'fp32' and 'int8'"),
         ('{"conv1": {"fp32": -1, "int8": 1}}', "conv1.*non-negative"),
         ('{"conv1": {"fp32": {"1": 1}, "int8": {"2": 1}}}', "conv1.*different thread counts"),
+        # conv2 plain (1 thread) after conv1 at 1 and 2: format_choice's table then failed with a KeyError
+        (
+            '{"conv1": {"fp32": {"1": 1, "2": 0.6}, "int8": {"1": 0.5, "2": 0.4}}, "conv2": {"fp32": 2, "int8": 1}}',
+            r"layer 'conv2' has times for \[1\] thread\(s\), the layers before it for \[1, 2\]",
+        ),
         ("[1, 2]", "JSON object"),
         ("{oops", "cannot read"),
     ):

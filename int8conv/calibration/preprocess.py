@@ -68,6 +68,19 @@ class Preprocess:
         height, width = _letterbox_size(image_shape, self.size)
         return width / self.size[1], height / self.size[0]
 
+    def image_points(self, points: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+        """Input-normalized (x, y) points (..., 2) -> normalized to an image of ``image_shape`` (H, W, ...): undoes
+        --swap-hw's transpose, --resize-then-crop's centre crop and --letterbox's padding."""
+        points = np.asarray(points, dtype=np.float64)
+        if self.swap_hw:  # the network saw the image transposed
+            points = points[..., ::-1]
+        out_h, out_w = self.size[::-1] if self.swap_hw else self.size
+        if self.resize:
+            resized_h, resized_w = self.resize[::-1] if self.swap_hw else self.resize
+            crop = np.asarray([(resized_w - out_w) // 2, (resized_h - out_h) // 2])
+            return (crop + points * [out_w, out_h]) / [resized_w, resized_h]
+        return points / np.asarray(self.content_fraction(image_shape))
+
     def describe(self) -> dict:
         """A plain dict for saved statistics and reports (``letterbox`` only when set, so statistics saved
         before it existed still merge with new ones)."""

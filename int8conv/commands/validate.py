@@ -147,6 +147,10 @@ NUMERIC: dict[str, Callable[[str], object]] = {
     "--score-threshold": fraction,
     "--iou-threshold": fraction,
     "--percentile": percentile,
+    # the demos' own flags
+    "--runs": positive_int,
+    "--top-k": positive_int,
+    "--max-calib-images": count_or_all,
 }
 #: path flags, by subcommand then option string (``--param`` is an output of convert, an input of quantize)
 OUTPUT_FILES = {

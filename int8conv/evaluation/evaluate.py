@@ -36,7 +36,7 @@ from int8conv.evaluation.host_decoders import (
     make_host_decoder,
     retinaface_outputs,
 )
-from int8conv.evaluation.metrics import blob_cosine, cosine
+from int8conv.evaluation.metrics import blob_cosine, cosine, lowest, worst_first
 from int8conv.evaluation.results import (
     ClassifierAgreement,
     DetectionAgreement,
@@ -200,7 +200,7 @@ def _detection_difference(diff: Difference, reference: Detections, candidate: De
 
 @dataclass
 class Running:
-    """Mean and minimum of a per-image quantity."""
+    """Mean and minimum of a per-image quantity (a NaN value makes both NaN)."""
 
     total: float = 0.0
     count: int = 0
@@ -209,7 +209,7 @@ class Running:
     def add(self, value: float) -> None:
         self.total += value
         self.count += 1
-        self.low = min(self.low, value)
+        self.low = lowest((self.low, value))
 
     @property
     def mean(self) -> float:
@@ -451,7 +451,13 @@ def evaluate(config: EvalConfig) -> EvalReport:
 
 
 def winograd_int8_layers(model: NcnnModel) -> list[str]:
-    """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1)."""
+    """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1, and more than 8
+    input or output channels: ncnn's ``prefer_winograd``)."""
+
+    def wide(layer) -> bool:
+        num_output = int(layer.params.get(0, 0))
+        num_input = int(layer.params.get(6, 0)) // max(9 * num_output, 1)  # weight_data_size of a 3x3 kernel
+        return num_input > 8 or num_output > 8
 
     def geometry(layer):
         p = layer.params
@@ -468,7 +474,7 @@ def winograd_int8_layers(model: NcnnModel) -> list[str]:
     return [
         layer.name
         for layer in model.layers
-        if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1)
+        if layer.type == "Convolution" and is_int8(layer) and geometry(layer) == (3, 3, 1, 1, 1, 1) and wide(layer)
     ]
 
 
@@ -504,7 +510,7 @@ def format_report(report: EvalReport, worst_layers: int = 10) -> str:
             "keep the default Winograd weight bound)"
         )
     if q.layer_cosine:
-        ranked = sorted(q.layer_cosine.items(), key=lambda kv: kv[1])[:worst_layers]
+        ranked = sorted(q.layer_cosine.items(), key=lambda kv: worst_first(kv[1]))[:worst_layers]
         lines.append(f"  lowest per-layer cosine ({len(ranked)} of {len(q.layer_cosine)}):")
         lines += [f"    {name:<32} {fmt(value)}" for name, value in ranked]
     lines += ["", f"speed (median ms/image)  {'threads':>7} {'FP32':>9} {'INT8':>9} {'INT8/FP32':>10}"]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from int8conv.errors import Int8ConvError
+from int8conv.evaluation.metrics import worst_first
 from int8conv.progress import progress
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
     sensitivity = {}
     for name in progress(layers, desc="layer sensitivity", unit="layer"):
         sensitivity[name] = score([other for other in layers if other != name])
-    ranked = sorted(layers, key=lambda name: sensitivity[name])
+    ranked = sorted(layers, key=lambda name: worst_first(sensitivity[name]))
     results[0] = full
 
     def with_fp32(count: int) -> float:
@@ -71,7 +72,7 @@ def search_fp32_layers(layers: Sequence[str], score: Callable[[list[str]], float
             else:
                 low = middle
     else:  # out of reach (fp16 storage or the FP32 parts alone cost that much): keep the best prefix measured
-        high = min(results, key=lambda count: (-results[count], count))
+        high = min(results, key=lambda count: (-worst_first(results[count]), count))
         log.warning(
             "output cosine %g is out of reach (%.6f with every layer FP32); keeping the best measured "
             "choice: %d layer(s) FP32, cosine %.6f",

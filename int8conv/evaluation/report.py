@@ -241,9 +241,10 @@ def plot_cosines(layers: Sequence[LayerReport], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.6 + 0.22 * max(len(shown), 1)))
     if shown:
         values = np.array([layer.cosine for layer in shown])
-        colors = np.where(values < 0.99, "crimson", np.where(values < 0.999, "darkorange", "#4a7"))
+        drawn = np.where(np.isnan(values), -1.0, values)  # a NaN cosine (NaN/Inf in the output) as the worst
+        colors = np.where(drawn < 0.99, "crimson", np.where(drawn < 0.999, "darkorange", "#4a7"))
         y = np.arange(len(shown))
-        loss = np.maximum(1.0 - values, 1e-7)  # log axis: an exact 1.0 still gets a visible stub
+        loss = np.maximum(1.0 - drawn, 1e-7)  # log axis: an exact 1.0 still gets a visible stub
         ax.barh(y, loss, color=colors)
         ax.set_yticks(y, [layer.name for layer in shown], fontsize=7)
         ax.invert_yaxis()
@@ -271,7 +272,10 @@ def _row(layer: LayerReport) -> str:
         layer.blob,
         f"{layer.histogram.absmax:.4g}",
         "FP32" if layer.threshold is None else f"{layer.threshold:.4g}",
-        "" if layer.threshold is None else f"{layer.threshold / layer.histogram.absmax:.3f}",
+        # an input that was all zeros here (a given table's scale for it) has no ratio
+        ""
+        if layer.threshold is None or not layer.histogram.absmax
+        else f"{layer.threshold / layer.histogram.absmax:.3f}",
         f"{layer.clipped_fraction:.3%}",
         f"{live.max() / live.min():.3g}" if live.size else "",
         "" if layer.cosine is None else f"{layer.cosine:.5f}",

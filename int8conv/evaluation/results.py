@@ -120,8 +120,10 @@ class Difference(JsonRecord):
             raise ModelError(f"ncnn output has {out.size} values, Caffe's has {ref.size}")
         diff = float(np.abs(ref - out).max(initial=0.0))
         peak = float(np.abs(ref).max(initial=0.0))
-        self.max_abs = max(self.max_abs, diff)
-        self.max_rel = max(self.max_rel, diff / peak if peak > 0 else (0.0 if diff == 0 else math.inf))
+        rel = diff / peak if peak > 0 else (0.0 if diff == 0 else math.inf)
+        # np.maximum keeps a NaN (an output holding NaN); Python's max would drop it when it comes second
+        self.max_abs = float(np.maximum(self.max_abs, diff))
+        self.max_rel = float(np.maximum(self.max_rel, rel))
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, **({"note": self.note} if self.note else {})}

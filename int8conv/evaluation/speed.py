@@ -188,6 +188,12 @@ def load_layer_timings(path: str | Path) -> dict[str, LayerTiming]:
         fp32, int8 = per_thread(layer, entry["fp32"]), per_thread(layer, entry["int8"])
         if set(fp32) != set(int8):
             raise Int8ConvError(f"{path}: layer '{layer}': FP32 and INT8 times for different thread counts")
+        first = next(iter(timings.values()), None)
+        if first is not None and set(fp32) != set(first.fp32_ms):  # the per-layer table has one column per count
+            raise Int8ConvError(
+                f"{path}: layer '{layer}' has times for {sorted(fp32)} thread(s), the layers before it for "
+                f"{sorted(first.fp32_ms)}: give every layer the same thread counts"
+            )
         timings[layer] = LayerTiming(fp32, int8)
     return timings
 
