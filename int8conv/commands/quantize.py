@@ -65,9 +65,10 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("--layer-timings", "--save-layer-timings"):  # read or written by --optimize speed alone
-        if args.optimize != "speed" and getattr(args, flag[2:].replace("-", "_")) is not None:
-            raise Int8ConvError(f"{flag} is for --optimize speed (the per-layer timings it decides on): add it")
+    if args.optimize != "speed":  # the per-layer timings are read or written by --optimize speed alone
+        for flag, path in (("--layer-timings", args.layer_timings), ("--save-layer-timings", args.save_layer_timings)):
+            if path is not None:
+                raise Int8ConvError(f"{flag} is for --optimize speed (the per-layer timings it decides on): add it")
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
     if args.optimize == "speed":
