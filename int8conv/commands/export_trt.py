@@ -77,10 +77,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.table is not None:  # the ranges come from the table: no statistics are collected, saved or merged
+    if args.table is not None:  # the ranges come from the table: no statistics, and the table's model
         for flag, value in (("--save-stats", args.save_stats), ("--load-stats", args.load_stats)):
             if value:
                 raise Int8ConvError(f"{flag}: the ranges come from the table {args.table}, not statistics: drop one")
+        if args.equalize:
+            raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
     model, prep, calibration = common.calibration_inputs(args)
     trt = pipeline.TrtOptions(
         batch=args.batch,
@@ -90,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
         auto_fp32=args.auto_fp32,
         auto_fp32_images=args.auto_fp32_images,
     )
-    if args.equalize and args.table is not None:
-        raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
     with pipeline.run_model(model, prep, calibration, args.equalize) as (source, _):
         export = pipeline.export_trt(source, prep, calibration, trt)
     paths = pipeline.write_trt_export(export, args.out_dir, model.stem, args.trt_version)
