@@ -289,7 +289,7 @@ SPECS = {
 }
 
 
-def _input_batch(shared: Path, spec: Spec, path: Path, channels: int) -> np.ndarray:
+def _input_batch(spec: Spec, path: Path, channels: int) -> np.ndarray:
     return model_input(spec.model.prep, read_image(path), channels)
 
 
@@ -313,7 +313,7 @@ def _build(shared: Path, out: Path, key: str, spec: Spec) -> Built:
     channels = next(iter(graph.inputs.values()))[1]
     if channels == 15:
         stats = CalibrationStatistics(model=model_identity(proto, caffemodel), preprocess=spec.model.prep.describe())
-        batch = np.stack([_input_batch(shared, spec, p, channels) for p in images])
+        batch = np.stack([_input_batch(spec, p, channels) for p in images])
         stats.update(engine.forward(batch, calibration_values(graph)))
     else:
         stats = collect_statistics(graph, engine, images, spec.model.prep, model_identity(proto, caffemodel))
@@ -332,7 +332,7 @@ def built(shared, tmp_path_factory):
     return {key: _build(shared, out, key, spec) for key, spec in SPECS.items()}
 
 
-def _evaluate(shared: Path, b: Built, images: list[Path], int8: tuple[Path, Path] | None = None) -> EvalReport:
+def _evaluate(b: Built, images: list[Path], int8: tuple[Path, Path] | None = None) -> EvalReport:
     return evaluate(EvalConfig(*b.fp32, *(int8 or b.int8), b.spec.model.prep, images, threads=(1,), timing_runs=1))
 
 
@@ -346,7 +346,7 @@ def test_int8_model_loads_and_runs_in_ncnn(key, built, shared):
     assert int8.net.opt.use_int8_inference
     assert len(int8_layers(read_model(*b.int8))) == len(b.table.activation_scales) > 0
     path = list_images(shared / "images" / FACES)[-1]
-    x = {fp32.input_names[0]: _input_batch(shared, b.spec, path, channels)}
+    x = {fp32.input_names[0]: _input_batch(b.spec, path, channels)}
     ref, got = fp32.run(x), int8.run(x)
     task = detect_task(b.fp32_model)
     for name in fp32.output_names:
@@ -368,7 +368,7 @@ def test_int8_model_loads_and_runs_in_ncnn(key, built, shared):
 @pytest.mark.slow
 def test_open_nsfw_int8_agrees_with_fp32(built, shared):
     """Calibrated on imagenet images 0-9, evaluated on 100-115: top-1 agreement >= 99%, output cosine >= 0.99."""
-    report = _evaluate(shared, built["open_nsfw"], list_images(shared / "images" / IMAGENET)[100:116])
+    report = _evaluate(built["open_nsfw"], list_images(shared / "images" / IMAGENET)[100:116])
     quality = report.int8_vs_fp32
     assert report.task == "classifier" and report.int8_layers == 54
     assert quality.task.top1_agreement >= 0.99
@@ -380,7 +380,7 @@ def test_open_nsfw_int8_agrees_with_fp32(built, shared):
 @pytest.mark.parametrize("key", ["res10", "yufacedetectnet"])
 def test_ssd_int8_detections_match_fp32(key, built, shared):
     """Calibrated on VOC/COCO photos, evaluated on the face images: precision and recall >= 0.95."""
-    report = _evaluate(shared, built[key], list_images(shared / "images" / FACES))
+    report = _evaluate(built[key], list_images(shared / "images" / FACES))
     task = report.int8_vs_fp32.task
     assert report.task == "ssd" and task.reference_detections > 50
     assert task.precision >= 0.95 and task.recall >= 0.95, task
@@ -438,7 +438,7 @@ def test_ultraface_int8_detections_with_auto_fp32(built, shared, tmp_path):
     fp32_layers = set(b.table.activation_scales) - set(kept.activation_scales)
     assert 0 < len(fp32_layers) <= 8 and set(kept.weight_scales) == set(b.table.weight_scales)
     assert set(int8_layers(read_model(*out))) == set(kept.activation_scales)
-    task = _evaluate(shared, b, list_images(shared / "images" / FACES), out).int8_vs_fp32.task
+    task = _evaluate(b, list_images(shared / "images" / FACES), out).int8_vs_fp32.task
     assert task.precision >= 0.95 and task.recall >= 0.95, (fp32_layers, task)
 
 
