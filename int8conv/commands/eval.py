@@ -78,10 +78,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | None]:
     """FP32 and INT8 file paths from --ncnn-dir (as ``pipeline.ncnn_paths`` names them) or the explicit options."""
-    files = {"--param": args.param, "--bin": args.bin, "--int8-param": args.int8_param, "--int8-bin": args.int8_bin}
     if args.table is not None and (args.int8_param is not None or args.int8_bin is not None):
         raise Int8ConvError("give the INT8 model (--int8-param and --int8-bin) or a --table to quantize with, not both")
     if args.ncnn_dir is not None:
+        files = {"--param": args.param, "--bin": args.bin, "--int8-param": args.int8_param, "--int8-bin": args.int8_bin}
         given = [flag for flag, path in files.items() if path is not None]
         if given:  # they were ignored for the folder's files
             raise Int8ConvError(
