@@ -47,7 +47,7 @@ from int8conv.evaluation.results import (
     OutputComparison,
     TaskAgreement,
 )
-from int8conv.ncnn.model import NcnnModel, read_model
+from int8conv.ncnn.model import NcnnLayer, NcnnModel, read_model
 from int8conv.ncnn.quantize import QUANTIZABLE, int8_layers, is_int8
 from int8conv.ncnn.runtime import NcnnRunner, time_models
 from int8conv.progress import progress
@@ -454,12 +454,12 @@ def winograd_int8_layers(model: NcnnModel) -> list[str]:
     """INT8 convolutions that ncnn runs with its INT8 Winograd kernel (3x3, stride 1, dilation 1, and more than 8
     input or output channels: ncnn's ``prefer_winograd``)."""
 
-    def wide(layer) -> bool:
+    def wide(layer: NcnnLayer) -> bool:
         num_output = int(layer.params.get(0, 0))
         num_input = int(layer.params.get(6, 0)) // max(9 * num_output, 1)  # weight_data_size of a 3x3 kernel
         return num_input > 8 or num_output > 8
 
-    def geometry(layer):
+    def geometry(layer: NcnnLayer) -> tuple[int, ...]:
         p = layer.params
         kernel_w, stride_w, dilation_w = int(p.get(1, 0)), int(p.get(3, 1)), int(p.get(2, 1))
         return (
