@@ -291,13 +291,15 @@ def _check_saved_preprocessing(
     stats: CalibrationStatistics, prep: PreprocessOptions, options: CalibrationOptions, graph: Graph, source: Path
 ) -> None:
     """Saved statistics fix the preprocessing. Options that repeat it are fine (the same command line with
-    --load-stats added); options that differ would be silently ignored, so they are an error. Images: a warning."""
-    if options.images is not None and (options.method == AUTO_METHOD or options.method in SEARCH_METHODS):
-        log.info("the histograms come from --load-stats; --method %s runs on --images", options.method)
-    elif options.images is not None and options.adaround:
-        log.info("the histograms come from --load-stats; --adaround runs on --images")
-    elif options.images is not None:
-        log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
+    --load-stats added); options that differ would be silently ignored, so they are an error. Images that no later
+    step decodes (auto's validation, eq's search, AdaRound): a warning."""
+    if options.images is not None:
+        searches = options.method == AUTO_METHOD or options.method in SEARCH_METHODS
+        user = f"--method {options.method}" if searches else "--adaround" if options.adaround else None
+        if user is not None:
+            log.info("the histograms come from --load-stats; %s runs on --images", user)
+        else:
+            log.warning("--images %s is not used: the histograms come from --load-stats", options.images)
     default = PreprocessOptions()
     given = [
         PREPROCESS_FLAGS[f.name] for f in dataclasses.fields(prep) if getattr(prep, f.name) != getattr(default, f.name)
