@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from int8conv.caffe.layers import types_where
-from int8conv.calibration.preprocess import Preprocess, readable_images
+from int8conv.calibration.preprocess import ImageTally, Preprocess, readable_images
 from int8conv.errors import ImageError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.host_decoders import (
@@ -415,8 +415,8 @@ def evaluate(config: EvalConfig) -> EvalReport:
     vs_caffe = {name: Difference() for name in fp32.output_names}
     caffe_metric = TaskMetric(task)
     first_input = None
-    used = 0
-    for _, image in readable_images(progress(config.images, desc="evaluating", unit="img")):
+    tally = ImageTally()
+    for _, image in readable_images(progress(config.images, desc="evaluating", unit="img"), tally):
         data = config.preprocess.apply(image)
         inputs = {fp32.input_names[0]: data}
         first_input = first_input or inputs
@@ -429,15 +429,14 @@ def evaluate(config: EvalConfig) -> EvalReport:
             caffe = config.caffe_forward(data[None], fp32.output_names)
             _compare_with_caffe(vs_caffe, caffe, ref, pair.fp32, task, threshold)
             update_metric(caffe_metric, decode({k: v[0] for k, v in caffe.items()}), ref_task, config.iou_threshold)
-        used += 1
-    if used == 0:
+    if tally.used == 0:
         raise ImageError(f"none of the {len(config.images)} evaluation images could be read")
 
     timed = {"fp32": (config.fp32_param, config.fp32_bin, False), "int8": (config.int8_param, config.int8_bin, True)}
     speed = time_models(timed, first_input, threads=config.threads, runs=config.timing_runs)
     with_caffe = config.caffe_forward is not None
     return EvalReport(
-        **pair.head(used),
+        **pair.head(tally.used),
         fp32_layers=[layer.name for layer in pair.int8.layers if layer.type in QUANTIZABLE and not is_int8(layer)],
         fp32_vs_caffe=vs_caffe if with_caffe else None,
         fp32_vs_caffe_task=caffe_metric.summary() if with_caffe else None,
