@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import LENET_GRAY, lenet_calibrate
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import LENET_GRAY, ROOT, lenet_calibrate
 
 DOC = ROOT / "docs" / "errors.md"
 ROW = re.compile(r"^\|\s*(\d+)\s*\|(.*?)\|\s*`(.+?)`\s*\|(.*?)\|\s*(\d+)\s*\|(.*?)\|\s*$")

@@ -11,7 +11,6 @@ import re
 import shutil
 import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,6 @@ from int8conv.cli import main
 from int8conv.errors import Int8ConvError, ModelError
 from int8conv.tables.ncnn_table import read_ncnn_table
 from tests.conftest import LENET_GRAY, QUICK_EVAL, lenet_calibrate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
