@@ -355,11 +355,12 @@ def learn_weights(
             }
             ends = layer_ends(model, chunk)
             wanted = sorted({blob for pair in ends.values() for blob in pair})
+            bottoms = sorted({bottom for bottom, _ in ends.values()})
             desc = f"adaround: inputs {index + 1}/{len(chunks)}"
             for position, x in enumerate(progress(images, desc=desc, unit="img")):
                 feed = {fp32.input_names[0]: x}
                 reference = fp32.extract(feed, wanted)
-                quantized = int8.extract(feed, sorted({bottom for bottom, _ in ends.values()}))
+                quantized = int8.extract(feed, bottoms)
                 held = len(images) >= HELD_OUT_EVERY and position % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
                 for g in chunk:
                     blob, top = ends[g.name]
