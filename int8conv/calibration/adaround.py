@@ -118,15 +118,11 @@ def _grouped(a: np.ndarray, groups: int) -> np.ndarray:
     return a.reshape(groups, a.shape[0] // groups, a.shape[1])
 
 
-def quadratic_error(q: np.ndarray, gram: np.ndarray, linear: np.ndarray | None = None) -> np.ndarray:
-    """Per output channel ``q' C q - 2 q' b``: the squared output error up to a constant (``gram`` C per group,
-    ``linear`` b per output; none: ``q' C q``)."""
-    groups = gram.shape[0]
-    qg = _grouped(q, groups)
-    error = (np.matmul(qg, gram) * qg).sum(axis=2)
-    if linear is not None:
-        error -= 2 * (qg * _grouped(linear, groups)).sum(axis=2)
-    return error.reshape(-1)
+def quadratic_error(d: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Per output channel ``d' C d`` (``gram`` C per group): for ``d = q - W s``, the squared output error of the
+    integers ``q``."""
+    dg = _grouped(d, gram.shape[0])
+    return (np.matmul(dg, gram) * dg).sum(axis=2).reshape(-1)
 
 
 def learn_rounding(
@@ -355,11 +351,12 @@ def learn_weights(
             }
             ends = layer_ends(model, chunk)
             wanted = sorted({blob for pair in ends.values() for blob in pair})
+            bottoms = sorted({bottom for bottom, _ in ends.values()})
             desc = f"adaround: inputs {index + 1}/{len(chunks)}"
             for position, x in enumerate(progress(images, desc=desc, unit="img")):
                 feed = {fp32.input_names[0]: x}
                 reference = fp32.extract(feed, wanted)
-                quantized = int8.extract(feed, sorted({bottom for bottom, _ in ends.values()}))
+                quantized = int8.extract(feed, bottoms)
                 held = len(images) >= HELD_OUT_EVERY and position % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
                 for g in chunk:
                     blob, top = ends[g.name]

@@ -235,8 +235,7 @@ def iter_batches(
 
 def network_inputs(paths: Sequence[Path], prep: Preprocess, input_name: str) -> list[dict[str, np.ndarray]]:
     """One ``{input: CHW}`` per readable image (unreadable ones are skipped with a warning); none is an error."""
-    tally = ImageTally()
-    inputs = [{input_name: batch[0]} for batch, _ in iter_batches(paths, prep, 1, tally)]
+    inputs = [{input_name: prep.apply(image)} for _, image in readable_images(paths)]
     if not inputs:
         raise ImageError(f"none of the {len(paths)} images could be read")
     return inputs

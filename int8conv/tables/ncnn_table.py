@@ -9,7 +9,6 @@ scales keyed by BLOB name.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def _float32_finite(values: np.ndarray | float) -> bool:
-    """True when every value is finite as the float32 ncnn reads it (sscanf %f rounds: 3.40282347e+38 is FLT_MAX)."""
+    """True when every value is finite as the float32 ncnn reads it (sscanf %f rounds: 3.40282347e+38 is FLT_MAX):
+    NaN and Inf fail as well as what only float64 holds."""
     with np.errstate(over="ignore"):
         return bool(np.all(np.isfinite(np.asarray(values, dtype=np.float32))))
 
@@ -41,10 +41,10 @@ class CalibrationTable:
         scales as float32, so a scale beyond float32 (127 / a denormal threshold) would load as Inf."""
         for name, scales in self.weight_scales.items():
             scales = np.asarray(scales, dtype=np.float64)
-            if not np.all(np.isfinite(scales)) or np.any(scales < 0) or not _float32_finite(scales):
+            if np.any(scales < 0) or not _float32_finite(scales):
                 raise Int8ConvError(f"layer '{name}': weight scales must be finite float32 and >= 0, got {scales}")
         for name, scale in self.activation_scales.items():
-            if not math.isfinite(scale) or scale <= 0 or not _float32_finite(scale):
+            if not _float32_finite(scale) or scale <= 0:
                 raise Int8ConvError(
                     f"layer '{name}': activation scale must be finite float32 and > 0, got {scale} "
                     f"(its input's threshold {127.0 / scale if scale else 0:g} is too small for int8)"
@@ -101,7 +101,7 @@ def read_ncnn_table(path: str | Path) -> CalibrationTable:
             raise Int8ConvError(f"{path}:{number}: not a number in '{line.strip()}'") from exc
         if values.size == 0:
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has no scale")
-        if not np.all(np.isfinite(values)) or not _float32_finite(values):
+        if not _float32_finite(values):
             raise Int8ConvError(f"{path}:{number}: '{parts[0]}' has a NaN, Inf or beyond-float32 scale")
         key = parts[0]
         weight_line = "_param_" in key
@@ -130,6 +130,6 @@ def format_legacy_table(weight_scales: dict[str, float], blob_scales: dict[str, 
     lines += [f"{blob} {_fmt(scale)}" for blob, scale in blob_scales.items()]
     for line in lines:
         value = float(line.rsplit(" ", 1)[1])
-        if not math.isfinite(value) or value < 0 or not _float32_finite(value):
+        if not _float32_finite(value) or value < 0:
             raise Int8ConvError(f"legacy table line '{line}' has an invalid scale")
     return "\n".join(lines) + "\n"
