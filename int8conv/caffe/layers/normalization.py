@@ -135,7 +135,7 @@ def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
 
 
 def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """The first input's shape; a one-bottom Bias holds one value or one per channel."""
+    """The first input's shape; a one-bottom Bias holds one value, or one per position of the axes it spans."""
     if len(layer.bottoms) == 1:
         _check_values(layer, shapes)
     return [shapes[0]]
@@ -270,14 +270,11 @@ def affine_onnx(b, layer: Layer) -> None:
     shape = b.shape(layer.bottoms[0])
     a, c = batchnorm_affine(layer) if layer.type == "BatchNorm" else scale_affine(layer)
     if layer.type == "Scale" and not _per_channel(layer, shape):  # values along other axes: Mul (and Add)
-        scaled = f"{layer.name}/scaled" if layer.param.scale_param.bias_term else layer.tops[0]
-        b.node(
-            "Mul",
-            [layer.bottoms[0], b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))],
-            [scaled],
-            scaled if scaled != layer.tops[0] else layer.name,
-        )
-        if scaled != layer.tops[0]:
+        has_bias = layer.param.scale_param.bias_term
+        scaled = f"{layer.name}/scaled" if has_bias else layer.tops[0]
+        scale = b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))
+        b.node("Mul", [layer.bottoms[0], scale], [scaled], f"{layer.name}/scaled" if has_bias else layer.name)
+        if has_bias:
             b.derive(scaled, layer.bottoms[0], float(np.abs(a).max()))
             b.node(
                 "Add",
