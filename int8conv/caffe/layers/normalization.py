@@ -125,19 +125,13 @@ def _broadcast_values(layer: Layer, shape: Shape, values: np.ndarray) -> np.ndar
     return values.reshape(tuple(shape[start:end]) + (1,) * (len(shape) - end))
 
 
-def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """The first input's shape; checks the scale values, or where the second bottom broadcasts."""
+def affine_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """Scale and Bias: the first input's shape; checks a one-bottom layer's values, or where a two-bottom Scale's
+    second bottom broadcasts."""
     if len(layer.bottoms) == 1:
         _check_values(layer, shapes)
-    else:
+    elif layer.type == "Scale":
         _broadcast_shape(layer, shapes)
-    return [shapes[0]]
-
-
-def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """The first input's shape; a one-bottom Bias holds one value, or one per position of the axes it spans."""
-    if len(layer.bottoms) == 1:
-        _check_values(layer, shapes)
     return [shapes[0]]
 
 
@@ -395,7 +389,7 @@ register(
     LayerKind(
         "Scale",
         FAMILY,
-        scale_shape,
+        affine_shape,
         scale_ncnn,
         affine_onnx,
         Weights(required=False, canonical=flat_weights),
@@ -409,7 +403,7 @@ register(
     LayerKind(
         "BN",
         FAMILY,
-        scale_shape,
+        affine_shape,
         scale_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -425,7 +419,7 @@ register(
     LayerKind(
         "Bias",
         FAMILY,
-        bias_shape,
+        affine_shape,
         bias_ncnn,
         bias_onnx,
         Weights(canonical=flat_weights),
