@@ -120,15 +120,14 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
             raise declined("ONNX export", layer, kind.onnx)
         kind.onnx(b, layer)
 
-    _check_batch_follows(b, graph, batch)
+    prototxt_batch = _prototxt_batch(graph)
+    _check_batch_follows(b, graph, batch, prototxt_batch)
     produced = {o for n in b.nodes for o in n.output}
     read = {i for n in b.nodes for i in n.input}
     outputs = [v for v in graph.outputs if v in produced]
     for head in heads:
         outputs += [v for v in (head.loc, head.conf, head.priors) if v not in outputs]
     outputs += [o for n in b.nodes for o in n.output if o not in read and o not in outputs and o not in b.constants]
-
-    prototxt_batch = _prototxt_batch(graph)
 
     def value_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
         dims: list[int | str] = list(shape)
@@ -179,13 +178,12 @@ def _prototxt_batch(graph: Graph) -> int | None:
     return next((shape[0] for shape in graph.inputs.values() if shape), None)
 
 
-def _check_batch_follows(b: _Builder, graph: Graph, batch: int | None) -> None:
+def _check_batch_follows(b: _Builder, graph: Graph, batch: int | None, first: int | None) -> None:
     """A batch other than the prototxt's rewrites axis 0 of the inputs and outputs only: that is right when every
     value keeps the batch on axis 0. A layer that works along axis 0 (Concat, Slice, Flatten or Permute of axis
     0, a Reshape with -1 there) would compute something else, or fail in TensorRT or onnxruntime. ONNX shape
     inference of the nodes, inputs at the new batch, finds it: each Caffe value must then be (batch, its other
-    prototxt dims)."""
-    first = _prototxt_batch(graph)
+    prototxt dims). ``first``: the prototxt's batch (``_prototxt_batch``)."""
     if batch is None or first is None or batch == first:
         return
     probe_batch = batch if batch > 0 else first + 1

@@ -125,19 +125,13 @@ def _broadcast_values(layer: Layer, shape: Shape, values: np.ndarray) -> np.ndar
     return values.reshape(tuple(shape[start:end]) + (1,) * (len(shape) - end))
 
 
-def scale_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """The first input's shape; checks the scale values, or where the second bottom broadcasts."""
+def affine_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
+    """Scale and Bias: the first input's shape; checks a one-bottom layer's values, or where a two-bottom Scale's
+    second bottom broadcasts."""
     if len(layer.bottoms) == 1:
         _check_values(layer, shapes)
-    else:
+    elif layer.type == "Scale":
         _broadcast_shape(layer, shapes)
-    return [shapes[0]]
-
-
-def bias_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
-    """The first input's shape; a one-bottom Bias holds one value or one per channel."""
-    if len(layer.bottoms) == 1:
-        _check_values(layer, shapes)
     return [shapes[0]]
 
 
@@ -270,14 +264,11 @@ def affine_onnx(b, layer: Layer) -> None:
     shape = b.shape(layer.bottoms[0])
     a, c = batchnorm_affine(layer) if layer.type == "BatchNorm" else scale_affine(layer)
     if layer.type == "Scale" and not _per_channel(layer, shape):  # values along other axes: Mul (and Add)
-        scaled = f"{layer.name}/scaled" if layer.param.scale_param.bias_term else layer.tops[0]
-        b.node(
-            "Mul",
-            [layer.bottoms[0], b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))],
-            [scaled],
-            scaled if scaled != layer.tops[0] else layer.name,
-        )
-        if scaled != layer.tops[0]:
+        has_bias = layer.param.scale_param.bias_term
+        scaled = f"{layer.name}/scaled" if has_bias else layer.tops[0]
+        scale = b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))
+        b.node("Mul", [layer.bottoms[0], scale], [scaled], f"{layer.name}/scaled" if has_bias else layer.name)
+        if has_bias:
             b.derive(scaled, layer.bottoms[0], float(np.abs(a).max()))
             b.node(
                 "Add",
@@ -398,7 +389,7 @@ register(
     LayerKind(
         "Scale",
         FAMILY,
-        scale_shape,
+        affine_shape,
         scale_ncnn,
         affine_onnx,
         Weights(required=False, canonical=flat_weights),
@@ -412,7 +403,7 @@ register(
     LayerKind(
         "BN",
         FAMILY,
-        scale_shape,
+        affine_shape,
         scale_ncnn,
         affine_onnx,
         Weights(canonical=flat_weights),
@@ -428,7 +419,7 @@ register(
     LayerKind(
         "Bias",
         FAMILY,
-        bias_shape,
+        affine_shape,
         bias_ncnn,
         bias_onnx,
         Weights(canonical=flat_weights),
