@@ -43,7 +43,8 @@ from int8conv.calibration.thresholds import activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers, uses_int8_winograd
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
-from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
+from int8conv.ncnn.quantize import quantize_model
+from int8conv.ncnn.quantize import table_layers as quantized_layers
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -120,11 +121,7 @@ def sample_positions(
 
 def table_layers(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]:
     """The layers the table quantizes (both lines present), in network order."""
-    return [
-        LayerGeometry.of(layer)
-        for layer in model.layers
-        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
-    ]
+    return [LayerGeometry.of(layer) for layer in quantized_layers(model, table)]
 
 
 def layer_ends(model: NcnnModel, layers: Sequence[LayerGeometry]) -> dict[str, tuple[str, str]]:

@@ -17,8 +17,8 @@ from int8conv.atomic import scratch_files
 from int8conv.evaluation.evaluate import output_view, resolve_task
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
 from int8conv.evaluation.metrics import output_cosine
-from int8conv.ncnn.model import NcnnLayer, NcnnModel, write_model
-from int8conv.ncnn.quantize import QUANTIZABLE, quantize_model
+from int8conv.ncnn.model import NcnnModel, write_model
+from int8conv.ncnn.quantize import quantize_model, table_layers
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import quiet_loggers
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -31,15 +31,6 @@ class MixedPrecision(Fp32Choice):
     """The search result and the table with the chosen layers' activation lines removed."""
 
     table: CalibrationTable = field(default_factory=CalibrationTable)
-
-
-def table_layers(model: NcnnModel, table: CalibrationTable) -> list[NcnnLayer]:
-    """The quantizable layers of ``model`` that ``table`` has both lines for (weights and bottom scale), in order."""
-    return [
-        layer
-        for layer in model.layers
-        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
-    ]
 
 
 def without_activations(table: CalibrationTable, fp32_layers: Sequence[str]) -> CalibrationTable:

@@ -32,10 +32,10 @@ import numpy as np
 
 from int8conv.atomic import write_text_atomic
 from int8conv.errors import Int8ConvError
-from int8conv.evaluation.mixed_precision import auto_fp32, table_layers, without_activations
+from int8conv.evaluation.mixed_precision import auto_fp32, without_activations
 from int8conv.evaluation.results import LayerTimes
 from int8conv.ncnn.model import SHAPE_HINTS, NcnnLayer, NcnnModel, write_model
-from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, is_int8, quantize_model
+from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, is_int8, quantize_model, table_layers
 from int8conv.ncnn.runtime import time_models
 from int8conv.ncnn.shape_hints import add_shape_hints, has_shape_hints
 from int8conv.progress import progress, quiet_loggers

@@ -71,6 +71,15 @@ def is_int8(layer: NcnnLayer) -> bool:
     return layer.type in QUANTIZABLE and int(layer.params.get(8, 0)) != 0
 
 
+def table_layers(model: NcnnModel, table: CalibrationTable) -> list[NcnnLayer]:
+    """The quantizable layers of ``model`` that ``table`` has both lines for (weights and bottom scale), in order."""
+    return [
+        layer
+        for layer in model.layers
+        if layer.type in QUANTIZABLE and layer.name in table.activation_scales and layer.name in table.weight_scales
+    ]
+
+
 def int8_layers(model: NcnnModel) -> list[str]:
     """Names of the quantized layers of an INT8 model, in execution order."""
     return [layer.name for layer in model.layers if is_int8(layer)]
