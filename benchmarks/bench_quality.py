@@ -7,7 +7,7 @@ Each image folder is split in two: even positions calibrate, odd positions judge
 seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
 method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search; for
 ``auto``: plus its ncnn runs on some of the calibration images).
-Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
+Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluation.evaluate``'s task metrics: detectors
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine (a net without a class output, MTCNN det4's landmark regressions: the
 cosine alone), maps the IoU and mean output cosine; a line below each model's row gives every column's mean /
