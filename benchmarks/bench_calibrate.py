@@ -10,8 +10,9 @@ medians are printed with the ratio to today's OpenCV engine. Reported per config
   one repeat), and its CPU seconds (user + system of the child, from ``getrusage``:
   insensitive to other load on the machine, but counts the spinning of idle ncnn/OpenMP threads);
 - the peak RSS of the child and its worker processes (the child's own peak plus ``jobs - 1`` times its largest
-  worker's: an upper bound, since they need not peak at once); then, for the default engine, peak RSS at 50 vs
-  200 images and at --batch-size 1 vs 16 (streaming: the ratios should stay near 1.0);
+  worker's, when workers started: an upper bound, since they need not peak at once); then, for the default
+  engine, peak RSS at 50 vs 200 images (in all, with the number of processes, and per process) and at
+  --batch-size 1 vs 16 (streaming: the ratios should stay near 1.0);
 - the largest relative difference of each table's activation scales from the OpenCV table (KL near-ties aside,
   the engines agree to float rounding);
 - the default engine's CPU ms per image, step by step in one process: ncnn's forward with the blobs extracted

@@ -1,17 +1,23 @@
 """INT8 quality per calibration method on every shared model, judged on images NOT used for calibration.
 
     python benchmarks/bench_quality.py [--models res10 ultraface] [--methods kl aciq eq] [--shared ../shared]
+        [--qdq METHOD] [--equalize] [--auto-fp32 COSINE]
 
 Each image folder is split in two: even positions calibrate, odd positions judge, so no judged image was
 seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
 method; the calibration time of a method is that pass plus its own table time (for ``eq``: plus its search; for
 ``auto``: plus its ncnn runs on some of the calibration images).
-Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluate``'s task metrics: detectors
+Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluation.evaluate``'s task metrics: detectors
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine (a net without a class output, MTCNN det4's landmark regressions: the
-cosine alone). No layer is kept FP32. The last column is the metric's noise floor: FP32 against FP32 on the
-judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq`` adds the Q/DQ ONNX of
-the default method under onnxruntime (worst per-image output cosine against the FP32 ONNX).
+cosine alone), maps the IoU and mean output cosine; a line below each model's row gives every column's mean /
+worst-image output cosine. No layer is kept FP32 but those ncnn's INT8 model keeps FP32 whatever the table (the
+ShuffleNet's grouped convolutions). The last column is the metric's noise floor: FP32 against FP32 on the
+judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq METHOD`` adds that
+method's Q/DQ ONNX under onnxruntime (worst and mean per-image output cosine against the FP32 ONNX, also with
+ncnn's FP32 layers quantized, and the ncnn INT8 model's worst image on the same outputs); ``--equalize``
+calibrates the model ``int8conv equalize`` makes, judged against the original FP32 model; ``--auto-fp32 COSINE``
+runs quantize's FP32-layer search on each table (on auto's validation images) and judges the mixed model.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from int8conv.commands.validate import harden  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner, interleaved_ms  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
-from int8conv.zoo import MODELS  # noqa: E402
+from int8conv.zoo import MODELS, cli_flags  # noqa: E402
 
 log = logging.getLogger("demo")
 
@@ -214,17 +214,11 @@ def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: i
 
 
 def preprocess_defaults(prep: Preprocess) -> dict:
-    """The preprocessing flags' values (``add_preprocess_args``' dests) that give the zoo's ``prep``; the input
-    size stays the prototxt's."""
-    return {
-        "mean": list(prep.mean),
-        "norm": prep.norm,
-        "std": list(prep.std),
-        "color": prep.color,
-        "resize_then_crop": list(prep.resize) if prep.resize else None,
-        "swap_hw": prep.swap_hw,
-        "letterbox": prep.letterbox,
-    }
+    """The preprocessing flags' values (``add_preprocess_args``' dests) that give the zoo's ``prep``: its
+    ``cli_flags`` parsed as the demo parses them; the input size stays the prototxt's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_preprocess_args(parser)
+    return vars(parser.parse_args(cli_flags(prep)))
 
 
 def parse_with_preset(
