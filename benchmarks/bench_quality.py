@@ -46,7 +46,9 @@ from int8conv.calibration.preprocess import list_images, readable_images  # noqa
 from int8conv.calibration.scale_search import SEARCH_METHODS, calibrate_eq  # noqa: E402
 from int8conv.engines import make_engine  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
+from int8conv.evaluation.detection import from_detection_output  # noqa: E402
 from int8conv.evaluation.evaluate import (  # noqa: E402
+    HOST_TASKS,
     Running,
     TaskMetric,
     class_output,
@@ -65,6 +67,7 @@ from int8conv.ncnn.runtime import NcnnRunner  # noqa: E402
 from int8conv.tensorrt.onnx_export import export_onnx  # noqa: E402
 from int8conv.tensorrt.qdq import OutputCosine, insert_qdq  # noqa: E402
 from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges  # noqa: E402
+from int8conv.tensorrt.ssd_host import detection_output  # noqa: E402
 from int8conv.zoo import MODELS, model_input  # noqa: E402
 
 FOLDERS = ("faces", "voc_coco_detection", "imagenet_samples_200", "skimage")
@@ -217,7 +220,16 @@ def bench_model(
             cell.error = str(exc)
         if method == qdq_method and not cell.error:
             every = collect(graph, engine, calib_inputs, model_identity(proto, caffemodel), prep, all_values(graph))
-            cell.metric["qdq"] = qdq_cosine(graph, every, base, table, judged_inputs, (fp32, int8), result)
+            cell.metric["qdq"] = qdq_cosine(
+                graph,
+                every,
+                base,
+                table,
+                judged_inputs,
+                (fp32, int8),
+                result,
+                (ncnn_model, cell.metric["task"], prep.size),
+            )
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
@@ -255,14 +267,58 @@ def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path]
     return path
 
 
+def onnx_decoder(export, task: str, model, size: tuple[int, int]):
+    """One image's ONNX outputs (batch 1, every export output) -> what ``task_outputs`` gives for ncnn's: SSD
+    heads through the host DetectionOutput (the export stops before it), host-decoded nets through their decoder."""
+    threshold = score_threshold(task, None)
+    if task == "ssd":
+        (head,) = export.heads
+        return lambda out: from_detection_output(
+            detection_output(out[head.loc], out[head.conf], out[head.priors], head.param)
+        ).above(threshold)
+    decode = task_outputs(task, model, size, threshold)
+    return lambda out: decode({name: value[0] for name, value in out.items()})
+
+
+def qdq_task_metric(export, qdq, feeds: list[dict], task_model: tuple) -> dict | None:
+    """Precision/recall of the Q/DQ ONNX's detections against the FP32 ONNX's (score >= 0.5, RetinaFace 0.8,
+    same label, IoU >= 0.5), both under onnxruntime: the task metric the ncnn cells report, for TensorRT users.
+    None for classifiers (their top-1 is the cosine's story) and maps."""
+    model, task, size = task_model
+    if task not in ("ssd", *HOST_TASKS):
+        return None
+    import onnxruntime
+
+    decode, metric = onnx_decoder(export, task, model, size), TaskMetric(task)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [
+        onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for m in (export.model, qdq)
+    ]
+    names = list(export.outputs)
+    for feed in feeds:
+        ref, out = (dict(zip(names, session.run(names, feed), strict=True)) for session in sessions)
+        update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
+    return metric.summary().as_dict()
+
+
 def qdq_cosine(
-    graph, stats, method: str, table, judged: list[np.ndarray], ncnn: tuple[NcnnRunner, NcnnRunner], result=None
+    graph,
+    stats,
+    method: str,
+    table,
+    judged: list[np.ndarray],
+    ncnn: tuple[NcnnRunner, NcnnRunner],
+    result=None,
+    task_model: tuple = (None, "classifier", (0, 0)),
 ) -> dict[str, float]:
     """Worst (``min``) and ``mean`` per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them
     from ``table``, ``result``'s learned weights with ``+adaround``, and the layers ncnn keeps FP32 left FP32)
     against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores); the same with those
     layers quantized too (``quantized_min``/``quantized_mean``, when there are any), and the worst image of the ncnn
-    INT8 model (``ncnn_min``; ``ncnn``: FP32 and INT8 runners) scored the same way."""
+    INT8 model (``ncnn_min``; ``ncnn``: FP32 and INT8 runners) scored the same way; for detectors (``task_model``:
+    the ncnn FP32 model, its task, the input size) the Q/DQ detections' precision/recall (``task``)."""
     export = export_onnx(graph, batch=1)
     values = value_ranges(stats, histogram_method(method))
     values.update(table_ranges(table, graph))
@@ -275,6 +331,8 @@ def qdq_cosine(
         qdq = insert_qdq(export, tensor_ranges(export, values), fp32_layers, layer_input_ranges(table), learned)
         cosines = score.per_image(qdq)
         found |= {f"{prefix}min": min(cosines), f"{prefix}mean": float(np.mean(cosines))}
+        if not prefix:
+            found["task"] = qdq_task_metric(export, qdq, score.feeds, task_model)
     fp32, int8 = ncnn
     ncnn_cosines = []
     for x in judged:
@@ -404,9 +462,16 @@ def main() -> None:
                         if "quantized_min" in qdq
                         else ""
                     )
+                    detections = (
+                        f"; detections precision/recall {qdq['task']['precision']:.3f}/{qdq['task']['recall']:.3f}, "
+                        f"matched boxes' mean IoU {qdq['task']['mean_iou']:.3f}"
+                        if qdq.get("task")
+                        else ""
+                    )
                     print(
                         f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {qdq['min']:.4f}, mean "
                         f"{qdq['mean']:.4f} (ncnn INT8 on the same outputs: min {qdq['ncnn_min']:.4f}){quantized}"
+                        f"{detections}"
                     )
 
     if results:
