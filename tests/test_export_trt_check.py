@@ -62,6 +62,14 @@ def independent_cosines(files, prep, images) -> list[float]:
     return found
 
 
+def ultraface_args(shared, stats_dir, out_dir, *extra: str) -> list[str]:
+    """``export-trt`` of ultraface from the fixture's saved statistics (mse) into ``out_dir``, then ``extra``."""
+    zoo = MODELS["ultraface"]
+    proto, model = zoo.paths(shared)
+    args = ["export-trt", "--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "--method", "mse"]
+    return args + ["--load-stats", str(stats_dir / "s.npz"), "--out-dir", str(out_dir), *extra]
+
+
 @pytest.fixture(scope="module")
 def ultraface(shared, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ultraface")
@@ -79,10 +87,7 @@ def test_the_check_is_the_written_qdq_models_cosine(ultraface):
 
 def test_the_summary_prints_it_and_warns_below_the_bar(shared, ultraface, tmp_path, capsys):
     result, _, paths, tmp = ultraface
-    zoo = MODELS["ultraface"]
-    proto, model = zoo.paths(shared)
-    args = ["export-trt", "--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "--method", "mse"]
-    args += ["--images", str(tmp / "calibration.txt"), "--load-stats", str(tmp / "s.npz"), "--out-dir", str(tmp_path)]
+    args = ultraface_args(shared, tmp, tmp_path, "--images", str(tmp / "calibration.txt"))
     assert int8conv_main(args) == 0
     out, err = capsys.readouterr()
     line = next(line for line in out.splitlines() if line.startswith("check "))
@@ -141,10 +146,7 @@ def test_auto_fp32_reuses_the_search_measurement(shared, ultraface, tmp_path, mo
 
 def test_without_images_there_is_nothing_to_check(shared, ultraface, tmp_path, capsys):
     _, _, _, tmp = ultraface
-    zoo = MODELS["ultraface"]
-    proto, model = zoo.paths(shared)
-    args = ["export-trt", "--proto", str(proto), "--model", str(model), *cli_flags(zoo.prep), "--method", "mse"]
-    args += ["--load-stats", str(tmp / "s.npz"), "--out-dir", str(tmp_path)]
+    args = ultraface_args(shared, tmp, tmp_path)
     assert int8conv_main(args) == 0
     out, err = capsys.readouterr()
     assert not any(line.startswith("check ") for line in out.splitlines())
