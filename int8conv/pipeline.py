@@ -710,6 +710,7 @@ def _trt_value_ranges(
 
 
 def _check_images(options: CalibrationOptions, stats: CalibrationStatistics | None = None) -> list[Path]:
+    """The calibration images export-trt checks its Q/DQ model on: the ones ``--method auto`` validates on."""
     return validation_images(calibration_images(options, stats)) if options.images is not None else []
 
 
