@@ -35,7 +35,7 @@ from int8conv.caffe.proto import caffe_pb2
 from int8conv.caffe.reader import read_caffemodel
 from int8conv.caffe.shapes import check_input_size
 from int8conv.calibration.adaround import adaround_images, calibrate_adaround
-from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, calibrate_auto, validation_images
+from int8conv.calibration.auto_select import AUTO_FALLBACK, AUTO_METHOD, WARN_BELOW, calibrate_auto, validation_images
 from int8conv.calibration.calibrate import (
     CalibrationResult,
     TableRules,
@@ -82,7 +82,7 @@ from int8conv.tables.tensorrt_files import (
     write_ranges_json,
 )
 from int8conv.tensorrt.onnx_export import OnnxExport, export_onnx
-from int8conv.tensorrt.qdq import check_fp32_layers, choose_fp32_layers, insert_qdq
+from int8conv.tensorrt.qdq import OutputCosine, QdqCheck, check_fp32_layers, choose_fp32_layers, insert_qdq
 from int8conv.tensorrt.ranges import histogram_method, layer_input_ranges, table_ranges, tensor_ranges, value_ranges
 
 log = logging.getLogger(__name__)
@@ -649,6 +649,7 @@ class TrtOptions:
     fp32_layers: tuple[str, ...] = ()
     auto_fp32: float | None = None
     auto_fp32_images: int = 4
+    equalized: bool = False  # the model is --equalize's (run_model): the accuracy warning does not suggest it
 
 
 @dataclass
@@ -663,6 +664,7 @@ class TrtExport:
     fp32_layers: list[str]
     choice: Fp32Choice | None = None
     layer_ranges: dict[str, float] = dataclasses.field(default_factory=dict)  # Q/DQ input amax per layer
+    check: QdqCheck | None = None  # the Q/DQ model against FP32 on calibration images; None: no images
 
 
 def _trt_value_ranges(
@@ -672,9 +674,10 @@ def _trt_value_ranges(
     prep: PreprocessOptions,
     options: CalibrationOptions,
     trt: TrtOptions,
-) -> tuple[dict[str, float], dict[str, float], str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """amax per Caffe value, amax per quantized layer's input, a description of where they came from, and the
-    ``--adaround`` weights (``qdq_weights``).
+) -> tuple[dict[str, float], dict[str, float], str, dict[str, tuple[np.ndarray, np.ndarray]], list[Path]]:
+    """amax per Caffe value, amax per quantized layer's input, a description of where they came from, the
+    ``--adaround`` weights (``qdq_weights``) and the calibration images to check the Q/DQ model on
+    (``auto_select.validation_images``, as ``--method auto`` validates; none without ``--images``).
 
     The layer inputs are the ncnn table's thresholds (``table_from_statistics``: the head rule and the eq
     search included), so the ncnn table, the TensorRT cache, the ranges files and the Q/DQ ONNX agree.
@@ -682,7 +685,13 @@ def _trt_value_ranges(
     """
     if trt.table:
         table = read_ncnn_table(trt.table)
-        return table_ranges(table, graph), layer_input_ranges(table), f"ncnn table {trt.table}", {}
+        return (
+            table_ranges(table, graph),
+            layer_input_ranges(table),
+            f"ncnn table {trt.table}",
+            {},
+            _check_images(options),
+        )
     stats = collect(model, graph, prep, options, values=all_values(graph))
     needed = [v for v in export.activations() if v in graph.blob_names and v not in export.constants]
     missing = [v for v in needed if v not in stats.histograms]
@@ -697,7 +706,40 @@ def _trt_value_ranges(
     values = value_ranges(stats, histogram_method(options.method), options.percentile)
     values.update(table_ranges(result.table, graph))
     source = f"{stats.images_used} images, method {result.method}"
-    return values, layer_input_ranges(result.table), source, qdq_weights(result)
+    return values, layer_input_ranges(result.table), source, qdq_weights(result), _check_images(options, stats)
+
+
+def _check_images(options: CalibrationOptions, stats: CalibrationStatistics | None = None) -> list[Path]:
+    """The calibration images export-trt checks its Q/DQ model on: the ones ``--method auto`` validates on."""
+    return validation_images(calibration_images(options, stats)) if options.images is not None else []
+
+
+def _onnx_feeds(graph: Graph, paths: Sequence[Path], prep: Preprocess, batch: int = 1) -> list[dict[str, np.ndarray]]:
+    """onnxruntime feeds of the readable ones of ``paths``: each image ``batch`` times (NCHW), so a model with a
+    fixed batch N runs as written."""
+    name = next(iter(graph.inputs))
+    return [{name: np.repeat(x[None], batch, axis=0)} for x in _image_inputs(graph, paths, prep)]
+
+
+def warn_inaccurate_qdq(check: QdqCheck, graph: Graph, trt: TrtOptions) -> None:
+    """Below WARN_BELOW (NaN included), say so, as ``--method auto`` does for ncnn, with the remedies this tool has
+    and the run did not use."""
+    if check.worst >= WARN_BELOW:
+        return
+    remedies = []
+    if trt.auto_fp32 is None or trt.auto_fp32 < WARN_BELOW:
+        remedies.append(f"keep its most sensitive layers FP32 with --auto-fp32 {WARN_BELOW:g}")
+    pairs = len(equalization_pairs(graph))
+    if pairs and not trt.equalized and trt.table is None:
+        remedies.append(f"equalize the inputs of its {pairs} conv->depthwise pair(s) with --equalize")
+    log.warning(
+        "export-trt: the Q/DQ model's output cosine against FP32 is %.4f on the worst of %d calibration image(s) "
+        "(onnxruntime), below %g: the Q/DQ model is not as accurate as FP32 on this model%s",
+        check.worst,
+        len(check.cosines),
+        WARN_BELOW,
+        "".join(f"; {remedy}" for remedy in remedies),
+    )
 
 
 def _refuse_adaround_with_table(table: Path | None, options: CalibrationOptions) -> None:
@@ -734,7 +776,7 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     graph = model.load()
     export = export_onnx(graph, batch=trt.batch)
     check_fp32_layers(export, trt.fp32_layers)  # a misspelt layer: before the calibration, not after it
-    values, layer_ranges, source, weights = _trt_value_ranges(model, graph, export, prep, options, trt)
+    values, layer_ranges, source, weights, check_images = _trt_value_ranges(model, graph, export, prep, options, trt)
     ranges = tensor_ranges(export, values)
     # what the ncnn INT8 model keeps FP32 stays FP32 here too: no calibration step validates those thresholds
     # (the ShuffleNet's grouped convolutions: Q/DQ worst held-out image 0.716 quantized, 0.879 FP32)
@@ -742,23 +784,24 @@ def export_trt(model: ModelFiles, prep: PreprocessOptions, options: CalibrationO
     if mirrored:
         log.info("Q/DQ: %d layer(s) stay FP32, as in the ncnn INT8 model: %s", len(mirrored), ", ".join(mirrored))
     fp32_layers = list(trt.fp32_layers) + mirrored
-    choice = None
+    choice = check = None
+    graph_prep = prep.for_graph(graph, model.proto) if options.images is not None else None
     if trt.auto_fp32 is not None:
         if options.images is None:
             raise Int8ConvError("--auto-fp32 scores the Q/DQ model on images: give them with --images")
-        name = next(iter(graph.inputs))
-        feeds = [
-            {name: x[name][None]}
-            for x in load_inputs(  # NCHW, batch 1
-                options.images, prep.for_graph(graph, model.proto), name, max(trt.auto_fp32_images, 1)
-            )
-        ]
+        feeds = _onnx_feeds(graph, first_images(options.images, max(trt.auto_fp32_images, 1)), graph_prep)
         scoring = export if trt.batch in (1, -1) else export_onnx(graph, batch=1)
-        choice = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges, weights, fp32_layers)
+        choice, check = choose_fp32_layers(scoring, ranges, feeds, trt.auto_fp32, layer_ranges, weights, fp32_layers)
         fp32_layers += [name for name in choice.fp32_layers if name not in fp32_layers]
     qdq = insert_qdq(export, ranges, fp32_layers, layer_ranges, weights)
+    if check is None and check_images:  # the written model, at its batch (a dynamic one runs batch 1)
+        check = OutputCosine(export, _onnx_feeds(graph, check_images, graph_prep, max(trt.batch, 1))).check(qdq)
+    if check is None:
+        log.info("no calibration images (--images): the Q/DQ model's accuracy against FP32 is not checked")
+    else:
+        warn_inaccurate_qdq(check, graph, trt)
     method = "table" if trt.table else options.method
-    return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice, layer_ranges)
+    return TrtExport(export, qdq, ranges, method, source, fp32_layers, choice, layer_ranges, check)
 
 
 def trt_paths(out_dir: Path, stem: str) -> dict[str, Path]:

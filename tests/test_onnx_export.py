@@ -499,7 +499,7 @@ def test_qdq_cosine_against_fp32_on_held_out_images(shared, exported, key):
     model = exported(key)
     ranges = model.ranges(shared, "percentile")
     feeds = [{model.input: x} for x in inputs(shared, key, slice(0, 4))]
-    choice = choose_fp32_layers(model.export, ranges, feeds, 0.995)
+    choice, _ = choose_fp32_layers(model.export, ranges, feeds, 0.995)
     assert len(choice.fp32_layers) <= len(quantized_layers(model.export)) // 4, choice.fp32_layers
     judge = OutputCosine(model.export, [{model.input: x} for x in inputs(shared, key, HELD_OUT)])
     assert min(judge.per_image(insert_qdq(model.export, ranges, choice.fp32_layers))) >= 0.99

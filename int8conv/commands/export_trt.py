@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         fp32_layers=tuple(args.fp32_layers),
         auto_fp32=args.auto_fp32,
         auto_fp32_images=args.auto_fp32_images,
+        equalized=args.equalize,
     )
     with pipeline.run_model(model, prep, calibration, args.equalize) as (source, _):
         export = pipeline.export_trt(source, prep, calibration, trt)
@@ -104,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
             lines.append(
                 f"cosine all INT8 {export.choice.cosine_all_int8:.5f}, with FP32 layers "
                 f"{export.choice.cosine:.5f} (target {export.choice.target})"
+            )
+        if export.check is not None:
+            lines.append(
+                f"check  Q/DQ output cosine {export.check.worst:.5f} against FP32 (onnxruntime CPU, worst of "
+                f"{len(export.check.cosines)} calibration image(s); mean {export.check.mean:.5f})"
             )
         lines.append(f"time   {time.perf_counter() - started:.1f} s")
         print("\n".join(lines))

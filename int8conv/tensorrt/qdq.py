@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from int8conv.errors import ModelError
 from int8conv.evaluation.fp32_search import Fp32Choice, search_fp32_layers
-from int8conv.evaluation.metrics import blob_cosine, output_cosine
+from int8conv.evaluation.metrics import blob_cosine, lowest
 from int8conv.tables.tensorrt_files import LEVELS, MIN_AMAX
 from int8conv.tensorrt.onnx_export import OnnxExport
 
@@ -166,8 +167,25 @@ def _weight_scale(initializer: onnx.TensorProto, learned: tuple[np.ndarray, np.n
     return np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1.0), MIN_AMAX / LEVELS).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class QdqCheck:
+    """The Q/DQ model's output cosine against the FP32 model under onnxruntime (CPU), per check image: what
+    export-trt reports on its ``check`` line (``OutputCosine.check``; the worst is ``metrics.output_cosine``)."""
+
+    cosines: tuple[float, ...]
+
+    @property
+    def worst(self) -> float:
+        return lowest(self.cosines)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.cosines))
+
+
 class OutputCosine:
-    """``metrics.output_cosine`` of a Q/DQ variant against the FP32 model, both run by onnxruntime."""
+    """``metrics.blob_cosine`` per image of a Q/DQ variant against the FP32 model, both run by onnxruntime (the
+    worst image's is ``metrics.output_cosine``)."""
 
     def __init__(self, export: OnnxExport, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
         import onnxruntime
@@ -186,8 +204,8 @@ class OutputCosine:
     def per_image(self, model: onnx.ModelProto) -> list[float]:
         return [blob_cosine(r, c) for r, c in zip(self.reference, self.outputs_of(model), strict=True)]
 
-    def __call__(self, model: onnx.ModelProto) -> float:
-        return output_cosine(self.reference, self.outputs_of(model))
+    def check(self, model: onnx.ModelProto) -> QdqCheck:
+        return QdqCheck(tuple(self.per_image(model)))
 
 
 def choose_fp32_layers(
@@ -198,20 +216,23 @@ def choose_fp32_layers(
     layer_ranges: Mapping[str, float] | None = None,
     weights: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     fixed_fp32: Sequence[str] = (),
-) -> Fp32Choice:
+) -> tuple[Fp32Choice, QdqCheck]:
     """The fewest Conv/Gemm layers to keep FP32, beyond ``fixed_fp32``, so the Q/DQ model's output cosine reaches
-    ``target``.
+    ``target``, and the chosen model's per-image cosines (the search measured them: no second run).
 
     Scored by ``metrics.output_cosine`` over ``feeds`` (DetectionOutput inputs for SSD models, priors
     excluded); the search is ``fp32_search.search_fp32_layers``.
     """
     score = OutputCosine(export, feeds)
     fixed = list(fixed_fp32)
-    choice = search_fp32_layers(
-        [name for name in quantized_layers(export) if name not in fixed],
-        lambda fp32: score(insert_qdq(export, ranges, fixed + fp32, layer_ranges, weights)),
-        target,
-    )
+    scored: dict[frozenset[str], QdqCheck] = {}  # every choice the search returns was scored
+
+    def cosine(fp32: list[str]) -> float:
+        check = score.check(insert_qdq(export, ranges, fixed + fp32, layer_ranges, weights))
+        scored[frozenset(fp32)] = check
+        return check.worst
+
+    choice = search_fp32_layers([name for name in quantized_layers(export) if name not in fixed], cosine, target)
     log.info(
         "Q/DQ: %d layer(s) kept FP32 for output cosine %.5f (all INT8: %.5f, target %.4f)",
         len(choice.fp32_layers),
@@ -219,4 +240,4 @@ def choose_fp32_layers(
         choice.cosine_all_int8,
         target,
     )
-    return choice
+    return choice, scored[frozenset(choice.fp32_layers)]
