@@ -11,11 +11,13 @@ Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluation.eva
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine (a net without a class output, MTCNN det4's landmark regressions: the
 cosine alone), maps the IoU and mean output cosine; a line below each model's row gives every column's mean /
-worst-image output cosine. No layer is kept FP32 but those ncnn's INT8 model keeps FP32 whatever the table (the
+worst-image output cosine, and for detectors another the counts behind precision and recall (FP32 detections,
+INT8 detections, matched: what one box is worth). No layer is kept FP32 but those ncnn's INT8 model keeps FP32 whatever the table (the
 ShuffleNet's grouped convolutions). The last column is the metric's noise floor: FP32 against FP32 on the
 judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq METHOD`` adds that
 method's Q/DQ ONNX under onnxruntime (worst and mean per-image output cosine against the FP32 ONNX, also with
-ncnn's FP32 layers quantized, and the ncnn INT8 model's worst image on the same outputs); ``--equalize``
+ncnn's FP32 layers quantized, and the ncnn INT8 model's worst image on the same outputs; detectors: the Q/DQ
+detections' precision/recall against the FP32 ONNX's); ``--equalize``
 calibrates the model ``int8conv equalize`` makes, judged against the original FP32 model; ``--auto-fp32 COSINE``
 runs quantize's FP32-layer search on each table (on auto's validation images) and judges the mixed model.
 """
@@ -448,6 +450,16 @@ def main() -> None:
                 if not cells[m].error
             ]
             print("    output cosine, mean/worst image: " + ", ".join(cosines))
+            counted = [m for m in columns if not cells[m].error and "matched" in cells[m].metric]
+            if counted:  # what one box is worth in the cells: precision = matched / INT8, recall = matched / FP32
+                print(
+                    "    detections FP32/INT8/matched: "
+                    + ", ".join(
+                        f"{m} {c['reference_detections']}/{c['candidate_detections']}/{c['matched']}"
+                        for m in counted
+                        for c in [cells[m].metric]
+                    )
+                )
             mixed = [auto_fp32_text(m, cells[m].metric["auto_fp32"]) for m in columns if "auto_fp32" in cells[m].metric]
             if mixed:
                 print(f"    --auto-fp32 {args.auto_fp32}, mean/worst judged image: " + "; ".join(mixed))
