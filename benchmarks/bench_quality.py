@@ -11,15 +11,15 @@ Judging runs the ncnn runtime, INT8 against FP32, with ``int8conv.evaluation.eva
 precision/recall of the INT8 detections against FP32 ones (score >= 0.5, same label, IoU >= 0.5), classifiers
 top-1 agreement and mean output cosine (a net without a class output, MTCNN det4's landmark regressions: the
 cosine alone), maps the IoU and mean output cosine; a line below each model's row gives every column's mean /
-worst-image output cosine, and for detectors another the counts behind precision and recall (FP32 detections,
-INT8 detections, matched: what one box is worth). No layer is kept FP32 but those ncnn's INT8 model keeps FP32 whatever the table (the
-ShuffleNet's grouped convolutions). The last column is the metric's noise floor: FP32 against FP32 on the
-judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq METHOD`` adds that
+worst-image output cosine, and for detectors another the counts behind precision and recall (FP32 detections, INT8
+detections, matched: what one box is worth). No layer is kept FP32 but those ncnn's INT8 model keeps FP32 whatever
+the table (the ShuffleNet's grouped convolutions). The last column is the metric's noise floor: FP32 against FP32
+on the judged images moved by -1, 0 or +1 pixel level per value, an invisible change. ``--qdq METHOD`` adds that
 method's Q/DQ ONNX under onnxruntime (worst and mean per-image output cosine against the FP32 ONNX, also with
 ncnn's FP32 layers quantized, and the ncnn INT8 model's worst image on the same outputs; detectors: the Q/DQ
-detections' precision/recall against the FP32 ONNX's); ``--equalize``
-calibrates the model ``int8conv equalize`` makes, judged against the original FP32 model; ``--auto-fp32 COSINE``
-runs quantize's FP32-layer search on each table (on auto's validation images) and judges the mixed model.
+detections' precision/recall against the FP32 ONNX's); ``--equalize`` calibrates the model ``int8conv equalize``
+makes, judged against the original FP32 model; ``--auto-fp32 COSINE`` runs quantize's FP32-layer search on each
+table (on auto's validation images) and judges the mixed model.
 """
 
 from __future__ import annotations
