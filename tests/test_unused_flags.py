@@ -74,6 +74,8 @@ REFUSED = [
     ("eval", ["--arch", "arm64", "--threads", "1"], "--threads is for the x86 evaluation, without --arch arm64"),
     ("eval", ["--arch", "arm64", "--layer-times"], "--layer-times is for the x86 evaluation"),
     ("eval", ["--no-caffe", "--backend", "opencv"], "--backend is for the Caffe FP32 reference, without --no-caffe"),
+    ("eval", ["--task", "classifier", "--iou-threshold", "0.7"], "--iou-threshold is for a detection --task"),
+    ("report", ["--task", "segmentation", "--score-threshold", "0.3"], "--score-threshold is for a detection --task"),
     ("eval", ["--auto-fp32-images", "{w}/images"], "--auto-fp32-images is for --auto-fp32"),
     ("export-trt", ["--auto-fp32-images", "8"], "--auto-fp32-images is for --auto-fp32"),
 ]

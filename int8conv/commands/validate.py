@@ -298,6 +298,14 @@ UNUSED = (
         "the outputs its cosine is measured on",
     ),
     Unused(
+        ("eval", "report"),
+        ("--score-threshold", "--iou-threshold"),
+        lambda args: args.task not in ("classifier", "segmentation"),
+        "a detection --task",
+        "the boxes they keep and match; classifier and segmentation compare output vectors and maps",
+        "choose another --task",
+    ),
+    Unused(
         ("eval", "export-trt"),
         ("--auto-fp32-images", "--auto-fp32-max-images"),
         lambda args: args.auto_fp32 is not None,
