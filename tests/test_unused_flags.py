@@ -67,6 +67,8 @@ REFUSED = [
     ("quantize", ["--images", "{w}/images"], "--images is for --auto-fp32/--min-cosine or --optimize speed"),
     ("quantize", [*LENET_GRAY, "--size", "28", "28"], "--norm, --size, --color are for --auto-fp32/--min-cosine or"),
     ("quantize", ["--max-images", "2", "--letterbox"], "--max-images, --letterbox are for --auto-fp32/--min-cosine"),
+    ("quantize", ["--optimize", "speed", "--mean", "1", "--size", "9", "9"], "--mean is for --images (the images"),
+    ("quantize", ["--optimize", "speed", "--max-images", "2"], "--max-images is for --images"),
     ("quantize", ["--optimize", "speed", "--task", "classifier"], "--task is for --auto-fp32/--min-cosine"),
     ("quantize", ["--layer-timings", "{w}/t.json"], "--layer-timings is for --optimize speed"),
     ("eval", ["--arm-cpu", "max"], "--arm-cpu is for --arch arm64 (the ARM run they configure)"),

@@ -292,6 +292,14 @@ UNUSED = (
     ),
     Unused(
         ("quantize",),
+        ("--max-images", *(flag for flag in PREPROCESSING if flag != "--size")),
+        lambda args: args.images is not None,
+        "--images",
+        "the images they limit and preprocess; --optimize speed without images times the model on random "
+        "pixels, which only --size shapes",
+    ),
+    Unused(
+        ("quantize",),
         ("--task",),
         lambda args: args.auto_fp32 is not None,
         "--auto-fp32/--min-cosine",
