@@ -270,7 +270,8 @@ UNUSED = (
         ("calibrate", "convert_tool.py"),
         ("--weights-8bit",),
         lambda args: not args.legacy_table or args.method not in METHODS or getattr(args, "ncnn_dir", None),
-        "the ncnn table, an INT8 model (--ncnn-dir) or a method that measures weight scales (auto, eq)",
+        "the ncnn table, an INT8 model (convert_tool.py --ncnn-dir) or a method that measures with the weight "
+        "scales (auto, eq)",
         "--legacy-table writes one 127/max|W| per weight tensor, whatever the levels",
         "drop --legacy-table",
     ),
