@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -187,6 +188,12 @@ class CalibrationOptions:
     load_stats: tuple[Path, ...] = ()
     jobs: int | None = None  # forward+histogram worker processes (calibration.workers); None: one per core
 
+    @functools.cached_property
+    def statistics(self) -> CalibrationStatistics | None:
+        """The ``load_stats`` files merged, read once for every step that needs them (``saved_preprocessing`` the
+        preprocessing they fix, ``collect`` the histograms); None without them."""
+        return CalibrationStatistics.load_and_merge(self.load_stats) if self.load_stats else None
+
     @property
     def table_rules(self) -> TableRules:
         """``--percentile``, ``--weights-8bit``, ``--head-method`` and ``--bias-correction``, as methods take them."""
@@ -213,7 +220,7 @@ def collect(
     """Forward the images (or merge saved statistics), and save them when asked."""
     identity = model_identity(model.proto, model.caffemodel)
     if options.load_stats:
-        stats = CalibrationStatistics.load_and_merge(options.load_stats)
+        stats = options.statistics
         if stats.model.get("caffemodel_sha256") != identity["caffemodel_sha256"]:
             raise Int8ConvError(
                 f"{options.load_stats[0]}: these statistics were collected for "
@@ -278,7 +285,7 @@ def saved_preprocessing(prep: PreprocessOptions, options: CalibrationOptions) ->
     must not run with the defaults (``--color bgr`` on a gray model). Given flags stay, checked by ``collect``."""
     if not options.load_stats or prep != PreprocessOptions():
         return prep
-    saved = CalibrationStatistics.load(options.load_stats[0]).preprocess
+    saved = options.statistics.preprocess
     if not saved:
         return prep
     fields = {f.name for f in dataclasses.fields(PreprocessOptions)}

@@ -13,7 +13,6 @@ from pathlib import Path
 from int8conv import pipeline
 from int8conv.atomic import output_set
 from int8conv.commands import common
-from int8conv.errors import Int8ConvError
 from int8conv.evaluation.speed import format_choice
 from int8conv.ncnn.model import read_model, write_model
 from int8conv.ncnn.quantize import REQUANTIZE, int8_layers, quantize_model
@@ -65,10 +64,6 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.optimize != "speed":  # the per-layer timings are read or written by --optimize speed alone
-        for flag, path in (("--layer-timings", args.layer_timings), ("--save-layer-timings", args.save_layer_timings)):
-            if path is not None:
-                raise Int8ConvError(f"{flag} is for --optimize speed (the per-layer timings it decides on): add it")
     model = read_model(args.param, args.bin)
     table = read_ncnn_table(args.table)
     if args.optimize == "speed":

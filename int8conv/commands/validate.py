@@ -2,7 +2,8 @@
 
 Rules are declared once here, by option string, and ``harden`` applies them to every subcommand's parser (and to
 ``convert_tool.py``'s), so a bad value stops argparse with exit 2 and a message naming the flag. ``check_args``
-then does the checks that need several flags at once (one path given for two files, an output over an input).
+then does the checks that need several flags at once (one path given for two files, an output over an input, a
+flag that has no effect in the combination given: ``UNUSED``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import argparse
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from int8conv.atomic import resolve_target
+from int8conv.calibration.auto_select import AUTO_METHOD
+from int8conv.calibration.thresholds import METHODS
 from int8conv.errors import Int8ConvError, OutputError
+from int8conv.pipeline import PREPROCESS_FLAGS
 
 
 def _number(text: str, kind: type) -> float:
@@ -201,7 +206,8 @@ def _paths(args: argparse.Namespace, parser: argparse.ArgumentParser, options: t
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> None:
-    """Checks across flags, before any work: each file on its own path, no output over an input."""
+    """Checks across flags, before any work: each file on its own path, no output over an input, no flag that the
+    combination ignores."""
     outputs = _paths(args, parser, OUTPUT_FILES.get(command, ()) + (("--json",) if command == "eval" else ()))
     inputs = _paths(args, parser, INPUT_PAIRS.get(command, ()) + ("--proto", "--model", "--table"))
     seen: dict[str, str] = {}
@@ -210,3 +216,159 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, comman
         if key in seen:
             raise Int8ConvError(f"{seen[key]} and {option} are the same file ({path}); give each its own path")
         seen[key] = option
+    check_unused(args, parser, command)
+
+
+@dataclass(frozen=True)
+class Unused:
+    """Flags of ``commands`` that act only with ``needs`` (``active``: the parsed flags have it). Given without it
+    they would be silently ignored, so ``check_args`` refuses them, naming them and ``needs``."""
+
+    commands: tuple[str, ...]
+    flags: tuple[str, ...]
+    active: Callable[[argparse.Namespace], bool]
+    needs: str
+    why: str  # what reads them there
+    remedy: str = "add it"
+
+    def message(self, given: Sequence[str]) -> str:
+        names = ", ".join(given)
+        verb = "is" if len(given) == 1 else "are"
+        return f"{names} {verb} for {self.needs} ({self.why}): {self.remedy}, or drop {names}"
+
+
+#: what every command that calibrates takes (``common.add_calibration_inputs``)
+CALIBRATING = ("calibrate", "convert_tool.py", "export-trt", "report")
+PREPROCESSING = tuple(PREPROCESS_FLAGS.values())
+#: the first rule that a command line breaks is reported (the more specific ones come first)
+UNUSED = (
+    Unused(
+        ("export-trt",),
+        ("--method", "--percentile"),
+        lambda args: args.table is None,
+        "ranges from statistics, without --table",
+        "with --table FILE every range is the table's: no threshold method runs",
+        "drop --table",
+    ),
+    Unused(
+        ("report",),
+        ("--method", "--percentile", "--weights-8bit", "--head-method"),
+        lambda args: args.table is None,
+        "a table computed here, without --table",
+        "with --table FILE the thresholds and weight scales are the table's",
+        "drop --table",
+    ),
+    Unused(
+        CALIBRATING,
+        ("--percentile",),
+        lambda args: args.method in ("percentile", AUTO_METHOD),
+        "--method percentile or auto",
+        "the percentile of |x| taken as the threshold; auto gives it to its percentile candidate",
+        "choose one of them",
+    ),
+    Unused(
+        ("calibrate", "convert_tool.py"),
+        ("--weights-8bit",),
+        lambda args: not args.legacy_table or args.method not in METHODS or getattr(args, "ncnn_dir", None),
+        "the ncnn table, an INT8 model (convert_tool.py --ncnn-dir) or a method that measures with the weight "
+        "scales (auto, eq)",
+        "--legacy-table writes one 127/max|W| per weight tensor, whatever the levels",
+        "drop --legacy-table",
+    ),
+    Unused(
+        ("quantize",),
+        ("--layer-timings", "--save-layer-timings"),
+        lambda args: args.optimize == "speed",
+        "--optimize speed",
+        "the per-layer timings it decides on",
+    ),
+    Unused(
+        ("quantize",),
+        ("--images", "--max-images", *PREPROCESSING),
+        lambda args: args.auto_fp32 is not None or args.optimize == "speed",
+        "--auto-fp32/--min-cosine or --optimize speed",
+        "the FP32-layer search and the timing run the model on preprocessed images; quantizing with the table "
+        "alone runs nothing",
+        "add one",
+    ),
+    Unused(
+        ("quantize",),
+        ("--max-images", *(flag for flag in PREPROCESSING if flag != "--size")),
+        lambda args: args.images is not None,
+        "--images",
+        "the images they limit and preprocess; --optimize speed without images times the model on random "
+        "pixels, which only --size shapes",
+    ),
+    Unused(
+        ("quantize",),
+        ("--task",),
+        lambda args: args.auto_fp32 is not None,
+        "--auto-fp32/--min-cosine",
+        "the outputs its cosine is measured on",
+    ),
+    Unused(
+        ("eval", "report"),
+        ("--score-threshold", "--iou-threshold"),
+        lambda args: args.task not in ("classifier", "segmentation"),
+        "a detection --task",
+        "the boxes they keep and match; classifier and segmentation compare output vectors and maps",
+        "choose another --task",
+    ),
+    Unused(
+        ("eval", "export-trt"),
+        ("--auto-fp32-images", "--auto-fp32-max-images"),
+        lambda args: args.auto_fp32 is not None,
+        "--auto-fp32",
+        "the images it chooses the FP32 layers on",
+    ),
+    Unused(
+        ("eval",),
+        ("--no-fp16",),
+        lambda args: args.table is not None,
+        "--table",
+        "the INT8 model quantized here from the table; a given INT8 model keeps its own weights",
+    ),
+    Unused(
+        ("eval",),
+        ("--arm-cpu", "--arm-fp16", "--arm-threads"),
+        lambda args: args.arch == "arm64",
+        "--arch arm64",
+        "the ARM run they configure",
+    ),
+    Unused(
+        ("eval",),
+        ("--threads", "--timing-runs", "--layer-times", "--no-caffe", "--backend"),
+        lambda args: args.arch != "arm64",
+        "the x86 evaluation, without --arch arm64",
+        "--arch arm64 has no Caffe reference and times the models once, under qemu, with --arm-threads",
+        "drop --arch arm64",
+    ),
+    Unused(
+        ("eval",),
+        ("--backend",),
+        lambda args: not args.no_caffe,
+        "the Caffe FP32 reference, without --no-caffe",
+        "the engine that runs it",
+        "drop --no-caffe",
+    ),
+)
+
+
+def given_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: Sequence[str]) -> list[str]:
+    """Those of ``flags`` the command line set to something other than their default (the default given explicitly
+    changes nothing, so it counts as not given), in ``flags``' order."""
+    found = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option in flags and getattr(args, action.dest, action.default) != action.default:
+                found[option] = True
+    return [flag for flag in flags if flag in found]
+
+
+def check_unused(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> None:
+    """The project's rule for combinations: a flag that has no effect in the one given is an error (``UNUSED``)."""
+    for rule in UNUSED:
+        if command in rule.commands and not rule.active(args):
+            given = given_flags(args, parser, rule.flags)
+            if given:
+                raise Int8ConvError(rule.message(given))

@@ -167,6 +167,18 @@ def format_dynamic_ranges(ranges: Mapping[str, float]) -> str:
 
 
 def write_dynamic_ranges(path: str | Path, ranges: Mapping[str, float]) -> None:
+    """Write the file; warn about the names sampleINT8API misreads (it splits each line at the first ':')."""
+    colons = [name for name in ranges if ":" in name]
+    if colons:
+        log.warning(
+            "%s: %d tensor name(s) contain ':' (%s): TensorRT's sampleINT8API splits each line at the first ':', "
+            "so it cannot read their lines: it takes the text before that ':' as the tensor name, these tensors get no "
+            "range there (and the rest of the line can abort it); the .ranges.json and the Q/DQ ONNX hold them "
+            "unchanged (or rename the blobs in the prototxt)",
+            path,
+            len(colons),
+            ", ".join(colons[:5]) + (", ..." if len(colons) > 5 else ""),
+        )
     write_text_atomic(path, format_dynamic_ranges(ranges))
 
 
