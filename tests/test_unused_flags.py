@@ -1,10 +1,13 @@
 """Flags that have no effect in the combination given are refused (``validate.UNUSED``): exit 2, a message naming
-the flag and what it needs, before any work or write. They used to be silently ignored. Plus the two cases that
-are not refusals: ``--percentile`` with ``--method auto`` (it sets auto's percentile candidate) and tensor names
-with ':' in the TensorRT ``.ranges.txt`` (a warning)."""
+the flag and what it needs, before any work or write. They used to be silently ignored. Each refusal is right only
+where the flag changes nothing: with the check bypassed, refused combinations write the same bytes as without the
+flag, and their neighbours, where the flag acts, pass the check. Plus the two cases that are not refusals:
+``--percentile`` with ``--method auto`` (it sets auto's percentile candidate) and tensor names with ':' in the
+TensorRT ``.ranges.txt`` (a warning)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,7 +16,9 @@ import pytest
 
 from int8conv import legacy_cli, pipeline
 from int8conv.calibration.histograms import CalibrationStatistics
-from int8conv.cli import main
+from int8conv.cli import build_parser, main
+from int8conv.commands import validate
+from int8conv.commands.validate import check_args
 from int8conv.tables.tensorrt_files import read_dynamic_ranges, read_ranges_json
 from tests.conftest import LENET_GRAY, lenet_calibrate
 from tests.synthetic import write_caffe_model
@@ -60,7 +65,11 @@ REFUSED = [
             ("report", "aciq"),
         )
     ],
-    ("calibrate", ["--method", "kl", "--legacy-table", "--weights-8bit"], "--weights-8bit is for the ncnn table, an"),
+    (
+        "calibrate",
+        ["--method", "kl", "--legacy-table", "--weights-8bit"],
+        "--weights-8bit is for the ncnn table format",
+    ),
     ("export-trt", ["--table", "{w}/a.table", "--method", "kl"], "--method is for ranges from statistics, without"),
     ("report", ["--table", "{w}/a.table", "--weights-8bit"], "--weights-8bit is for a table computed here"),
     ("report", ["--table", "{w}/a.table", "--head-method", "same"], "--head-method is for a table computed here"),
@@ -193,3 +202,117 @@ def test_ranges_txt_warns_about_names_sampleint8api_misreads(tmp_path, capsys, s
     sample = {line.split(":")[0] for line in text.splitlines()}
     assert sample == {"data", "conv1", "out"}
     assert json.loads((out / "net.ranges.json").read_text())["ranges"]["conv1:0"] == ranges["conv1:0"]
+
+
+# ------------------------------------------------------------------------------------------------ accepted neighbours
+
+
+#: (command, flags added): the neighbours of the refused rows, where the flag acts; check_args must let them through
+ACCEPTED = [
+    ("calibrate", ["--percentile", "99"]),  # the default method is auto: its percentile candidate
+    ("calibrate", ["--method", "percentile", "--percentile", "99", "--head-method", "same"]),
+    ("export-trt", ["--method", "auto", "--percentile", "99"]),  # auto's table gives the layer-input ranges
+    ("report", ["--method", "percentile", "--percentile", "99"]),
+    ("calibrate", ["--legacy-table", "--weights-8bit"]),  # auto validates INT8 models made with the weight scales
+    ("calibrate", ["--legacy-table", "--weights-8bit", "--method", "eq"]),  # eq searches with them
+    ("calibrate", ["--method", "kl", "--weights-8bit"]),  # the ncnn table holds them
+    ("convert_tool.py", ["--method", "kl", "--legacy-table", "--weights-8bit", "--ncnn-dir", "{w}/nc"]),  # INT8 .bin
+    ("report", ["--no-caffe", "--backend", "opencv"]),  # report's --backend is also its calibration engine
+    ("export-trt", ["--table", "{w}/a.table", "--max-images", "4"]),  # the Q/DQ check runs on the images
+    ("export-trt", ["--auto-fp32", "0.99", "--auto-fp32-images", "8"]),
+    ("quantize", ["--auto-fp32", "0.99", "--images", "{w}/images", "--max-images", "2", *LENET_GRAY, "--task", "ssd"]),
+    (
+        "quantize",
+        ["--optimize", "speed", "--min-cosine", "0.99", "--images", "{w}/images", "--mean", "1", "--task", "ssd"],
+    ),
+    ("quantize", ["--optimize", "speed", "--size", "28", "28"]),  # random pixels of that size are timed
+    ("quantize", ["--optimize", "speed", "--layer-timings", "{w}/t.json", "--save-layer-timings", "{w}/s.json"]),
+    ("eval", ["--score-threshold", "0.3", "--iou-threshold", "0.7"]),  # --task auto may find a detector
+    ("report", ["--task", "ssd", "--score-threshold", "0.3"]),
+    ("eval", ["--no-fp16", "--backend", "opencv", "--threads", "1", "--timing-runs", "2", "--layer-times"]),
+    ("eval", ["--arch", "arm64", "--arm-cpu", "max", "--arm-fp16", "off", "--arm-threads", "2", "--no-fp16"]),
+    ("eval", ["--arch", "arm64", "--auto-fp32", "0.99", "--auto-fp32-images", "{w}/images"]),  # searched on x86 ncnn
+    ("eval", ["--no-caffe", "--layer-times"]),
+]
+
+
+@pytest.mark.parametrize("command, flags", ACCEPTED, ids=[f"{r[0]} {' '.join(r[1])}" for r in ACCEPTED])
+def test_a_flag_that_acts_is_accepted(work, command, flags):
+    argv = _commands(work)[command] + [flag.replace("{w}", str(work)) for flag in flags]
+    if "--ncnn-dir" in argv:  # the one-shot writes its own table
+        del argv[argv.index("--output") : argv.index("--output") + 2]
+    parser = legacy_cli.build_parser() if command == "convert_tool.py" else build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, getattr(args, "_parser", parser), getattr(args, "_command", parser.prog))  # raises if refused
+
+
+# ------------------------------------------------------------------------------------------------ refused: no effect
+
+#: two 3x3 stride-1 convolutions; conv2 reads 64 channels, so its default weight scales have fewer levels (ncnn's
+#: INT8 Winograd bound) than --weights-8bit's
+WIDE_NET = """
+input: "data" input_shape { dim: 1 dim: 3 dim: 16 dim: 16 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 64 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "out"
+        convolution_param { num_output: 2 kernel_size: 1 } }
+"""
+
+
+@pytest.fixture
+def wide(tmp_path: Path, shared: Path) -> list[str]:
+    rng = np.random.default_rng(1)
+    weights = {
+        "conv1": [rng.normal(size=(64, 3, 3, 3)), np.zeros(64)],
+        "conv2": [rng.normal(size=(8, 64, 3, 3)), np.zeros(8)],
+        "conv3": [rng.normal(size=(2, 8, 1, 1)), np.zeros(2)],
+    }
+    proto, model = write_caffe_model(tmp_path / "wide", WIDE_NET, weights)
+    images = shared / "images" / "skimage"
+    return ["--proto", str(proto), "--model", str(model), "--images", str(images), "--backend", "opencv"]
+
+
+def _calibrated(tmp_path: Path, wide: list[str], name: str, *flags: str) -> bytes:
+    table = tmp_path / f"{name}.table"
+    assert main(["-q", "calibrate", *wide, "--output", str(table), *flags]) == 0
+    return table.read_bytes()
+
+
+def test_refused_table_flags_change_no_byte_where_refused(tmp_path, wide, monkeypatch):
+    """With the check bypassed, each refused combination writes the table it writes without the flag, while the
+    neighbour that accepts the flag writes another: --percentile acts with --method percentile, not kl;
+    --weights-8bit acts on the ncnn table, not on --legacy-table with a histogram method."""
+    monkeypatch.setattr(validate, "check_unused", lambda *args: None)
+    table = functools.partial(_calibrated, tmp_path, wide)
+    kl = table("kl", "--method", "kl")
+    assert table("kl-p", "--method", "kl", "--percentile", "90") == kl
+    assert table("p", "--method", "percentile") != table("p-90", "--method", "percentile", "--percentile", "90")
+    legacy = table("legacy", "--method", "kl", "--legacy-table")
+    assert table("legacy-8bit", "--method", "kl", "--legacy-table", "--weights-8bit") == legacy
+    assert table("8bit", "--method", "kl", "--weights-8bit") != kl
+
+
+def test_refused_export_and_quantize_flags_change_no_byte(tmp_path, wide, monkeypatch):
+    """export-trt --table with --method/--percentile writes the five files it writes without them; quantize without
+    a search writes the INT8 pair it writes without --images and the preprocessing flags."""
+    monkeypatch.setattr(validate, "check_unused", lambda *args: None)
+    table = tmp_path / "t.table"
+    assert main(["-q", "calibrate", *wide, "--method", "kl", "--output", str(table)]) == 0
+    written = []
+    for name, flags in (("plain", []), ("method", ["--method", "percentile", "--percentile", "90"])):
+        out = tmp_path / name
+        assert main(["-q", "export-trt", *wide, "--table", str(table), "--out-dir", str(out), *flags]) == 0
+        written.append({path.name: path.read_bytes() for path in sorted(out.iterdir())})
+    assert len(written[0]) == 5 and written[0] == written[1]
+    assert main(["-q", "convert", *wide[:4], "--out-dir", str(tmp_path / "nc")]) == 0
+    fp32 = ["--param", str(tmp_path / "nc" / "net.param"), "--bin", str(tmp_path / "nc" / "net.bin")]
+    pairs = []
+    for name, flags in (("q", []), ("q-prep", [*wide[4:6], "--max-images", "2", "--mean", "9", "--color", "rgb"])):
+        out = ["--out-param", str(tmp_path / f"{name}.param"), "--out-bin", str(tmp_path / f"{name}.bin")]
+        assert main(["-q", "quantize", *fp32, "--table", str(table), *out, *flags]) == 0
+        pairs.append((tmp_path / f"{name}.param").read_bytes() + (tmp_path / f"{name}.bin").read_bytes())
+    assert pairs[0] == pairs[1]

@@ -136,7 +136,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "the candidate methods' tables on some of the calibration images and keeps the best",
     )
     group.add_argument(
-        "--percentile", type=float, default=99.99, help="percentile of |x| for --method percentile (default 99.99)"
+        "--percentile",
+        type=float,
+        default=99.99,
+        help="percentile of |x| taken as the threshold by --method percentile and by auto's percentile candidate "
+        "(default 99.99)",
     )
     group.add_argument(
         "--save-stats", type=Path, metavar="FILE", help="save the activation histograms, to merge with other runs later"

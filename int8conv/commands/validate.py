@@ -20,6 +20,7 @@ from int8conv.atomic import resolve_target
 from int8conv.calibration.auto_select import AUTO_METHOD
 from int8conv.calibration.thresholds import METHODS
 from int8conv.errors import Int8ConvError, OutputError
+from int8conv.evaluation.evaluate import MAP_THRESHOLD
 from int8conv.pipeline import PREPROCESS_FLAGS
 
 
@@ -270,10 +271,10 @@ UNUSED = (
         ("calibrate", "convert_tool.py"),
         ("--weights-8bit",),
         lambda args: not args.legacy_table or args.method not in METHODS or getattr(args, "ncnn_dir", None),
-        "the ncnn table, an INT8 model (convert_tool.py --ncnn-dir) or a method that measures with the weight "
-        "scales (auto, eq)",
-        "--legacy-table writes one 127/max|W| per weight tensor, whatever the levels",
-        "drop --legacy-table",
+        "the ncnn table format, an INT8 model (convert_tool.py --ncnn-dir) or --method auto/eq",
+        "--legacy-table writes one 127/max|W| per weight tensor whatever the levels, and a histogram method's "
+        "thresholds never read the weight scales",
+        "drop --legacy-table or use --method auto or eq",
     ),
     Unused(
         ("quantize",),
@@ -311,8 +312,9 @@ UNUSED = (
         ("--score-threshold", "--iou-threshold"),
         lambda args: args.task not in ("classifier", "segmentation"),
         "a detection --task",
-        "the boxes they keep and match; classifier and segmentation compare output vectors and maps",
-        "choose another --task",
+        "the boxes they keep and match; a classifier compares output vectors, segmentation its maps thresholded "
+        f"at a fixed {MAP_THRESHOLD:g}",
+        "choose a detection --task or auto",
     ),
     Unused(
         ("eval", "export-trt"),
@@ -340,7 +342,8 @@ UNUSED = (
         ("--threads", "--timing-runs", "--layer-times", "--no-caffe", "--backend"),
         lambda args: args.arch != "arm64",
         "the x86 evaluation, without --arch arm64",
-        "--arch arm64 has no Caffe reference and times the models once, under qemu, with --arm-threads",
+        "--arch arm64 runs no Caffe reference, times one pass per image under qemu with --arm-threads, and times "
+        "no layer alone",
         "drop --arch arm64",
     ),
     Unused(
