@@ -892,7 +892,7 @@ def evaluate_ncnn(
         timing_runs=options.timing_runs,
     )
     found = evaluate(config) if arm is None else evaluate_arm(config, arm)
-    if options.layer_times:
+    if options.layer_times and arm is None:  # the ARM report has no per-layer times (the CLI refuses the pair)
         found.layer_ms = layer_times(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
     return found
 
