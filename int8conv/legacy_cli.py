@@ -79,6 +79,7 @@ def run_one_shot(args: argparse.Namespace) -> int:
         build, Path(args.ncnn_dir), model.stem, legacy_table=args.legacy_table, equalized=equalized
     )
     args.output = str(paths["table"])
+    pipeline.warn_inaccurate_int8(build.result, equalized is not None)
     if not args.quiet:
         print(summary(args, build.result))
         print(

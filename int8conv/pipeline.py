@@ -728,25 +728,51 @@ def _onnx_feeds(graph: Graph, paths: Sequence[Path], prep: Preprocess, batch: in
     return [{name: np.repeat(x[None], batch, axis=0)} for x in _image_inputs(graph, paths, prep)]
 
 
-def warn_inaccurate_qdq(check: QdqCheck, graph: Graph, trt: TrtOptions) -> None:
-    """Below WARN_BELOW (NaN included), say so, as ``--method auto`` does for ncnn, with the remedies this tool has
-    and the run did not use."""
-    if check.worst >= WARN_BELOW:
+def _warn_inaccurate(model: str, worst: float, images: int, runtime: str, remedies: Sequence[str]) -> None:
+    """The accuracy warning of the ncnn INT8 model and of the Q/DQ ONNX, one wording: below WARN_BELOW (NaN
+    included), with the remedies this tool has and the run did not use."""
+    if worst >= WARN_BELOW:
         return
+    log.warning(
+        "the %s's output cosine against FP32 is %.4f on the worst of %d calibration image(s) (%s), below %g: "
+        "the %s is not as accurate as FP32 on this model%s",
+        model,
+        worst,
+        images,
+        runtime,
+        WARN_BELOW,
+        model,
+        "".join(f"; {remedy}" for remedy in remedies),
+    )
+
+
+def warn_inaccurate_int8(result: CalibrationResult, equalized: bool = False) -> None:
+    """After ``--method auto`` (its validation score), for the commands whose product is the ncnn INT8 model
+    (calibrate, convert_tool.py, report); ``equalized``: the model is already ``--equalize``'s."""
+    if not result.validation_images:
+        return
+    remedies = [
+        "measure it on other images (int8conv eval)",
+        f"keep its most sensitive layers FP32 with int8conv quantize --auto-fp32 {WARN_BELOW:g}",
+    ]
+    pairs = len(equalization_pairs(result.deploy))
+    if pairs and not equalized:
+        remedies.append(
+            f"equalize the inputs of its {pairs} conv->depthwise pair(s) first (convert_tool.py --ncnn-dir OUT "
+            "--equalize, or int8conv equalize: the table then fits the equalized caffemodel)"
+        )
+    _warn_inaccurate("INT8 model", result.scores[AUTO_METHOD], result.validation_images, "ncnn runtime", remedies)
+
+
+def warn_inaccurate_qdq(check: QdqCheck, graph: Graph, trt: TrtOptions) -> None:
+    """export-trt's warning for the Q/DQ ONNX it wrote (``check``)."""
     remedies = []
     if trt.auto_fp32 is None or trt.auto_fp32 < WARN_BELOW:
         remedies.append(f"keep its most sensitive layers FP32 with --auto-fp32 {WARN_BELOW:g}")
     pairs = len(equalization_pairs(graph))
     if pairs and not trt.equalized and trt.table is None:
         remedies.append(f"equalize the inputs of its {pairs} conv->depthwise pair(s) with --equalize")
-    log.warning(
-        "export-trt: the Q/DQ model's output cosine against FP32 is %.4f on the worst of %d calibration image(s) "
-        "(onnxruntime), below %g: the Q/DQ model is not as accurate as FP32 on this model%s",
-        check.worst,
-        len(check.cosines),
-        WARN_BELOW,
-        "".join(f"; {remedy}" for remedy in remedies),
-    )
+    _warn_inaccurate("Q/DQ model", check.worst, len(check.cosines), "onnxruntime", remedies)
 
 
 def _refuse_adaround_with_table(table: Path | None, options: CalibrationOptions) -> None:
@@ -931,6 +957,7 @@ def _report(
     paths = ncnn_paths(out_dir, model.stem)
     if table is None:
         result = table_from_statistics(graph, stats, options, prep.for_graph(graph, model.proto))
+        warn_inaccurate_int8(result)
         build = build_ncnn(model, prep, options, fp16_storage=fp16_storage, result=result, graph=graph)
         write_ncnn_build(build, out_dir, model.stem)
         tbl, source = build.table, f"computed here with --method {options.method}, written to {paths['table']}"

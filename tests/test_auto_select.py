@@ -4,6 +4,7 @@ thresholds are what the ncnn files get (the TensorRT side: ``test_threshold_sour
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 import pytest
@@ -107,10 +108,12 @@ def test_auto_says_shared_notes_once_and_warns_below_the_bar(yunet, caplog):
         again = calibrate_auto(graph, result.statistics, inputs)
     assert caplog.text.count("head layers with minmax thresholds") == 1
     assert again.scores["auto"] < WARN_BELOW  # yufacedetectnet's worst validation image: about 0.8
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(
-        f"is {again.scores['auto']:.4f} on the worst of {len(inputs)}" in w and "--auto-fp32" in w for w in warnings
-    )
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]  # the commands warn, not the selection
+    with caplog.at_level(logging.WARNING):
+        pipeline.warn_inaccurate_int8(again)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"is {again.scores['auto']:.4f} on the worst of {len(inputs)}" in warning and "--auto-fp32" in warning
+    assert "equalize" not in warning  # yufacedetectnet has no conv->depthwise pair
     text = summary(argparse.Namespace(output="t.table", legacy_table=False), again)
     assert f"check      INT8 output cosine {again.scores['auto']:.4f} against FP32" in text
     assert f"worst of {len(inputs)} calibration image(s)" in text
@@ -136,3 +139,27 @@ def test_unreadable_images_are_reported_once_and_left_out_of_the_validation(shar
         assert messages.count(f"skipping {bad}: not a readable image") == 1, bad
     assert result.statistics.images_skipped == 2
     assert result.validation_images == len(validation_images(paths[:8])) == 4
+
+
+def test_the_int8_warning_names_equalize_where_the_model_has_pairs(shared, tmp_path, caplog):
+    """ultraface has conv->depthwise pairs: below the bar, the remedies include equalizing them, unless the model
+    already is equalized (convert_tool.py --equalize)."""
+    zoo = MODELS["ultraface"]
+    images = tmp_path / "calibration.txt"
+    images.write_text("\n".join(map(str, list_images(shared / "images" / "faces")[:4])))
+    options = pipeline.CalibrationOptions(images=images, backend="opencv", method="mse")
+    result = pipeline.calibrate(
+        pipeline.ModelFiles(*zoo.paths(shared)), pipeline.PreprocessOptions.like(zoo.prep), options
+    )
+    assert not result.validation_images  # mse validates nothing: no warning
+    with caplog.at_level(logging.WARNING):
+        pipeline.warn_inaccurate_int8(result)
+    assert not caplog.records
+    low = dataclasses.replace(result, scores={"auto": 0.9}, validation_images=4)
+    for equalized in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipeline.warn_inaccurate_int8(low, equalized)
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert "INT8 model's output cosine against FP32 is 0.9000 on the worst of 4" in warning
+        assert ("11 conv->depthwise pair(s)" in warning) != equalized

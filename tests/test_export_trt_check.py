@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from int8conv import pipeline
+from int8conv.calibration.auto_select import WARN_BELOW
 from int8conv.calibration.preprocess import list_images, read_image
 from int8conv.cli import main as int8conv_main
 from int8conv.tensorrt import qdq as qdq_module
@@ -35,12 +36,12 @@ def listing(shared, tmp_path, count: int = IMAGES):
     return path, paths
 
 
-def export(shared, tmp_path, key: str, trt: pipeline.TrtOptions | None = None, count: int = IMAGES, **kw):
+def export(shared, tmp_path, key: str, trt: pipeline.TrtOptions | None = None, count: int = IMAGES, method="mse", **kw):
     """``export_trt`` of ``key`` calibrated (mse) on the first ``count`` face photos, written to ``tmp_path/out``."""
     trt = trt or pipeline.TrtOptions()
     zoo = MODELS[key]
     images, paths = listing(shared, tmp_path, count)
-    options = pipeline.CalibrationOptions(images=images, backend="opencv", method="mse", **kw)
+    options = pipeline.CalibrationOptions(images=images, backend="opencv", method=method, **kw)
     model = pipeline.ModelFiles(*zoo.paths(shared))
     result = pipeline.export_trt(model, pipeline.PreprocessOptions.like(zoo.prep), options, trt)
     return result, pipeline.write_trt_export(result, tmp_path / "out", model.stem, trt.trt_version), paths
@@ -94,7 +95,7 @@ def test_the_summary_prints_it_and_warns_below_the_bar(shared, ultraface, tmp_pa
     assert "onnxruntime" in line and f"worst of {len(CHECKED)} calibration image(s)" in line
     worst, mean = map(float, re.findall(r"\d\.\d{5}", line))
     assert worst == pytest.approx(result.check.worst, abs=5e-6) and mean == pytest.approx(result.check.mean, abs=5e-6)
-    warning = next(line for line in err.splitlines() if line.startswith("WARNING") and "export-trt" in line)
+    warning = next(line for line in err.splitlines() if line.startswith("WARNING") and "Q/DQ model's" in line)
     assert f"{result.check.worst:.4f}" in warning and "not as accurate as FP32" in warning
     assert "--auto-fp32 0.99" in warning and "--equalize" in warning  # ultraface has conv->depthwise pairs
 
@@ -154,3 +155,13 @@ def test_without_images_there_is_nothing_to_check(shared, ultraface, tmp_path, c
     assert info.startswith("INFO") and "no calibration images" in info
     assert int8conv_main(["-q", *args]) == 0
     assert "not checked" not in capsys.readouterr().err
+
+
+def test_export_trt_warns_about_its_qdq_model_only(shared, tmp_path, caplog):
+    """``--method auto`` scores its candidates on the ncnn runtime, but export-trt's product is the Q/DQ ONNX: the
+    warning is about that model, never the ncnn INT8 model's (``pipeline.warn_inaccurate_int8``)."""
+    with caplog.at_level(logging.WARNING):
+        result, _, _ = export(shared, tmp_path, "ultraface", count=4, method="auto")
+    text = caplog.text
+    assert "INT8 model's output cosine" not in text
+    assert ("Q/DQ model's output cosine" in text) == (result.check.worst < WARN_BELOW)

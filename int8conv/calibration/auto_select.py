@@ -50,8 +50,9 @@ AUTO_CANDIDATES = ("mse", "kl", "aciq", "percentile")
 #: float differences alone move a candidate's score by up to 7e-6 (open_nsfw, pycaffe vs OpenCV statistics), and
 #: a near-tie must not pick another table on another engine
 TIE = 5e-5
-#: below this worst-image output cosine of the chosen table, ``auto`` warns that INT8 is not as accurate as FP32 and
-#: names the remedies (the Q/DQ bar of the project's benchmark: 0.99 on every image)
+#: below this worst-image output cosine of the chosen table, the commands that write the ncnn INT8 model warn that it
+#: is not as accurate as FP32 and name the remedies (``pipeline.warn_inaccurate_int8``; export-trt does the same for
+#: its Q/DQ model); the Q/DQ bar of the project's benchmark: 0.99 on every image
 WARN_BELOW = 0.99
 #: one calibration image in VALIDATION_EVERY validates, at least MIN_VALIDATION, at most MAX_VALIDATION
 VALIDATION_EVERY, MIN_VALIDATION, MAX_VALIDATION = 4, 4, 12
@@ -103,16 +104,6 @@ def calibrate_auto(
         scores[best],
         len(inputs),
     )
-    if scores[best] < WARN_BELOW:
-        log.warning(
-            "--method auto: the best table's INT8 output cosine against FP32 is %.4f on the worst of %d calibration "
-            "image(s), below %g: INT8 is not as accurate as FP32 on this model. Measure it on other images "
-            "(int8conv eval), and keep its most sensitive layers FP32 with int8conv quantize --auto-fp32 %g",
-            scores[best],
-            len(inputs),
-            WARN_BELOW,
-            WARN_BELOW,
-        )
     scores["auto"] = scores[best]
     result.method, result.scores, result.validation_images = "auto", scores, len(inputs)
     result.seconds = time.perf_counter() - started

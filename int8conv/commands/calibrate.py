@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     check_table_only(args)
     result = pipeline.calibrate(*common.calibration_inputs(args))
     pipeline.write_table(result, args.output, legacy=args.legacy_table)
+    pipeline.warn_inaccurate_int8(result)
     if not args.quiet:
         print(summary(args, result))
     return 0
