@@ -141,6 +141,7 @@ def test_unreadable_images_are_reported_once_and_left_out_of_the_validation(shar
     assert result.validation_images == len(validation_images(paths[:8])) == 4
 
 
+@pytest.mark.slow
 def test_the_int8_warning_names_equalize_where_the_model_has_pairs(shared, tmp_path, caplog):
     """ultraface has conv->depthwise pairs: below the bar, the remedies include equalizing them, unless the model
     already is equalized (convert_tool.py --equalize)."""

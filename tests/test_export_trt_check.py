@@ -22,7 +22,7 @@ from int8conv.tensorrt import qdq as qdq_module
 from int8conv.tensorrt.qdq import QdqCheck
 from int8conv.zoo import MODELS, cli_flags
 
-pytestmark = [pytest.mark.usefixtures("ort_cache"), pytest.mark.real_models]
+pytestmark = [pytest.mark.usefixtures("ort_cache"), pytest.mark.real_models, pytest.mark.slow]  # ~15 s of exports
 
 #: the calibration images used here: the first 8 face photos; auto's validation of 8 is 4 of them, spread evenly
 IMAGES = 8
