@@ -162,9 +162,10 @@ class PreprocessOptions:
 
     def _check_channels(self, prep: Preprocess, name: str, source: Path, channels: int) -> Preprocess:
         if prep.channels != channels:
+            remedy = {1: "pass --color gray", 3: "pass --color bgr or --color rgb (the model's channel order)"}
             raise ImageError(
                 f"input '{name}' of {source} has {channels} channels, but --color {self.color} gives "
-                f"{prep.channels}: this model cannot be calibrated from plain images"
+                f"{prep.channels}: " + remedy.get(channels, "this model cannot be calibrated from plain images")
             )
         return prep
 

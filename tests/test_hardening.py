@@ -333,7 +333,9 @@ def test_auto_fp32_refuses_images_of_the_wrong_channel_count(lenet, images, tmp_
     out = ["--out-param", str(tmp_path / "q.param"), "--out-bin", str(tmp_path / "q.bin"), "--auto-fp32", "0.99"]
     capsys.readouterr()
     assert main(["-q", *quantize, *out]) == 2
-    assert f"input 'data' of {param} has 1 channels, but --color bgr gives 3" in capsys.readouterr().err
+    assert (
+        f"input 'data' of {param} has 1 channels, but --color bgr gives 3: pass --color gray" in capsys.readouterr().err
+    )
     assert not (tmp_path / "q.param").exists()
     assert main(["-q", *quantize, *out, *LENET_GRAY]) == 0
     timed = [*quantize[: quantize.index("--images")], *out[:4], "--optimize", "speed"]  # random pixels, any --color

@@ -254,6 +254,22 @@ def test_fp16_storage_for_fp32_layers(chain, tmp_path):
     assert _cosine(got, _run(model, tmp_path, "fp32", x, int8=False)) > 0.999
 
 
+def test_grouped_convs_staying_fp32_are_one_warning(caplog):
+    """Every grouped convolution kept FP32 is named in one warning line, not one line each (the ShuffleNet has 31)."""
+    rng = np.random.default_rng(3)
+    layers = [_input(8, 6, 6)]
+    for name, bottom in (("g1", "data"), ("g2", "g1")):
+        layer = _conv(name, bottom, name, rng.normal(size=(8, 4, 3, 3)), np.zeros(8))
+        layer.type, layer.params[7] = "ConvolutionDepthWise", 2  # 4 outputs per group
+        layers.append(layer)
+    model = NcnnModel(layers)
+    with caplog.at_level(logging.WARNING):
+        q = quantize_model(model, _absmax_table(model, {"g1": 1.0, "g2": 1.0}))
+    warnings = [record.getMessage() for record in caplog.records if "stay FP32" in record.getMessage()]
+    assert int8_layers(q) == [] and len(warnings) == 1
+    assert "2 layer(s)" in warnings[0] and "'g1' (grouped" in warnings[0] and "'g2' (grouped" in warnings[0]
+
+
 def test_grouped_conv_with_8_outputs_per_group_stays_fp32(tmp_path, caplog):
     """ncnn's x86 INT8 group convolution with packing returns garbage for 8k outputs per group; keep it FP32.
 

@@ -86,7 +86,7 @@ def int8_layers(model: NcnnModel) -> list[str]:
 
 
 def runtime_int8_defect(layer: NcnnLayer) -> str | None:
-    """Why ncnn would compute this layer wrongly in INT8, or None when it runs fine."""
+    """The kind of layer ncnn computes wrongly in INT8 (``GROUPED_INT8_DEFECT`` says why), or None if it runs fine."""
     if layer.type != "ConvolutionDepthWise":
         return None
     num_output, group = int(layer.params.get(0, 0)), int(layer.params.get(7, 1))
@@ -94,10 +94,11 @@ def runtime_int8_defect(layer: NcnnLayer) -> str | None:
     channels = int(layer.params.get(6, 0)) // max(kernel * num_output, 1) * group
     if channels == group == num_output:
         return None
-    return (
-        f"grouped (not depthwise) convolution, {num_output // group} outputs per group: ncnn's x86 INT8 group "
-        "path with the packing layout returns wrong results for it"
-    )
+    return f"grouped (not depthwise) convolution, {num_output // group} outputs per group"
+
+
+#: why the layers ``runtime_int8_defect`` names stay FP32
+GROUPED_INT8_DEFECT = "ncnn's x86 INT8 group path with the packing layout returns wrong results for them"
 
 
 def runtime_fp32_layers(model: NcnnModel) -> list[str]:
@@ -281,7 +282,7 @@ def _quantize_layers(
 
     Returns the layers quantized and the layers the table covers.
     """
-    quantized, covered = [], []
+    quantized, covered, defective = [], [], []
     for layer in model.layers:
         if layer.type not in QUANTIZABLE or layer.name not in table.activation_scales:
             continue
@@ -298,7 +299,7 @@ def _quantize_layers(
             raise ModelError(f"layer '{layer.name}' already holds int8 weights; quantize an FP32 model")
         defect = runtime_int8_defect(layer)
         if defect:
-            log.warning("layer '%s' stays FP32: %s", layer.name, defect)
+            defective.append(f"'{layer.name}' ({defect})")
             continue
         _warn_dead_scales(layer, table.weight_scales[layer.name])
         _quantize_layer(
@@ -309,6 +310,8 @@ def _quantize_layers(
             weights.get(layer.name),
         )
         quantized.append(layer.name)
+    if defective:  # one line: the ShuffleNet has 31 of them
+        log.warning("%d layer(s) stay FP32: %s: %s", len(defective), GROUPED_INT8_DEFECT, ", ".join(defective))
     return quantized, covered
 
 
