@@ -10,6 +10,7 @@ from int8conv import __version__, atomic
 from int8conv.commands.common import add_command
 from int8conv.commands.validate import check_args, harden
 from int8conv.errors import Int8ConvError
+from int8conv.progress import BarSafeHandler
 
 log = logging.getLogger("int8conv")
 
@@ -61,7 +62,8 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     import os
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    handler = BarSafeHandler(sys.stderr)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler], force=True)
     if quiet:
         os.environ["INT8CONV_QUIET"] = "1"
 
