@@ -28,8 +28,9 @@ from int8conv import pipeline  # noqa: E402
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402
-from int8conv.commands.common import add_auto_fp32_arg, add_preprocess_args  # noqa: E402
+from int8conv.commands.common import CALIBRATION_METHODS, add_auto_fp32_arg, add_preprocess_args  # noqa: E402
 from int8conv.commands.validate import harden  # noqa: E402
+from int8conv.engines import CALIBRATION_BACKENDS  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.ncnn.runtime import NcnnRunner, interleaved_ms  # noqa: E402
 from int8conv.pipeline import PreprocessOptions  # noqa: E402
@@ -107,9 +108,11 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
         help="calibration images (a directory or a list file; default: the preset's shared folder)",
     )
     group.add_argument("--max-calib-images", type=int, default=0, help="use at most this many (0 = all)")
-    group.add_argument("--method", default="kl", help="activation threshold method (default kl)")
+    group.add_argument(
+        "--method", choices=CALIBRATION_METHODS, default="kl", help="activation threshold method (default kl)"
+    )
     add_auto_fp32_arg(group, "keep the most sensitive layers in FP32 until the output cosine reaches COSINE")
-    group.add_argument("--backend", default="auto", help="FP32 engine for calibration: auto, ncnn, opencv or caffe")
+    group.add_argument("--backend", choices=CALIBRATION_BACKENDS, default="auto", help="FP32 engine for calibration")
     group.add_argument("--rebuild", action="store_true", help="ignore cached models and build them again")
     run = parser.add_argument_group("running")
     run.add_argument("--threads", type=int, default=1, help="ncnn threads (default 1)")

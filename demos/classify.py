@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, names, calib = resolve_model(args)
+    images = list_images(args.images)  # a wrong path fails now, not after the build
     prep_options = preprocess_options(args)
     prep = prep_options.for_graph(load_graph(proto, model), proto)
     pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
@@ -147,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         raise Int8ConvError(
             f"{proto}: outputs {', '.join(nets.fp32.output_names)} and none is a Softmax: no class scores to rank"
         )
-    images = list_images(args.images)
     ms_fp32, ms_int8, agree = [], [], 0
     print(
         f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"

@@ -185,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, calib = resolve_model(args)
+    images = list_images(args.images)  # a wrong path fails now, not after the build
     prep_options = preprocess_options(args)
     prep = prep_options.for_graph(load_graph(proto, model), proto)
     pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
     nets = SideBySide(pair, args.threads, args.runs)
     decode = Decoder(pair.fp32_param, pair.fp32_bin, args.host_decode, prep.size, args.score_threshold)
     names = class_names(args.classes, decode.num_classes)
-    images = list_images(args.images)
     print(
         f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
         + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else "")

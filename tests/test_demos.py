@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "demos"))
 
+from int8conv.errors import Int8ConvError  # noqa: E402
 from int8conv.zoo import MODELS, cli_flags, write_digit_cells  # noqa: E402
 from tests.conftest import run_python  # noqa: E402
 
@@ -164,6 +165,8 @@ def test_auto_fp32_keeps_layers_fp32(shared, tmp_path):
         ("ssd_detect", ["--score-threshold", "1.5"], "--score-threshold: must be in [0, 1]"),  # was: no box, silently
         ("ssd_detect", ["--threads", "0"], "--threads: must be 1 or more"),
         ("ssd_detect", ["--proto", "missing.prototxt", "--model", "missing.caffemodel"], "no such file"),
+        ("classify", ["--method", "entropy"], "--method: invalid choice: 'entropy'"),  # was: after the histograms
+        ("ssd_detect", ["--backend", "gpu"], "--backend: invalid choice: 'gpu'"),  # was: after listing the images
     ],
 )
 def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, flags, message):
@@ -172,6 +175,18 @@ def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, f
     with pytest.raises(SystemExit) as stopped:
         module.parse_args(["--images", str(tmp_path), "--out-dir", str(tmp_path / "out"), *flags])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_wrong_images_path_stops_the_demo_before_the_models_are_built(shared, tmp_path):
+    """--images that does not exist is the first error, not the one after a calibration (a minute on open_nsfw)."""
+    import classify
+
+    proto, model = MODELS["lenet"].paths(shared)
+    own = ["--proto", str(proto), "--model", str(model), "--color", "gray", "--norm", "0.00390625"]
+    calib = ["--calib-images", str(shared / "images" / "skimage")]
+    with pytest.raises(Int8ConvError, match="missing: no such image directory"):
+        classify.main([*own, *calib, "--images", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "models").exists()
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,9 @@ from int8conv.ncnn.model import NcnnModel
 from int8conv.pipeline import CalibrationOptions, ModelFiles, PreprocessOptions
 from int8conv.tables.ncnn_table import CalibrationTable
 
+#: every ``--method``: the histogram methods, the searches and auto
+CALIBRATION_METHODS = METHODS + SEARCH_METHODS + (AUTO_METHOD,)
+
 
 def add_command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     """The subcommand of module ``int8conv.commands.<name>`` (``export_trt``: ``export-trt``): its ``SUMMARY`` in the
@@ -128,7 +131,7 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu", type=int, default=None, metavar="N", help="use GPU N (pycaffe backend only)")
     group.add_argument(
         "--method",
-        choices=METHODS + SEARCH_METHODS + (AUTO_METHOD,),
+        choices=CALIBRATION_METHODS,
         default=DEFAULT_METHOD,
         help=f"activation threshold method (default {DEFAULT_METHOD}, chosen by "
         "benchmarks/bench_quality.py); eq searches thresholds and weight scales "
