@@ -22,9 +22,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("int8conv") is None:
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
+try:
+    import numpy as np
 
-from int8conv import pipeline  # noqa: E402
+    from int8conv import pipeline
+except ModuleNotFoundError as missing:  # a Python without the project's dependencies: not the venv's
+    sys.exit(
+        f"{missing.name} is not installed for {sys.executable}: run the demos with the project's venv, "
+        "`.venv/bin/python demos/...` (README.md, 'Set up and run')"
+    )
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402

@@ -177,6 +177,18 @@ def test_demo_flags_are_checked_as_the_cli_checks_them(tmp_path, capsys, demo, f
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_python_without_the_dependencies_is_told_to_use_the_venv():
+    """`python demos/classify.py` with a Python that lacks a dependency (onnx hidden here): one line naming the
+    module and the venv's Python, not a traceback from inside int8conv."""
+    code = (
+        "import runpy, sys; sys.modules['onnx'] = None; sys.path.insert(0, 'demos'); "
+        "sys.argv = ['demos/classify.py', '--help']; runpy.run_path('demos/classify.py', run_name='__main__')"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "onnx is not installed for" in proc.stderr and "`.venv/bin/python demos/...`" in proc.stderr
+
+
 def test_a_wrong_images_path_stops_the_demo_before_the_models_are_built(shared, tmp_path):
     """--images that does not exist is the first error, not the one after a calibration (a minute on open_nsfw)."""
     import classify
