@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,17 @@ def test_gpu_without_pycaffe_is_clear(mixed_net):
     proto, model, _ = mixed_net
     with pytest.raises(BackendUnavailable, match="pycaffe"):
         make_engine("opencv", load_graph(proto, model), proto, model, gpu=0)
+
+
+def test_gpu_without_pycaffe_says_install_caffe_would_not_do(mixed_net, monkeypatch):
+    """--gpu with no pycaffe: install-caffe's hint would build a CPU-only pycaffe, which --gpu refuses next; say so."""
+    monkeypatch.setitem(sys.modules, "caffe", None)  # ``import caffe`` fails, wherever pycaffe is installed
+    proto, model, _ = mixed_net
+    with pytest.raises(BackendUnavailable, match="pycaffe is not importable") as refused:
+        make_engine("caffe", load_graph(proto, model), proto, model, gpu=0, calibration=True)
+    assert "does not build (CPU-only)" in str(refused.value) and "drop --gpu" in str(refused.value)
+    with pytest.raises(BackendUnavailable, match="run `int8conv install-caffe` to build it"):
+        make_engine("caffe", load_graph(proto, model), proto, model, calibration=True)
 
 
 SLICE_NET = """

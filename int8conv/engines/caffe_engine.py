@@ -25,15 +25,20 @@ from int8conv.errors import BackendUnavailable, ModelError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "run `int8conv install-caffe` to build it (or use --backend opencv)"
+#: the hint for --gpu, which install-caffe's pycaffe cannot serve
+GPU_HINT = (
+    "--gpu needs a pycaffe built with CUDA, which `int8conv install-caffe` does not build (CPU-only): "
+    "install one yourself, or drop --gpu to calibrate on the CPU"
+)
 
 
-def import_caffe() -> ModuleType:
-    """``import caffe`` with glog quiet; any failure becomes ``BackendUnavailable`` with the cause."""
+def import_caffe(hint: str = INSTALL_HINT) -> ModuleType:
+    """``import caffe`` with glog quiet; any failure becomes ``BackendUnavailable`` with the cause and ``hint``."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         import caffe
     except Exception as exc:  # noqa: BLE001 - an ImportError, or whatever a broken _caffe.so raises
-        raise BackendUnavailable(f"pycaffe is not importable: {type(exc).__name__}: {exc}; {INSTALL_HINT}") from exc
+        raise BackendUnavailable(f"pycaffe is not importable: {type(exc).__name__}: {exc}; {hint}") from exc
     return caffe
 
 
@@ -87,7 +92,7 @@ class CaffeEngine:
     name = "caffe"
 
     def __init__(self, graph: Graph, prototxt: Path, caffemodel: Path, gpu: int | None = None) -> None:
-        caffe = import_caffe()
+        caffe = import_caffe(INSTALL_HINT if gpu is None else GPU_HINT)
         if gpu is not None:
             if gpu < 0:
                 raise BackendUnavailable(f"--gpu must be a device number >= 0, not {gpu}")
