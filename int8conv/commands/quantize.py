@@ -57,8 +57,9 @@ def add_auto_fp32_args(parser: argparse.ArgumentParser) -> None:
         "--layer-timings",
         type=Path,
         metavar="JSON",
-        help="per-layer ms measured on the target device, {layer: {fp32: ms, int8: ms}}, instead of "
-        "timing here (the format --save-layer-timings writes)",
+        help="per-layer ms measured on the target device, instead of timing here: {layer: {fp32: ms, int8: ms}} "
+        "at one thread, or per thread count {layer: {fp32: {threads: ms}, int8: {...}}} as --save-layer-timings "
+        "writes them",
     )
     speed.add_argument("--save-layer-timings", type=Path, metavar="JSON", help="write the per-layer timings used")
 
