@@ -69,7 +69,7 @@ from int8conv.evaluation.speed import (
     save_layer_timings,
 )
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import NcnnModel, write_model
+from int8conv.ncnn.model import NcnnModel, parse_param, write_model
 from int8conv.ncnn.quantize import quantize_model, runtime_fp32_layers
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import quiet_loggers
@@ -904,6 +904,7 @@ def evaluate_ncnn(
         # the FP32 reference is Caffe's (pycaffe or OpenCV), never the ncnn model under evaluation
         backend = "auto" if options.backend == "ncnn" else options.backend
         caffe_forward = make_engine(backend, graph, model.proto, model.caffemodel, gpu=options.gpu).forward
+        _check_converted_from(graph, model.proto, files["fp32_param"])
     config = EvalConfig(
         files["fp32_param"],
         files["fp32_bin"],
@@ -922,6 +923,20 @@ def evaluate_ncnn(
     if options.layer_times and arm is None:  # the ARM report has no per-layer times (the CLI refuses the pair)
         found.layer_ms = layer_times(files["fp32_param"], files["fp32_bin"], files["int8_param"], files["int8_bin"])
     return found
+
+
+def _check_converted_from(graph: Graph, proto: Path, param: Path) -> None:
+    """The ncnn model's outputs are values of the Caffe model it is compared with (or ``param`` is another model's,
+    and the engine would fail later on a missing blob, naming neither file)."""
+    values = set(graph.inputs) | {top for layer in graph.layers for top in layer.tops}
+    outputs = NcnnModel(parse_param(Path(param).read_text(encoding="utf-8", errors="replace"), param)).output_names
+    foreign = [name for name in outputs if name not in values]
+    if foreign:
+        raise ModelError(
+            f"{param} was converted from another Caffe model than {proto}, which has no blob "
+            f"{', '.join(map(repr, foreign))} (an output of the ncnn model): convert this one with int8conv convert, "
+            "or give the ncnn model's own --proto and --model"
+        )
 
 
 def report(

@@ -138,6 +138,7 @@ def make_work(shared: Path, work: Path) -> dict[str, str]:
         "images": str(images),
         "w": str(work),
         "lenet_model": str(model),
+        "det1_proto": str(det1 / "det1.prototxt"),
         "det1_model": str(det1 / "det1.caffemodel"),
         "det1_table": str(ROOT / "tables" / "mtcnn_det1.table"),
     }
