@@ -217,6 +217,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, comman
         if key in seen:
             raise Int8ConvError(f"{seen[key]} and {option} are the same file ({path}); give each its own path")
         seen[key] = option
+    merged: set[str] = set()
+    for path in getattr(args, "load_stats", None) or ():
+        if os.path.realpath(path) in merged:  # a glob plus the same file again: its images would count twice
+            raise Int8ConvError(f"--load-stats: {path} is given twice; its histograms would be counted twice")
+        merged.add(os.path.realpath(path))
     check_unused(args, parser, command)
 
 
