@@ -77,12 +77,15 @@ def summary(args: argparse.Namespace, result: CalibrationResult) -> str:
 def check_table_only(args: argparse.Namespace) -> None:
     """A table cannot hold corrected biases or learned weights: refuse --bias-correction and --adaround where only
     a table is written."""
-    for flag, what in (("bias_correction", "biases"), ("adaround", "weights")):
+    one_shot = "convert_tool.py --ncnn-dir OUT"
+    for flag, what, where in (
+        ("bias_correction", "biases", one_shot),  # ncnn only: report and export-trt do not take it
+        ("adaround", "weights", f"{one_shot}, int8conv report, int8conv export-trt"),
+    ):
         if getattr(args, flag, False):
             raise Int8ConvError(
                 f"--{flag.replace('_', '-')} changes the INT8 model's {what}, which a calibration table cannot "
-                "hold: use it where the INT8 model is written (convert_tool.py --ncnn-dir OUT, "
-                "int8conv report, int8conv export-trt)"
+                f"hold: use it where the INT8 model is written ({where})"
             )
 
 
