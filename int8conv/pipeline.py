@@ -189,6 +189,13 @@ class CalibrationOptions:
     load_stats: tuple[Path, ...] = ()
     jobs: int | None = None  # forward+histogram worker processes (calibration.workers); None: one per core
 
+    def __post_init__(self) -> None:
+        """Refuse a combination that has nothing to work on here, before the images are forwarded."""
+        if self.bias_correction and not self.adaround and self.method not in SEARCH_METHODS:
+            raise Int8ConvError(
+                "--bias-correction needs --method eq or --adaround (it corrects the biases of the quantized weights)"
+            )
+
     @functools.cached_property
     def statistics(self) -> CalibrationStatistics | None:
         """The ``load_stats`` files merged, read once for every step that needs them (``saved_preprocessing`` the
@@ -365,10 +372,6 @@ def _method_table(
     graph: Graph, stats: CalibrationStatistics, options: CalibrationOptions, prep: Preprocess | None
 ) -> CalibrationResult:
     """The table of ``options.method`` alone (bias correction: eq's, or --adaround's after it)."""
-    if options.bias_correction and not options.adaround and options.method not in SEARCH_METHODS:
-        raise Int8ConvError(
-            "--bias-correction needs --method eq or --adaround (it corrects the biases of the quantized weights)"
-        )
     method = options.method
     if method == AUTO_METHOD and (options.images is None or prep is None):
         log.warning("--method auto validates on images and none were given (statistics only): using %s", AUTO_FALLBACK)
