@@ -51,7 +51,7 @@ from int8conv.calibration.scale_search import SAMPLING_SEED, layer_ends, sample_
 from int8conv.calibration.weight_scales import quantizable_layers, weight_levels
 from int8conv.errors import ImageError
 from int8conv.ncnn.model import NcnnModel, write_model
-from int8conv.ncnn.quantize import quantize_model, runtime_int8_defect
+from int8conv.ncnn.quantize import grouped_outputs, quantize_model
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import progress
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -277,7 +277,7 @@ def _learnable(model: NcnnModel, table: CalibrationTable) -> list[LayerGeometry]
     layers = [
         g
         for g in table_layers(model, table)
-        if runtime_int8_defect(model.layer(g.name)) is None and np.any(table.weight_scales[g.name] > 0)
+        if grouped_outputs(model.layer(g.name)) is None and np.any(table.weight_scales[g.name] > 0)
     ]
     large = [g.name for g in layers if SAMPLES_PER_WEIGHT * g.group * g.weight.shape[1] ** 3 > MAX_LAYER_GRAM_MACS]
     if large:

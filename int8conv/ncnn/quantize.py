@@ -85,25 +85,24 @@ def int8_layers(model: NcnnModel) -> list[str]:
     return [layer.name for layer in model.layers if is_int8(layer)]
 
 
-def runtime_int8_defect(layer: NcnnLayer) -> str | None:
-    """The kind of layer ncnn computes wrongly in INT8 (``GROUPED_INT8_DEFECT`` says why), or None if it runs fine."""
+def grouped_outputs(layer: NcnnLayer) -> int | None:
+    """The outputs per group of a grouped (not depthwise) convolution, which ncnn computes wrongly in INT8
+    (``GROUPED_INT8_DEFECT``); None for any other layer."""
     if layer.type != "ConvolutionDepthWise":
         return None
     num_output, group = int(layer.params.get(0, 0)), int(layer.params.get(7, 1))
     kernel = int(layer.params.get(1, 0)) * int(layer.params.get(11, layer.params.get(1, 0)))
     channels = int(layer.params.get(6, 0)) // max(kernel * num_output, 1) * group
-    if channels == group == num_output:
-        return None
-    return f"grouped (not depthwise) convolution, {num_output // group} outputs per group"
+    return None if channels == group == num_output else num_output // group
 
 
-#: why the layers ``runtime_int8_defect`` names stay FP32
+#: why the layers ``grouped_outputs`` finds stay FP32
 GROUPED_INT8_DEFECT = "ncnn's x86 INT8 group path with the packing layout returns wrong results for them"
 
 
 def runtime_fp32_layers(model: NcnnModel) -> list[str]:
-    """The quantizable layers an INT8 model of ``model`` keeps FP32 whatever the table (``runtime_int8_defect``)."""
-    return [layer.name for layer in model.layers if layer.type in QUANTIZABLE and runtime_int8_defect(layer)]
+    """The quantizable layers an INT8 model of ``model`` keeps FP32 whatever the table (``grouped_outputs``)."""
+    return [layer.name for layer in model.layers if layer.type in QUANTIZABLE and grouped_outputs(layer) is not None]
 
 
 def _quantize_layer(
@@ -297,9 +296,9 @@ def _quantize_layers(
         covered.append(layer.name)
         if layer.weights[0].data.dtype == np.int8:
             raise ModelError(f"layer '{layer.name}' already holds int8 weights; quantize an FP32 model")
-        defect = runtime_int8_defect(layer)
-        if defect:
-            defective.append(f"'{layer.name}' ({defect})")
+        per_group = grouped_outputs(layer)
+        if per_group is not None:
+            defective.append(f"{layer.name} ({per_group})")
             continue
         _warn_dead_scales(layer, table.weight_scales[layer.name])
         _quantize_layer(
@@ -311,7 +310,12 @@ def _quantize_layers(
         )
         quantized.append(layer.name)
     if defective:  # one line: the ShuffleNet has 31 of them
-        log.warning("%d layer(s) stay FP32: %s: %s", len(defective), GROUPED_INT8_DEFECT, ", ".join(defective))
+        log.warning(
+            "%d grouped (not depthwise) convolution(s) stay FP32 (%s), layer (outputs per group): %s",
+            len(defective),
+            GROUPED_INT8_DEFECT,
+            ", ".join(defective),
+        )
     return quantized, covered
 
 
