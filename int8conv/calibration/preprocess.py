@@ -52,7 +52,11 @@ class Preprocess:
         if any(s == 0 for s in self.std):
             raise ImageError("--std values must be non-zero")
         if self.resize and (self.resize[0] < self.size[0] or self.resize[1] < self.size[1]):
-            raise ImageError(f"--resize-then-crop {self.resize} is smaller than the input size {self.size}")
+            (height, width), (input_h, input_w) = self.resize, self.size
+            raise ImageError(
+                f"--resize-then-crop {height} {width} is smaller than the input size ({input_h}x{input_w}): "
+                "the crop to the input size needs at least that"
+            )
         if self.letterbox and (self.resize or self.swap_hw):
             raise ImageError("--letterbox cannot be combined with --resize-then-crop or --swap-hw")
 
