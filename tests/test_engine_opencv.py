@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from int8conv.caffe.graph import load_graph
 from int8conv.engines import make_engine
+from int8conv.engines.caffe_engine import CaffeEngine
 from int8conv.errors import BackendUnavailable, ModelError
 from tests.synthetic import conv2d, max_pool, write_caffe_model
 
@@ -118,6 +120,18 @@ def test_gpu_without_pycaffe_says_install_caffe_would_not_do(mixed_net, monkeypa
     assert "does not build (CPU-only)" in str(refused.value) and "drop --gpu" in str(refused.value)
     with pytest.raises(BackendUnavailable, match="run `int8conv install-caffe` to build it"):
         make_engine("caffe", load_graph(proto, model), proto, model, calibration=True)
+
+
+def test_gpu_with_a_cpu_only_pycaffe_names_the_device_not_a_flag_value(mixed_net, monkeypatch, tmp_path):
+    """convert_tool.py --gpu 1 is GPU mode on device 0: the refusal must not read '--gpu 0', which the user did not
+    type. A pycaffe without the CUDA runtime (a fake one here, so the test runs without pycaffe) is CPU-only."""
+    fake = types.ModuleType("caffe")
+    (tmp_path / "caffe").mkdir()
+    fake.__file__ = str(tmp_path / "caffe" / "__init__.py")  # no _caffe*.so beside it: no CUDA
+    monkeypatch.setitem(sys.modules, "caffe", fake)
+    proto, model, _ = mixed_net
+    with pytest.raises(BackendUnavailable, match=r"--gpu \(GPU device 0\): this pycaffe .* is built CPU-only"):
+        CaffeEngine(load_graph(proto, model), proto, model, gpu=0)
 
 
 SLICE_NET = """

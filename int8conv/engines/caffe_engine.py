@@ -98,7 +98,7 @@ class CaffeEngine:
                 raise BackendUnavailable(f"--gpu must be a device number >= 0, not {gpu}")
             if not caffe_has_cuda(caffe):
                 raise BackendUnavailable(
-                    f"--gpu {gpu}: this pycaffe ({caffe.__file__}) is built CPU-only "
+                    f"--gpu (GPU device {gpu}): this pycaffe ({caffe.__file__}) is built CPU-only "
                     "(int8conv install-caffe builds CPU-only); drop --gpu to run on the CPU"
                 )
             caffe.set_mode_gpu()
