@@ -20,7 +20,8 @@ def test_a_warning_during_a_bar_starts_its_own_line(monkeypatch, capsys):
             logging.getLogger("int8conv.test").warning("skipping broken.jpg: not a readable image")
             bar.update(2)
     finally:  # the root logger as pytest had it
-        root.handlers[:], root.level = handlers, level
+        root.handlers[:] = handlers
+        root.setLevel(level)  # setLevel, not .level: it clears the loggers' cached levels
     err = capsys.readouterr().err
     assert "calibrating" in err
     at = err.index("WARNING int8conv.test: skipping broken.jpg: not a readable image\n")
