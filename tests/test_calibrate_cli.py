@@ -17,7 +17,7 @@ from int8conv.cli import main as int8conv_main
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.zoo import MODELS as SHARED_MODELS
 from int8conv.zoo import cli_flags
-from tests.conftest import convert_tool_res10
+from tests.conftest import convert_tool_res10, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,3 +205,14 @@ def test_legacy_table_is_blob_keyed_per_tensor(shared, tmp_path):
     blobs = {graph.blob_of(layer.bottoms[0]) for layer in layers}
     assert set(lines) == {f"{layer.name}_param_0" for layer in layers} | blobs
     assert "data" in blobs and all(float(lines[b]) > 0 for b in blobs)
+
+
+def test_python_dash_m_int8conv_is_the_command(tmp_path):
+    """``python -m int8conv`` (a venv whose bin/ is not on PATH) runs the CLI with its exit codes: 0, and 2 with
+    the flag named for a bad input."""
+    from int8conv import __version__
+
+    shown = run_python("-m", "int8conv", "--version")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"int8conv {__version__}"
+    missing = run_python("-m", "int8conv", "convert", "--proto", str(tmp_path / "no.prototxt"), "--model", "x")
+    assert missing.returncode == 2 and "argument --proto" in missing.stderr and "no such file" in missing.stderr
