@@ -218,7 +218,7 @@ def speed_summary(ms_fp32: Sequence[float], ms_int8: Sequence[float], threads: i
     return (
         f"speed ({threads} thread{'s' if threads > 1 else ''}, median over {len(ms_fp32)} image(s)): "
         f"FP32 {fp32:.2f} ms/image, INT8 {int8:.2f} ms/image, INT8/FP32 time ratio {int8 / fp32:.3f} "
-        f"({fp32 / int8:.2f}x {'faster' if int8 < fp32 else 'slower'})"
+        f"({max(fp32, int8) / min(fp32, int8):.2f}x {'faster' if int8 < fp32 else 'slower'})"
     )
 
 

@@ -261,3 +261,14 @@ def test_cached_models_are_rebuilt_for_another_calibration_backend(shared, tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs.append("using the cached ncnn models" in proc.stderr)
     assert logs == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("fp32", "int8", "ratio"), [(2.0, 1.0, "2.00x faster"), (1.0, 2.0, "2.00x slower"), (1.0, 1.0, "1.00x slower")]
+)
+def test_speed_summary_says_how_many_times_faster_or_slower(fp32, int8, ratio):
+    """INT8 twice as slow is "2.00x slower", not "0.50x slower"."""
+    from _common import speed_summary
+
+    line = speed_summary([fp32], [int8], 1)
+    assert f"INT8/FP32 time ratio {int8 / fp32:.3f} ({ratio})" in line
