@@ -14,6 +14,7 @@ from pathlib import Path
 from int8conv import pipeline
 from int8conv.commands import common
 from int8conv.engines import CALIBRATION_BACKENDS
+from int8conv.errors import Int8ConvError
 
 #: the line ``int8conv --help`` shows for this command
 SUMMARY = "equalize depthwise layers' input channels: a caffemodel that quantizes better"
@@ -34,6 +35,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output.suffix.lower() == ".prototxt":  # before any work: a text name for the binary weights
+        raise Int8ConvError(
+            f"--output {args.output}: equalize writes a caffemodel (binary weights); the prototxt stays the same "
+            f"({args.proto}): name the output like {args.output.with_suffix('.caffemodel').name}"
+        )
     options = pipeline.CalibrationOptions(
         images=args.images, max_images=args.max_images, batch_size=args.batch_size, backend=args.backend, gpu=args.gpu
     )
