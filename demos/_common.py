@@ -34,6 +34,7 @@ except ModuleNotFoundError as missing:  # a Python without the project's depende
 from int8conv.atomic import write_text_atomic  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402
+from int8conv.calibration.thresholds import DEFAULT_METHOD  # noqa: E402
 from int8conv.commands.common import CALIBRATION_METHODS, add_auto_fp32_arg, add_preprocess_args  # noqa: E402
 from int8conv.commands.validate import harden  # noqa: E402
 from int8conv.engines import CALIBRATION_BACKENDS  # noqa: E402
@@ -115,7 +116,10 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-calib-images", type=int, default=0, help="use at most this many (0 = all)")
     group.add_argument(
-        "--method", choices=CALIBRATION_METHODS, default="kl", help="activation threshold method (default kl)"
+        "--method",
+        choices=CALIBRATION_METHODS,
+        default=DEFAULT_METHOD,
+        help=f"activation threshold method (default {DEFAULT_METHOD}, as int8conv calibrate)",
     )
     add_auto_fp32_arg(group, "keep the most sensitive layers in FP32 until the output cosine reaches COSINE")
     group.add_argument("--backend", choices=CALIBRATION_BACKENDS, default="auto", help="FP32 engine for calibration")
