@@ -146,6 +146,7 @@ def _face_split(shared, tmp_path):
     return faces, listing
 
 
+@pytest.mark.slow  # a whole calibration + conversion of ultraface, twice
 def test_one_shot_equalize_writes_the_model_its_files_fit(shared, tmp_path, capsys):
     """``convert_tool.py --ncnn-dir OUT --equalize`` on ultraface: the six files land together; the FP32 model is
     the original network; its INT8 model is closer to the original FP32 outputs than the plain one-shot's."""
@@ -174,6 +175,7 @@ def test_one_shot_equalize_writes_the_model_its_files_fit(shared, tmp_path, caps
     assert mean["equalized"] > mean["plain"] + 0.002, mean
 
 
+@pytest.mark.slow  # a whole calibration + conversion of ultraface, twice
 def test_export_trt_equalize_is_the_same_network_and_a_closer_qdq_model(shared, tmp_path, capsys):
     """``export-trt --equalize`` on ultraface: its FP32 ONNX computes the original's outputs, and its Q/DQ ONNX
     is closer to them on held-out faces (onnxruntime) than the Q/DQ ONNX of the original model."""
