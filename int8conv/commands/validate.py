@@ -257,6 +257,14 @@ UNUSED = (
         "drop --table",
     ),
     Unused(
+        ("export-trt",),
+        ("--backend", "--jobs", "--batch-size", "--gpu"),
+        lambda args: args.table is None,
+        "the statistics pass, without --table",
+        "with --table FILE no statistics are collected: the images only feed the Q/DQ check, under onnxruntime",
+        "drop --table",
+    ),
+    Unused(
         ("report",),
         ("--method", "--percentile", "--weights-8bit", "--head-method"),
         lambda args: args.table is None,
