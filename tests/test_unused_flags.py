@@ -71,7 +71,11 @@ REFUSED = [
         "--weights-8bit is for the ncnn table format",
     ),
     ("export-trt", ["--table", "{w}/a.table", "--method", "kl"], "--method is for ranges from statistics, without"),
-    ("export-trt", ["--table", "{w}/a.table", "--backend", "opencv", "--jobs", "2"], "--backend, --jobs are for the"),
+    (
+        "export-trt",
+        ["--table", "{w}/a.table", "--backend", "opencv", "--jobs", "2"],
+        "--backend, --jobs are for ranges from statistics",
+    ),
     ("report", ["--table", "{w}/a.table", "--weights-8bit"], "--weights-8bit is for a table computed here"),
     ("report", ["--table", "{w}/a.table", "--head-method", "same"], "--head-method is for a table computed here"),
     ("quantize", ["--images", "{w}/images"], "--images is for --auto-fp32/--min-cosine or --optimize speed"),

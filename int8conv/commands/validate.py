@@ -250,18 +250,11 @@ PREPROCESSING = tuple(PREPROCESS_FLAGS.values())
 UNUSED = (
     Unused(
         ("export-trt",),
-        ("--method", "--percentile"),
+        ("--method", "--percentile", "--backend", "--jobs", "--batch-size", "--gpu"),
         lambda args: args.table is None,
         "ranges from statistics, without --table",
-        "with --table FILE every range is the table's: no threshold method runs",
-        "drop --table",
-    ),
-    Unused(
-        ("export-trt",),
-        ("--backend", "--jobs", "--batch-size", "--gpu"),
-        lambda args: args.table is None,
-        "the statistics pass, without --table",
-        "with --table FILE no statistics are collected: the images only feed the Q/DQ check, under onnxruntime",
+        "with --table FILE every range is the table's: no statistics pass and no threshold method runs, and the "
+        "images only feed the Q/DQ check, under onnxruntime",
         "drop --table",
     ),
     Unused(
