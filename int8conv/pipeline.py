@@ -733,10 +733,8 @@ def _onnx_feeds(graph: Graph, paths: Sequence[Path], prep: Preprocess, batch: in
 
 
 def _warn_inaccurate(model: str, worst: float, images: int, runtime: str, remedies: Sequence[str]) -> None:
-    """The accuracy warning of the ncnn INT8 model and of the Q/DQ ONNX, one wording: below WARN_BELOW (NaN
-    included), with the remedies this tool has and the run did not use."""
-    if worst >= WARN_BELOW:
-        return
+    """The accuracy warning of the ncnn INT8 model and of the Q/DQ ONNX, one wording, with the remedies this tool
+    has and the run did not use (the callers check the bar: ``not worst >= WARN_BELOW``, so NaN warns)."""
     log.warning(
         "the %s's output cosine against FP32 is %.4f on the worst of %d calibration image(s) (%s), below %g: "
         "the %s is not as accurate as FP32 on this model%s",
@@ -753,7 +751,7 @@ def _warn_inaccurate(model: str, worst: float, images: int, runtime: str, remedi
 def warn_inaccurate_int8(result: CalibrationResult, equalized: bool = False) -> None:
     """After ``--method auto`` (its validation score), for the commands whose product is the ncnn INT8 model
     (calibrate, convert_tool.py, report); ``equalized``: the model is already ``--equalize``'s."""
-    if not result.validation_images:
+    if not result.validation_images or result.scores[AUTO_METHOD] >= WARN_BELOW:
         return
     remedies = [
         "measure it on other images (int8conv eval)",
@@ -770,6 +768,8 @@ def warn_inaccurate_int8(result: CalibrationResult, equalized: bool = False) -> 
 
 def warn_inaccurate_qdq(check: QdqCheck, graph: Graph, trt: TrtOptions) -> None:
     """export-trt's warning for the Q/DQ ONNX it wrote (``check``)."""
+    if check.worst >= WARN_BELOW:
+        return
     remedies = []
     if trt.auto_fp32 is None or trt.auto_fp32 < WARN_BELOW:
         remedies.append(f"keep its most sensitive layers FP32 with --auto-fp32 {WARN_BELOW:g}")
@@ -931,9 +931,8 @@ def evaluate_ncnn(
 def _check_converted_from(graph: Graph, proto: Path, param: Path) -> None:
     """The ncnn model's outputs are values of the Caffe model it is compared with (or ``param`` is another model's,
     and the engine would fail later on a missing blob, naming neither file)."""
-    values = set(graph.inputs) | {top for layer in graph.layers for top in layer.tops}
     outputs = NcnnModel(parse_param(Path(param).read_text(encoding="utf-8", errors="replace"), param)).output_names
-    foreign = [name for name in outputs if name not in values]
+    foreign = [name for name in outputs if name not in graph.blob_names]  # its keys: every input and top value
     if foreign:
         raise ModelError(
             f"{param} was converted from another Caffe model than {proto}, which has no blob "
