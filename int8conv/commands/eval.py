@@ -78,15 +78,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Path | None]:
     """FP32 and INT8 file paths from --ncnn-dir (as ``pipeline.ncnn_paths`` names them) or the explicit options."""
-    if args.table is not None and (args.int8_param is not None or args.int8_bin is not None):
-        raise Int8ConvError("give the INT8 model (--int8-param and --int8-bin) or a --table to quantize with, not both")
-    if args.ncnn_dir is not None:
-        files = {"--param": args.param, "--bin": args.bin, "--int8-param": args.int8_param, "--int8-bin": args.int8_bin}
-        given = [flag for flag, path in files.items() if path is not None]
-        if given:  # they were ignored for the folder's files
-            raise Int8ConvError(
-                f"--ncnn-dir names the models (<stem>.param/.bin, <stem>-int8.param/.bin): drop {', '.join(given)}"
-            )
+    if (
+        args.ncnn_dir is not None
+    ):  # validate.UNUSED refused file-by-file models beside it, and an INT8 pair with --table
         paths = pipeline.ncnn_paths(args.ncnn_dir, common.model_files(args).stem)
         int8 = (None, None) if args.table else (paths["int8_param"], paths["int8_bin"])
         return paths["fp32_param"], paths["fp32_bin"], *int8

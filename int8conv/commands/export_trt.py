@@ -77,12 +77,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.table is not None:  # the ranges come from the table: no statistics, and the table's model
-        for flag, value in (("--save-stats", args.save_stats), ("--load-stats", args.load_stats)):
-            if value:
-                raise Int8ConvError(f"{flag}: the ranges come from the table {args.table}, not statistics: drop one")
-        if args.equalize:
-            raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
+    if args.table is not None and args.equalize:  # the statistics flags beside --table: validate.UNUSED
+        raise Int8ConvError(f"--equalize changes the model, which the table {args.table} is not for: drop one")
     model, prep, calibration = common.calibration_inputs(args)
     trt = pipeline.TrtOptions(
         batch=args.batch,

@@ -250,7 +250,7 @@ PREPROCESSING = tuple(PREPROCESS_FLAGS.values())
 UNUSED = (
     Unused(
         ("export-trt",),
-        ("--method", "--percentile", "--backend", "--jobs", "--batch-size", "--gpu"),
+        ("--method", "--percentile", "--backend", "--jobs", "--batch-size", "--gpu", "--save-stats", "--load-stats"),
         lambda args: args.table is None,
         "ranges from statistics, without --table",
         "with --table FILE every range is the table's: no statistics pass and no threshold method runs, and the "
@@ -331,6 +331,22 @@ UNUSED = (
     ),
     Unused(
         ("eval",),
+        ("--int8-param", "--int8-bin"),
+        lambda args: args.table is None,
+        "a given INT8 model, without --table",
+        "with --table FILE the INT8 model is quantized here from the table",
+        "drop --table",
+    ),
+    Unused(
+        ("eval",),
+        ("--param", "--bin", "--int8-param", "--int8-bin"),
+        lambda args: args.ncnn_dir is None,
+        "models given file by file, without --ncnn-dir",
+        "--ncnn-dir names the models: <stem>.param/.bin, <stem>-int8.param/.bin",
+        "drop --ncnn-dir",
+    ),
+    Unused(
+        ("eval",),
         ("--no-fp16",),
         lambda args: args.table is not None,
         "--table",
@@ -366,12 +382,13 @@ UNUSED = (
 def given_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, flags: Sequence[str]) -> list[str]:
     """Those of ``flags`` the command line set to something other than their default (the default given explicitly
     changes nothing, so it counts as not given), in ``flags``' order."""
-    found = {}
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option in flags and getattr(args, action.dest, action.default) != action.default:
-                found[option] = True
-    return [flag for flag in flags if flag in found]
+    changed = {
+        option
+        for action in parser._actions
+        if getattr(args, action.dest, action.default) != action.default
+        for option in action.option_strings
+    }
+    return [flag for flag in flags if flag in changed]
 
 
 def check_unused(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> None:
