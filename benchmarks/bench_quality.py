@@ -269,39 +269,32 @@ def equalized_model(proto: Path, caffemodel: Path, prep, calibration: list[Path]
     return path
 
 
-def onnx_decoder(export, task: str, model, size: tuple[int, int]):
-    """One image's ONNX outputs (batch 1, every export output) -> what ``task_outputs`` gives for ncnn's: SSD
-    heads through the host DetectionOutput (the export stops before it), host-decoded nets through their decoder."""
+def onnx_decoder(export, score: OutputCosine, task: str, model, size: tuple[int, int]):
+    """One image's scored ONNX outputs (batch 1) -> what ``task_outputs`` gives for ncnn's: SSD heads through the
+    host DetectionOutput (the export stops before it), host-decoded nets through their decoder."""
     threshold = score_threshold(task, None)
-    if task == "ssd":
+    if task == "ssd":  # the priors depend on shapes only (constants, not scored): computed once
         (head,) = export.heads
+        session = score.ort.InferenceSession(export.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        (priors,) = session.run([head.priors], score.feeds[0])
         return lambda out: from_detection_output(
-            detection_output(out[head.loc], out[head.conf], out[head.priors], head.param)
+            detection_output(out[head.loc], out[head.conf], priors, head.param)
         ).above(threshold)
     decode = task_outputs(task, model, size, threshold)
     return lambda out: decode({name: value[0] for name, value in out.items()})
 
 
-def qdq_task_metric(export, qdq, feeds: list[dict], task_model: tuple) -> dict | None:
+def qdq_task_metric(export, score: OutputCosine, qdq_outputs: list, task_model: tuple) -> dict | None:
     """Precision/recall of the Q/DQ ONNX's detections against the FP32 ONNX's (score >= 0.5, RetinaFace 0.8,
-    same label, IoU >= 0.5), both under onnxruntime: the task metric the ncnn cells report, for TensorRT users.
-    None for classifiers (their top-1 is the cosine's story) and maps."""
+    same label, IoU >= 0.5), from the outputs both already gave under onnxruntime (``score.reference``,
+    ``qdq_outputs``): the task metric the ncnn cells report, for TensorRT users. None for classifiers (their top-1
+    is the cosine's story) and maps."""
     model, task, size = task_model
     if task not in ("ssd", *HOST_TASKS):
         return None
-    import onnxruntime
-
-    decode, metric = onnx_decoder(export, task, model, size), TaskMetric(task)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [
-        onnxruntime.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for m in (export.model, qdq)
-    ]
-    names = list(export.outputs)
-    for feed in feeds:
-        ref, out = (dict(zip(names, session.run(names, feed), strict=True)) for session in sessions)
-        update_metric(metric, decode(ref), decode(out), IOU_THRESHOLD)
+    decode, metric = onnx_decoder(export, score, task, model, size), TaskMetric(task)
+    for ref, out in zip(score.reference, qdq_outputs, strict=True):
+        update_metric(metric, *(decode(dict(zip(score.outputs, o, strict=True))) for o in (ref, out)), IOU_THRESHOLD)
     return metric.summary().as_dict()
 
 
@@ -331,10 +324,11 @@ def qdq_cosine(
     mirrored = pipeline.ncnn_fp32_layers(graph)
     for prefix, fp32_layers in (("", mirrored), ("quantized_", [])) if mirrored else (("", []),):
         qdq = insert_qdq(export, tensor_ranges(export, values), fp32_layers, layer_input_ranges(table), learned)
-        cosines = score.per_image(qdq)
+        outputs = score.outputs_of(qdq)  # one run for the cosines and the detections
+        cosines = [blob_cosine(r, c) for r, c in zip(score.reference, outputs, strict=True)]  # score.per_image's
         found |= {f"{prefix}min": min(cosines), f"{prefix}mean": float(np.mean(cosines))}
         if not prefix:
-            found["task"] = qdq_task_metric(export, qdq, score.feeds, task_model)
+            found["task"] = qdq_task_metric(export, score, outputs, task_model)
     fp32, int8 = ncnn
     ncnn_cosines = []
     for x in judged:
