@@ -1,7 +1,7 @@
 """INT8 quality per calibration method on every shared model, judged on images NOT used for calibration.
 
     python benchmarks/bench_quality.py [--models res10 ultraface] [--methods kl aciq eq] [--shared ../shared]
-        [--qdq METHOD] [--equalize] [--auto-fp32 COSINE]
+        [--qdq METHOD [--bounds]] [--equalize] [--auto-fp32 COSINE]
 
 Each image folder is split in two: even positions calibrate, odd positions judge, so no judged image was
 seen by the calibration. Per model the FP32 statistics are collected once (OpenCV engine) and shared by every
@@ -19,7 +19,10 @@ method's Q/DQ ONNX under onnxruntime (worst and mean per-image output cosine aga
 ncnn's FP32 layers quantized, and the ncnn INT8 model's worst image on the same outputs; detectors: the Q/DQ
 detections' precision/recall against the FP32 ONNX's); ``--equalize`` calibrates the model ``int8conv equalize``
 makes, judged against the original FP32 model; ``--auto-fp32 COSINE`` runs quantize's FP32-layer search on each
-table (on auto's validation images) and judges the mixed model.
+table (on auto's validation images) and judges the mixed model. ``--bounds`` (with ``--qdq``) adds two experiments
+that bound what any table can do: the method's table with every weight at 8 bits, run on ncnn with Winograd off
+(nothing can overflow), and the Q/DQ ONNX with per-channel activation scales, which neither ncnn's table nor
+TensorRT's per-tensor Q/DQ can hold.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,6 +176,7 @@ def bench_model(
     qdq_method: str | None = None,
     equalize: bool = False,
     auto_fp32_target: float | None = None,
+    bounds: bool = False,
 ) -> dict[str, Cell]:
     proto, caffemodel = folder_model.paths(shared)
     prep = folder_model.prep
@@ -231,7 +237,12 @@ def bench_model(
                 (fp32, int8),
                 result,
                 (ncnn_model, cell.metric["task"], prep.size),
+                calib_inputs if bounds else None,
             )
+            if bounds:
+                cell.metric["weights_8bit"] = weights_8bit_bound(
+                    base, graph, stats, calib_inputs, (quantized_model, ncnn_model), fp32, judged_inputs, prep, workdir
+                )
         cells[method] = cell
         logging.info("%s %s: %s %.1fs %s", name, method, cell.metric, cell.seconds, cell.error)
     return cells
@@ -298,6 +309,53 @@ def qdq_task_metric(export, score: OutputCosine, qdq_outputs: list, task_model: 
     return metric.summary().as_dict()
 
 
+def weights_8bit_bound(base: str, graph, stats, calib_inputs, models: tuple, fp32, judged, prep, workdir) -> dict:
+    """``base``'s table with every weight at 8 bits (no Winograd bound) on an INT8 model run with ncnn's Winograd
+    off, so nothing can overflow, judged like the cells: what the Winograd weight bound costs at most."""
+    rules = TableRules(winograd_6bit=False)
+    if base == AUTO_METHOD:
+        result = calibrate_auto(graph, stats, validation_images(calib_inputs), rules)
+    else:
+        result = build_table(graph, stats, base, rules)
+    quantized_model, reference_model = models
+    param, binary = workdir / "weights-8bit.param", workdir / "weights-8bit.bin"
+    write_model(quantize_model(quantized_model, result.table, fp16_storage=False), param, binary)
+    return judge(fp32, NcnnRunner(param, binary, int8=True, winograd=False), reference_model, judged, prep)
+
+
+def per_channel_qdq(qdq, export, feeds: list[dict]):
+    """``qdq`` with every activation quantizer per channel (axis 1), each channel's scale its |x| max over ``feeds``
+    (FP32 ONNX, onnxruntime) / 127: an oracle that neither ncnn's table nor TensorRT's per-tensor Q/DQ can hold."""
+    import onnxruntime
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    constants = {init.name for init in model.graph.initializer}
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    tensors = sorted({q.input[0] for q in quantizers})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(export.model)
+    listed = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in listed)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = dict.fromkeys(tensors, 0.0)
+    for feed in feeds:
+        for t, value in zip(tensors, session.run(tensors, feed), strict=True):
+            amax[t] = np.maximum(amax[t], np.abs(value).reshape(value.shape[0], value.shape[1], -1).max(axis=(0, 2)))
+    dequantizers = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for q in quantizers:
+        scale = (np.maximum(amax[q.input[0]], 1e-8) / 127).astype(np.float32)
+        names = (f"{q.input[1]}/per_channel", f"{q.input[2]}/per_channel")
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(scale, names[0]), numpy_helper.from_array(np.zeros_like(scale, np.int8), names[1])]
+        )
+        for node in (q, dequantizers[q.output[0]]):
+            node.input[1], node.input[2] = names
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", 1))
+    return model
+
+
 def qdq_cosine(
     graph,
     stats,
@@ -307,13 +365,15 @@ def qdq_cosine(
     ncnn: tuple[NcnnRunner, NcnnRunner],
     result=None,
     task_model: tuple = (None, "classifier", (0, 0)),
+    per_channel_inputs: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Worst (``min``) and ``mean`` per-image output cosine of the Q/DQ ONNX (ranges as ``export-trt`` writes them
     from ``table``, ``result``'s learned weights with ``+adaround``, and the layers ncnn keeps FP32 left FP32)
     against the FP32 ONNX, under onnxruntime (``qdq.OutputCosine``, as ``--auto-fp32`` scores); the same with those
     layers quantized too (``quantized_min``/``quantized_mean``, when there are any), and the worst image of the ncnn
     INT8 model (``ncnn_min``; ``ncnn``: FP32 and INT8 runners) scored the same way; for detectors (``task_model``:
-    the ncnn FP32 model, its task, the input size) the Q/DQ detections' precision/recall (``task``)."""
+    the ncnn FP32 model, its task, the input size) the Q/DQ detections' precision/recall (``task``); with
+    ``per_channel_inputs`` (calibration images) the same for ``per_channel_qdq`` (``per_channel``)."""
     export = export_onnx(graph, batch=1)
     values = value_ranges(stats, histogram_method(method))
     values.update(table_ranges(table, graph))
@@ -329,6 +389,14 @@ def qdq_cosine(
         found |= {f"{prefix}min": min(cosines), f"{prefix}mean": float(np.mean(cosines))}
         if not prefix:
             found["task"] = qdq_task_metric(export, score, outputs, task_model)
+            if per_channel_inputs is not None:
+                oracle = score.outputs_of(per_channel_qdq(qdq, export, [{name: x[None]} for x in per_channel_inputs]))
+                worst = [blob_cosine(r, c) for r, c in zip(score.reference, oracle, strict=True)]
+                found["per_channel"] = {
+                    "min": min(worst),
+                    "mean": float(np.mean(worst)),
+                    "task": qdq_task_metric(export, score, oracle, task_model),
+                }
     fp32, int8 = ncnn
     ncnn_cosines = []
     for x in judged:
@@ -386,6 +454,19 @@ def cell_text(cell: Cell) -> str:
     return f"{m['precision']:.3f}/{m['recall']:.3f} {cell.seconds:5.1f}s"
 
 
+def detections_text(task: dict | None) -> str:
+    return f", P/R {task['precision']:.3f}/{task['recall']:.3f}" if task and task.get("precision") is not None else ""
+
+
+def bounds_text(weights_8bit: dict, per_channel: dict) -> str:
+    """``--bounds``'s line: the two experiments' judged metrics."""
+    return (
+        f"8-bit weights, Winograd off: cosine {weights_8bit['cosine']:.4f}/{weights_8bit['cosine_min']:.4f}"
+        f"{detections_text(weights_8bit)}; Q/DQ with per-channel activation scales: output cosine min "
+        f"{per_channel['min']:.4f}, mean {per_channel['mean']:.4f}{detections_text(per_channel['task'])}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path(os.environ.get("INT8CONV_SHARED", ROOT.parent / "shared")))
@@ -406,8 +487,17 @@ def main() -> None:
         help="also run quantize's --auto-fp32 COSINE search on each method's table (on auto's validation images) and "
         "judge the mixed model: how many layers it keeps FP32",
     )
+    parser.add_argument(
+        "--bounds",
+        action="store_true",
+        help="with --qdq METHOD (a histogram method or auto): two experiments that bound what any table can do, "
+        "METHOD with every weight at 8 bits on ncnn with Winograd off, and the Q/DQ ONNX with per-channel "
+        "activation scales (which neither format holds)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
+    if args.bounds and (args.qdq is None or args.qdq.partition("+")[0] in SEARCH_METHODS or "+" in args.qdq):
+        parser.error("--bounds needs --qdq METHOD, a histogram method or auto")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     images = split_images(args.shared, args.imagenet)
     print(f"calibration images {len(images[0])}, judged images {len(images[1])} (disjoint)")
@@ -432,6 +522,7 @@ def main() -> None:
                     args.qdq,
                     args.equalize,
                     args.auto_fp32,
+                    args.bounds,
                 )
             except Int8ConvError as exc:
                 print(f"{name:<16} not judged: {str(exc)[:100]}")
@@ -474,6 +565,8 @@ def main() -> None:
                         if qdq.get("task")
                         else ""
                     )
+                    if "weights_8bit" in cell.metric:
+                        print(f"    bounds ({method}): {bounds_text(cell.metric['weights_8bit'], qdq['per_channel'])}")
                     print(
                         f"    Q/DQ ONNX ({method}, onnxruntime): output cosine min {qdq['min']:.4f}, mean "
                         f"{qdq['mean']:.4f} (ncnn INT8 on the same outputs: min {qdq['ncnn_min']:.4f}){quantized}"
