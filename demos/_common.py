@@ -32,10 +32,11 @@ except ModuleNotFoundError as missing:  # a Python without the project's depende
         "`.venv/bin/python demos/...` (README.md, 'Set up and run')"
     )
 from int8conv.atomic import write_text_atomic  # noqa: E402
+from int8conv.caffe.graph import load_graph  # noqa: E402
 from int8conv.calibration.calibrate import model_identity  # noqa: E402
 from int8conv.calibration.preprocess import Preprocess, list_images, readable_images  # noqa: E402
 from int8conv.calibration.thresholds import DEFAULT_METHOD  # noqa: E402
-from int8conv.commands.common import CALIBRATION_METHODS, add_auto_fp32_arg, add_preprocess_args  # noqa: E402
+from int8conv.commands.common import CALIBRATION_METHODS, add_auto_fp32_arg, add_preprocess_args, preprocess_options  # noqa: E402
 from int8conv.commands.validate import harden  # noqa: E402
 from int8conv.engines import CALIBRATION_BACKENDS  # noqa: E402
 from int8conv.errors import Int8ConvError  # noqa: E402
@@ -187,6 +188,24 @@ def build_models(
     pipeline.write_ncnn_build(build, cache_dir, files.stem)
     write_text_atomic(stamp, json.dumps({"key": key, "fp32_layers": pair.fp32_layers}, indent=1))
     return pair
+
+
+def prepare(
+    args: argparse.Namespace, proto: Path, model: Path, calib_images: Path
+) -> tuple[list[Path], Preprocess, NcnnPair, SideBySide]:
+    """What both demos start from: the images to run (listed first: a wrong path fails before the build), the
+    input preprocessing, the built pair and its two networks loaded side by side."""
+    images = list_images(args.images)
+    prep_options = preprocess_options(args)
+    prep = prep_options.for_graph(load_graph(proto, model), proto)
+    pair = build_models(proto, model, prep_options, calib_images, args.out_dir / "models", args)
+    return images, prep, pair, SideBySide(pair, args.threads, args.runs)
+
+
+def header(model: Path, images: Sequence[Path], pair: NcnnPair) -> str:
+    """The first line a demo prints: the model, how many images, the INT8 model and the layers it keeps FP32."""
+    kept = f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else ""
+    return f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}{kept}"
 
 
 class SideBySide:

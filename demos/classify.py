@@ -18,13 +18,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from _common import SideBySide, build_models, demo_parser, finish, load_names, parse_with_preset, run_main
+from _common import demo_parser, finish, header, load_names, parse_with_preset, prepare, run_main
 
 from int8conv.atomic import atomic_write
-from int8conv.caffe.graph import load_graph
-from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
-from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError
 from int8conv.evaluation.evaluate import class_output
 from int8conv.ncnn.model import read_model
@@ -138,21 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, names, calib = resolve_model(args)
-    images = list_images(args.images)  # a wrong path fails now, not after the build
-    prep_options = preprocess_options(args)
-    prep = prep_options.for_graph(load_graph(proto, model), proto)
-    pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
-    nets = SideBySide(pair, args.threads, args.runs)
+    images, prep, pair, nets = prepare(args, proto, model, calib)
     output = class_output(read_model(pair.fp32_param, pair.fp32_bin))  # the one eval reads its top-1 from
     if output is None:
         raise Int8ConvError(
             f"{proto}: outputs {', '.join(nets.fp32.output_names)} and none is a Softmax: no class scores to rank"
         )
     ms_fp32, ms_int8, agree = [], [], 0
-    print(
-        f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
-        + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else "")
-    )
+    print(header(model, images, pair))
     for path, image, out_fp32, out_int8, t_fp32, t_int8 in nets.each(images, prep):
         p_fp32, p_int8 = out_fp32[output].reshape(-1), out_int8[output].reshape(-1)
         if names is None or len(names) != p_fp32.size:

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from _common import VOC_CLASSES, SideBySide, build_models, demo_parser, finish, load_names, parse_with_preset, run_main
+from _common import VOC_CLASSES, demo_parser, finish, header, load_names, parse_with_preset, prepare, run_main
 
 from int8conv.atomic import write_bytes_atomic
-from int8conv.caffe.graph import load_graph
-from int8conv.calibration.preprocess import list_images
 from int8conv.cli import setup_logging
-from int8conv.commands.common import preprocess_options
 from int8conv.errors import Int8ConvError, ModelError
 from int8conv.evaluation.detection import Detections, MatchTally, from_detection_output
 from int8conv.evaluation.evaluate import detect_task, score_threshold
@@ -185,17 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose, quiet=False)
     proto, model, calib = resolve_model(args)
-    images = list_images(args.images)  # a wrong path fails now, not after the build
-    prep_options = preprocess_options(args)
-    prep = prep_options.for_graph(load_graph(proto, model), proto)
-    pair = build_models(proto, model, prep_options, calib, args.out_dir / "models", args)
-    nets = SideBySide(pair, args.threads, args.runs)
+    images, prep, pair, nets = prepare(args, proto, model, calib)
     decode = Decoder(pair.fp32_param, pair.fp32_bin, args.host_decode, prep.size, args.score_threshold)
     names = class_names(args.classes, decode.num_classes)
-    print(
-        f"{model.name}: {len(images)} image(s); INT8 model {pair.int8_param}"
-        + (f" (FP32 layers: {', '.join(pair.fp32_layers)})" if pair.fp32_layers else "")
-    )
+    print(header(model, images, pair))
     tally = MatchTally()
     ms_fp32, ms_int8 = [], []
     for path, image, out_fp32, out_int8, t_fp32, t_int8 in nets.each(images, prep):

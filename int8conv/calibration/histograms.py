@@ -51,7 +51,7 @@ def _range_exponent(absmax: float) -> int:
     return int(exponent) - 1 if mantissa == 0.5 else int(exponent)
 
 
-def _rebin(counts: np.ndarray, shift: int, at_range_max: int = 0) -> np.ndarray:
+def _rebin(counts: np.ndarray, shift: int, at_range_max: int) -> np.ndarray:
     """Counts over ``[0, R]`` -> counts over ``[0, R * 2**shift]``: groups of ``2**shift`` bins become one.
 
     The ``at_range_max`` values of the last bin that equal R exactly sit on the lower edge of bin

@@ -182,17 +182,18 @@ def load_layer_timings(path: str | Path) -> dict[str, LayerTiming]:
         return result
 
     timings = {}
+    counts: set[int] = set()
     for layer, entry in data.items():
         if not isinstance(entry, dict) or set(entry) != {"fp32", "int8"}:
             raise Int8ConvError(f"{path}: layer '{layer}' needs exactly 'fp32' and 'int8' times, got {entry!r}")
         fp32, int8 = per_thread(layer, entry["fp32"]), per_thread(layer, entry["int8"])
         if set(fp32) != set(int8):
             raise Int8ConvError(f"{path}: layer '{layer}': FP32 and INT8 times for different thread counts")
-        first = next(iter(timings.values()), None)
-        if first is not None and set(fp32) != set(first.fp32_ms):  # the per-layer table has one column per count
+        counts = counts or set(fp32)  # the first layer's: the per-layer table has one column per count
+        if set(fp32) != counts:
             raise Int8ConvError(
                 f"{path}: layer '{layer}' has times for {sorted(fp32)} thread(s), the layers before it for "
-                f"{sorted(first.fp32_ms)}: give every layer the same thread counts"
+                f"{sorted(counts)}: give every layer the same thread counts"
             )
         timings[layer] = LayerTiming(fp32, int8)
     return timings
