@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from int8conv.atomic import write_text_atomic
-from int8conv.errors import Int8ConvError
+from int8conv.errors import Int8ConvError, some_names
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def write_dynamic_ranges(path: str | Path, ranges: Mapping[str, float]) -> None:
             "unchanged (or rename the blobs in the prototxt)",
             path,
             len(colons),
-            ", ".join(colons[:5]) + (", ..." if len(colons) > 5 else ""),
+            some_names(colons, 5),
         )
     write_text_atomic(path, format_dynamic_ranges(ranges))
 
