@@ -17,6 +17,7 @@ from int8conv.errors import Int8ConvError
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
+    FLOAT32_RANGE,
     MIN_AMAX,
     algorithm_for,
     cache_version,
@@ -107,6 +108,15 @@ def test_no_bad_value_reaches_a_file(tmp_path, bad):
         with pytest.raises(Int8ConvError, match="conv3"):
             write(path)
         assert not path.exists()
+
+
+def test_the_range_limits_reach_the_cache_as_positive_finite_scales(tmp_path):
+    """The smallest and largest amax check_amax lets through give a float32 scale TensorRT reads back as positive
+    and finite (the smallest a denormal, not 0): no further check is needed between the range and the file."""
+    path = tmp_path / "limits.cache"
+    write_calibration_cache(path, {"low": FLOAT32_RANGE[0], "high": FLOAT32_RANGE[1]})
+    scales = read_calibration_cache(path).scales
+    assert 0 < scales["low"] < float(np.finfo(np.float32).tiny) and np.isfinite(scales["high"])
 
 
 def test_readers_name_file_and_line(tmp_path):
