@@ -1,5 +1,14 @@
 """User-facing errors: every failure a user can cause names the file, line, layer or image."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def some_names(names: Sequence[str], most: int = 10) -> str:
+    """The first ``most`` of ``names`` for a message, "..." marking the rest: a long list stays one readable line."""
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
 
 class Int8ConvError(Exception):
     """An error caused by the user's input; the CLI prints it without a traceback and exits 2."""

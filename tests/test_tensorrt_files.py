@@ -17,6 +17,7 @@ from int8conv.errors import Int8ConvError
 from int8conv.tables.ncnn_table import read_ncnn_table
 from int8conv.tables.tensorrt_files import (
     DEFAULT_TRT_VERSION,
+    FLOAT32_RANGE,
     MIN_AMAX,
     algorithm_for,
     cache_version,
@@ -109,6 +110,15 @@ def test_no_bad_value_reaches_a_file(tmp_path, bad):
         assert not path.exists()
 
 
+def test_the_range_limits_reach_the_cache_as_positive_finite_scales(tmp_path):
+    """The smallest and largest amax check_amax lets through give a float32 scale TensorRT reads back as positive
+    and finite (the smallest a denormal, not 0): no further check is needed between the range and the file."""
+    path = tmp_path / "limits.cache"
+    write_calibration_cache(path, {"low": FLOAT32_RANGE[0], "high": FLOAT32_RANGE[1]})
+    scales = read_calibration_cache(path).scales
+    assert 0 < scales["low"] < float(np.finfo(np.float32).tiny) and np.isfinite(scales["high"])
+
+
 def test_readers_name_file_and_line(tmp_path):
     cache = tmp_path / "bad.cache"
     cache.write_text("TRT-8601-EntropyCalibration2\ndata: 3c010a14\nconv1: zz\n")
@@ -138,11 +148,20 @@ def test_dynamic_ranges_text_and_json_round_trip(tmp_path):
 
 
 # export-trt --------------------------------------------------------------------------------------------------
-def yunet_args(shared: Path) -> list[str]:
+def yunet_files(shared: Path) -> tuple[Path, Path]:
+    """YuNet's prototxt and caffemodel."""
     folder, proto, model = YUNET
-    base = shared / "models" / folder
+    return shared / "models" / folder / proto, shared / "models" / folder / model
+
+
+def yunet_model_args(shared: Path) -> list[str]:
+    proto, model = yunet_files(shared)
+    return ["--proto", str(proto), "--model", str(model)]
+
+
+def yunet_args(shared: Path) -> list[str]:
     # a histogram method: these tests are about the files (auto without images to validate on falls back to mse)
-    return ["--proto", str(base / proto), "--model", str(base / model), "--method", "mse"]
+    return [*yunet_model_args(shared), "--method", "mse"]
 
 
 def outputs(out: Path) -> dict[str, Path]:
@@ -176,7 +195,7 @@ def test_export_trt_writes_every_tensor(shared, yunet_export):
         assert struct.pack(">f", cache.scales[name]) == struct.pack(">f", amax / 127)
     assert ranges["conv3_3_norm/unit"] == 1.0  # inner tensor of Normalize: a unit vector
     assert ranges["conv3_3_norm_mbox_loc_perm"] == ranges["conv3_3_norm_mbox_loc_new"]  # Permute keeps the range
-    graph = load_graph(*(Path(a) for a in yunet_args(shared)[1:4:2]))
+    graph = load_graph(*yunet_files(shared))
     assert "data" in ranges and all(v in ranges for v in graph.outputs if v not in ("detection_out",))
     qdq = onnx.load(files["qdq"])
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) > 0
@@ -209,12 +228,12 @@ def test_calibrate_statistics_are_not_enough_for_tensorrt(shared, tmp_path, caps
     assert (
         int8conv_main(
             # no --method: every range is the table's (the flag is refused there)
-            ["export-trt", *yunet_args(shared)[:4], "--table", str(tmp_path / "t.table"), "--out-dir", str(out), "-q"]
+            ["export-trt", *yunet_model_args(shared), "--table", str(tmp_path / "t.table"), "--out-dir", str(out), "-q"]
         )
         == 0
     )
     table = read_ncnn_table(tmp_path / "t.table")
-    graph = load_graph(*(Path(a) for a in yunet_args(shared)[1:4:2]))
+    graph = load_graph(*yunet_files(shared))
     expected = {graph.layer(name).bottoms[0]: 127 / scale for name, scale in table.activation_scales.items()}
     expected.update({f"{layer.name}/unit": 1.0 for layer in graph.layers if layer.type == "Normalize"})
     assert read_dynamic_ranges(outputs(out)["txt"]) == pytest.approx(expected, rel=1e-12)

@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from int8conv.errors import ModelError
+from int8conv.errors import ModelError, some_names
 from int8conv.ncnn.model import NcnnBlob, NcnnLayer, NcnnModel
 from int8conv.ncnn.shape_hints import add_shape_hints, has_shape_hints
 from int8conv.tables.ncnn_table import CalibrationTable
@@ -269,11 +269,6 @@ def _store_fp16(layer: NcnnLayer) -> None:
         blob.data = blob.data.astype(np.float16)
 
 
-def _some(names: list[str], most: int = 10) -> str:
-    """The first ``most`` names of a list, for a log line."""
-    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
-
-
 def _quantize_layers(
     model: NcnnModel, table: CalibrationTable, biases: dict[str, np.ndarray], weights: dict[str, np.ndarray]
 ) -> tuple[list[str], list[str]]:
@@ -353,7 +348,9 @@ def quantize_model(
         add_shape_hints(result)  # a model from caffe2ncnn: the INT8 file gets the hints all the same
     unknown = sorted((set(table.activation_scales) | set(table.weight_scales)) - {ly.name for ly in result.layers})
     if unknown:
-        log.warning("the table names %d layer(s) the model does not have (ignored): %s", len(unknown), _some(unknown))
+        log.warning(
+            "the table names %d layer(s) the model does not have (ignored): %s", len(unknown), some_names(unknown)
+        )
     uncovered = _uncovered_layers(result, table)
     quantized, covered = _quantize_layers(result, table, biases or {}, weights or {})
     if not covered and not table.fp32_layers:
@@ -364,7 +361,7 @@ def quantize_model(
         )
     if uncovered and covered:
         log.warning(
-            "%d quantizable layer(s) have no line in the table and stay FP32: %s", len(uncovered), _some(uncovered)
+            "%d quantizable layer(s) have no line in the table and stay FP32: %s", len(uncovered), some_names(uncovered)
         )
     fused = _fuse_requantize(result)
     if fp16_storage:

@@ -9,9 +9,8 @@ and therefore the last float bits.
 The shapes come from the ncnn runtime itself, as ``ncnnoptimize``'s ``shape_inference`` gets them: one forward
 of a zero input with every blob extracted. Shapes do not depend on the weights, so the net is loaded with zero
 weights (ncnn's ``DataReaderFromEmpty``, as ``benchncnn`` does): no ``.bin`` is serialized, written or read, and
-every core runs the one forward (a one-off timing of the conversion: open_nsfw 0.12 -> 0.06 s). Layers
-whose output size depends on the data (DetectionOutput) and 4-D Mats (the hint format holds at most 3
-dimensions) get no hint, as in ``ncnnoptimize``.
+every core runs the one forward. Layers whose output size depends on the data (DetectionOutput) and 4-D Mats (the
+hint format holds at most 3 dimensions) get no hint, as in ``ncnnoptimize``.
 """
 
 from __future__ import annotations

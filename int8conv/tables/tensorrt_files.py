@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from int8conv.atomic import write_text_atomic
-from int8conv.errors import Int8ConvError
+from int8conv.errors import Int8ConvError, some_names
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ FLOAT32_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).ma
 
 def check_amax(name: str, amax: float) -> float:
     """A range TensorRT can hold: finite, positive and within float32 (beyond it, TensorRT would read 0 or Inf)."""
-    if not (math.isfinite(amax) and FLOAT32_RANGE[0] <= amax <= FLOAT32_RANGE[1]):
+    if not FLOAT32_RANGE[0] <= amax <= FLOAT32_RANGE[1]:  # NaN compares False, Inf is above the range
         raise Int8ConvError(
             f"tensor '{name}': range {amax} is not a finite positive float32 "
             f"({FLOAT32_RANGE[0]:g} to {FLOAT32_RANGE[1]:g}); NaN, Inf and 0 never reach a TensorRT file"
@@ -120,9 +120,8 @@ def format_calibration_cache(
         raise Int8ConvError(f"unknown calibrator '{algorithm}'; choose one of {', '.join(ALGORITHMS)}")
     lines = [f"TRT-{cache_version(version)}-{algorithm}"]
     for name, amax in ranges.items():
+        # a float32 amax (check_amax) over 127 is a positive float32 too (the smallest: a denormal, not 0)
         scale = struct.unpack(">f", struct.pack(">f", check_amax(name, amax) / LEVELS))[0]
-        if not (math.isfinite(scale) and scale > 0):
-            raise Int8ConvError(f"tensor '{name}': amax {amax} gives no positive float32 scale")
         lines.append(f"{_check_name(name)}: {scale_to_hex(scale)}")
     return "\n".join(lines) + "\n"
 
@@ -177,7 +176,7 @@ def write_dynamic_ranges(path: str | Path, ranges: Mapping[str, float]) -> None:
             "unchanged (or rename the blobs in the prototxt)",
             path,
             len(colons),
-            ", ".join(colons[:5]) + (", ..." if len(colons) > 5 else ""),
+            some_names(colons, 5),
         )
     write_text_atomic(path, format_dynamic_ranges(ranges))
 

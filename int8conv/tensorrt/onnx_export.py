@@ -157,6 +157,11 @@ def export_onnx(graph: Graph, batch: int | None = None) -> OnnxExport:
     return OnnxExport(model, outputs, b.derived, folded, b.constants, heads)
 
 
+def _batch_label(batch: int) -> str:
+    """An export batch as a message names it (-1: the symbolic one)."""
+    return "N (dynamic)" if batch == -1 else str(batch)
+
+
 def _check_batch_axis(graph: Graph, batch: int | None) -> None:
     """The batch rewrites axis 0 of every input and output, and an LSTM steps through time along axis 0: a batch
     that would change that axis would silently export a net of another sequence length."""
@@ -168,7 +173,7 @@ def _check_batch_axis(graph: Graph, batch: int | None) -> None:
             if batch != steps:
                 raise ModelError(
                     f"layer '{layer.name}' (LSTM) steps through time along axis 0 ({steps} steps), the axis the ONNX "
-                    f"batch sets: a batch of {'N (dynamic)' if batch == -1 else batch} would change the sequence "
+                    f"batch sets: a batch of {_batch_label(batch)} would change the sequence "
                     f"length; --batch {steps} keeps the prototxt's shapes (this net's batch is axis 1)"
                 )
 
@@ -187,7 +192,7 @@ def _check_batch_follows(b: _Builder, graph: Graph, batch: int | None, first: in
     if batch is None or first is None or batch == first:
         return
     probe_batch = batch if batch > 0 else first + 1
-    asked = "N (dynamic)" if batch == -1 else str(batch)
+    asked = _batch_label(batch)
     inputs = [
         helper.make_tensor_value_info(n, TensorProto.FLOAT, [probe_batch, *s[1:]]) for n, s in graph.inputs.items()
     ]

@@ -13,7 +13,7 @@ from int8conv.caffe.graph import Graph
 from int8conv.calibration.histograms import CalibrationStatistics
 from int8conv.calibration.thresholds import METHODS, activation_threshold
 from int8conv.calibration.weight_scales import quantizable_layers
-from int8conv.errors import Int8ConvError
+from int8conv.errors import Int8ConvError, some_names
 from int8conv.tables.ncnn_table import CalibrationTable
 from int8conv.tables.tensorrt_files import LEVELS, MIN_AMAX, check_amax
 from int8conv.tensorrt.onnx_export import OnnxExport
@@ -90,6 +90,6 @@ def tensor_ranges(export: OnnxExport, values: Mapping[str, float]) -> dict[str, 
         log.info(
             "no range for %d tensor(s) (TensorRT keeps them in higher precision): %s",
             len(missing),
-            ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+            some_names(missing, 8),
         )
     return ranges

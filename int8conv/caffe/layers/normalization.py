@@ -109,11 +109,7 @@ def _check_values(layer: Layer, shapes: list[Shape]) -> None:
     start, end = _values_span(layer, shapes[0])
     size, span = layer.blobs[0].size, shapes[0][start:end]
     if size not in (int(np.prod(span)), 1):
-        where = (
-            f"{channels_of(shapes[0])} channels"
-            if _per_channel(layer, shapes[0])
-            else f"axes {start}..{end - 1} {span}"
-        )
+        where = f"{channels_of(shapes[0])} channels" if (start, end) == (1, 2) else f"axes {start}..{end - 1} {span}"
         raise ModelError(f"layer '{layer.name}' ({layer.type}): {size} values for {where}")
 
 
@@ -267,15 +263,10 @@ def affine_onnx(b, layer: Layer) -> None:
         has_bias = layer.param.scale_param.bias_term
         scaled = f"{layer.name}/scaled" if has_bias else layer.tops[0]
         scale = b.init(f"{layer.name}/scale", _broadcast_values(layer, shape, a))
-        b.node("Mul", [layer.bottoms[0], scale], [scaled], f"{layer.name}/scaled" if has_bias else layer.name)
+        b.node("Mul", [layer.bottoms[0], scale], [scaled], scaled if has_bias else layer.name)
         if has_bias:
             b.derive(scaled, layer.bottoms[0], float(np.abs(a).max()))
-            b.node(
-                "Add",
-                [scaled, b.init(f"{layer.name}/bias", _broadcast_values(layer, shape, c))],
-                [layer.tops[0]],
-                layer.name,
-            )
+            _add_values(b, layer, scaled, shape, c)
         return
     channels = shape[1]
     a, c = (np.broadcast_to(v.reshape(-1), (channels,)) for v in (a, c))
@@ -286,11 +277,16 @@ def affine_onnx(b, layer: Layer) -> None:
     b.node("BatchNormalization", [layer.bottoms[0]] + names, [layer.tops[0]], layer.name, epsilon=0.0)
 
 
+def _add_values(b, layer: Layer, x: str, shape: Shape, values: np.ndarray) -> None:
+    """The layer's top: ``x`` plus a one-bottom Scale's bias or Bias's values, broadcast where Caffe adds them."""
+    bias = b.init(f"{layer.name}/bias", _broadcast_values(layer, shape, values))
+    b.node("Add", [x, bias], [layer.tops[0]], layer.name)
+
+
 def bias_onnx(b, layer: Layer) -> None:
     if len(layer.bottoms) != 1:
         raise unsupported(layer, "a Bias with a second bottom", "ONNX export")
-    bias = _broadcast_values(layer, b.shape(layer.bottoms[0]), layer.blobs[0])
-    b.node("Add", [layer.bottoms[0], b.init(f"{layer.name}/bias", bias)], [layer.tops[0]], layer.name)
+    _add_values(b, layer, layer.bottoms[0], b.shape(layer.bottoms[0]), layer.blobs[0])
 
 
 def normalize_onnx(b, layer: Layer) -> None:

@@ -319,21 +319,26 @@ def reorg_onnx(b, layer: Layer) -> None:
 # --------------------------------------------------------------------------------------------------- no-ops
 
 
-def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
-    """Identity at test time (removed later), unless ``scale_train: false``, where Caffe scales by 1 - ratio."""
+def _dropout_scale(layer: Layer) -> float | None:
+    """Dropout's test-time factor: 1 - ratio with ``scale_train: false`` (Caffe scaled nothing in training), else
+    None (the identity)."""
     p = layer.param.dropout_param
-    params = {0: 1.0 - float(p.dropout_ratio)} if p.HasField("scale_train") and not p.scale_train else {}
-    return ncnn_layer("Dropout", layer, params)
+    return 1.0 - float(p.dropout_ratio) if p.HasField("scale_train") and not p.scale_train else None
+
+
+def dropout_ncnn(layer: Layer, ctx) -> list[NcnnLayer]:
+    """Identity at test time (removed later), unless ``_dropout_scale`` scales it."""
+    scale = _dropout_scale(layer)
+    return ncnn_layer("Dropout", layer, {} if scale is None else {0: scale})
 
 
 def dropout_onnx(b, layer: Layer) -> None:
-    """Identity, or with ``scale_train: false`` a Mul by 1 - ratio (as the ncnn model and OpenCV compute)."""
-    p = layer.param.dropout_param
-    if p.HasField("scale_train") and not p.scale_train:
-        keep = b.init(f"{layer.name}/keep", np.float32(1.0 - float(p.dropout_ratio)))
-        b.node("Mul", [layer.bottoms[0], keep], [layer.tops[0]], layer.name)
+    """Identity, or a Mul by ``_dropout_scale`` (as the ncnn model and OpenCV compute)."""
+    scale = _dropout_scale(layer)
+    if scale is None:
+        _onnx_identity(b, layer)
         return
-    _onnx_identity(b, layer)
+    b.node("Mul", [layer.bottoms[0], b.init(f"{layer.name}/keep", np.float32(scale))], [layer.tops[0]], layer.name)
 
 
 def silence_shape(layer: Layer, shapes: list[Shape]) -> list[Shape]:
