@@ -24,7 +24,7 @@ from int8conv.atomic import atomic_write
 from int8conv.cli import setup_logging
 from int8conv.errors import Int8ConvError
 from int8conv.evaluation.evaluate import class_output
-from int8conv.ncnn.model import read_model
+from int8conv.ncnn.model import read_param
 from int8conv.zoo import MODELS, shared_dir, write_digit_cells
 
 log = logging.getLogger("demo")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, quiet=False)
     proto, model, names, calib = resolve_model(args)
     images, prep, pair, nets = prepare(args, proto, model, calib)
-    output = class_output(read_model(pair.fp32_param, pair.fp32_bin))  # the one eval reads its top-1 from
+    output = class_output(read_param(pair.fp32_param))  # the one eval reads its top-1 from
     if output is None:
         raise Int8ConvError(
             f"{proto}: outputs {', '.join(nets.fp32.output_names)} and none is a Softmax: no class scores to rank"

@@ -69,7 +69,7 @@ from int8conv.evaluation.speed import (
     save_layer_timings,
 )
 from int8conv.ncnn.convert import convert_graph
-from int8conv.ncnn.model import NcnnModel, parse_param, write_model
+from int8conv.ncnn.model import NcnnModel, read_param, write_model
 from int8conv.ncnn.quantize import quantize_model, runtime_fp32_layers
 from int8conv.ncnn.runtime import NcnnRunner
 from int8conv.progress import quiet_loggers
@@ -931,7 +931,7 @@ def evaluate_ncnn(
 def _check_converted_from(graph: Graph, proto: Path, param: Path) -> None:
     """The ncnn model's outputs are values of the Caffe model it is compared with (or ``param`` is another model's,
     and the engine would fail later on a missing blob, naming neither file)."""
-    outputs = NcnnModel(parse_param(Path(param).read_text(encoding="utf-8", errors="replace"), param)).output_names
+    outputs = read_param(param).output_names
     foreign = [name for name in outputs if name not in graph.blob_names]  # its keys: every input and top value
     if foreign:
         raise ModelError(

@@ -368,17 +368,24 @@ def write_model(model: NcnnModel, param_path: PathLike, bin_path: PathLike) -> N
     log.log(level, "wrote %s (%d layers) and %s (%d bytes)", param_path, len(model.layers), bin_path, len(data))
 
 
-def read_model(param_path: PathLike, bin_path: PathLike) -> NcnnModel:
-    """Read a .param/.bin pair into an ``NcnnModel`` (weights as 1-D arrays in file order)."""
+def _read(path: PathLike, text: bool) -> str | bytes:
     try:
-        text = Path(param_path).read_text(encoding="utf-8")
-        data = Path(bin_path).read_bytes()
+        return Path(path).read_text(encoding="utf-8") if text else Path(path).read_bytes()
     except OSError as exc:
         raise ModelError(f"{exc.filename}: cannot read ncnn model: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ModelError(
-            f"{param_path}: not an ncnn .param file (not text: byte {exc.start} is not UTF-8; is it the .bin?)"
+            f"{path}: not an ncnn .param file (not text: byte {exc.start} is not UTF-8; is it the .bin?)"
         ) from exc
-    layers = parse_param(text, param_path)
-    parse_bin(layers, data, bin_path)
-    return NcnnModel(layers)
+
+
+def read_param(param_path: PathLike) -> NcnnModel:
+    """A .param alone: the layers, blobs and parameters, no weights (for names and types, without the .bin)."""
+    return NcnnModel(parse_param(_read(param_path, text=True), param_path))
+
+
+def read_model(param_path: PathLike, bin_path: PathLike) -> NcnnModel:
+    """Read a .param/.bin pair into an ``NcnnModel`` (weights as 1-D arrays in file order)."""
+    model = read_param(param_path)
+    parse_bin(model.layers, _read(bin_path, text=False), bin_path)
+    return model
