@@ -243,27 +243,28 @@ class Unused:
         return f"{names} {verb} for {self.needs} ({self.why}): {self.remedy}, or drop {names}"
 
 
+def without_table(commands: tuple[str, ...], flags: tuple[str, ...], needs: str, why: str) -> Unused:
+    """Flags that ``--table FILE`` makes idle (the table gives what they would choose)."""
+    return Unused(commands, flags, lambda args: args.table is None, needs, why, "drop --table")
+
+
 #: what every command that calibrates takes (``common.add_calibration_inputs``)
 CALIBRATING = ("calibrate", "convert_tool.py", "export-trt", "report")
 PREPROCESSING = tuple(PREPROCESS_FLAGS.values())
 #: the first rule that a command line breaks is reported (the more specific ones come first)
 UNUSED = (
-    Unused(
+    without_table(
         ("export-trt",),
         ("--method", "--percentile", "--backend", "--jobs", "--batch-size", "--gpu", "--save-stats", "--load-stats"),
-        lambda args: args.table is None,
         "ranges from statistics, without --table",
         "with --table FILE every range is the table's: no statistics pass and no threshold method runs, and the "
         "images only feed the Q/DQ check, under onnxruntime",
-        "drop --table",
     ),
-    Unused(
+    without_table(
         ("report",),
         ("--method", "--percentile", "--weights-8bit", "--head-method"),
-        lambda args: args.table is None,
         "a table computed here, without --table",
         "with --table FILE the thresholds and weight scales are the table's",
-        "drop --table",
     ),
     Unused(
         CALIBRATING,
@@ -329,13 +330,11 @@ UNUSED = (
         "--auto-fp32",
         "the images it chooses the FP32 layers on",
     ),
-    Unused(
+    without_table(
         ("eval",),
         ("--int8-param", "--int8-bin"),
-        lambda args: args.table is None,
         "a given INT8 model, without --table",
         "with --table FILE the INT8 model is quantized here from the table",
-        "drop --table",
     ),
     Unused(
         ("eval",),
